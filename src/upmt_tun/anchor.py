@@ -1,0 +1,109 @@
+"""The anchor node (or UPMT-aware fixed host): drives forwarder + signalling with asyncio.
+
+One UDP socket carries tunnels and SIP; one TUN carries the inner packets to and
+from the kernel, which masquerades them to the Internet (role "anchor") or
+delivers them to local applications (role "fixed-host"). Embeddable: the seams
+are passed in, so tests run it over in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import AnchorConfig
+from .dataplane.forwarder import AnchorForwarder
+from .dataplane.io import Path, Tun
+from .dataplane.packet import KIND_DATA, KIND_SIP, classify
+from .signalling.anchor_side import AnchorSignalling
+from .tables import PROTO_NAMES, ip_str
+
+__all__ = ["Anchor"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY = 5.0
+TUNNEL_IDLE = 90.0        # no keepalive or data for this long: the tunnel is gone
+ASSOC_IDLE = 300.0
+FLOW_IDLE = 600.0
+
+
+class Anchor:
+    def __init__(self, cfg: AnchorConfig, *, tun: Tun, path: Path,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.tun = tun
+        self.path = path
+        self.clock = clock
+        self.fwd = AnchorForwarder()
+        self.sig = AnchorSignalling(self.fwd, cfg.vipa_pool, role=cfg.role,
+                                    listen=(cfg.listen_host, cfg.listen_port),
+                                    max_associations=cfg.max_associations)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _on_datagram(self, data: bytes, src: tuple[str, int]) -> None:
+        kind = classify(data)
+        if kind == KIND_DATA:
+            pkt = self.fwd.from_path(data, src, self.clock())
+            if pkt is not None:
+                self.tun.write(pkt)
+        elif kind == KIND_SIP:
+            resp = self.sig.handle(data, src, self.clock())
+            if resp is not None:
+                self.path.sendto(resp, src)
+        else:
+            self.fwd.drops["junk"] += 1
+
+    def _on_tun(self, pkt: bytes) -> None:
+        out = self.fwd.from_tun(pkt, self.clock())
+        if out is not None:
+            self.path.sendto(out[1], out[0])
+
+    async def start(self) -> None:
+        self.tun.start(self._on_tun)
+        self.path.start(self._on_datagram)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            self.sig.expire(self.clock(), TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        self.tun.close()
+        self.path.close()
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        assocs = []
+        for a in self.fwd.by_mh.values():
+            tunnels = []
+            for t in a.tunnels.values():
+                j = t.json()
+                j["anchor"] = None
+                j["mh"] = a.mh
+                j["idle_s"] = round(now - t.last_rx, 3)
+                tunnels.append(j)
+            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels})
+        flows = []
+        for f in self.fwd.paft.flows():
+            k = f.key
+            t = self.fwd.tunnels.get(f.tunnel)
+            flows.append({
+                "id": f.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
+                "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "mh": f.anchor,
+                "tunnel": f.tunnel, "interface": t.interface if t else None,
+                "tx_packets": f.tx_packets, "rx_packets": f.rx_packets,
+                "history": [{"age_s": round(now - ts, 3), "from": x, "to": y, "reason": r}
+                            for ts, x, y, r in f.history],
+            })
+        return {"role": self.cfg.role,
+                "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
+                "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,
+                "drops": dict(self.fwd.drops), "signalling": dict(self.sig.stats)}

@@ -1,0 +1,237 @@
+"""Command line: ``upmt-agent`` and ``upmt-anchor`` (shared/SPEC.md).
+
+Exit codes: 0 success; 2 bad usage or bad config (one line naming file, key,
+problem); 1 any other failure, one clear line. Never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .config import (
+    DEFAULT_AGENT_CONFIG,
+    DEFAULT_AGENT_CONTROL,
+    DEFAULT_ANCHOR_CONFIG,
+    DEFAULT_ANCHOR_CONTROL,
+    ConfigError,
+    load_agent_config,
+    load_anchor_config,
+)
+from .control import ControlError, request
+
+__all__ = ["agent_main", "anchor_main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _fail(prog: str, msg: str, code: int = 1) -> int:
+    print(f"{prog}: {msg}", file=sys.stderr)
+    return code
+
+
+def _logging(verbose: bool, prog: str) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format=f"{prog}: %(levelname)s: %(message)s")
+
+
+def _control_path(args: argparse.Namespace, kind: str) -> str:
+    """--control, else the config's ``control`` key (if the config is readable), else default."""
+    if args.control:
+        return str(args.control)
+    loader = load_agent_config if kind == "agent" else load_anchor_config
+    default = DEFAULT_AGENT_CONTROL if kind == "agent" else DEFAULT_ANCHOR_CONTROL
+    path = args.config or (DEFAULT_AGENT_CONFIG if kind == "agent" else DEFAULT_ANCHOR_CONFIG)
+    if not os.path.exists(path):
+        return default
+    return loader(path).control
+
+
+def genkey() -> int:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    print(base64.b64encode(raw).decode())
+    return 0
+
+
+def pubkey(prog: str) -> int:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    text = sys.stdin.read().strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+        if len(raw) != 32:
+            raise ValueError
+        key = X25519PrivateKey.from_private_bytes(raw)
+    except ValueError:
+        return _fail(prog, "stdin: not a base64 X25519 private key (as printed by genkey)", 2)
+    print(base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode())
+    return 0
+
+
+def _print_agent_status(st: dict[str, Any]) -> None:
+    print(f"agent {st.get('name', '')}  vipa_fix {st['vipa_fix']}")
+    for a in st.get("anchors", []):
+        print(f"anchor {a['name']} {a['address']}  {a['state']}  vipa {a['vipa'] or '-'}"
+              f"  ({a['role']})")
+    print(f"\n{'TUNNEL':>6} {'IFACE':8} {'ANCHOR':8} {'STATE':5} {'LOCAL':21} {'REMOTE':21} "
+          f"{'VIPA':15} {'RTT ms':>7} {'TX':>9} {'RX':>9}")
+    for t in st["tunnels"]:
+        rtt = "-" if t["rtt_ms"] is None else f"{t['rtt_ms']:.1f}"
+        print(f"{t['id']:>6} {t['interface']:8} {t['anchor']:8} {t['state']:5} {t['local']:21} "
+              f"{t['remote']:21} {t['vipa'] or '-':15} {rtt:>7} {t['tx_packets']:>9} "
+              f"{t['rx_packets']:>9}")
+    print(f"\n{'FLOW':>6} {'PROTO':5} {'SOURCE':21} {'DESTINATION':21} {'RULE':10} "
+          f"{'TUNNEL':>6} {'IFACE':8} {'TX':>9} {'RX':>9}")
+    for f in st["flows"]:
+        print(f"{f['id']:>6} {f['protocol']:5} {f['src'] + ':' + str(f['sport']):21} "
+              f"{f['dst'] + ':' + str(f['dport']):21} {f['rule'] or '-':10} {f['tunnel']:>6} "
+              f"{f['interface'] or '-':8} {f['tx_packets']:>9} {f['rx_packets']:>9}")
+    if st.get("drops"):
+        print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
+
+
+def _print_anchor_status(st: dict[str, Any]) -> None:
+    print(f"{st['role']} on {st.get('listen', '')}  pool {st.get('vipa_pool', '')}")
+    for a in st["associations"]:
+        print(f"\nhost {a['mh']}  vipa {a['vipa']}")
+        for t in a["tunnels"]:
+            print(f"  tunnel {t['id']:>5} {t['interface'] or '-':8} from {t['remote']:21} "
+                  f"rx {t['rx_packets']:>9} tx {t['tx_packets']:>9} idle {t['idle_s']:.1f}s")
+    print(f"\n{'FLOW':>6} {'PROTO':5} {'SOURCE':21} {'DESTINATION':21} {'HOST':10} {'TUNNEL':>6} "
+          f"{'UP':>9} {'DOWN':>9}")
+    for f in st["flows"]:
+        print(f"{f['id']:>6} {f['protocol']:5} {f['src'] + ':' + str(f['sport']):21} "
+              f"{f['dst'] + ':' + str(f['dport']):21} {f['mh']:10} {f['tunnel']:>6} "
+              f"{f['tx_packets']:>9} {f['rx_packets']:>9}")
+    if st.get("drops"):
+        print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
+
+
+def _status(prog: str, args: argparse.Namespace, kind: str,
+            show: Callable[[dict[str, Any]], None]) -> int:
+    answer = request(_control_path(args, kind), {"cmd": "status"})
+    if not answer.get("ok"):
+        return _fail(prog, str(answer.get("error", "status failed")))
+    if args.json:
+        print(json.dumps(answer["status"], indent=2))
+    else:
+        show(answer["status"])
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, config_default: str) -> None:
+    p.add_argument("--config", help=f"config file (default {config_default})")
+    p.add_argument("--control", help="control socket path (default: config's, else /run/upmt/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _run(prog: str, fn: Callable[[], int]) -> int:
+    from .runtime import StartupError
+    from .system.errors import SystemSetupError
+
+    try:
+        return fn()
+    except ConfigError as e:
+        return _fail(prog, str(e), 2)
+    except (ControlError, StartupError, SystemSetupError) as e:
+        return _fail(prog, str(e))
+    except PermissionError as e:
+        return _fail(prog, f"permission denied ({e.strerror}); run as root")
+    except OSError as e:
+        return _fail(prog, f"{e.strerror or e}")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a bare traceback
+        logging.getLogger("upmt_tun").debug("internal error", exc_info=True)
+        return _fail(prog, f"internal error: {type(e).__name__}: {e} (run with -v for details)")
+
+
+def agent_main(argv: list[str] | None = None) -> int:
+    prog = "upmt-agent"
+    p = _Parser(prog=prog, description="UPMT mobile-host agent")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for name, hlp in (("up", "run the agent in the foreground"), ("down", "stop a running agent"),
+                      ("status", "show tunnels and flows")):
+        sp = sub.add_parser(name, help=hlp)
+        _common(sp, DEFAULT_AGENT_CONFIG)
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+    mv = sub.add_parser("move", help="move a rule's or a flow's traffic to an interface")
+    _common(mv, DEFAULT_AGENT_CONFIG)
+    g = mv.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rule")
+    g.add_argument("--flow", type=int)
+    mv.add_argument("--via", required=True)
+    mv.add_argument("--anchor")
+    rn = sub.add_parser("run", help="start a program whose traffic belongs to a rule")
+    _common(rn, DEFAULT_AGENT_CONFIG)
+    rn.add_argument("--rule", required=True)
+    rn.add_argument("program", nargs=argparse.REMAINDER)
+    sub.add_parser("genkey", help="print a new private key")
+    sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    args = p.parse_args(argv)
+    if args.cmd == "genkey":
+        return genkey()
+    if args.cmd == "pubkey":
+        return pubkey(prog)
+    _logging(getattr(args, "verbose", False), prog)
+
+    def go() -> int:
+        if args.cmd == "up":
+            from .runtime import run_agent
+
+            cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
+            run_agent(cfg, args.control or cfg.control)
+            return 0
+        if args.cmd == "down":
+            answer = request(_control_path(args, "agent"), {"cmd": "down"})
+            return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
+        if args.cmd == "status":
+            return _status(prog, args, "agent", _print_agent_status)
+        # NOT IMPLEMENTED YET: explicit handover and per-program steering (issue 4).
+        return _fail(prog, f"'{args.cmd}' is not implemented yet (planned: handover issue)")
+
+    return _run(prog, go)
+
+
+def anchor_main(argv: list[str] | None = None) -> int:
+    prog = "upmt-anchor"
+    argv = sys.argv[1:] if argv is None else argv
+    p = _Parser(prog=prog, description="UPMT anchor node / fixed host")
+    if argv and argv[0] in ("genkey", "pubkey", "status"):
+        cmd = argv[0]
+        if cmd == "genkey":
+            return genkey()
+        if cmd == "pubkey":
+            return pubkey(prog)
+        sp = _Parser(prog=f"{prog} status")
+        _common(sp, DEFAULT_ANCHOR_CONFIG)
+        sp.add_argument("--json", action="store_true")
+        args = sp.parse_args(argv[1:])
+        _logging(args.verbose, prog)
+        return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+    _common(p, DEFAULT_ANCHOR_CONFIG)
+    args = p.parse_args(argv)
+    _logging(args.verbose, prog)
+
+    def go() -> int:
+        from .runtime import run_anchor
+
+        cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
+        run_anchor(cfg, args.control or cfg.control)
+        return 0
+
+    return _run(prog, go)

@@ -1,0 +1,411 @@
+"""Configuration: TOML files -> frozen dataclasses.
+
+Every problem raises :class:`ConfigError`, whose message is one line naming the
+file, the key and what is wrong (the CLI prints it and exits 2). Keys follow
+``shared/SPEC.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AgentConfig",
+    "AnchorConfig",
+    "AnchorRef",
+    "ConfigError",
+    "InterfaceConfig",
+    "Rule",
+    "load_agent_config",
+    "load_anchor_config",
+]
+
+DEFAULT_AGENT_CONFIG = "/etc/upmt/agent.toml"
+DEFAULT_ANCHOR_CONFIG = "/etc/upmt/anchor.toml"
+DEFAULT_AGENT_CONTROL = "/run/upmt/agent.sock"
+DEFAULT_ANCHOR_CONTROL = "/run/upmt/anchor.sock"
+DEFAULT_PORT = 5060
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+PROTOCOLS = ("tcp", "udp", "icmp", "any")
+PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
+
+
+class ConfigError(Exception):
+    """A local configuration mistake: one line naming the file, the key and the problem."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class InterfaceConfig:
+    name: str
+    gateway: str | None = None
+
+
+@dataclass(frozen=True)
+class AnchorRef:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[rule]]``; ``index`` is its position in the file (first match wins)."""
+
+    index: int
+    name: str
+    protocol: str = "any"
+    dst: ipaddress.IPv4Network | None = None
+    dst_port: tuple[int, int] | None = None
+    src_port: tuple[int, int] | None = None
+    uid: int | None = None
+    cgroup: str | None = None
+    via: tuple[str, ...] = ()
+    anchor: str | None = None
+
+    @property
+    def proto_number(self) -> int | None:
+        return PROTO_NUMBERS.get(self.protocol)
+
+    def matches(self, proto: int, dst: bytes, sport: int, dport: int) -> bool:
+        """Whether a packet's header fields satisfy this rule (uid/cgroup not checkable here)."""
+        pn = self.proto_number
+        if pn is not None and pn != proto:
+            return False
+        if self.dst is not None and ipaddress.IPv4Address(dst) not in self.dst:
+            return False
+        if self.dst_port is not None and not self.dst_port[0] <= dport <= self.dst_port[1]:
+            return False
+        return self.src_port is None or self.src_port[0] <= sport <= self.src_port[1]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: str
+    name: str
+    vipa_fix: str
+    control: str
+    mtu: int | None
+    fwmark: int
+    table: int
+    interfaces: tuple[InterfaceConfig, ...]  # empty: every interface with a default route
+    anchors: tuple[AnchorRef, ...]
+    rules: tuple[Rule, ...]
+    keepalive_s: float = 10.0
+    tun: str = "upmt0"
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    path: str
+    role: str
+    listen_host: str
+    listen_port: int
+    vipa_pool: ipaddress.IPv4Network
+    nat_interface: str | None
+    control: str
+    mtu: int = 1440
+    tun: str = "upmtan0"
+    max_associations: int = 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Reader:
+    """Typed access to one TOML table with file/key context for errors."""
+
+    def __init__(self, file: str, data: dict[str, Any], prefix: str = "") -> None:
+        self.file = file
+        self.data = data
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}{k}"
+
+    def err(self, k: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(k), problem)
+
+    def get(self, k: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(k)
+        if k not in self.data:
+            return default
+        v = self.data[k]
+        if isinstance(v, bool) and kind is not bool and bool not in _as_tuple(kind):
+            raise self.err(k, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(v, kind):
+            raise self.err(k, f"expected {_kind_name(kind)}, got {type(v).__name__} {v!r}")
+        return v
+
+    def finish(self, known_later: tuple[str, ...] = ()) -> None:
+        for k in self.data:
+            if k not in self.used and k not in known_later:
+                raise self.err(k, "unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", list: "a list", bool: "a boolean",
+             float: "a number", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "-", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "-", "is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "-", f"not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "-", "not UTF-8 text") from None
+
+
+def _ipv4(r: _Reader, k: str, v: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise r.err(k, f"not an IPv4 address: {v!r}") from None
+
+
+def _host_port(r: _Reader, k: str, v: str) -> tuple[str, int]:
+    host, sep, port_s = v.rpartition(":")
+    if not sep:
+        host, port_s = v, str(DEFAULT_PORT)
+    if not host:
+        raise r.err(k, f"expected host:port, got {v!r}")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise r.err(k, f"bad port in {v!r}") from None
+    if not 1 <= port <= 65535:
+        raise r.err(k, f"port out of range in {v!r}")
+    return host, port
+
+
+def _port_range(r: _Reader, k: str, v: Any) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise r.err(k, "expected a port number or \"LOW-HIGH\"")
+    if isinstance(v, int):
+        lo = hi = v
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", v) or re.fullmatch(r"\s*(\d{1,5})\s*", v)
+        if not m:
+            raise r.err(k, f"expected a port number or \"LOW-HIGH\", got {v!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.lastindex == 2 else lo
+    else:
+        raise r.err(k, f"expected a port number or \"LOW-HIGH\", got {v!r}")
+    if not (0 < lo <= 65535 and 0 < hi <= 65535) or lo > hi:
+        raise r.err(k, f"bad port range {v!r}")
+    return lo, hi
+
+
+def _ifname(r: _Reader, k: str, v: str) -> str:
+    if not _IFNAME.match(v):
+        raise r.err(k, f"not a valid interface name: {v!r}")
+    return v
+
+
+def _uid(r: _Reader, k: str, v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 0:
+            raise r.err(k, "uid must be >= 0")
+        return v
+    if isinstance(v, str):
+        import pwd
+
+        try:
+            return pwd.getpwnam(v).pw_uid
+        except KeyError:
+            raise r.err(k, f"no such user {v!r}") from None
+    raise r.err(k, f"expected a uid number or user name, got {v!r}")
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Parse and check an agent config file; raise ConfigError on any problem."""
+    r = _Reader(path, _load_toml(path))
+    name = r.get("name", str, socket.gethostname())
+    if not _NAME.match(name):
+        raise r.err("name", f"use letters, digits, '.', '_' or '-' (got {name!r})")
+    vipa_fix = _ipv4(r, "vipa_fix", r.get("vipa_fix", str, "100.64.0.1"))
+    control = r.get("control", str, DEFAULT_AGENT_CONTROL)
+    mtu = r.get("mtu", int, None)
+    if mtu is not None and not 576 <= mtu <= 65535:
+        raise r.err("mtu", f"must be between 576 and 65535, got {mtu}")
+    fwmark = r.get("fwmark", int, 0x5550)
+    if not 1 <= fwmark <= 0xFF00:
+        raise r.err("fwmark", "must be between 1 and 0xff00 (the low 16 bits carry it)")
+    table = r.get("table", int, 5550)
+    if not 1 <= table <= 0xFFFFFF00 or table in (253, 254, 255):
+        raise r.err("table", f"not a usable routing table number: {table}")
+    keepalive = r.get("keepalive", (int, float), 10.0)
+    if not 1 <= keepalive <= 300:
+        raise r.err("keepalive", "must be between 1 and 300 seconds")
+    tun = _ifname(r, "tun", r.get("tun", str, "upmt0"))
+
+    ifaces: list[InterfaceConfig] = []
+    for i, t in enumerate(r.get("interface", list, [])):
+        ir = _Reader(path, _table(r, "interface", i, t), f"interface[{i}].")
+        if "name" not in t:
+            raise ir.err("name", "missing")
+        iname = _ifname(ir, "name", ir.get("name", str))
+        gw = ir.get("gateway", str, None)
+        ifaces.append(InterfaceConfig(iname, _ipv4(ir, "gateway", gw) if gw else None))
+        ir.finish()
+        if iname in [x.name for x in ifaces[:-1]]:
+            raise ir.err("name", f"interface {iname!r} listed twice")
+    if len(ifaces) > 16:
+        raise r.err("interface", "at most 16 interfaces")
+
+    anchors: list[AnchorRef] = []
+    for i, t in enumerate(r.get("anchor", list, [])):
+        ar = _Reader(path, _table(r, "anchor", i, t), f"anchor[{i}].")
+        for req in ("name", "address"):
+            if req not in t:
+                raise ar.err(req, "missing")
+        aname = ar.get("name", str)
+        if not _NAME.match(aname):
+            raise ar.err("name", f"use letters, digits, '.', '_' or '-' (got {aname!r})")
+        if aname in [a.name for a in anchors]:
+            raise ar.err("name", f"anchor {aname!r} listed twice")
+        host, port = _host_port(ar, "address", ar.get("address", str))
+        ar.get("public_key", str, None)  # arrives with the security issue
+        anchors.append(AnchorRef(aname, host, port))
+        ar.finish()
+    if not anchors:
+        raise r.err("anchor", "at least one [[anchor]] is needed")
+
+    iface_names = {x.name for x in ifaces}
+    anchor_names = {a.name for a in anchors}
+    rules: list[Rule] = []
+    for i, t in enumerate(r.get("rule", list, [])):
+        rules.append(_rule(path, r, i, t, iface_names, anchor_names))
+    if len(rules) > 255:
+        raise r.err("rule", "at most 255 rules")
+    if len({x.name for x in rules}) != len(rules):
+        raise r.err("rule", "two rules share a name")
+    r.get("private_key", str, None)
+    r.get("private_key_file", str, None)
+    r.finish()
+    return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
+                       tuple(anchors), tuple(rules), float(keepalive), tun)
+
+
+def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:
+    if not isinstance(t, dict):
+        raise ConfigError(r.file, f"{k}[{i}]", "expected a table ([[...]])")
+    return t
+
+
+def _rule(path: str, r: _Reader, i: int, t: Any, ifaces: set[str], anchors: set[str]) -> Rule:
+    rr = _Reader(path, _table(r, "rule", i, t), f"rule[{i}].")
+    if "name" not in t:
+        raise rr.err("name", "missing")
+    name = rr.get("name", str)
+    if not _NAME.match(name):
+        raise rr.err("name", f"use letters, digits, '.', '_' or '-' (got {name!r})")
+    protocol = rr.get("protocol", str, "any")
+    if protocol not in PROTOCOLS:
+        raise rr.err("protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    dst = None
+    if "dst" in t:
+        d = rr.get("dst", str)
+        try:
+            dst = ipaddress.IPv4Network(d, strict=False)
+        except ValueError:
+            raise rr.err("dst", f"not an IPv4 address or CIDR: {d!r}") from None
+    ports: dict[str, tuple[int, int] | None] = {}
+    for k in ("dst_port", "src_port"):
+        ports[k] = None
+        if k in t:
+            rr.used.add(k)
+            if protocol not in ("tcp", "udp"):
+                raise rr.err(k, f"ports need protocol tcp or udp (rule has {protocol!r})")
+            ports[k] = _port_range(rr, k, t[k])
+    uid = None
+    if "uid" in t:
+        rr.used.add("uid")
+        uid = _uid(rr, "uid", t["uid"])
+    cgroup = rr.get("cgroup", str, None)
+    if cgroup is not None:
+        cgroup = cgroup.strip("/")
+        if not cgroup or ".." in cgroup.split("/") or '"' in cgroup:
+            raise rr.err("cgroup", f"expected a path under the cgroup v2 root, got {t['cgroup']!r}")
+    via = rr.get("via", list, [])
+    for v in via:
+        if not isinstance(v, str):
+            raise rr.err("via", f"expected interface names, got {v!r}")
+        if ifaces and v not in ifaces:
+            raise rr.err("via", f"{v!r} is not a configured [[interface]]")
+    anchor = rr.get("anchor", str, None)
+    if anchor is not None and anchor not in anchors:
+        raise rr.err("anchor", f"{anchor!r} is not a configured [[anchor]]")
+    rr.finish()
+    return Rule(i, name, protocol, dst, ports["dst_port"], ports["src_port"], uid, cgroup,
+                tuple(via), anchor)
+
+
+def load_anchor_config(path: str) -> AnchorConfig:
+    """Parse and check an anchor config file; raise ConfigError on any problem."""
+    r = _Reader(path, _load_toml(path))
+    role = r.get("role", str, "anchor")
+    if role not in ("anchor", "fixed-host"):
+        raise r.err("role", f"expected \"anchor\" or \"fixed-host\", got {role!r}")
+    if "listen" not in r.data:
+        raise r.err("listen", "missing (host:port to listen on, e.g. \"0.0.0.0:5060\")")
+    host, port = _host_port(r, "listen", r.get("listen", str))
+    host = _ipv4(r, "listen", host)
+    pool_s = r.get("vipa_pool", str, "100.100.0.0/16")
+    try:
+        pool = ipaddress.IPv4Network(pool_s)
+    except ValueError as e:
+        raise r.err("vipa_pool", f"not an IPv4 network: {pool_s!r} ({e})") from None
+    if pool.num_addresses < 4:
+        raise r.err("vipa_pool", "too small (need at least a /30)")
+    nat_if = r.get("nat_interface", str, None)
+    if nat_if is not None:
+        nat_if = _ifname(r, "nat_interface", nat_if)
+    if role == "anchor" and nat_if is None:
+        raise r.err("nat_interface", "missing (needed with role = \"anchor\")")
+    control = r.get("control", str, DEFAULT_ANCHOR_CONTROL)
+    mtu = r.get("mtu", int, 1440)
+    if not 576 <= mtu <= 65535:
+        raise r.err("mtu", f"must be between 576 and 65535, got {mtu}")
+    tun = _ifname(r, "tun", r.get("tun", str, "upmtan0"))
+    max_assoc = r.get("max_associations", int, 1024)
+    if max_assoc < 1:
+        raise r.err("max_associations", "must be >= 1")
+    r.get("private_key", str, None)
+    r.get("private_key_file", str, None)
+    r.get("peer", list, [])
+    r.finish()
+    return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc)
+
+
+def default_config_path(kind: str) -> str:
+    return DEFAULT_AGENT_CONFIG if kind == "agent" else DEFAULT_ANCHOR_CONFIG
+
+
+def path_exists(p: str) -> bool:
+    return Path(p).exists()

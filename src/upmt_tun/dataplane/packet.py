@@ -1,0 +1,82 @@
+"""Tunnel packet codec and the demultiplexer of the shared UDP port.
+
+Wire format (DESIGN.md): one UDP port carries tunnel packets, STUN and SIP.
+The first byte decides, data first:
+
+* ``>= 0x80``   a tunnel packet: 16-byte header then an inner IPv4 packet::
+
+      0      1      2      3      4               8                      16
+      | type | 0    | 0    | 0    | receiver index| counter (u64)        | inner IPv4 | (tag)
+
+  ``type`` 0x80 is DATA. The receiver index is the receiving end's own tunnel
+  id. A 16-byte AEAD tag will follow the inner packet once encryption lands;
+  the MTU budget (:data:`OVERHEAD`) reserves it already.
+* top two bits ``00`` and the STUN magic cookie at offset 4: STUN.
+* an ASCII letter: SIP text.
+
+Everything else is :data:`KIND_JUNK`: counted and dropped by the caller.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = [
+    "HEADER",
+    "HEADER_LEN",
+    "KIND_DATA",
+    "KIND_JUNK",
+    "KIND_SIP",
+    "KIND_STUN",
+    "OVERHEAD",
+    "TYPE_DATA",
+    "MalformedPacket",
+    "classify",
+    "encode_data",
+]
+
+TYPE_DATA = 0x80
+HEADER = struct.Struct("!B3xIQ")
+HEADER_LEN = HEADER.size  # 16
+TAG_LEN = 16
+IPV4_UDP = 28
+OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
+STUN_COOKIE = b"\x21\x12\xa4\x42"
+
+KIND_DATA = 1
+KIND_STUN = 2
+KIND_SIP = 3
+KIND_JUNK = 0
+
+_SIP_FIRST = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class MalformedPacket(ValueError):
+    """Remote garbage: count and drop, never raise out of a callback."""
+
+
+def classify(data: bytes | bytearray | memoryview) -> int:
+    """Which protocol a datagram on the shared port belongs to (one comparison for data)."""
+    if not data:
+        return KIND_JUNK
+    b0 = data[0]
+    if b0 >= 0x80:
+        return KIND_DATA if b0 == TYPE_DATA and len(data) >= HEADER_LEN + 20 else KIND_JUNK
+    if b0 < 0x40:
+        if len(data) >= 20 and data[4:8] == STUN_COOKIE:
+            return KIND_STUN
+        return KIND_JUNK
+    if b0 in _SIP_FIRST:
+        return KIND_SIP
+    return KIND_JUNK
+
+
+def encode_data(receiver: int, counter: int, inner: bytes | bytearray) -> bytes:
+    """A DATA packet for the peer whose tunnel id is ``receiver``."""
+    return HEADER.pack(TYPE_DATA, receiver, counter) + inner
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(receiver index, counter) of a DATA packet already classified as KIND_DATA."""
+    _, receiver, counter = HEADER.unpack_from(data)
+    return receiver, counter

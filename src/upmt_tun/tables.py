@@ -1,0 +1,168 @@
+"""The paper's tables (section 4): the Per-Application Forwarding Table and the Tunnel Table.
+
+PAFT: ``app_flow`` (protocol, ip src, ip dst, src port, dst port) -> ``local_tid``.
+Tunnel Table: ``local_tid`` -> ``local_tun`` (interface, local port), ``remote_tun``
+(end point, port), ``vip_nat`` (the VIpA this tunnel's server assigned) and
+``un_tid`` (the peer's id for this tunnel, carried as receiver index).
+
+Keys are always written in the *uplink* direction (mobile host -> correspondent),
+the way the first packet of a flow leaves the mobile host; a downlink packet's
+5-tuple is reversed before lookup. Pure data, no I/O, ``now`` passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key", "key_json"]
+
+FlowKey = tuple[int, bytes, bytes, int, int]
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+HISTORY_LEN = 8
+
+
+def reverse_key(k: FlowKey) -> FlowKey:
+    """The uplink key of a downlink packet's 5-tuple (and vice versa)."""
+    return (k[0], k[2], k[1], k[4], k[3])
+
+
+def ip_str(b: bytes) -> str:
+    return str(ipaddress.IPv4Address(b))
+
+
+def key_json(k: FlowKey) -> dict[str, Any]:
+    return {"protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
+            "sport": k[3], "dst": ip_str(k[2]), "dport": k[4]}
+
+
+@dataclass(slots=True, eq=False)
+class Tunnel:
+    """One row of the Tunnel Table."""
+
+    tid: int                      # local_tid
+    interface: str                # local_tun: interface name ...
+    local: tuple[str, int]        # ... and (address, port) of its socket
+    remote: tuple[str, int]       # remote_tun: end point and port
+    peer: str                     # anchor name (agent side) or mobile host name (anchor side)
+    vipa: str = ""                # vip_nat
+    vipa_b: bytes = b""
+    un_tid: int = 0               # the peer's id for this tunnel (receiver index we send)
+    iface_index: int = 0          # which path socket carries it (agent side)
+    state: str = "down"
+    rtt_ms: float | None = None
+    tx_packets: int = 0
+    rx_packets: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    last_rx: float = 0.0
+    created: float = 0.0
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "id": self.tid, "interface": self.interface, "anchor": self.peer,
+            "local": f"{self.local[0]}:{self.local[1]}",
+            "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "vipa": self.vipa or None, "un_tid": self.un_tid, "state": self.state,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
+            "tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """One PAFT entry: an application flow bound to a tunnel."""
+
+    fid: int
+    key: FlowKey
+    tunnel: int                   # local_tid
+    rule: str = ""
+    anchor: str = ""              # fixed when the flow starts (its public address)
+    app_src: str = ""             # the application's own source address, if known
+    static: bool = False          # not moved by implicit handover
+    policy: Any = None            # the agent's FlowClass (rule's via/anchor), for failover
+    tx_packets: int = 0
+    rx_packets: int = 0
+    created: float = 0.0
+    last_seen: float = 0.0
+    history: deque[tuple[float, int | None, int, str]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY_LEN))
+
+    def move(self, now: float, tid: int, reason: str) -> None:
+        """Re-point the flow to tunnel ``tid``, remembering why (bounded history)."""
+        self.history.append((now, self.tunnel, tid, reason))
+        self.tunnel = tid
+
+
+class Paft:
+    """Per-Application Forwarding Table: uplink 5-tuple -> Flow."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.by_key: dict[FlowKey, Flow] = {}
+        self.by_id: dict[int, Flow] = {}
+        self.cap = cap
+        self._next = 1
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self.by_key.get(key)
+
+    def add(self, key: FlowKey, tid: int, now: float, *, rule: str = "", anchor: str = "",
+            reason: str = "new flow") -> Flow | None:
+        """Insert a flow; None when the table is full (the caller counts the drop)."""
+        if len(self.by_key) >= self.cap:
+            return None
+        f = Flow(self._next, key, tid, rule, anchor, created=now, last_seen=now)
+        f.history.append((now, None, tid, reason))
+        self._next += 1
+        self.by_key[key] = f
+        self.by_id[f.fid] = f
+        return f
+
+    def remove(self, f: Flow) -> None:
+        self.by_key.pop(f.key, None)
+        self.by_id.pop(f.fid, None)
+
+    def expire(self, now: float, idle: float) -> int:
+        """Drop flows idle for more than ``idle`` seconds; return how many."""
+        old = [f for f in self.by_key.values() if now - f.last_seen > idle]
+        for f in old:
+            self.remove(f)
+        return len(old)
+
+    def flows(self) -> list[Flow]:
+        return list(self.by_id.values())
+
+
+class TunnelTable:
+    """Tunnel Table: local_tid -> Tunnel, ids allocated here (never 0, never reused soon)."""
+
+    def __init__(self, first_id: int = 1) -> None:
+        self.by_tid: dict[int, Tunnel] = {}
+        self._next = first_id
+
+    def __len__(self) -> int:
+        return len(self.by_tid)
+
+    def get(self, tid: int) -> Tunnel | None:
+        return self.by_tid.get(tid)
+
+    def new_tid(self) -> int:
+        tid = self._next
+        self._next = (self._next + 1) & 0xFFFFFFFF or 1
+        return tid
+
+    def add(self, t: Tunnel) -> Tunnel:
+        self.by_tid[t.tid] = t
+        return t
+
+    def remove(self, tid: int) -> Tunnel | None:
+        return self.by_tid.pop(tid, None)
+
+    def tunnels(self) -> list[Tunnel]:
+        return list(self.by_tid.values())

@@ -1,0 +1,31 @@
+"""Shared test plumbing: run ``async def`` tests on a fresh event loop (no plugin needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        args = {k: pyfuncitem.funcargs[k] for k in pyfuncitem._fixtureinfo.argnames}
+        asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), 60))
+        return True
+    return None
+
+
+def netns_missing() -> str | None:
+    """Why the netns layer cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None

@@ -1,0 +1,272 @@
+"""Agent + anchor end to end over the in-memory seams (no root).
+
+    MH (FakeTun, vipa_fix 100.64.0.1)
+      wan1 10.1.0.2 --NAT-> 203.0.113.11 \
+                                           >-- anchor(s) 203.0.113.1:5060 (FakeTun)
+      wan2 10.2.0.2 --NAT-> 203.0.113.12 /     203.0.113.2:5060 (second anchor)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from upmt_tun.agent import Agent, IfaceSeam, rule_classifier
+from upmt_tun.anchor import Anchor
+from upmt_tun.config import load_agent_config, load_anchor_config
+from upmt_tun.dataplane.io import FakeNetwork, FakeTun
+from upmt_tun.dataplane.packet import HEADER_LEN
+
+from . import pktbuild as pb
+
+CH = "198.51.100.7"
+
+
+def _write(tmp: Path, name: str, text: str) -> str:
+    p = tmp / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+class World:
+    """Two-interface MH behind two NATs, one or two anchors, all in memory."""
+
+    def __init__(self, tmp: Path, anchors: int = 1, rules: str = "") -> None:
+        loop = asyncio.get_running_loop()
+        self.net = FakeNetwork(schedule=loop.call_soon)
+        self.net.nat("10.1.0.2", "203.0.113.11")
+        self.net.nat("10.2.0.2", "203.0.113.12")
+        anchor_toml = "".join(
+            f'[[anchor]]\nname = "an{i + 1}"\naddress = "203.0.113.{i + 1}:5060"\n'
+            for i in range(anchors))
+        text = textwrap.dedent("""
+            name = "laptop"
+            keepalive = 1
+            [[interface]]
+            name = "wan1"
+            [[interface]]
+            name = "wan2"
+            """) + anchor_toml + textwrap.dedent(rules)
+        self.cfg = load_agent_config(_write(tmp, "agent.toml", text))
+        self.anchors: list[Anchor] = []
+        self.an_tuns: list[FakeTun] = []
+        for i in range(anchors):
+            acfg = load_anchor_config(_write(tmp, f"anchor{i}.toml", f"""
+                listen = "203.0.113.{i + 1}:5060"
+                vipa_pool = "100.100.0.0/16"
+                nat_interface = "eth0"
+                """))
+            tun = FakeTun()
+            self.an_tuns.append(tun)
+            self.anchors.append(Anchor(acfg, tun=tun, path=self.net.socket(f"203.0.113.{i + 1}",
+                                                                           5060)))
+        self.mh_tun = FakeTun()
+        self.s1 = self.net.socket("10.1.0.2")
+        self.s2 = self.net.socket("10.2.0.2")
+        self.agent = Agent(self.cfg, tun=self.mh_tun,
+                           ifaces=[IfaceSeam("wan1", 0, self.s1), IfaceSeam("wan2", 1, self.s2)],
+                           anchors={f"an{i + 1}": (f"203.0.113.{i + 1}", 5060)
+                                    for i in range(anchors)},
+                           classify_flow=rule_classifier(self.cfg.rules, None, self.cfg.fwmark))
+
+    async def start(self) -> None:
+        for a in self.anchors:
+            await a.start()
+        await self.agent.start()
+        await asyncio.wait_for(self.agent.wait_ready(), 10)
+
+    async def stop(self) -> None:
+        await self.agent.stop()
+        for a in self.anchors:
+            await a.stop()
+
+    async def settle(self) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+RULES = """
+    [[rule]]
+    name = "web"
+    protocol = "tcp"
+    dst_port = 80
+    via = ["wan1", "wan2"]
+    [[rule]]
+    name = "video"
+    protocol = "udp"
+    via = ["wan2", "wan1"]
+    """
+
+
+async def test_association_tunnels_and_status(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        st = w.agent.status()
+        assert [t["state"] for t in st["tunnels"]] == ["up", "up"]
+        assert {t["interface"] for t in st["tunnels"]} == {"wan1", "wan2"}
+        vipa = st["anchors"][0]["vipa"]
+        assert vipa == "100.100.0.2"  # first host is the anchor TUN's own address
+        assert all(t["vipa"] == vipa for t in st["tunnels"])
+        an = w.anchors[0].status()
+        (assoc,) = an["associations"]
+        assert assoc["mh"] == "laptop" and assoc["vipa"] == vipa
+        # the anchor learned each tunnel's NATed address, not the private one
+        assert sorted(t["remote"].split(":")[0] for t in assoc["tunnels"]) == [
+            "203.0.113.11", "203.0.113.12"]
+    finally:
+        await w.stop()
+
+
+async def test_uplink_nat_downlink_and_rules(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        up = pb.tcp("100.64.0.1", CH, 40000, 80, b"GET / HTTP/1.0\r\n\r\n")
+        w.mh_tun.inject(up)
+        await w.settle()
+        (got,) = w.an_tuns[0].written
+        assert got[12:16] == pb.ip(vipa) and got[16:20] == pb.ip(CH)
+        assert pb.checksums_ok(got)
+        assert got[40:] == up[40:]                       # payload intact
+        # downlink from the Internet to the VIpA comes back NATed to vipa_fix
+        w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"HTTP/1.0 200 OK\r\n"))
+        await w.settle()
+        (down,) = w.mh_tun.written
+        assert down[16:20] == pb.ip("100.64.0.1") and pb.checksums_ok(down)
+        flows = w.agent.status()["flows"]
+        assert [(f["rule"], f["interface"], f["tx_packets"], f["rx_packets"]) for f in flows] == [
+            ("web", "wan1", 1, 1)]
+        # a UDP flow follows its own rule's preference: wan2 first
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"x" * 100))
+        await w.settle()
+        flows = {f["rule"]: f for f in w.agent.status()["flows"]}
+        assert flows["video"]["interface"] == "wan2"
+        an_flows = w.anchors[0].status()["flows"]
+        assert {f["interface"] for f in an_flows} == {"wan1", "wan2"}
+    finally:
+        await w.stop()
+
+
+async def test_implicit_handover_moves_the_downlink(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))
+        await w.settle()
+        # the MH moves the flow to wan2 simply by sending on wan2's tunnel
+        fwd = w.agent.fwd
+        (flow,) = fwd.paft.flows()
+        fwd.move_flow(flow, fwd.by_path[("wan2", "an1")], 0.0, "test")
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"b"))
+        await w.settle()
+        (an_flow,) = w.anchors[0].status()["flows"]
+        assert an_flow["interface"] == "wan2"
+        assert an_flow["history"][-1]["reason"] == "implicit handover"
+        before = w.net.delivered
+        w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"reply"))
+        await w.settle()
+        assert w.net.delivered == before + 1
+        tunnels = {t["interface"]: t for t in w.agent.status()["tunnels"]}
+        assert tunnels["wan2"]["rx_packets"] == 1 and tunnels["wan1"]["rx_packets"] == 0
+    finally:
+        await w.stop()
+
+
+async def test_failover_when_a_tunnel_goes_down(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))
+        await w.settle()
+        fwd = w.agent.fwd
+        fwd.tunnel_down(fwd.by_path[("wan1", "an1")])
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"b"))
+        await w.settle()
+        (f,) = w.agent.status()["flows"]
+        assert f["interface"] == "wan2" and f["history"][-1]["reason"] == "tunnel down"
+        assert len(w.an_tuns[0].written) == 2
+        # no usable tunnel at all: dropped and counted, never sent anywhere else
+        fwd.tunnel_down(fwd.by_path[("wan2", "an1")])
+        sent = w.net.delivered
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"c"))
+        await w.settle()
+        assert w.net.delivered == sent and fwd.drops["no_tunnel"] == 1
+    finally:
+        await w.stop()
+
+
+async def test_two_anchors_same_vipa_rule_picks_anchor(tmp_path: Path) -> None:
+    rules = """
+        [[rule]]
+        name = "a"
+        protocol = "tcp"
+        dst_port = 80
+        anchor = "an1"
+        [[rule]]
+        name = "b"
+        protocol = "tcp"
+        dst_port = 443
+        anchor = "an2"
+        """
+    w = World(tmp_path, anchors=2, rules=rules)
+    await w.start()
+    try:
+        st = w.agent.status()
+        vipas = {a["name"]: a["vipa"] for a in st["anchors"]}
+        assert vipas["an1"] == vipas["an2"] == "100.100.0.2"  # per-association unique only
+        assert len(st["tunnels"]) == 4 and all(t["state"] == "up" for t in st["tunnels"])
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"1"))
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40001, 443, b"2"))
+        await w.settle()
+        assert len(w.an_tuns[0].written) == 1 and len(w.an_tuns[1].written) == 1
+        assert w.an_tuns[1].written[0][22:24] == (443).to_bytes(2, "big")
+        # each anchor's downlink reaches the MH and is NATed back to vipa_fix
+        w.an_tuns[1].inject(pb.tcp(CH, "100.100.0.2", 443, 40001, b"r"))
+        await w.settle()
+        (down,) = w.mh_tun.written
+        assert down[16:20] == pb.ip("100.64.0.1") and pb.checksums_ok(down)
+    finally:
+        await w.stop()
+
+
+async def test_garbage_is_counted_never_raises(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        atk = w.net.socket("203.0.113.66")
+        before = len(w.anchors[0].fwd.by_mh)
+        for junk in (b"", b"\x00", b"\x80" * 40, b"\xff" * 3, b"INVITE nonsense",
+                     b"MESSAGE sip:x SIP/2.0\r\nVia: x\r\n\r\n", bytes(range(256)),
+                     b"\x80\0\0\0" + (1).to_bytes(4, "big") + bytes(8) + b"\x45" + bytes(30)):
+            atk.sendto(junk, ("203.0.113.1", 5060))
+        await w.settle()
+        assert len(w.anchors[0].fwd.by_mh) == before
+        assert not w.an_tuns[0].written
+        st = w.anchors[0].status()
+        assert sum(st["drops"].values()) + sum(st["signalling"].values()) > 0
+        # and the MH side survives junk from its anchor's address too
+        w.mh_tun.inject(b"\x60" + bytes(39))   # IPv6 on the TUN: not ours, dropped
+        assert w.agent.fwd.drops["not_ipv4"] == 1
+        assert HEADER_LEN == 16
+    finally:
+        await w.stop()
+
+
+@pytest.mark.parametrize("n", [1])
+async def test_anchor_refusal_is_logged_and_ready_still_comes(tmp_path: Path, n: int,
+                                                              caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    w = World(tmp_path, rules=RULES)
+    w.anchors[0].sig.max_associations = 0
+    await w.start()   # ready arrives although the anchor refuses
+    try:
+        assert w.agent.status()["anchors"][0]["state"] == "failed"
+        assert any("refused association" in r.message for r in caplog.records)
+    finally:
+        await w.stop()
