@@ -40,8 +40,9 @@ def _fail(prog: str, msg: str, code: int = 1) -> int:
 
 
 def _logging(verbose: bool, prog: str) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"{prog}: %(levelname)s: %(message)s")
+    logging.getLogger("upmt_tun").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _control_path(args: argparse.Namespace, kind: str) -> str:

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["ControlError", "ControlServer", "request"]
+__all__ = ["ControlError", "ControlServer", "ensure_free", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ def _alive(path: str) -> bool:
         s.close()
 
 
+def ensure_free(path: str) -> None:
+    """Raise ControlError if a live process answers on ``path`` (call before touching the host:
+    a second instance must not mistake the first one's state for leftovers)."""
+    if os.path.exists(path) and _alive(path):
+        raise ControlError(f"control socket {path} is in use by a running process "
+                           "(use --control to pick another)")
+
+
 class ControlServer:
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
@@ -49,9 +57,7 @@ class ControlServer:
 
     async def start(self) -> None:
         if os.path.exists(self.path):
-            if _alive(self.path):
-                raise ControlError(f"control socket {self.path} is in use by a running process "
-                                   "(use --control to pick another)")
+            ensure_free(self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         parent = os.path.dirname(self.path)

@@ -17,7 +17,7 @@ from typing import Any
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
 from .config import AgentConfig, AnchorConfig
-from .control import ControlServer
+from .control import ControlServer, ensure_free
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
 from .system import netlink
@@ -96,6 +96,7 @@ async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
 
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
     """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
+    ensure_free(control_path)
     ifaces = _interfaces(cfg)
     if any(i.address is None for i, _ in ifaces):
         bad = next(i.name for i, _ in ifaces if i.address is None)
@@ -123,7 +124,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
-                         ifaces=plans, rules=rules)
+                         ifaces=plans, rules=rules, state_file=control_path + ".state")
         host.cleanup_leftovers()
         try:
             tun = TunDevice(cfg.tun, loop)
@@ -164,6 +165,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
 
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
     """``upmt-anchor``: returns when stopped."""
+    ensure_free(control_path)
     loop = new_loop()
     asyncio.set_event_loop(loop)
     opened: list[Any] = []
@@ -179,7 +181,7 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
         tun_addr = str(next(cfg.vipa_pool.hosts()))
         host = AnchorHost(tun=cfg.tun, tun_address=tun_addr, pool_prefixlen=cfg.vipa_pool.prefixlen,
                           pool=str(cfg.vipa_pool), mtu=cfg.mtu, role=cfg.role,
-                          nat_interface=cfg.nat_interface)
+                          nat_interface=cfg.nat_interface, state_file=control_path + ".state")
         host.cleanup_leftovers()
         try:
             tun = TunDevice(cfg.tun, loop)

@@ -28,6 +28,8 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 SO_MARK = 36
+IP_MTU_DISCOVER = 10      # not named by Python's socket module
+IP_PMTUDISC_DONT = 0
 READ_SIZE = 65535
 MAX_BURST = 256          # datagrams per wake-up before yielding to other callbacks
 
@@ -120,7 +122,7 @@ def open_udp(host: str, port: int, *, device: str | None = None, mark: int | Non
         if device is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         # Let oversized tunnel packets fragment rather than vanish (PMTUD fails silently).
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, socket.IP_PMTUDISC_DONT)
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 s.setsockopt(socket.SOL_SOCKET, opt, bufsize)

@@ -1,0 +1,167 @@
+"""Run real ``upmt-anchor`` / ``upmt-agent`` processes inside a :class:`testbed.Topology`.
+
+Used by the demo, the netns tests and the benchmarks. Each process gets its own
+config and control socket under a run-unique directory, so several labs can run
+side by side on one machine; :meth:`Lab.stop` stops them and checks they exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .testbed import Topology
+
+__all__ = ["Lab", "LabError", "DEFAULT_RULES"]
+
+CH_PORT = 8080
+
+DEFAULT_RULES = f"""
+[[rule]]
+name = "web"
+protocol = "tcp"
+dst = "203.0.113.100/32"
+dst_port = {CH_PORT}
+via = ["wan1", "wan2"]
+
+[[rule]]
+name = "bulk"
+protocol = "tcp"
+dst = "203.0.113.100/32"
+dst_port = 5201
+via = ["wan1", "wan2"]
+"""
+
+
+class LabError(Exception):
+    pass
+
+
+def _exe(name: str) -> list[str]:
+    """The console script next to this Python, else ``python -m upmt_tun.cli``."""
+    cand = Path(sys.executable).with_name(name)
+    if cand.exists():
+        return [str(cand)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    fn = "agent_main" if name == "upmt-agent" else "anchor_main"
+    return [sys.executable, "-c", f"import sys; from upmt_tun.cli import {fn}; sys.exit({fn}())"]
+
+
+class Lab:
+    def __init__(self, topo: Topology, workdir: str | Path, *, rules: str = DEFAULT_RULES,
+                 anchor_roles: tuple[str, ...] = ("anchor",), agent_extra: str = "",
+                 verbose: bool = False) -> None:
+        self.topo = topo
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rules = rules
+        self.anchor_roles = anchor_roles
+        self.agent_extra = agent_extra
+        self.verbose = verbose
+        self.run_dir = Path(f"/run/upmt-{topo.prefix}")
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    # -- configs -------------------------------------------------------------------------
+    def anchor_role_name(self, i: int) -> str:
+        return "an" if i == 0 else f"an{i + 1}"
+
+    def anchor_control(self, i: int) -> str:
+        return str(self.run_dir / f"anchor{i}.sock")
+
+    @property
+    def agent_control(self) -> str:
+        return str(self.run_dir / "agent.sock")
+
+    def write_configs(self) -> tuple[list[Path], Path]:
+        anchors = []
+        for i, role in enumerate(self.anchor_roles):
+            addr = self.topo.addresses[self.anchor_role_name(i)]
+            p = self.dir / f"anchor{i}.toml"
+            nat = 'nat_interface = "eth0"\n' if role == "anchor" else ""
+            p.write_text(f'role = "{role}"\nlisten = "{addr}:5060"\nvipa_pool = "100.100.0.0/16"\n'
+                         f'{nat}control = "{self.anchor_control(i)}"\n')
+            anchors.append(p)
+        agent = self.dir / "agent.toml"
+        text = (f'name = "laptop"\ncontrol = "{self.agent_control}"\n{self.agent_extra}\n'
+                '[[interface]]\nname = "wan1"\n\n[[interface]]\nname = "wan2"\n\n')
+        for i, _ in enumerate(self.anchor_roles):
+            addr = self.topo.addresses[self.anchor_role_name(i)]
+            text += f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n\n'
+        agent.write_text(text + self.rules)
+        return anchors, agent
+
+    # -- processes -----------------------------------------------------------------------
+    def _start(self, key: str, role: str, argv: list[str], timeout: float = 20.0) -> None:
+        log = open(self.dir / f"{key}.log", "w")
+        p = self.topo.popen(role, *argv, *(["-v"] if self.verbose else []),
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+        self.procs[key] = p
+        assert p.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([p.stdout], [], [], 0.2)
+            if r:
+                line = p.stdout.readline()
+                if line.strip() == "ready":
+                    return
+                if not line and p.poll() is not None:
+                    break
+            elif p.poll() is not None:
+                break
+        raise LabError(f"{key} did not become ready: {self.log_tail(key)}")
+
+    def log_tail(self, key: str, n: int = 15) -> str:
+        try:
+            return "\n".join((self.dir / f"{key}.log").read_text().splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> Lab:
+        anchors, agent = self.write_configs()
+        for i, cfg in enumerate(anchors):
+            self._start(f"anchor{i}", self.anchor_role_name(i),
+                        [*_exe("upmt-anchor"), "--config", str(cfg)])
+        self._start("agent", "mh", [*_exe("upmt-agent"), "up", "--config", str(agent)])
+        return self
+
+    def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.topo.run("mh", *_exe("upmt-agent"), *args, "--control", self.agent_control,
+                             check=check)
+
+    def agent_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.agent_cli("status", "--json").stdout)
+        return out
+
+    def anchor_status(self, i: int = 0) -> dict[str, Any]:
+        r = self.topo.run(self.anchor_role_name(i), *_exe("upmt-anchor"), "status", "--json",
+                          "--control", self.anchor_control(i))
+        out: dict[str, Any] = json.loads(r.stdout)
+        return out
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop the agent (``down``) then the anchors (SIGTERM); return their exit codes."""
+        codes: dict[str, int | None] = {}
+        if "agent" in self.procs and self.procs["agent"].poll() is None:
+            self.agent_cli("down", check=False)
+        for key, p in self.procs.items():
+            if key != "agent" and p.poll() is None:
+                p.terminate()
+        for key, p in self.procs.items():
+            try:
+                codes[key] = p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[key] = None
+        self.procs.clear()
+        if self.run_dir.exists() and not any(self.run_dir.iterdir()):
+            os.rmdir(self.run_dir)
+        return codes

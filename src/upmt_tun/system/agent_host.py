@@ -1,0 +1,308 @@
+"""Host set-up of the agent: steer the configured flows into the TUN, and undo it.
+
+See DESIGN.md "Marks, tables, priorities". With fwmark F and table T:
+
+- nft table ``ip upmt_agent`` marks the first packet of a new connection matching
+  rule i with ct mark ``((i + 1) << 16) | F`` and copies that ct mark to the packet
+  mark; the tunnel sockets' own packets (mark F+1+k) return before any rule.
+- ``ip rule`` prio 5550 sends mark F+1+k to table T+1+k (``default via gw dev iface
+  k``), prio 5551 sends mark F to table T (``default dev tun`` and a last-resort
+  blackhole).
+- Incoming tunnel packets get mark F+1+k and replies out of the TUN get their ct
+  mark back, so strict rp_filter (with ``src_valid_mark=1``) accepts both.
+- Packets into the TUN are SNATed to ``vipa_fix`` and their TCP MSS is clamped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from upmt_tun.system import netlink, nft
+from upmt_tun.system.errors import SystemSetupError
+from upmt_tun.system.netlink import Route, Rule
+from upmt_tun.system.sysctl import SysctlSaver, iface_key
+from upmt_tun.system.undo import UndoStack
+
+log = logging.getLogger(__name__)
+
+NFT_FAMILY = "ip"
+NFT_TABLE = "upmt_agent"
+PRIO_SOCKETS = 5550
+PRIO_STEERED = 5551
+BLACKHOLE_METRIC = 0xFFFFFFFF
+MARK_MASK = 0xFFFF
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
+PROTOCOLS = ("tcp", "udp", "icmp", "any")
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """One ``[[rule]]`` of the config; ``index`` is its position in the file."""
+
+    index: int
+    protocol: str  # "tcp" | "udp" | "icmp" | "any"
+    dst: str | None  # CIDR like "198.51.100.0/24"
+    dst_port: tuple[int, int] | None  # inclusive range; single port = (p, p)
+    src_port: tuple[int, int] | None
+    uid: int | None
+    cgroup: str | None  # path under the cgroup v2 root, e.g. "user.slice/foo"
+
+
+@dataclass(frozen=True)
+class IfacePlan:
+    """One access interface: mark F+1+index, table T+1+index."""
+
+    index: int
+    name: str
+    gateway: str | None  # None: on-link default route (dev iface, no gateway)
+    socket_port: int  # local UDP port of this interface's tunnel socket
+
+
+def rule_ct_mark(rule_index: int, fwmark: int) -> int:
+    """The ct mark given to connections steered by rule ``rule_index``."""
+    return ((rule_index + 1) << 16) | fwmark
+
+
+def _cgroup_mounts(mounts: str = "/proc/self/mounts") -> list[Path]:
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(f.split()[1]) for f in lines if len(f.split()) > 2 and f.split()[2] == "cgroup2"]
+
+
+def cgroup_match(path: str) -> str:
+    """nft ``socket cgroupv2`` match for ``path`` (relative to the cgroup v2 root).
+
+    nft resolves the path under /sys/fs/cgroup; on a hybrid hierarchy the v2 root is
+    a subdirectory (``unified``), which is prepended while the level stays the same.
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise SystemSetupError(f"bad cgroup path {path!r}")
+    root = next((m for m in _cgroup_mounts() if m == CGROUP_ROOT), None)
+    root = root or next((m for m in _cgroup_mounts() if CGROUP_ROOT in m.parents), None)
+    if root is None:
+        raise SystemSetupError(f"cgroup rule {path!r}: no cgroup v2 under {CGROUP_ROOT}")
+    if not root.joinpath(*parts).is_dir():
+        raise SystemSetupError(f"cgroup {path!r} does not exist under {root}")
+    nft_path = "/".join([*root.relative_to(CGROUP_ROOT).parts, *parts])
+    return f"socket cgroupv2 level {len(parts)} {nft.quote(nft_path)}"
+
+
+def _ports(keyword: str, ports: tuple[int, int]) -> str:
+    low, high = ports
+    if not 0 <= low <= high <= 0xFFFF:
+        raise SystemSetupError(f"bad port range {low}-{high}")
+    return f"th {keyword} {low}" if low == high else f"th {keyword} {low}-{high}"
+
+
+def rule_match(rule: RuleMatch) -> str:
+    """The nft match expression of one config rule (may be empty: match everything)."""
+    if rule.protocol not in PROTOCOLS:
+        raise SystemSetupError(f"rule {rule.index}: unknown protocol {rule.protocol!r}")
+    parts: list[str] = []
+    if rule.dst is not None:
+        try:
+            net = ipaddress.IPv4Network(rule.dst, strict=False)
+        except ValueError:
+            raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
+        parts.append(f"ip daddr {net}")
+    if rule.protocol != "any":
+        parts.append(f"meta l4proto {rule.protocol}")
+    if rule.dst_port is not None or rule.src_port is not None:
+        if rule.protocol not in ("tcp", "udp"):
+            raise SystemSetupError(f"rule {rule.index}: ports need protocol tcp or udp")
+        if rule.dst_port is not None:
+            parts.append(_ports("dport", rule.dst_port))
+        if rule.src_port is not None:
+            parts.append(_ports("sport", rule.src_port))
+    if rule.uid is not None:
+        parts.append(f"meta skuid {int(rule.uid)}")
+    if rule.cgroup is not None:
+        parts.append(cgroup_match(rule.cgroup))
+    return " ".join(parts)
+
+
+def agent_ruleset(
+    *,
+    tun: str,
+    vipa_fix: str,
+    fwmark: int,
+    ifaces: list[IfacePlan],
+    rules: list[RuleMatch],
+    tun_mtu: int | None = None,
+) -> str:
+    """The nft script creating table ``ip upmt_agent`` (fails if it already exists)."""
+    q_tun = nft.quote(tun)
+    mask = f"{MARK_MASK:#x}"
+    output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
+    for rule in rules:
+        match = rule_match(rule)
+        output.append(
+            f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
+            f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
+        )
+    output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
+    prerouting = [
+        f"iifname {nft.quote(i.name)} udp dport {i.socket_port} "
+        f"meta mark set {fwmark + 1 + i.index:#x}"
+        for i in ifaces
+    ]
+    prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
+    if tun_mtu is not None and tun_mtu > 40:
+        mss = tun_mtu - 40
+        prerouting.append(
+            f"iifname {q_tun} tcp flags syn tcp option maxseg size > {mss} "
+            f"tcp option maxseg size set {mss}"
+        )
+    try:
+        snat = str(ipaddress.IPv4Address(vipa_fix))
+    except ValueError:
+        raise SystemSetupError(f"bad vipa_fix {vipa_fix!r}") from None
+    chains = {
+        "output": ("type route hook output priority mangle", output),
+        "prerouting": ("type filter hook prerouting priority mangle", prerouting),
+        "mangle_postrouting": (
+            "type filter hook postrouting priority mangle",
+            [f"oifname {q_tun} tcp flags syn tcp option maxseg size set rt mtu"],
+        ),
+        "nat_postrouting": (
+            "type nat hook postrouting priority srcnat",
+            [f"oifname {q_tun} snat to {snat}"],
+        ),
+    }
+    lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+    for name, (hook, body) in chains.items():
+        lines.append(f"\tchain {name} {{")
+        lines.append(f"\t\t{hook}; policy accept;")
+        lines.extend(f"\t\t{line}" for line in body)
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class AgentHost:
+    """Installs (``setup``) and removes (``teardown``) the agent's host configuration."""
+
+    def __init__(
+        self,
+        *,
+        tun: str,
+        vipa_fix: str,
+        fwmark: int,
+        table: int,
+        ifaces: list[IfacePlan],
+        rules: list[RuleMatch],
+        state_file: str | None = None,
+    ) -> None:
+        top = fwmark + 1 + max((i.index for i in ifaces), default=0)
+        if not 0 < fwmark or top > MARK_MASK:
+            raise SystemSetupError(f"fwmark {fwmark:#x}: F .. F+1+n must fit in 16 bits")
+        if any(r.index < 0 or r.index + 1 > MARK_MASK for r in rules):
+            raise SystemSetupError("rule index out of range for the ct mark")
+        if not 0 < table or table + 1 + len(ifaces) >= 0xFFFFFFFF or table in (253, 254, 255):
+            raise SystemSetupError(f"routing table {table} is not usable")
+        self.tun = tun
+        self.vipa_fix = vipa_fix
+        self.fwmark = fwmark
+        self.table = table
+        self.ifaces = list(ifaces)
+        self.rules = list(rules)
+        self._undo = UndoStack()
+        self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
+
+    def _routing_rules(self) -> list[Rule]:
+        rules = [
+            Rule(PRIO_SOCKETS, self.table + 1 + i.index, self.fwmark + 1 + i.index, MARK_MASK)
+            for i in self.ifaces
+        ]
+        rules.append(Rule(PRIO_STEERED, self.table, self.fwmark, MARK_MASK))
+        return rules
+
+    def _is_ours(self, rule: Rule) -> bool:
+        """A rule a run with our fwmark/table left behind (any number of interfaces)."""
+        if rule.fwmask != MARK_MASK or rule.fwmark is None:
+            return False
+        if rule.priority == PRIO_STEERED:
+            return rule.table == self.table and rule.fwmark == self.fwmark
+        offset = rule.table - self.table
+        return rule.priority == PRIO_SOCKETS and offset >= 1 and rule.fwmark == self.fwmark + offset
+
+    def cleanup_leftovers(self) -> None:
+        """Remove what a killed earlier run left: nft table, ip rules, routes of our tables,
+        and put back the sysctls it had changed (from the state file, if one is used)."""
+        self._sysctl.restore_leftovers()
+        nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        tables = {self.table, *(self.table + 1 + i.index for i in self.ifaces)}
+        for rule in netlink.list_rules():
+            if self._is_ours(rule):
+                netlink.delete_rule(rule)
+                tables.add(rule.table)
+                log.info("removed leftover %s", rule.describe())
+        for table in sorted(tables):
+            if count := netlink.flush_table(table):
+                log.info("removed %d leftover route(s) of table %d", count, table)
+
+    def setup(self) -> None:
+        """Install everything; on failure undo what was done and raise SystemSetupError.
+
+        The TUN must exist and be up (``netlink.configure_tun``) and the access
+        interfaces must exist; run ``cleanup_leftovers`` first.
+        """
+        if self._undo:
+            raise SystemSetupError("agent host configuration is already set up")
+        try:
+            self._setup()
+        except BaseException as exc:
+            self._undo.unwind()
+            if isinstance(exc, SystemSetupError | KeyboardInterrupt | SystemExit):
+                raise
+            raise SystemSetupError(f"agent host setup failed: {exc}") from None
+
+    def _setup(self) -> None:
+        if nft.table_exists(NFT_FAMILY, NFT_TABLE):
+            raise SystemSetupError(
+                f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another agent, or a killed one:"
+                " cleanup_leftovers removes it)"
+            )
+        tun = netlink.interface_info(self.tun)
+        indexes = {i.name: netlink.link_index(i.name) for i in self.ifaces}
+        script = agent_ruleset(
+            tun=self.tun,
+            vipa_fix=self.vipa_fix,
+            fwmark=self.fwmark,
+            ifaces=self.ifaces,
+            rules=self.rules,
+            tun_mtu=tun.mtu,
+        )
+
+        self._undo.push("sysctls", self._sysctl.restore)
+        for name in [self.tun, *indexes]:
+            self._sysctl.set(iface_key("net.ipv4.conf", name, "src_valid_mark"), "1")
+
+        routes = [
+            Route(self.table + 1 + i.index, oif=indexes[i.name], gateway=i.gateway, dev=i.name)
+            for i in self.ifaces
+        ]
+        routes.append(Route(self.table, oif=tun.index, dev=self.tun))
+        routes.append(Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC))
+        for route in routes:
+            added = netlink.add_route(route)
+            self._undo.push(added.describe(), partial(netlink.delete_route, added))
+
+        for rule in self._routing_rules():
+            netlink.add_rule(rule)
+            self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+
+        nft.apply(script)
+        self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
+        log.info("agent host set up: %d rule(s), %d interface(s)", len(self.rules), len(indexes))
+
+    def teardown(self) -> None:
+        """Undo everything ``setup`` did (newest first). Idempotent; never raises."""
+        self._undo.unwind()

@@ -1,0 +1,323 @@
+"""Links, addresses, routes and rules through pyroute2's synchronous ``IPRoute``.
+
+Call these before/after the asyncio loop or through ``asyncio.to_thread``: the
+synchronous ``IPRoute`` runs its own event loop and cannot run inside a running one.
+Every failure is raised as a one-line :class:`SystemSetupError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from socket import AF_INET
+from typing import Any
+
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+from upmt_tun.system.errors import SystemSetupError
+
+MAIN_TABLE = 254
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+IFA_F_SECONDARY = 0x01
+
+
+@dataclass(frozen=True)
+class IfaceInfo:
+    """One network interface as seen in the main routing table."""
+
+    name: str
+    index: int
+    address: str | None  # primary IPv4 address
+    prefixlen: int | None
+    mtu: int
+    gateway: str | None  # from this interface's default route in the main table
+
+
+@dataclass(frozen=True)
+class Route:
+    """An IPv4 default route we install (and later delete with the same fields)."""
+
+    table: int
+    oif: int | None = None
+    gateway: str | None = None
+    blackhole: bool = False
+    metric: int | None = None
+    onlink: bool = False
+    dev: str | None = field(default=None, compare=False)  # name of oif, for messages
+
+    def describe(self) -> str:
+        """Human-readable form for messages, like ``ip route``'s."""
+        what = "blackhole default" if self.blackhole else "default"
+        if self.gateway:
+            what += f" via {self.gateway}"
+        if self.oif is not None:
+            what += f" dev {self.dev or f'#{self.oif}'}"
+        if self.onlink:
+            what += " onlink"
+        if self.metric is not None:
+            what += f" metric {self.metric}"
+        return f"{what} table {self.table}"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``IPRoute.route``."""
+        args: dict[str, Any] = {"dst": "0.0.0.0/0", "family": AF_INET, "table": self.table}
+        if self.blackhole:
+            args["type"] = "blackhole"
+        if self.oif is not None:
+            args["oif"] = self.oif
+        if self.gateway is not None:
+            args["gateway"] = self.gateway
+        elif self.oif is not None:
+            args["scope"] = "link"
+        if self.metric is not None:
+            args["priority"] = self.metric
+        if self.onlink:
+            args["flags"] = RTNH_F_ONLINK
+        return args
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An IPv4 fwmark policy-routing rule: ``priority: fwmark M/mask lookup T``."""
+
+    priority: int
+    table: int
+    fwmark: int | None = None
+    fwmask: int | None = None
+
+    def describe(self) -> str:
+        """Human-readable form for messages, like ``ip rule``'s."""
+        mark = f" fwmark {self.fwmark:#x}/{self.fwmask or 0xFFFFFFFF:#x}" if self.fwmark else ""
+        return f"rule {self.priority}:{mark} lookup {self.table}"
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``IPRoute.rule``."""
+        args: dict[str, Any] = {"family": AF_INET, "priority": self.priority, "table": self.table}
+        if self.fwmark is not None:
+            args["fwmark"] = self.fwmark
+            args["fwmask"] = 0xFFFFFFFF if self.fwmask is None else self.fwmask
+        return args
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, NetlinkError):
+        return os.strerror(exc.code) if exc.code else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+@contextmanager
+def _iproute(what: str) -> Iterator[IPRoute]:
+    """An ``IPRoute`` whose errors turn into ``SystemSetupError(f"{what}: <reason>")``."""
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except SystemSetupError:
+        raise
+    except Exception as exc:  # pyroute2 raises many types; none may escape
+        raise SystemSetupError(f"{what}: {_reason(exc)}") from None
+
+
+def _netlink_code(exc: BaseException) -> int | None:
+    return exc.code if isinstance(exc, NetlinkError) else None
+
+
+def _lookup(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise SystemSetupError(f"interface {name} does not exist")
+    return int(found[0])
+
+
+def link_index(name: str) -> int:
+    """Index of interface ``name``; raises if it does not exist."""
+    with _iproute(f"cannot look up interface {name}") as ipr:
+        return _lookup(ipr, name)
+
+
+def _default_routes(ipr: IPRoute) -> list[tuple[int, int, str | None]]:
+    """(metric, oif, gateway) of every IPv4 unicast default route of the main table."""
+    found: list[tuple[int, int, str | None]] = []
+    for route in ipr.get_routes(family=AF_INET, table=MAIN_TABLE, dst_len=0):
+        if route.get("type") != RTN_UNICAST:
+            continue
+        metric = int(route.get("priority") or 0)
+        if route.get("oif") is not None:
+            found.append((metric, int(route.get("oif")), route.get("gateway")))
+        for hop in route.get("multipath") or []:
+            gateway = dict(hop.get("attrs", [])).get("RTA_GATEWAY")
+            found.append((metric, int(hop["oif"]), gateway))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -> IfaceInfo:
+    links = ipr.get_links(index)
+    if not links:
+        raise SystemSetupError(f"interface #{index} does not exist")
+    link = links[0]
+    address: str | None = None
+    prefixlen: int | None = None
+    for msg in ipr.get_addr(family=AF_INET, index=index):
+        flags = msg.get("IFA_FLAGS")
+        if (msg.get("flags") if flags is None else flags) & IFA_F_SECONDARY:
+            continue
+        address, prefixlen = msg.get("address"), int(msg.get("prefixlen"))
+        break
+    gateway = next((gw for _metric, oif, gw in routes if oif == index), None)
+    return IfaceInfo(
+        name=str(link.get("ifname")),
+        index=index,
+        address=address,
+        prefixlen=prefixlen,
+        mtu=int(link.get("mtu")),
+        gateway=gateway,
+    )
+
+
+def interface_info(name: str) -> IfaceInfo:
+    """Index, primary IPv4 address, MTU and default gateway of interface ``name``."""
+    with _iproute(f"cannot read interface {name}") as ipr:
+        index = _lookup(ipr, name)
+        return _info(ipr, index, _default_routes(ipr))
+
+
+def default_route_interfaces() -> list[IfaceInfo]:
+    """Every interface with an IPv4 default route in the main table, best metric first."""
+    with _iproute("cannot read the default routes") as ipr:
+        routes = _default_routes(ipr)
+        seen: list[int] = []
+        for _metric, oif, _gateway in routes:
+            if oif not in seen:
+                seen.append(oif)
+        return [_info(ipr, index, routes) for index in seen]
+
+
+def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
+    """Give the (already open) TUN device ``name`` its MTU and address, and bring it up."""
+    with _iproute(f"cannot configure {name} ({address}/{prefixlen}, mtu {mtu})") as ipr:
+        index = _lookup(ipr, name)
+        ipr.link("set", index=index, mtu=mtu)
+        try:
+            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        ipr.link("set", index=index, state="up")
+
+
+def remove_address(name: str, address: str, prefixlen: int) -> bool:
+    """Delete ``address/prefixlen`` from ``name``; False if the device or address is gone."""
+    with _iproute(f"cannot remove {address}/{prefixlen} from {name}") as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        try:
+            ipr.addr("del", index=found[0], address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ESRCH):
+                return False
+            raise
+        return True
+
+
+def add_route(route: Route) -> Route:
+    """Add ``route``; a gateway off every on-link prefix is retried as ``onlink``.
+
+    Returns the route as installed (what :func:`delete_route` needs).
+    """
+    with _iproute(f"cannot add route {route.describe()}") as ipr:
+        try:
+            ipr.route("add", **route.kwargs())
+            return route
+        except NetlinkError as exc:
+            if exc.code != errno.ENETUNREACH or route.gateway is None or route.onlink:
+                raise
+        onlink = replace(route, onlink=True)
+        ipr.route("add", **onlink.kwargs())
+        return onlink
+
+
+def delete_route(route: Route) -> bool:
+    """Delete ``route``; False if it is already gone (e.g. its device vanished)."""
+    with _iproute(f"cannot delete route {route.describe()}") as ipr:
+        try:
+            ipr.route("del", **route.kwargs())
+        except NetlinkError as exc:
+            if exc.code in (errno.ESRCH, errno.ENODEV, errno.ENOENT):
+                return False
+            raise
+        return True
+
+
+def flush_table(table: int) -> int:
+    """Delete every IPv4 route of routing table ``table``; returns how many went."""
+    with _iproute(f"cannot flush routing table {table}") as ipr:
+        count = 0
+        for route in ipr.get_routes(family=AF_INET, table=table):
+            if route.get("table") != table:
+                continue
+            try:
+                ipr.route("del", family=AF_INET, table=table, **_route_key(route))
+                count += 1
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENODEV):
+                    raise
+        return count
+
+
+def _route_key(route: Any) -> dict[str, Any]:
+    """Fields that identify a dumped route for deletion (pyroute2 defaults none of them)."""
+    key: dict[str, Any] = {
+        "dst": f"{route.get('dst') or '0.0.0.0'}/{route.get('dst_len')}",
+        "type": route.get("type"),
+        "tos": route.get("tos"),
+        "proto": route.get("proto"),
+        "scope": route.get("scope"),
+    }
+    for name in ("priority", "oif", "gateway"):
+        if route.get(name) is not None:
+            key[name] = route.get(name)
+    return key
+
+
+def add_rule(rule: Rule) -> None:
+    """Add an IPv4 policy-routing rule."""
+    with _iproute(f"cannot add {rule.describe()}") as ipr:
+        ipr.rule("add", **rule.kwargs())
+
+
+def delete_rule(rule: Rule) -> bool:
+    """Delete an IPv4 policy-routing rule; False if it is already gone."""
+    with _iproute(f"cannot delete {rule.describe()}") as ipr:
+        try:
+            ipr.rule("del", **rule.kwargs())
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ESRCH):
+                return False
+            raise
+        return True
+
+
+def list_rules() -> list[Rule]:
+    """Every IPv4 fwmark policy-routing rule (others are not ours and are skipped)."""
+    with _iproute("cannot list ip rules") as ipr:
+        rules = []
+        for msg in ipr.get_rules(family=AF_INET):
+            if msg.get("fwmark") is None or msg.get("priority") is None:
+                continue
+            rules.append(
+                Rule(
+                    priority=int(msg.get("priority")),
+                    table=int(msg.get("table")),
+                    fwmark=int(msg.get("fwmark")),
+                    fwmask=msg.get("fwmask"),
+                )
+            )
+        return rules

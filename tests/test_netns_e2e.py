@@ -1,0 +1,294 @@
+"""The real thing in network namespaces: real TUN, nftables, NATs, curl, iperf3.
+
+           ns mh (rp_filter=1)            upmt-agent up
+        wan1 10.1.0.2       wan2 10.2.0.2
+            |                    |
+        ns nat1 (masq)      ns nat2 (masq)
+        203.0.113.11        203.0.113.12
+              \\                /
+               ns inet: bridge br0
+              /        |          \\
+   ns an 203.0.113.1   ns ch 203.0.113.100   (ns an2 203.0.113.2)
+   upmt-anchor         python http.server, iperf3 -s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from upmt_tun.lab import Lab
+from upmt_tun.testbed import Topology, tool_missing
+
+from .conftest import netns_missing
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
+
+CH = "203.0.113.100"
+
+
+def host_state(topo: Topology, role: str) -> dict[str, str]:
+    """Everything the agent/anchor may change, as text, for before/after comparison."""
+    out = {}
+    for name, argv in {
+        "rules": ("ip", "-4", "rule"),
+        "routes": ("ip", "-4", "route", "show", "table", "all"),
+        "links": ("ip", "-o", "link"),
+        "addrs": ("ip", "-4", "-o", "addr"),
+        "nft": ("nft", "list", "ruleset"),
+        "sysctl": ("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
+                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter"),
+    }.items():
+        text = topo.run(role, *argv).stdout
+        if name == "links":  # counters and state flags are not ours to compare
+            text = "\n".join(sorted(line.split(" state ")[0] for line in text.splitlines()))
+        out[name] = text
+    return out
+
+
+class HttpServer:
+    """A legacy HTTP server (python -m http.server) in a namespace, serving a test file."""
+
+    def __init__(self, topo: Topology, role: str, port: int, root: Path) -> None:
+        self.log = root / f"http-{role}-{port}.log"
+        self.proc = topo.popen(role, "python3", "-u", "-m", "http.server", str(port), "--bind",
+                               "0.0.0.0", "--directory", str(root),
+                               stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while "Serving HTTP" not in self.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def clients(self) -> list[str]:
+        return [line.split(" ")[0] for line in self.log.read_text().splitlines()
+                if '"GET ' in line]
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    t = Topology(anchors=2)
+    t.up()
+    try:
+        yield t
+    finally:
+        t.down()
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "file.bin").write_bytes(os.urandom(3 << 20))
+    return root
+
+
+def curl(topo: Topology, url: str, out: Path | None = None, timeout: int = 20,
+         role: str = "mh") -> subprocess.CompletedProcess[str]:
+    return topo.run(role, "curl", "-sS", "-m", str(timeout), "-o", str(out or "/dev/null"),
+                    "-w", "%{http_code}", url, check=False, timeout=timeout + 5)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_download_through_anchor_other_flows_untouched_host_restored(
+        topo: Topology, www: Path, tmp_path: Path) -> None:
+    before_mh, before_an = host_state(topo, "mh"), host_state(topo, "an")
+    s8080 = HttpServer(topo, "ch", 8080, www)
+    s8081 = HttpServer(topo, "ch", 8081, www)
+    lab = Lab(topo, tmp_path / "lab").start()
+    try:
+        got = tmp_path / "got.bin"
+        r = curl(topo, f"http://{CH}:8080/file.bin", got)
+        assert r.stdout == "200", lab.log_tail("agent")
+        assert sha(got) == sha(www / "file.bin")           # bytes intact
+        assert s8080.clients() == ["203.0.113.1"]          # the CH sees the anchor's address
+        r = curl(topo, f"http://{CH}:8081/file.bin")
+        assert r.stdout == "200"
+        assert s8081.clients() == ["203.0.113.11"]         # outside every rule: normal routing
+        st = lab.agent_status()
+        assert st["vipa_fix"] == "100.64.0.1"
+        assert {(t["interface"], t["state"]) for t in st["tunnels"]} == {
+            ("wan1", "up"), ("wan2", "up")}
+        for t in st["tunnels"]:
+            assert set(t) >= {"id", "interface", "anchor", "local", "remote", "vipa", "state",
+                              "rtt_ms", "tx_packets", "rx_packets"}
+        (flow,) = [f for f in st["flows"] if f["dport"] == 8080]
+        assert flow["rule"] == "web" and flow["interface"] == "wan1"
+        assert flow["src"] == "10.1.0.2"                   # the application's own source
+        assert flow["rx_packets"] > 1000
+        an = lab.anchor_status()
+        (assoc,) = an["associations"]
+        assert assoc["mh"] == "laptop" and assoc["vipa"] == st["tunnels"][0]["vipa"]
+        assert {t["remote"].split(":")[0] for t in assoc["tunnels"]} == {
+            "203.0.113.11", "203.0.113.12"}                # NATed addresses learned
+        text = lab.agent_cli("status").stdout
+        assert "web" in text and "wan1" in text
+    finally:
+        codes = lab.stop()
+    assert codes == {"anchor0": 0, "agent": 0}
+    assert host_state(topo, "mh") == before_mh
+    assert host_state(topo, "an") == before_an
+
+
+def test_iperf3_through_the_tunnel(topo: Topology, tmp_path: Path) -> None:
+    if tool_missing("iperf3"):
+        pytest.skip("needs iperf3")
+    topo.popen("ch", "iperf3", "-s", "-p", "5201")
+    lab = Lab(topo, tmp_path / "lab").start()
+    try:
+        time.sleep(0.3)
+        r = topo.run("mh", "iperf3", "-c", CH, "-p", "5201", "-t", "2", "-J", check=False,
+                     timeout=30)
+        res = json.loads(r.stdout)
+        assert "error" not in res, res.get("error")
+        assert res["end"]["sum_received"]["bytes"] > 1_000_000
+        flows = lab.agent_status()["flows"]
+        assert any(f["rule"] == "bulk" and f["dport"] == 5201 for f in flows)
+    finally:
+        lab.stop()
+
+
+def test_preferred_second_interface_with_strict_rp_filter(topo: Topology, www: Path,
+                                                          tmp_path: Path) -> None:
+    """A rule preferring wan2 (not the default route): replies arrive on wan2 and on the TUN
+    and must pass rp_filter=1 (the testbed sets it, as on RHEL laptops)."""
+    assert topo.run("mh", "sysctl", "-n", "net.ipv4.conf.all.rp_filter").stdout.strip() == "1"
+    srv = HttpServer(topo, "ch", 8080, www)
+    rules = ('[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n'
+             'via = ["wan2", "wan1"]\n')
+    lab = Lab(topo, tmp_path / "lab", rules=rules).start()
+    try:
+        got = tmp_path / "got.bin"
+        assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
+        assert sha(got) == sha(www / "file.bin")
+        assert srv.clients() == ["203.0.113.1"]
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["interface"] == "wan2"
+    finally:
+        lab.stop()
+
+
+def test_rule_covering_the_anchor_never_steers_the_tunnels(topo: Topology, www: Path,
+                                                           tmp_path: Path) -> None:
+    """protocol any + dst = the whole segment the anchor is on: the tunnels' own packets
+    must not loop into the TUN (SO_MARK exemption), and ping follows the rule too."""
+    srv = HttpServer(topo, "ch", 8080, www)
+    rules = '[[rule]]\nname = "all"\nprotocol = "any"\ndst = "203.0.113.0/24"\n'
+    lab = Lab(topo, tmp_path / "lab", rules=rules).start()
+    try:
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert srv.clients() == ["203.0.113.1"]
+        r = topo.run("mh", "ping", "-c", "2", "-W", "2", CH, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = lab.agent_status()
+        assert all(t["state"] == "up" for t in st["tunnels"])
+        assert {f["protocol"] for f in st["flows"]} == {"tcp", "icmp"}
+    finally:
+        lab.stop()
+
+
+def test_no_leak_when_no_tunnel_is_usable(topo: Topology, www: Path, tmp_path: Path) -> None:
+    """No anchor answers: ready still comes (first attempt failed), and the rule's traffic
+    is dropped, never sent around the tunnel."""
+    srv = HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab")
+    lab.write_configs()
+    t0 = time.monotonic()
+    lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(lab.dir / "agent.toml")])
+    assert time.monotonic() - t0 < 12
+    try:
+        assert curl(topo, f"http://{CH}:8080/file.bin", timeout=3).stdout != "200"
+        assert srv.clients() == []
+        st = lab.agent_status()
+        assert all(t["state"] == "down" for t in st["tunnels"])
+        assert st["anchors"][0]["state"] == "failed"
+    finally:
+        lab.stop()
+
+
+def test_leftovers_of_a_killed_agent_are_removed(topo: Topology, www: Path,
+                                                 tmp_path: Path) -> None:
+    before = host_state(topo, "mh")
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab").start()
+    lab.procs["agent"].send_signal(signal.SIGKILL)
+    lab.procs["agent"].wait(5)
+    assert "upmt_agent" in topo.run("mh", "nft", "list", "tables").stdout   # left behind
+    lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(lab.dir / "agent.toml")])
+    try:
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+    finally:
+        codes = lab.stop()
+    assert codes["agent"] == 0
+    assert host_state(topo, "mh") == before
+
+
+def test_second_agent_does_not_take_a_live_control_socket(topo: Topology, tmp_path: Path) -> None:
+    lab = Lab(topo, tmp_path / "lab").start()
+    try:
+        r = topo.run("mh", "upmt-agent", "up", "--config", str(lab.dir / "agent.toml"),
+                     check=False, timeout=20)
+        assert r.returncode == 1
+        assert "in use by a running process" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        lab.agent_status()   # the first agent still answers
+    finally:
+        lab.stop()
+
+
+def test_two_anchors_and_a_fixed_host(topo: Topology, www: Path, tmp_path: Path) -> None:
+    """UPMT-DAM: an anchor (NAT to the Internet) and a fixed host (terminates the tunnel
+    itself): each association has its own VIpA; the fixed host's own server sees the MH's
+    VIpA, the CH sees the anchor's address."""
+    ch = HttpServer(topo, "ch", 8080, www)
+    fh = HttpServer(topo, "an2", 8080, www)
+    rules = ('[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n')
+    lab = Lab(topo, tmp_path / "lab", rules=rules, anchor_roles=("anchor", "fixed-host")).start()
+    try:
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert curl(topo, "http://203.0.113.2:8080/file.bin").stdout == "200"
+        assert ch.clients() == ["203.0.113.1"]
+        st = lab.agent_status()
+        vipas = {a["name"]: a["vipa"] for a in st["anchors"]}
+        assert fh.clients() == [vipas["an2"]]              # direct MH->FH tunnel, no NAT
+        roles = {a["name"]: a["role"] for a in st["anchors"]}
+        assert roles == {"an1": "anchor", "an2": "fixed-host"}
+        by_dst = {f["dst"]: f["anchor"] for f in st["flows"]}
+        assert by_dst == {CH: "an1", "203.0.113.2": "an2"}
+        assert len(st["tunnels"]) == 4
+        assert lab.anchor_status(1)["role"] == "fixed-host"
+    finally:
+        codes = lab.stop()
+    assert set(codes.values()) == {0}
+
+
+def test_same_private_subnet_on_both_access_networks(www: Path, tmp_path: Path) -> None:
+    """Both access networks hand out 192.168.1.2/24 behind 192.168.1.1: each tunnel still
+    leaves through its own interface and gets its own NAT mapping."""
+    with Topology(same_subnet=True) as topo:
+        srv = HttpServer(topo, "ch", 8080, www)
+        rules = ('[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n'
+                 'via = ["wan2", "wan1"]\n')
+        lab = Lab(topo, tmp_path / "lab", rules=rules).start()
+        try:
+            (assoc,) = lab.anchor_status()["associations"]
+            assert {t["remote"].split(":")[0] for t in assoc["tunnels"]} == {
+                "203.0.113.11", "203.0.113.12"}
+            got = tmp_path / "got.bin"
+            assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
+            assert sha(got) == sha(www / "file.bin")
+            assert srv.clients() == ["203.0.113.1"]
+            (flow,) = lab.agent_status()["flows"]
+            assert flow["interface"] == "wan2"
+        finally:
+            lab.stop()

@@ -1,0 +1,130 @@
+"""Pure parts of the system layer: nft scripts, sysctl keys, ctnetlink encoding."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from upmt_tun.system import SystemSetupError, nft
+from upmt_tun.system.agent_host import AgentHost, IfacePlan, RuleMatch, agent_ruleset, rule_match
+from upmt_tun.system.anchor_host import AnchorHost, anchor_ruleset
+from upmt_tun.system.conntrack import _attr, _attrs, parse_entry, reply_tuple
+from upmt_tun.system.sysctl import iface_key, sysctl_path
+
+
+def rule(protocol: str = "any", **kw: object) -> RuleMatch:
+    args: dict[str, object] = {
+        "index": 0,
+        "protocol": protocol,
+        "dst": None,
+        "dst_port": None,
+        "src_port": None,
+        "uid": None,
+        "cgroup": None,
+    }
+    args.update(kw)
+    return RuleMatch(**args)  # type: ignore[arg-type]
+
+
+def test_rule_match_expressions() -> None:
+    assert rule_match(rule()) == ""
+    assert rule_match(rule(dst="198.51.100.7/24", uid=1000)) == (
+        "ip daddr 198.51.100.0/24 meta skuid 1000"
+    )
+    assert rule_match(rule("tcp", dst_port=(443, 443), src_port=(1024, 2048))) == (
+        "meta l4proto tcp th dport 443 th sport 1024-2048"
+    )
+    assert rule_match(rule("icmp")) == "meta l4proto icmp"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        rule("icmp", dst_port=(1, 1)),
+        rule("any", src_port=(1, 2)),
+        rule("sctp"),
+        rule(dst="not-a-net"),
+        rule("udp", dst_port=(10, 5)),
+        rule(cgroup="../etc"),
+    ],
+)
+def test_rule_match_rejects(bad: RuleMatch) -> None:
+    with pytest.raises(SystemSetupError):
+        rule_match(bad)
+
+
+def test_agent_ruleset_exempts_tunnel_marks_before_any_rule() -> None:
+    script = agent_ruleset(
+        tun="upmt0",
+        vipa_fix="100.64.0.1",
+        fwmark=0x100,
+        ifaces=[IfacePlan(0, "eth0", "10.0.0.1", 5000), IfacePlan(1, "wlan0", None, 5001)],
+        rules=[rule(index=3, dst="203.0.113.0/24")],
+        tun_mtu=1400,
+    )
+    lines = [line.strip() for line in script.splitlines()]
+    assert lines[0] == "create table ip upmt_agent"
+    exempt = lines.index("meta mark and 0xffff == 0x101 return")
+    assert lines[exempt + 1] == "meta mark and 0xffff == 0x102 return"
+    assert lines[exempt + 2] == (
+        "ct state new ct mark and 0xffff != 0x100 ip daddr 203.0.113.0/24 ct mark set 0x40100"
+    )
+    assert lines[exempt + 3] == "ct mark and 0xffff == 0x100 meta mark set ct mark"
+    assert 'iifname "wlan0" udp dport 5001 meta mark set 0x102' in lines
+    assert 'iifname "upmt0" ct mark and 0xffff == 0x100 meta mark set ct mark' in lines
+    assert 'oifname "upmt0" snat to 100.64.0.1' in lines
+    assert 'oifname "upmt0" tcp flags syn tcp option maxseg size set rt mtu' in lines
+
+
+def test_agent_host_validates_marks_and_tables() -> None:
+    ok = {"tun": "t", "vipa_fix": "100.64.0.1", "ifaces": [], "rules": []}
+    with pytest.raises(SystemSetupError):
+        AgentHost(fwmark=0xFFFF, table=1000, **ok)  # type: ignore[arg-type]
+    with pytest.raises(SystemSetupError):
+        AgentHost(fwmark=0x100, table=254, **ok)  # type: ignore[arg-type]
+
+
+def test_anchor_ruleset_and_role() -> None:
+    script = anchor_ruleset(tun="upmt0", pool="100.64.1.0/24", mtu=1400, nat_interface=None)
+    assert 'ip saddr 100.64.1.0/24 oifname != "upmt0" masquerade' in script
+    assert "maxseg size > 1360 tcp option maxseg size set 1360" in script
+    with pytest.raises(SystemSetupError):
+        AnchorHost(
+            tun="t",
+            tun_address="100.64.1.1",
+            pool_prefixlen=24,
+            pool="100.64.1.0/24",
+            mtu=1400,
+            role="router",
+            nat_interface=None,
+        )
+
+
+def test_quote_rejects_injection() -> None:
+    assert nft.quote("eth0") == '"eth0"'
+    for bad in ['eth0" accept', "a;b", "a\nb"]:
+        with pytest.raises(SystemSetupError):
+            nft.quote(bad)
+
+
+def test_sysctl_keys() -> None:
+    assert str(sysctl_path("net.ipv4.ip_forward")) == "/proc/sys/net/ipv4/ip_forward"
+    key = iface_key("net.ipv4.conf", "eth0.100", "src_valid_mark")
+    assert str(sysctl_path(key)) == "/proc/sys/net/ipv4/conf/eth0.100/src_valid_mark"
+    with pytest.raises(SystemSetupError):
+        sysctl_path("net..x")
+
+
+def test_conntrack_encoding() -> None:
+    attr = reply_tuple(17, "192.0.2.1", "100.64.0.1", 53, 40000)
+    top = _attrs(attr)
+    proto = _attrs(_attrs(top[2])[2])
+    assert proto == {1: b"\x11", 2: struct.pack("!H", 53), 3: struct.pack("!H", 40000)}
+    icmp = _attrs(_attrs(_attrs(reply_tuple(1, "192.0.2.1", "100.64.0.1", 7, 0))[2])[2])
+    assert sorted(icmp) == [1, 4, 5, 6]
+    entry = _attr(1, _attr(1, _attr(1, socket.inet_aton("10.0.0.2")), nested=True), nested=True)
+    assert parse_entry(entry + _attr(8, struct.pack("!I", 0x10100))) == (0x10100, "10.0.0.2")
+    assert parse_entry(entry) == (0, "10.0.0.2")
+    assert parse_entry(b"\x01") is None
