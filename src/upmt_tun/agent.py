@@ -203,8 +203,9 @@ class Agent:
         while True:
             await self.associated[anchor].wait()
             link = self.fwd.links[anchor]
+            rtt = None
             try:
-                code, reason, body = await self.sip.request(
+                (code, reason, body), rtt = await self.sip.request_timed(
                     i.path, dest, [("TunnelSetupReq", {"sipId": self.cfg.name, "vipa": link.vipa,
                                                         "tunnelId": t.tid, "interface": i.name})],
                     SETUP_TIMEOUT)
@@ -214,6 +215,7 @@ class Agent:
             resp = _find(body, "TunnelSetupResp")
             if code == 200 and resp is not None:
                 self.fwd.tunnel_up(t, resp["serverTunnelID"], self.clock())
+                t.rtt_ms = None if rtt is None else rtt * 1000.0
                 log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
                          *dest, resp["yourAddress"], resp["yourPort"])
                 first.set()
@@ -237,9 +239,8 @@ class Agent:
         misses = 0
         while True:
             await asyncio.sleep(self.cfg.keepalive_s)
-            sent = self.clock()
             try:
-                code, reason, body = await self.sip.request(
+                (code, reason, body), rtt = await self.sip.request_timed(
                     i.path, dest, [("KeepAlive", {"sipId": self.cfg.name, "tunnelId": t.un_tid,
                                                    "lastDelay": t.rtt_ms})], KEEPALIVE_TIMEOUT)
             except SipError:
@@ -254,7 +255,7 @@ class Agent:
                     self._lost[anchor].set()
                 return
             misses = 0
-            t.rtt_ms = (self.clock() - sent) * 1000.0
+            t.rtt_ms = rtt * 1000.0
             t.last_rx = self.clock()
 
     # -- status ------------------------------------------------------------------------

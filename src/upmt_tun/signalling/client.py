@@ -35,6 +35,12 @@ class SipClient:
     async def request(self, path: Path, dest: tuple[str, int],
                       signals: list[tuple[str, dict[str, Any]]], timeout: float) -> Answer:
         """Send one MESSAGE through ``path`` and wait for its final response."""
+        return (await self.request_timed(path, dest, signals, timeout))[0]
+
+    async def request_timed(self, path: Path, dest: tuple[str, int],
+                            signals: list[tuple[str, dict[str, Any]]],
+                            timeout: float) -> tuple[Answer, float]:
+        """As :meth:`request`, also returning the round-trip time (s) of the answered send."""
         self.cseq += 1
         branch = sip.BRANCH_MAGIC + sip.new_token()
         data = sip.build_request(target=dest, from_user=self.user, via=path.local,
@@ -43,13 +49,16 @@ class SipClient:
         fut: asyncio.Future[sip.SipResponse] = asyncio.get_running_loop().create_future()
         self.pending[branch] = fut
         self.stats["requests"] += 1
+        loop = asyncio.get_running_loop()
         try:
             for i, delay in enumerate(sip.retransmit_schedule(timeout)):
                 if i:
                     self.stats["retransmits"] += 1
+                sent = loop.time()
                 path.sendto(data, dest)
                 try:
                     resp = await asyncio.wait_for(asyncio.shield(fut), delay)
+                    rtt = loop.time() - sent
                     break
                 except TimeoutError:
                     continue
@@ -68,7 +77,7 @@ class SipClient:
                 body = upmt.decode(resp.body)
             except ValueError as e:
                 raise SipError(f"unusable answer from {dest[0]}:{dest[1]}: {e}") from None
-        return resp.status_code, resp.reason_phrase, body
+        return (resp.status_code, resp.reason_phrase, body), rtt
 
     def on_datagram(self, data: bytes) -> None:
         """Feed a datagram classified as SIP; responses complete their transaction."""
