@@ -266,7 +266,32 @@ async def test_anchor_refusal_is_logged_and_ready_still_comes(tmp_path: Path, n:
     w.anchors[0].sig.max_associations = 0
     await w.start()   # ready arrives although the anchor refuses
     try:
-        assert w.agent.status()["anchors"][0]["state"] == "failed"
+        assert w.agent.status()["anchors"][0]["state"] == "refused"
         assert any("refused association" in r.message for r in caplog.records)
+    finally:
+        await w.stop()
+
+
+async def test_agent_reassociates_when_the_anchor_forgets_it(tmp_path: Path) -> None:
+    """An anchor restart loses every association: the next keepalive is answered
+    'not registered', the agent associates again and sets its tunnels up again."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        fwd = w.anchors[0].fwd
+        (assoc,) = fwd.by_mh.values()
+        fwd.remove_association(assoc)
+        assert not fwd.by_mh and not fwd.tunnels.by_tid
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            st = w.agent.status()
+            if fwd.by_mh and len(fwd.tunnels.by_tid) == 2 and \
+                    all(t["state"] == "up" for t in st["tunnels"]):
+                break
+        assert len(fwd.by_mh) == 1 and len(fwd.tunnels.by_tid) == 2
+        assert st["anchors"][0]["state"] == "associated"
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"again"))
+        await w.settle()
+        assert len(w.an_tuns[0].written) == 1
     finally:
         await w.stop()

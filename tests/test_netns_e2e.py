@@ -211,7 +211,7 @@ def test_no_leak_when_no_tunnel_is_usable(topo: Topology, www: Path, tmp_path: P
         assert srv.clients() == []
         st = lab.agent_status()
         assert all(t["state"] == "down" for t in st["tunnels"])
-        assert st["anchors"][0]["state"] == "failed"
+        assert st["anchors"][0]["state"] == "unreachable"
     finally:
         lab.stop()
 
@@ -292,3 +292,24 @@ def test_same_private_subnet_on_both_access_networks(www: Path, tmp_path: Path) 
             assert flow["interface"] == "wan2"
         finally:
             lab.stop()
+
+
+def test_uid_rule_selects_one_users_traffic(topo: Topology, www: Path, tmp_path: Path) -> None:
+    """A uid rule cannot be seen in a TUN packet: the agent reads the rule back from the
+    conntrack mark. The same curl run as root is not steered."""
+    if tool_missing("setpriv"):
+        pytest.skip("needs setpriv")
+    srv = HttpServer(topo, "ch", 8080, www)
+    rules = '[[rule]]\nname = "nobody"\nprotocol = "tcp"\nuid = 65534\nvia = ["wan2"]\n'
+    lab = Lab(topo, tmp_path / "lab", rules=rules).start()
+    try:
+        r = topo.run("mh", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                     f"http://{CH}:8080/file.bin", check=False, timeout=20)
+        assert r.stdout == "200", r.stderr
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert srv.clients() == ["203.0.113.1", "203.0.113.11"]
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["rule"] == "nobody" and flow["interface"] == "wan2"
+    finally:
+        lab.stop()

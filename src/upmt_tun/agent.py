@@ -85,11 +85,10 @@ class Agent:
                                   classify_flow)
         self.sip = SipClient(cfg.name)
         self.drops = self.fwd.drops
-        self.associated: dict[str, asyncio.Event] = {}
         self.first_attempt: dict[tuple[str, str], asyncio.Event] = {}
         self.anchor_state: dict[str, str] = dict.fromkeys(anchors, "associating")
         self.stopped = asyncio.Event()
-        self._lost = {a: asyncio.Event() for a in anchors}   # set: associate again
+        self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in sorted(ifaces, key=lambda x: x.index)]
 
@@ -122,8 +121,6 @@ class Agent:
         for i in self.ifaces:
             i.path.start(self._on_datagram_for(i.index))
         for a in self.anchors:
-            self.associated[a] = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self._association(a)))
             for i in self.ifaces:
                 self.fwd.add_tunnel(i.name, i.index, a, i.path.local, self.anchors[a], now)
                 self.first_attempt[(i.name, a)] = asyncio.Event()
@@ -144,41 +141,26 @@ class Agent:
             i.path.close()
 
     # -- signalling tasks --------------------------------------------------------------
-    async def _association(self, anchor: str) -> None:
+    async def _associate_via(self, i: IfaceSeam, anchor: str) -> bool:
+        """AssociationReq through interface ``i`` (every interface tries at once; the anchor
+        answers a host's repeated association with the same VIpA)."""
         dest = self.anchors[anchor]
-        backoff = 1.0
-        while True:
-            ok = False
-            for i in self.ifaces:
-                try:
-                    code, reason, body = await self.sip.request(
-                        i.path, dest, [("AssociationReq", {"sipId": self.cfg.name,
-                                                            "addressInUse": []})], SETUP_TIMEOUT)
-                except SipError as e:
-                    log.warning("anchor %s: association via %s failed: %s", anchor, i.name, e)
-                    continue
-                resp = _find(body, "AssociationResp")
-                if code != 200 or resp is None or not resp.get("associationSuccess"):
-                    log.error("anchor %s refused association: %d %s", anchor, code,
-                              reason or (resp or {}).get("reason", ""))
-                    break
-                if not self._accept_association(anchor, resp):
-                    break
-                ok = True
-                break
-            if ok:
-                backoff = 1.0
-                self.associated[anchor].set()
-                await self._lost[anchor].wait()
-                self._lost[anchor].clear()
-                self.associated[anchor].clear()
-                self.anchor_state[anchor] = "associating"
-                continue
-            self.anchor_state[anchor] = "failed"
-            for i in self.ifaces:
-                self.first_attempt[(i.name, anchor)].set()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        try:
+            code, reason, body = await self.sip.request(
+                i.path, dest, [("AssociationReq", {"sipId": self.cfg.name, "addressInUse": []})],
+                SETUP_TIMEOUT)
+        except SipError as e:
+            log.warning("anchor %s: association via %s failed: %s", anchor, i.name, e)
+            if self.anchor_state[anchor] != "associated":
+                self.anchor_state[anchor] = "unreachable"
+            return False
+        resp = _find(body, "AssociationResp")
+        if code != 200 or resp is None or not resp.get("associationSuccess"):
+            log.error("anchor %s refused association via %s: %d %s", anchor, i.name, code,
+                      reason or (resp or {}).get("reason", ""))
+            self.anchor_state[anchor] = "refused"
+            return False
+        return self._accept_association(anchor, resp)
 
     def _accept_association(self, anchor: str, resp: dict[str, Any]) -> bool:
         try:
@@ -191,6 +173,7 @@ class Agent:
         if role == "fixed-host":
             serves = frozenset({ipaddress.IPv4Address(self.anchors[anchor][0]).packed})
         self.fwd.set_association(anchor, vipa, role, serves)
+        self._lost[anchor].clear()
         self.anchor_state[anchor] = "associated"
         log.info("anchor %s (%s): VIpA %s", anchor, role, vipa)
         return True
@@ -201,8 +184,13 @@ class Agent:
         first = self.first_attempt[(i.name, anchor)]
         backoff = 1.0
         while True:
-            await self.associated[anchor].wait()
             link = self.fwd.links[anchor]
+            if self._lost[anchor].is_set() or not link.vipa:
+                if not await self._associate_via(i, anchor):
+                    first.set()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
             rtt = None
             try:
                 (code, reason, body), rtt = await self.sip.request_timed(
