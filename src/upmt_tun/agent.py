@@ -169,7 +169,7 @@ class Agent:
             log.error("anchor %s sent an unusable VIpA %r", anchor, resp.get("vipa"))
             return False
         role = resp.get("role", "anchor")
-        serves = frozenset()
+        serves: frozenset[bytes] = frozenset()
         if role == "fixed-host":
             serves = frozenset({ipaddress.IPv4Address(self.anchors[anchor][0]).packed})
         self.fwd.set_association(anchor, vipa, role, serves)

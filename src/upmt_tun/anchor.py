@@ -94,11 +94,11 @@ class Anchor:
         flows = []
         for f in self.fwd.paft.flows():
             k = f.key
-            t = self.fwd.tunnels.get(f.tunnel)
+            ft = self.fwd.tunnels.get(f.tunnel)
             flows.append({
                 "id": f.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
                 "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "mh": f.anchor,
-                "tunnel": f.tunnel, "interface": t.interface if t else None,
+                "tunnel": f.tunnel, "interface": ft.interface if ft else None,
                 "tx_packets": f.tx_packets, "rx_packets": f.rx_packets,
                 "history": [{"age_s": round(now - ts, 3), "from": x, "to": y, "reason": r}
                             for ts, x, y, r in f.history],

@@ -209,11 +209,11 @@ def _port_range(r: _Reader, k: str, v: Any) -> tuple[int, int]:
     if isinstance(v, int):
         lo = hi = v
     elif isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", v) or re.fullmatch(r"\s*(\d{1,5})\s*", v)
+        m = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", v)
         if not m:
             raise r.err(k, f"expected a port number or \"LOW-HIGH\", got {v!r}")
         lo = int(m.group(1))
-        hi = int(m.group(2)) if m.lastindex == 2 else lo
+        hi = int(m.group(2)) if m.group(2) else lo
     else:
         raise r.err(k, f"expected a port number or \"LOW-HIGH\", got {v!r}")
     if not (0 < lo <= 65535 and 0 < hi <= 65535) or lo > hi:

@@ -111,8 +111,9 @@ def run(size_mb: int) -> int:
         after = topo.run("mh", "sh", "-c", "ip rule; ip route show table all; nft list ruleset"
                          ).stdout
         restored = after == before
+        verdict = "restored" if restored else "NOT restored"
         _say(f"5. stopped: agent exit {codes.get('agent')}, anchor exit {codes.get('anchor0')}; "
-             f"mobile host's rules, routes and nftables {'restored' if restored else 'NOT restored'}")
+             f"mobile host's rules, routes and nftables {verdict}")
         good = ok and _clients(logs[8080]) == ["203.0.113.1"] and \
             _clients(logs[8081]) == ["203.0.113.11"] and restored and set(codes.values()) == {0}
         _say("\ndemo " + ("succeeded" if good else "FAILED"))

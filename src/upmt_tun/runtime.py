@@ -50,7 +50,7 @@ def _resolve(host: str, port: int) -> tuple[str, int]:
         infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
     except socket.gaierror as e:
         raise StartupError(f"cannot resolve anchor address {host!r}: {e.strerror}") from None
-    return infos[0][4][0], port
+    return str(infos[0][4][0]), port
 
 
 def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:

@@ -65,9 +65,9 @@ def build_response(req: SipRequest, code: int, reason: str, body: bytes = b"",
             v = f"{v};received={received[0]}".replace(";rport", f";rport={received[1]}", 1)
         h.append("Via", v)
     for name in ("From", "Call-ID", "CSeq"):
-        v = req.headers.get_first(name)
-        if v is not None:
-            h.set_single(name, v)
+        value = req.headers.get_first(name)
+        if value is not None:
+            h.set_single(name, value)
     to = req.headers.get_first("To") or ""
     h.set_single("To", to if ";tag=" in to else f"{to};tag=upmt")
     if body:
