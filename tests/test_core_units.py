@@ -1,0 +1,112 @@
+"""Pure unit tests: tunnel header and demux, tables, tunnel choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from upmt_tun.dataplane import packet as P
+from upmt_tun.policy import choose_tunnel
+from upmt_tun.signalling.sip import build_request
+from upmt_tun.tables import Paft, Tunnel, TunnelTable, reverse_key
+
+from . import pktbuild as pb
+
+
+def test_header_layout_is_16_bytes_and_overhead_reserves_the_tag() -> None:
+    d = P.encode_data(0x01020304, 0x1122334455667788, b"\x45" + bytes(19))
+    assert d[:16] == bytes.fromhex("80000000" "01020304" "1122334455667788")
+    assert P.decode_header(d) == (0x01020304, 0x1122334455667788)
+    assert P.OVERHEAD == 20 + 8 + 16 + 16
+
+
+@pytest.mark.parametrize("data,kind", [
+    (b"", P.KIND_JUNK),
+    (P.encode_data(1, 1, pb.udp("1.1.1.1", "2.2.2.2", 1, 2)), P.KIND_DATA),
+    (b"\x80" + bytes(15), P.KIND_JUNK),                         # header but no inner packet
+    (b"\x81" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
+    (b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), P.KIND_STUN),
+    (b"\x00\x01\x00\x00\xde\xad\xbe\xef" + bytes(12), P.KIND_JUNK),  # no magic cookie
+    (b"\x01\x00\x00\x00" + bytes(28), P.KIND_JUNK),             # WireGuard initiation
+    (b"SIP/2.0 200 OK\r\n\r\n", P.KIND_SIP),
+    (b"MESSAGE sip:x SIP/2.0\r\n", P.KIND_SIP),
+    (b"message lower-case", P.KIND_JUNK),
+    (b"\x7f", P.KIND_JUNK),
+])
+def test_classify(data: bytes, kind: int) -> None:
+    assert P.classify(data) == kind
+
+
+def test_classify_a_real_sip_request() -> None:
+    req = build_request(target=("203.0.113.1", 5060), from_user="mh", via=("10.0.0.1", 4000),
+                        call_id="c", cseq=1, branch="z9hG4bKx", body=b"[]")
+    assert P.classify(req) == P.KIND_SIP
+
+
+def test_reverse_key() -> None:
+    k = (6, b"\1\1\1\1", b"\2\2\2\2", 1000, 80)
+    assert reverse_key(k) == (6, b"\2\2\2\2", b"\1\1\1\1", 80, 1000)
+    assert reverse_key(reverse_key(k)) == k
+
+
+def test_paft_add_move_history_cap_and_expiry() -> None:
+    paft = Paft(cap=2)
+    k1 = (6, b"a" * 4, b"b" * 4, 1, 2)
+    k2 = (17, b"a" * 4, b"b" * 4, 1, 2)
+    f1 = paft.add(k1, 1, now=0.0, rule="web")
+    f2 = paft.add(k2, 1, now=5.0)
+    assert f1 is not None and f2 is not None and f1.fid != f2.fid
+    assert paft.add((1, b"x" * 4, b"y" * 4, 0, 0), 1, now=0.0) is None   # full: refused
+    for i in range(20):
+        f1.move(float(i), 2 + i % 2, "test")
+    assert len(f1.history) == 8 and f1.tunnel == 3                      # bounded history
+    f1.last_seen = 0.0
+    f2.last_seen = 100.0
+    assert paft.expire(now=100.0, idle=50.0) == 1
+    assert paft.get(k1) is None and paft.get(k2) is f2 and len(paft) == 1
+
+
+def test_tunnel_table_ids_never_zero_and_wrap() -> None:
+    tt = TunnelTable(first_id=0xFFFFFFFF)
+    assert tt.new_tid() == 0xFFFFFFFF
+    assert tt.new_tid() == 1
+    t = Tunnel(7, "wan1", ("10.0.0.1", 1), ("203.0.113.1", 5060), "an1")
+    tt.add(t)
+    assert tt.get(7) is t and tt.remove(7) is t and tt.get(7) is None
+    assert t.json()["local"] == "10.0.0.1:1" and t.json()["state"] == "down"
+
+
+@dataclass
+class L:
+    role: str = "anchor"
+    serves: frozenset[bytes] = frozenset()
+
+
+FH = b"\xcb\x00\x71\x02"
+OTHER = b"\xcb\x00\x71\x64"
+LINKS = {"an1": L(), "an2": L(), "fh": L("fixed-host", frozenset({FH}))}
+
+
+@pytest.mark.parametrize("via,anchors,dst,up,expect", [
+    # first usable interface of via, on the first anchor that has one
+    (("wan1", "wan2"), ("an1", "an2"), OTHER, {("wan1", "an1"), ("wan2", "an1")}, ("wan1", "an1")),
+    (("wan2", "wan1"), ("an1", "an2"), OTHER, {("wan1", "an1"), ("wan2", "an1")}, ("wan2", "an1")),
+    (("wan1", "wan2"), ("an1", "an2"), OTHER, {("wan2", "an1")}, ("wan2", "an1")),
+    # first anchor unreachable on every via interface: the next anchor
+    (("wan1",), ("an1", "an2"), OTHER, {("wan2", "an1"), ("wan1", "an2")}, ("wan1", "an2")),
+    # nothing usable: None (the caller drops, never leaks)
+    (("wan1",), ("an1",), OTHER, {("wan2", "an1")}, None),
+    # a fixed host carries only flows to itself ...
+    (("wan1",), ("fh",), OTHER, {("wan1", "fh")}, None),
+    # ... and is preferred for them over relaying through an anchor
+    (("wan1",), ("an1", "fh"), FH, {("wan1", "an1"), ("wan1", "fh")}, ("wan1", "fh")),
+    (("wan1",), ("an1", "fh"), OTHER, {("wan1", "an1"), ("wan1", "fh")}, ("wan1", "an1")),
+    # unknown anchor names are ignored
+    (("wan1",), ("nope", "an1"), OTHER, {("wan1", "an1")}, ("wan1", "an1")),
+])
+def test_choose_tunnel(via: tuple[str, ...], anchors: tuple[str, ...], dst: bytes,
+                       up: set[tuple[str, str]], expect: tuple[str, str] | None) -> None:
+    got = choose_tunnel(via=via, anchors=anchors, dst=dst, links=LINKS,
+                        usable=lambda i, a: (i, a) if (i, a) in up else None)
+    assert got == expect
