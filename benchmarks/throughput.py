@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""Throughput / latency / CPU of upmt_tun against the raw path, side by side, in one run.
+
+    python benchmarks/throughput.py [--seconds N] [--json PATH] [--quick]
+
+Builds the :class:`upmt_tun.testbed.Topology` (MH behind two NATs, anchor, CH), starts a
+real ``upmt-anchor`` (ns ``an``) and ``upmt-agent`` (ns ``mh``) with :class:`upmt_tun.lab.Lab`,
+and runs two iperf3 servers in ns ``ch`` (203.0.113.100):
+
+* port 5202: outside every rule -> **raw** path: mh -wan1-> nat1 -> inet -> ch;
+* port 5201: tcp and udp to it are steered by the agent's rules -> **upmt_tun** path:
+  mh -> TUN -> agent -> UDP tunnel (wan1) -> nat1 -> inet -> anchor -> TUN -> masquerade
+  -> inet -> ch, and back the same way.
+
+ICMP has no ports, so the ping of the upmt_tun path is steered by a ``uid`` rule: it runs
+as uid 65534 (``setpriv``), while the raw ping runs as root and matches no rule.
+
+Both paths are measured while the agent and anchor run, alternately raw then upmt_tun
+for each test. Everything (namespaces, processes) is removed at the end, also on errors,
+Ctrl-C and SIGTERM. Only addresses inside the namespaces built here are ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from upmt_tun.lab import Lab
+from upmt_tun.testbed import Topology, tool_missing
+
+CH = "203.0.113.100"
+STEERED_PORT = 5201
+RAW_PORT = 5202
+PING_UID = 65534
+PATHS = ("raw", "upmt_tun")
+PORT = {"raw": RAW_PORT, "upmt_tun": STEERED_PORT}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+RULES = f"""
+[[rule]]
+name = "bench-tcp"
+protocol = "tcp"
+dst = "{CH}/32"
+dst_port = {STEERED_PORT}
+via = ["wan1", "wan2"]
+
+[[rule]]
+name = "bench-udp"
+protocol = "udp"
+dst = "{CH}/32"
+dst_port = {STEERED_PORT}
+via = ["wan1", "wan2"]
+
+[[rule]]
+name = "bench-ping"
+protocol = "icmp"
+dst = "{CH}/32"
+uid = {PING_UID}
+via = ["wan1", "wan2"]
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads) in seconds, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()   # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+class CpuMeter:
+    """CPU seconds used by the daemons of a :class:`Lab` between start() and stop()."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.pids = {key: p.pid for key, p in lab.procs.items()}
+        self.before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.before = {k: proc_cpu_seconds(pid) for k, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {k: round(proc_cpu_seconds(pid) - self.before[k], 3)
+                for k, pid in self.pids.items()}
+
+
+def iperf3(topo: Topology, port: int, seconds: int, *extra: str) -> dict[str, Any]:
+    """Run an iperf3 client in mh against ch:port; return its parsed -J output.
+
+    ``seconds`` = 0: no ``-t`` (``extra`` holds another end condition)."""
+    argv = ["iperf3", "-c", CH, "-p", str(port), *(["-t", str(seconds)] if seconds else []),
+            "-J",
+            "--connect-timeout", "5000", *extra]
+    try:
+        r = topo.run("mh", *argv, check=False, timeout=(seconds or 5) + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"iperf3 {' '.join(extra)} to port {port} timed out") from None
+    try:
+        res: dict[str, Any] = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(f"iperf3 exit {r.returncode}, no JSON: "
+                         f"{(r.stdout + r.stderr).strip()[-300:]}") from None
+    if "error" in res:
+        raise BenchError(f"iperf3: {res['error']}")
+    return res
+
+
+def tcp_test(topo: Topology, port: int, seconds: int, reverse: bool,
+             cpu: CpuMeter) -> dict[str, Any]:
+    cpu.start()
+    res = iperf3(topo, port, seconds, *(["-R"] if reverse else []))
+    used = cpu.stop()
+    end = res["end"]
+    recv, sent = end["sum_received"], end["sum_sent"]
+    sender_stream = end["streams"][0]["sender"] if end.get("streams") else {}
+    gb = recv["bytes"] / 1e9
+    total_cpu = sum(used.values())
+    out: dict[str, Any] = {
+        "direction": "download (ch->mh)" if reverse else "upload (mh->ch)",
+        "seconds": recv["seconds"],
+        "bytes": recv["bytes"],
+        "sender_bytes": sent["bytes"],
+        "gbit_s": recv["bits_per_second"] / 1e9,
+        "retransmits": sent.get("retransmits"),
+        "cpu_s": used,
+        "cpu_s_total": round(total_cpu, 3),
+        "cpu_s_per_gb": total_cpu / gb if gb > 0 else None,
+    }
+    if not reverse and "mean_rtt" in sender_stream:   # the sender is local: its smoothed RTT
+        out["sender_mean_rtt_ms"] = sender_stream["mean_rtt"] / 1000
+    return out
+
+
+def udp_test(topo: Topology, port: int, seconds: int, cpu: CpuMeter) -> dict[str, Any]:
+    before = kernel_counters(topo)
+    cpu.start()
+    res = iperf3(topo, port, seconds, "-u", "-b", "0", "-l", "64")
+    used = cpu.stop()
+    kernel_drops = counter_delta(before, kernel_counters(topo))
+    end = res["end"]
+    snd = end.get("sum_sent", end["sum"])
+    rcv = end.get("sum_received", end["sum"])
+    sent = int(snd["packets"])
+    # the receiver's "packets" is the highest sequence number it saw, "lost" the gaps below it
+    received = max(0, int(rcv["packets"]) - int(rcv["lost_packets"]))
+    secs = float(rcv["seconds"]) or float(seconds)
+    return {
+        "direction": "upload (mh->ch)",
+        "payload_bytes": 64,
+        "seconds": secs,
+        "sent_packets": sent,
+        "received_packets": received,
+        "lost_packets": sent - received,
+        "lost_percent": 100.0 * (sent - received) / sent if sent else None,
+        "iperf3_lost_percent": float(rcv["lost_percent"]),
+        "sent_pps": sent / float(snd["seconds"] or secs),
+        "received_pps": received / secs,
+        "jitter_ms": float(rcv.get("jitter_ms", 0.0)),
+        "cpu_s": used,
+        "kernel_drop_counters": kernel_drops,
+    }
+
+
+_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
+_LOSS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def ping_test(topo: Topology, uid: int | None, count: int) -> dict[str, Any]:
+    pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+    argv = [*pre, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2", CH]
+    r = topo.run("mh", *argv, check=False, timeout=count * 0.05 + 30)
+    loss = _LOSS.search(r.stdout)
+    rtt = _RTT.search(r.stdout)
+    if loss is None or rtt is None or int(loss.group(2)) == 0:
+        raise BenchError(f"ping exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+    return {
+        "uid": uid if uid is not None else 0,
+        "transmitted": int(loss.group(1)),
+        "received": int(loss.group(2)),
+        "rtt_min_ms": float(rtt.group(1)),
+        "rtt_avg_ms": float(rtt.group(2)),
+        "rtt_max_ms": float(rtt.group(3)),
+        "rtt_mdev_ms": float(rtt.group(4)),
+    }
+
+
+def wait_listening(topo: Topology, ports: tuple[int, ...], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = topo.run("ch", "ss", "-Hltn", check=False).stdout
+        if all(re.search(rf":{p}\s", out) for p in ports):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"iperf3 servers on {ports} not listening after {timeout}s")
+
+
+def kernel_counters(topo: Topology) -> dict[str, int]:
+    """UDP socket errors (/proc/net/snmp) and per-interface drops of mh, an and ch."""
+    out: dict[str, int] = {}
+    for role in ("mh", "an", "ch"):
+        snmp = topo.run(role, "cat", "/proc/net/snmp", check=False).stdout.splitlines()
+        udp = [ln.split()[1:] for ln in snmp if ln.startswith("Udp:")]
+        if len(udp) == 2:
+            for k, v in zip(*udp, strict=False):
+                if k in ("InErrors", "RcvbufErrors", "SndbufErrors", "NoPorts"):
+                    out[f"{role}.udp.{k}"] = int(v)
+        try:
+            links = json.loads(topo.run(role, "ip", "-s", "-j", "link", check=False).stdout)
+        except json.JSONDecodeError:
+            links = []
+        for link in links:
+            st = link.get("stats64", {})
+            for d in ("rx", "tx"):
+                out[f"{role}.{link['ifname']}.{d}_dropped"] = int(st.get(d, {}).get("dropped", 0))
+    return out
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def steered_flows(lab: Lab) -> list[dict[str, Any]]:
+    st = lab.agent_status()
+    return [f for f in st["flows"] if f["dst"] == CH]
+
+
+def log_findings(lab: Lab) -> dict[str, Any]:
+    """Lines of the daemons' logs that look like trouble (warnings, errors, tracebacks)."""
+    out: dict[str, Any] = {}
+    for log in sorted(lab.dir.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        bad = [ln for ln in lines
+               if re.search(r"WARN|ERROR|CRITICAL|Traceback|Exception", ln)]
+        out[log.stem] = {"path": str(log), "lines": len(lines), "trouble": len(bad),
+                         "first_trouble": bad[:10]}
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def measure(topo: Topology, lab: Lab, args: argparse.Namespace,
+            result: dict[str, Any]) -> None:
+    paths: dict[str, dict[str, Any]] = result["paths"]
+    errors: list[str] = result["errors"]
+    cpu = CpuMeter(lab)
+    result["meta"]["daemons"] = {k: {"pid": pid, "cmdline": proc_cmdline(pid)}
+                                 for k, pid in cpu.pids.items()}
+    tcp_s, udp_s = args.seconds, args.udp_seconds
+
+    def attempt(path: str, name: str, fn: Any, *a: Any) -> None:
+        label = f"{name} [{path}]"
+        print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+        try:
+            paths[path][name] = fn(*a)
+            print(" ok", file=sys.stderr)
+        except BenchError as e:
+            paths[path][name] = {"error": str(e)}
+            errors.append(f"{label}: {e}")
+            print(f" FAILED: {e}", file=sys.stderr)
+        time.sleep(0.3)   # let the previous connection close on both ends
+
+    for path in PATHS:   # warm-up: ARP, conntrack, the tunnel's first flow set-up
+        topo.run("mh", "ping", "-n", "-q", "-c", "1", "-W", "2", CH, check=False)
+        try:
+            iperf3(topo, PORT[path], 0, "-n", "64K")
+        except BenchError as e:
+            errors.append(f"warm-up [{path}]: {e}")
+
+    for path in PATHS:
+        attempt(path, "ping", ping_test, topo, PING_UID if path == "upmt_tun" else None,
+                args.ping_count)
+    for path in PATHS:
+        attempt(path, "tcp_upload", tcp_test, topo, PORT[path], tcp_s, False, cpu)
+    for path in PATHS:
+        attempt(path, "tcp_download", tcp_test, topo, PORT[path], tcp_s, True, cpu)
+    for path in PATHS:
+        attempt(path, "udp64_upload", udp_test, topo, PORT[path], udp_s, cpu)
+
+    # Did the steered tests really use the tunnel, and did the raw ones stay outside it?
+    flows = steered_flows(lab)
+    seen = {(f["protocol"], f["dport"]) for f in flows}
+    check = {
+        "tcp_5201_via_tunnel": ("tcp", STEERED_PORT) in seen,
+        "udp_5201_via_tunnel": ("udp", STEERED_PORT) in seen,
+        "icmp_uid_via_tunnel": any(f["protocol"] == "icmp" for f in flows),
+        "nothing_5202_in_tunnel": not any(f["dport"] == RAW_PORT for f in flows),
+        "flow_interfaces": sorted({str(f["interface"]) for f in flows}),
+    }
+    result["steering_check"] = check
+    for k, ok in check.items():
+        if isinstance(ok, bool) and not ok:
+            errors.append(f"steering check failed: {k}")
+
+
+def ratio(raw: Any, upmt: Any) -> float | None:
+    if not isinstance(raw, int | float) or not isinstance(upmt, int | float) or raw == 0:
+        return None
+    return upmt / raw
+
+
+def table_rows(paths: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def get(path: str, test: str, key: str, sub: str | None = None) -> Any:
+        v = paths.get(path, {}).get(test, {}).get(key)
+        if sub is not None and isinstance(v, dict):
+            v = v.get(sub)
+        return v
+
+    spec = [
+        ("TCP upload Gbit/s", "tcp_upload", "gbit_s", None),
+        ("TCP upload retransmits", "tcp_upload", "retransmits", None),
+        ("TCP download Gbit/s", "tcp_download", "gbit_s", None),
+        ("TCP download retransmits", "tcp_download", "retransmits", None),
+        ("UDP 64B upload sent pkt/s", "udp64_upload", "sent_pps", None),
+        ("UDP 64B upload recv pkt/s", "udp64_upload", "received_pps", None),
+        ("UDP 64B upload loss %", "udp64_upload", "lost_percent", None),
+        ("ping RTT avg ms", "ping", "rtt_avg_ms", None),
+        ("CPU s agent (TCP up)", "tcp_upload", "cpu_s", "agent"),
+        ("CPU s anchor (TCP up)", "tcp_upload", "cpu_s", "anchor0"),
+        ("CPU s/GB agent+anchor (TCP up)", "tcp_upload", "cpu_s_per_gb", None),
+        ("CPU s agent (TCP down)", "tcp_download", "cpu_s", "agent"),
+        ("CPU s anchor (TCP down)", "tcp_download", "cpu_s", "anchor0"),
+        ("CPU s/GB agent+anchor (TCP down)", "tcp_download", "cpu_s_per_gb", None),
+    ]
+    rows = []
+    for label, test, key, sub in spec:
+        raw, upmt = get("raw", test, key, sub), get("upmt_tun", test, key, sub)
+        rows.append({"metric": label, "raw": raw, "upmt_tun": upmt, "ratio": ratio(raw, upmt)})
+    return rows
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    cells = [["metric", "raw", "upmt_tun", "ratio (upmt/raw)"]]
+    for r in rows:
+        ratio_s = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        cells.append([r["metric"], fmt(r["raw"]), fmt(r["upmt_tun"]), ratio_s])
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    lines = []
+    for n, c in enumerate(cells):
+        lines.append(" | ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i])
+                                for i in range(4)))
+        if n == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine_facts() -> dict[str, Any]:
+    try:
+        ver = subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
+                             timeout=10).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        ver = "?"
+    return {"nproc": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "iperf3": ver}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=10, help="length of each TCP test (10)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to save the results (benchmarks/results/throughput-<ts>.json)")
+    p.add_argument("--quick", action="store_true",
+                   help="1-second tests (CI smoke run; numbers are not meaningful)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="directory for daemon configs and logs (next to the JSON file)")
+    args = p.parse_args(argv)
+    if args.seconds < 1:
+        p.error("--seconds must be >= 1")
+    if args.quick:
+        args.seconds = 1
+    args.udp_seconds = min(args.seconds, 3)
+    args.ping_count = 20
+    return args
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("throughput.py: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    missing = tool_missing("ip", "nft", "iperf3", "ping", "ss", "setpriv")
+    if missing or not os.path.exists("/dev/net/tun"):
+        print(f"throughput.py: missing {', '.join(missing) or '/dev/net/tun'}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with it ignored
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path: Path = args.json or RESULTS_DIR / f"throughput-{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    workdir: Path = args.workdir or json_path.with_name(json_path.stem + "-lab")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+
+    result: dict[str, Any] = {
+        "meta": {"timestamp": dt.datetime.now().isoformat(timespec="seconds"),
+                 "argv": sys.argv[1:] if argv is None else argv,
+                 "tcp_seconds": args.seconds, "udp_seconds": args.udp_seconds,
+                 "ping": {"count": args.ping_count, "interval_s": 0.05},
+                 "quick": args.quick, "machine": machine_facts(), "workdir": str(workdir),
+                 "ports": {"raw": RAW_PORT, "upmt_tun": STEERED_PORT}, "rules": RULES},
+        "paths": {p: {"port": PORT[p]} for p in PATHS},
+        "errors": [],
+    }
+    interrupted = False
+    print(f"building testbed; daemon logs in {workdir}", file=sys.stderr)
+    try:
+        with Topology() as topo:
+            result["meta"]["topology_prefix"] = topo.prefix
+            for port in (STEERED_PORT, RAW_PORT):
+                topo.popen("ch", "iperf3", "-s", "-p", str(port),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_listening(topo, (STEERED_PORT, RAW_PORT))
+            lab = Lab(topo, workdir, rules=RULES)
+            try:
+                lab.start()
+                measure(topo, lab, args, result)
+                result["agent_status"] = lab.agent_status()
+                result["anchor_status"] = lab.anchor_status()
+            finally:
+                try:
+                    result["exit_codes"] = lab.stop()
+                except Exception as e:   # the topology teardown still kills everything
+                    result["errors"].append(f"lab.stop: {e!r}")
+                result["logs"] = log_findings(lab)
+    except KeyboardInterrupt:
+        interrupted = True
+        result["errors"].append("interrupted")
+    except Exception as e:
+        result["errors"].append(f"{type(e).__name__}: {e}")
+
+    result["table"] = table_rows(result["paths"])
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    m = result["meta"]["machine"]
+    print(f"\nupmt_tun vs raw path  (TCP {args.seconds}s, UDP {args.udp_seconds}s, "
+          f"nproc {m['nproc']}, kernel {m['kernel']}, {m['iperf3']})")
+    print(render_table(result["table"]))
+    for name, info in result.get("logs", {}).items():
+        if info["trouble"]:
+            print(f"\n{name}.log: {info['trouble']} warning/error lines, first ones:")
+            for ln in info["first_trouble"][:5]:
+                print(f"  {ln}")
+    for who in ("agent", "anchor"):
+        drops = result.get(f"{who}_status", {}).get("drops")
+        if drops:
+            print(f"{who} drop counters: {drops}")
+    for path in PATHS:
+        kd = result["paths"][path].get("udp64_upload", {}).get("kernel_drop_counters")
+        if kd:
+            print(f"kernel drop counters during UDP test [{path}]: {kd}")
+    codes = result.get("exit_codes")
+    if codes and any(c != 0 for c in codes.values()):
+        result["errors"].append(f"daemon exit codes {codes}")
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if result["errors"]:
+        print("\nerrors:", *result["errors"], sep="\n  ")
+    print(f"\nsaved {json_path}")
+    if interrupted:
+        return 130
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
