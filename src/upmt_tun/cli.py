@@ -70,13 +70,12 @@ def pubkey(prog: str) -> int:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    text = sys.stdin.read().strip()
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = base64.b64decode(sys.stdin.buffer.read().strip(), validate=True)
         if len(raw) != 32:
             raise ValueError
         key = X25519PrivateKey.from_private_bytes(raw)
-    except ValueError:
+    except (ValueError, TypeError):   # binascii.Error is a ValueError
         return _fail(prog, "stdin: not a base64 X25519 private key (as printed by genkey)", 2)
     print(base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode())
     return 0

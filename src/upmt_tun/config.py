@@ -38,11 +38,16 @@ PROTOCOLS = ("tcp", "udp", "icmp", "any")
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters so a message from hostile input stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(Exception):
     """A local configuration mistake: one line naming the file, the key and the problem."""
 
     def __init__(self, file: str, key: str, problem: str) -> None:
-        super().__init__(f"{file}: {key}: {problem}")
+        super().__init__(_one_line(f"{file}: {key}: {problem}"))
         self.file = file
         self.key = key
         self.problem = problem
@@ -85,6 +90,8 @@ class Rule:
         pn = self.proto_number
         if pn is not None and pn != proto:
             return False
+        if (self.dst_port or self.src_port) and proto not in (6, 17):
+            return False          # port matches select TCP and UDP only (also with "any")
         if self.dst is not None and ipaddress.IPv4Address(dst) not in self.dst:
             return False
         if self.dst_port is not None and not self.dst_port[0] <= dport <= self.dst_port[1]:
@@ -257,8 +264,9 @@ def load_agent_config(path: str) -> AgentConfig:
     if not 1 <= fwmark <= 0xFF00:
         raise r.err("fwmark", "must be between 1 and 0xff00 (the low 16 bits carry it)")
     table = r.get("table", int, 5550)
-    if not 1 <= table <= 0xFFFFFF00 or table in (253, 254, 255):
-        raise r.err("table", f"not a usable routing table number: {table}")
+    if not 1 <= table <= 0xFFFFFF00 or any(t in (253, 254, 255) for t in range(table, table + 18)):
+        raise r.err("table", f"{table}: tables {table}..{table + 17} must avoid 253-255 "
+                    "(default, main, local)")
     keepalive = r.get("keepalive", (int, float), 10.0)
     if not 1 <= keepalive <= 300:
         raise r.err("keepalive", "must be between 1 and 300 seconds")
@@ -340,8 +348,8 @@ def _rule(path: str, r: _Reader, i: int, t: Any, ifaces: set[str], anchors: set[
         ports[k] = None
         if k in t:
             rr.used.add(k)
-            if protocol not in ("tcp", "udp"):
-                raise rr.err(k, f"ports need protocol tcp or udp (rule has {protocol!r})")
+            if protocol == "icmp":
+                raise rr.err(k, "ports do not apply to protocol \"icmp\"")
             ports[k] = _port_range(rr, k, t[k])
     uid = None
     if "uid" in t:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,10 @@ MAX_REQUEST = 65536
 
 class ControlError(Exception):
     """One line for the user."""
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
 
 
 def _alive(path: str) -> bool:
@@ -56,8 +61,10 @@ class ControlServer:
         self._ino: int | None = None
 
     async def start(self) -> None:
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
             ensure_free(self.path)
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise ControlError(f"{self.path} exists and is not a socket; not touching it")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         parent = os.path.dirname(self.path)
@@ -67,7 +74,7 @@ class ControlServer:
         try:
             self.server = await asyncio.start_unix_server(self._client, path=self.path)
         except OSError as e:
-            raise ControlError(f"cannot create control socket {self.path}: {e.strerror}") from None
+            raise ControlError(f"cannot create control socket {self.path}: {_why(e)}") from None
         finally:
             os.umask(old)
         self._ino = os.stat(self.path).st_ino
@@ -113,7 +120,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"nothing is running on control socket {path}") from None
         except OSError as e:
-            raise ControlError(f"cannot connect to {path}: {e.strerror}") from None
+            raise ControlError(f"cannot connect to {path}: {_why(e)}") from None
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):

@@ -134,7 +134,7 @@ class AgentForwarder:
         if key is None:
             self.drops["not_ipv4"] += 1
             return None
-        if key[1] != self.vipa_fix_b:
+        if pkt[12:16] != self.vipa_fix_b:
             self.drops["bad_source"] += 1
             return None
         flow = self.paft.get(key)
@@ -197,7 +197,7 @@ class AgentForwarder:
             return None
         buf = bytearray(data[HEADER_LEN:])
         key = nat.five_tuple(buf)
-        if key is None or key[2] != t.vipa_b:
+        if key is None or buf[16:20] != t.vipa_b:
             self.drops["bad_inner"] += 1
             return None
         nat.rewrite_dst(buf, self.vipa_fix_b)
@@ -262,7 +262,9 @@ class AnchorForwarder:
         a = self.by_mh.get(t.peer)
         inner = data[HEADER_LEN:]
         key = nat.five_tuple(inner)
-        if a is None or key is None or key[1] != a.vipa_b:
+        # Both the outer source and the flow key's source (for an ICMP error: the quoted
+        # packet's) must be this host's VIpA, or a host could plant another host's flow key.
+        if a is None or key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
             self.drops["spoofed_inner"] += 1
             return None
         flow = self.paft.get(key)

@@ -8,6 +8,7 @@ change nothing twice.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from collections import Counter
@@ -59,10 +60,12 @@ class AnchorSignalling:
         if not isinstance(msg, sip.SipRequest):
             self.stats["stray_response"] += 1
             return None
-        key = sip.transaction_key(msg)
-        if key is None:
+        tkey = sip.transaction_key(msg)
+        if tkey is None:
             self.stats["malformed"] += 1
             return None
+        # only an identical retransmission gets the cached answer
+        key = (*tkey, hashlib.blake2s(data, digest_size=16).digest())
         cached = self.cache.get((key, src), now)
         if cached is not None:
             self.stats["retransmission"] += 1

@@ -2,8 +2,8 @@
 
 ::
 
-    HS_INIT  0x81 | 0 0 0 | sender index (4) | Noise msg 1 (32 e + 48 s + 28 timestamp) | mac1 (16)
-    HS_RESP  0x82 | 0 0 0 | sender index (4) | receiver index (4) | Noise msg 2 (32 e + 16) | mac1 (16)
+    HS_INIT  0x81 | 0 0 0 | sender idx (4) | Noise msg 1 (32 e + 48 s + 28 timestamp) | mac1 (16)
+    HS_RESP  0x82 | 0 0 0 | sender idx (4) | receiver idx (4) | Noise msg 2 (32 e + 16) | mac1 (16)
 
 * ``mac1`` = keyed BLAKE2s-128 over the bytes before it, keyed with
   BLAKE2s("mac1----" || receiver's static public key): the anchor drops, before

@@ -13,6 +13,7 @@ Pure code: no sockets; ``now`` passed in.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from aiosipua.message import SipMessage, SipRequest, SipResponse
 
 __all__ = ["MalformedSip", "ResponseCache", "SipRequest", "SipResponse", "build_request",
            "build_response", "parse", "retransmit_schedule", "T1", "T2"]
+
+# aiosipua logs a warning per malformed datagram: remote garbage must not flood our logs
+logging.getLogger("aiosipua").setLevel(logging.ERROR)
 
 T1 = 0.5
 T2 = 4.0
@@ -60,8 +64,10 @@ def build_response(req: SipRequest, code: int, reason: str, body: bytes = b"",
     """The response to ``req`` (copies Via, From, To (+tag), Call-ID, CSeq)."""
     resp = SipResponse(status_code=code, reason_phrase=reason)
     h = resp.headers
-    for i, v in enumerate(req.headers.get("via")):
-        if i == 0 and received is not None:
+    vias = req.headers.get("via")
+    if vias:   # UPMT has no proxies: echo only the top Via, so an answer never outgrows its request
+        v = vias[0]
+        if received is not None:
             v = f"{v};received={received[0]}".replace(";rport", f";rport={received[1]}", 1)
         h.append("Via", v)
     for name in ("From", "Call-ID", "CSeq"):
@@ -84,6 +90,10 @@ def parse(data: bytes) -> SipRequest | SipResponse:
         msg = SipMessage.parse(data)
     except Exception as e:  # the parser may raise several types on hostile input
         raise MalformedSip(f"unparsable ({type(e).__name__})") from None
+    declared = msg.headers.get_first("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit() or int(declared) != len(msg.body):
+            raise MalformedSip("bad Content-Length")   # RFC 3261 18.3: discard
     if isinstance(msg, SipRequest):
         if not msg.method.isalpha() or not msg.method.isupper():
             raise MalformedSip("bad method")

@@ -112,11 +112,14 @@ def rule_match(rule: RuleMatch) -> str:
         except ValueError:
             raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
         parts.append(f"ip daddr {net}")
+    has_ports = rule.dst_port is not None or rule.src_port is not None
     if rule.protocol != "any":
         parts.append(f"meta l4proto {rule.protocol}")
-    if rule.dst_port is not None or rule.src_port is not None:
-        if rule.protocol not in ("tcp", "udp"):
-            raise SystemSetupError(f"rule {rule.index}: ports need protocol tcp or udp")
+    elif has_ports:
+        parts.append("meta l4proto { tcp, udp }")   # ports: TCP and UDP only
+    if has_ports:
+        if rule.protocol not in ("tcp", "udp", "any"):
+            raise SystemSetupError(f"rule {rule.index}: ports need protocol tcp, udp or any")
         if rule.dst_port is not None:
             parts.append(_ports("dport", rule.dst_port))
         if rule.src_port is not None:
