@@ -43,7 +43,6 @@ def test_rule_match_expressions() -> None:
     "bad",
     [
         rule("icmp", dst_port=(1, 1)),
-        rule("any", src_port=(1, 2)),
         rule("sctp"),
         rule(dst="not-a-net"),
         rule("udp", dst_port=(10, 5)),
@@ -53,6 +52,10 @@ def test_rule_match_expressions() -> None:
 def test_rule_match_rejects(bad: RuleMatch) -> None:
     with pytest.raises(SystemSetupError):
         rule_match(bad)
+
+
+def test_ports_with_protocol_any_match_tcp_and_udp_only() -> None:
+    assert rule_match(rule("any", src_port=(1, 2))) == "meta l4proto { tcp, udp } th sport 1-2"
 
 
 def test_agent_ruleset_exempts_tunnel_marks_before_any_rule() -> None:
