@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from upmt_tun import keys
 from upmt_tun.agent import Agent, IfaceSeam, rule_classifier
 from upmt_tun.anchor import Anchor
 from upmt_tun.config import load_agent_config, load_anchor_config
@@ -23,6 +24,9 @@ from upmt_tun.dataplane.packet import HEADER_LEN
 from . import pktbuild as pb
 
 CH = "198.51.100.7"
+
+
+keypair = keys.keypair
 
 
 def _write(tmp: Path, name: str, text: str) -> str:
@@ -39,10 +43,13 @@ class World:
         self.net = FakeNetwork(schedule=loop.call_soon)
         self.net.nat("10.1.0.2", "203.0.113.11")
         self.net.nat("10.2.0.2", "203.0.113.12")
+        self.mh_key = keypair()
+        self.an_keys = [keypair() for _ in range(anchors)]
         anchor_toml = "".join(
             f'[[anchor]]\nname = "an{i + 1}"\naddress = "203.0.113.{i + 1}:5060"\n'
+            f'public_key = "{self.an_keys[i][1]}"\n'
             for i in range(anchors))
-        text = textwrap.dedent("""
+        text = f'private_key = "{self.mh_key[0]}"\n' + textwrap.dedent("""
             name = "laptop"
             keepalive = 1
             [[interface]]
@@ -58,6 +65,10 @@ class World:
                 listen = "203.0.113.{i + 1}:5060"
                 vipa_pool = "100.100.0.0/16"
                 nat_interface = "eth0"
+                private_key = "{self.an_keys[i][0]}"
+                [[peer]]
+                name = "laptop"
+                public_key = "{self.mh_key[1]}"
                 """))
             tun = FakeTun()
             self.an_tuns.append(tun)

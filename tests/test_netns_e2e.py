@@ -313,3 +313,28 @@ def test_uid_rule_selects_one_users_traffic(topo: Topology, www: Path, tmp_path:
         assert flow["rule"] == "nobody" and flow["interface"] == "wan2"
     finally:
         lab.stop()
+
+
+def test_egress_policy_blocks_metadata_and_the_anchor_itself(topo: Topology, www: Path,
+                                                             tmp_path: Path) -> None:
+    """By default a mobile host reaches neither 169.254.169.254 (cloud metadata) nor the
+    anchor's own addresses through the anchor; allow_egress opens the former."""
+    topo.run("ch", "ip", "addr", "add", "169.254.169.254/32", "dev", "eth0")
+    topo.run("an", "ip", "route", "add", "169.254.169.254/32", "via", CH)
+    meta = HttpServer(topo, "ch", 8080, www)       # answers on CH and on the metadata address
+    own = HttpServer(topo, "an", 8080, www)
+    rules = '[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n'
+    lab = Lab(topo, tmp_path / "lab", rules=rules).start()
+    try:
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert curl(topo, "http://169.254.169.254:8080/file.bin", timeout=3).stdout != "200"
+        assert curl(topo, "http://203.0.113.1:8080/file.bin", timeout=3).stdout != "200"
+        assert meta.clients() == ["203.0.113.1"] and own.clients() == []
+    finally:
+        lab.stop()
+    lab = Lab(topo, tmp_path / "lab2", rules=rules,
+              anchor_extra='allow_egress = ["169.254.169.254"]').start()
+    try:
+        assert curl(topo, "http://169.254.169.254:8080/file.bin").stdout == "200"
+    finally:
+        lab.stop()

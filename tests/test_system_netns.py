@@ -452,11 +452,12 @@ def test_anchor_setup_teardown(netns: str) -> None:
     assert got["after"] == got["before"]
 
 
-def test_fixed_host_only_configures_tun(netns: str) -> None:
+def test_fixed_host_configures_tun_and_relays_nothing(netns: str) -> None:
     got = in_netns(netns, _anchor_lifecycle, "fixed-host")
     during = got["during"]
     assert "100.64.1.1/24" in during["tun"]
-    assert "upmt_anchor" not in during["nft"]
+    assert "masquerade" not in during["nft"]
+    assert 'iifname "ut0" drop' in during["nft"]        # nothing forwarded from the tunnels
     assert during["ip_forward"].strip() == "0"
     assert got["after"] == got["before"]
 

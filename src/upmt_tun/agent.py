@@ -16,17 +16,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .config import AgentConfig, Rule
+from .dataplane.crypto import Session
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun
-from .dataplane.packet import KIND_DATA, KIND_SIP, classify
+from .dataplane.packet import TYPE_CONTROL, TYPE_DATA, TYPE_HS_RESP
+from .signalling import sip
 from .signalling.client import SipClient, SipError
-from .tables import PROTO_NAMES, Flow, FlowKey, ip_str
+from .signalling.handshake import Initiation
+from .tables import PROTO_NAMES, Flow, FlowKey, Tunnel, ip_str
 
 __all__ = ["Agent", "IfaceSeam", "rule_classifier"]
 
@@ -36,6 +40,9 @@ SETUP_TIMEOUT = 4.0
 KEEPALIVE_TIMEOUT = 2.0
 DEAD_AFTER = 2
 BACKOFF_MAX = 30.0
+REKEY_AFTER = 120.0            # seconds: a new handshake (forward secrecy), as WireGuard
+PREVIOUS_SESSION_LIFE = 60.0   # the old session still opens late packets this long
+MIN_REKEY = 5.0                # never renew a session younger than this after a failure
 
 
 @dataclass
@@ -71,17 +78,39 @@ def rule_classifier(rules: tuple[Rule, ...],
     return classify_flow
 
 
+class _SealedPath:
+    """A path socket as the SIP client sees it: what it sends is sealed for ``anchor``."""
+
+    def __init__(self, fwd: AgentForwarder, anchor: str, path: Path) -> None:
+        self.fwd, self.anchor, self.path = fwd, anchor, path
+        self.local = path.local
+
+    def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        raise NotImplementedError  # the agent reads the real socket itself
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        sealed = self.fwd.seal_control(self.anchor, data)
+        if sealed is not None:
+            self.path.sendto(sealed, addr)
+
+    def close(self) -> None:
+        pass
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, *, tun: Tun, ifaces: list[IfaceSeam],
                  anchors: dict[str, tuple[str, int]],
                  classify_flow: Callable[[FlowKey], FlowClass],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
         self.cfg = cfg
         self.tun = tun
-        self.ifaces = ifaces
+        self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self.anchors = anchors                     # name -> resolved (ip, port)
+        self.keys = {a.name: a.public_key for a in cfg.anchors}
         self.clock = clock
-        self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in ifaces], list(anchors),
+        self.wall_ns = wall_ns
+        self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
                                   classify_flow)
         self.sip = SipClient(cfg.name)
         self.drops = self.fwd.drops
@@ -89,8 +118,10 @@ class Agent:
         self.anchor_state: dict[str, str] = dict.fromkeys(anchors, "associating")
         self.stopped = asyncio.Event()
         self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
+        self._hs_lock = {a: asyncio.Lock() for a in anchors}
+        self._pending: dict[int, tuple[str, Initiation, asyncio.Future[Session]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._sends = [i.path.sendto for i in sorted(ifaces, key=lambda x: x.index)]
+        self._sends = [i.path.sendto for i in self.ifaces]
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -102,17 +133,34 @@ class Agent:
         fwd, tun, clock = self.fwd, self.tun, self.clock
 
         def on_datagram(data: bytes, src: tuple[str, int]) -> None:
-            kind = classify(data)
-            if kind == KIND_DATA:
+            b0 = data[0] if len(data) >= 16 else 0
+            if b0 == TYPE_DATA:
                 pkt = fwd.from_path(index, data, src, clock())
                 if pkt is not None:
                     tun.write(pkt)
-            elif kind == KIND_SIP:
-                self.sip.on_datagram(data)
+            elif b0 == TYPE_CONTROL:
+                opened = fwd.open(index, data, src)
+                if opened is not None:
+                    self.sip.on_datagram(opened[3])
+            elif b0 == TYPE_HS_RESP:
+                self._on_handshake_response(data, src)
             else:
                 fwd.drops["junk"] += 1
 
         return on_datagram
+
+    def _on_handshake_response(self, data: bytes, src: tuple[str, int]) -> None:
+        pending = self._pending.get(int.from_bytes(data[8:12], "big"))
+        if pending is None or src != self.anchors[pending[0]]:
+            self.fwd.drops["stray_handshake"] += 1
+            return
+        anchor, init, fut = pending
+        s = init.consume(data, self.clock(), anchor)
+        if s is None:
+            self.fwd.drops["bad_handshake"] += 1
+        elif not fut.done():
+            s.plain_data = self.cfg.plaintext_data
+            fut.set_result(s)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,14 +188,72 @@ class Agent:
         for i in self.ifaces:
             i.path.close()
 
+    # -- handshake ---------------------------------------------------------------------
+    async def _session(self, i: IfaceSeam, anchor: str, *, rekey: bool = False,
+                       force: bool = False) -> bool:
+        """Make sure ``anchor`` has a current session (a Noise IK handshake through ``i``).
+        ``rekey``: renew it when older than REKEY_AFTER; ``force``: renew it unless it is
+        brand new (after a failure: the anchor may have restarted and forgotten it)."""
+        async with self._hs_lock[anchor]:
+            link = self.fwd.links[anchor]
+            if link.session is not None:
+                age = self.clock() - link.session.created
+                if not ((rekey and age > REKEY_AFTER) or (force and age > MIN_REKEY)):
+                    return True
+            old = link.session
+            loop = asyncio.get_running_loop()
+            waited, delay = 0.0, sip.T1
+            while waited < SETUP_TIMEOUT:   # a fresh initiation (new timestamp) every try
+                idx = self._new_index()
+                init = Initiation(static=self.cfg.private_key, remote_static=self.keys[anchor],
+                                  local_index=idx, wall_ns=self.wall_ns())
+                fut: asyncio.Future[Session] = loop.create_future()
+                self._pending[idx] = (anchor, init, fut)
+                try:
+                    i.path.sendto(init.packet, self.anchors[anchor])
+                    s = await asyncio.wait_for(fut, delay)
+                except TimeoutError:
+                    waited += delay
+                    delay = min(delay * 2, sip.T2)
+                    continue
+                finally:
+                    self._pending.pop(idx, None)
+                self.fwd.add_session(anchor, s)
+                if old is not None:   # keep opening the old session's packets for a while
+                    loop.call_later(PREVIOUS_SESSION_LIFE, self.fwd.drop_session,
+                                    old.local_index)
+                log.debug("anchor %s: session %08x via %s", anchor, s.local_index, i.name)
+                return True
+            log.warning("anchor %s: no handshake answer via %s within %.0f s (wrong public_key, "
+                        "not listed as [[peer]] there, or unreachable)", anchor, i.name,
+                        SETUP_TIMEOUT)
+            return False
+
+    def _new_index(self) -> int:
+        while True:
+            idx = secrets.randbits(32)
+            if idx and idx not in self.fwd.sessions and idx not in self._pending:
+                return idx
+
     # -- signalling tasks --------------------------------------------------------------
+    async def _request(self, i: IfaceSeam, anchor: str, signals: list[tuple[str, dict[str, Any]]],
+                       timeout: float) -> tuple[tuple[int, str, list[tuple[str, dict[str, Any]]]],
+                                                float]:
+        """One sealed SIP MESSAGE transaction with ``anchor`` through interface ``i``."""
+        return await self.sip.request_timed(_SealedPath(self.fwd, anchor, i.path),
+                                            self.anchors[anchor], signals, timeout)
+
     async def _associate_via(self, i: IfaceSeam, anchor: str) -> bool:
         """AssociationReq through interface ``i`` (every interface tries at once; the anchor
         answers a host's repeated association with the same VIpA)."""
-        dest = self.anchors[anchor]
+        if not await self._session(i, anchor):
+            if self.anchor_state[anchor] != "associated":
+                self.anchor_state[anchor] = "unreachable"
+            return False
         try:
-            code, reason, body = await self.sip.request(
-                i.path, dest, [("AssociationReq", {"sipId": self.cfg.name, "addressInUse": []})],
+            (code, reason, body), _ = await self._request(
+                i, anchor, [("AssociationReq", {"sipId": self.cfg.name, "addressInUse": [],
+                                                "dataPlaintext": self.cfg.plaintext_data})],
                 SETUP_TIMEOUT)
         except SipError as e:
             log.warning("anchor %s: association via %s failed: %s", anchor, i.name, e)
@@ -179,72 +285,97 @@ class Agent:
         return True
 
     async def _tunnel(self, i: IfaceSeam, anchor: str) -> None:
+        """Keep the tunnel (i, anchor) up: associate, set up, validate, keep alive; retry."""
         t = self.fwd.by_path[(i.name, anchor)]
-        dest = self.anchors[anchor]
         first = self.first_attempt[(i.name, anchor)]
         backoff = 1.0
         while True:
             link = self.fwd.links[anchor]
+            ok = True
             if self._lost[anchor].is_set() or not link.vipa:
-                if not await self._associate_via(i, anchor):
-                    first.set()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
-                    continue
-            rtt = None
-            try:
-                (code, reason, body), rtt = await self.sip.request_timed(
-                    i.path, dest, [("TunnelSetupReq", {"sipId": self.cfg.name, "vipa": link.vipa,
-                                                        "tunnelId": t.tid, "interface": i.name})],
-                    SETUP_TIMEOUT)
-            except SipError as e:
-                log.warning("tunnel %s->%s: setup failed: %s", i.name, anchor, e)
-                code, reason, body = 0, str(e), []
-            resp = _find(body, "TunnelSetupResp")
-            if code == 200 and resp is not None:
-                self.fwd.tunnel_up(t, resp["serverTunnelID"], self.clock())
-                t.rtt_ms = None if rtt is None else rtt * 1000.0
-                log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
-                         *dest, resp["yourAddress"], resp["yourPort"])
+                ok = await self._associate_via(i, anchor)
+            if ok and await self._setup(i, anchor, t):
                 first.set()
                 backoff = 1.0
                 await self._keepalive(i, anchor, t)
                 self.fwd.tunnel_down(t)
                 log.warning("tunnel %d (%s -> %s) down", t.tid, i.name, anchor)
-                continue
-            if code == 501 and "not registered" in reason:
-                self._lost[anchor].set()
-            elif code:
-                log.error("anchor %s refused tunnel setup via %s: %d %s", anchor, i.name, code,
-                          reason)
-            first.set()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            else:
+                first.set()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            # a dead path or an anchor that restarted (and answers nothing sealed with keys
+            # it forgot): start again from a fresh handshake
+            await self._session(i, anchor, force=True)
 
-    async def _keepalive(self, i: IfaceSeam, anchor: str, t: Any) -> None:
+    async def _setup(self, i: IfaceSeam, anchor: str, t: Tunnel) -> bool:
+        """TunnelSetupReq through ``i``, then echo the path challenge from the same socket."""
+        link = self.fwd.links[anchor]
+        try:
+            (code, reason, body), rtt = await self._request(
+                i, anchor, [("TunnelSetupReq", {"sipId": self.cfg.name, "vipa": link.vipa,
+                                                "tunnelId": t.tid, "interface": i.name})],
+                SETUP_TIMEOUT)
+        except SipError as e:
+            log.warning("tunnel %s->%s: setup failed: %s", i.name, anchor, e)
+            return False
+        resp = _find(body, "TunnelSetupResp")
+        if code != 200 or resp is None:
+            self._refused(anchor, f"tunnel setup via {i.name}", code, reason)
+            return False
+        t.un_tid = resp["serverTunnelID"]
+        if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):
+            return False
+        self.fwd.tunnel_up(t, t.un_tid, self.clock())
+        t.rtt_ms = rtt * 1000.0
+        log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
+                 *self.anchors[anchor], resp["yourAddress"], resp["yourPort"])
+        return True
+
+    def _refused(self, anchor: str, what: str, code: int, reason: str) -> None:
+        if code == 501 and "not registered" in reason:
+            self._lost[anchor].set()
+        log.error("anchor %s refused %s: %d %s", anchor, what, code, reason)
+
+    async def _keepalive_once(self, i: IfaceSeam, anchor: str, t: Tunnel,
+                              challenge: str = "") -> bool:
+        """One KeepAlive (echoing ``challenge`` if any, and any new one the answer brings:
+        the anchor validates a tunnel's outer address this way). False: no good answer."""
+        for _ in range(3):
+            content: dict[str, Any] = {"sipId": self.cfg.name, "tunnelId": t.un_tid,
+                                       "lastDelay": t.rtt_ms}
+            if challenge:
+                content["challenge"] = challenge
+            try:
+                (code, reason, body), rtt = await self._request(
+                    i, anchor, [("KeepAlive", content)], KEEPALIVE_TIMEOUT)
+            except SipError:
+                return False
+            resp = _find(body, "KeepAliveResp")
+            if code != 200 or resp is None:
+                self._refused(anchor, f"keepalive of tunnel {t.tid}", code, reason)
+                return False
+            t.rtt_ms = rtt * 1000.0
+            t.last_rx = self.clock()
+            challenge = resp.get("challenge", "")
+            if not challenge:
+                return True      # the anchor has this path validated
+        return False
+
+    async def _keepalive(self, i: IfaceSeam, anchor: str, t: Tunnel) -> None:
         """Returns when the tunnel is considered down (or must be set up again)."""
-        dest = self.anchors[anchor]
         misses = 0
         while True:
             await asyncio.sleep(self.cfg.keepalive_s)
-            try:
-                (code, reason, body), rtt = await self.sip.request_timed(
-                    i.path, dest, [("KeepAlive", {"sipId": self.cfg.name, "tunnelId": t.un_tid,
-                                                   "lastDelay": t.rtt_ms})], KEEPALIVE_TIMEOUT)
-            except SipError:
-                misses += 1
-                if misses >= DEAD_AFTER:
-                    return
+            await self._session(i, anchor, rekey=True)   # on failure the old session goes on
+            if await self._keepalive_once(i, anchor, t):
+                misses = 0
                 continue
-            if code != 200:
-                log.warning("anchor %s: keepalive of tunnel %d refused: %d %s", anchor, t.tid,
-                            code, reason)
-                if "not registered" in reason:
-                    self._lost[anchor].set()
+            if self._lost[anchor].is_set():
                 return
-            misses = 0
-            t.rtt_ms = rtt * 1000.0
-            t.last_rx = self.clock()
+            misses += 1
+            if misses >= DEAD_AFTER:
+                return
 
     # -- status ------------------------------------------------------------------------
     def flow_json(self, f: Flow) -> dict[str, Any]:

@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .config import AnchorConfig
+from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
 from .dataplane.io import Path, Tun
-from .dataplane.packet import KIND_DATA, KIND_SIP, classify
+from .dataplane.packet import KIND_SIP, TYPE_CONTROL, TYPE_DATA, TYPE_HS_INIT, classify
 from .signalling.anchor_side import AnchorSignalling
+from .signalling.handshake import RateLimiter, Responder
 from .tables import PROTO_NAMES, ip_str
 
 __all__ = ["Anchor"]
 
 log = logging.getLogger(__name__)
 
+SESSION_LIFE = 180.0      # a session older than this opens nothing (the host rekeys at 120 s)
+SESSIONS_PER_HOST = 3
 SWEEP_EVERY = 5.0
 TUNNEL_IDLE = 90.0        # no keepalive or data for this long: the tunnel is gone
 ASSOC_IDLE = 300.0
@@ -41,21 +47,63 @@ class Anchor:
         self.fwd = AnchorForwarder()
         self.sig = AnchorSignalling(self.fwd, cfg.vipa_pool, role=cfg.role,
                                     listen=(cfg.listen_host, cfg.listen_port),
-                                    max_associations=cfg.max_associations)
+                                    max_associations=cfg.max_associations,
+                                    plain_data=cfg.plaintext_data)
+        self.responder = Responder(cfg.private_key, {p.public_key: p.name for p in cfg.peers})
+        self.limiter = RateLimiter()
+        self._generation = 0
+        self._peer_sessions: dict[str, deque[Session]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     def _on_datagram(self, data: bytes, src: tuple[str, int]) -> None:
-        kind = classify(data)
-        if kind == KIND_DATA:
+        """Silence to strangers: only a valid handshake or a packet that opens gets an answer."""
+        b0 = data[0] if len(data) >= 16 else 0
+        if b0 == TYPE_DATA:
             pkt = self.fwd.from_path(data, src, self.clock())
             if pkt is not None:
                 self.tun.write(pkt)
-        elif kind == KIND_SIP:
-            resp = self.sig.handle(data, src, self.clock())
-            if resp is not None:
-                self.path.sendto(resp, src)
+        elif b0 == TYPE_CONTROL:
+            opened = self.fwd.open(data)
+            if opened is not None:
+                s, _, sip_bytes = opened
+                resp = self.sig.handle(sip_bytes, src, self.clock(), s)
+                if resp is not None:
+                    self.path.sendto(s.seal(TYPE_CONTROL, resp), src)
+        elif b0 == TYPE_HS_INIT:
+            self._handshake(data, src)
+        elif classify(data) == KIND_SIP:
+            self.fwd.drops["plaintext_sip"] += 1
         else:
             self.fwd.drops["junk"] += 1
+
+    def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
+        now = self.clock()
+        if not self.responder.mac_ok(data):
+            self.fwd.drops["handshake_bad_mac"] += 1
+            return
+        if not self.limiter.allow(src[0], now):
+            self.fwd.drops["handshake_rate_limited"] += 1
+            return
+        acc = self.responder.accept(data, now, self._new_index)
+        if acc is None:
+            self.fwd.drops["handshake_refused"] += 1
+            return
+        s = acc.session
+        self._generation += 1
+        s.generation = self._generation
+        s.plain_data = self.cfg.plaintext_data
+        self.fwd.sessions[s.local_index] = s
+        live = self._peer_sessions.setdefault(acc.peer, deque())
+        live.append(s)
+        while len(live) > SESSIONS_PER_HOST:        # a key holder cannot pile up sessions
+            self.fwd.sessions.pop(live.popleft().local_index, None)
+        self.path.sendto(acc.response, src)
+
+    def _new_index(self) -> int:
+        while True:
+            idx = secrets.randbits(32)
+            if idx and idx not in self.fwd.sessions:
+                return idx
 
     def _on_tun(self, pkt: bytes) -> None:
         out = self.fwd.from_tun(pkt, self.clock())
@@ -70,7 +118,12 @@ class Anchor:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
-            self.sig.expire(self.clock(), TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE)
+            self.sig.expire(self.clock(), TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE, SESSION_LIFE)
+            for peer, live in list(self._peer_sessions.items()):
+                while live and live[0].local_index not in self.fwd.sessions:
+                    live.popleft()
+                if not live:
+                    del self._peer_sessions[peer]
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -90,7 +143,9 @@ class Anchor:
                 j["mh"] = a.mh
                 j["idle_s"] = round(now - t.last_rx, 3)
                 tunnels.append(j)
-            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels})
+            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels,
+                           "session_age_s": None if a.session is None
+                           else round(now - a.session.created, 1)})
         flows = []
         for f in self.fwd.paft.flows():
             k = f.key

@@ -7,7 +7,6 @@ problem); 1 any other failure, one clear line. Never a bare traceback.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from . import keys
 from .config import (
     DEFAULT_AGENT_CONFIG,
     DEFAULT_AGENT_CONTROL,
@@ -58,26 +58,15 @@ def _control_path(args: argparse.Namespace, kind: str) -> str:
 
 
 def genkey() -> int:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    print(base64.b64encode(raw).decode())
+    print(keys.generate())
     return 0
 
 
 def pubkey(prog: str) -> int:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
     try:
-        raw = base64.b64decode(sys.stdin.buffer.read().strip(), validate=True)
-        if len(raw) != 32:
-            raise ValueError
-        key = X25519PrivateKey.from_private_bytes(raw)
-    except (ValueError, TypeError):   # binascii.Error is a ValueError
+        print(keys.public_of(sys.stdin.buffer.read()))
+    except ValueError:
         return _fail(prog, "stdin: not a base64 X25519 private key (as printed by genkey)", 2)
-    print(base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode())
     return 0
 
 

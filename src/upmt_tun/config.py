@@ -7,11 +7,13 @@ file, the key and what is wrong (the CLI prints it and exits 2). Keys follow
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ DEFAULT_ANCHOR_CONFIG = "/etc/upmt/anchor.toml"
 DEFAULT_AGENT_CONTROL = "/run/upmt/agent.sock"
 DEFAULT_ANCHOR_CONTROL = "/run/upmt/anchor.sock"
 DEFAULT_PORT = 5060
+
+DEFAULT_DENY_EGRESS = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -64,6 +70,15 @@ class AnchorRef:
     name: str
     host: str
     port: int
+    public_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An anchor's ``[[peer]]``: a mobile host allowed to associate."""
+
+    name: str
+    public_key: bytes
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,8 @@ class AgentConfig:
     rules: tuple[Rule, ...]
     keepalive_s: float = 10.0
     tun: str = "upmt0"
+    private_key: bytes = b""
+    plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
 
 
 @dataclass(frozen=True)
@@ -127,7 +144,11 @@ class AnchorConfig:
     mtu: int = 1440
     tun: str = "upmtan0"
     max_associations: int = 1024
-    extra: dict[str, Any] = field(default_factory=dict)
+    private_key: bytes = b""
+    peers: tuple[Peer, ...] = ()
+    plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
+    allow_egress: tuple[ipaddress.IPv4Network, ...] = ()
+    deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
 
 
 class _Reader:
@@ -249,6 +270,51 @@ def _uid(r: _Reader, k: str, v: Any) -> int:
     raise r.err(k, f"expected a uid number or user name, got {v!r}")
 
 
+def _key_text(r: _Reader, k: str, v: str) -> bytes:
+    try:
+        raw = base64.b64decode(v.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise r.err(k, "not a base64 X25519 key (as printed by genkey / pubkey)")
+    return raw
+
+
+def _private_key(r: _Reader) -> bytes:
+    """``private_key`` or ``private_key_file`` (exactly one): the raw 32-byte key."""
+    text = r.get("private_key", str, None)
+    fpath = r.get("private_key_file", str, None)
+    if text is not None and fpath is not None:
+        raise r.err("private_key_file", "give private_key or private_key_file, not both")
+    if fpath is not None:
+        full = Path(r.file).parent / fpath
+        try:
+            text = full.read_text()
+        except OSError as e:
+            raise r.err("private_key_file", f"cannot read {full}: {e.strerror}") from None
+        return _key_text(r, "private_key_file", text)
+    if text is None:
+        raise r.err("private_key", "missing (generate one with `genkey`; there is no "
+                    "unauthenticated mode)")
+    return _key_text(r, "private_key", text)
+
+
+def _networks(r: _Reader, k: str, default: tuple[ipaddress.IPv4Network, ...]
+              ) -> tuple[ipaddress.IPv4Network, ...]:
+    items = r.get(k, list, None)
+    if items is None:
+        return default
+    out = []
+    for v in items:
+        if not isinstance(v, str):
+            raise r.err(k, f"expected CIDR strings, got {v!r}")
+        try:
+            out.append(ipaddress.IPv4Network(v.strip(), strict=False))   # normalised form
+        except ValueError:
+            raise r.err(k, f"not an IPv4 address or CIDR: {v!r}") from None
+    return tuple(out)
+
+
 def load_agent_config(path: str) -> AgentConfig:
     """Parse and check an agent config file; raise ConfigError on any problem."""
     r = _Reader(path, _load_toml(path))
@@ -298,8 +364,10 @@ def load_agent_config(path: str) -> AgentConfig:
         if aname in [a.name for a in anchors]:
             raise ar.err("name", f"anchor {aname!r} listed twice")
         host, port = _host_port(ar, "address", ar.get("address", str))
-        ar.get("public_key", str, None)  # arrives with the security issue
-        anchors.append(AnchorRef(aname, host, port))
+        if "public_key" not in t:
+            raise ar.err("public_key", "missing (the anchor's `pubkey`)")
+        anchors.append(AnchorRef(aname, host, port,
+                                 _key_text(ar, "public_key", ar.get("public_key", str))))
         ar.finish()
     if not anchors:
         raise r.err("anchor", "at least one [[anchor]] is needed")
@@ -313,11 +381,11 @@ def load_agent_config(path: str) -> AgentConfig:
         raise r.err("rule", "at most 255 rules")
     if len({x.name for x in rules}) != len(rules):
         raise r.err("rule", "two rules share a name")
-    r.get("private_key", str, None)
-    r.get("private_key_file", str, None)
+    key = _private_key(r)
+    plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
-                       tuple(anchors), tuple(rules), float(keepalive), tun)
+                       tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext)
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:
@@ -404,11 +472,32 @@ def load_anchor_config(path: str) -> AnchorConfig:
     max_assoc = r.get("max_associations", int, 1024)
     if max_assoc < 1:
         raise r.err("max_associations", "must be >= 1")
-    r.get("private_key", str, None)
-    r.get("private_key_file", str, None)
-    r.get("peer", list, [])
+    key = _private_key(r)
+    peers: list[Peer] = []
+    for i, t in enumerate(r.get("peer", list, [])):
+        pr = _Reader(path, _table(r, "peer", i, t), f"peer[{i}].")
+        for req in ("name", "public_key"):
+            if req not in t:
+                raise pr.err(req, "missing")
+        pname = pr.get("name", str)
+        if not _NAME.match(pname):
+            raise pr.err("name", f"use letters, digits, '.', '_' or '-' (got {pname!r})")
+        pkey = _key_text(pr, "public_key", pr.get("public_key", str))
+        if pname in [p.name for p in peers]:
+            raise pr.err("name", f"peer {pname!r} listed twice")
+        if pkey in [p.public_key for p in peers]:
+            raise pr.err("public_key", "the same key is listed for another peer")
+        pr.finish()
+        peers.append(Peer(pname, pkey))
+    if not peers:
+        raise r.err("peer", "at least one [[peer]] (name + public_key of a mobile host) "
+                    "is needed: a host not listed cannot associate")
+    plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
+    allow = _networks(r, "allow_egress", ())
+    deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
     r.finish()
-    return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc)
+    return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
+                        key, tuple(peers), plaintext, allow, deny)
 
 
 def default_config_path(kind: str) -> str:

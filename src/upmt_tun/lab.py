@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import keys
 from .testbed import Topology
 
 __all__ = ["Lab", "LabError", "DEFAULT_RULES"]
@@ -59,6 +60,7 @@ def _exe(name: str) -> list[str]:
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, *, rules: str = DEFAULT_RULES,
                  anchor_roles: tuple[str, ...] = ("anchor",), agent_extra: str = "",
+                 anchor_extra: str = "",
                  verbose: bool = False) -> None:
         self.topo = topo
         self.dir = Path(workdir)
@@ -69,6 +71,9 @@ class Lab:
         self.verbose = verbose
         self.run_dir = Path(f"/run/upmt-{topo.prefix}")
         self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.mh_key = keys.keypair()
+        self.anchor_keys = [keys.keypair() for _ in anchor_roles]
+        self.anchor_extra = anchor_extra
 
     # -- configs -------------------------------------------------------------------------
     def anchor_role_name(self, i: int) -> str:
@@ -88,14 +93,18 @@ class Lab:
             p = self.dir / f"anchor{i}.toml"
             nat = 'nat_interface = "eth0"\n' if role == "anchor" else ""
             p.write_text(f'role = "{role}"\nlisten = "{addr}:5060"\nvipa_pool = "100.100.0.0/16"\n'
-                         f'{nat}control = "{self.anchor_control(i)}"\n')
+                         f'{nat}control = "{self.anchor_control(i)}"\n'
+                         f'private_key = "{self.anchor_keys[i][0]}"\n{self.anchor_extra}\n'
+                         f'[[peer]]\nname = "laptop"\npublic_key = "{self.mh_key[1]}"\n')
             anchors.append(p)
         agent = self.dir / "agent.toml"
-        text = (f'name = "laptop"\ncontrol = "{self.agent_control}"\n{self.agent_extra}\n'
+        text = (f'name = "laptop"\ncontrol = "{self.agent_control}"\n'
+                f'private_key = "{self.mh_key[0]}"\n{self.agent_extra}\n'
                 '[[interface]]\nname = "wan1"\n\n[[interface]]\nname = "wan2"\n\n')
         for i, _ in enumerate(self.anchor_roles):
             addr = self.topo.addresses[self.anchor_role_name(i)]
-            text += f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n\n'
+            text += (f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n'
+                     f'public_key = "{self.anchor_keys[i][1]}"\n\n')
         agent.write_text(text + self.rules)
         return anchors, agent
 

@@ -181,7 +181,9 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
         tun_addr = str(next(cfg.vipa_pool.hosts()))
         host = AnchorHost(tun=cfg.tun, tun_address=tun_addr, pool_prefixlen=cfg.vipa_pool.prefixlen,
                           pool=str(cfg.vipa_pool), mtu=cfg.mtu, role=cfg.role,
-                          nat_interface=cfg.nat_interface, state_file=control_path + ".state")
+                          nat_interface=cfg.nat_interface, state_file=control_path + ".state",
+                          allow_egress=tuple(map(str, cfg.allow_egress)),
+                          deny_egress=tuple(map(str, cfg.deny_egress)))
         host.cleanup_leftovers()
         try:
             tun = TunDevice(cfg.tun, loop)

@@ -59,6 +59,7 @@ class Tunnel:
     rx_bytes: int = 0
     last_rx: float = 0.0
     created: float = 0.0
+    challenge: str = ""           # anchor: path validation token for its current address
 
     def json(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class Flow:
     app_src: str = ""             # the application's own source address, if known
     static: bool = False          # not moved by implicit handover
     policy: Any = None            # the agent's FlowClass (rule's via/anchor), for failover
+    last_seq: tuple[int, int] = (-1, -1)   # anchor: newest (session generation, counter) seen
     tx_packets: int = 0
     rx_packets: int = 0
     created: float = 0.0

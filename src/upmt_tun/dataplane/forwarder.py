@@ -2,7 +2,9 @@
 
 No I/O here: methods take bytes, the tables and ``now``, and return what to
 write where (or None: dropped, and a counter says why). The asyncio drivers in
-``agent.py``/``anchor.py`` carry the results out.
+``agent.py``/``anchor.py`` carry the results out. Every tunnel packet is sealed
+with the association's session (``crypto.Session``); the header's receiver
+index is the receiving end's *session* index.
 
 Agent, uplink (:meth:`AgentForwarder.from_tun`), a packet read from the TUN:
   1. parse the IPv4 5-tuple (anything else: drop ``not_ipv4``);
@@ -12,25 +14,27 @@ Agent, uplink (:meth:`AgentForwarder.from_tun`), a packet read from the TUN:
   4. if the flow's tunnel is down, move the flow to the next usable one of its
      rule on the same anchor (its public address must not change);
   5. internal NAT: IP.src ``vipa_fix`` -> the tunnel's ``vip_nat``;
-  6. prepend the tunnel header (receiver = the anchor's id of this tunnel,
-     counter = this association's next value); send on the tunnel's socket.
+  6. seal with the anchor's current session (one counter space per association,
+     shared by all its tunnels); send on the tunnel's socket to its end point.
 
 Agent, downlink (:meth:`AgentForwarder.from_path`), a DATA datagram:
-  1. receiver index -> tunnel; it must have come on that tunnel's socket, from
-     its remote end point;
-  2. the inner destination must be that tunnel's VIpA; NAT it back to ``vipa_fix``;
-  3. account it to its flow; write it to the TUN.
+  1. receiver index -> session; it must open (tag, replay window);
+  2. it must have come on a tunnel's socket from that tunnel's end point;
+  3. the inner destination must be the VIpA; NAT it back to ``vipa_fix``;
+  4. account it to its flow; write it to the TUN.
 
 Anchor, uplink (:meth:`AnchorForwarder.from_path`):
-  1. receiver index -> tunnel, source must be the tunnel's remote end point;
-  2. the inner source must be the VIpA this anchor gave that host (anti-spoofing);
-  3. PAFT: add the flow, or re-point it to this tunnel (implicit handover);
-  4. write the inner packet to the TUN (the kernel NATs it to the Internet).
+  1. receiver index -> session; it must open; its host's association;
+  2. the outer source must be a *validated* tunnel of that association;
+  3. the inner source and the flow key's source must be the host's VIpA;
+  4. PAFT: add the flow, or re-point it to this tunnel (implicit handover) if
+     this packet is newer than every earlier packet of the flow;
+  5. write the inner packet to the TUN (the kernel NATs it to the Internet).
 
 Anchor, downlink (:meth:`AnchorForwarder.from_tun`):
   1. destination VIpA -> association; reverse 5-tuple -> PAFT flow -> tunnel,
-     else the association's most recently heard tunnel;
-  2. prepend the header for the host's tunnel id; send to its end point.
+     else the association's most recently heard validated tunnel;
+  2. seal with the association's current session; send to the tunnel's end point.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ from dataclasses import dataclass, field
 from .. import nat
 from ..policy import choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key
-from .packet import HEADER, HEADER_LEN, TYPE_DATA
+from .crypto import Session
+from .packet import HEADER, TYPE_CONTROL, TYPE_DATA
 
-__all__ = ["AgentForwarder", "AnchorForwarder", "Association", "FlowClass"]
+__all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "FlowClass"]
 
-_pack_hdr = HEADER.pack
 _unpack_hdr = HEADER.unpack_from
 
 
@@ -73,7 +77,7 @@ class AnchorLink:
     vipa: str = ""
     vipa_b: bytes = b""
     serves: frozenset[bytes] = frozenset()   # fixed host: the only destinations it carries
-    counter: int = 0
+    session: Session | None = None           # current: seals everything we send
 
 
 class AgentForwarder:
@@ -90,6 +94,7 @@ class AgentForwarder:
         self.tunnels = TunnelTable()
         self.paft = Paft()
         self.by_path: dict[tuple[str, str], Tunnel] = {}   # (interface, anchor) -> tunnel
+        self.sessions: dict[int, tuple[AnchorLink, Session]] = {}   # receive side
         self.drops: Counter[str] = Counter()
 
     # -- control-plane hooks (called by the signalling driver) --------------------------
@@ -104,6 +109,15 @@ class AgentForwarder:
             self.by_path[(interface, anchor)] = t
         return t
 
+    def add_session(self, anchor: str, s: Session) -> None:
+        """A handshake with ``anchor`` completed: seal with it from now on."""
+        link = self.links[anchor]
+        link.session = s
+        self.sessions[s.local_index] = (link, s)
+
+    def drop_session(self, index: int) -> None:
+        self.sessions.pop(index, None)
+
     def set_association(self, anchor: str, vipa: str, role: str, serves: frozenset[bytes]) -> None:
         link = self.links[anchor]
         link.vipa, link.vipa_b = vipa, ipaddress.IPv4Address(vipa).packed
@@ -113,7 +127,7 @@ class AgentForwarder:
                 t.vipa, t.vipa_b = link.vipa, link.vipa_b
 
     def tunnel_up(self, t: Tunnel, un_tid: int, now: float) -> None:
-        """Call after the anchor answered this tunnel's setup."""
+        """Call after the anchor answered this tunnel's setup (and its path is validated)."""
         link = self.links[t.peer]
         t.un_tid, t.vipa, t.vipa_b = un_tid, link.vipa, link.vipa_b
         t.state = "up"
@@ -148,15 +162,17 @@ class AgentForwarder:
             if t is None:
                 self.drops["no_tunnel"] += 1
                 return None
+        s = self.links[t.peer].session
+        if s is None:
+            self.drops["no_session"] += 1
+            return None
         buf = bytearray(pkt)
         nat.rewrite_src(buf, t.vipa_b)
-        link = self.links[t.peer]
-        link.counter += 1
         flow.tx_packets += 1
         flow.last_seen = now
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
-        return t.iface_index, t.remote, _pack_hdr(TYPE_DATA, t.un_tid, link.counter) + buf
+        return t.iface_index, t.remote, s.seal(TYPE_DATA, buf)
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
         if anchor:
@@ -188,14 +204,33 @@ class AgentForwarder:
         return t
 
     # -- downlink -----------------------------------------------------------------------
+    def open(self, index: int, data: bytes, src: tuple[str, int]
+             ) -> tuple[AnchorLink, Tunnel, int, bytes] | None:
+        """Open a sealed DATA/CONTROL datagram that came on socket ``index`` from ``src``:
+        (anchor link, tunnel, counter, plaintext), or None (dropped and counted)."""
+        hit = self.sessions.get(_unpack_hdr(data)[1])
+        if hit is None:
+            self.drops["unknown_session"] += 1
+            return None
+        link, s = hit
+        opened = s.open(data)
+        if opened is None:
+            self.drops["bad_packet"] += 1
+            return None
+        t = self.by_path.get((self.interfaces[index], link.name)) \
+            if index < len(self.interfaces) else None
+        if t is None or t.remote != src:
+            self.drops["unknown_path"] += 1
+            return None
+        return link, t, opened[0], opened[1]
+
     def from_path(self, index: int, data: bytes, src: tuple[str, int], now: float) -> bytes | None:
         """A DATA datagram received on socket ``index`` -> packet for the TUN, or None."""
-        receiver, _counter = _unpack_hdr(data)[1:]
-        t = self.tunnels.by_tid.get(receiver)
-        if t is None or t.iface_index != index or t.remote != src:
-            self.drops["unknown_tunnel"] += 1
+        opened = self.open(index, data, src)
+        if opened is None:
             return None
-        buf = bytearray(data[HEADER_LEN:])
+        _, t, _, inner = opened
+        buf = bytearray(inner)
         key = nat.five_tuple(buf)
         if key is None or buf[16:20] != t.vipa_b:
             self.drops["bad_inner"] += 1
@@ -210,24 +245,28 @@ class AgentForwarder:
             flow.last_seen = now
         return bytes(buf)
 
+    def seal_control(self, anchor: str, sip_bytes: bytes) -> bytes | None:
+        s = self.links[anchor].session
+        return None if s is None else s.seal(TYPE_CONTROL, sip_bytes)
+
     def move_flow(self, flow: Flow, t: Tunnel, now: float, reason: str) -> None:
         flow.move(now, t.tid, reason)
 
 
-
-
 @dataclass(eq=False)
 class Association:
-    """An anchor's view of one mobile host."""
+    """An anchor's view of one mobile host (keyed by its authenticated peer name)."""
 
     mh: str
     vipa: str
     vipa_b: bytes
     created: float
-    tunnels: dict[int, Tunnel] = field(default_factory=dict)   # server tid -> tunnel
+    tunnels: dict[int, Tunnel] = field(default_factory=dict)       # server tid -> tunnel
+    by_addr: dict[tuple[str, int], Tunnel] = field(default_factory=dict)
     last_tunnel: Tunnel | None = None
-    counter: int = 0
+    session: Session | None = None       # current: seals the downlink
     last_rx: float = 0.0
+    plain_data: bool = False
 
 
 class AnchorForwarder:
@@ -238,6 +277,7 @@ class AnchorForwarder:
         self.paft = Paft(cap=max_flows)
         self.by_vipa: dict[bytes, Association] = {}
         self.by_mh: dict[str, Association] = {}
+        self.sessions: dict[int, Session] = {}
         self.drops: Counter[str] = Counter()
 
     def add_association(self, a: Association) -> None:
@@ -247,34 +287,57 @@ class AnchorForwarder:
     def remove_association(self, a: Association) -> None:
         for tid in list(a.tunnels):
             self.tunnels.remove(tid)
+        a.tunnels.clear()
+        a.by_addr.clear()
         for f in [f for f in self.paft.by_key.values() if f.key[1] == a.vipa_b]:
             self.paft.remove(f)
         self.by_vipa.pop(a.vipa_b, None)
         self.by_mh.pop(a.mh, None)
 
+    def open(self, data: bytes) -> tuple[Session, int, bytes] | None:
+        """Open a sealed datagram: (session, counter, plaintext) or None (counted)."""
+        s = self.sessions.get(_unpack_hdr(data)[1])
+        if s is None:
+            self.drops["unknown_session"] += 1
+            return None
+        opened = s.open(data)
+        if opened is None:
+            self.drops["bad_packet"] += 1
+            return None
+        a = self.by_mh.get(s.peer)
+        if a is not None and (a.session is None or s.generation > a.session.generation):
+            a.session = s        # the host used its new session: key confirmed, switch to it
+        return s, opened[0], opened[1]
+
     def from_path(self, data: bytes, src: tuple[str, int], now: float) -> bytes | None:
         """A DATA datagram from a mobile host -> inner packet for the TUN, or None."""
-        receiver = _unpack_hdr(data)[1]
-        t = self.tunnels.by_tid.get(receiver)
-        if t is None or t.remote != src:
-            self.drops["unknown_tunnel"] += 1
+        opened = self.open(data)
+        if opened is None:
             return None
-        a = self.by_mh.get(t.peer)
-        inner = data[HEADER_LEN:]
+        s, counter, inner = opened
+        a = self.by_mh.get(s.peer)
+        t = a.by_addr.get(src) if a is not None else None
+        if a is None or t is None or t.state != "up":
+            self.drops["unvalidated_path"] += 1
+            return None
         key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
-        if a is None or key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
+        if key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
             self.drops["spoofed_inner"] += 1
             return None
+        seq = (s.generation, counter)
         flow = self.paft.get(key)
         if flow is None:
-            flow = self.paft.add(key, t.tid, now, anchor=t.peer)
+            flow = self.paft.add(key, t.tid, now, anchor=a.mh)
             if flow is None:
                 self.drops["paft_full"] += 1
                 return None
-        elif flow.tunnel != t.tid and not flow.static:
-            flow.move(now, t.tid, "implicit handover")
+            flow.last_seq = seq
+        elif seq > flow.last_seq:
+            flow.last_seq = seq
+            if flow.tunnel != t.tid and not flow.static:
+                flow.move(now, t.tid, "implicit handover")
         flow.tx_packets += 1
         flow.last_seen = now
         t.rx_packets += 1
@@ -289,7 +352,7 @@ class AnchorForwarder:
         if key is None:
             self.drops["not_ipv4"] += 1
             return None
-        a = self.by_vipa.get(key[2])
+        a = self.by_vipa.get(pkt[16:20])
         if a is None:
             self.drops["no_association"] += 1
             return None
@@ -299,12 +362,14 @@ class AnchorForwarder:
             t = self.tunnels.by_tid.get(flow.tunnel)
             flow.rx_packets += 1
             flow.last_seen = now
-        if t is None:
+        if t is None or t.state != "up":
             t = a.last_tunnel
-            if t is None or t.tid not in self.tunnels.by_tid:
+            if t is None or t.state != "up" or t.tid not in self.tunnels.by_tid:
                 self.drops["no_tunnel"] += 1
                 return None
-        a.counter += 1
+        if a.session is None:
+            self.drops["no_session"] += 1
+            return None
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
-        return t.remote, _pack_hdr(TYPE_DATA, t.un_tid, a.counter) + pkt
+        return t.remote, a.session.seal(TYPE_DATA, pkt)

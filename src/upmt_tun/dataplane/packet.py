@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 TYPE_DATA = 0x80
+TYPE_HS_INIT = 0x81
+TYPE_HS_RESP = 0x82
+TYPE_CONTROL = 0x83      # a sealed SIP message
 HEADER = struct.Struct("!B3xIQ")
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
@@ -43,7 +46,8 @@ IPV4_UDP = 28
 OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
-KIND_DATA = 1
+KIND_TUNNEL = 1          # one of our types 0x80..0x83: look at data[0]
+KIND_DATA = KIND_TUNNEL
 KIND_STUN = 2
 KIND_SIP = 3
 KIND_JUNK = 0
@@ -61,7 +65,7 @@ def classify(data: bytes | bytearray | memoryview) -> int:
         return KIND_JUNK
     b0 = data[0]
     if b0 >= 0x80:
-        return KIND_DATA if b0 == TYPE_DATA and len(data) >= HEADER_LEN + 20 else KIND_JUNK
+        return KIND_TUNNEL if b0 <= TYPE_CONTROL and len(data) >= HEADER_LEN else KIND_JUNK
     if b0 < 0x40:
         if len(data) >= 20 and data[4:8] == STUN_COOKIE:
             return KIND_STUN

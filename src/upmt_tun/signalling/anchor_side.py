@@ -1,9 +1,15 @@
-"""The anchor's UPMT signalling: association, tunnel setup and keepalive.
+"""The anchor's UPMT signalling: association, tunnel setup, path validation, keepalive.
 
-Pure: :meth:`AnchorSignalling.handle` takes a datagram, its source and ``now``
-and returns the response datagram (or None). It changes the forwarder's tables
-(associations, tunnels); retransmitted requests get the cached response and
-change nothing twice.
+Pure: :meth:`AnchorSignalling.handle` takes a SIP message that arrived inside a
+sealed CONTROL packet, the session it opened under (which names the
+authenticated peer), its outer source and ``now``, and returns the SIP
+response (or None). The driver seals the response with the same session.
+
+Identity: the sipId in every signal must be the session's peer name (403
+otherwise), so one host can never speak for another. Tunnels are created or
+moved only here, and a tunnel at a new outer address carries no data until the
+host echoes the challenge of the answer from that address (path validation).
+Retransmitted requests get the cached response and change nothing twice.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from ..dataplane.crypto import Session
 from ..dataplane.forwarder import AnchorForwarder, Association
 from ..tables import Tunnel
 from . import sip, upmt
@@ -35,12 +43,14 @@ class Refused(Exception):
 
 class AnchorSignalling:
     def __init__(self, fwd: AnchorForwarder, pool: ipaddress.IPv4Network, *, role: str,
-                 listen: tuple[str, int], max_associations: int = 1024) -> None:
+                 listen: tuple[str, int], max_associations: int = 1024,
+                 plain_data: bool = False) -> None:
         self.fwd = fwd
         self.pool = pool
         self.role = role
         self.listen = listen
         self.max_associations = max_associations
+        self.plain_data = plain_data
         self.reserved = {pool.network_address, pool.broadcast_address, next(pool.hosts())}
         self._hosts: Iterator[ipaddress.IPv4Address] = pool.hosts()
         self.cache = sip.ResponseCache()
@@ -51,7 +61,8 @@ class AnchorSignalling:
         """The anchor TUN's own address: the first host of the pool."""
         return str(next(self.pool.hosts()))
 
-    def handle(self, data: bytes, src: tuple[str, int], now: float) -> bytes | None:
+    def handle(self, data: bytes, src: tuple[str, int], now: float,
+               session: Session) -> bytes | None:
         try:
             msg = sip.parse(data)
         except sip.MalformedSip:
@@ -64,8 +75,8 @@ class AnchorSignalling:
         if tkey is None:
             self.stats["malformed"] += 1
             return None
-        # only an identical retransmission gets the cached answer
-        key = (*tkey, hashlib.blake2s(data, digest_size=16).digest())
+        # only an identical retransmission (same peer, same bytes) gets the cached answer
+        key = (*tkey, session.peer, hashlib.blake2s(data, digest_size=16).digest())
         cached = self.cache.get((key, src), now)
         if cached is not None:
             self.stats["retransmission"] += 1
@@ -73,11 +84,12 @@ class AnchorSignalling:
         if msg.method != "MESSAGE":
             resp = sip.build_response(msg, 405, "Method Not Allowed", received=src)
         else:
-            resp = self._message(msg, src, now)
+            resp = self._message(msg, src, now, session)
         self.cache.put((key, src), now, resp)
         return resp
 
-    def _message(self, msg: sip.SipRequest, src: tuple[str, int], now: float) -> bytes:
+    def _message(self, msg: sip.SipRequest, src: tuple[str, int], now: float,
+                 session: Session) -> bytes:
         try:
             signals = upmt.decode(msg.body)
         except ValueError as e:
@@ -89,28 +101,37 @@ class AnchorSignalling:
                 handler = getattr(self, "_on_" + mtype, None)
                 if handler is None:
                     raise Refused(501, f"bad UPMT signal: {mtype} not accepted here")
-                answers.append(handler(content, src, now))
+                if content.get("sipId") != session.peer:
+                    raise Refused(403, "Forbidden: sipId is not the authenticated peer")
+                answers.append(handler(content, src, now, session))
         except Refused as r:
             self.stats["refused"] += 1
+            log.info("refused %s from %s:%d: %d %s", session.peer, *src, r.code, r.reason)
             return sip.build_response(msg, r.code, r.reason, received=src)
         self.stats["ok"] += 1
         return sip.build_response(msg, 200, "OK", upmt.encode(answers), received=src)
 
     # -- signals ---------------------------------------------------------------------------
-    def _on_AssociationReq(self, c: dict[str, Any], src: tuple[str, int],
-                           now: float) -> tuple[str, dict[str, Any]]:
-        a = self.fwd.by_mh.get(c["sipId"])
+    def _on_AssociationReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
+                           session: Session) -> tuple[str, dict[str, Any]]:
+        if bool(c.get("dataPlaintext", False)) != self.plain_data:
+            raise Refused(403, "Forbidden: insecure_plaintext_for_benchmarks differs")
+        a = self.fwd.by_mh.get(session.peer)
         if a is None:
             if len(self.fwd.by_mh) >= self.max_associations:
                 raise Refused(503, "too many associations")
             vipa = self._allocate()
             if vipa is None:
                 raise Refused(503, "VIpA pool exhausted")
-            a = Association(c["sipId"], str(vipa), vipa.packed, created=now, last_rx=now)
+            a = Association(session.peer, str(vipa), vipa.packed, created=now, last_rx=now,
+                            plain_data=self.plain_data)
             self.fwd.add_association(a)
             log.info("associated %s from %s:%d: VIpA %s", a.mh, src[0], src[1], a.vipa)
+        if a.session is None or session.generation >= a.session.generation:
+            a.session = session
         return "AssociationResp", {"associationSuccess": True, "vipa": a.vipa, "role": self.role,
-                                   "reason": "", "addressesInUse": []}
+                                   "reason": "", "addressesInUse": [],
+                                   "dataPlaintext": self.plain_data}
 
     def _allocate(self) -> ipaddress.IPv4Address | None:
         used = self.fwd.by_vipa
@@ -121,60 +142,96 @@ class AnchorSignalling:
             self._hosts = self.pool.hosts()   # wrap around once, reusing freed addresses
         return None
 
-    def _assoc(self, c: dict[str, Any]) -> Association:
-        a = self.fwd.by_mh.get(c["sipId"])
+    def _assoc(self, session: Session) -> Association:
+        a = self.fwd.by_mh.get(session.peer)
         if a is None:
             raise Refused(501, "not registered")
         return a
 
-    def _on_TunnelSetupReq(self, c: dict[str, Any], src: tuple[str, int],
-                           now: float) -> tuple[str, dict[str, Any]]:
-        a = self._assoc(c)
+    def _move(self, a: Association, t: Tunnel, src: tuple[str, int]) -> None:
+        """(Re)place tunnel ``t`` at outer address ``src``, unvalidated until it echoes."""
+        if a.by_addr.get(t.remote) is t:
+            del a.by_addr[t.remote]
+        other = a.by_addr.get(src)
+        if other is not None and other is not t:
+            self._drop_tunnel(a, other)          # that address now belongs to this tunnel
+        t.remote = src
+        a.by_addr[src] = t
+        t.state = "validating"
+        t.challenge = secrets.token_hex(16)
+        if a.last_tunnel is t:
+            a.last_tunnel = self._best(a)
+
+    def _on_TunnelSetupReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
+                           session: Session) -> tuple[str, dict[str, Any]]:
+        a = self._assoc(session)
         if c["vipa"] != a.vipa:
             raise Refused(501, "not registered")
         t = next((t for t in a.tunnels.values() if t.un_tid == c["tunnelId"]), None)
         if t is None:
             if len(a.tunnels) >= MAX_TUNNELS_PER_HOST:
-                oldest = min(a.tunnels.values(), key=lambda x: x.last_rx)
-                self._drop_tunnel(a, oldest)
+                self._drop_tunnel(a, min(a.tunnels.values(), key=lambda x: x.last_rx))
             t = Tunnel(self.fwd.tunnels.new_tid(), str(c.get("interface", ""))[:32], self.listen,
-                       src, a.mh, a.vipa, a.vipa_b, c["tunnelId"], state="up", created=now)
+                       src, a.mh, a.vipa, a.vipa_b, c["tunnelId"], created=now)
             self.fwd.tunnels.add(t)
             a.tunnels[t.tid] = t
+            self._move(a, t, src)
             log.info("tunnel %d of %s (%s) from %s:%d", t.tid, a.mh, t.interface, *src)
-        else:
-            t.remote = src
+        elif t.remote != src:
+            self._move(a, t, src)
         t.last_rx = a.last_rx = now
-        if a.last_tunnel is None:
-            a.last_tunnel = t
         return "TunnelSetupResp", {"serverTunnelID": t.tid, "yourAddress": src[0],
-                                   "yourPort": src[1]}
+                                   "yourPort": src[1], "challenge": self._challenge(t)}
 
-    def _on_KeepAlive(self, c: dict[str, Any], src: tuple[str, int],
-                      now: float) -> tuple[str, dict[str, Any]]:
-        a = self._assoc(c)
+    def _on_KeepAlive(self, c: dict[str, Any], src: tuple[str, int], now: float,
+                      session: Session) -> tuple[str, dict[str, Any]]:
+        a = self._assoc(session)
         t = a.tunnels.get(c["tunnelId"])
         if t is None:
             raise Refused(501, "dead tunnel")
         if t.remote != src:
             log.info("tunnel %d of %s moved %s:%d -> %s:%d", t.tid, a.mh, *t.remote, *src)
-            t.remote = src
+            self._move(a, t, src)
+        elif t.state != "up" and secrets.compare_digest(str(c.get("challenge", "")),
+                                                        t.challenge):
+            t.state = "up"                       # path validated: it may carry data now
+            if a.last_tunnel is None or a.last_tunnel.state != "up":
+                a.last_tunnel = t
         t.last_rx = a.last_rx = now
-        return "KeepAliveResp", {"tunnelId": t.tid, "yourAddress": src[0], "yourPort": src[1]}
+        return "KeepAliveResp", {"tunnelId": t.tid, "yourAddress": src[0], "yourPort": src[1],
+                                 "challenge": self._challenge(t)}
+
+    @staticmethod
+    def _challenge(t: Tunnel) -> str:
+        return "" if t.state == "up" else t.challenge
+
+    @staticmethod
+    def _best(a: Association) -> Tunnel | None:
+        up = [t for t in a.tunnels.values() if t.state == "up"]
+        return max(up, key=lambda x: x.last_rx, default=None)
 
     def _drop_tunnel(self, a: Association, t: Tunnel) -> None:
         a.tunnels.pop(t.tid, None)
+        if a.by_addr.get(t.remote) is t:
+            del a.by_addr[t.remote]
         self.fwd.tunnels.remove(t.tid)
         if a.last_tunnel is t:
-            a.last_tunnel = max(a.tunnels.values(), key=lambda x: x.last_rx, default=None)
+            a.last_tunnel = self._best(a)
 
-    def expire(self, now: float, tunnel_idle: float, assoc_idle: float, flow_idle: float) -> None:
-        """Forget tunnels, associations and flows that went silent (call periodically)."""
+    def expire(self, now: float, tunnel_idle: float, assoc_idle: float, flow_idle: float,
+               session_life: float) -> None:
+        """Forget sessions, tunnels, associations and flows that went silent (periodically)."""
+        for idx, s in list(self.fwd.sessions.items()):
+            if now - s.created > session_life:
+                del self.fwd.sessions[idx]
+                a = self.fwd.by_mh.get(s.peer)
+                if a is not None and a.session is s:
+                    a.session = None
         for a in list(self.fwd.by_mh.values()):
             for t in list(a.tunnels.values()):
                 if now - t.last_rx > tunnel_idle:
                     self._drop_tunnel(a, t)
-            if not a.tunnels and now - a.last_rx > assoc_idle:
+            if (not a.tunnels or a.session is None) and now - a.last_rx > assoc_idle:
                 log.info("association of %s (VIpA %s) expired", a.mh, a.vipa)
                 self.fwd.remove_association(a)
         self.fwd.paft.expire(now, flow_idle)

@@ -20,18 +20,18 @@ MAX_SIGNALS = 8
 # field -> (type(s), required). Unknown fields are ignored (newer peers may add some).
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "AssociationReq": {"sipId": ((str,), True), "vipa": ((str, type(None)), False),
-                       "addressInUse": ((list,), False)},
+                       "addressInUse": ((list,), False), "dataPlaintext": ((bool,), False)},
     "AssociationResp": {"associationSuccess": ((bool,), True), "vipa": ((str, type(None)), False),
                         "reason": ((str,), False), "role": ((str,), False),
-                        "addressesInUse": ((list,), False)},
+                        "addressesInUse": ((list,), False), "dataPlaintext": ((bool,), False)},
     "TunnelSetupReq": {"sipId": ((str,), True), "vipa": ((str,), True),
                        "tunnelId": ((int,), True), "interface": ((str,), False)},
     "TunnelSetupResp": {"serverTunnelID": ((int,), True), "yourAddress": ((str,), True),
-                        "yourPort": ((int,), True)},
+                        "yourPort": ((int,), True), "challenge": ((str,), False)},
     "KeepAlive": {"sipId": ((str,), True), "tunnelId": ((int,), True),
-                  "lastDelay": ((int, float, type(None)), False)},
+                  "lastDelay": ((int, float, type(None)), False), "challenge": ((str,), False)},
     "KeepAliveResp": {"tunnelId": ((int,), True), "yourAddress": ((str,), True),
-                      "yourPort": ((int,), True)},
+                      "yourPort": ((int,), True), "challenge": ((str,), False)},
 }
 
 

@@ -24,21 +24,41 @@ NFT_TABLE = "upmt_anchor"
 ROLES = ("anchor", "fixed-host")
 
 
-def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None) -> str:
+def _nets(cidrs: list[str] | tuple[str, ...]) -> str:
+    """An nft anonymous set of the networks, collapsed (nft refuses overlapping intervals)."""
+    try:
+        nets = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]
+    except ValueError as e:
+        raise SystemSetupError(f"bad egress network: {e}") from None
+    return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(nets)) + " }"
+
+
+def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
+                   role: str = "anchor", allow_egress: tuple[str, ...] = (),
+                   deny_egress: tuple[str, ...] = ()) -> str:
     """The nft script creating table ``ip upmt_anchor`` (fails if it already exists).
 
-    Without ``nat_interface`` the pool is masqueraded out of every interface but the TUN.
+    Role ``anchor``: masquerade the pool (out of ``nat_interface``, else out of every
+    interface but the TUN), clamp MSS, drop what the hosts send to ``deny_egress``
+    unless in ``allow_egress``, and drop what they send to the anchor itself.
+    Role ``fixed-host``: nothing is relayed: drop every packet forwarded from the TUN.
     """
     try:
         net = ipaddress.IPv4Network(pool, strict=False)
     except ValueError:
         raise SystemSetupError(f"bad vipa pool {pool!r}") from None
     q_tun = nft.quote(tun)
+    head = f"create table {NFT_FAMILY} {NFT_TABLE}\ntable {NFT_FAMILY} {NFT_TABLE} {{\n"
+    if role == "fixed-host":
+        return (head + "\tchain egress {\n"
+                "\t\ttype filter hook forward priority filter; policy accept;\n"
+                f"\t\tiifname {q_tun} drop\n\t}}\n}}\n")
     out = f"oifname {nft.quote(nat_interface)}" if nat_interface else f"oifname != {q_tun}"
     mss = mtu - 40
+    allow = f"\t\tiifname {q_tun} ip daddr {_nets(allow_egress)} accept\n" if allow_egress else ""
+    deny = f"\t\tiifname {q_tun} ip daddr {_nets(deny_egress)} drop\n" if deny_egress else ""
     return (
-        f"create table {NFT_FAMILY} {NFT_TABLE}\n"
-        f"table {NFT_FAMILY} {NFT_TABLE} {{\n"
+        head +
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
         f"\t\tip saddr {net} {out} masquerade\n"
@@ -48,6 +68,15 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None) 
         f"\t\toifname {q_tun} tcp flags syn tcp option maxseg size set rt mtu\n"
         f"\t\tiifname {q_tun} tcp flags syn tcp option maxseg size > {mss} "
         f"tcp option maxseg size set {mss}\n"
+        "\t}\n"
+        "\tchain egress {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        f"{allow}{deny}"
+        "\t}\n"
+        "\tchain to_anchor {\n"
+        "\t\ttype filter hook input priority filter; policy accept;\n"
+        f"{allow}"
+        f"\t\tiifname {q_tun} drop\n"
         "\t}\n"
         "}\n"
     )
@@ -67,6 +96,8 @@ class AnchorHost:
         role: str,
         nat_interface: str | None,
         state_file: str | None = None,
+        allow_egress: tuple[str, ...] = (),
+        deny_egress: tuple[str, ...] = (),
     ) -> None:
         if role not in ROLES:
             raise SystemSetupError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -79,6 +110,8 @@ class AnchorHost:
         self.mtu = mtu
         self.role = role
         self.nat_interface = nat_interface
+        self.allow_egress = allow_egress
+        self.deny_egress = deny_egress
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
 
@@ -100,28 +133,25 @@ class AnchorHost:
             raise SystemSetupError(f"anchor host setup failed: {exc}") from None
 
     def _setup(self) -> None:
-        script = None
-        if self.role == "anchor":
-            if self.nat_interface is not None:
-                netlink.link_index(self.nat_interface)
-            script = anchor_ruleset(
-                tun=self.tun, pool=self.pool, mtu=self.mtu, nat_interface=self.nat_interface
+        if self.role == "anchor" and self.nat_interface is not None:
+            netlink.link_index(self.nat_interface)
+        script = anchor_ruleset(
+            tun=self.tun, pool=self.pool, mtu=self.mtu, nat_interface=self.nat_interface,
+            role=self.role, allow_egress=self.allow_egress, deny_egress=self.deny_egress)
+        if nft.table_exists(NFT_FAMILY, NFT_TABLE):
+            raise SystemSetupError(
+                f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
+                " one: cleanup_leftovers removes it)"
             )
-            if nft.table_exists(NFT_FAMILY, NFT_TABLE):
-                raise SystemSetupError(
-                    f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
-                    " one: cleanup_leftovers removes it)"
-                )
 
         netlink.configure_tun(self.tun, self.tun_address, self.pool_prefixlen, self.mtu)
         self._undo.push(
             f"address {self.tun_address} of {self.tun}",
             lambda: netlink.remove_address(self.tun, self.tun_address, self.pool_prefixlen),
         )
-        if script is None:
-            return
-        self._undo.push("sysctls", self._sysctl.restore)
-        self._sysctl.set("net.ipv4.ip_forward", "1")
+        if self.role == "anchor":
+            self._undo.push("sysctls", self._sysctl.restore)
+            self._sysctl.set("net.ipv4.ip_forward", "1")
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
         log.info("anchor host set up (pool %s, masquerade via %s)", self.pool, self.nat_interface)
