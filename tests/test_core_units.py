@@ -24,8 +24,10 @@ def test_header_layout_is_16_bytes_and_overhead_reserves_the_tag() -> None:
 @pytest.mark.parametrize("data,kind", [
     (b"", P.KIND_JUNK),
     (P.encode_data(1, 1, pb.udp("1.1.1.1", "2.2.2.2", 1, 2)), P.KIND_DATA),
-    (b"\x80" + bytes(15), P.KIND_JUNK),                         # header but no inner packet
-    (b"\x81" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
+    (b"\x80" + bytes(10), P.KIND_JUNK),                         # shorter than a header
+    (b"\x81" + bytes(40), P.KIND_TUNNEL),                       # handshake initiation
+    (b"\x83" + bytes(40), P.KIND_TUNNEL),                       # sealed signalling
+    (b"\x84" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
     (b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), P.KIND_STUN),
     (b"\x00\x01\x00\x00\xde\xad\xbe\xef" + bytes(12), P.KIND_JUNK),  # no magic cookie
     (b"\x01\x00\x00\x00" + bytes(28), P.KIND_JUNK),             # WireGuard initiation
@@ -110,3 +112,16 @@ def test_choose_tunnel(via: tuple[str, ...], anchors: tuple[str, ...], dst: byte
     got = choose_tunnel(via=via, anchors=anchors, dst=dst, links=LINKS,
                         usable=lambda i, a: (i, a) if (i, a) in up else None)
     assert got == expect
+
+
+def test_paft_per_source_cap_protects_other_hosts() -> None:
+    paft = Paft(cap=100, per_source_cap=3)
+    a, b = b"\x64\x64\0\2", b"\x64\x64\0\3"
+    flows = [paft.add((6, a, b"x" * 4, p, 80), 1, 0.0) for p in range(5)]
+    assert [f is not None for f in flows] == [True, True, True, False, False]
+    assert paft.add((6, b, b"x" * 4, 1, 80), 2, 0.0) is not None     # the other host is fine
+    first = flows[0]
+    assert first is not None
+    paft.remove(first)
+    assert paft.add((6, a, b"x" * 4, 99, 80), 1, 0.0) is not None    # a freed slot is reusable
+    assert paft.per_source[a] == 3 and paft.per_source[b] == 1

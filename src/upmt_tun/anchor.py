@@ -44,7 +44,7 @@ class Anchor:
         self.tun = tun
         self.path = path
         self.clock = clock
-        self.fwd = AnchorForwarder()
+        self.fwd = AnchorForwarder(max_flows_per_host=cfg.max_flows_per_host)
         self.sig = AnchorSignalling(self.fwd, cfg.vipa_pool, role=cfg.role,
                                     listen=(cfg.listen_host, cfg.listen_port),
                                     max_associations=cfg.max_associations,

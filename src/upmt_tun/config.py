@@ -144,6 +144,7 @@ class AnchorConfig:
     mtu: int = 1440
     tun: str = "upmtan0"
     max_associations: int = 1024
+    max_flows_per_host: int = 4096
     private_key: bytes = b""
     peers: tuple[Peer, ...] = ()
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
@@ -493,11 +494,14 @@ def load_anchor_config(path: str) -> AnchorConfig:
         raise r.err("peer", "at least one [[peer]] (name + public_key of a mobile host) "
                     "is needed: a host not listed cannot associate")
     plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
+    per_host = r.get("max_flows_per_host", int, 4096)
+    if not 16 <= per_host <= 1_000_000:
+        raise r.err("max_flows_per_host", "must be between 16 and 1000000")
     allow = _networks(r, "allow_egress", ())
     deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
     r.finish()
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
-                        key, tuple(peers), plaintext, allow, deny)
+                        per_host, key, tuple(peers), plaintext, allow, deny)
 
 
 def default_config_path(kind: str) -> str:

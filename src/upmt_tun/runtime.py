@@ -183,7 +183,8 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
                           pool=str(cfg.vipa_pool), mtu=cfg.mtu, role=cfg.role,
                           nat_interface=cfg.nat_interface, state_file=control_path + ".state",
                           allow_egress=tuple(map(str, cfg.allow_egress)),
-                          deny_egress=tuple(map(str, cfg.deny_egress)))
+                          deny_egress=tuple(map(str, cfg.deny_egress)),
+                          max_flows_per_host=cfg.max_flows_per_host)
         host.cleanup_leftovers()
         try:
             tun = TunDevice(cfg.tun, loop)

@@ -102,10 +102,12 @@ class Flow:
 class Paft:
     """Per-Application Forwarding Table: uplink 5-tuple -> Flow."""
 
-    def __init__(self, cap: int = 100_000) -> None:
+    def __init__(self, cap: int = 100_000, per_source_cap: int | None = None) -> None:
         self.by_key: dict[FlowKey, Flow] = {}
         self.by_id: dict[int, Flow] = {}
         self.cap = cap
+        self.per_source_cap = per_source_cap or cap
+        self.per_source: dict[bytes, int] = {}   # flows per source address (per host)
         self._next = 1
 
     def __len__(self) -> int:
@@ -116,9 +118,12 @@ class Paft:
 
     def add(self, key: FlowKey, tid: int, now: float, *, rule: str = "", anchor: str = "",
             reason: str = "new flow") -> Flow | None:
-        """Insert a flow; None when the table is full (the caller counts the drop)."""
-        if len(self.by_key) >= self.cap:
+        """Insert a flow; None when the table, or its source's share, is full (the caller
+        counts the drop): one host at its cap cannot take the table from the others."""
+        n = self.per_source.get(key[1], 0)
+        if len(self.by_key) >= self.cap or n >= self.per_source_cap:
             return None
+        self.per_source[key[1]] = n + 1
         f = Flow(self._next, key, tid, rule, anchor, created=now, last_seen=now)
         f.history.append((now, None, tid, reason))
         self._next += 1
@@ -127,7 +132,12 @@ class Paft:
         return f
 
     def remove(self, f: Flow) -> None:
-        self.by_key.pop(f.key, None)
+        if self.by_key.pop(f.key, None) is not None:
+            n = self.per_source.get(f.key[1], 1) - 1
+            if n:
+                self.per_source[f.key[1]] = n
+            else:
+                self.per_source.pop(f.key[1], None)
         self.by_id.pop(f.fid, None)
 
     def expire(self, now: float, idle: float) -> int:

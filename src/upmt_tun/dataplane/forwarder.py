@@ -272,9 +272,9 @@ class Association:
 class AnchorForwarder:
     """Anchor data path: tunnels <-> TUN, PAFT auto-learning (implicit handover)."""
 
-    def __init__(self, max_flows: int = 100_000) -> None:
+    def __init__(self, max_flows: int = 100_000, max_flows_per_host: int = 4096) -> None:
         self.tunnels = TunnelTable()
-        self.paft = Paft(cap=max_flows)
+        self.paft = Paft(cap=max_flows, per_source_cap=max_flows_per_host)
         self.by_vipa: dict[bytes, Association] = {}
         self.by_mh: dict[str, Association] = {}
         self.sessions: dict[int, Session] = {}
@@ -331,7 +331,7 @@ class AnchorForwarder:
         if flow is None:
             flow = self.paft.add(key, t.tid, now, anchor=a.mh)
             if flow is None:
-                self.drops["paft_full"] += 1
+                self.drops["flow_cap"] += 1
                 return None
             flow.last_seq = seq
         elif seq > flow.last_seq:

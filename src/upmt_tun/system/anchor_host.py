@@ -35,7 +35,7 @@ def _nets(cidrs: list[str] | tuple[str, ...]) -> str:
 
 def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
                    role: str = "anchor", allow_egress: tuple[str, ...] = (),
-                   deny_egress: tuple[str, ...] = ()) -> str:
+                   deny_egress: tuple[str, ...] = (), max_flows_per_host: int = 4096) -> str:
     """The nft script creating table ``ip upmt_anchor`` (fails if it already exists).
 
     Role ``anchor``: masquerade the pool (out of ``nat_interface``, else out of every
@@ -59,6 +59,7 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
     deny = f"\t\tiifname {q_tun} ip daddr {_nets(deny_egress)} drop\n" if deny_egress else ""
     return (
         head +
+        "\tset hosts {\n\t\ttype ipv4_addr; size 65535; flags dynamic;\n\t}\n"
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
         f"\t\tip saddr {net} {out} masquerade\n"
@@ -72,6 +73,9 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
         "\tchain egress {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
         f"{allow}{deny}"
+        # connections (so masquerade ports) per host: one host cannot exhaust them
+        f"\t\tiifname {q_tun} ct state new add @hosts {{ ip saddr ct count over "
+        f"{int(max_flows_per_host)} }} drop\n"
         "\t}\n"
         "\tchain to_anchor {\n"
         "\t\ttype filter hook input priority filter; policy accept;\n"
@@ -98,6 +102,7 @@ class AnchorHost:
         state_file: str | None = None,
         allow_egress: tuple[str, ...] = (),
         deny_egress: tuple[str, ...] = (),
+        max_flows_per_host: int = 4096,
     ) -> None:
         if role not in ROLES:
             raise SystemSetupError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -112,6 +117,7 @@ class AnchorHost:
         self.nat_interface = nat_interface
         self.allow_egress = allow_egress
         self.deny_egress = deny_egress
+        self.max_flows_per_host = max_flows_per_host
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
 
@@ -137,7 +143,8 @@ class AnchorHost:
             netlink.link_index(self.nat_interface)
         script = anchor_ruleset(
             tun=self.tun, pool=self.pool, mtu=self.mtu, nat_interface=self.nat_interface,
-            role=self.role, allow_egress=self.allow_egress, deny_egress=self.deny_egress)
+            role=self.role, allow_egress=self.allow_egress, deny_egress=self.deny_egress,
+            max_flows_per_host=self.max_flows_per_host)
         if nft.table_exists(NFT_FAMILY, NFT_TABLE):
             raise SystemSetupError(
                 f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
