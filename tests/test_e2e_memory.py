@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,11 @@ class World:
 
     def __init__(self, tmp: Path, anchors: int = 1, rules: str = "") -> None:
         loop = asyncio.get_running_loop()
+        self.offset = 0.0     # tests move time forward (rekeying) by raising this
+
+        def clock() -> float:
+            return time.monotonic() + self.offset
+
         self.net = FakeNetwork(schedule=loop.call_soon)
         self.net.nat("10.1.0.2", "203.0.113.11")
         self.net.nat("10.2.0.2", "203.0.113.12")
@@ -72,8 +78,8 @@ class World:
                 """))
             tun = FakeTun()
             self.an_tuns.append(tun)
-            self.anchors.append(Anchor(acfg, tun=tun, path=self.net.socket(f"203.0.113.{i + 1}",
-                                                                           5060)))
+            self.anchors.append(Anchor(acfg, tun=tun, clock=clock,
+                                       path=self.net.socket(f"203.0.113.{i + 1}", 5060)))
         self.mh_tun = FakeTun()
         self.s1 = self.net.socket("10.1.0.2")
         self.s2 = self.net.socket("10.2.0.2")
@@ -81,7 +87,8 @@ class World:
                            ifaces=[IfaceSeam("wan1", 0, self.s1), IfaceSeam("wan2", 1, self.s2)],
                            anchors={f"an{i + 1}": (f"203.0.113.{i + 1}", 5060)
                                     for i in range(anchors)},
-                           classify_flow=rule_classifier(self.cfg.rules, None, self.cfg.fwmark))
+                           classify_flow=rule_classifier(self.cfg.rules, None, self.cfg.fwmark),
+                           clock=clock)
 
     async def start(self) -> None:
         for a in self.anchors:
@@ -304,5 +311,42 @@ async def test_agent_reassociates_when_the_anchor_forgets_it(tmp_path: Path) -> 
         w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"again"))
         await w.settle()
         assert len(w.an_tuns[0].written) == 1
+    finally:
+        await w.stop()
+
+
+async def test_rekey_drops_nothing_and_old_session_still_opens(tmp_path: Path) -> None:
+    """After REKEY_AFTER the agent makes a new handshake on its next keepalive; packets keep
+    flowing both ways across the change and late packets sealed with the old keys open."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        link = w.agent.fwd.links["an1"]
+        old = link.session
+        assert old is not None
+        late = old.seal(0x80, pb.udp(vipa, CH, 5000, 6000, b"late"))   # sealed, held back
+        sent = 0
+        w.offset += 125.0                        # past REKEY_AFTER (120 s)
+        for _ in range(300):                     # keepalive = 1 s: a rekey within ~1 s
+            w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"%d" % sent))
+            sent += 1
+            w.an_tuns[0].inject(pb.udp(CH, vipa, 6000, 5000, b"down"))
+            await asyncio.sleep(0.01)
+            if link.session is not old and sent > 20:
+                break
+        assert link.session is not old, "no rekey happened"
+        for _ in range(10):                      # a few more in the new session
+            w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"%d" % sent))
+            w.an_tuns[0].inject(pb.udp(CH, vipa, 6000, 5000, b"down"))
+            sent += 1
+            await w.settle()
+        an = w.anchors[0]
+        assert an.fwd.by_mh["laptop"].session.local_index == link.session.remote_index
+        assert len(w.an_tuns[0].written) == sent                   # no uplink packet lost
+        assert len(w.mh_tun.written) == sent                       # nor any downlink one
+        before = len(w.an_tuns[0].written)
+        an._on_datagram(late, w.net.mappings[w.s1.local])         # a late old-session packet
+        assert len(w.an_tuns[0].written) == before + 1
     finally:
         await w.stop()

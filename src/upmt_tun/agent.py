@@ -43,6 +43,7 @@ BACKOFF_MAX = 30.0
 REKEY_AFTER = 120.0            # seconds: a new handshake (forward secrecy), as WireGuard
 PREVIOUS_SESSION_LIFE = 60.0   # the old session still opens late packets this long
 MIN_REKEY = 5.0                # never renew a session younger than this after a failure
+REKEY_AFTER_MESSAGES = 1 << 60 # as WireGuard: far below the nonce limit
 
 
 @dataclass
@@ -198,7 +199,8 @@ class Agent:
             link = self.fwd.links[anchor]
             if link.session is not None:
                 age = self.clock() - link.session.created
-                if not ((rekey and age > REKEY_AFTER) or (force and age > MIN_REKEY)):
+                worn = link.session.send_counter > REKEY_AFTER_MESSAGES
+                if not ((rekey and (age > REKEY_AFTER or worn)) or (force and age > MIN_REKEY)):
                     return True
             old = link.session
             loop = asyncio.get_running_loop()
