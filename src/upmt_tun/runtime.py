@@ -94,6 +94,17 @@ async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
         await runner.stop()
 
 
+def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
+           loop: asyncio.AbstractEventLoop) -> None:
+    """Close sockets and TUN, undo the host changes, close the loop: whatever happened."""
+    for o in opened:
+        with contextlib.suppress(Exception):
+            o.close()
+    if host is not None:
+        host.teardown()
+    loop.close()
+
+
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
     """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
     ensure_free(control_path)
@@ -155,12 +166,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         loop.run_until_complete(_serve(agent, control_path, on_ready))
         ct.close()
     finally:
-        for o in opened:
-            with contextlib.suppress(Exception):
-                o.close()
-        if host is not None:
-            host.teardown()
-        loop.close()
+        _close(opened, host, loop)
 
 
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
@@ -201,9 +207,4 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
 
         loop.run_until_complete(_serve(anchor, control_path, on_ready))
     finally:
-        for o in opened:
-            with contextlib.suppress(Exception):
-                o.close()
-        if host is not None:
-            host.teardown()
-        loop.close()
+        _close(opened, host, loop)

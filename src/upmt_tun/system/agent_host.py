@@ -257,15 +257,7 @@ class AgentHost:
         The TUN must exist and be up (``netlink.configure_tun``) and the access
         interfaces must exist; run ``cleanup_leftovers`` first.
         """
-        if self._undo:
-            raise SystemSetupError("agent host configuration is already set up")
-        try:
-            self._setup()
-        except BaseException as exc:
-            self._undo.unwind()
-            if isinstance(exc, SystemSetupError | KeyboardInterrupt | SystemExit):
-                raise
-            raise SystemSetupError(f"agent host setup failed: {exc}") from None
+        self._undo.run("agent host", self._setup)
 
     def _setup(self) -> None:
         if nft.table_exists(NFT_FAMILY, NFT_TABLE):

@@ -128,15 +128,7 @@ class AnchorHost:
 
     def setup(self) -> None:
         """Install everything; on failure undo what was done and raise SystemSetupError."""
-        if self._undo:
-            raise SystemSetupError("anchor host configuration is already set up")
-        try:
-            self._setup()
-        except BaseException as exc:
-            self._undo.unwind()
-            if isinstance(exc, SystemSetupError | KeyboardInterrupt | SystemExit):
-                raise
-            raise SystemSetupError(f"anchor host setup failed: {exc}") from None
+        self._undo.run("anchor host", self._setup)
 
     def _setup(self) -> None:
         if self.role == "anchor" and self.nat_interface is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from upmt_tun.system.errors import SystemSetupError
+
 log = logging.getLogger(__name__)
 
 
@@ -29,3 +31,16 @@ class UndoStack:
                 undo()
             except Exception as exc:  # teardown must go on whatever happens
                 log.warning("could not undo %s: %s", what, exc)
+
+    def run(self, what: str, steps: Callable[[], None]) -> None:
+        """Run ``steps`` (which push their undo actions here) all or nothing: on any
+        failure undo what was done and raise SystemSetupError naming ``what``."""
+        if self._steps:
+            raise SystemSetupError(f"{what} configuration is already set up")
+        try:
+            steps()
+        except BaseException as exc:
+            self.unwind()
+            if isinstance(exc, SystemSetupError | KeyboardInterrupt | SystemExit):
+                raise
+            raise SystemSetupError(f"{what} setup failed: {exc}") from None
