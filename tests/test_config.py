@@ -6,12 +6,15 @@ problem (the CLI prints it verbatim and exits 2).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from upmt_tun import keys
 from upmt_tun.config import (
     AgentConfig,
     AnchorConfig,
@@ -21,9 +24,25 @@ from upmt_tun.config import (
     load_anchor_config,
 )
 
+# Keys are required (no unauthenticated mode): every config that should load carries them.
+MH_PRIV, MH_PUB = keys.keypair()          # the mobile host
+AN_PRIV, AN_PUB = keys.keypair()          # the anchor
+PHONE_PRIV, PHONE_PUB = keys.keypair()    # a second mobile host
+
+
+def raw(b64: str) -> bytes:
+    return base64.b64decode(b64)
+
+
+MH_KEY = f'private_key = "{MH_PRIV}"\n'
+AN_KEY = f'private_key = "{AN_PRIV}"\n'
+ANCHOR_PUB = f'public_key = "{AN_PUB}"\n'           # inside an agent's [[anchor]]
+PEER = f'[[peer]]\nname = "mh"\npublic_key = "{MH_PUB}"\n'   # an anchor's [[peer]]
+
 # The agent example of SPEC.md, verbatim (comments included), plus the wan2 interface its
 # rule names.
-SPEC_AGENT = '''
+SPEC_AGENT = f'''
+private_key = "{MH_PRIV}"  # `genkey`; or private_key_file = "path" (relative to this file)
 name = "laptop"                    # this host's identity towards anchors; default: the hostname
 vipa_fix = "100.64.0.1"            # address of the TUN device; default 100.64.0.1
 control = "/run/upmt/agent.sock"   # control socket; default as shown
@@ -42,6 +61,7 @@ gateway = "192.168.2.1"
 [[anchor]]
 name = "an1"
 address = "198.51.100.1:5060"      # host:port of the anchor's signalling+tunnel port
+public_key = "{AN_PUB}"  # the anchor's `pubkey`
 
 [[rule]]                           # flows matching no rule are left to normal routing
 name = "web"
@@ -54,30 +74,36 @@ via = ["wan1", "wan2"]             # preference order; default: every interface,
                                    # reachable one until anchor choice by RTT exists)
 '''
 
-SPEC_ANCHOR = '''
+SPEC_ANCHOR = f'''
+private_key = "{AN_PRIV}"
 role = "anchor"                    # anchor | fixed-host
 listen = "198.51.100.1:5060"       # UDP: signalling and tunnels share this port
 vipa_pool = "100.100.0.0/16"       # VIpAs handed out at association
 nat_interface = "eth0"             # masquerade MH traffic out of here (anchor role)
 control = "/run/upmt/anchor.sock"
+
+[[peer]]                           # a mobile host allowed to associate (at least one)
+name = "laptop"                    # its identity: signalling must use it as sipId
+public_key = "{MH_PUB}"
 '''
 
-MINI_AGENT = '''
+MINI_AGENT = f'''
 name = "mh"
-[[interface]]
+{MH_KEY}[[interface]]
 name = "wan1"
 [[interface]]
 name = "wan2"
 [[anchor]]
 name = "an1"
 address = "198.51.100.1:5060"
-'''
+{ANCHOR_PUB}'''
 
-MINI_ANCHOR = '''
+# top-level keys only: tests append more top-level keys, then PEER
+MINI_ANCHOR = f'''
 listen = "203.0.113.1:5060"
 vipa_pool = "100.100.0.0/16"
 nat_interface = "eth0"
-'''
+{AN_KEY}'''
 
 
 def _write(tmp_path: Path, text: str, name: str = "cfg.toml") -> str:
@@ -156,7 +182,8 @@ def test_spec_anchor_example_parses(tmp_path: Path) -> None:
 
 
 def test_agent_defaults(tmp_path: Path) -> None:
-    cfg = agent(tmp_path, '[[anchor]]\nname = "an1"\naddress = "198.51.100.1"\n')
+    cfg = agent(tmp_path, MH_KEY + '[[anchor]]\nname = "an1"\naddress = "198.51.100.1"\n'
+                + ANCHOR_PUB)
     assert cfg.vipa_fix == "100.64.0.1"
     assert cfg.control == "/run/upmt/agent.sock"
     assert cfg.fwmark == 0x5550
@@ -166,18 +193,23 @@ def test_agent_defaults(tmp_path: Path) -> None:
     assert cfg.rules == ()
     assert cfg.anchors[0].port == 5060   # the default port
     assert cfg.name                      # the hostname
+    assert cfg.private_key == raw(MH_PRIV)
+    assert cfg.anchors[0].public_key == raw(AN_PUB)
+    assert cfg.plaintext_data is False   # sealed data unless insecure_plaintext_for_benchmarks
 
 
 def test_agent_explicit_values(tmp_path: Path) -> None:
-    cfg = agent(tmp_path, '''
+    cfg = agent(tmp_path, f'''
         vipa_fix = "100.65.0.9"
         control = "/tmp/x.sock"
         mtu = 1400
         fwmark = 0x1230
         table = 4321
+        private_key = "{MH_PRIV}"
         [[anchor]]
         name = "an1"
         address = "anchor.example:7000"
+        public_key = "{AN_PUB}"
         ''')
     assert (cfg.vipa_fix, cfg.control, cfg.mtu, cfg.fwmark, cfg.table) == (
         "100.65.0.9", "/tmp/x.sock", 1400, 0x1230, 4321)
@@ -210,7 +242,7 @@ cgroup = "/user.slice/app.scope/"
 
 
 def test_anchor_defaults_fixed_host(tmp_path: Path) -> None:
-    cfg = anchor(tmp_path, 'role = "fixed-host"\nlisten = "0.0.0.0:5060"\n')
+    cfg = anchor(tmp_path, 'role = "fixed-host"\nlisten = "0.0.0.0:5060"\n' + AN_KEY + PEER)
     assert cfg.role == "fixed-host"
     assert cfg.nat_interface is None
     assert cfg.vipa_pool == ipaddress.IPv4Network("100.100.0.0/16")
@@ -219,7 +251,7 @@ def test_anchor_defaults_fixed_host(tmp_path: Path) -> None:
 
 def test_anchor_smallest_pool(tmp_path: Path) -> None:
     cfg = anchor(tmp_path, 'role = "fixed-host"\nlisten = "0.0.0.0:5060"\n'
-                           'vipa_pool = "100.100.0.0/30"\n')
+                           'vipa_pool = "100.100.0.0/30"\n' + AN_KEY + PEER)
     assert cfg.vipa_pool.prefixlen == 30
 
 
@@ -268,24 +300,30 @@ def test_agent_top_level_errors(tmp_path: Path, extra: str, key: str, words: tup
     ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4:70000"\n', "anchor[1].address", ()),
     ('[[anchor]]\nname = "an2"\naddress = ":5060"\n', "anchor[1].address", ()),
     ('[[anchor]]\nname = "an2"\naddress = 5060\n', "anchor[1].address", ()),
-    ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4"\nport = 1\n', "anchor[1].port",
+    ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4"\nport = 1\n' + ANCHOR_PUB, "anchor[1].port",
      ("unknown",)),
+    ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4"\n', "anchor[1].public_key", ("missing",)),
+    ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4"\npublic_key = "x"\n',
+     "anchor[1].public_key", ("base64",)),
+    ('[[anchor]]\nname = "an2"\naddress = "1.2.3.4"\npublic_key = 7\n',
+     "anchor[1].public_key", ("string",)),
 ])
 def test_agent_table_errors(tmp_path: Path, body: str, key: str, words: tuple[str, ...]) -> None:
     agent_err(tmp_path, MINI_AGENT + body, key, *words)
 
 
 def test_missing_anchor(tmp_path: Path) -> None:
-    agent_err(tmp_path, 'name = "mh"\n[[interface]]\nname = "wan1"\n', "anchor", "anchor")
+    agent_err(tmp_path, 'name = "mh"\n' + MH_KEY + '[[interface]]\nname = "wan1"\n', "anchor",
+              "anchor")
 
 
 def test_interface_not_an_array(tmp_path: Path) -> None:
-    agent_err(tmp_path, '[interface]\nname = "wan1"\n[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n',
-              "interface")
+    agent_err(tmp_path, MH_KEY + '[interface]\nname = "wan1"\n[[anchor]]\nname = "a"\n'
+              'address = "1.2.3.4"\n' + ANCHOR_PUB, "interface")
 
 
 def test_anchor_entry_not_a_table(tmp_path: Path) -> None:
-    agent_err(tmp_path, 'anchor = [1, 2]\n', "anchor[0]")
+    agent_err(tmp_path, MH_KEY + 'anchor = [1, 2]\n', "anchor[0]")
 
 
 @pytest.mark.parametrize(("body", "key", "words"), [
@@ -343,8 +381,8 @@ def test_duplicate_rule_names(tmp_path: Path) -> None:
 
 def test_via_is_free_when_no_interfaces_listed(tmp_path: Path) -> None:
     # With no [[interface]] the set is discovered at run time: any name is accepted.
-    cfg = agent(tmp_path, '[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n'
-                          '[[rule]]\nname = "r"\nvia = ["wlan0"]\n')
+    cfg = agent(tmp_path, MH_KEY + '[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n' + ANCHOR_PUB
+                + '[[rule]]\nname = "r"\nvia = ["wlan0"]\n')
     assert cfg.rules[0].via == ("wlan0",)
 
 
@@ -418,13 +456,258 @@ def test_configerror_fields(tmp_path: Path) -> None:
     (MINI_ANCHOR + 'control = false\n', "control", ("boolean",)),
 ])
 def test_anchor_errors(tmp_path: Path, text: str, key: str, words: tuple[str, ...]) -> None:
-    anchor_err(tmp_path, text, key, *words)
+    anchor_err(tmp_path, text + PEER, key, *words)
 
 
-def test_anchor_keys_of_the_security_issue_are_accepted(tmp_path: Path) -> None:
-    anchor(tmp_path, MINI_ANCHOR + 'private_key = "x"\n[[peer]]\nname = "mh"\npublic_key = "y"\n')
-    agent(tmp_path, 'private_key = "x"\n[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n'
-                    'public_key = "y"\n')
+def test_keys_are_parsed_to_raw_bytes(tmp_path: Path) -> None:
+    phone = f'[[peer]]\nname = "phone"\npublic_key = "{PHONE_PUB}"\n'
+    a = anchor(tmp_path, MINI_ANCHOR + PEER + phone)
+    assert a.private_key == raw(AN_PRIV) and len(a.private_key) == 32
+    assert [(p.name, p.public_key) for p in a.peers] == [("mh", raw(MH_PUB)),
+                                                          ("phone", raw(PHONE_PUB))]
+    assert a.plaintext_data is False
+    m = agent(tmp_path, MINI_AGENT)
+    assert m.private_key == raw(MH_PRIV)
+    assert [(x.name, x.public_key) for x in m.anchors] == [("an1", raw(AN_PUB))]
+    # the public key in a config is what `pubkey` prints for the private key
+    assert keys.public_of(base64.b64encode(a.private_key)) == AN_PUB
+
+
+# -- keys: there is no unauthenticated mode ------------------------------------------------------
+
+
+def _without_key(text: str, key_line: str) -> str:
+    assert key_line in text
+    return text.replace(key_line, "", 1)
+
+
+def test_missing_private_key_agent(tmp_path: Path) -> None:
+    e = agent_err(tmp_path, _without_key(MINI_AGENT, MH_KEY), "private_key", "missing",
+                  "genkey", "unauthenticated")
+    assert e.key == "private_key"
+
+
+def test_missing_private_key_anchor(tmp_path: Path) -> None:
+    e = anchor_err(tmp_path, _without_key(MINI_ANCHOR, AN_KEY) + PEER, "private_key",
+                   "missing", "unauthenticated")
+    assert e.key == "private_key"
+
+
+def test_spec_examples_without_keys_are_refused(tmp_path: Path) -> None:
+    agent_err(tmp_path, _without_key(SPEC_AGENT, f'private_key = "{MH_PRIV}"'), "private_key")
+    anchor_err(tmp_path, _without_key(SPEC_ANCHOR, f'private_key = "{AN_PRIV}"'), "private_key")
+
+
+@pytest.mark.parametrize("loader", ["agent", "anchor"])
+def test_private_key_file_is_relative_to_the_config(tmp_path: Path, loader: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    priv = MH_PRIV if loader == "agent" else AN_PRIV
+    cfg_dir = tmp_path / "etc"
+    (cfg_dir / "keys").mkdir(parents=True)
+    (cfg_dir / "keys" / "private.key").write_text(priv + "\n")     # as `genkey > file` leaves it
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "keys").mkdir()
+    (elsewhere / "keys" / "private.key").write_text(PHONE_PRIV + "\n")   # a decoy in the cwd
+    monkeypatch.chdir(elsewhere)
+    line = 'private_key_file = "keys/private.key"\n'
+    if loader == "agent":
+        path = _write(cfg_dir, _without_key(MINI_AGENT, MH_KEY).replace(
+            'name = "mh"\n', 'name = "mh"\n' + line), "agent.toml")
+        cfg: AgentConfig | AnchorConfig = load_agent_config(path)
+    else:
+        path = _write(cfg_dir, _without_key(MINI_ANCHOR, AN_KEY) + line + PEER, "anchor.toml")
+        cfg = load_anchor_config(path)
+    assert cfg.private_key == raw(priv)
+
+
+def test_private_key_file_absolute(tmp_path: Path) -> None:
+    kf = tmp_path / "abs.key"
+    kf.write_text(MH_PRIV)
+    cfg = agent(tmp_path, _without_key(MINI_AGENT, MH_KEY).replace(
+        'name = "mh"\n', f'name = "mh"\nprivate_key_file = "{kf}"\n'))
+    assert cfg.private_key == raw(MH_PRIV)
+
+
+def _anchor_with_key_file(name: str) -> str:
+    return _without_key(MINI_ANCHOR, AN_KEY) + f'private_key_file = "{name}"\n' + PEER
+
+
+def test_private_key_file_missing(tmp_path: Path) -> None:
+    anchor_err(tmp_path, _anchor_with_key_file("nope.key"), "private_key_file", "nope.key")
+
+
+def test_private_key_file_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "keydir").mkdir()
+    anchor_err(tmp_path, _anchor_with_key_file("keydir"), "private_key_file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 files")
+def test_private_key_file_unreadable(tmp_path: Path) -> None:
+    kf = tmp_path / "secret.key"
+    kf.write_text(AN_PRIV)
+    kf.chmod(0)
+    try:
+        anchor_err(tmp_path, _anchor_with_key_file("secret.key"), "private_key_file")
+    finally:
+        kf.chmod(0o600)
+
+
+BINARY_KEY_FILE = pytest.param(
+    b"\xff\xfe\x00\n", id="binary",
+    marks=pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
+        "BUG: config.py _private_key reads private_key_file with Path.read_text() and catches "
+        "only OSError: a non-UTF-8 key file raises UnicodeDecodeError instead of ConfigError "
+        "(the CLI then exits 1 with 'internal error'). Fix: also catch UnicodeDecodeError "
+        "(or read_bytes() and decode inside the try) and raise the 'not a base64 key' error.")))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a key\n", BINARY_KEY_FILE,
+                                     base64.b64encode(b"k" * 31), base64.b64encode(b"k" * 33)])
+def test_private_key_file_with_garbage(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.key").write_bytes(content)
+    e = anchor_err(tmp_path, _anchor_with_key_file("bad.key"), "private_key_file", "base64")
+    assert AN_PRIV not in str(e)
+
+
+def test_private_key_and_file_both_given(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text(AN_PRIV)
+    anchor_err(tmp_path, MINI_ANCHOR + 'private_key_file = "k"\n' + PEER, "private_key",
+               "both")
+    (tmp_path / "m").write_text(MH_PRIV)
+    agent_err(tmp_path, 'private_key_file = "m"\n' + MINI_AGENT, "private_key", "both")
+
+
+BAD_KEYS = ["x", "!!!!", "", " ", base64.b64encode(b"k" * 31).decode(),
+            base64.b64encode(b"k" * 33).decode(), base64.b64encode(b"k" * 64).decode(),
+            (base64.b64encode(b"k" * 32).decode())[:-2] + "%%", "a" * 44,
+            "AAAA AAAA" + "A" * 35, base64.b16encode(b"k" * 32).decode()]
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_bad_private_key_text_names_the_key(tmp_path: Path, bad: str) -> None:
+    agent_err(tmp_path, MINI_AGENT.replace(MH_KEY, f'private_key = "{bad}"\n'), "private_key",
+              "base64")
+    anchor_err(tmp_path, MINI_ANCHOR.replace(AN_KEY, f'private_key = "{bad}"\n') + PEER,
+               "private_key", "base64")
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_bad_public_keys_name_the_key(tmp_path: Path, bad: str) -> None:
+    agent_err(tmp_path, MINI_AGENT.replace(ANCHOR_PUB, f'public_key = "{bad}"\n'),
+              "anchor[0].public_key", "base64")
+    anchor_err(tmp_path, MINI_ANCHOR + PEER.replace(MH_PUB, bad), "peer[0].public_key", "base64")
+
+
+@pytest.mark.parametrize("value", ["5", "true", '["x"]', "{ a = 1 }"])
+def test_key_of_the_wrong_type(tmp_path: Path, value: str) -> None:
+    agent_err(tmp_path, MINI_AGENT.replace(MH_KEY, f"private_key = {value}\n"), "private_key")
+    anchor_err(tmp_path, MINI_ANCHOR.replace(AN_KEY, f"private_key_file = {value}\n") + PEER,
+               "private_key_file")
+
+
+def test_key_errors_never_echo_the_secret(tmp_path: Path) -> None:
+    # a private key missing its last character: the error must not print the rest of it
+    e = anchor_err(tmp_path, MINI_ANCHOR.replace(AN_PRIV, AN_PRIV[:-2]) + PEER, "private_key")
+    assert AN_PRIV[:-2] not in str(e)
+
+
+def test_agent_anchor_without_public_key(tmp_path: Path) -> None:
+    agent_err(tmp_path, MINI_AGENT.replace(ANCHOR_PUB, ""), "anchor[0].public_key", "missing")
+
+
+def test_anchor_without_peer(tmp_path: Path) -> None:
+    e = anchor_err(tmp_path, MINI_ANCHOR, "peer", "peer")
+    assert e.key == "peer"
+    anchor_err(tmp_path, MINI_ANCHOR + "peer = []\n", "peer")
+
+
+@pytest.mark.parametrize(("peers", "key", "words"), [
+    (f'[[peer]]\npublic_key = "{MH_PUB}"\n', "peer[0].name", ("missing",)),
+    ('[[peer]]\nname = "mh"\n', "peer[0].public_key", ("missing",)),
+    (f'[[peer]]\nname = "has space"\npublic_key = "{MH_PUB}"\n', "peer[0].name", ()),
+    (f'[[peer]]\nname = 7\npublic_key = "{MH_PUB}"\n', "peer[0].name", ("string",)),
+    (PEER + f'[[peer]]\nname = "mh"\npublic_key = "{PHONE_PUB}"\n', "peer[1].name",
+     ("twice",)),
+    (PEER + f'[[peer]]\nname = "phone"\npublic_key = "{MH_PUB}"\n', "peer[1].public_key",
+     ("another peer",)),
+    (PEER + f'[[peer]]\nname = "phone"\npublic_key = "{MH_PUB}  "\n', "peer[1].public_key",
+     ("another peer",)),
+    (f'[[peer]]\nname = "mh"\npublic_key = "{MH_PUB}"\ncolour = 1\n', "peer[0].colour",
+     ("unknown",)),
+    ('peer = [1]\n', "peer[0]", ()),
+    ('[peer]\nname = "mh"\n', "peer", ()),
+])
+def test_peer_errors(tmp_path: Path, peers: str, key: str, words: tuple[str, ...]) -> None:
+    anchor_err(tmp_path, MINI_ANCHOR + peers, key, *words)
+
+
+@pytest.mark.parametrize("value", ["1", '"yes"', '"true"', "0", "[true]"])
+def test_insecure_plaintext_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    line = f"insecure_plaintext_for_benchmarks = {value}\n"
+    agent_err(tmp_path, line + MINI_AGENT, "insecure_plaintext_for_benchmarks", "boolean")
+    anchor_err(tmp_path, MINI_ANCHOR + line + PEER, "insecure_plaintext_for_benchmarks",
+               "boolean")
+
+
+def test_insecure_plaintext_true_and_false(tmp_path: Path) -> None:
+    for v in (True, False):
+        line = f"insecure_plaintext_for_benchmarks = {str(v).lower()}\n"
+        assert agent(tmp_path, line + MINI_AGENT).plaintext_data is v
+        assert anchor(tmp_path, MINI_ANCHOR + line + PEER).plaintext_data is v
+
+
+# -- egress filter (anchor) ------------------------------------------------------------------
+
+
+def _nets(*cidrs: str) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(ipaddress.IPv4Network(c) for c in cidrs)
+
+
+def test_egress_defaults(tmp_path: Path) -> None:
+    cfg = anchor(tmp_path, MINI_ANCHOR + PEER)
+    assert cfg.allow_egress == ()
+    deny = set(cfg.deny_egress)
+    for must in ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12",
+                 "192.168.0.0/16", "100.64.0.0/10", "224.0.0.0/4", "240.0.0.0/4"):
+        assert ipaddress.IPv4Network(must) in deny, must
+    # the cloud metadata address and loopback are covered
+    for addr in ("169.254.169.254", "127.0.0.1", "10.9.8.7"):
+        assert any(ipaddress.IPv4Address(addr) in n for n in cfg.deny_egress)
+    assert not any(ipaddress.IPv4Address("198.51.100.7") in n for n in cfg.deny_egress)
+
+
+def test_egress_lists_are_normalised(tmp_path: Path) -> None:
+    cfg = anchor(tmp_path, MINI_ANCHOR
+                 + 'allow_egress = ["169.254.169.254", "10.1.2.3/8", " 192.168.1.0/24 "]\n'
+                 + 'deny_egress = ["198.51.100.7", "203.0.113.77/24"]\n' + PEER)
+    assert cfg.allow_egress == _nets("169.254.169.254/32", "10.0.0.0/8", "192.168.1.0/24")
+    assert cfg.deny_egress == _nets("198.51.100.7/32", "203.0.113.0/24")
+    assert all(isinstance(n, ipaddress.IPv4Network) for n in cfg.allow_egress + cfg.deny_egress)
+
+
+def test_empty_deny_egress_replaces_the_default(tmp_path: Path) -> None:
+    cfg = anchor(tmp_path, MINI_ANCHOR + "deny_egress = []\nallow_egress = []\n" + PEER)
+    assert cfg.deny_egress == () and cfg.allow_egress == ()
+
+
+@pytest.mark.parametrize("key", ["allow_egress", "deny_egress"])
+@pytest.mark.parametrize(("value", "words"), [
+    ('"10.0.0.0/8"', ("list",)),
+    ("[10]", ()),
+    ('["10.0.0.0/33"]', ("10.0.0.0/33",)),
+    ('["banana"]', ("banana",)),
+    ('["2001:db8::/32"]', ()),
+    ('["10.0.0.0/8", true]', ()),
+    ("true", ("boolean",)),
+])
+def test_egress_errors(tmp_path: Path, key: str, value: str, words: tuple[str, ...]) -> None:
+    anchor_err(tmp_path, MINI_ANCHOR + f"{key} = {value}\n" + PEER, key, *words)
+
+
+def test_agent_has_no_egress_or_peer_keys(tmp_path: Path) -> None:
+    agent_err(tmp_path, 'deny_egress = ["10.0.0.0/8"]\n' + MINI_AGENT, "deny_egress", "unknown")
+    agent_err(tmp_path, MINI_AGENT + PEER, "peer", "unknown")
 
 
 # -- Rule.matches -----------------------------------------------------------------------------
@@ -461,5 +744,5 @@ def test_rule_matches_from_loaded_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("table", [250, 252])
 def test_interface_tables_avoid_reserved_tables(tmp_path: Path, table: int) -> None:
     ifaces = "".join(f'[[interface]]\nname = "wan{i}"\n' for i in range(1, 5))
-    agent_err(tmp_path, f"table = {table}\n{ifaces}"
-                        '[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n', "table")
+    agent_err(tmp_path, f"table = {table}\n{MH_KEY}{ifaces}"
+                        '[[anchor]]\nname = "a"\naddress = "1.2.3.4"\n' + ANCHOR_PUB, "table")

@@ -105,6 +105,15 @@ def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
     loop.close()
 
 
+def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
+    try:
+        tun = TunDevice(name, loop)
+    except OSError as e:
+        raise StartupError(str(e.strerror or e)) from None
+    opened.append(tun)
+    return tun
+
+
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
     """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
     ensure_free(control_path)
@@ -137,11 +146,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state")
         host.cleanup_leftovers()
-        try:
-            tun = TunDevice(cfg.tun, loop)
-        except OSError as e:
-            raise StartupError(str(e.strerror or e)) from None
-        opened.append(tun)
+        tun = _open_tun(cfg.tun, loop, opened)
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
         host.setup()
         from .system.conntrack import Conntrack
@@ -192,11 +197,7 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
                           deny_egress=tuple(map(str, cfg.deny_egress)),
                           max_flows_per_host=cfg.max_flows_per_host)
         host.cleanup_leftovers()
-        try:
-            tun = TunDevice(cfg.tun, loop)
-        except OSError as e:
-            raise StartupError(str(e.strerror or e)) from None
-        opened.append(tun)
+        tun = _open_tun(cfg.tun, loop, opened)
         host.setup()
         anchor = Anchor(cfg, tun=tun, path=path)
 
