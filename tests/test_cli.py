@@ -193,9 +193,6 @@ def test_up_with_a_bad_key_exits_2_without_echoing_it(
     assert path in line and "private_key" in line and truncated not in line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: config.py _private_key: a non-UTF-8 private_key_file raises UnicodeDecodeError (not "
-    "ConfigError), so `up` exits 1 with 'internal error' instead of 2 naming private_key_file"))
 def test_up_with_a_binary_key_file_exits_2(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "mh.key").write_bytes(b"\xff\xfe\x00\n")

@@ -553,13 +553,7 @@ def test_private_key_file_unreadable(tmp_path: Path) -> None:
         kf.chmod(0o600)
 
 
-BINARY_KEY_FILE = pytest.param(
-    b"\xff\xfe\x00\n", id="binary",
-    marks=pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-        "BUG: config.py _private_key reads private_key_file with Path.read_text() and catches "
-        "only OSError: a non-UTF-8 key file raises UnicodeDecodeError instead of ConfigError "
-        "(the CLI then exits 1 with 'internal error'). Fix: also catch UnicodeDecodeError "
-        "(or read_bytes() and decode inside the try) and raise the 'not a base64 key' error.")))
+BINARY_KEY_FILE = pytest.param(b"\xff\xfe\x00\n", id="binary")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a key\n", BINARY_KEY_FILE,

@@ -25,14 +25,17 @@ FAST = settings(max_examples=400, deadline=None,
 # -- UPMT bodies -------------------------------------------------------------------------------
 
 FULL: dict[str, dict[str, Any]] = {
-    "AssociationReq": {"sipId": "laptop", "vipa": None, "addressInUse": ["10.1.0.2"]},
+    "AssociationReq": {"sipId": "laptop", "vipa": None, "addressInUse": ["10.1.0.2"],
+                       "dataPlaintext": False},
     "AssociationResp": {"associationSuccess": True, "vipa": "100.100.0.2", "reason": "",
-                        "role": "anchor", "addressesInUse": []},
+                        "role": "anchor", "addressesInUse": [], "dataPlaintext": False},
     "TunnelSetupReq": {"sipId": "laptop", "vipa": "100.100.0.2", "tunnelId": 7,
                        "interface": "wan1"},
-    "TunnelSetupResp": {"serverTunnelID": 3, "yourAddress": "203.0.113.11", "yourPort": 40001},
-    "KeepAlive": {"sipId": "laptop", "tunnelId": 3, "lastDelay": 12.5},
-    "KeepAliveResp": {"tunnelId": 3, "yourAddress": "203.0.113.11", "yourPort": 40001},
+    "TunnelSetupResp": {"serverTunnelID": 3, "yourAddress": "203.0.113.11", "yourPort": 40001,
+                        "challenge": "00ff"},
+    "KeepAlive": {"sipId": "laptop", "tunnelId": 3, "lastDelay": 12.5, "challenge": "00ff"},
+    "KeepAliveResp": {"tunnelId": 3, "yourAddress": "203.0.113.11", "yourPort": 40001,
+                      "challenge": ""},
 }
 
 

@@ -290,9 +290,11 @@ def _private_key(r: _Reader) -> bytes:
     if fpath is not None:
         full = Path(r.file).parent / fpath
         try:
-            text = full.read_text()
+            text = full.read_bytes().decode("ascii")
         except OSError as e:
             raise r.err("private_key_file", f"cannot read {full}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            text = ""    # reported as not a key just below
         return _key_text(r, "private_key_file", text)
     if text is None:
         raise r.err("private_key", "missing (generate one with `genkey`; there is no "

@@ -63,7 +63,7 @@ class Session:
     """Transport keys of one handshake: seal towards the peer, open what it sent."""
 
     __slots__ = ("local_index", "remote_index", "_send", "_recv", "send_counter", "window",
-                 "created", "peer", "rx_packets", "generation", "plain_data")
+                 "created", "peer", "rx_packets", "generation", "plain_data", "plain_window")
 
     def __init__(self, local_index: int, remote_index: int, send_key: bytes, recv_key: bytes,
                  created: float, peer: str = "", generation: int = 0,
@@ -79,6 +79,8 @@ class Session:
         self.rx_packets = 0
         self.generation = generation     # orders sessions of one association (rekeys)
         self.plain_data = plain_data     # insecure_plaintext_for_benchmarks: DATA unsealed
+        # unsealed DATA gets its own window: a forged one must not block sealed signalling
+        self.plain_window = ReplayWindow()
 
     def seal(self, ptype: int, payload: bytes | bytearray) -> bytes:
         """Header (to the peer's index) + ciphertext + tag."""
@@ -97,12 +99,14 @@ class Session:
         if len(data) < HEADER_LEN + (0 if plain else TAG_LEN):
             return None
         counter = HEADER.unpack_from(data)[2]
-        if not self.window.check(counter):
-            return None
         if plain:
-            self.window.update(counter)
+            if not self.plain_window.check(counter):
+                return None
+            self.plain_window.update(counter)
             self.rx_packets += 1
             return counter, data[HEADER_LEN:]
+        if not self.window.check(counter):
+            return None
         try:
             pt = self._recv.decrypt(_NONCE.pack(counter), data[HEADER_LEN:], data[:HEADER_LEN])
         except InvalidTag:

@@ -95,7 +95,52 @@ class AgentForwarder:
         self.paft = Paft()
         self.by_path: dict[tuple[str, str], Tunnel] = {}   # (interface, anchor) -> tunnel
         self.sessions: dict[int, tuple[AnchorLink, Session]] = {}   # receive side
+        self.prefer: dict[str, tuple[str, str | None]] = {}   # rule -> (interface, anchor)
         self.drops: Counter[str] = Counter()
+
+    # -- operator moves (explicit handover) ---------------------------------------------
+    def _preferred(self, fc: FlowClass, iface: str, anchor: str | None) -> FlowClass:
+        rest = tuple(v for v in (fc.via or tuple(self.interfaces)) if v != iface)
+        return FlowClass(fc.rule, (iface, *rest), anchor or fc.anchor, fc.app_src)
+
+    def move_rule(self, rule: str, iface: str, anchor: str | None, now: float) -> int:
+        """Make ``iface`` the first choice of ``rule`` (and ``anchor`` its anchor for new
+        flows); move its flows there now where that path is usable. Returns how many moved.
+        Failover stays on: the rule's other interfaces still take over if ``iface`` fails."""
+        self.prefer[rule] = (iface, anchor)
+        moved = 0
+        for f in self.paft.flows():
+            if f.rule != rule or not isinstance(f.policy, FlowClass):
+                continue
+            f.policy = self._preferred(f.policy, iface, None)
+            t = self.usable(iface, f.anchor)
+            if t is not None and t.tid != f.tunnel:
+                f.move(now, t.tid, "operator")
+                moved += 1
+        return moved
+
+    def move_one(self, f: Flow, iface: str, now: float) -> bool:
+        """Move one flow to ``iface`` (same anchor: its public address stays)."""
+        fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
+        f.policy = self._preferred(fc, iface, None)
+        t = self.usable(iface, f.anchor)
+        if t is None:
+            return False
+        if t.tid != f.tunnel:
+            f.move(now, t.tid, "operator")
+        return True
+
+    def restore_preferences(self, now: float) -> int:
+        """Call after a tunnel came up: flows go back to their first usable choice."""
+        moved = 0
+        for f in self.paft.flows():
+            if not isinstance(f.policy, FlowClass):
+                continue
+            t = self._candidates(f.policy, f.key[2], f.anchor)
+            if t is not None and t.tid != f.tunnel:
+                f.move(now, t.tid, "preference restored")
+                moved += 1
+        return moved
 
     # -- control-plane hooks (called by the signalling driver) --------------------------
     def add_tunnel(self, interface: str, iface_index: int, anchor: str,
@@ -184,6 +229,9 @@ class AgentForwarder:
 
     def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
         fc = self.classify(key)
+        pref = self.prefer.get(fc.rule)
+        if pref is not None:
+            fc = self._preferred(fc, *pref)
         t = self._candidates(fc, key[2], None)
         if t is None:
             self.drops["no_tunnel"] += 1

@@ -192,8 +192,8 @@ class AnchorSignalling:
         if t.remote != src:
             log.info("tunnel %d of %s moved %s:%d -> %s:%d", t.tid, a.mh, *t.remote, *src)
             self._move(a, t, src)
-        elif t.state != "up" and secrets.compare_digest(str(c.get("challenge", "")),
-                                                        t.challenge):
+        elif t.state != "up" and secrets.compare_digest(
+                str(c.get("challenge", "")).encode(), t.challenge.encode()):
             t.state = "up"                       # path validated: it may carry data now
             if a.last_tunnel is None or a.last_tunnel.state != "up":
                 a.last_tunnel = t

@@ -35,6 +35,15 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 
+def _utf8(s: str) -> bool:
+    """JSON may carry lone surrogates ("\\ud800"): refuse them at the boundary."""
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def encode(signals: list[tuple[str, dict[str, Any]]]) -> bytes:
     """Serialise signals into a MESSAGE body."""
     return json.dumps([{"MType": t, "MContent": c} for t, c in signals],
@@ -72,7 +81,7 @@ def decode(body: bytes) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"{mtype}: bad {name}")
             if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 0xFFFFFFFF:
                 raise ValueError(f"{mtype}: {name} out of range")
-            if isinstance(v, str) and len(v) > 256:
-                raise ValueError(f"{mtype}: {name} too long")
+            if isinstance(v, str) and (len(v) > 256 or not _utf8(v)):
+                raise ValueError(f"{mtype}: {name} too long or not UTF-8")
         out.append((mtype, content))
     return out
