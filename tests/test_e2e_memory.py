@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from upmt_tun import keys
-from upmt_tun.agent import Agent, IfaceSeam, rule_classifier
+from upmt_tun.agent import Agent, IfaceSeam, UsageError, rule_classifier
 from upmt_tun.anchor import Anchor
 from upmt_tun.config import load_agent_config, load_anchor_config
 from upmt_tun.dataplane.io import FakeNetwork, FakeTun
@@ -348,5 +348,55 @@ async def test_rekey_drops_nothing_and_old_session_still_opens(tmp_path: Path) -
         before = len(w.an_tuns[0].written)
         an._on_datagram(late, w.net.mappings[w.s1.local])         # a late old-session packet
         assert len(w.an_tuns[0].written) == before + 1
+    finally:
+        await w.stop()
+
+
+async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40001, 80, b"b"))
+        await w.settle()
+        assert {f["interface"] for f in w.agent.status()["flows"]} == {"wan1"}
+        assert w.agent.move(rule="web", via="wan2") == 2
+        for sport in (40000, 40001, 40002):          # existing flows and a new one
+            w.mh_tun.inject(pb.tcp("100.64.0.1", CH, sport, 80, b"c"))
+        await w.settle()
+        flows = w.agent.status()["flows"]
+        assert {f["interface"] for f in flows} == {"wan2"} and len(flows) == 3
+        assert flows[0]["history"][-1]["reason"] == "operator"
+        assert {f["interface"] for f in w.anchors[0].status()["flows"]} == {"wan2"}
+        before = {t["interface"]: t["rx_packets"] for t in w.agent.status()["tunnels"]}
+        w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"down"))   # downlink follows
+        await w.settle()
+        after = {t["interface"]: t["rx_packets"] for t in w.agent.status()["tunnels"]}
+        assert after["wan2"] == before["wan2"] + 1 and after["wan1"] == before["wan1"]
+        # one flow back to wan1
+        fid = flows[0]["id"]
+        assert w.agent.move(flow=fid, via="wan1") == 1
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, flows[0]["sport"], 80, b"d"))
+        await w.settle()
+        by_id = {f["id"]: f["interface"] for f in w.agent.status()["flows"]}
+        assert by_id[fid] == "wan1"
+        # failover stays on: wan2 down -> rule's flows on wan1; back when wan2 returns
+        fwd = w.agent.fwd
+        t2 = fwd.by_path[("wan2", "an1")]
+        fwd.tunnel_down(t2)
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40002, 80, b"e"))
+        await w.settle()
+        f3 = next(f for f in fwd.paft.flows() if f.key[3] == 40002)
+        assert fwd.tunnels.get(f3.tunnel).interface == "wan1"
+        fwd.tunnel_up(t2, t2.un_tid, 0.0)
+        assert fwd.restore_preferences(0.0) >= 1
+        assert fwd.tunnels.get(f3.tunnel).interface == "wan2"
+        assert f3.history[-1][3] == "preference restored"
+        # bad names are usage errors
+        for kw in ({"rule": "nope", "via": "wan1"}, {"rule": "web", "via": "eth9"},
+                   {"flow": 999, "via": "wan1"}):
+            with pytest.raises(UsageError):
+                w.agent.move(**kw)  # type: ignore[arg-type]
     finally:
         await w.stop()

@@ -338,3 +338,35 @@ def test_egress_policy_blocks_metadata_and_the_anchor_itself(topo: Topology, www
         assert curl(topo, "http://169.254.169.254:8080/file.bin").stdout == "200"
     finally:
         lab.stop()
+
+
+def test_move_rule_during_a_download_is_seamless(topo: Topology, www: Path,
+                                                 tmp_path: Path) -> None:
+    """`upmt-agent move --rule` in the middle of a legacy download: the bytes arrive intact
+    and the anchor's downlink follows the flow to the new interface by itself."""
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab").start()
+    try:
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "--limit-rate", "1M", "-o", str(got), "-w",
+                        "%{http_code}", f"http://{CH}:8080/file.bin", stdout=subprocess.PIPE,
+                        text=True)
+        deadline = time.monotonic() + 10
+        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        r = lab.agent_cli("move", "--rule", "web", "--via", "wan2")
+        assert "1 flow(s) moved to wan2" in r.stdout
+        out, _ = dl.communicate(timeout=30)
+        assert out == "200" and sha(got) == sha(www / "file.bin")
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["interface"] == "wan2" and flow["history"][-1]["reason"] == "operator"
+        (an_flow,) = lab.anchor_status()["flows"]
+        assert an_flow["interface"] == "wan2"
+        assert an_flow["history"][-1]["reason"] == "implicit handover"
+        bad = lab.agent_cli("move", "--rule", "nope", "--via", "wan1", check=False)
+        assert bad.returncode == 2 and "no rule" in bad.stderr
+        ok = lab.agent_cli("move", "--flow", str(flow["id"]), "--via", "wan1")
+        assert ok.returncode == 0
+    finally:
+        lab.stop()

@@ -32,7 +32,7 @@ from .signalling.client import SipClient, SipError
 from .signalling.handshake import Initiation
 from .tables import PROTO_NAMES, Flow, FlowKey, Tunnel, ip_str
 
-__all__ = ["Agent", "IfaceSeam", "rule_classifier"]
+__all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,14 @@ def rule_classifier(rules: tuple[Rule, ...],
         return FlowClass("", (), None, app_src)
 
     return classify_flow
+
+
+class UsageError(ValueError):
+    """A command named something that does not exist (exit 2)."""
+
+
+class MoveError(RuntimeError):
+    """A move that cannot be done now (exit 1)."""
 
 
 class _SealedPath:
@@ -329,6 +337,7 @@ class Agent:
         if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):
             return False
         self.fwd.tunnel_up(t, t.un_tid, self.clock())
+        self.fwd.restore_preferences(self.clock())
         t.rtt_ms = rtt * 1000.0
         log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
                  *self.anchors[anchor], resp["yourAddress"], resp["yourPort"])
@@ -378,6 +387,44 @@ class Agent:
             misses += 1
             if misses >= DEAD_AFTER:
                 return
+
+    # -- operator commands ---------------------------------------------------------------
+    def move(self, *, via: str, rule: str | None = None, flow: int | None = None,
+             anchor: str | None = None) -> int:
+        """Explicit handover (``upmt-agent move``): returns how many flows moved now.
+        UsageError for names that do not exist; MoveError when the path is not usable.
+        The anchor follows each moved flow by itself on its next uplink packet."""
+        names = [i.name for i in self.ifaces]
+        if via not in names:
+            raise UsageError(f"no interface {via!r} (this agent uses {', '.join(names)})")
+        if anchor is not None and anchor not in self.anchors:
+            raise UsageError(f"no anchor {anchor!r}")
+        now = self.clock()
+        if rule is not None:
+            if rule not in {r.name for r in self.cfg.rules}:
+                raise UsageError(f"no rule {rule!r}")
+            return self.fwd.move_rule(rule, via, anchor, now)
+        f = self.fwd.paft.by_id.get(flow if flow is not None else -1)
+        if f is None:
+            raise UsageError(f"no flow {flow} (see upmt-agent status)")
+        if not self.fwd.move_one(f, via, now):
+            raise MoveError(f"interface {via} has no usable tunnel to anchor {f.anchor}")
+        return 1
+
+    async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """Agent-specific control commands; None: not one of ours."""
+        if req.get("cmd") != "move":
+            return None
+        try:
+            flow = req.get("flow")
+            moved = self.move(via=str(req.get("via")), rule=req.get("rule"),
+                              flow=int(flow) if flow is not None else None,
+                              anchor=req.get("anchor"))
+        except UsageError as e:
+            return {"ok": False, "usage": True, "error": str(e)}
+        except (MoveError, ValueError, TypeError) as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "moved": moved}
 
     # -- status ------------------------------------------------------------------------
     def flow_json(self, f: Flow) -> dict[str, Any]:

@@ -190,7 +190,16 @@ def agent_main(argv: list[str] | None = None) -> int:
             return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
         if args.cmd == "status":
             return _status(prog, args, "agent", _print_agent_status)
-        # NOT IMPLEMENTED YET: explicit handover and per-program steering (issue 4).
+        if args.cmd == "move":
+            answer = request(_control_path(args, "agent"),
+                             {"cmd": "move", "rule": args.rule, "flow": args.flow,
+                              "via": args.via, "anchor": args.anchor})
+            if not answer.get("ok"):
+                return _fail(prog, str(answer.get("error")), 2 if answer.get("usage") else 1)
+            what = f"rule {args.rule}" if args.rule else f"flow {args.flow}"
+            print(f"{what}: {answer.get('moved', 0)} flow(s) moved to {args.via}")
+            return 0
+        # NOT IMPLEMENTED YET: per-program steering (handover issue).
         return _fail(prog, f"'{args.cmd}' is not implemented yet (planned: handover issue)")
 
     return _run(prog, go)

@@ -81,6 +81,10 @@ async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
         if cmd == "down":
             loop.call_soon(stop.set)
             return {"ok": True}
+        extra = getattr(runner, "control", None)
+        answer = await extra(req) if extra is not None else None
+        if answer is not None:
+            return dict(answer)
         return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
 
     control = ControlServer(control_path, handle)
