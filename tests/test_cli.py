@@ -292,11 +292,13 @@ def test_anchor_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 # -- unfinished commands (documented: the handover issue) -------------------------------------
 
 
-def test_run_not_implemented_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert agent_main(["run", "--rule", "web", "--", "sleep", "1"]) == 1
+def test_run_without_a_program_or_agent(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    sock = str(tmp_path / "none.sock")
+    assert agent_main(["run", "--rule", "web", "--control", sock, "--"]) == 2
+    assert agent_main(["run", "--rule", "web", "--control", sock, "--", "true"]) == 1
     out, err = capsys.readouterr()
-    assert "not implemented yet" in one_line(err)
-    assert out == ""
+    assert "give a program" in err and "nothing is running" in err and out == ""
 
 
 @pytest.mark.parametrize("argv", [

@@ -370,3 +370,35 @@ def test_move_rule_during_a_download_is_seamless(topo: Topology, www: Path,
         assert ok.returncode == 0
     finally:
         lab.stop()
+
+
+def test_run_steers_one_program_whatever_its_ports(topo: Topology, www: Path,
+                                                   tmp_path: Path) -> None:
+    """`upmt-agent run --rule R -- curl ...`: that curl's traffic belongs to R (cgroup v2 +
+    nft socket cgroupv2) although R's header match never matches it; the same curl run
+    normally is not steered."""
+    srv = HttpServer(topo, "ch", 8080, www)
+    rules = ('[[rule]]\nname = "prog"\nprotocol = "udp"\ndst_port = 9\n'
+             'via = ["wan2"]\n')
+    lab = Lab(topo, tmp_path / "lab", rules=rules)
+    lab.write_configs()
+    # `ip netns exec` mounts a fresh /sys without cgroup2: mount it in that private mount
+    # namespace (the host's mounts are untouched), as a normally started agent has it.
+    cg = "mount -t cgroup2 none /sys/fs/cgroup && exec "
+    lab._start("anchor0", "an", ["upmt-anchor", "--config", str(lab.dir / "anchor0.toml")])
+    lab._start("agent", "mh", ["sh", "-c", cg + f"upmt-agent up --config {lab.dir}/agent.toml"])
+    try:
+        r = topo.run("mh", "sh", "-c", cg + f"upmt-agent run --control {lab.agent_control} "
+                     f"--rule prog -- curl -sS -m 10 -o /dev/null -w %{{http_code}} "
+                     f"http://{CH}:8080/file.bin")
+        assert r.stdout == "200", r.stderr
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert srv.clients() == ["203.0.113.1", "203.0.113.11"]
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["rule"] == "prog" and flow["interface"] == "wan2" and flow["dport"] == 8080
+        bad = lab.agent_cli("run", "--rule", "nope", "--", "true", check=False)
+        assert bad.returncode == 2
+    finally:
+        lab.stop()
+    assert not list(Path("/sys/fs/cgroup").glob("upmt-*")), "cgroups left behind"
+    assert not list(Path("/sys/fs/cgroup").glob("*/upmt-*")), "cgroups left behind"

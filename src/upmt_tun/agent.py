@@ -111,8 +111,10 @@ class Agent:
                  anchors: dict[str, tuple[str, int]],
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
-                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 cgroup_of: Callable[[str], str | None] | None = None) -> None:
         self.cfg = cfg
+        self.cgroup_of = cgroup_of
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self.anchors = anchors                     # name -> resolved (ip, port)
@@ -413,6 +415,14 @@ class Agent:
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
         """Agent-specific control commands; None: not one of ours."""
+        if req.get("cmd") == "cgroup":
+            rule = req.get("rule")
+            if rule not in {r.name for r in self.cfg.rules}:
+                return {"ok": False, "usage": True, "error": f"no rule {rule!r}"}
+            path = self.cgroup_of(str(rule)) if self.cgroup_of is not None else None
+            if path is None:
+                return {"ok": False, "error": "per-program steering needs cgroup v2"}
+            return {"ok": True, "path": path}
         if req.get("cmd") != "move":
             return None
         try:

@@ -121,6 +121,27 @@ def _status(prog: str, args: argparse.Namespace, kind: str,
     return 0
 
 
+def _run_program(prog: str, args: argparse.Namespace) -> int:
+    """``upmt-agent run --rule R -- PROGRAM ...``: join R's cgroup, then become PROGRAM."""
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        return _fail(prog, "run: give a program after --", 2)
+    answer = request(_control_path(args, "agent"), {"cmd": "cgroup", "rule": args.rule})
+    if not answer.get("ok"):
+        return _fail(prog, str(answer.get("error")), 2 if answer.get("usage") else 1)
+    try:
+        with open(os.path.join(str(answer["path"]), "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        return _fail(prog, f"cannot join cgroup {answer['path']}: {e.strerror}")
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        return _fail(prog, f"cannot run {argv[0]}: {e.strerror}", 127)
+
+
 def _common(p: argparse.ArgumentParser, config_default: str) -> None:
     p.add_argument("--config", help=f"config file (default {config_default})")
     p.add_argument("--control", help="control socket path (default: config's, else /run/upmt/)")
@@ -199,8 +220,7 @@ def agent_main(argv: list[str] | None = None) -> int:
             what = f"rule {args.rule}" if args.rule else f"flow {args.flow}"
             print(f"{what}: {answer.get('moved', 0)} flow(s) moved to {args.via}")
             return 0
-        # NOT IMPLEMENTED YET: per-program steering (handover issue).
-        return _fail(prog, f"'{args.cmd}' is not implemented yet (planned: handover issue)")
+        return _run_program(prog, args)
 
     return _run(prog, go)
 

@@ -143,8 +143,9 @@ class Lab:
         return self
 
     def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.topo.run("mh", *_exe("upmt-agent"), *args, "--control", self.agent_control,
-                             check=check)
+        sub, *rest = args      # --control right after the subcommand (run's program follows)
+        return self.topo.run("mh", *_exe("upmt-agent"), sub, "--control", self.agent_control,
+                             *rest, check=check)
 
     def agent_status(self) -> dict[str, Any]:
         out: dict[str, Any] = json.loads(self.agent_cli("status", "--json").stdout)

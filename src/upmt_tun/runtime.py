@@ -23,6 +23,7 @@ from .dataplane.packet import OVERHEAD
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
+from .system.cgroups import RuleCgroups
 from .tables import FlowKey, ip_str
 
 __all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
@@ -109,6 +110,16 @@ def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
     loop.close()
 
 
+class _CgroupsCloser:
+    """close() removes the cgroups (so they go with the other opened things)."""
+
+    def __init__(self, cg: RuleCgroups) -> None:
+        self.cg = cg
+
+    def close(self) -> None:
+        self.cg.remove()
+
+
 def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
     try:
         tun = TunDevice(name, loop)
@@ -147,6 +158,16 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
                  for idx, (info, gw) in enumerate(ifaces)]
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
+        cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
+        if cgroups.root is not None and cfg.rules:
+            cgroups.create()
+            opened.append(_CgroupsCloser(cgroups))
+            # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
+            # whatever its ports; checked before the header matches.
+            rules = [RuleMatch(r.index, "any", None, None, None, None,
+                               cgroups.relative(r.name)) for r in cfg.rules] + rules
+        else:
+            log.warning("no cgroup v2: `upmt-agent run` will not be available")
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state")
         host.cleanup_leftovers()
@@ -161,7 +182,8 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
             return ct.lookup_reply(key[0], ip_str(key[2]), ip_str(key[1]), key[4], key[3])
 
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
-                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark))
+                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
+                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None)
 
         async def on_ready() -> None:
             try:

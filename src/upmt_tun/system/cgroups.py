@@ -1,0 +1,79 @@
+"""Per-rule cgroups (v2) for per-program steering: ``upmt-agent run --rule NAME -- PROG``.
+
+The agent creates ``<cgroup2 root>/upmt-<tag>/<rule>`` for each rule (tag: a hash of
+its control socket path, so agents in several network namespaces of one machine do
+not collide: cgroups are machine-wide) and steers every socket of a process in it
+with nft ``socket cgroupv2``; ``run`` writes its own pid into ``cgroup.procs`` and
+execs the program. No kernel patch (the original UPMT needed one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+
+from upmt_tun.system.errors import SystemSetupError
+
+__all__ = ["RuleCgroups", "cgroup2_root"]
+
+log = logging.getLogger(__name__)
+
+
+def cgroup2_root(mounts: str = "/proc/self/mounts") -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or its ``unified``
+    subdirectory on a hybrid host), or None."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    found = [Path(f.split()[1]) for f in lines if len(f.split()) > 2 and f.split()[2] == "cgroup2"]
+    return min(found, key=lambda p: len(p.parts), default=None)
+
+
+class RuleCgroups:
+    def __init__(self, control_path: str, rules: list[str]) -> None:
+        self.root = cgroup2_root()
+        self.tag = "upmt-" + hashlib.blake2s(control_path.encode(), digest_size=4).hexdigest()
+        self.rules = rules
+        self.made: list[Path] = []
+
+    def relative(self, rule: str) -> str:
+        """The rule's cgroup, relative to the cgroup v2 root (as config ``cgroup`` keys)."""
+        return f"{self.tag}/{rule}"
+
+    def path(self, rule: str) -> Path:
+        if self.root is None:
+            raise SystemSetupError("per-program steering needs cgroup v2")
+        return self.root / self.tag / rule
+
+    def create(self) -> None:
+        """Make the cgroups (reusing those a killed run left)."""
+        if self.root is None:
+            raise SystemSetupError("no cgroup v2 hierarchy mounted")
+        try:
+            top = self.root / self.tag
+            top.mkdir(exist_ok=True)
+            self.made.append(top)
+            for r in self.rules:
+                d = top / r
+                d.mkdir(exist_ok=True)
+                self.made.append(d)
+        except OSError as e:
+            raise SystemSetupError(f"cannot create cgroups under {self.root}: {e.strerror}") \
+                from None
+
+    def remove(self) -> None:
+        """Move any process still in them to the root cgroup, then remove them (never raises)."""
+        assert self.root is not None or not self.made
+        for d in reversed(self.made):
+            with contextlib.suppress(OSError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (self.root / "cgroup.procs").write_text(pid)   # type: ignore[operator]
+            try:
+                d.rmdir()
+            except OSError as e:
+                log.warning("cannot remove cgroup %s: %s", d, e.strerror)
+        self.made.clear()
