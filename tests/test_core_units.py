@@ -125,3 +125,18 @@ def test_paft_per_source_cap_protects_other_hosts() -> None:
     paft.remove(first)
     assert paft.add((6, a, b"x" * 4, 99, 80), 1, 0.0) is not None    # a freed slot is reusable
     assert paft.per_source[a] == 3 and paft.per_source[b] == 1
+
+
+def test_linkwatch_parse_link_messages_only() -> None:
+    import struct as s
+
+    from upmt_tun.system.linkwatch import IFF_LOWER_UP, IFF_UP, RTM_DELLINK, RTM_NEWLINK, parse
+
+    def msg(mtype: int, index: int, flags: int, extra: bytes = b"") -> bytes:
+        body = s.pack("=BxHiII", 2, 1, index, flags, 0) + extra
+        return s.pack("=IHHII", 16 + len(body), mtype, 0, 0, 0) + body
+
+    data = (msg(RTM_NEWLINK, 3, IFF_UP | IFF_LOWER_UP) + msg(RTM_NEWLINK, 4, IFF_UP)
+            + msg(20, 5, 0) + msg(RTM_DELLINK, 6, IFF_UP | IFF_LOWER_UP, b"\0" * 4))
+    assert list(parse(data)) == [(3, True), (4, False), (6, False)]
+    assert list(parse(b"\xff" * 7)) == [] and list(parse(data[:-3])) == [(3, True), (4, False)]

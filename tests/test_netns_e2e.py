@@ -402,3 +402,42 @@ def test_run_steers_one_program_whatever_its_ports(topo: Topology, www: Path,
         lab.stop()
     assert not list(Path("/sys/fs/cgroup").glob("upmt-*")), "cgroups left behind"
     assert not list(Path("/sys/fs/cgroup").glob("*/upmt-*")), "cgroups left behind"
+
+
+def test_link_down_moves_flows_at_once_and_link_up_brings_the_tunnel_back(
+        topo: Topology, www: Path, tmp_path: Path) -> None:
+    """wan1 loses its carrier in the middle of a download: the agent hears it from the
+    kernel, its tunnel goes down at once and the flow continues on wan2 (no keepalive
+    timeout); when wan1 returns its route is re-made and its tunnel comes back up."""
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30").start()
+    try:
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "--limit-rate", "1M", "-o", str(got), "-w",
+                        "%{http_code}", f"http://{CH}:8080/file.bin", stdout=subprocess.PIPE,
+                        text=True)
+        deadline = time.monotonic() + 10
+        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        topo.set_link("mh", "wan1", False)
+        while time.monotonic() - t0 < 5:
+            (flow,) = lab.agent_status()["flows"]
+            if flow["interface"] == "wan2":
+                break
+            time.sleep(0.05)
+        moved_after = time.monotonic() - t0
+        assert flow["interface"] == "wan2" and flow["history"][-1]["reason"] == "tunnel down"
+        assert moved_after < 3.0       # keepalive is 30 s: only the link event explains this
+        out, _ = dl.communicate(timeout=30)
+        assert out == "200" and sha(got) == sha(www / "file.bin")
+        topo.set_link("mh", "wan1", True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            states = {t["interface"]: t["state"] for t in lab.agent_status()["tunnels"]}
+            if states == {"wan1": "up", "wan2": "up"}:
+                break
+            time.sleep(0.2)
+        assert states == {"wan1": "up", "wan2": "up"}
+    finally:
+        lab.stop()

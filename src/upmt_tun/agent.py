@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,9 +112,13 @@ class Agent:
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 cgroup_of: Callable[[str], str | None] | None = None) -> None:
+                 cgroup_of: Callable[[str], str | None] | None = None,
+                 link_returned: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
+        self.link_returned = link_returned       # e.g. restore that interface's route
+        self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
+        self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self.anchors = anchors                     # name -> resolved (ip, port)
@@ -183,6 +187,7 @@ class Agent:
             for i in self.ifaces:
                 self.fwd.add_tunnel(i.name, i.index, a, i.path.local, self.anchors[a], now)
                 self.first_attempt[(i.name, a)] = asyncio.Event()
+                self._wake[(i.name, a)] = asyncio.Event()
                 self._tasks.append(asyncio.create_task(self._tunnel(i, a)))
 
     async def wait_ready(self) -> None:
@@ -198,6 +203,45 @@ class Agent:
         self.tun.close()
         for i in self.ifaces:
             i.path.close()
+
+    # -- link events -------------------------------------------------------------------
+    def on_link(self, name: str, usable: bool) -> None:
+        """Call when the kernel reports an access interface down or back up: its tunnels go
+        down at once (their flows move on their next packet) or are retried at once."""
+        if name not in self.link_up or self.link_up[name] == usable:
+            return
+        self.link_up[name] = usable
+        if not usable:
+            for (iface, _anchor), t in self.fwd.by_path.items():
+                if iface == name and t.state == "up":
+                    self.fwd.tunnel_down(t)
+                    log.warning("link %s down: tunnel %d down, its flows move", name, t.tid)
+            self._wake_all(name)
+        else:
+            log.info("link %s back up", name)
+            self._tasks.append(asyncio.create_task(self._returned(name)))
+
+    async def _returned(self, name: str) -> None:
+        if self.link_returned is not None:
+            try:
+                await self.link_returned(name)
+            except Exception as e:   # the tunnel task retries anyway
+                log.warning("link %s: %s", name, e)
+        self._wake_all(name)
+
+    def _wake_all(self, name: str) -> None:
+        for (iface, _anchor), ev in self._wake.items():
+            if iface == name:
+                ev.set()
+
+    async def _nap(self, i: IfaceSeam, anchor: str, seconds: float) -> None:
+        """Sleep, but wake up at once on a link event of ``i``."""
+        ev = self._wake[(i.name, anchor)]
+        try:
+            await asyncio.wait_for(ev.wait(), seconds)
+        except TimeoutError:
+            pass
+        ev.clear()
 
     # -- handshake ---------------------------------------------------------------------
     async def _session(self, i: IfaceSeam, anchor: str, *, rekey: bool = False,
@@ -314,11 +358,17 @@ class Agent:
                 log.warning("tunnel %d (%s -> %s) down", t.tid, i.name, anchor)
             else:
                 first.set()
-                await asyncio.sleep(backoff)
+                await self._nap(i, anchor, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+                if not self.link_up[i.name]:
+                    backoff = 1.0
+                    while not self.link_up[i.name]:     # nothing to try until it returns
+                        await self._nap(i, anchor, BACKOFF_MAX)
+                    continue
             # a dead path or an anchor that restarted (and answers nothing sealed with keys
-            # it forgot): start again from a fresh handshake
-            await self._session(i, anchor, force=True)
+            # it forgot): start again from a fresh handshake (not through a link that is down)
+            if self.link_up[i.name]:
+                await self._session(i, anchor, force=True)
 
     async def _setup(self, i: IfaceSeam, anchor: str, t: Tunnel) -> bool:
         """TunnelSetupReq through ``i``, then echo the path challenge from the same socket."""
@@ -379,7 +429,9 @@ class Agent:
         """Returns when the tunnel is considered down (or must be set up again)."""
         misses = 0
         while True:
-            await asyncio.sleep(self.cfg.keepalive_s)
+            await self._nap(i, anchor, self.cfg.keepalive_s)
+            if not self.link_up[i.name]:
+                return                                   # link down: the tunnel is down
             await self._session(i, anchor, rekey=True)   # on failure the old session goes on
             if await self._keepalive_once(i, anchor, t):
                 misses = 0

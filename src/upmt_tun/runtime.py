@@ -24,6 +24,7 @@ from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
+from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
 
 __all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
@@ -181,9 +182,20 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         def lookup(key: FlowKey) -> tuple[int, str] | None:
             return ct.lookup_reply(key[0], ip_str(key[2]), ip_str(key[1]), key[4], key[3])
 
+        gateways = {p.name: p.gateway for p in plans}
+
+        async def link_returned(name: str) -> None:
+            # the kernel dropped the interface's routes when it went down: re-make its table
+            assert host is not None
+            await asyncio.to_thread(host.restore_iface_route, name, gateways.get(name))
+
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
                       classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
-                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None)
+                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
+                      link_returned=link_returned)
+        by_index = {info.index: info.name for info, _ in ifaces}
+        opened.append(LinkWatch(loop, lambda idx, up: agent.on_link(by_index[idx], up)
+                                if idx in by_index else None))
 
         async def on_ready() -> None:
             try:

@@ -280,11 +280,11 @@ class AgentHost:
         for name in [self.tun, *indexes]:
             self._sysctl.set(iface_key("net.ipv4.conf", name, "src_valid_mark"), "1")
 
-        routes = [
-            Route(self.table + 1 + i.index, oif=indexes[i.name], gateway=i.gateway, dev=i.name)
-            for i in self.ifaces
-        ]
-        routes.append(Route(self.table, oif=tun.index, dev=self.tun))
+        for i in self.ifaces:      # undo = flush: the route may be re-made on link changes
+            table = self.table + 1 + i.index
+            self._undo.push(f"routes of table {table}", partial(netlink.flush_table, table))
+            netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway, dev=i.name))
+        routes = [Route(self.table, oif=tun.index, dev=self.tun)]
         routes.append(Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC))
         for route in routes:
             added = netlink.add_route(route)
@@ -297,6 +297,16 @@ class AgentHost:
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
         log.info("agent host set up: %d rule(s), %d interface(s)", len(self.rules), len(indexes))
+
+    def restore_iface_route(self, name: str, gateway: str | None) -> None:
+        """After an access interface came back (the kernel removed its routes when it went
+        down): re-make the default route of its table, through ``gateway`` (None: on-link)."""
+        plan = next((i for i in self.ifaces if i.name == name), None)
+        if plan is None:
+            return
+        table = self.table + 1 + plan.index
+        netlink.flush_table(table)
+        netlink.add_route(Route(table, oif=netlink.link_index(name), gateway=gateway, dev=name))
 
     def teardown(self) -> None:
         """Undo everything ``setup`` did (newest first). Idempotent; never raises."""
