@@ -1,4 +1,6 @@
-"""Smoke run of benchmarks/throughput.py: it works end to end. No timing assertions."""
+"""Smoke runs of benchmarks/crypto_cost.py and throughput.py: they work end to end.
+
+No timing assertions."""
 
 from __future__ import annotations
 
@@ -13,12 +15,28 @@ from upmt_tun.testbed import tool_missing
 
 from .conftest import netns_missing
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCH / "throughput.py"
 _WHY = netns_missing() or ("needs iperf3" if tool_missing("iperf3") else None)
 
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(_WHY is not None, reason=str(_WHY))]
+
+def test_crypto_cost_quick_run(tmp_path: Path) -> None:
+    """In process, no root: every case ran and really pushed its packets through."""
+    out = tmp_path / "crypto.json"
+    r = subprocess.run([sys.executable, str(BENCH / "crypto_cost.py"), "--quick", "--json",
+                        str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    names = {c["case"] for c in data["cases"]}
+    for pipe in ("agent from_tun (uplink)", "anchor from_path (uplink)",
+                 "anchor from_tun (downlink)", "agent from_path (downlink)"):
+        assert {f"{pipe} 1400 B sealed", f"{pipe} 1400 B plaintext"} <= names, pipe
+    assert all(c["best_us"] > 0 for c in data["cases"])
 
 
+@pytest.mark.netns
+@pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 def test_throughput_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
@@ -26,10 +44,21 @@ def test_throughput_quick_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == []
-    for path in ("raw", "upmt_tun"):
+    # all three paths carried TCP both ways: raw, the encrypted tunnel, the plaintext one
+    for path in ("raw", "upmt_tun", "upmt_plain"):
         for test in ("tcp_upload", "tcp_download"):
             assert data["paths"][path][test]["bytes"] > 0, (path, test)
-    assert data["steering_check"]["tcp_5201_via_tunnel"] is True
-    assert data["steering_check"]["nothing_5202_in_tunnel"] is True
-    assert {row["metric"] for row in data["table"]} >= {"TCP upload Gbit/s",
-                                                        "TCP download Gbit/s"}
+    # each lab steered port 5201 into its tunnel and left the raw port alone
+    for lab in ("upmt_tun", "upmt_plain"):
+        check = data["steering_check"][lab]
+        assert check["tcp_5201_via_tunnel"] is True, lab
+        assert check["nothing_5202_in_tunnel"] is True, lab
+    # ... and the plaintext lab really sent DATA unsealed (no 16-byte tag on the wire)
+    assert data["steering_check"]["upmt_tun"]["data_sealed"] is True
+    assert data["steering_check"]["upmt_plain"]["data_plaintext"] is True
+    for exit_codes in data["exit_codes"].values():
+        assert all(code == 0 for code in exit_codes.values()), data["exit_codes"]
+    rows = {row["metric"]: row for row in data["table"]}
+    assert set(rows) >= {"TCP upload Gbit/s", "TCP download Gbit/s"}
+    assert set(rows["TCP upload Gbit/s"]) >= {"raw", "upmt_tun", "upmt_plain", "enc/raw",
+                                              "enc/plain"}

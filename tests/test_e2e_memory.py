@@ -390,7 +390,7 @@ async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
         f3 = next(f for f in fwd.paft.flows() if f.key[3] == 40002)
         assert fwd.tunnels.get(f3.tunnel).interface == "wan1"
         fwd.tunnel_up(t2, t2.un_tid, 0.0)
-        assert fwd.restore_preferences(0.0) >= 1
+        assert len(fwd.restore_preferences(0.0)) >= 1
         assert fwd.tunnels.get(f3.tunnel).interface == "wan2"
         assert f3.history[-1][3] == "preference restored"
         # bad names are usage errors
@@ -398,5 +398,33 @@ async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
                    {"flow": 999, "via": "wan1"}):
             with pytest.raises(UsageError):
                 w.agent.move(**kw)  # type: ignore[arg-type]
+    finally:
+        await w.stop()
+
+
+async def test_downlink_only_flow_follows_a_signalled_handover(tmp_path: Path) -> None:
+    """A flow that sends nothing upstream after a move (a download waiting for its data)
+    gives the anchor nothing to learn from: the agent's HandoverReq moves its downlink."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"GET"))   # one uplink packet
+        await w.settle()
+        assert w.anchors[0].status()["flows"][0]["interface"] == "wan1"
+        w.agent.on_link("wan1", False)                                 # wan1 loses carrier
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            (an_flow,) = w.anchors[0].status()["flows"]
+            if an_flow["interface"] == "wan2":
+                break
+        assert an_flow["interface"] == "wan2"                           # no uplink packet sent
+        assert an_flow["history"][-1]["reason"] == "signalled handover"
+        (flow,) = w.agent.status()["flows"]
+        assert flow["interface"] == "wan2" and flow["history"][-1]["reason"] == "link down"
+        w.net.down.add("10.1.0.2")                                      # wan1 really is dead
+        w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"data"))
+        await w.settle()
+        assert len(w.mh_tun.written) == 1                               # arrived via wan2
     finally:
         await w.stop()

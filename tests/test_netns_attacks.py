@@ -532,11 +532,6 @@ def test_old_packets_replayed_after_the_flow_moved(topo: Topology, tmp_path: Pat
          test_s=round(time.monotonic() - t0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after the flow's interface goes down, the anchor keeps sending its downlink to "
-    "the dead tunnel until the client sends an uplink packet (implicit handover only); a "
-    "download whose client has nothing to send stalls until the anchor's tunnel idles "
-    "out (TUNNEL_IDLE 90 s)"))
 def test_download_survives_losing_its_interface(topo: Topology, www: Path,
                                                  tmp_path: Path) -> None:
     """Not an attack: found while writing the replay-after-move test. The CH answers a GET

@@ -36,6 +36,9 @@ FULL: dict[str, dict[str, Any]] = {
     "KeepAlive": {"sipId": "laptop", "tunnelId": 3, "lastDelay": 12.5, "challenge": "00ff"},
     "KeepAliveResp": {"tunnelId": 3, "yourAddress": "203.0.113.11", "yourPort": 40001,
                       "challenge": ""},
+    "HandoverReq": {"sipId": "laptop", "tunnelId": 3,
+                    "flows": [[6, "100.100.0.2", "203.0.113.100", 40000, 80]]},
+    "HandoverResp": {"moved": 1},
 }
 
 

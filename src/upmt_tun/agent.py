@@ -216,6 +216,7 @@ class Agent:
                 if iface == name and t.state == "up":
                     self.fwd.tunnel_down(t)
                     log.warning("link %s down: tunnel %d down, its flows move", name, t.tid)
+                    self.announce(self.fwd.fail_over(t, self.clock(), "link down"))
             self._wake_all(name)
         else:
             log.info("link %s back up", name)
@@ -346,6 +347,9 @@ class Agent:
         first = self.first_attempt[(i.name, anchor)]
         backoff = 1.0
         while True:
+            while not self.link_up[i.name]:        # nothing to try until the link returns
+                first.set()
+                await self._nap(i, anchor, BACKOFF_MAX)
             link = self.fwd.links[anchor]
             ok = True
             if self._lost[anchor].is_set() or not link.vipa:
@@ -359,12 +363,7 @@ class Agent:
             else:
                 first.set()
                 await self._nap(i, anchor, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                if not self.link_up[i.name]:
-                    backoff = 1.0
-                    while not self.link_up[i.name]:     # nothing to try until it returns
-                        await self._nap(i, anchor, BACKOFF_MAX)
-                    continue
+                backoff = 1.0 if not self.link_up[i.name] else min(backoff * 2, BACKOFF_MAX)
             # a dead path or an anchor that restarted (and answers nothing sealed with keys
             # it forgot): start again from a fresh handshake (not through a link that is down)
             if self.link_up[i.name]:
@@ -389,7 +388,7 @@ class Agent:
         if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):
             return False
         self.fwd.tunnel_up(t, t.un_tid, self.clock())
-        self.fwd.restore_preferences(self.clock())
+        self.announce(self.fwd.restore_preferences(self.clock()))
         t.rtt_ms = rtt * 1000.0
         log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
                  *self.anchors[anchor], resp["yourAddress"], resp["yourPort"])
@@ -457,13 +456,46 @@ class Agent:
         if rule is not None:
             if rule not in {r.name for r in self.cfg.rules}:
                 raise UsageError(f"no rule {rule!r}")
-            return self.fwd.move_rule(rule, via, anchor, now)
+            moved = self.fwd.move_rule(rule, via, anchor, now)
+            self.announce(moved)
+            return len(moved)
         f = self.fwd.paft.by_id.get(flow if flow is not None else -1)
         if f is None:
             raise UsageError(f"no flow {flow} (see upmt-agent status)")
+        before = f.tunnel
         if not self.fwd.move_one(f, via, now):
             raise MoveError(f"interface {via} has no usable tunnel to anchor {f.anchor}")
+        if f.tunnel != before:
+            self.announce([f])
         return 1
+
+    def announce(self, flows: list[Flow]) -> None:
+        """Tell each anchor, through the flows' new tunnel, that they moved (HandoverReq):
+        a flow that sends nothing upstream gives the anchor nothing to learn from."""
+        by_tunnel: dict[int, list[Flow]] = {}
+        for f in flows:
+            by_tunnel.setdefault(f.tunnel, []).append(f)
+        for tid, group in by_tunnel.items():
+            t = self.fwd.tunnels.get(tid)
+            if t is None or t.state != "up":
+                continue
+            for n in range(0, len(group), 64):
+                self._tasks.append(asyncio.create_task(self._handover(t, group[n:n + 64])))
+
+    async def _handover(self, t: Tunnel, flows: list[Flow]) -> None:
+        vipa = self.fwd.links[t.peer].vipa
+        items = [[f.key[0], vipa, ip_str(f.key[2]), f.key[3], f.key[4]] for f in flows]
+        try:
+            (code, reason, _), _ = await self._request(
+                self.ifaces[t.iface_index], t.peer,
+                [("HandoverReq", {"sipId": self.cfg.name, "tunnelId": t.un_tid,
+                                  "flows": items})], KEEPALIVE_TIMEOUT)
+        except SipError as e:
+            log.warning("handover of %d flow(s) to tunnel %d not confirmed: %s", len(flows),
+                        t.tid, e)
+            return
+        if code != 200:
+            log.warning("anchor %s refused a handover: %d %s", t.peer, code, reason)
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
         """Agent-specific control commands; None: not one of ours."""

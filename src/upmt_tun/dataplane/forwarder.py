@@ -103,12 +103,12 @@ class AgentForwarder:
         rest = tuple(v for v in (fc.via or tuple(self.interfaces)) if v != iface)
         return FlowClass(fc.rule, (iface, *rest), anchor or fc.anchor, fc.app_src)
 
-    def move_rule(self, rule: str, iface: str, anchor: str | None, now: float) -> int:
+    def move_rule(self, rule: str, iface: str, anchor: str | None, now: float) -> list[Flow]:
         """Make ``iface`` the first choice of ``rule`` (and ``anchor`` its anchor for new
-        flows); move its flows there now where that path is usable. Returns how many moved.
+        flows); move its flows there now where that path is usable; return the moved ones.
         Failover stays on: the rule's other interfaces still take over if ``iface`` fails."""
         self.prefer[rule] = (iface, anchor)
-        moved = 0
+        moved = []
         for f in self.paft.flows():
             if f.rule != rule or not isinstance(f.policy, FlowClass):
                 continue
@@ -116,7 +116,7 @@ class AgentForwarder:
             t = self.usable(iface, f.anchor)
             if t is not None and t.tid != f.tunnel:
                 f.move(now, t.tid, "operator")
-                moved += 1
+                moved.append(f)
         return moved
 
     def move_one(self, f: Flow, iface: str, now: float) -> bool:
@@ -130,16 +130,25 @@ class AgentForwarder:
             f.move(now, t.tid, "operator")
         return True
 
-    def restore_preferences(self, now: float) -> int:
+    def restore_preferences(self, now: float) -> list[Flow]:
         """Call after a tunnel came up: flows go back to their first usable choice."""
-        moved = 0
+        return self._reroute(now, "preference restored", lambda f: True)
+
+    def fail_over(self, t: Tunnel, now: float, reason: str) -> list[Flow]:
+        """Call when tunnel ``t`` went down: move its flows now (not on their next packet,
+        which a downlink-only flow never sends) to their next usable tunnel."""
+        return self._reroute(now, reason, lambda f: f.tunnel == t.tid)
+
+    def _reroute(self, now: float, reason: str, which: Callable[[Flow], bool]) -> list[Flow]:
+        moved = []
         for f in self.paft.flows():
-            if not isinstance(f.policy, FlowClass):
+            if not which(f):
                 continue
-            t = self._candidates(f.policy, f.key[2], f.anchor)
+            fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
+            t = self._candidates(fc, f.key[2], f.anchor)
             if t is not None and t.tid != f.tunnel:
-                f.move(now, t.tid, "preference restored")
-                moved += 1
+                f.move(now, t.tid, reason)
+                moved.append(f)
         return moved
 
     # -- control-plane hooks (called by the signalling driver) --------------------------

@@ -55,6 +55,7 @@ class AnchorSignalling:
         self._hosts: Iterator[ipaddress.IPv4Address] = pool.hosts()
         self.cache = sip.ResponseCache()
         self.stats: Counter[str] = Counter()
+        self._seq = (0, 0)
 
     @property
     def tun_address(self) -> str:
@@ -62,7 +63,9 @@ class AnchorSignalling:
         return str(next(self.pool.hosts()))
 
     def handle(self, data: bytes, src: tuple[str, int], now: float,
-               session: Session) -> bytes | None:
+               session: Session, seq: tuple[int, int] = (0, 0)) -> bytes | None:
+        """``seq``: (session generation, counter) of the sealed packet that carried it."""
+        self._seq = seq
         try:
             msg = sip.parse(data)
         except sip.MalformedSip:
@@ -200,6 +203,39 @@ class AnchorSignalling:
         t.last_rx = a.last_rx = now
         return "KeepAliveResp", {"tunnelId": t.tid, "yourAddress": src[0], "yourPort": src[1],
                                  "challenge": self._challenge(t)}
+
+    def _on_HandoverReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
+                        session: Session) -> tuple[str, dict[str, Any]]:
+        """Signalled handover (the original's HandoverReq): move these flows' downlink to
+        this (validated) tunnel now, for flows that send nothing upstream to learn from.
+        It came sealed through that very tunnel: its counter counts as the flows' newest."""
+        a = self._assoc(session)
+        t = a.tunnels.get(c["tunnelId"])
+        if t is None or t.state != "up" or t.remote != src:
+            raise Refused(501, "dead tunnel")
+        flows = c["flows"]
+        if len(flows) > 64:
+            raise Refused(501, "bad UPMT signal: at most 64 flows per HandoverReq")
+        moved = 0
+        for item in flows:
+            try:
+                proto, fsrc, dst, sport, dport = item
+                key = (int(proto), ipaddress.IPv4Address(fsrc).packed,
+                       ipaddress.IPv4Address(dst).packed, int(sport), int(dport))
+            except (TypeError, ValueError):
+                raise Refused(501, "bad UPMT signal: flows are [proto, src, dst, sport, dport]") \
+                    from None
+            if key[1] != a.vipa_b:
+                raise Refused(403, "Forbidden: not this host's flow")
+            f = self.fwd.paft.get(key)
+            if f is None or f.static:
+                continue
+            f.last_seq = max(f.last_seq, self._seq)
+            if f.tunnel != t.tid:
+                f.move(now, t.tid, "signalled handover")
+                moved += 1
+        a.last_tunnel = t
+        return "HandoverResp", {"moved": moved}
 
     @staticmethod
     def _challenge(t: Tunnel) -> str:

@@ -30,6 +30,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                         "yourPort": ((int,), True), "challenge": ((str,), False)},
     "KeepAlive": {"sipId": ((str,), True), "tunnelId": ((int,), True),
                   "lastDelay": ((int, float, type(None)), False), "challenge": ((str,), False)},
+    "HandoverReq": {"sipId": ((str,), True), "tunnelId": ((int,), True),
+                    "flows": ((list,), True)},
+    "HandoverResp": {"moved": ((int,), True)},
     "KeepAliveResp": {"tunnelId": ((int,), True), "yourAddress": ((str,), True),
                       "yourPort": ((int,), True), "challenge": ((str,), False)},
 }
