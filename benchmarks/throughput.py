@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput / latency / CPU of upmt_tun against the raw path, side by side, in one run.
+"""Throughput / latency / CPU of upmt_tun, encrypted and plaintext, against the raw path.
 
     python benchmarks/throughput.py [--seconds N] [--json PATH] [--quick]
 
@@ -12,12 +12,22 @@ and runs two iperf3 servers in ns ``ch`` (203.0.113.100):
   mh -> TUN -> agent -> UDP tunnel (wan1) -> nat1 -> inet -> anchor -> TUN -> masquerade
   -> inet -> ch, and back the same way.
 
-ICMP has no ports, so the ping of the upmt_tun path is steered by a ``uid`` rule: it runs
-as uid 65534 (``setpriv``), while the raw ping runs as root and matches no rule.
+ICMP has no ports, so the ping of a tunnel path is steered by a ``uid`` rule: it runs as
+uid 65534 (``setpriv``), while the raw ping runs as root and matches no rule.
 
-Both paths are measured while the agent and anchor run, alternately raw then upmt_tun
-for each test. Everything (namespaces, processes) is removed at the end, also on errors,
-Ctrl-C and SIGTERM. Only addresses inside the namespaces built here are ever contacted.
+Two labs run one after the other on the same testbed, each with its own workdir:
+
+1. ``upmt_tun``: the normal, encrypted tunnel. Raw and upmt_tun are measured alternately
+   (raw first) for each test, while the agent and anchor run.
+2. ``upmt_plain``: a fresh agent and anchor with ``insecure_plaintext_for_benchmarks =
+   true`` on both ends (DATA packets unsealed; handshake and signalling stay
+   authenticated); the same tests on the same steered port.
+
+After each lab's tests the agent's flow table must show the steered tests inside the
+tunnel and nothing to the raw port, and the bytes on the MH's wire per tunnel packet must
+show whether DATA packets carried the 16-byte tag (sealed) or not (plaintext).
+Everything (namespaces, processes) is removed at the end, also on errors, Ctrl-C and
+SIGTERM. Only addresses inside the namespaces built here are ever contacted.
 """
 
 from __future__ import annotations
@@ -34,18 +44,28 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from upmt_tun.lab import Lab
-from upmt_tun.testbed import Topology, tool_missing
+from upmt_tun.testbed import MH_IFACES, Topology, tool_missing
 
 CH = "203.0.113.100"
 STEERED_PORT = 5201
 RAW_PORT = 5202
 PING_UID = 65534
-PATHS = ("raw", "upmt_tun")
-PORT = {"raw": RAW_PORT, "upmt_tun": STEERED_PORT}
+PATHS = ("raw", "upmt_tun", "upmt_plain")
+PORT = {"raw": RAW_PORT, "upmt_tun": STEERED_PORT, "upmt_plain": STEERED_PORT}
+PLAINTEXT = "insecure_plaintext_for_benchmarks = true"
+# tunnel path -> (extra top-level config line of both ends, paths measured while it runs)
+LABS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "upmt_tun": ("", ("raw", "upmt_tun")),
+    "upmt_plain": (PLAINTEXT, ("upmt_plain",)),
+}
+# bytes a tunnel packet adds on the MH's veth: Ethernet 14 + IPv4 20 + UDP 8 + header 16,
+# plus the 16-byte Poly1305 tag when sealed
+WIRE_OVERHEAD = {"plaintext": 14 + 20 + 8 + 16, "sealed": 14 + 20 + 8 + 16 + 16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -110,6 +130,61 @@ class CpuMeter:
                 for k, pid in self.pids.items()}
 
 
+class TunnelProbe:
+    """Tunnel packets/bytes counted by the agent and the anchor, and the bytes and packets
+    on the MH's interfaces (``ip -s link`` in ns mh), between two snapshots.
+
+    The agent's tunnel counters count inner packets (``len`` of the IPv4 packet), so the
+    MH's interface bytes minus the agent's tunnel bytes, per tunnel packet, is what the
+    tunnel adds on the wire (Ethernet + IPv4 + UDP + tunnel header [+ tag])."""
+
+    def __init__(self, topo: Topology, lab: Lab) -> None:
+        self.topo, self.lab = topo, lab
+
+    def snapshot(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        agent = self.lab.agent_status()
+        for k in ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes"):
+            out[f"agent_{k}"] = sum(int(t[k]) for t in agent["tunnels"])
+        anchor = self.lab.anchor_status()
+        for k in ("tx_packets", "rx_packets"):
+            out[f"anchor_{k}"] = sum(int(t[k]) for a in anchor["associations"]
+                                     for t in a["tunnels"])
+        links = json.loads(self.topo.run("mh", "ip", "-s", "-j", "link").stdout)
+        for link in links:
+            if link["ifname"] in MH_IFACES:
+                st = link.get("stats64", {})
+                for d in ("rx", "tx"):
+                    for k in ("bytes", "packets"):
+                        key = f"wire_{d}_{k}"
+                        out[key] = out.get(key, 0) + int(st.get(d, {}).get(k, 0))
+        return out
+
+    def around(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
+        """``fn()`` and the counters' delta over it (snapshots take ~0.5 s, outside fn)."""
+        before = self.snapshot()
+        res = fn()
+        after = self.snapshot()
+        return res, {k: v - before.get(k, 0) for k, v in after.items()}
+
+
+def per_packet(used: dict[str, float], d: dict[str, int], upload: bool) -> dict[str, Any]:
+    """CPU microseconds per tunnel packet of each daemon, and the wire overhead per packet
+    in the data direction, from a :class:`TunnelProbe` delta."""
+    agent_pkts = d["agent_tx_packets"] + d["agent_rx_packets"]
+    anchor_pkts = d["anchor_tx_packets"] + d["anchor_rx_packets"]
+    pkts = {"agent": agent_pkts, "anchor0": anchor_pkts}
+    side = "tx" if upload else "rx"
+    n = d[f"agent_{side}_packets"]
+    overhead = (d.get(f"wire_{side}_bytes", 0) - d[f"agent_{side}_bytes"]) / n if n else None
+    return {
+        "tunnel_counters": d,
+        "cpu_us_per_packet": {k: (used[k] * 1e6 / pkts[k] if pkts.get(k) else None)
+                              for k in used},
+        "wire_overhead_bytes_per_packet": overhead,
+    }
+
+
 def iperf3(topo: Topology, port: int, seconds: int, *extra: str) -> dict[str, Any]:
     """Run an iperf3 client in mh against ch:port; return its parsed -J output.
 
@@ -131,11 +206,23 @@ def iperf3(topo: Topology, port: int, seconds: int, *extra: str) -> dict[str, An
     return res
 
 
+def metered(cpu: CpuMeter, probe: TunnelProbe | None, port: int, seconds: int, topo: Topology,
+            *extra: str) -> tuple[dict[str, Any], dict[str, float], dict[str, int] | None]:
+    """iperf3 (see :func:`iperf3`) with the daemons' CPU time around it, and the tunnel
+    counters around that when ``probe`` is given: (iperf3 JSON, CPU s, counters or None)."""
+    def go() -> tuple[dict[str, Any], dict[str, float]]:
+        cpu.start()
+        res = iperf3(topo, port, seconds, *extra)
+        return res, cpu.stop()
+    if probe is None:
+        return (*go(), None)
+    (res, used), counters = probe.around(go)
+    return res, used, counters
+
+
 def tcp_test(topo: Topology, port: int, seconds: int, reverse: bool,
-             cpu: CpuMeter) -> dict[str, Any]:
-    cpu.start()
-    res = iperf3(topo, port, seconds, *(["-R"] if reverse else []))
-    used = cpu.stop()
+             cpu: CpuMeter, probe: TunnelProbe | None) -> dict[str, Any]:
+    res, used, counters = metered(cpu, probe, port, seconds, topo, *(["-R"] if reverse else []))
     end = res["end"]
     recv, sent = end["sum_received"], end["sum_sent"]
     sender_stream = end["streams"][0]["sender"] if end.get("streams") else {}
@@ -154,14 +241,15 @@ def tcp_test(topo: Topology, port: int, seconds: int, reverse: bool,
     }
     if not reverse and "mean_rtt" in sender_stream:   # the sender is local: its smoothed RTT
         out["sender_mean_rtt_ms"] = sender_stream["mean_rtt"] / 1000
+    if counters is not None:
+        out.update(per_packet(used, counters, upload=not reverse))
     return out
 
 
-def udp_test(topo: Topology, port: int, seconds: int, cpu: CpuMeter) -> dict[str, Any]:
+def udp_test(topo: Topology, port: int, seconds: int, cpu: CpuMeter,
+             probe: TunnelProbe | None) -> dict[str, Any]:
     before = kernel_counters(topo)
-    cpu.start()
-    res = iperf3(topo, port, seconds, "-u", "-b", "0", "-l", "64")
-    used = cpu.stop()
+    res, used, counters = metered(cpu, probe, port, seconds, topo, "-u", "-b", "0", "-l", "64")
     kernel_drops = counter_delta(before, kernel_counters(topo))
     end = res["end"]
     snd = end.get("sum_sent", end["sum"])
@@ -184,6 +272,7 @@ def udp_test(topo: Topology, port: int, seconds: int, cpu: CpuMeter) -> dict[str
         "jitter_ms": float(rcv.get("jitter_ms", 0.0)),
         "cpu_s": used,
         "kernel_drop_counters": kernel_drops,
+        **(per_packet(used, counters, upload=True) if counters is not None else {}),
     }
 
 
@@ -264,14 +353,20 @@ def log_findings(lab: Lab) -> dict[str, Any]:
 
 # -- the run ------------------------------------------------------------------------------
 
-def measure(topo: Topology, lab: Lab, args: argparse.Namespace,
+def measure(topo: Topology, lab: Lab, tunnel: str, args: argparse.Namespace,
             result: dict[str, Any]) -> None:
+    """The tests of LABS[tunnel]'s paths while ``lab`` runs, then that lab's checks."""
     paths: dict[str, dict[str, Any]] = result["paths"]
     errors: list[str] = result["errors"]
+    here = LABS[tunnel][1]
     cpu = CpuMeter(lab)
-    result["meta"]["daemons"] = {k: {"pid": pid, "cmdline": proc_cmdline(pid)}
-                                 for k, pid in cpu.pids.items()}
+    probe = TunnelProbe(topo, lab)
+    result["meta"]["daemons"][tunnel] = {k: {"pid": pid, "cmdline": proc_cmdline(pid)}
+                                         for k, pid in cpu.pids.items()}
     tcp_s, udp_s = args.seconds, args.udp_seconds
+
+    def probe_for(path: str) -> TunnelProbe | None:
+        return None if path == "raw" else probe
 
     def attempt(path: str, name: str, fn: Any, *a: Any) -> None:
         label = f"{name} [{path}]"
@@ -285,22 +380,26 @@ def measure(topo: Topology, lab: Lab, args: argparse.Namespace,
             print(f" FAILED: {e}", file=sys.stderr)
         time.sleep(0.3)   # let the previous connection close on both ends
 
-    for path in PATHS:   # warm-up: ARP, conntrack, the tunnel's first flow set-up
+    # warm-up: ARP, conntrack, the tunnel's first flow set-up. The raw port is warmed up
+    # with every lab, so that "nothing_5202_in_tunnel" checks each lab's rules.
+    for path in dict.fromkeys(("raw", *here)):
         topo.run("mh", "ping", "-n", "-q", "-c", "1", "-W", "2", CH, check=False)
         try:
             iperf3(topo, PORT[path], 0, "-n", "64K")
         except BenchError as e:
-            errors.append(f"warm-up [{path}]: {e}")
+            errors.append(f"warm-up [{path}] ({tunnel} lab): {e}")
 
-    for path in PATHS:
-        attempt(path, "ping", ping_test, topo, PING_UID if path == "upmt_tun" else None,
+    for path in here:
+        attempt(path, "ping", ping_test, topo, None if path == "raw" else PING_UID,
                 args.ping_count)
-    for path in PATHS:
-        attempt(path, "tcp_upload", tcp_test, topo, PORT[path], tcp_s, False, cpu)
-    for path in PATHS:
-        attempt(path, "tcp_download", tcp_test, topo, PORT[path], tcp_s, True, cpu)
-    for path in PATHS:
-        attempt(path, "udp64_upload", udp_test, topo, PORT[path], udp_s, cpu)
+    for path in here:
+        attempt(path, "tcp_upload", tcp_test, topo, PORT[path], tcp_s, False, cpu,
+                probe_for(path))
+    for path in here:
+        attempt(path, "tcp_download", tcp_test, topo, PORT[path], tcp_s, True, cpu,
+                probe_for(path))
+    for path in here:
+        attempt(path, "udp64_upload", udp_test, topo, PORT[path], udp_s, cpu, probe_for(path))
 
     # Did the steered tests really use the tunnel, and did the raw ones stay outside it?
     flows = steered_flows(lab)
@@ -312,23 +411,31 @@ def measure(topo: Topology, lab: Lab, args: argparse.Namespace,
         "nothing_5202_in_tunnel": not any(f["dport"] == RAW_PORT for f in flows),
         "flow_interfaces": sorted({str(f["interface"]) for f in flows}),
     }
-    result["steering_check"] = check
+    # Sealed or not, as configured? The wire overhead per tunnel packet of the TCP upload
+    # is 74 bytes sealed, 58 plaintext; anything else (no data, other traffic) fails.
+    expect = "plaintext" if LABS[tunnel][0] == PLAINTEXT else "sealed"
+    overhead = paths[tunnel].get("tcp_upload", {}).get("wire_overhead_bytes_per_packet")
+    check["data_expected"] = expect
+    check["wire_overhead_bytes_per_packet"] = overhead
+    check["data_" + expect] = (isinstance(overhead, float)
+                               and abs(overhead - WIRE_OVERHEAD[expect]) < 4)
+    result["steering_check"][tunnel] = check
     for k, ok in check.items():
         if isinstance(ok, bool) and not ok:
-            errors.append(f"steering check failed: {k}")
+            errors.append(f"check failed [{tunnel}]: {k}")
 
 
-def ratio(raw: Any, upmt: Any) -> float | None:
-    if not isinstance(raw, int | float) or not isinstance(upmt, int | float) or raw == 0:
+def ratio(num: Any, den: Any) -> float | None:
+    if not isinstance(den, int | float) or not isinstance(num, int | float) or den == 0:
         return None
-    return upmt / raw
+    return num / den
 
 
 def table_rows(paths: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     def get(path: str, test: str, key: str, sub: str | None = None) -> Any:
         v = paths.get(path, {}).get(test, {}).get(key)
-        if sub is not None and isinstance(v, dict):
-            v = v.get(sub)
+        if sub is not None:
+            v = v.get(sub) if isinstance(v, dict) else None
         return v
 
     spec = [
@@ -346,11 +453,22 @@ def table_rows(paths: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ("CPU s agent (TCP down)", "tcp_download", "cpu_s", "agent"),
         ("CPU s anchor (TCP down)", "tcp_download", "cpu_s", "anchor0"),
         ("CPU s/GB agent+anchor (TCP down)", "tcp_download", "cpu_s_per_gb", None),
+        ("CPU us/pkt agent (TCP up)", "tcp_upload", "cpu_us_per_packet", "agent"),
+        ("CPU us/pkt anchor (TCP up)", "tcp_upload", "cpu_us_per_packet", "anchor0"),
+        ("CPU us/pkt agent (TCP down)", "tcp_download", "cpu_us_per_packet", "agent"),
+        ("CPU us/pkt anchor (TCP down)", "tcp_download", "cpu_us_per_packet", "anchor0"),
+        ("CPU us/pkt agent (UDP 64B)", "udp64_upload", "cpu_us_per_packet", "agent"),
+        ("CPU us/pkt anchor (UDP 64B)", "udp64_upload", "cpu_us_per_packet", "anchor0"),
+        ("wire B/pkt overhead (TCP up)", "tcp_upload", "wire_overhead_bytes_per_packet", None),
     ]
     rows = []
     for label, test, key, sub in spec:
-        raw, upmt = get("raw", test, key, sub), get("upmt_tun", test, key, sub)
-        rows.append({"metric": label, "raw": raw, "upmt_tun": upmt, "ratio": ratio(raw, upmt)})
+        row: dict[str, Any] = {"metric": label}
+        for path in PATHS:
+            row[path] = get(path, test, key, sub)
+        row["enc/raw"] = ratio(row["upmt_tun"], row["raw"])
+        row["enc/plain"] = ratio(row["upmt_tun"], row["upmt_plain"])
+        rows.append(row)
     return rows
 
 
@@ -373,18 +491,28 @@ def fmt(v: Any) -> str:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    cells = [["metric", "raw", "upmt_tun", "ratio (upmt/raw)"]]
+    cols = ["metric", "raw", "upmt_tun (encrypted)", "upmt_plain", "enc/raw", "enc/plain"]
+    cells = [cols]
     for r in rows:
-        ratio_s = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        cells.append([r["metric"], fmt(r["raw"]), fmt(r["upmt_tun"]), ratio_s])
-    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+        cells.append([r["metric"], *(fmt(r[p]) for p in PATHS),
+                      *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("enc/raw", "enc/plain"))])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = []
     for n, c in enumerate(cells):
         lines.append(" | ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i])
-                                for i in range(4)))
+                                for i in range(len(cols))))
         if n == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def loadavg() -> str:
+    """/proc/loadavg: whether something else kept the machine busy during the run."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def machine_facts() -> dict[str, Any]:
@@ -445,12 +573,18 @@ def main(argv: list[str] | None = None) -> int:
                  "tcp_seconds": args.seconds, "udp_seconds": args.udp_seconds,
                  "ping": {"count": args.ping_count, "interval_s": 0.05},
                  "quick": args.quick, "machine": machine_facts(), "workdir": str(workdir),
-                 "ports": {"raw": RAW_PORT, "upmt_tun": STEERED_PORT}, "rules": RULES},
+                 "loadavg_start": loadavg(),
+                 "ports": dict(PORT), "rules": RULES,
+                 "labs": {t: {"workdir": str(workdir / t), "extra_config": extra,
+                              "paths": list(here)} for t, (extra, here) in LABS.items()},
+                 "daemons": {}},
         "paths": {p: {"port": PORT[p]} for p in PATHS},
+        "steering_check": {}, "agent_status": {}, "anchor_status": {}, "exit_codes": {},
+        "logs": {},
         "errors": [],
     }
     interrupted = False
-    print(f"building testbed; daemon logs in {workdir}", file=sys.stderr)
+    print(f"building testbed; daemon logs in {workdir}/{{{','.join(LABS)}}}", file=sys.stderr)
     try:
         with Topology() as topo:
             result["meta"]["topology_prefix"] = topo.prefix
@@ -458,46 +592,60 @@ def main(argv: list[str] | None = None) -> int:
                 topo.popen("ch", "iperf3", "-s", "-p", str(port),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(topo, (STEERED_PORT, RAW_PORT))
-            lab = Lab(topo, workdir, rules=RULES)
-            try:
-                lab.start()
-                measure(topo, lab, args, result)
-                result["agent_status"] = lab.agent_status()
-                result["anchor_status"] = lab.anchor_status()
-            finally:
+            for tunnel, (extra, _) in LABS.items():
+                print(f"lab {tunnel}{' (' + extra + ')' if extra else ''}:", file=sys.stderr)
+                lab = Lab(topo, workdir / tunnel, rules=RULES, agent_extra=extra,
+                          anchor_extra=extra)
                 try:
-                    result["exit_codes"] = lab.stop()
-                except Exception as e:   # the topology teardown still kills everything
-                    result["errors"].append(f"lab.stop: {e!r}")
-                result["logs"] = log_findings(lab)
+                    lab.start()
+                    measure(topo, lab, tunnel, args, result)
+                    result["agent_status"][tunnel] = lab.agent_status()
+                    result["anchor_status"][tunnel] = lab.anchor_status()
+                except Exception as e:   # note it, go on with the next lab
+                    result["errors"].append(f"[{tunnel}] {type(e).__name__}: {e}")
+                finally:
+                    try:
+                        result["exit_codes"][tunnel] = lab.stop()
+                    except Exception as e:   # the topology teardown still kills everything
+                        result["errors"].append(f"[{tunnel}] lab.stop: {e!r}")
+                    result["logs"][tunnel] = log_findings(lab)
     except KeyboardInterrupt:
         interrupted = True
         result["errors"].append("interrupted")
     except Exception as e:
         result["errors"].append(f"{type(e).__name__}: {e}")
 
+    result["meta"]["loadavg_end"] = loadavg()
     result["table"] = table_rows(result["paths"])
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     m = result["meta"]["machine"]
-    print(f"\nupmt_tun vs raw path  (TCP {args.seconds}s, UDP {args.udp_seconds}s, "
-          f"nproc {m['nproc']}, kernel {m['kernel']}, {m['iperf3']})")
+    print(f"\nraw path vs upmt_tun encrypted vs upmt_tun plaintext  (TCP {args.seconds}s, "
+          f"UDP {args.udp_seconds}s, nproc {m['nproc']}, kernel {m['kernel']}, {m['iperf3']}; "
+          f"loadavg {result['meta']['loadavg_start'].split()[0]} at start, "
+          f"{result['meta']['loadavg_end'].split()[0]} at end)")
     print(render_table(result["table"]))
-    for name, info in result.get("logs", {}).items():
-        if info["trouble"]:
-            print(f"\n{name}.log: {info['trouble']} warning/error lines, first ones:")
-            for ln in info["first_trouble"][:5]:
-                print(f"  {ln}")
+    for tunnel, logs in result["logs"].items():
+        for name, info in logs.items():
+            if info["trouble"]:
+                print(f"\n[{tunnel}] {name}.log: {info['trouble']} warning/error lines, "
+                      "first ones:")
+                for ln in info["first_trouble"][:5]:
+                    print(f"  {ln}")
     for who in ("agent", "anchor"):
-        drops = result.get(f"{who}_status", {}).get("drops")
-        if drops:
-            print(f"{who} drop counters: {drops}")
+        for tunnel, st in result[f"{who}_status"].items():
+            if st.get("drops"):
+                print(f"[{tunnel}] {who} drop counters: {st['drops']}")
     for path in PATHS:
         kd = result["paths"][path].get("udp64_upload", {}).get("kernel_drop_counters")
         if kd:
             print(f"kernel drop counters during UDP test [{path}]: {kd}")
-    codes = result.get("exit_codes")
-    if codes and any(c != 0 for c in codes.values()):
-        result["errors"].append(f"daemon exit codes {codes}")
+    for tunnel, check in result["steering_check"].items():
+        print(f"[{tunnel}] checks: " + ", ".join(
+            f"{k}={f'{v:.1f}' if isinstance(v, float) else v}" for k, v in check.items()))
+    bad_codes = {t: c for t, c in result["exit_codes"].items()
+                 if any(x != 0 for x in c.values())}
+    if bad_codes:
+        result["errors"].append(f"daemon exit codes {bad_codes}")
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     if result["errors"]:
         print("\nerrors:", *result["errors"], sep="\n  ")

@@ -508,7 +508,9 @@ def test_old_packets_replayed_after_the_flow_moved(topo: Topology, tmp_path: Pat
     assert flow1 is not None
     same_flow(flow0, flow1)                            # nothing the attacker sent moved it
     assert flow1["interface"] == "wan2"
-    assert [h["reason"] for h in flow1["history"]] == ["new flow", "implicit handover"]
+    reasons = [h["reason"] for h in flow1["history"]]          # exactly one move, by the host
+    assert len(reasons) == 2 and reasons[0] == "new flow"
+    assert reasons[1] in ("implicit handover", "signalled handover")
     accepted_late = anchor_tunnel(an1, "wan1")["rx_packets"] - wan1_rx0
     replayed = delta(an0, an1, "bad_packet")
     unvalidated = delta(an0, an1, "unvalidated_path")
