@@ -395,7 +395,8 @@ def _expected_drop(data: bytes) -> str:
 
 
 DROP_GROUPS = {"tunnel": ("unknown_session", "bad_packet"),
-               "handshake": ("handshake_bad_mac", "handshake_rate_limited", "handshake_refused"),
+               "handshake": ("handshake_bad_mac", "handshake_rate_limited", "handshake_refused",
+                             "handshake_cookie_sent"),
                "plaintext_sip": ("plaintext_sip",), "junk": ("junk",)}
 
 
@@ -407,7 +408,7 @@ def _bulk(rng: random.Random, n: int, mh: Host, legit_init: bytes
     anchor_idx = s.remote_index
     inners = _inner_pool(rng)
     # HS_INIT of the legit key with a fresh timestamp but a wrong mac1
-    bad_mac = [i.packet[:-MAC_LEN] + rng.randbytes(MAC_LEN)
+    bad_mac = [i.packet[:-2 * MAC_LEN] + rng.randbytes(MAC_LEN) + i.packet[-MAC_LEN:]
                for i in (mh.initiation() for _ in range(16))]
     # HS_INIT from keys that are not peers, with a correct mac1 (they know the anchor's key)
     eve = [Initiation(static=raw(EVE_KEYS[i % 4][0]), remote_static=an_pub,
@@ -417,9 +418,10 @@ def _bulk(rng: random.Random, n: int, mh: Host, legit_init: bytes
     m1 = mac1_key(an_pub)
     tampered = []
     for i in (mh.initiation() for _ in range(16)):
-        b = bytearray(i.packet[:-MAC_LEN])
+        b = bytearray(i.packet[:-2 * MAC_LEN])
         b[rng.randrange(8, len(b))] ^= 1 << rng.randrange(8)
-        tampered.append(bytes(b) + hashlib.blake2s(bytes(b), key=m1, digest_size=MAC_LEN).digest())
+        tampered.append(bytes(b) + hashlib.blake2s(bytes(b), key=m1, digest_size=MAC_LEN).digest()
+                        + bytes(MAC_LEN))
     # complete, valid UPMT signalling, in plaintext
     plains = [plain_sip([("AssociationReq", {"sipId": "laptop", "dataPlaintext": False})],
                         f"z9hG4bKp{k:010d}") for k in range(8)]

@@ -1,12 +1,32 @@
-"""Handshake packets: authorization, mac1, replayed initiations, rate limits."""
+"""Handshake packets: authorization, mac1, replayed initiations, rate limits, and the
+cookies (mac2) that keep a flood from forged sources from starving real hosts."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
-from upmt_tun.dataplane.packet import TYPE_DATA
-from upmt_tun.signalling.handshake import INIT_LEN, RESP_LEN, Initiation, RateLimiter, Responder
+from upmt_tun import keys
+from upmt_tun.anchor import Anchor
+from upmt_tun.config import load_anchor_config
+from upmt_tun.dataplane.io import FakeTun
+from upmt_tun.dataplane.packet import KIND_TUNNEL, TYPE_COOKIE, TYPE_DATA, TYPE_HS_RESP, classify
+from upmt_tun.signalling.handshake import (
+    COOKIE_LEN,
+    COOKIE_SECRET_LIFE,
+    INIT_LEN,
+    MAC_LEN,
+    RESP_LEN,
+    Initiation,
+    RateLimiter,
+    Responder,
+)
 from upmt_tun.signalling.noise import public_key
+
+from .test_e2e_memory import World
 
 AN, MH, EVE = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
 idx = itertools.count(100)
@@ -72,3 +92,266 @@ def test_rate_limiter_per_source_and_total() -> None:
     for i in range(100):
         rl2.allow(f"10.0.0.{i}", 0.0)
     assert len(rl2.buckets) == 10                                     # bounded memory
+
+
+# -- cookies (mac2) -----------------------------------------------------------------------------
+
+HOST = ("203.0.113.11", 40001)
+OTHER = ("203.0.113.66", 40001)
+
+
+def counting_random() -> Callable[[int], bytes]:
+    """Deterministic 'randomness' for the responder: secrets and nonces all differ."""
+    n = itertools.count(1)
+    return lambda k: next(n).to_bytes(k, "big")
+
+
+def test_initiation_layout_and_sizes() -> None:
+    i = Initiation(static=MH, remote_static=public_key(AN), local_index=7, wall_ns=1)
+    assert len(i.packet) == INIT_LEN == 148
+    assert i.packet[-2 * MAC_LEN:-MAC_LEN] == i.mac1 and i.packet[-MAC_LEN:] == bytes(MAC_LEN)
+    assert COOKIE_LEN == 52 < RESP_LEN < INIT_LEN          # no answer is bigger than a question
+    assert classify(b"\x84" + bytes(COOKIE_LEN - 1)) == KIND_TUNNEL
+
+
+def test_cookie_round_trip() -> None:
+    r = Responder(AN, {public_key(MH): "laptop"}, random_bytes=counting_random())
+    i = Initiation(static=MH, remote_static=public_key(AN), local_index=7, wall_ns=10**18)
+    assert r.mac_ok(i.packet) and not r.mac2_ok(i.packet, HOST, 0.0)   # no cookie yet
+    reply = r.cookie_reply(i.packet, HOST, 0.0)
+    assert reply[0] == TYPE_COOKIE and len(reply) == COOKIE_LEN and reply[4:8] == i.packet[4:8]
+    cookie = i.consume_cookie(reply)
+    assert cookie is not None and cookie == r.cookie(HOST, 0.0) and len(cookie) == MAC_LEN
+    # only this initiation takes it: another one (other index, other mac1), a tampered reply,
+    # the same index with another mac1 (the AD), or a reply of another anchor
+    i2 = Initiation(static=MH, remote_static=public_key(AN), local_index=8, wall_ns=10**18 + 1)
+    assert i2.consume_cookie(reply) is None
+    same_idx = Initiation(static=MH, remote_static=public_key(AN), local_index=7, wall_ns=2)
+    assert same_idx.consume_cookie(reply) is None
+    for k in (5, 20, COOKIE_LEN - 1):
+        bad = bytearray(reply)
+        bad[k] ^= 1
+        assert i.consume_cookie(bytes(bad)) is None
+    other_anchor = Responder(EVE, {public_key(MH): "laptop"})
+    assert i.consume_cookie(other_anchor.cookie_reply(i.packet, HOST, 0.0)) is None
+    assert i.consume_cookie(reply[:-1]) is None
+    # the next initiation carries mac2: valid from that address, still a normal initiation
+    j = Initiation(static=MH, remote_static=public_key(AN), local_index=9, wall_ns=10**18 + 2,
+                   cookie=cookie)
+    assert len(j.packet) == INIT_LEN and r.mac_ok(j.packet) and r.mac2_ok(j.packet, HOST, 1.0)
+    acc = r.accept(j.packet, 1.0, lambda: next(idx))
+    assert acc is not None and j.consume(acc.response, 1.0) is not None
+
+
+def test_mac2_from_another_source_address_is_rejected() -> None:
+    r = Responder(AN, {public_key(MH): "laptop"})
+    i = Initiation(static=MH, remote_static=public_key(AN), local_index=7, wall_ns=1)
+    cookie = i.consume_cookie(r.cookie_reply(i.packet, HOST, 0.0))
+    assert cookie is not None
+    j = Initiation(static=MH, remote_static=public_key(AN), local_index=8, wall_ns=2,
+                   cookie=cookie)
+    assert r.mac2_ok(j.packet, HOST, 0.0)
+    assert not r.mac2_ok(j.packet, OTHER, 0.0)                       # another address
+    assert not r.mac2_ok(j.packet, (HOST[0], HOST[1] + 1), 0.0)      # same address, other port
+    assert not r.mac2_ok(j.packet, ("::ffff:203.0.113.11", HOST[1]), 0.0)
+    assert not r.mac2_ok(j.packet, ("fe80::1%eth0", HOST[1]), 0.0)   # (no exception either)
+    tampered = bytearray(j.packet)
+    tampered[-1] ^= 1
+    assert not r.mac2_ok(bytes(tampered), HOST, 0.0)
+
+
+def test_cookie_secret_rotation() -> None:
+    r = Responder(AN, {public_key(MH): "laptop"}, random_bytes=counting_random())
+    t0 = 1000.0
+    first = r.cookie(HOST, t0)
+    assert r.cookie(HOST, t0 + COOKIE_SECRET_LIFE - 1) == first      # one secret, 2 minutes
+    assert r.cookie(OTHER, t0) != first                               # per source address
+    i = Initiation(static=MH, remote_static=public_key(AN), local_index=7, wall_ns=1,
+                   cookie=first)
+    assert r.mac2_ok(i.packet, HOST, t0 + COOKIE_SECRET_LIFE - 1)
+    assert not r.mac2_ok(i.packet, HOST, t0 + COOKIE_SECRET_LIFE)     # a new secret
+    second = r.cookie(HOST, t0 + COOKIE_SECRET_LIFE)
+    assert second != first
+    j = Initiation(static=MH, remote_static=public_key(AN), local_index=8, wall_ns=2,
+                   cookie=second)
+    assert r.mac2_ok(j.packet, HOST, t0 + COOKIE_SECRET_LIFE + 5)
+    assert not r.mac2_ok(j.packet, HOST, t0 + 2 * COOKIE_SECRET_LIFE + 1)
+
+
+def test_rate_limiter_load_state() -> None:
+    rl = RateLimiter(per_source=5, burst=10, total=50, proven_total=100, load_hold=1.0)
+    assert not any(rl.arrive(i / 40) for i in range(200))     # 40/s < 50/s: never loaded
+    assert sum(rl.arrive(10.0) for _ in range(60)) == 10      # a burst beyond 50 at once
+    assert rl.under_load(10.5) and not rl.under_load(11.0)
+    rl2 = RateLimiter(per_source=5, burst=10, total=50)
+    assert all(rl2.allow(f"10.0.0.{i}", 0.0) for i in range(50))
+    assert not rl2.under_load(0.0)
+    assert not rl2.allow("10.0.1.1", 0.0) and rl2.under_load(0.0)   # the global cap refused
+    # proven sources: the global bucket is bypassed, the source's bucket is not
+    assert sum(rl2.allow_proven("10.0.1.1", 0.0) for _ in range(100)) == 10
+    assert sum(rl2.allow_proven(f"10.0.2.{i}", 0.0) for i in range(250)) == 250
+    assert sum(rl2.allow_proven(f"10.0.3.{i}", 0.0) for i in range(250)) == 240
+    assert rl2.proven_rate == 500 > rl2.total_rate                  # the higher global cap
+    assert rl2.allow_proven("10.0.4.1", 0.01)                        # (refilled at its rate)
+
+
+# -- the anchor's rules, with an injected clock -------------------------------------------------
+
+AN_PRIV, AN_PUB = keys.keypair()
+MH_PRIV, MH_PUB = keys.keypair()
+EVE_PRIV = keys.keypair()[0]
+
+
+class Sent:
+    local = ("203.0.113.1", 5060)
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        pass
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((bytes(data), addr))
+
+    def close(self) -> None:
+        pass
+
+
+class AnchorRig:
+    def __init__(self, tmp: Path) -> None:
+        p = tmp / "anchor.toml"
+        p.write_text(textwrap.dedent(f'''
+            listen = "203.0.113.1:5060"
+            vipa_pool = "100.100.0.0/16"
+            nat_interface = "eth0"
+            private_key = "{AN_PRIV}"
+            [[peer]]
+            name = "laptop"
+            public_key = "{MH_PUB}"
+            '''))
+        self.now = 1000.0
+        self.wall = 1_700_000_000 * 10**9
+        self.path = Sent()
+        self.anchor = Anchor(load_anchor_config(str(p)), tun=FakeTun(), path=self.path,
+                             clock=lambda: self.now)
+        self.an_pub = _b64(AN_PUB)
+
+    def wall_ns(self) -> int:
+        self.wall += 1_000_000
+        return self.wall
+
+    def feed(self, data: bytes, src: tuple[str, int]) -> list[tuple[bytes, tuple[str, int]]]:
+        m = len(self.path.sent)
+        self.anchor._on_datagram(data, src)      # noqa: SLF001 (the code under test)
+        return self.path.sent[m:]
+
+    def initiation(self, key: str, index: int, cookie: bytes | None = None) -> Initiation:
+        return Initiation(static=_b64(key), remote_static=self.an_pub, local_index=index,
+                          wall_ns=self.wall_ns(), cookie=cookie)
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def forged(n: int) -> tuple[str, int]:
+    return (f"198.18.{(n >> 8) & 0xFF}.{n & 0xFF}", 1024 + n % 60000)
+
+
+def test_no_reply_when_not_under_load(tmp_path: Path) -> None:
+    rig = AnchorRig(tmp_path)
+    stranger = rig.initiation(EVE_PRIV, 1)
+    sent: list[tuple[bytes, tuple[str, int]]] = []
+    for n in range(150):                            # 100/s from 150 sources: below the cap
+        rig.now += 0.01
+        sent += rig.feed(stranger.packet, forged(n))
+    for _ in range(50):                             # one source beyond its own bucket
+        rig.now += 0.01
+        sent += rig.feed(rig.initiation(EVE_PRIV, 2).packet, OTHER)
+    garbage_mac2 = stranger.packet[:-MAC_LEN] + b"\x55" * MAC_LEN
+    sent += rig.feed(garbage_mac2, OTHER)
+    assert sent == []
+    assert not rig.anchor.limiter.under_load(rig.now)
+    drops = rig.anchor.fwd.drops
+    assert drops["handshake_rate_limited"] > 0 and drops["handshake_cookie_sent"] == 0
+    # and the host gets its session at once, no cookie round trip
+    i = rig.initiation(MH_PRIV, 3)
+    (resp, to), = rig.feed(i.packet, HOST)
+    assert to == HOST and resp[0] == TYPE_HS_RESP and i.consume(resp, rig.now) is not None
+
+
+def test_forged_flood_cannot_starve_a_host_that_receives_its_cookie(tmp_path: Path) -> None:
+    rig = AnchorRig(tmp_path)
+    stranger = rig.initiation(EVE_PRIV, 1)           # valid mac1: it knows the anchor's key
+    sent: list[tuple[bytes, tuple[str, int], bytes]] = []
+    sessions = 0
+    for n in range(20_000):                          # 20 000/s from 20 000 forged addresses
+        rig.now += 0.00005
+        sent += [(d, a, stranger.packet) for d, a in rig.feed(stranger.packet, forged(n))]
+        if n % 2000 == 1999:                         # now and then the real host tries
+            i = rig.initiation(MH_PRIV, 10_000 + n)
+            (reply, to), = rig.feed(i.packet, HOST)  # under load: a cookie, not the DH
+            assert to == HOST and reply[0] == TYPE_COOKIE and len(reply) < len(i.packet)
+            cookie = i.consume_cookie(reply)
+            assert cookie is not None
+            j = rig.initiation(MH_PRIV, 20_000 + n, cookie)   # at once, with mac2
+            (resp, to), = rig.feed(j.packet, HOST)
+            assert to == HOST and resp[0] == TYPE_HS_RESP
+            assert j.consume(resp, rig.now, "anchor") is not None
+            sessions += 1
+    assert sessions == 10                            # each in one cookie round trip
+    lim = rig.anchor.limiter
+    assert lim.under_load(rig.now)
+    drops = rig.anchor.fwd.drops
+    # the DH work for forged sources: only before the anchor noticed the load
+    assert drops["handshake_refused"] <= 210, drops        # the burst (+ its refill)
+    assert drops["handshake_cookie_sent"] >= 19_000, drops
+    # every answer to a forged source is a cookie reply, never bigger than its question
+    assert {d[0] for d, _, _ in sent} == {TYPE_COOKIE}
+    assert all(len(d) <= len(q) for d, _, q in sent)
+    assert len(rig.anchor._peer_sessions["laptop"]) == 3    # noqa: SLF001 (capped as ever)
+    # a forged source never sees its cookie; one obtained for the attacker's own address
+    # (it can receive there) does not pass from a forged one: a new cookie reply, no DH
+    refused = drops["handshake_refused"]
+    atk_init = rig.initiation(EVE_PRIV, 5)
+    (reply, _), = rig.feed(atk_init.packet, OTHER)
+    atk_cookie = atk_init.consume_cookie(reply)
+    assert atk_cookie is not None
+    for n in range(100):
+        p = rig.initiation(EVE_PRIV, 6 + n, atk_cookie).packet
+        (d, a), = rig.feed(p, forged(n))
+        assert d[0] == TYPE_COOKIE and a == forged(n)
+    assert drops["handshake_refused"] == refused
+    # from its own address the attacker is limited per source (and is no peer anyway)
+    for n in range(100):
+        rig.feed(rig.initiation(EVE_PRIV, 200 + n, atk_cookie).packet, OTHER)
+    assert drops["handshake_refused"] - refused == 10       # its burst, then its rate
+    # the flood stops: after the hold time the anchor is silent again and needs no mac2
+    rig.now += 2.0
+    i = rig.initiation(MH_PRIV, 99_999)
+    (resp, _), = rig.feed(i.packet, HOST)
+    assert resp[0] == TYPE_HS_RESP
+
+
+async def test_agent_handshake_through_cookie_under_load(tmp_path: Path) -> None:
+    """The real agent, anchor under load: each handshake takes a cookie round trip."""
+    w = World(tmp_path)
+    an = w.anchors[0]
+    an.limiter = RateLimiter(load_hold=1e9)            # under load for the whole test
+    stranger = Initiation(static=_b64(EVE_PRIV), remote_static=an.responder.hs_probe.s_pub,
+                          local_index=1, wall_ns=1)
+    for n in range(300):                               # a forged burst sets it off
+        an._on_datagram(stranger.packet, forged(n))    # noqa: SLF001
+    assert an.limiter.under_load(w.agent.clock())
+    cookies0 = an.fwd.drops["handshake_cookie_sent"]
+    await w.start()
+    try:
+        st = w.agent.status()
+        assert [t["state"] for t in st["tunnels"]] == ["up", "up"], st
+        assert st["anchors"][0]["state"] == "associated"
+        assert an.fwd.drops["handshake_cookie_sent"] - cookies0 >= 1
+        assert w.agent.drops.get("bad_cookie", 0) == 0
+        assert {a for _, a in w.agent._cookies} == {"an1"}       # noqa: SLF001
+    finally:
+        await w.stop()

@@ -26,10 +26,10 @@ from .config import AgentConfig, Rule
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun
-from .dataplane.packet import TYPE_CONTROL, TYPE_DATA, TYPE_HS_RESP
+from .dataplane.packet import TYPE_CONTROL, TYPE_COOKIE, TYPE_DATA, TYPE_HS_RESP
 from .signalling import sip
 from .signalling.client import SipClient, SipError
-from .signalling.handshake import Initiation
+from .signalling.handshake import COOKIE_LIFE, Initiation
 from .tables import PROTO_NAMES, Flow, FlowKey, Tunnel, ip_str
 
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
@@ -44,6 +44,7 @@ REKEY_AFTER = 120.0            # seconds: a new handshake (forward secrecy), as 
 PREVIOUS_SESSION_LIFE = 60.0   # the old session still opens late packets this long
 MIN_REKEY = 5.0                # never renew a session younger than this after a failure
 REKEY_AFTER_MESSAGES = 1 << 60 # as WireGuard: far below the nonce limit
+COOKIE_RETRIES = 3             # immediate retries with a fresh cookie, per handshake
 
 
 @dataclass
@@ -134,7 +135,11 @@ class Agent:
         self.stopped = asyncio.Event()
         self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
         self._hs_lock = {a: asyncio.Lock() for a in anchors}
-        self._pending: dict[int, tuple[str, Initiation, asyncio.Future[Session]]] = {}
+        # pending initiation index -> (anchor, interface, it, its answer: a session, or None
+        # when a cookie came instead)
+        self._pending: dict[int, tuple[str, str, Initiation, asyncio.Future[Session | None]]] = {}
+        # (interface, anchor) -> (cookie, received): a cookie is good for one source address
+        self._cookies: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in self.ifaces]
 
@@ -157,7 +162,7 @@ class Agent:
                 opened = fwd.open(index, data, src)
                 if opened is not None:
                     self.sip.on_datagram(opened[3])
-            elif b0 == TYPE_HS_RESP:
+            elif b0 == TYPE_HS_RESP or b0 == TYPE_COOKIE:
                 self._on_handshake_response(data, src)
             else:
                 fwd.drops["junk"] += 1
@@ -165,11 +170,22 @@ class Agent:
         return on_datagram
 
     def _on_handshake_response(self, data: bytes, src: tuple[str, int]) -> None:
-        pending = self._pending.get(int.from_bytes(data[8:12], "big"))
+        """HS_RESP (our session) or HS_COOKIE (the anchor is under load: remember the cookie
+        and let :meth:`_session` send a new initiation with mac2 at once)."""
+        cookie = data[0] == TYPE_COOKIE
+        pending = self._pending.get(int.from_bytes(data[4:8] if cookie else data[8:12], "big"))
         if pending is None or src != self.anchors[pending[0]]:
             self.fwd.drops["stray_handshake"] += 1
             return
-        anchor, init, fut = pending
+        anchor, iface, init, fut = pending
+        if cookie:
+            c = init.consume_cookie(data)
+            if c is None:
+                self.fwd.drops["bad_cookie"] += 1
+            elif not fut.done():
+                self._cookies[(iface, anchor)] = (c, self.clock())
+                fut.set_result(None)
+            return
         s = init.consume(data, self.clock(), anchor)
         if s is None:
             self.fwd.drops["bad_handshake"] += 1
@@ -259,22 +275,37 @@ class Agent:
                     return True
             old = link.session
             loop = asyncio.get_running_loop()
-            waited, delay = 0.0, sip.T1
+            waited, delay, cookies = 0.0, sip.T1, 0
             while waited < SETUP_TIMEOUT:   # a fresh initiation (new timestamp) every try
                 idx = self._new_index()
+                cookie = self._cookies.get((i.name, anchor))
+                if cookie is not None and self.clock() - cookie[1] >= COOKIE_LIFE:
+                    del self._cookies[(i.name, anchor)]
+                    cookie = None
                 init = Initiation(static=self.cfg.private_key, remote_static=self.keys[anchor],
-                                  local_index=idx, wall_ns=self.wall_ns())
-                fut: asyncio.Future[Session] = loop.create_future()
-                self._pending[idx] = (anchor, init, fut)
+                                  local_index=idx, wall_ns=self.wall_ns(),
+                                  cookie=cookie[0] if cookie is not None else None)
+                fut: asyncio.Future[Session | None] = loop.create_future()
+                self._pending[idx] = (anchor, i.name, init, fut)
+                sent_at = loop.time()
                 try:
                     i.path.sendto(init.packet, self.anchors[anchor])
-                    s = await asyncio.wait_for(fut, delay)
+                    got = await asyncio.wait_for(fut, delay)
                 except TimeoutError:
                     waited += delay
                     delay = min(delay * 2, sip.T2)
                     continue
                 finally:
                     self._pending.pop(idx, None)
+                if got is None:     # a cookie (the anchor is under load): again, with mac2
+                    elapsed = loop.time() - sent_at
+                    cookies += 1
+                    if cookies > COOKIE_RETRIES:   # cookies that do not help: pace the tries
+                        await asyncio.sleep(max(0.0, delay - elapsed))
+                        elapsed, delay = max(delay, elapsed), min(delay * 2, sip.T2)
+                    waited += elapsed
+                    continue
+                s = got
                 self.fwd.add_session(anchor, s)
                 if old is not None:   # keep opening the old session's packets for a while
                     loop.call_later(PREVIOUS_SESSION_LIFE, self.fwd.drop_session,

@@ -77,13 +77,33 @@ class Anchor:
             self.fwd.drops["junk"] += 1
 
     def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
+        """mac1 first (no DH for who does not know our key). Not under load: the rate
+        limiter. Under load (a flood, maybe from forged sources): only initiations whose
+        mac2 proves that their source receives, limited per source; the others get a
+        cookie reply (smaller than the initiation) and no DH."""
         now = self.clock()
-        if not self.responder.mac_ok(data):
+        responder, limiter = self.responder, self.limiter
+        if not responder.mac_ok(data):
             self.fwd.drops["handshake_bad_mac"] += 1
             return
-        if not self.limiter.allow(src[0], now):
+        if not limiter.arrive(now):
+            if limiter.allow(src[0], now):
+                self._accept(data, src, now)
+                return
+            if not limiter.under_load(now):     # refused by its source's bucket only
+                self.fwd.drops["handshake_rate_limited"] += 1
+                return
+        reply = responder.cookie_unless_proven(data, src, now)
+        if reply is not None:
+            self.fwd.drops["handshake_cookie_sent"] += 1
+            self.path.sendto(reply, src)
+            return
+        if not limiter.allow_proven(src[0], now):
             self.fwd.drops["handshake_rate_limited"] += 1
             return
+        self._accept(data, src, now)
+
+    def _accept(self, data: bytes, src: tuple[str, int], now: float) -> None:
         acc = self.responder.accept(data, now, self._new_index)
         if acc is None:
             self.fwd.drops["handshake_refused"] += 1

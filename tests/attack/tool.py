@@ -12,12 +12,15 @@ Subcommands (all send to ``--target host:port``, the anchor's shared UDP port):
 ``flood``   a bounded mix of junk: random bytes, plaintext SIP MESSAGE with an
             AssociationReq, HS_INIT-sized random data, and real Noise IK initiations
             from a key that is not a [[peer]] (valid mac1: it knows the anchor's key).
-``hsflood`` for ``--seconds``: one such initiation (valid mac1, key not a [[peer]]) sent
-            again and again from random spoofed source addresses in ``--spoof-net``
-            (raw socket): every packet passes the per-source limit as a new source.
+``hsflood`` for ``--seconds`` (or until SIGTERM): one such initiation (valid mac1, key not
+            a [[peer]]) sent again and again from random spoofed source addresses in
+            ``--spoof-net`` (raw socket): every packet passes the per-source limit as a new
+            source.
 
 Whatever comes back to our own socket during ``--listen`` seconds after sending is
 counted (``received``, ``received_bytes``): an anchor that keeps silent returns zeros.
+``flood`` also counts, among those, the cookie replies (``received_cookies``: HS_COOKIE
+that opens as the cookie for one of our own initiations) that an anchor under load sends.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -38,8 +42,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository
 
 from tests.attack.rawsock import RawSender, tcp  # noqa: E402
+from upmt_tun.signalling.handshake import INIT_LEN as HS_INIT_LEN  # noqa: E402
 
-DATA, HS_INIT_LEN = 0x80, 132
+DATA = 0x80
 HDR = struct.Struct("!B3xIQ")
 
 
@@ -76,6 +81,7 @@ class Sender:
         self.sock.bind(("0.0.0.0", 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.sent = self.sent_bytes = self.errors = 0
+        self.got: list[bytes] = []
 
     def send(self, payload: bytes, dst: tuple[str, int]) -> None:
         try:
@@ -96,6 +102,7 @@ class Sender:
             r, _, _ = select.select([self.sock], [], [], left)
             if r:
                 data = self.sock.recv(65535)
+                self.got.append(data)
                 got += 1
                 got_bytes += len(data)
         return {"received": got, "received_bytes": got_bytes}
@@ -151,9 +158,10 @@ def cmd_flood(a: argparse.Namespace) -> dict[str, Any]:
     rnd = random.Random(a.seed)
     anchor_pub = base64.b64decode(a.anchor_pub)
     stranger = base64.b64decode(keys.generate())           # not a [[peer]] of the anchor
-    inits = [Initiation(static=stranger, remote_static=anchor_pub,
-                        local_index=rnd.getrandbits(32), wall_ns=time.time_ns() + i).packet
-             for i in range(a.initiations)]
+    initiations = [Initiation(static=stranger, remote_static=anchor_pub,
+                              local_index=rnd.getrandbits(32) or 1, wall_ns=time.time_ns() + i)
+                   for i in range(a.initiations)]
+    inits = [i.packet for i in initiations]
     local = ("203.0.113.66", s.sock.getsockname()[1])
     kinds = {"random": 0, "plain_sip": 0, "hs_sized": 0, "initiation": 0}
     order = list(kinds)
@@ -174,7 +182,13 @@ def cmd_flood(a: argparse.Namespace) -> dict[str, Any]:
         kinds[kind] += 1
         s.send(p, dst)
         pace.tick()
-    return s.result(a.listen, kinds=kinds, distinct_initiations=len(inits))
+    out = s.result(a.listen, kinds=kinds, distinct_initiations=len(inits))
+    by_index = {i.local_index: i for i in initiations}
+    out["received_cookies"] = sum(
+        1 for d in s.got if len(d) >= 8
+        and (i := by_index.get(int.from_bytes(d[4:8], "big"))) is not None
+        and i.consume_cookie(d) is not None)
+    return out
 
 
 def cmd_hsflood(a: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +209,9 @@ def cmd_hsflood(a: argparse.Namespace) -> dict[str, Any]:
     sent = errors = 0
     sources: set[int] = set()
     t_end = time.monotonic() + a.seconds
-    while time.monotonic() < t_end:
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    while time.monotonic() < t_end and not stop:
         src = base + rnd.randrange(1, size - 1)
         sources.add(src)
         try:

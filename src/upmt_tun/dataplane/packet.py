@@ -39,6 +39,7 @@ TYPE_DATA = 0x80
 TYPE_HS_INIT = 0x81
 TYPE_HS_RESP = 0x82
 TYPE_CONTROL = 0x83      # a sealed SIP message
+TYPE_COOKIE = 0x84       # a cookie reply to a handshake initiation (signalling/handshake.py)
 HEADER = struct.Struct("!B3xIQ")
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
@@ -46,7 +47,7 @@ IPV4_UDP = 28
 OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
-KIND_TUNNEL = 1          # one of our types 0x80..0x83: look at data[0]
+KIND_TUNNEL = 1          # one of our types 0x80..0x84: look at data[0]
 KIND_DATA = KIND_TUNNEL
 KIND_STUN = 2
 KIND_SIP = 3
@@ -65,7 +66,7 @@ def classify(data: bytes | bytearray | memoryview) -> int:
         return KIND_JUNK
     b0 = data[0]
     if b0 >= 0x80:
-        return KIND_TUNNEL if b0 <= TYPE_CONTROL and len(data) >= HEADER_LEN else KIND_JUNK
+        return KIND_TUNNEL if b0 <= TYPE_COOKIE and len(data) >= HEADER_LEN else KIND_JUNK
     if b0 < 0x40:
         if len(data) >= 20 and data[4:8] == STUN_COOKIE:
             return KIND_STUN

@@ -2,8 +2,12 @@
 
 ::
 
-    HS_INIT  0x81 | 0 0 0 | sender idx (4) | Noise msg 1 (32 e + 48 s + 28 timestamp) | mac1 (16)
-    HS_RESP  0x82 | 0 0 0 | sender idx (4) | receiver idx (4) | Noise msg 2 (32 e + 16) | mac1 (16)
+    HS_INIT    0x81 | 0 0 0 | sender idx (4) | Noise msg 1 (32 e + 48 s + 28 timestamp)
+                    | mac1 (16) | mac2 (16)                                       148 bytes
+    HS_RESP    0x82 | 0 0 0 | sender idx (4) | receiver idx (4) | Noise msg 2 (32 e + 16)
+                    | mac1 (16)                                                    76 bytes
+    HS_COOKIE  0x84 | 0 0 0 | receiver idx (4) = the initiation's sender idx | nonce (12)
+                    | ChaCha20-Poly1305(cookie (16)) + tag (16)                    52 bytes
 
 * ``mac1`` = keyed BLAKE2s-128 over the bytes before it, keyed with
   BLAKE2s("mac1----" || receiver's static public key): the anchor drops, before
@@ -11,42 +15,107 @@
 * The initiation's encrypted payload is a TAI64N timestamp; the responder keeps
   the newest one per peer and ignores any initiation not newer (a replayed
   initiation creates nothing).
-* :class:`RateLimiter` bounds handshake work per source address and overall.
+* :class:`RateLimiter` bounds handshake work per source address and overall, and
+  says when the anchor is *under load* (mac1-valid initiations arrive faster than
+  the global handshake rate, or the global bucket refused one, within the last second).
 
-Pure: wall-clock time and monotonic ``now`` are passed in.
+Cookies (WireGuard's mac2 / cookie reply, against floods from forged sources): mac1 only
+proves that the sender knows the anchor's public key, which is no secret. Under load the
+anchor does no DH for an initiation unless its ``mac2`` proves that its source address
+can receive: ``mac2`` = keyed BLAKE2s-128(key = cookie, data = the initiation up to and
+including mac1), sent as 16 zero bytes when the initiator has no cookie. To such an
+initiation the anchor answers, only while under load, with HS_COOKIE (smaller than the
+initiation: no amplification) and stays silent otherwise:
+
+* cookie = keyed BLAKE2s-128(key = a random secret replaced every 2 minutes, data = the
+  source's packed IP address and big-endian port): stateless at the anchor, different
+  per source address and port, and no use after the secret changed;
+* sealed with ChaCha20-Poly1305 under BLAKE2s("cookie--" || the anchor's static public
+  key), with the initiation's mac1 as associated data: only the initiator of that very
+  initiation accepts it (a third party cannot push a cookie onto it, and replaying a
+  cookie reply to another initiation fails);
+* the nonce: WireGuard uses XChaCha20-Poly1305 with a 24-byte random nonce; the
+  ``cryptography`` package has no XChaCha, so this is plain ChaCha20-Poly1305 with a
+  **12-byte random nonce** (the field is 12 bytes, not 24). The key never changes (it
+  derives from the static key), so random 96-bit nonces repeat with probability about
+  n^2 / 2^97 after n replies: ~2^-33 after 2^32 replies (a day of a 50 000/s flood). A
+  repeat would let an eavesdropper forge cookie replies, which buys nothing an on-path
+  attacker does not already have (it sees the cookies, and can drop the handshake).
+
+The initiator keeps a cookie for :data:`COOKIE_LIFE` seconds and adds mac2 to its
+next initiations (the agent retries at once when a cookie arrives); forged sources never
+see their cookies, so under load their initiations never reach the DH.
+
+Pure: wall-clock time, monotonic ``now`` and randomness are passed in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import os
+import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from ..dataplane.crypto import Session
+from ..dataplane.packet import TYPE_COOKIE
 from .noise import HandshakeState, NoiseError
 
-__all__ = ["HS_INIT", "HS_RESP", "Initiation", "RateLimiter", "Responder", "mac1_key"]
+__all__ = ["COOKIE_LEN", "COOKIE_LIFE", "COOKIE_SECRET_LIFE", "HS_COOKIE", "HS_INIT", "HS_RESP",
+           "INIT_LEN", "RESP_LEN", "Initiation", "RateLimiter", "Responder", "cookie_key",
+           "mac1_key"]
 
 HS_INIT = 0x81
 HS_RESP = 0x82
+HS_COOKIE = TYPE_COOKIE                                         # 0x84
 _INIT_HDR = struct.Struct("!B3xI")
 _RESP_HDR = struct.Struct("!B3xII")
+_COOKIE_HDR = struct.Struct("!B3xI")
 _TAI64N = struct.Struct("!QI")
 TAI64_BASE = 0x400000000000000A
 MAC_LEN = 16
-INIT_LEN = _INIT_HDR.size + 32 + 48 + 12 + 16 + MAC_LEN     # 132
-RESP_LEN = _RESP_HDR.size + 32 + 16 + MAC_LEN               # 76
+COOKIE_NONCE_LEN = 12
+INIT_LEN = _INIT_HDR.size + 32 + 48 + 12 + 16 + 2 * MAC_LEN   # 148
+RESP_LEN = _RESP_HDR.size + 32 + 16 + MAC_LEN                 # 76
+COOKIE_LEN = _COOKIE_HDR.size + COOKIE_NONCE_LEN + MAC_LEN + 16  # 52
+COOKIE_SECRET_LIFE = 120.0     # the anchor replaces its cookie secret this often
+COOKIE_LIFE = 120.0            # the initiator uses a cookie this long after it arrived
+_NO_MAC2 = bytes(MAC_LEN)
 
 
 def mac1_key(static_pub: bytes) -> bytes:
     return hashlib.blake2s(b"mac1----" + static_pub).digest()
 
 
+def cookie_key(static_pub: bytes) -> bytes:
+    """The key that seals cookie replies of the responder whose static key is given."""
+    return hashlib.blake2s(b"cookie--" + static_pub).digest()
+
+
 def _mac(key: bytes, data: bytes) -> bytes:
     return hashlib.blake2s(data, key=key, digest_size=MAC_LEN).digest()
+
+
+def _addr_bytes(src: tuple[str, int]) -> bytes:
+    """The packed source address and port (the cookie's data); its text if not an IP."""
+    host, port = src[0], src[1]
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:                          # e.g. "fe80::1%eth0"
+        packed = host.encode()
+    return packed + (port & 0xFFFF).to_bytes(2, "big")
+
+
+def _mac2_ok(data: bytes, cookie: bytes) -> bool:
+    mac2 = data[-MAC_LEN:]                   # zero: no cookie (not worth a BLAKE2s)
+    return mac2 != _NO_MAC2 and hmac.compare_digest(_mac(cookie, data[:-MAC_LEN]), mac2)
 
 
 def tai64n(wall_ns: int) -> bytes:
@@ -54,16 +123,22 @@ def tai64n(wall_ns: int) -> bytes:
 
 
 class Initiation:
-    """The mobile host's side of one handshake attempt with one anchor."""
+    """The mobile host's side of one handshake attempt with one anchor.
+
+    ``cookie``: the anchor's latest cookie for our address (from :meth:`consume_cookie`
+    of an earlier attempt, younger than COOKIE_LIFE), or None (mac2 is zero then)."""
 
     def __init__(self, *, static: bytes, remote_static: bytes, local_index: int, wall_ns: int,
-                 ephemeral: bytes | None = None) -> None:
+                 ephemeral: bytes | None = None, cookie: bytes | None = None) -> None:
         self.hs = HandshakeState(initiator=True, static=static, remote_static=remote_static,
                                  ephemeral=ephemeral)
         self.local_index = local_index
+        self.remote_static = remote_static
         self._resp_mac = mac1_key(self.hs.s_pub)
         body = _INIT_HDR.pack(HS_INIT, local_index) + self.hs.write_message1(tai64n(wall_ns))
-        self.packet = body + _mac(mac1_key(remote_static), body)
+        self.mac1 = _mac(mac1_key(remote_static), body)
+        body += self.mac1
+        self.packet = body + (_mac(cookie, body) if cookie else _NO_MAC2)
 
     def consume(self, data: bytes, now: float, peer: str = "") -> Session | None:
         """The anchor's HS_RESP -> the session, or None if it is not the answer to us."""
@@ -82,6 +157,20 @@ class Initiation:
         send, recv = self.hs.split()
         return Session(self.local_index, sender, send, recv, now, peer)
 
+    def consume_cookie(self, data: bytes) -> bytes | None:
+        """The anchor's HS_COOKIE for this initiation -> the cookie, else None."""
+        if len(data) != COOKIE_LEN or data[0] != HS_COOKIE:
+            return None
+        if _COOKIE_HDR.unpack_from(data)[1] != self.local_index:
+            return None
+        nonce = data[_COOKIE_HDR.size:_COOKIE_HDR.size + COOKIE_NONCE_LEN]
+        sealed = data[_COOKIE_HDR.size + COOKIE_NONCE_LEN:]
+        try:
+            return ChaCha20Poly1305(cookie_key(self.remote_static)).decrypt(nonce, sealed,
+                                                                             self.mac1)
+        except InvalidTag:
+            return None
+
 
 @dataclass
 class Accepted:
@@ -94,26 +183,64 @@ class Accepted:
 
 
 class Responder:
-    """The anchor's side: verifies initiations from authorized peers only."""
+    """The anchor's side: verifies initiations from authorized peers only, and makes the
+    cookies that prove a source address under load (``random_bytes``: the secret, nonces)."""
 
-    def __init__(self, static: bytes, peers: dict[bytes, str]) -> None:
+    def __init__(self, static: bytes, peers: dict[bytes, str], *,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.static = static
         self.peers = peers                       # static public key -> peer name
         self.hs_probe = HandshakeState(initiator=False, static=static)
         self._mac1 = mac1_key(self.hs_probe.s_pub)
+        self._cookie_aead = ChaCha20Poly1305(cookie_key(self.hs_probe.s_pub))
+        self._random = random_bytes
+        self._nonces, self._nonce_at = b"", 0    # random nonces, fetched 256 at a time
+        self._secret = b""
+        self._secret_born = -math.inf
         self.newest: dict[bytes, bytes] = {}     # peer key -> newest TAI64N seen
 
     def mac_ok(self, data: bytes) -> bool:
         """Cheap pre-check (no DH): right length, type and mac1."""
         return (len(data) == INIT_LEN and data[0] == HS_INIT and
-                hmac.compare_digest(_mac(self._mac1, data[:-MAC_LEN]), data[-MAC_LEN:]))
+                hmac.compare_digest(_mac(self._mac1, data[:-2 * MAC_LEN]),
+                                    data[-2 * MAC_LEN:-MAC_LEN]))
+
+    def cookie(self, src: tuple[str, int], now: float) -> bytes:
+        """The cookie of source address ``src`` (under the secret of the last 2 minutes)."""
+        if now - self._secret_born >= COOKIE_SECRET_LIFE:
+            self._secret = self._random(32)
+            self._secret_born = now
+        return _mac(self._secret, _addr_bytes(src))
+
+    def mac2_ok(self, data: bytes, src: tuple[str, int], now: float) -> bool:
+        """An initiation (mac1 already checked) whose mac2 proves that ``src`` receives."""
+        return _mac2_ok(data, self.cookie(src, now))
+
+    def cookie_unless_proven(self, data: bytes, src: tuple[str, int],
+                             now: float) -> bytes | None:
+        """Under load, for an initiation whose mac1 is OK: None if its mac2 proves ``src``
+        (go on with it), else the HS_COOKIE to send back to ``src`` (one cookie computed)."""
+        cookie = self.cookie(src, now)
+        return None if _mac2_ok(data, cookie) else self.cookie_reply(data, src, now, cookie)
+
+    def cookie_reply(self, data: bytes, src: tuple[str, int], now: float,
+                     cookie: bytes | None = None) -> bytes:
+        """HS_COOKIE for the initiation ``data`` (mac1 already checked) from ``src``."""
+        at = self._nonce_at
+        if at + COOKIE_NONCE_LEN > len(self._nonces):
+            self._nonces, at = self._random(256 * COOKIE_NONCE_LEN), 0
+        nonce = self._nonces[at:at + COOKIE_NONCE_LEN]
+        self._nonce_at = at + COOKIE_NONCE_LEN
+        return (_COOKIE_HDR.pack(HS_COOKIE, _INIT_HDR.unpack_from(data)[1]) + nonce +
+                self._cookie_aead.encrypt(nonce, cookie or self.cookie(src, now),
+                                          data[-2 * MAC_LEN:-MAC_LEN]))
 
     def accept(self, data: bytes, now: float, new_index: Callable[[], int],
                ephemeral: bytes | None = None) -> Accepted | None:
         """Full verification of an initiation whose mac1 is OK; None: ignore it silently."""
         hs = HandshakeState(initiator=False, static=self.static, ephemeral=ephemeral)
         try:
-            ts = hs.read_message1(data[_INIT_HDR.size:-MAC_LEN])
+            ts = hs.read_message1(data[_INIT_HDR.size:-2 * MAC_LEN])
         except NoiseError:
             return None
         peer_key = hs.remote_static
@@ -132,26 +259,69 @@ class Responder:
 
 
 class RateLimiter:
-    """Token buckets per source address plus one global bucket, bounded in memory."""
+    """Token buckets per source address plus global ones, bounded in memory; load state.
+
+    * :meth:`arrive` for every initiation with a valid mac1: True while *under load*, i.e.
+      within ``load_hold`` s of such initiations arriving faster than ``total`` per second
+      (beyond a burst of ``total``) or of :meth:`allow` refusing one for the global cap.
+    * :meth:`allow` (not under load): the source's bucket and the global ``total``/s one.
+    * :meth:`allow_proven` (under load, mac2 valid for the source): the source's bucket and
+      a separate, higher global cap ``proven_total``/s, which bounds the DH work when many
+      real sources handshake at once; forged sources never get that far.
+    """
 
     def __init__(self, per_source: float = 5.0, burst: float = 10.0, total: float = 200.0,
-                 max_sources: int = 4096) -> None:
+                 max_sources: int = 4096, proven_total: float = 500.0,
+                 load_hold: float = 1.0) -> None:
         self.rate, self.burst, self.total_rate = per_source, burst, total
+        self.proven_rate, self.load_hold = proven_total, load_hold
         self.max_sources = max_sources
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.total = (total, 0.0)
+        self.proven = (proven_total, 0.0)
+        self.demand = (total, 0.0)               # mac1-valid arrivals, at the global rate
+        self.loaded_until = -math.inf
 
-    def allow(self, source: str, now: float) -> bool:
-        tokens, last = self.total
+    def arrive(self, now: float) -> bool:
+        """Count one mac1-valid initiation; is the anchor under load?"""
+        tokens, last = self.demand
         tokens = min(self.total_rate, tokens + (now - last) * self.total_rate)
-        if tokens < 1.0:
-            self.total = (tokens, now)
-            return False
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            self.loaded_until = now + self.load_hold
+        self.demand = (tokens, now)
+        return now < self.loaded_until
+
+    def under_load(self, now: float) -> bool:
+        return now < self.loaded_until
+
+    def _source(self, source: str, now: float) -> bool:
         b_tokens, b_last = self.buckets.pop(source, (self.burst, now))
         b_tokens = min(self.burst, b_tokens + (now - b_last) * self.rate)
         ok = b_tokens >= 1.0
         self.buckets[source] = (b_tokens - 1.0 if ok else b_tokens, now)
         if len(self.buckets) > self.max_sources:
             self.buckets.popitem(last=False)
+        return ok
+
+    def allow(self, source: str, now: float) -> bool:
+        tokens, last = self.total
+        tokens = min(self.total_rate, tokens + (now - last) * self.total_rate)
+        if tokens < 1.0:
+            self.total = (tokens, now)
+            self.loaded_until = now + self.load_hold
+            return False
+        ok = self._source(source, now)
         self.total = (tokens - 1.0 if ok else tokens, now)
+        return ok
+
+    def allow_proven(self, source: str, now: float) -> bool:
+        tokens, last = self.proven
+        tokens = min(self.proven_rate, tokens + (now - last) * self.proven_rate)
+        if tokens < 1.0:
+            self.proven = (tokens, now)
+            return False
+        ok = self._source(source, now)
+        self.proven = (tokens - 1.0 if ok else tokens, now)
         return ok
