@@ -41,6 +41,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -278,16 +279,18 @@ def udp_test(topo: Topology, port: int, seconds: int, cpu: CpuMeter,
 
 _RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
 _LOSS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_TIME = re.compile(r"time=([\d.]+) ms")
 
 
 def ping_test(topo: Topology, uid: int | None, count: int) -> dict[str, Any]:
     pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
-    argv = [*pre, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2", CH]
+    argv = [*pre, "ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", CH]
     r = topo.run("mh", *argv, check=False, timeout=count * 0.05 + 30)
     loss = _LOSS.search(r.stdout)
     rtt = _RTT.search(r.stdout)
     if loss is None or rtt is None or int(loss.group(2)) == 0:
         raise BenchError(f"ping exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+    times = [float(t) for t in _TIME.findall(r.stdout)]   # one per reply, in order
     return {
         "uid": uid if uid is not None else 0,
         "transmitted": int(loss.group(1)),
@@ -296,6 +299,8 @@ def ping_test(topo: Topology, uid: int | None, count: int) -> dict[str, Any]:
         "rtt_avg_ms": float(rtt.group(2)),
         "rtt_max_ms": float(rtt.group(3)),
         "rtt_mdev_ms": float(rtt.group(4)),
+        "rtt_median_ms": statistics.median(times) if times else None,
+        "rtt_first_ms": times[0] if times else None,   # includes setting up the new flow
     }
 
 
@@ -447,6 +452,7 @@ def table_rows(paths: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ("UDP 64B upload recv pkt/s", "udp64_upload", "received_pps", None),
         ("UDP 64B upload loss %", "udp64_upload", "lost_percent", None),
         ("ping RTT avg ms", "ping", "rtt_avg_ms", None),
+        ("ping RTT median ms", "ping", "rtt_median_ms", None),
         ("CPU s agent (TCP up)", "tcp_upload", "cpu_s", "agent"),
         ("CPU s anchor (TCP up)", "tcp_upload", "cpu_s", "anchor0"),
         ("CPU s/GB agent+anchor (TCP up)", "tcp_upload", "cpu_s_per_gb", None),
@@ -504,6 +510,20 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         if n == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def source_version() -> dict[str, Any]:
+    """The commit of this checkout and which files under src/ differ from it: the daemons
+    and the in-process code run from this tree (editable install)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "?", "src_changes": []}
+    return {"commit": head or "?", "src_changes": sorted(ln[3:] for ln in dirty if ln.strip())}
 
 
 def loadavg() -> str:
@@ -573,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                  "tcp_seconds": args.seconds, "udp_seconds": args.udp_seconds,
                  "ping": {"count": args.ping_count, "interval_s": 0.05},
                  "quick": args.quick, "machine": machine_facts(), "workdir": str(workdir),
-                 "loadavg_start": loadavg(),
+                 "loadavg_start": loadavg(), "source_start": source_version(),
                  "ports": dict(PORT), "rules": RULES,
                  "labs": {t: {"workdir": str(workdir / t), "extra_config": extra,
                               "paths": list(here)} for t, (extra, here) in LABS.items()},
@@ -616,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         result["errors"].append(f"{type(e).__name__}: {e}")
 
     result["meta"]["loadavg_end"] = loadavg()
+    result["meta"]["source_end"] = src_end = source_version()
+    if src_end != result["meta"]["source_start"]:   # someone changed src/ during the run
+        result["meta"]["warning"] = "src/ changed during the run: the labs ran different code"
     result["table"] = table_rows(result["paths"])
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     m = result["meta"]["machine"]
@@ -647,6 +670,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad_codes:
         result["errors"].append(f"daemon exit codes {bad_codes}")
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+    src = result["meta"]["source_start"]
+    print(f"\nsource: commit {src['commit']}"
+          + (f", uncommitted changes in {', '.join(src['src_changes'])}" if src["src_changes"]
+             else ""))
+    if "warning" in result["meta"]:
+        print(f"WARNING: {result['meta']['warning']}")
     if result["errors"]:
         print("\nerrors:", *result["errors"], sep="\n  ")
     print(f"\nsaved {json_path}")

@@ -3,14 +3,16 @@
 Wire format (DESIGN.md): one UDP port carries tunnel packets, STUN and SIP.
 The first byte decides, data first:
 
-* ``>= 0x80``   a tunnel packet: 16-byte header then an inner IPv4 packet::
+* ``>= 0x80``   ours: 0x80 DATA and 0x83 CONTROL (sealed SIP) are a 16-byte header,
+  the ChaCha20-Poly1305 ciphertext and its 16-byte tag::
 
       0      1      2      3      4               8                      16
-      | type | 0    | 0    | 0    | receiver index| counter (u64)        | inner IPv4 | (tag)
+      | type | 0    | 0    | 0    | receiver index| counter (u64)        | ciphertext | tag
 
-  ``type`` 0x80 is DATA. The receiver index is the receiving end's own tunnel
-  id. A 16-byte AEAD tag will follow the inner packet once encryption lands;
-  the MTU budget (:data:`OVERHEAD`) reserves it already.
+  The receiver index is the receiving end's *session* index; the header is the
+  AEAD's associated data and the counter its nonce (``crypto.Session``). 0x81,
+  0x82 and 0x84 are the handshake packets (``signalling.handshake``). The MTU
+  budget (:data:`OVERHEAD`) counts the tag.
 * top two bits ``00`` and the STUN magic cookie at offset 4: STUN.
 * an ASCII letter: SIP text.
 
