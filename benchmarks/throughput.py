@@ -49,6 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import loadavg, render, source_version  # noqa: E402 (benchmarks/ dir)
+
 from upmt_tun.lab import Lab
 from upmt_tun.testbed import MH_IFACES, Topology, tool_missing
 
@@ -498,41 +500,10 @@ def fmt(v: Any) -> str:
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     cols = ["metric", "raw", "upmt_tun (encrypted)", "upmt_plain", "enc/raw", "enc/plain"]
-    cells = [cols]
-    for r in rows:
-        cells.append([r["metric"], *(fmt(r[p]) for p in PATHS),
-                      *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("enc/raw", "enc/plain"))])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    lines = []
-    for n, c in enumerate(cells):
-        lines.append(" | ".join(c[0].ljust(widths[0]) if i == 0 else c[i].rjust(widths[i])
-                                for i in range(len(cols))))
-        if n == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def source_version() -> dict[str, Any]:
-    """The commit of this checkout and which files under src/ differ from it: the daemons
-    and the in-process code run from this tree (editable install)."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "?", "src_changes": []}
-    return {"commit": head or "?", "src_changes": sorted(ln[3:] for ln in dirty if ln.strip())}
-
-
-def loadavg() -> str:
-    """/proc/loadavg: whether something else kept the machine busy during the run."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    body = [[r["metric"], *(fmt(r[p]) for p in PATHS),
+             *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("enc/raw", "enc/plain"))]
+            for r in rows]
+    return render(cols, body)
 
 
 def machine_facts() -> dict[str, Any]:
