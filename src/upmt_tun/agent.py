@@ -134,7 +134,9 @@ class Agent:
         self.anchor_state: dict[str, str] = dict.fromkeys(anchors, "associating")
         self.stopped = asyncio.Event()
         self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
-        self._hs_lock = {a: asyncio.Lock() for a in anchors}
+        # one handshake at a time per (anchor, interface): interfaces try in parallel, so a
+        # dead path does not delay the others (SPEC: `ready` within about 10 s)
+        self._hs_lock = {(a, i.name): asyncio.Lock() for a in anchors for i in ifaces}
         # pending initiation index -> (anchor, interface, it, its answer: a session, or None
         # when a cookie came instead)
         self._pending: dict[int, tuple[str, str, Initiation, asyncio.Future[Session | None]]] = {}
@@ -266,7 +268,7 @@ class Agent:
         """Make sure ``anchor`` has a current session (a Noise IK handshake through ``i``).
         ``rekey``: renew it when older than REKEY_AFTER; ``force``: renew it unless it is
         brand new (after a failure: the anchor may have restarted and forgotten it)."""
-        async with self._hs_lock[anchor]:
+        async with self._hs_lock[(anchor, i.name)]:
             link = self.fwd.links[anchor]
             if link.session is not None:
                 age = self.clock() - link.session.created
@@ -288,11 +290,12 @@ class Agent:
                 fut: asyncio.Future[Session | None] = loop.create_future()
                 self._pending[idx] = (anchor, i.name, init, fut)
                 sent_at = loop.time()
+                wait = min(delay, SETUP_TIMEOUT - waited)   # never past the budget
                 try:
                     i.path.sendto(init.packet, self.anchors[anchor])
-                    got = await asyncio.wait_for(fut, delay)
+                    got = await asyncio.wait_for(fut, wait)
                 except TimeoutError:
-                    waited += delay
+                    waited += wait
                     delay = min(delay * 2, sip.T2)
                     continue
                 finally:
