@@ -180,7 +180,7 @@ async def test_implicit_handover_moves_the_downlink(tmp_path: Path) -> None:
         # the MH moves the flow to wan2 simply by sending on wan2's tunnel
         fwd = w.agent.fwd
         (flow,) = fwd.paft.flows()
-        fwd.move_flow(flow, fwd.by_path[("wan2", "an1")], 0.0, "test")
+        flow.move(0.0, fwd.by_path[("wan2", "an1")].tid, "test")
         w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"b"))
         await w.settle()
         (an_flow,) = w.anchors[0].status()["flows"]

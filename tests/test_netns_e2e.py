@@ -100,6 +100,18 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def download_via_anchor(topo: Topology, lab: Lab, srv: HttpServer, www: Path, tmp_path: Path,
+                        iface: str) -> None:
+    """A legacy curl download through the tunnel: intact, seen by the CH from the anchor's
+    address, and carried by the tunnel of ``iface``."""
+    got = tmp_path / "got.bin"
+    assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
+    assert sha(got) == sha(www / "file.bin")
+    assert srv.clients() == ["203.0.113.1"]
+    (flow,) = lab.agent_status()["flows"]
+    assert flow["interface"] == iface
+
+
 def test_download_through_anchor_other_flows_untouched_host_restored(
         topo: Topology, www: Path, tmp_path: Path) -> None:
     before_mh, before_an = host_state(topo, "mh"), host_state(topo, "an")
@@ -168,12 +180,7 @@ def test_preferred_second_interface_with_strict_rp_filter(topo: Topology, www: P
              'via = ["wan2", "wan1"]\n')
     lab = Lab(topo, tmp_path / "lab", rules=rules).start()
     try:
-        got = tmp_path / "got.bin"
-        assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
-        assert sha(got) == sha(www / "file.bin")
-        assert srv.clients() == ["203.0.113.1"]
-        (flow,) = lab.agent_status()["flows"]
-        assert flow["interface"] == "wan2"
+        download_via_anchor(topo, lab, srv, www, tmp_path, "wan2")
     finally:
         lab.stop()
 
@@ -284,12 +291,7 @@ def test_same_private_subnet_on_both_access_networks(www: Path, tmp_path: Path) 
             (assoc,) = lab.anchor_status()["associations"]
             assert {t["remote"].split(":")[0] for t in assoc["tunnels"]} == {
                 "203.0.113.11", "203.0.113.12"}
-            got = tmp_path / "got.bin"
-            assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
-            assert sha(got) == sha(www / "file.bin")
-            assert srv.clients() == ["203.0.113.1"]
-            (flow,) = lab.agent_status()["flows"]
-            assert flow["interface"] == "wan2"
+            download_via_anchor(topo, lab, srv, www, tmp_path, "wan2")
         finally:
             lab.stop()
 

@@ -30,7 +30,7 @@ from .dataplane.packet import TYPE_CONTROL, TYPE_COOKIE, TYPE_DATA, TYPE_HS_RESP
 from .signalling import sip
 from .signalling.client import SipClient, SipError
 from .signalling.handshake import COOKIE_LIFE, Initiation
-from .tables import PROTO_NAMES, Flow, FlowKey, Tunnel, ip_str
+from .tables import Flow, FlowKey, Tunnel, ip_str
 
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
@@ -132,7 +132,6 @@ class Agent:
         self.drops = self.fwd.drops
         self.first_attempt: dict[tuple[str, str], asyncio.Event] = {}
         self.anchor_state: dict[str, str] = dict.fromkeys(anchors, "associating")
-        self.stopped = asyncio.Event()
         self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
         # one handshake at a time per (anchor, interface): interfaces try in parallel, so a
         # dead path does not delay the others (SPEC: `ready` within about 10 s)
@@ -213,7 +212,6 @@ class Agent:
         await asyncio.gather(*(e.wait() for e in self.first_attempt.values()))
 
     async def stop(self) -> None:
-        self.stopped.set()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -557,15 +555,11 @@ class Agent:
     # -- status ------------------------------------------------------------------------
     def flow_json(self, f: Flow) -> dict[str, Any]:
         t = self.fwd.tunnels.get(f.tunnel)
-        k = f.key
-        return {
-            "id": f.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])),
-            "src": f.app_src or ip_str(k[1]), "sport": k[3], "dst": ip_str(k[2]), "dport": k[4],
-            "rule": f.rule, "tunnel": f.tunnel, "interface": t.interface if t else None,
-            "anchor": f.anchor, "tx_packets": f.tx_packets, "rx_packets": f.rx_packets,
-            "history": [{"age_s": round(self.clock() - ts, 3), "from": a, "to": b, "reason": r}
-                        for ts, a, b, r in f.history],
-        }
+        j = f.json(self.clock(), t.interface if t else None)
+        j.update(rule=f.rule, anchor=f.anchor)
+        if f.app_src:
+            j["src"] = f.app_src       # the application's own source, before the SNAT
+        return j
 
     def status(self) -> dict[str, Any]:
         return {

@@ -23,7 +23,6 @@ from .dataplane.io import Path, Tun
 from .dataplane.packet import KIND_SIP, TYPE_CONTROL, TYPE_DATA, TYPE_HS_INIT, classify
 from .signalling.anchor_side import AnchorSignalling
 from .signalling.handshake import RateLimiter, Responder
-from .tables import PROTO_NAMES, ip_str
 
 __all__ = ["Anchor"]
 
@@ -168,16 +167,8 @@ class Anchor:
                            else round(now - a.session.created, 1)})
         flows = []
         for f in self.fwd.paft.flows():
-            k = f.key
             ft = self.fwd.tunnels.get(f.tunnel)
-            flows.append({
-                "id": f.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
-                "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "mh": f.anchor,
-                "tunnel": f.tunnel, "interface": ft.interface if ft else None,
-                "tx_packets": f.tx_packets, "rx_packets": f.rx_packets,
-                "history": [{"age_s": round(now - ts, 3), "from": x, "to": y, "reason": r}
-                            for ts, x, y, r in f.history],
-            })
+            flows.append({**f.json(now, ft.interface if ft else None), "mh": f.anchor})
         return {"role": self.cfg.role,
                 "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,

@@ -505,10 +505,3 @@ def load_anchor_config(path: str) -> AnchorConfig:
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
                         per_host, key, tuple(peers), plaintext, allow, deny)
 
-
-def default_config_path(kind: str) -> str:
-    return DEFAULT_AGENT_CONFIG if kind == "agent" else DEFAULT_ANCHOR_CONFIG
-
-
-def path_exists(p: str) -> bool:
-    return Path(p).exists()

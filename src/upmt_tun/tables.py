@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key", "key_json"]
+__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key"]
 
 FlowKey = tuple[int, bytes, bytes, int, int]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
@@ -31,11 +31,6 @@ def reverse_key(k: FlowKey) -> FlowKey:
 
 def ip_str(b: bytes) -> str:
     return str(ipaddress.IPv4Address(b))
-
-
-def key_json(k: FlowKey) -> dict[str, Any]:
-    return {"protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
-            "sport": k[3], "dst": ip_str(k[2]), "dport": k[4]}
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +87,17 @@ class Flow:
     last_seen: float = 0.0
     history: deque[tuple[float, int | None, int, str]] = field(
         default_factory=lambda: deque(maxlen=HISTORY_LEN))
+
+    def json(self, now: float, interface: str | None) -> dict[str, Any]:
+        """The status view both ends share (each adds its own fields)."""
+        k = self.key
+        return {
+            "id": self.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
+            "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "tunnel": self.tunnel,
+            "interface": interface, "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
+            "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r}
+                        for ts, a, b, r in self.history],
+        }
 
     def move(self, now: float, tid: int, reason: str) -> None:
         """Re-point the flow to tunnel ``tid``, remembering why (bounded history)."""

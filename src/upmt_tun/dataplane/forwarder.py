@@ -306,9 +306,6 @@ class AgentForwarder:
         s = self.links[anchor].session
         return None if s is None else s.seal(TYPE_CONTROL, sip_bytes)
 
-    def move_flow(self, flow: Flow, t: Tunnel, now: float, reason: str) -> None:
-        flow.move(now, t.tid, reason)
-
 
 @dataclass(eq=False)
 class Association:
