@@ -64,7 +64,7 @@ class Anchor:
         elif b0 == TYPE_CONTROL:
             opened = self.fwd.open(data)
             if opened is not None:
-                s, counter, sip_bytes = opened
+                s, _, counter, sip_bytes = opened
                 resp = self.sig.handle(sip_bytes, src, self.clock(), s, (s.generation, counter))
                 if resp is not None:
                     self.path.sendto(s.seal(TYPE_CONTROL, resp), src)

@@ -348,8 +348,9 @@ class AnchorForwarder:
         self.by_vipa.pop(a.vipa_b, None)
         self.by_mh.pop(a.mh, None)
 
-    def open(self, data: bytes) -> tuple[Session, int, bytes] | None:
-        """Open a sealed datagram: (session, counter, plaintext) or None (counted)."""
+    def open(self, data: bytes) -> tuple[Session, Association | None, int, bytes] | None:
+        """Open a sealed datagram: (session, its host's association if any, counter,
+        plaintext) or None (counted)."""
         s = self.sessions.get(_unpack_hdr(data)[1])
         if s is None:
             self.drops["unknown_session"] += 1
@@ -361,15 +362,14 @@ class AnchorForwarder:
         a = self.by_mh.get(s.peer)
         if a is not None and (a.session is None or s.generation > a.session.generation):
             a.session = s        # the host used its new session: key confirmed, switch to it
-        return s, opened[0], opened[1]
+        return s, a, opened[0], opened[1]
 
     def from_path(self, data: bytes, src: tuple[str, int], now: float) -> bytes | None:
         """A DATA datagram from a mobile host -> inner packet for the TUN, or None."""
         opened = self.open(data)
         if opened is None:
             return None
-        s, counter, inner = opened
-        a = self.by_mh.get(s.peer)
+        s, a, counter, inner = opened
         t = a.by_addr.get(src) if a is not None else None
         if a is None or t is None or t.state != "up":
             self.drops["unvalidated_path"] += 1
