@@ -39,7 +39,6 @@ from upmt_tun.dataplane.crypto import REJECT_AFTER_MESSAGES, Session
 from upmt_tun.dataplane.forwarder import AnchorForwarder
 from upmt_tun.dataplane.io import FakeTun
 from upmt_tun.dataplane.packet import (
-    HEADER,
     HEADER_LEN,
     STUN_COOKIE,
     TAG_LEN,
@@ -47,6 +46,8 @@ from upmt_tun.dataplane.packet import (
     TYPE_DATA,
     TYPE_HS_INIT,
     TYPE_HS_RESP,
+    TYPE_PATH_RESPONSE,
+    pack_header,
 )
 from upmt_tun.signalling import sip, upmt
 from upmt_tun.signalling.handshake import INIT_LEN, MAC_LEN, RESP_LEN, Initiation, mac1_key
@@ -202,11 +203,12 @@ class Host:
         self.sent_control.append(pkt)
         return pkt
 
-    def data(self, inner: bytes, counter: int | None = None) -> bytes:
-        """A sealed DATA packet (not sent); ``counter``: seal with exactly that counter."""
+    def data(self, inner: bytes, counter: int | None = None, path: int = 0) -> bytes:
+        """A sealed DATA packet (not sent); ``counter``: seal with exactly that counter;
+        ``path``: the anchor's id of the tunnel it travels on, as the agent sets it."""
         if counter is None:
-            return self.s.seal(TYPE_DATA, inner)
-        return seal_at(self.s, TYPE_DATA, inner, counter)
+            return self.s.seal(TYPE_DATA, inner, path)
+        return seal_at(self.s, TYPE_DATA, inner, counter, path)
 
     def read(self, pkt: bytes) -> tuple[int, str, dict[str, dict[str, Any]]]:
         """Open an answer of the anchor: (status, reason, {signal type: content})."""
@@ -292,13 +294,13 @@ class Host:
         return vipa, tids
 
 
-def seal_at(s: Session, ptype: int, payload: bytes, counter: int) -> bytes:
+def seal_at(s: Session, ptype: int, payload: bytes, counter: int, path: int = 0) -> bytes:
     """Seal with an explicit counter. A counter near the session's own (within 2**20) moves
     it past that one, as a real sender would; a far one (a forgery) leaves it alone."""
     keep = s.send_counter
     s.send_counter = counter
     try:
-        return s.seal(ptype, payload)
+        return s.seal(ptype, payload, path)
     finally:
         s.send_counter = max(keep, counter + 1) if counter < keep + (1 << 20) else keep
 
@@ -385,7 +387,7 @@ SIP_WORDS = [b"MESSAGE", b"INVITE", b"REGISTER", b"OPTIONS", b"SIP/2.0", b"Via:"
 def _expected_drop(data: bytes) -> str:
     """Which group of drop counters a datagram that does not open must land in."""
     if len(data) >= HEADER_LEN:
-        if data[0] in (TYPE_DATA, TYPE_CONTROL):
+        if data[0] in (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE):
             return "tunnel"
         if data[0] == TYPE_HS_INIT:
             return "handshake"
@@ -437,11 +439,11 @@ def _bulk(rng: random.Random, n: int, mh: Host, legit_init: bytes
         if r < 0.15:                                   # pure random bytes
             yield "random", randbytes(randrange(0, 200))
         elif r < 0.30:                                 # our type bytes, random header and body
-            t = 0x80 + randrange(4)
+            t = 0x80 + randrange(7)
             yield "our-type", bytes([t]) + randbytes(15) + randbytes(randrange(0, 120))
         elif r < 0.38:                                 # the live session's index, random rest
-            t = TYPE_DATA if random_() < 0.5 else TYPE_CONTROL
-            yield "right-index", (HEADER.pack(t, anchor_idx, randrange(1 << 64))
+            t = (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE)[randrange(3)]
+            yield "right-index", (pack_header(t, anchor_idx, randrange(1 << 64))
                                   + randbytes(randrange(0, 120)))
         elif r < 0.44:                                 # HS_INIT-sized random packets
             yield "init-sized", bytes([TYPE_HS_INIT, 0, 0, 0]) + randbytes(INIT_LEN - 4)
@@ -783,19 +785,41 @@ def test_replayed_sealed_keepalive_is_rejected(rig: Rig) -> None:
     assert rig.tun.written == [up]
 
 
-@pytest.mark.parametrize("signal", ["KeepAlive", "TunnelSetupReq"])
-def test_racing_on_path_attacker_only_suspends_the_tunnel(rig: Rig, signal: str) -> None:
-    """A fresh sealed signal of the host, relayed first from another address: the tunnel
-    moves there but is only *validating*; data to and from it stops until the host echoes
-    the challenge from its own address."""
+def test_racing_keepalive_from_another_address_only_earns_that_address_a_challenge(
+        rig: Rig) -> None:
+    """A fresh sealed KeepAlive of the host, relayed first from another address (an on-path
+    attacker, or a NAT rebinding): the validated tunnel stays where it is, data keeps
+    flowing there, and the new address only gets a sealed challenge to echo."""
     mh = Host(rig, "laptop", MH)
     vipa, (tid,) = mh.establish()
     x = ATTACKERS[1]
-    if signal == "KeepAlive":
-        pkt = mh.control(mh.keepalive_signal(tid), via=MH)
-    else:
-        pkt = mh.control([("TunnelSetupReq", {"sipId": "laptop", "vipa": vipa, "tunnelId": 7,
-                                              "interface": "wan"})], via=MH)
+    pkt = mh.control(mh.keepalive_signal(tid), via=MH)
+    m = rig.mark()
+    rig.feed(pkt, x)
+    sent = rig.since(m)
+    assert [a for _, a in sent] == [x] and sent[0][0][0] == TYPE_CONTROL   # sealed only
+    t = tunnel_of(rig, tid)
+    assert (t.remote, t.state, t.probe_addr) == (MH, "up", x)
+    up = pb.udp(vipa, CH, 5000, 53, b"q")
+    m = rig.mark()
+    rig.feed(mh.data(up), MH)
+    assert rig.tun.written == [up]
+    assert [a for _, a in rig.downlink(pb.udp(CH, vipa, 53, 5000, b"a"))] == [MH]
+    # the host's next keepalive from its own address ends the candidate: nothing to echo
+    assert mh.keepalive(tid, "", MH) == ""
+    assert (t.remote, t.state, t.probe_addr) == (MH, "up", None)
+    assert rig.anchor.fwd.events["path_rebound"] == 0
+
+
+def test_racing_setup_from_another_address_only_suspends_the_tunnel(rig: Rig) -> None:
+    """A fresh sealed TunnelSetupReq of the host, relayed first from another address: the
+    tunnel moves there but is only *validating*; data to and from it stops until the host
+    echoes the challenge from its own address."""
+    mh = Host(rig, "laptop", MH)
+    vipa, (tid,) = mh.establish()
+    x = ATTACKERS[1]
+    pkt = mh.control([("TunnelSetupReq", {"sipId": "laptop", "vipa": vipa, "tunnelId": 7,
+                                          "interface": "wan"})], via=MH)
     m = rig.mark()
     rig.feed(pkt, x)                              # the attacker's copy arrives first
     sent = rig.since(m)
@@ -1007,7 +1031,7 @@ def test_plaintext_benchmark_mode_keeps_handshake_and_signalling_authenticated(
     # plaintext SIP, an unsealed CONTROL (header + SIP, no tag) and a stranger's handshake
     assoc = [("AssociationReq", {"sipId": "laptop", "dataPlaintext": True})]
     rig.feed(plain_sip(assoc, "z9hG4bKplain00001"), ATTACKERS[0])
-    unsealed = HEADER.pack(TYPE_CONTROL, idx, 0) + mh.sip_bytes(assoc)
+    unsealed = pack_header(TYPE_CONTROL, idx, 0) + mh.sip_bytes(assoc)
     rig.feed(unsealed, MH)
     rig.feed(unsealed + bytes(TAG_LEN), MH)
     rig.feed(Host(rig, "laptop", ATTACKERS[1], key=EVE_KEYS[2][0]).initiation().packet,
@@ -1021,7 +1045,7 @@ def test_plaintext_benchmark_mode_keeps_handshake_and_signalling_authenticated(
     up = pb.udp(vipa, CH, 5000, 53, b"q")
     m = rig.mark()
     pkt = mh.data(up)
-    assert pkt == HEADER.pack(TYPE_DATA, idx, mh.s.send_counter - 1) + up   # really unsealed
+    assert pkt == pack_header(TYPE_DATA, idx, mh.s.send_counter - 1) + up   # really unsealed
     rig.feed(pkt, MH)
     assert rig.tun.written == [up]
     # unsealed data still needs a validated path and the host's VIpA, and is not replayable
@@ -1036,7 +1060,7 @@ def test_plaintext_forged_data_cannot_block_sealed_signalling(tmp_path: Path) ->
     rig = Rig(tmp_path, plaintext=True)
     mh = Host(rig, "laptop", MH)
     vipa, (tid,) = mh.establish()
-    forged = HEADER.pack(TYPE_DATA, mh.s.remote_index, 1 << 62) + pb.udp(vipa, CH, 1, 2, b"x")
+    forged = pack_header(TYPE_DATA, mh.s.remote_index, 1 << 62) + pb.udp(vipa, CH, 1, 2, b"x")
     rig.feed(forged, ATTACKERS[0])                     # an on-path attacker saw the index
     assert rig.tun.written == []
     assert mh.keepalive(tid, "", MH) == ""             # the sealed keepalive still works

@@ -28,7 +28,7 @@ def test_header_layout_is_16_bytes_and_overhead_reserves_the_tag() -> None:
     (b"\x81" + bytes(40), P.KIND_TUNNEL),                       # handshake initiation
     (b"\x83" + bytes(40), P.KIND_TUNNEL),                       # sealed signalling
     (b"\x84" + bytes(40), P.KIND_TUNNEL),                       # cookie reply
-    (b"\x85" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
+    (b"\x87" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
     (b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), P.KIND_STUN),
     (b"\x00\x01\x00\x00\xde\xad\xbe\xef" + bytes(12), P.KIND_JUNK),  # no magic cookie
     (b"\x01\x00\x00\x00" + bytes(28), P.KIND_JUNK),             # WireGuard initiation
@@ -70,10 +70,12 @@ def test_paft_add_move_history_cap_and_expiry() -> None:
     assert paft.get(k1) is None and paft.get(k2) is f2 and len(paft) == 1
 
 
-def test_tunnel_table_ids_never_zero_and_wrap() -> None:
-    tt = TunnelTable(first_id=0xFFFFFFFF)
-    assert tt.new_tid() == 0xFFFFFFFF
+def test_tunnel_table_ids_are_24_bit_never_zero_never_in_use() -> None:
+    tt = TunnelTable(first_id=0xFFFFFF)
+    assert tt.new_tid() == 0xFFFFFF               # the largest header path id
+    tt.add(Tunnel(2, "wan1", ("10.0.0.1", 1), ("203.0.113.1", 5060), "an1"))
     assert tt.new_tid() == 1
+    assert tt.new_tid() == 3                      # 2 is in use: skipped
     t = Tunnel(7, "wan1", ("10.0.0.1", 1), ("203.0.113.1", 5060), "an1")
     tt.add(t)
     assert tt.get(7) is t and tt.remove(7) is t and tt.get(7) is None

@@ -428,3 +428,32 @@ async def test_downlink_only_flow_follows_a_signalled_handover(tmp_path: Path) -
         assert len(w.mh_tun.written) == 1                               # arrived via wan2
     finally:
         await w.stop()
+
+
+async def test_nat_rebinding_is_followed_on_the_next_packet_not_the_next_keepalive(
+        tmp_path: Path) -> None:
+    """wan1's NAT forgets its mapping mid-flow: the next uplink packet arrives from a new
+    public port; the anchor accepts it, challenges the new address, the agent answers, and
+    the downlink follows within one round trip (keepalives are 1 s apart here)."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"GET"))
+        await w.settle()
+        (an_tunnel,) = [t for t in w.anchors[0].status()["associations"][0]["tunnels"]
+                        if t["interface"] == "wan1"]
+        before = an_tunnel["remote"]
+        w.net.rebind_nat(("10.1.0.2", w.s1.local[1]))
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"more"))
+        await w.settle()
+        assert len(w.an_tuns[0].written) == 2                       # accepted at once
+        st = w.anchors[0].status()
+        (an_tunnel,) = [t for t in st["associations"][0]["tunnels"] if t["interface"] == "wan1"]
+        assert an_tunnel["remote"] != before and an_tunnel["state"] == "up"
+        assert st["paths"] == {"rebind_seen": 1, "path_challenge_sent": 1, "path_rebound": 1}
+        w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"reply"))
+        await w.settle()
+        assert len(w.mh_tun.written) == 1                           # to the new mapping
+    finally:
+        await w.stop()

@@ -444,3 +444,43 @@ def test_link_down_moves_flows_at_once_and_link_up_brings_the_tunnel_back(
         assert states == {"wan1": "up", "wan2": "up"}
     finally:
         lab.stop()
+
+
+def test_nat_rebinding_mid_download_is_followed_at_once(topo: Topology, www: Path,
+                                                        tmp_path: Path) -> None:
+    """NAT1 forgets its mappings in the middle of a download and maps the tunnel anew on a
+    random port. Keepalives are 30 s apart, so only the data path can notice: the anchor
+    accepts the host's next authenticated packet from the new address, challenges it, and
+    moves the tunnel there when the agent answers; the download completes intact."""
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30").start()
+    try:
+        def wan1_remote() -> str:
+            (assoc,) = lab.anchor_status()["associations"]
+            return next(t["remote"] for t in assoc["tunnels"] if t["interface"] == "wan1")
+
+        before = wan1_remote()
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "-m", "20", "--limit-rate", "1M", "-o", str(got),
+                        "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
+                        stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        topo.rebind_nat("nat1")
+        t0 = time.monotonic()
+        while wan1_remote() == before and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        rebound_after = time.monotonic() - t0
+        assert wan1_remote() != before and wan1_remote().startswith("203.0.113.11:")
+        print(f"NAT rebinding followed after {rebound_after * 1000:.0f} ms")
+        assert rebound_after < 3.0, rebound_after     # a keepalive would take up to 30 s
+        out, _ = dl.communicate(timeout=30)
+        assert out == "200" and sha(got) == sha(www / "file.bin")
+        paths = lab.anchor_status()["paths"]
+        assert paths["path_rebound"] >= 1 and paths["path_challenge_sent"] >= 1
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["interface"] == "wan1"           # the flow never left its tunnel
+    finally:
+        lab.stop()

@@ -26,7 +26,14 @@ from .config import AgentConfig, Rule
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun
-from .dataplane.packet import TYPE_CONTROL, TYPE_COOKIE, TYPE_DATA, TYPE_HS_RESP
+from .dataplane.packet import (
+    PATH_MAX,
+    TYPE_CONTROL,
+    TYPE_COOKIE,
+    TYPE_DATA,
+    TYPE_HS_RESP,
+    TYPE_PATH_CHALLENGE,
+)
 from .signalling import sip
 from .signalling.client import SipClient, SipError
 from .signalling.handshake import COOKIE_LIFE, Initiation
@@ -165,6 +172,10 @@ class Agent:
                     self.sip.on_datagram(opened[3])
             elif b0 == TYPE_HS_RESP or b0 == TYPE_COOKIE:
                 self._on_handshake_response(data, src)
+            elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
+                reply = fwd.path_challenge(index, data, src)
+                if reply is not None:
+                    self._sends[index](reply, src)
             else:
                 fwd.drops["junk"] += 1
 
@@ -415,6 +426,10 @@ class Agent:
         resp = _find(body, "TunnelSetupResp")
         if code != 200 or resp is None:
             self._refused(anchor, f"tunnel setup via {i.name}", code, reason)
+            return False
+        if not 0 < resp["serverTunnelID"] <= PATH_MAX:
+            log.error("anchor %s sent tunnel id %d (must fit 24 bits)", anchor,
+                      resp["serverTunnelID"])
             return False
         t.un_tid = resp["serverTunnelID"]
         if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):

@@ -20,7 +20,14 @@ from .config import AnchorConfig
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
 from .dataplane.io import Path, Tun
-from .dataplane.packet import KIND_SIP, TYPE_CONTROL, TYPE_DATA, TYPE_HS_INIT, classify
+from .dataplane.packet import (
+    KIND_SIP,
+    TYPE_CONTROL,
+    TYPE_DATA,
+    TYPE_HS_INIT,
+    TYPE_PATH_RESPONSE,
+    classify,
+)
 from .signalling.anchor_side import AnchorSignalling
 from .signalling.handshake import RateLimiter, Responder
 
@@ -44,6 +51,7 @@ class Anchor:
         self.path = path
         self.clock = clock
         self.fwd = AnchorForwarder(max_flows_per_host=cfg.max_flows_per_host)
+        self.fwd.emit = path.sendto
         self.sig = AnchorSignalling(self.fwd, cfg.vipa_pool, role=cfg.role,
                                     listen=(cfg.listen_host, cfg.listen_port),
                                     max_associations=cfg.max_associations,
@@ -70,6 +78,8 @@ class Anchor:
                     self.path.sendto(s.seal(TYPE_CONTROL, resp), src)
         elif b0 == TYPE_HS_INIT:
             self._handshake(data, src)
+        elif b0 == TYPE_PATH_RESPONSE:
+            self.fwd.path_response(data, src)
         elif classify(data) == KIND_SIP:
             self.fwd.drops["plaintext_sip"] += 1
         else:
@@ -172,4 +182,5 @@ class Anchor:
         return {"role": self.cfg.role,
                 "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,
-                "drops": dict(self.fwd.drops), "signalling": dict(self.sig.stats)}
+                "drops": dict(self.fwd.drops), "paths": dict(self.fwd.events),
+                "signalling": dict(self.sig.stats)}

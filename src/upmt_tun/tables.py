@@ -22,6 +22,7 @@ __all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key"]
 FlowKey = tuple[int, bytes, bytes, int, int]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 HISTORY_LEN = 8
+TID_MAX = 0xFFFFFF                # tunnel ids travel in the header's 24-bit path id
 
 
 def reverse_key(k: FlowKey) -> FlowKey:
@@ -55,6 +56,14 @@ class Tunnel:
     last_rx: float = 0.0
     created: float = 0.0
     challenge: str = ""           # anchor: path validation token for its current address
+    # anchor, NAT rebinding: the newest (session generation, counter) received on this
+    # tunnel, and a new outer address that sent a newer one but has not answered its
+    # challenge yet: it may receive at most ``probe_credit`` bytes until it does
+    newest: tuple[int, int] = (-1, -1)
+    probe_addr: tuple[str, int] | None = None
+    probe_token: bytes = b""
+    probe_credit: int = 0
+    probe_sent: float = float("-inf")
 
     def json(self) -> dict[str, Any]:
         return {
@@ -158,7 +167,8 @@ class Paft:
 
 
 class TunnelTable:
-    """Tunnel Table: local_tid -> Tunnel, ids allocated here (never 0, never reused soon)."""
+    """Tunnel Table: local_tid -> Tunnel, ids allocated here: 24-bit (they travel as the
+    header's path id), never 0, never one in use, not reused soon."""
 
     def __init__(self, first_id: int = 1) -> None:
         self.by_tid: dict[int, Tunnel] = {}
@@ -171,9 +181,13 @@ class TunnelTable:
         return self.by_tid.get(tid)
 
     def new_tid(self) -> int:
-        tid = self._next
-        self._next = (self._next + 1) & 0xFFFFFFFF or 1
-        return tid
+        if len(self.by_tid) >= TID_MAX:
+            raise OverflowError("tunnel table full")
+        while True:
+            tid = self._next
+            self._next = tid % TID_MAX + 1
+            if tid not in self.by_tid:
+                return tid
 
     def add(self, t: Tunnel) -> Tunnel:
         self.by_tid[t.tid] = t

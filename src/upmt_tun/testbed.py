@@ -202,6 +202,15 @@ class Topology:
         """Set ``ifname`` in the namespace of ``role`` up or down."""
         _ip(f"-n {self.ns(role)} link set dev {ifname} {'up' if up else 'down'}")
 
+    def rebind_nat(self, nat: str) -> None:
+        """Make NAT ``nat`` forget its UDP mappings and map anew on random ports (a NAT
+        rebinding, as home routers and carrier NATs do after a timeout or a reboot)."""
+        self.run(nat, "nft", "-f", "-", input=(
+            "flush chain ip testbed_nat postrouting\n"
+            f'add rule ip testbed_nat postrouting oifname "{HOST_IF}" masquerade random\n'
+        ).encode())
+        self.run(nat, "conntrack", "-D", "-p", "udp", check=False)   # 1 when none matched
+
     # -- teardown ---------------------------------------------------------------------------
 
     def down(self) -> None:

@@ -16,7 +16,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA
+from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA, pack_header
 
 __all__ = ["ReplayWindow", "Session", "REJECT_AFTER_MESSAGES"]
 
@@ -82,13 +82,13 @@ class Session:
         # unsealed DATA gets its own window: a forged one must not block sealed signalling
         self.plain_window = ReplayWindow()
 
-    def seal(self, ptype: int, payload: bytes | bytearray) -> bytes:
-        """Header (to the peer's index) + ciphertext + tag."""
+    def seal(self, ptype: int, payload: bytes | bytearray, path: int = 0) -> bytes:
+        """Header (to the peer's index, on the peer's tunnel ``path``) + ciphertext + tag."""
         n = self.send_counter
         if n >= REJECT_AFTER_MESSAGES:
             raise OverflowError("session exhausted: rekey")
         self.send_counter = n + 1
-        hdr = HEADER.pack(ptype, self.remote_index, n)
+        hdr = pack_header(ptype, self.remote_index, n, path)
         if self.plain_data and ptype == TYPE_DATA:
             return hdr + payload
         return hdr + self._send.encrypt(_NONCE.pack(n), bytes(payload), hdr)

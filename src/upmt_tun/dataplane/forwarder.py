@@ -25,7 +25,11 @@ Agent, downlink (:meth:`AgentForwarder.from_path`), a DATA datagram:
 
 Anchor, uplink (:meth:`AnchorForwarder.from_path`):
   1. receiver index -> session; it must open; its host's association;
-  2. the outer source must be a *validated* tunnel of that association;
+  2. the outer source must be a *validated* tunnel of that association, or (NAT
+     rebinding) the packet names a validated tunnel in its authenticated path id
+     and is newer than everything that tunnel received: then it is accepted, the
+     new address gets a PATH_CHALLENGE, and until it answers it may receive at
+     most REBIND_CREDIT times the bytes it sent (QUIC's anti-amplification rule);
   3. the inner source and the flow key's source must be the host's VIpA;
   4. PAFT: add the flow, or re-point it to this tunnel (implicit handover) if
      this packet is newer than every earlier packet of the flow;
@@ -34,12 +38,15 @@ Anchor, uplink (:meth:`AnchorForwarder.from_path`):
 Anchor, downlink (:meth:`AnchorForwarder.from_tun`):
   1. destination VIpA -> association; reverse 5-tuple -> PAFT flow -> tunnel,
      else the association's most recently heard validated tunnel;
-  2. seal with the association's current session; send to the tunnel's end point.
+  2. seal with the association's current session; send to the tunnel's end point
+     (to its unvalidated new address instead, while that address has credit).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,11 +55,23 @@ from .. import nat
 from ..policy import choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key
 from .crypto import Session
-from .packet import HEADER, TYPE_CONTROL, TYPE_DATA
+from .packet import (
+    HEADER,
+    TYPE_CONTROL,
+    TYPE_DATA,
+    TYPE_PATH_CHALLENGE,
+    TYPE_PATH_RESPONSE,
+    path_id,
+)
 
-__all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "FlowClass"]
+__all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "FlowClass",
+           "REBIND_CREDIT"]
+
+log = logging.getLogger(__name__)
 
 _unpack_hdr = HEADER.unpack_from
+REBIND_CREDIT = 3          # bytes an unvalidated new address may receive per byte it sent
+CHALLENGE_EVERY = 0.2      # seconds between PATH_CHALLENGEs to one unvalidated address
 
 
 @dataclass(frozen=True)
@@ -226,7 +245,7 @@ class AgentForwarder:
         flow.last_seen = now
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
-        return t.iface_index, t.remote, s.seal(TYPE_DATA, buf)
+        return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
         if anchor:
@@ -302,6 +321,18 @@ class AgentForwarder:
             flow.last_seen = now
         return bytes(buf)
 
+    def path_challenge(self, index: int, data: bytes, src: tuple[str, int]) -> bytes | None:
+        """A PATH_CHALLENGE from the anchor (our NAT mapping changed): the PATH_RESPONSE
+        to send back from the same socket, or None."""
+        opened = self.open(index, data, src)
+        if opened is None:
+            return None
+        link, t, _, token = opened
+        if link.session is None or len(token) != 16:
+            self.drops["bad_packet"] += 1
+            return None
+        return link.session.seal(TYPE_PATH_RESPONSE, token, t.un_tid)
+
     def seal_control(self, anchor: str, sip_bytes: bytes) -> bytes | None:
         s = self.links[anchor].session
         return None if s is None else s.seal(TYPE_CONTROL, sip_bytes)
@@ -333,6 +364,9 @@ class AnchorForwarder:
         self.by_mh: dict[str, Association] = {}
         self.sessions: dict[int, Session] = {}
         self.drops: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()    # path rebinding, counted not logged
+        # sends a datagram the data path itself originates (PATH_CHALLENGE)
+        self.emit: Callable[[bytes, tuple[str, int]], None] = lambda data, addr: None
 
     def add_association(self, a: Association) -> None:
         self.by_vipa[a.vipa_b] = a
@@ -370,17 +404,27 @@ class AnchorForwarder:
         if opened is None:
             return None
         s, a, counter, inner = opened
-        t = a.by_addr.get(src) if a is not None else None
-        if a is None or t is None or t.state != "up":
+        if a is None:
             self.drops["unvalidated_path"] += 1
             return None
+        seq = (s.generation, counter)
+        t = a.by_addr.get(src)
+        if t is None or t.state != "up":
+            t = self._rebinding(a, s, data, src, seq, now)
+            if t is None:
+                self.drops["unvalidated_path"] += 1
+                return None
+        elif seq > t.newest:
+            t.newest = seq
+            if t.probe_addr is not None:     # the validated address is alive and newest
+                self.end_probe(t)
+                self.events["rebind_abandoned"] += 1
         key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
         if key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
             self.drops["spoofed_inner"] += 1
             return None
-        seq = (s.generation, counter)
         flow = self.paft.get(key)
         if flow is None:
             flow = self.paft.add(key, t.tid, now, anchor=a.mh)
@@ -399,6 +443,86 @@ class AnchorForwarder:
         t.last_rx = a.last_rx = now
         a.last_tunnel = t
         return inner
+
+    # -- NAT rebinding (QUIC-style path validation on the data path) --------------------
+    def _rebinding(self, a: Association, s: Session, data: bytes, src: tuple[str, int],
+                   seq: tuple[int, int], now: float) -> Tunnel | None:
+        """An authenticated packet from an address that is no validated tunnel of ``a``:
+        the tunnel it names (its path id), if that tunnel is validated and the packet is
+        newer than all it received; then challenge ``src`` (paced) and give it credit."""
+        if s.plain_data and data[0] == TYPE_DATA:
+            return None                      # unsealed data proves nothing
+        t = a.tunnels.get(path_id(data))
+        if t is None or t.state != "up" or seq <= t.newest:
+            return None
+        t.newest = seq
+        if t.probe_addr != src:
+            t.probe_addr, t.probe_token = src, secrets.token_bytes(16)
+            t.probe_credit, t.probe_sent = 0, float("-inf")
+            self.events["rebind_seen"] += 1
+        t.probe_credit += REBIND_CREDIT * len(data)
+        if now - t.probe_sent >= CHALLENGE_EVERY and a.session is not None:
+            challenge = a.session.seal(TYPE_PATH_CHALLENGE, t.probe_token, t.un_tid)
+            if t.probe_credit >= len(challenge):
+                t.probe_credit -= len(challenge)
+                t.probe_sent = now
+                self.events["path_challenge_sent"] += 1
+                self.emit(challenge, src)
+        return t
+
+    def probe(self, t: Tunnel, src: tuple[str, int]) -> bytes:
+        """Signalling saw validated tunnel ``t`` at a new address: the token that address
+        must echo (the same while it stays the candidate)."""
+        if t.probe_addr != src:
+            t.probe_addr, t.probe_token = src, secrets.token_bytes(16)
+            t.probe_credit, t.probe_sent = 0, float("-inf")
+            self.events["rebind_seen"] += 1
+        return t.probe_token
+
+    def path_response(self, data: bytes, src: tuple[str, int]) -> None:
+        """A PATH_RESPONSE: if it echoes the token from the address it was sent to, the
+        tunnel moves there (its old address is forgotten)."""
+        opened = self.open(data)
+        if opened is None:
+            return
+        a, token = opened[1], opened[3]
+        t = a.tunnels.get(path_id(data)) if a is not None else None
+        if a is None or t is None or t.probe_addr != src \
+                or not secrets.compare_digest(token, t.probe_token):
+            self.drops["bad_path_response"] += 1
+            return
+        self.rebind(a, t, src)
+
+    def rebind(self, a: Association, t: Tunnel, src: tuple[str, int]) -> None:
+        """Validated tunnel ``t`` proved it receives at ``src``: it lives there now."""
+        log.info("tunnel %d of %s rebound %s:%d -> %s:%d", t.tid, a.mh, *t.remote, *src)
+        if a.by_addr.get(t.remote) is t:
+            del a.by_addr[t.remote]
+        other = a.by_addr.get(src)
+        if other is not None and other is not t:
+            self.drop_tunnel(a, other)       # that address belongs to this tunnel now
+        t.remote = src
+        a.by_addr[src] = t
+        self.end_probe(t)
+        self.events["path_rebound"] += 1
+
+    @staticmethod
+    def end_probe(t: Tunnel) -> None:
+        t.probe_addr, t.probe_token, t.probe_credit = None, b"", 0
+
+    def drop_tunnel(self, a: Association, t: Tunnel) -> None:
+        a.tunnels.pop(t.tid, None)
+        if a.by_addr.get(t.remote) is t:
+            del a.by_addr[t.remote]
+        self.tunnels.remove(t.tid)
+        if a.last_tunnel is t:
+            a.last_tunnel = self.best(a)
+
+    @staticmethod
+    def best(a: Association) -> Tunnel | None:
+        """The association's most recently heard validated tunnel."""
+        up = [t for t in a.tunnels.values() if t.state == "up"]
+        return max(up, key=lambda x: x.last_rx, default=None)
 
     def from_tun(self, pkt: bytes, now: float) -> tuple[tuple[str, int], bytes] | None:
         """A packet read from the TUN (to a VIpA) -> (end point, datagram), or None."""
@@ -426,4 +550,8 @@ class AnchorForwarder:
             return None
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
-        return t.remote, a.session.seal(TYPE_DATA, pkt)
+        dg = a.session.seal(TYPE_DATA, pkt, t.un_tid)
+        if t.probe_addr is not None and t.probe_credit >= len(dg):
+            t.probe_credit -= len(dg)        # NAT rebinding: the new address, within credit
+            return t.probe_addr, dg
+        return t.remote, dg

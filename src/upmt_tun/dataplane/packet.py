@@ -3,16 +3,19 @@
 Wire format (DESIGN.md): one UDP port carries tunnel packets, STUN and SIP.
 The first byte decides, data first:
 
-* ``>= 0x80``   ours: 0x80 DATA and 0x83 CONTROL (sealed SIP) are a 16-byte header,
-  the ChaCha20-Poly1305 ciphertext and its 16-byte tag::
+* ``>= 0x80``   ours: 0x80 DATA, 0x83 CONTROL (sealed SIP), 0x85 PATH_CHALLENGE and
+  0x86 PATH_RESPONSE are a 16-byte header, the ChaCha20-Poly1305 ciphertext and its
+  16-byte tag::
 
-      0      1      2      3      4               8                      16
-      | type | 0    | 0    | 0    | receiver index| counter (u64)        | ciphertext | tag
+      0      1                    4               8                      16
+      | type | path id (u24)      | receiver index| counter (u64)        | ciphertext | tag
 
-  The receiver index is the receiving end's *session* index; the header is the
-  AEAD's associated data and the counter its nonce (``crypto.Session``). 0x81,
-  0x82 and 0x84 are the handshake packets (``signalling.handshake``). The MTU
-  budget (:data:`OVERHEAD`) counts the tag.
+  The path id is the receiver's id for the tunnel the packet travels on (0: none),
+  so a tunnel is recognised when a NAT rebinding changes its outer address. The
+  receiver index is the receiving end's *session* index; the header is the AEAD's
+  associated data and the counter its nonce (``crypto.Session``). 0x81, 0x82 and
+  0x84 are the handshake packets (``signalling.handshake``). The MTU budget
+  (:data:`OVERHEAD`) counts the tag.
 * top two bits ``00`` and the STUN magic cookie at offset 4: STUN.
 * an ASCII letter: SIP text.
 
@@ -32,9 +35,15 @@ __all__ = [
     "KIND_STUN",
     "OVERHEAD",
     "TYPE_DATA",
+    "PATH_MAX",
+    "TYPE_PATH_CHALLENGE",
+    "TYPE_PATH_RESPONSE",
     "MalformedPacket",
     "classify",
+    "decode_header",
     "encode_data",
+    "pack_header",
+    "path_id",
 ]
 
 TYPE_DATA = 0x80
@@ -42,14 +51,18 @@ TYPE_HS_INIT = 0x81
 TYPE_HS_RESP = 0x82
 TYPE_CONTROL = 0x83      # a sealed SIP message
 TYPE_COOKIE = 0x84       # a cookie reply to a handshake initiation (signalling/handshake.py)
-HEADER = struct.Struct("!B3xIQ")
+TYPE_PATH_CHALLENGE = 0x85   # anchor -> host: prove you receive at this new outer address
+TYPE_PATH_RESPONSE = 0x86    # host -> anchor: the challenge's token, from that address
+TYPE_LAST = TYPE_PATH_RESPONSE
+HEADER = struct.Struct("!IIQ")   # (type << 24 | path id), receiver index, counter
 HEADER_LEN = HEADER.size  # 16
+PATH_MAX = 0xFFFFFF
 TAG_LEN = 16
 IPV4_UDP = 28
 OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
-KIND_TUNNEL = 1          # one of our types 0x80..0x84: look at data[0]
+KIND_TUNNEL = 1          # one of our types 0x80..0x86: look at data[0]
 KIND_DATA = KIND_TUNNEL
 KIND_STUN = 2
 KIND_SIP = 3
@@ -68,7 +81,7 @@ def classify(data: bytes | bytearray | memoryview) -> int:
         return KIND_JUNK
     b0 = data[0]
     if b0 >= 0x80:
-        return KIND_TUNNEL if b0 <= TYPE_COOKIE and len(data) >= HEADER_LEN else KIND_JUNK
+        return KIND_TUNNEL if b0 <= TYPE_LAST and len(data) >= HEADER_LEN else KIND_JUNK
     if b0 < 0x40:
         if len(data) >= 20 and data[4:8] == STUN_COOKIE:
             return KIND_STUN
@@ -78,12 +91,22 @@ def classify(data: bytes | bytearray | memoryview) -> int:
     return KIND_JUNK
 
 
-def encode_data(receiver: int, counter: int, inner: bytes | bytearray) -> bytes:
-    """A DATA packet for the peer whose tunnel id is ``receiver``."""
-    return HEADER.pack(TYPE_DATA, receiver, counter) + inner
+def pack_header(ptype: int, receiver: int, counter: int, path: int = 0) -> bytes:
+    """The 16-byte header of a sealed packet."""
+    return HEADER.pack(ptype << 24 | path, receiver, counter)
+
+
+def path_id(data: bytes | bytearray | memoryview) -> int:
+    """The path id of a packet at least HEADER_LEN long."""
+    return int.from_bytes(data[1:4], "big")
+
+
+def encode_data(receiver: int, counter: int, inner: bytes | bytearray, path: int = 0) -> bytes:
+    """An unsealed DATA packet (benchmark-only plaintext mode, tests)."""
+    return pack_header(TYPE_DATA, receiver, counter, path) + inner
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """(receiver index, counter) of a DATA packet already classified as KIND_DATA."""
+    """(receiver index, counter) of a packet already classified as KIND_TUNNEL."""
     _, receiver, counter = HEADER.unpack_from(data)
     return receiver, counter

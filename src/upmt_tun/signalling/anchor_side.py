@@ -157,13 +157,14 @@ class AnchorSignalling:
             del a.by_addr[t.remote]
         other = a.by_addr.get(src)
         if other is not None and other is not t:
-            self._drop_tunnel(a, other)          # that address now belongs to this tunnel
+            self.fwd.drop_tunnel(a, other)       # that address now belongs to this tunnel
         t.remote = src
         a.by_addr[src] = t
         t.state = "validating"
         t.challenge = secrets.token_hex(16)
+        t.probe_addr = None
         if a.last_tunnel is t:
-            a.last_tunnel = self._best(a)
+            a.last_tunnel = self.fwd.best(a)
 
     def _on_TunnelSetupReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
                            session: Session) -> tuple[str, dict[str, Any]]:
@@ -173,7 +174,7 @@ class AnchorSignalling:
         t = next((t for t in a.tunnels.values() if t.un_tid == c["tunnelId"]), None)
         if t is None:
             if len(a.tunnels) >= MAX_TUNNELS_PER_HOST:
-                self._drop_tunnel(a, min(a.tunnels.values(), key=lambda x: x.last_rx))
+                self.fwd.drop_tunnel(a, min(a.tunnels.values(), key=lambda x: x.last_rx))
             t = Tunnel(self.fwd.tunnels.new_tid(), str(c.get("interface", ""))[:32], self.listen,
                        src, a.mh, a.vipa, a.vipa_b, c["tunnelId"], created=now)
             self.fwd.tunnels.add(t)
@@ -192,17 +193,33 @@ class AnchorSignalling:
         t = a.tunnels.get(c["tunnelId"])
         if t is None:
             raise Refused(501, "dead tunnel")
-        if t.remote != src:
+        echo = str(c.get("challenge", "")).encode()
+        challenge = ""
+        if t.remote != src and t.state == "up":
+            # NAT rebinding of a validated tunnel: it keeps its address (and data) until
+            # the new one echoes a challenge sent there
+            token = self.fwd.probe(t, src).hex().encode()
+            if secrets.compare_digest(echo, token):
+                self.fwd.rebind(a, t, src)
+            else:
+                challenge = token.decode()
+        elif t.remote != src:
             log.info("tunnel %d of %s moved %s:%d -> %s:%d", t.tid, a.mh, *t.remote, *src)
             self._move(a, t, src)
-        elif t.state != "up" and secrets.compare_digest(
-                str(c.get("challenge", "")).encode(), t.challenge.encode()):
-            t.state = "up"                       # path validated: it may carry data now
-            if a.last_tunnel is None or a.last_tunnel.state != "up":
-                a.last_tunnel = t
+            challenge = t.challenge
+        elif t.probe_addr is not None and t.state == "up":
+            self.fwd.end_probe(t)                # the validated address is alive
+            self.fwd.events["rebind_abandoned"] += 1
+        elif t.state != "up":
+            if secrets.compare_digest(echo, t.challenge.encode()):
+                t.state = "up"                   # path validated: it may carry data now
+                if a.last_tunnel is None or a.last_tunnel.state != "up":
+                    a.last_tunnel = t
+            else:
+                challenge = t.challenge
         t.last_rx = a.last_rx = now
         return "KeepAliveResp", {"tunnelId": t.tid, "yourAddress": src[0], "yourPort": src[1],
-                                 "challenge": self._challenge(t)}
+                                 "challenge": challenge}
 
     def _on_HandoverReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
                         session: Session) -> tuple[str, dict[str, Any]]:
@@ -241,19 +258,6 @@ class AnchorSignalling:
     def _challenge(t: Tunnel) -> str:
         return "" if t.state == "up" else t.challenge
 
-    @staticmethod
-    def _best(a: Association) -> Tunnel | None:
-        up = [t for t in a.tunnels.values() if t.state == "up"]
-        return max(up, key=lambda x: x.last_rx, default=None)
-
-    def _drop_tunnel(self, a: Association, t: Tunnel) -> None:
-        a.tunnels.pop(t.tid, None)
-        if a.by_addr.get(t.remote) is t:
-            del a.by_addr[t.remote]
-        self.fwd.tunnels.remove(t.tid)
-        if a.last_tunnel is t:
-            a.last_tunnel = self._best(a)
-
     def expire(self, now: float, tunnel_idle: float, assoc_idle: float, flow_idle: float,
                session_life: float) -> None:
         """Forget sessions, tunnels, associations and flows that went silent (periodically)."""
@@ -266,7 +270,7 @@ class AnchorSignalling:
         for a in list(self.fwd.by_mh.values()):
             for t in list(a.tunnels.values()):
                 if now - t.last_rx > tunnel_idle:
-                    self._drop_tunnel(a, t)
+                    self.fwd.drop_tunnel(a, t)
             if (not a.tunnels or a.session is None) and now - a.last_rx > assoc_idle:
                 log.info("association of %s (VIpA %s) expired", a.mh, a.vipa)
                 self.fwd.remove_association(a)
