@@ -47,6 +47,7 @@ from upmt_tun.dataplane.packet import (
     TYPE_HS_INIT,
     TYPE_HS_RESP,
     TYPE_PATH_RESPONSE,
+    TYPE_PING,
     pack_header,
 )
 from upmt_tun.signalling import sip, upmt
@@ -387,7 +388,7 @@ SIP_WORDS = [b"MESSAGE", b"INVITE", b"REGISTER", b"OPTIONS", b"SIP/2.0", b"Via:"
 def _expected_drop(data: bytes) -> str:
     """Which group of drop counters a datagram that does not open must land in."""
     if len(data) >= HEADER_LEN:
-        if data[0] in (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE):
+        if data[0] in (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE, TYPE_PING):
             return "tunnel"
         if data[0] == TYPE_HS_INIT:
             return "handshake"
@@ -439,10 +440,10 @@ def _bulk(rng: random.Random, n: int, mh: Host, legit_init: bytes
         if r < 0.15:                                   # pure random bytes
             yield "random", randbytes(randrange(0, 200))
         elif r < 0.30:                                 # our type bytes, random header and body
-            t = 0x80 + randrange(7)
+            t = 0x80 + randrange(9)
             yield "our-type", bytes([t]) + randbytes(15) + randbytes(randrange(0, 120))
         elif r < 0.38:                                 # the live session's index, random rest
-            t = (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE)[randrange(3)]
+            t = (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE, TYPE_PING)[randrange(4)]
             yield "right-index", (pack_header(t, anchor_idx, randrange(1 << 64))
                                   + randbytes(randrange(0, 120)))
         elif r < 0.44:                                 # HS_INIT-sized random packets

@@ -278,6 +278,8 @@ def test_anchor_smallest_pool(tmp_path: Path) -> None:
     ('name = 7\n', "name", ()),
     ('keepalive = true\n', "keepalive", ("boolean",)),
     ('keepalive = 0\n', "keepalive", ()),
+    ('return_after = -1\n', "return_after", ("between 0 and 3600",)),
+    ('return_after = "soon"\n', "return_after", ()),
     ('tun = "this-name-is-much-too-long"\n', "tun", ()),
 ])
 def test_agent_top_level_errors(tmp_path: Path, extra: str, key: str, words: tuple[str, ...]

@@ -390,7 +390,8 @@ async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
         f3 = next(f for f in fwd.paft.flows() if f.key[3] == 40002)
         assert fwd.tunnels.get(f3.tunnel).interface == "wan1"
         fwd.tunnel_up(t2, t2.un_tid, 0.0)
-        assert len(fwd.restore_preferences(0.0)) >= 1
+        assert fwd.restore_preferences(0.0, lambda t: 4.9, 5.0) == []   # hysteresis
+        assert len(fwd.restore_preferences(0.0, lambda t: 5.0, 5.0)) >= 1
         assert fwd.tunnels.get(f3.tunnel).interface == "wan2"
         assert f3.history[-1][3] == "preference restored"
         # bad names are usage errors
@@ -455,5 +456,65 @@ async def test_nat_rebinding_is_followed_on_the_next_packet_not_the_next_keepali
         w.an_tuns[0].inject(pb.tcp(CH, vipa, 80, 40000, b"reply"))
         await w.settle()
         assert len(w.mh_tun.written) == 1                           # to the new mapping
+    finally:
+        await w.stop()
+
+
+async def test_a_path_that_dies_silently_is_left_within_a_second(tmp_path: Path) -> None:
+    """wan1 stops delivering anything, both ways, with no link event (a NAT or access
+    network dying behind the interface): the probes stop coming back, the tunnel goes down
+    and the flow moves to wan2 within a second; keepalives (1 s apart here, 2 needed)
+    would take 2-4 s."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async def stream() -> None:
+            n = 0
+            while True:
+                w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"%d" % n))
+                n += 1
+                await asyncio.sleep(0.02)
+
+        sender = asyncio.create_task(stream())
+        await asyncio.sleep(0.5)
+        (flow,) = w.agent.status()["flows"]
+        assert flow["interface"] == "wan1"
+        (t1,) = [t for t in w.agent.status()["tunnels"] if t["interface"] == "wan1"]
+        assert t1["probe"]["every_s"] == 0.1 and t1["rtt_ms"] is not None   # probed, busy
+        w.net.down.add("10.1.0.2")
+        t0 = loop.time()
+        while loop.time() - t0 < 3.0:
+            (flow,) = w.agent.status()["flows"]
+            if flow["interface"] == "wan2":
+                break
+            await asyncio.sleep(0.01)
+        moved_after = loop.time() - t0
+        sender.cancel()
+        assert flow["interface"] == "wan2", flow
+        assert flow["history"][-1]["reason"] == "probe loss"
+        assert flow["history"][-1]["from_interface"] == "wan1"
+        assert moved_after < 1.0, moved_after
+        states = {t["interface"]: t["state"] for t in w.agent.status()["tunnels"]}
+        assert states == {"wan1": "down", "wan2": "up"}
+        await asyncio.sleep(0.1)
+        (an_flow,) = w.anchors[0].status()["flows"]
+        assert an_flow["interface"] == "wan2"          # the downlink followed
+    finally:
+        await w.stop()
+
+
+async def test_idle_tunnels_are_probed_rarely_and_busy_ones_often(tmp_path: Path) -> None:
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        await asyncio.sleep(2.5)                  # no traffic at all since start
+        every = {t["interface"]: t["probe"]["every_s"] for t in w.agent.status()["tunnels"]}
+        assert all(v >= 1.0 for v in every.values()), every     # backed off
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"x"))
+        await asyncio.sleep(0.2)
+        every = {t["interface"]: t["probe"]["every_s"] for t in w.agent.status()["tunnels"]}
+        assert every["wan1"] == 0.1 and every["wan2"] >= 1.0, every   # only the busy one
+        assert w.anchors[0].fwd.drops["unvalidated_path"] == 0
     finally:
         await w.stop()

@@ -484,3 +484,61 @@ def test_nat_rebinding_mid_download_is_followed_at_once(topo: Topology, www: Pat
         assert flow["interface"] == "wan1"           # the flow never left its tunnel
     finally:
         lab.stop()
+
+
+def test_silent_path_death_moves_the_flow_and_it_returns_after_hysteresis(
+        topo: Topology, www: Path, tmp_path: Path) -> None:
+    """NAT1 starts dropping everything it forwards (no link event anywhere) in the middle
+    of a download: the agent's probes stop coming back, the flow moves to wan2 ("probe
+    loss") well before any keepalive (30 s) could notice; the download completes intact.
+    When NAT1 forwards again the tunnel comes back, and the flow returns to wan1 only after
+    `return_after` ("preference restored")."""
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30\nreturn_after = 2").start()
+    try:
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "-m", "25", "--limit-rate", "500K", "-o",
+                        str(got), "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
+                        stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        topo.run("nat1", "nft", "-f", "-", input=(
+            b"table ip silent {\n chain drop_all {\n"
+            b"  type filter hook forward priority -10; policy drop;\n }\n}\n"))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10:
+            (flow,) = lab.agent_status()["flows"]
+            if flow["interface"] == "wan2":
+                break
+            time.sleep(0.05)
+        moved_after = time.monotonic() - t0
+        print(f"silent death: flow moved after {moved_after * 1000:.0f} ms (status polling)")
+        assert flow["interface"] == "wan2" and flow["history"][-1]["reason"] == "probe loss"
+        assert moved_after < 3.0, moved_after
+        topo.run("nat1", "nft", "delete", "table", "ip", "silent")
+        returned_at = None
+        t1 = time.monotonic()
+        up_at = None
+        while time.monotonic() - t1 < 20:
+            st = lab.agent_status()
+            states = {t["interface"]: t["state"] for t in st["tunnels"]}
+            if up_at is None and states.get("wan1") == "up":
+                up_at = time.monotonic()
+            (flow,) = st["flows"]
+            if flow["interface"] == "wan1":
+                returned_at = time.monotonic()
+                break
+            time.sleep(0.1)
+        assert up_at is not None and returned_at is not None, (states, flow)
+        assert returned_at - up_at >= 1.5          # return_after = 2 s (polled: some slack)
+        assert flow["history"][-1]["reason"] == "preference restored"
+        assert [h["reason"] for h in flow["history"]][-2:] == ["probe loss",
+                                                               "preference restored"]
+        text = lab.agent_cli("status").stdout
+        assert "wan1 -> wan2  (probe loss)" in text and "(preference restored)" in text
+        out, _ = dl.communicate(timeout=40)
+        assert out == "200" and sha(got) == sha(www / "file.bin")
+    finally:
+        lab.stop()

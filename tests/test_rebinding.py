@@ -9,10 +9,17 @@ anchor sends it at most REBIND_CREDIT times the bytes it received from it.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from upmt_tun.dataplane.forwarder import REBIND_CREDIT
-from upmt_tun.dataplane.packet import TYPE_DATA, TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE
+from upmt_tun.dataplane.packet import (
+    TYPE_DATA,
+    TYPE_PATH_CHALLENGE,
+    TYPE_PATH_RESPONSE,
+    TYPE_PING,
+    TYPE_PONG,
+)
 
 from . import pktbuild as pb
 from .test_anchor_fuzz import ATTACKERS, CH, MH, MH2, Host, Rig, tunnel_of
@@ -151,3 +158,25 @@ def test_plaintext_benchmark_mode_never_rebinds_on_unsealed_data(tmp_path: Path)
     rig.feed(mh.data(pb.udp(vipa, CH, 5000, 53, b"x"), path=tid), NEW)
     assert rig.since(m) == [] and rig.tun.written == []
     assert tunnel_of(rig, tid).probe_addr is None
+
+
+def test_probes_are_answered_on_validated_paths_only(tmp_path: Path) -> None:
+    """PING (0x87) gets a sealed PONG (0x88) with its payload, from a validated tunnel; a
+    replayed one from elsewhere gets nothing; one from a new address of a validated tunnel
+    (NAT rebinding while idle) starts the challenge and gets its PONG within the credit."""
+    rig, mh, vipa, tid = _setup(tmp_path)
+    ping = mh.s.seal(TYPE_PING, struct.pack("!d", 12.5), tid)
+    m = rig.mark()
+    rig.feed(ping, MH)
+    ((pong, to),) = rig.since(m)
+    opened = mh.s.open(pong)
+    assert to == MH and pong[0] == TYPE_PONG and opened is not None
+    assert opened[1] == struct.pack("!d", 12.5)
+    m = rig.mark()
+    rig.feed(ping, ATTACKERS[0])                           # replayed: nothing
+    rig.feed(mh.s.seal(TYPE_PING, b"short", tid), MH)      # malformed payload: nothing
+    assert rig.since(m) == []
+    rig.feed(mh.s.seal(TYPE_PING, struct.pack("!d", 1.0), tid), NEW)
+    sent = rig.since(m)
+    assert [(dg[0], a) for dg, a in sent] == [(TYPE_PATH_CHALLENGE, NEW), (TYPE_PONG, NEW)]
+    assert sum(len(dg) for dg, _ in sent) <= REBIND_CREDIT * len(ping)

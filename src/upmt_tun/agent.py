@@ -4,11 +4,14 @@ Embeddable: :class:`Agent` takes its seams (a TUN, one path socket per
 interface, a flow classifier), so tests run it over in-memory fakes and
 ``cli.py`` runs it over the real ones (see :func:`run_agent`).
 
-Per anchor, one association task (AssociationReq, tried on each interface in
-turn); per (interface, anchor), one tunnel task: TunnelSetupReq sent through that
-interface's socket, then KeepAlives that also hold the NAT binding open. A
-tunnel that misses ``DEAD_AFTER`` keepalives in a row goes down; its flows move
-to the next interface of their rule on their next packet.
+Per (interface, anchor), one tunnel task: a handshake and an AssociationReq when
+needed, TunnelSetupReq sent through that interface's socket, then sealed SIP
+KeepAlives every ``keepalive`` seconds (a tunnel that misses ``DEAD_AFTER`` of
+them goes down). One prober task ticks a :class:`paths.PathMonitor` per tunnel:
+PING/PONG probes every 100 ms while traffic flows, backing off when idle (they
+are the NAT keepalive too); a path that stops answering goes down within about
+half a second and its flows move at once ("probe loss"). Flows go back to a
+better-preferred interface once its tunnel has been up ``return_after`` seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from .dataplane.packet import (
     TYPE_DATA,
     TYPE_HS_RESP,
     TYPE_PATH_CHALLENGE,
+    TYPE_PONG,
 )
+from .paths import TICK, PathMonitor, ProbeParams
 from .signalling import sip
 from .signalling.client import SipClient, SipError
 from .signalling.handshake import COOKIE_LIFE, Initiation
@@ -150,6 +155,9 @@ class Agent:
         self._cookies: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in self.ifaces]
+        self.probe_params = ProbeParams(idle_max=cfg.keepalive_s)
+        self.monitors: dict[int, PathMonitor] = {}     # tid -> monitor, while the tunnel is up
+        self._settled: set[int] = set()                 # up for return_after: flows may return
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -172,6 +180,12 @@ class Agent:
                     self.sip.on_datagram(opened[3])
             elif b0 == TYPE_HS_RESP or b0 == TYPE_COOKIE:
                 self._on_handshake_response(data, src)
+            elif b0 == TYPE_PONG:
+                pong = fwd.pong(index, data, src)
+                m = self.monitors.get(pong[0].tid) if pong is not None else None
+                if m is not None and pong is not None:
+                    now = clock()
+                    m.on_pong(now, max(0.0, now - pong[1]))
             elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
                 reply = fwd.path_challenge(index, data, src)
                 if reply is not None:
@@ -217,6 +231,7 @@ class Agent:
                 self.first_attempt[(i.name, a)] = asyncio.Event()
                 self._wake[(i.name, a)] = asyncio.Event()
                 self._tasks.append(asyncio.create_task(self._tunnel(i, a)))
+        self._tasks.append(asyncio.create_task(self._prober()))
 
     async def wait_ready(self) -> None:
         """Every (interface, anchor) tunnel is up or failed its first attempt."""
@@ -231,6 +246,51 @@ class Agent:
         for i in self.ifaces:
             i.path.close()
 
+    # -- path probing ------------------------------------------------------------------
+    async def _prober(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.probe_tick(self.clock())
+
+    def probe_tick(self, now: float) -> None:
+        """Probe the tunnels that are due, take down the ones whose path died, and let
+        flows return to tunnels that have been up long enough."""
+        for tid, m in list(self.monitors.items()):
+            t = self.fwd.tunnels.by_tid.get(tid)
+            if t is None or t.state != "up":
+                del self.monitors[tid]
+                self._settled.discard(tid)
+                continue
+            probe, dead = m.tick(now, t.tx_packets, t.rx_packets)
+            if dead:
+                log.warning("tunnel %d (%s -> %s): no answer for %.2f s, down", tid,
+                            t.interface, t.peer, now - m.last_rx)
+                self._path_down(t, "probe loss")
+                continue
+            if probe:
+                dg = self.fwd.ping(t, now)
+                if dg is not None:
+                    self._sends[t.iface_index](dg, t.remote)
+            if tid not in self._settled and now - m.started >= self.cfg.return_after_s:
+                self._settled.add(tid)
+                self.announce(self.fwd.restore_preferences(now, self._up_for,
+                                                           self.cfg.return_after_s))
+
+    def _up_for(self, t: Tunnel) -> float:
+        m = self.monitors.get(t.tid)
+        return self.clock() - m.started if m is not None else 0.0
+
+    def _path_down(self, t: Tunnel, reason: str) -> None:
+        """Tunnel ``t`` stopped working: down now, its flows move now, and its tunnel
+        task starts setting it up again."""
+        self.fwd.tunnel_down(t)
+        self.monitors.pop(t.tid, None)
+        self._settled.discard(t.tid)
+        self.announce(self.fwd.fail_over(t, self.clock(), reason))
+        ev = self._wake.get((t.interface, t.peer))
+        if ev is not None:
+            ev.set()
+
     # -- link events -------------------------------------------------------------------
     def on_link(self, name: str, usable: bool) -> None:
         """Call when the kernel reports an access interface down or back up: its tunnels go
@@ -241,9 +301,8 @@ class Agent:
         if not usable:
             for (iface, _anchor), t in self.fwd.by_path.items():
                 if iface == name and t.state == "up":
-                    self.fwd.tunnel_down(t)
                     log.warning("link %s down: tunnel %d down, its flows move", name, t.tid)
-                    self.announce(self.fwd.fail_over(t, self.clock(), "link down"))
+                    self._path_down(t, "link down")
             self._wake_all(name)
         else:
             log.info("link %s back up", name)
@@ -401,7 +460,8 @@ class Agent:
                 first.set()
                 backoff = 1.0
                 await self._keepalive(i, anchor, t)
-                self.fwd.tunnel_down(t)
+                if t.state == "up":
+                    self._path_down(t, "keepalive loss")
                 log.warning("tunnel %d (%s -> %s) down", t.tid, i.name, anchor)
             else:
                 first.set()
@@ -434,8 +494,12 @@ class Agent:
         t.un_tid = resp["serverTunnelID"]
         if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):
             return False
-        self.fwd.tunnel_up(t, t.un_tid, self.clock())
-        self.announce(self.fwd.restore_preferences(self.clock()))
+        now = self.clock()
+        self.fwd.tunnel_up(t, t.un_tid, now)
+        self.monitors[t.tid] = PathMonitor(self.probe_params, started=now)
+        self._settled.discard(t.tid)
+        # flows without a working tunnel come at once; the others after return_after
+        self.announce(self.fwd.restore_preferences(now, self._up_for, self.cfg.return_after_s))
         t.rtt_ms = rtt * 1000.0
         log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
                  *self.anchors[anchor], resp["yourAddress"], resp["yourPort"])
@@ -476,8 +540,8 @@ class Agent:
         misses = 0
         while True:
             await self._nap(i, anchor, self.cfg.keepalive_s)
-            if not self.link_up[i.name]:
-                return                                   # link down: the tunnel is down
+            if not self.link_up[i.name] or t.state != "up":
+                return                      # link down, or the probes found the path dead
             await self._session(i, anchor, rekey=True)   # on failure the old session goes on
             if await self._keepalive_once(i, anchor, t):
                 misses = 0
@@ -568,9 +632,25 @@ class Agent:
         return {"ok": True, "moved": moved}
 
     # -- status ------------------------------------------------------------------------
+    def _iface_of(self, tid: int | None) -> str | None:
+        t = self.fwd.tunnels.get(tid) if tid is not None else None
+        return t.interface if t is not None else None
+
+    def tunnel_json(self, t: Tunnel, now: float) -> dict[str, Any]:
+        j = t.json()
+        m = self.monitors.get(t.tid)
+        if m is not None:
+            if m.srtt is not None:
+                j["rtt_ms"] = round(m.srtt * 1000.0, 3)     # from the probes
+            loss = m.loss()
+            j["probe"] = {"every_s": m.interval, "loss": None if loss is None else round(loss, 3),
+                          "silent_s": round(now - m.last_rx, 3),
+                          "up_for_s": round(now - m.started, 1)}
+        return j
+
     def flow_json(self, f: Flow) -> dict[str, Any]:
         t = self.fwd.tunnels.get(f.tunnel)
-        j = f.json(self.clock(), t.interface if t else None)
+        j = f.json(self.clock(), t.interface if t else None, self._iface_of)
         j.update(rule=f.rule, anchor=f.anchor)
         if f.app_src:
             j["src"] = f.app_src       # the application's own source, before the SNAT
@@ -583,7 +663,7 @@ class Agent:
             "anchors": [{"name": a, "address": f"{self.anchors[a][0]}:{self.anchors[a][1]}",
                          "state": self.anchor_state[a], "vipa": self.fwd.links[a].vipa or None,
                          "role": self.fwd.links[a].role} for a in self.anchors],
-            "tunnels": [t.json() for t in self.fwd.tunnels.tunnels()],
+            "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "drops": dict(self.drops),
             "signalling": dict(self.sip.stats),

@@ -26,6 +26,7 @@ from .dataplane.packet import (
     TYPE_DATA,
     TYPE_HS_INIT,
     TYPE_PATH_RESPONSE,
+    TYPE_PING,
     classify,
 )
 from .signalling.anchor_side import AnchorSignalling
@@ -78,6 +79,10 @@ class Anchor:
                     self.path.sendto(s.seal(TYPE_CONTROL, resp), src)
         elif b0 == TYPE_HS_INIT:
             self._handshake(data, src)
+        elif b0 == TYPE_PING:
+            out = self.fwd.ping(data, src, self.clock())
+            if out is not None:
+                self.path.sendto(out[1], out[0])
         elif b0 == TYPE_PATH_RESPONSE:
             self.fwd.path_response(data, src)
         elif classify(data) == KIND_SIP:
@@ -175,10 +180,12 @@ class Anchor:
             assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels,
                            "session_age_s": None if a.session is None
                            else round(now - a.session.created, 1)})
-        flows = []
-        for f in self.fwd.paft.flows():
-            ft = self.fwd.tunnels.get(f.tunnel)
-            flows.append({**f.json(now, ft.interface if ft else None), "mh": f.anchor})
+        def iface_of(tid: int | None) -> str | None:
+            t = self.fwd.tunnels.get(tid) if tid is not None else None
+            return t.interface if t is not None else None
+
+        flows = [{**f.json(now, iface_of(f.tunnel), iface_of), "mh": f.anchor}
+                 for f in self.fwd.paft.flows()]
         return {"role": self.cfg.role,
                 "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,

@@ -88,8 +88,19 @@ def _print_agent_status(st: dict[str, Any]) -> None:
         print(f"{f['id']:>6} {f['protocol']:5} {f['src'] + ':' + str(f['sport']):21} "
               f"{f['dst'] + ':' + str(f['dport']):21} {f['rule'] or '-':10} {f['tunnel']:>6} "
               f"{f['interface'] or '-':8} {f['tx_packets']:>9} {f['rx_packets']:>9}")
+        _print_history(f.get("history", []))
     if st.get("drops"):
         print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
+
+
+def _print_history(history: list[dict[str, Any]]) -> None:
+    """A flow's moves, newest first, under its row: when, where from and to, and why."""
+    for h in reversed(history):
+        if h.get("from") is None:
+            continue                          # the flow's start: its row says where it is
+        src = h.get("from_interface") or f"tunnel {h['from']}"
+        dst = h.get("to_interface") or f"tunnel {h['to']}"
+        print(f"{'':>8}{h['age_s']:>9.1f} s ago  {src} -> {dst}  ({h['reason']})")
 
 
 def _print_anchor_status(st: dict[str, Any]) -> None:
@@ -105,6 +116,7 @@ def _print_anchor_status(st: dict[str, Any]) -> None:
         print(f"{f['id']:>6} {f['protocol']:5} {f['src'] + ':' + str(f['sport']):21} "
               f"{f['dst'] + ':' + str(f['dport']):21} {f['mh']:10} {f['tunnel']:>6} "
               f"{f['tx_packets']:>9} {f['rx_packets']:>9}")
+        _print_history(f.get("history", []))
     if st.get("drops"):
         print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
 

@@ -130,6 +130,7 @@ class AgentConfig:
     tun: str = "upmt0"
     private_key: bytes = b""
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
+    return_after_s: float = 5.0         # hysteresis before flows return to a preferred iface
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,9 @@ def load_agent_config(path: str) -> AgentConfig:
     keepalive = r.get("keepalive", (int, float), 10.0)
     if not 1 <= keepalive <= 300:
         raise r.err("keepalive", "must be between 1 and 300 seconds")
+    return_after = r.get("return_after", (int, float), 5.0)
+    if not 0 <= return_after <= 3600:
+        raise r.err("return_after", "must be between 0 and 3600 seconds")
     tun = _ifname(r, "tun", r.get("tun", str, "upmt0"))
 
     ifaces: list[InterfaceConfig] = []
@@ -388,7 +392,8 @@ def load_agent_config(path: str) -> AgentConfig:
     plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
-                       tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext)
+                       tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
+                       float(return_after))
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:

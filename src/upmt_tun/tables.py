@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +98,17 @@ class Flow:
     history: deque[tuple[float, int | None, int, str]] = field(
         default_factory=lambda: deque(maxlen=HISTORY_LEN))
 
-    def json(self, now: float, interface: str | None) -> dict[str, Any]:
-        """The status view both ends share (each adds its own fields)."""
+    def json(self, now: float, interface: str | None,
+             iface_of: Callable[[int | None], str | None] = lambda tid: None) -> dict[str, Any]:
+        """The status view both ends share (each adds its own fields). History entries
+        name tunnels (``from``/``to``) and their interfaces, oldest first."""
         k = self.key
         return {
             "id": self.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
             "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "tunnel": self.tunnel,
             "interface": interface, "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
-            "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r}
+            "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r,
+                         "from_interface": iface_of(a), "to_interface": iface_of(b)}
                         for ts, a, b, r in self.history],
         }
 

@@ -47,11 +47,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import nat
+from ..paths import should_return
 from ..policy import choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key
 from .crypto import Session
@@ -61,6 +63,8 @@ from .packet import (
     TYPE_DATA,
     TYPE_PATH_CHALLENGE,
     TYPE_PATH_RESPONSE,
+    TYPE_PING,
+    TYPE_PONG,
     path_id,
 )
 
@@ -70,6 +74,7 @@ __all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "Fl
 log = logging.getLogger(__name__)
 
 _unpack_hdr = HEADER.unpack_from
+_PROBE = struct.Struct("!d")   # a PING's payload: the host's send time, echoed in the PONG
 REBIND_CREDIT = 3          # bytes an unvalidated new address may receive per byte it sent
 CHALLENGE_EVERY = 0.2      # seconds between PATH_CHALLENGEs to one unvalidated address
 
@@ -149,24 +154,36 @@ class AgentForwarder:
             f.move(now, t.tid, "operator")
         return True
 
-    def restore_preferences(self, now: float) -> list[Flow]:
-        """Call after a tunnel came up: flows go back to their first usable choice."""
-        return self._reroute(now, "preference restored", lambda f: True)
+    def restore_preferences(self, now: float, up_for: Callable[[Tunnel], float],
+                            return_after: float) -> list[Flow]:
+        """Flows whose tunnel is down take their first usable choice at once; the others
+        go back to a better-preferred interface once its tunnel has been up for
+        ``return_after`` seconds (``up_for``: how long a tunnel has been up)."""
+        moved = []
+        for f in self.paft.flows():
+            fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
+            best = self._candidates(fc, f.key[2], f.anchor)
+            if best is None or best.tid == f.tunnel:
+                continue
+            cur = self.tunnels.by_tid.get(f.tunnel)
+            current = cur.interface if cur is not None and cur.state == "up" else None
+            if should_return(fc.via or tuple(self.interfaces), current, best.interface,
+                             up_for(best), return_after):
+                f.move(now, best.tid, "preference restored" if current else "tunnel up")
+                moved.append(f)
+        return moved
 
     def fail_over(self, t: Tunnel, now: float, reason: str) -> list[Flow]:
         """Call when tunnel ``t`` went down: move its flows now (not on their next packet,
         which a downlink-only flow never sends) to their next usable tunnel."""
-        return self._reroute(now, reason, lambda f: f.tunnel == t.tid)
-
-    def _reroute(self, now: float, reason: str, which: Callable[[Flow], bool]) -> list[Flow]:
         moved = []
         for f in self.paft.flows():
-            if not which(f):
+            if f.tunnel != t.tid:
                 continue
             fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
-            t = self._candidates(fc, f.key[2], f.anchor)
-            if t is not None and t.tid != f.tunnel:
-                f.move(now, t.tid, reason)
+            to = self._candidates(fc, f.key[2], f.anchor)
+            if to is not None and to.tid != f.tunnel:
+                f.move(now, to.tid, reason)
                 moved.append(f)
         return moved
 
@@ -333,6 +350,21 @@ class AgentForwarder:
             return None
         return link.session.seal(TYPE_PATH_RESPONSE, token, t.un_tid)
 
+    def ping(self, t: Tunnel, now: float) -> bytes | None:
+        """A path probe for tunnel ``t`` (not counted as data), or None without a session."""
+        s = self.links[t.peer].session
+        return None if s is None else s.seal(TYPE_PING, _PROBE.pack(now), t.un_tid)
+
+    def pong(self, index: int, data: bytes, src: tuple[str, int]) -> tuple[Tunnel, float] | None:
+        """A PONG received on socket ``index``: (its tunnel, the probe's send time)."""
+        opened = self.open(index, data, src)
+        if opened is None:
+            return None
+        if len(opened[3]) != _PROBE.size:
+            self.drops["bad_packet"] += 1
+            return None
+        return opened[1], _PROBE.unpack(opened[3])[0]
+
     def seal_control(self, anchor: str, sip_bytes: bytes) -> bytes | None:
         s = self.links[anchor].session
         return None if s is None else s.seal(TYPE_CONTROL, sip_bytes)
@@ -404,21 +436,10 @@ class AnchorForwarder:
         if opened is None:
             return None
         s, a, counter, inner = opened
-        if a is None:
-            self.drops["unvalidated_path"] += 1
-            return None
         seq = (s.generation, counter)
-        t = a.by_addr.get(src)
-        if t is None or t.state != "up":
-            t = self._rebinding(a, s, data, src, seq, now)
-            if t is None:
-                self.drops["unvalidated_path"] += 1
-                return None
-        elif seq > t.newest:
-            t.newest = seq
-            if t.probe_addr is not None:     # the validated address is alive and newest
-                self.end_probe(t)
-                self.events["rebind_abandoned"] += 1
+        t = self._path_of(a, s, data, src, seq, now)
+        if a is None or t is None:
+            return None
         key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
@@ -444,7 +465,43 @@ class AnchorForwarder:
         a.last_tunnel = t
         return inner
 
+    def ping(self, data: bytes, src: tuple[str, int], now: float
+             ) -> tuple[tuple[str, int], bytes] | None:
+        """A host's path probe -> (where, the PONG), or None. Answered on a validated tunnel
+        (or, within its credit, at an address that is being validated)."""
+        opened = self.open(data)
+        if opened is None:
+            return None
+        s, a, counter, payload = opened
+        t = self._path_of(a, s, data, src, (s.generation, counter), now)
+        if a is None or t is None or a.session is None or len(payload) != _PROBE.size:
+            return None
+        t.last_rx = a.last_rx = now
+        pong = a.session.seal(TYPE_PONG, payload, t.un_tid)
+        if t.remote != src:
+            if t.probe_credit < len(pong):
+                return None
+            t.probe_credit -= len(pong)
+        return src, pong
+
     # -- NAT rebinding (QUIC-style path validation on the data path) --------------------
+    def _path_of(self, a: Association | None, s: Session, data: bytes, src: tuple[str, int],
+                 seq: tuple[int, int], now: float) -> Tunnel | None:
+        """The tunnel an opened packet from ``src`` came on (validated, or being validated
+        after a NAT rebinding), or None (counted)."""
+        t = a.by_addr.get(src) if a is not None else None
+        if t is None or t.state != "up":
+            t = self._rebinding(a, s, data, src, seq, now) if a is not None else None
+            if t is None:
+                self.drops["unvalidated_path"] += 1
+            return t
+        if seq > t.newest:
+            t.newest = seq
+            if t.probe_addr is not None:     # the validated address is alive and newest
+                self.end_probe(t)
+                self.events["rebind_abandoned"] += 1
+        return t
+
     def _rebinding(self, a: Association, s: Session, data: bytes, src: tuple[str, int],
                    seq: tuple[int, int], now: float) -> Tunnel | None:
         """An authenticated packet from an address that is no validated tunnel of ``a``:

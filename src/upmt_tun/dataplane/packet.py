@@ -3,9 +3,9 @@
 Wire format (DESIGN.md): one UDP port carries tunnel packets, STUN and SIP.
 The first byte decides, data first:
 
-* ``>= 0x80``   ours: 0x80 DATA, 0x83 CONTROL (sealed SIP), 0x85 PATH_CHALLENGE and
-  0x86 PATH_RESPONSE are a 16-byte header, the ChaCha20-Poly1305 ciphertext and its
-  16-byte tag::
+* ``>= 0x80``   ours: 0x80 DATA, 0x83 CONTROL (sealed SIP), 0x85 PATH_CHALLENGE,
+  0x86 PATH_RESPONSE, 0x87 PING and 0x88 PONG are a 16-byte header, the
+  ChaCha20-Poly1305 ciphertext and its 16-byte tag::
 
       0      1                    4               8                      16
       | type | path id (u24)      | receiver index| counter (u64)        | ciphertext | tag
@@ -38,6 +38,8 @@ __all__ = [
     "PATH_MAX",
     "TYPE_PATH_CHALLENGE",
     "TYPE_PATH_RESPONSE",
+    "TYPE_PING",
+    "TYPE_PONG",
     "MalformedPacket",
     "classify",
     "decode_header",
@@ -53,7 +55,9 @@ TYPE_CONTROL = 0x83      # a sealed SIP message
 TYPE_COOKIE = 0x84       # a cookie reply to a handshake initiation (signalling/handshake.py)
 TYPE_PATH_CHALLENGE = 0x85   # anchor -> host: prove you receive at this new outer address
 TYPE_PATH_RESPONSE = 0x86    # host -> anchor: the challenge's token, from that address
-TYPE_LAST = TYPE_PATH_RESPONSE
+TYPE_PING = 0x87             # host -> anchor: path probe (its send time), also a NAT keepalive
+TYPE_PONG = 0x88             # anchor -> host: the probe's payload, echoed
+TYPE_LAST = TYPE_PONG
 HEADER = struct.Struct("!IIQ")   # (type << 24 | path id), receiver index, counter
 HEADER_LEN = HEADER.size  # 16
 PATH_MAX = 0xFFFFFF
@@ -62,7 +66,7 @@ IPV4_UDP = 28
 OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
-KIND_TUNNEL = 1          # one of our types 0x80..0x86: look at data[0]
+KIND_TUNNEL = 1          # one of our types 0x80..0x88: look at data[0]
 KIND_DATA = KIND_TUNNEL
 KIND_STUN = 2
 KIND_SIP = 3
