@@ -130,16 +130,41 @@ def test_paft_per_source_cap_protects_other_hosts() -> None:
     assert paft.per_source[a] == 3 and paft.per_source[b] == 1
 
 
-def test_linkwatch_parse_link_messages_only() -> None:
+def test_linkwatch_parse_link_address_and_default_route_messages() -> None:
     import struct as s
 
-    from upmt_tun.system.linkwatch import IFF_LOWER_UP, IFF_UP, RTM_DELLINK, RTM_NEWLINK, parse
+    from upmt_tun.system import linkwatch as lw
 
-    def msg(mtype: int, index: int, flags: int, extra: bytes = b"") -> bytes:
-        body = s.pack("=BxHiII", 2, 1, index, flags, 0) + extra
+    def nl(mtype: int, body: bytes) -> bytes:
         return s.pack("=IHHII", 16 + len(body), mtype, 0, 0, 0) + body
 
-    data = (msg(RTM_NEWLINK, 3, IFF_UP | IFF_LOWER_UP) + msg(RTM_NEWLINK, 4, IFF_UP)
-            + msg(20, 5, 0) + msg(RTM_DELLINK, 6, IFF_UP | IFF_LOWER_UP, b"\0" * 4))
-    assert list(parse(data)) == [(3, True), (4, False), (6, False)]
-    assert list(parse(b"\xff" * 7)) == [] and list(parse(data[:-3])) == [(3, True), (4, False)]
+    def link(mtype: int, index: int, flags: int, extra: bytes = b"") -> bytes:
+        return nl(mtype, s.pack("=BxHiII", 2, 1, index, flags, 0) + extra)
+
+    def addr(mtype: int, index: int, family: int = 2) -> bytes:
+        return nl(mtype, s.pack("=BBBBI", family, 24, 0, 0, index))
+
+    def route(mtype: int, oif: int | None, dst_len: int = 0, table: int = 254,
+              big_table: int | None = None) -> bytes:
+        attrs = b""
+        if oif is not None:
+            attrs += s.pack("=HHI", 8, lw.RTA_OIF, oif)
+        if big_table is not None:
+            attrs += s.pack("=HHI", 8, lw.RTA_TABLE, big_table)
+        return nl(mtype, s.pack("=BBBBBBBBI", 2, dst_len, 0, 0, table, 3, 0, 1, 0) + attrs)
+
+    data = (link(lw.RTM_NEWLINK, 3, lw.IFF_UP | lw.IFF_LOWER_UP)
+            + link(lw.RTM_NEWLINK, 4, lw.IFF_UP)
+            + nl(30, b"\0" * 16)                                    # another type: ignored
+            + link(lw.RTM_DELLINK, 6, lw.IFF_UP | lw.IFF_LOWER_UP, b"\0" * 4)
+            + addr(lw.RTM_NEWADDR, 7) + addr(lw.RTM_DELADDR, 8) + addr(lw.RTM_NEWADDR, 9, 10)
+            + route(lw.RTM_NEWROUTE, 3) + route(lw.RTM_DELROUTE, None)
+            + route(lw.RTM_NEWROUTE, 4, dst_len=24)                 # not a default route
+            + route(lw.RTM_NEWROUTE, 5, table=100)                  # not the main table
+            + route(lw.RTM_NEWROUTE, 6, table=252, big_table=254))  # main, via RTA_TABLE
+    parse = lw.parse
+    assert list(parse(data)) == [("link", 3, True), ("link", 4, False), ("link", 6, False),
+                                 ("addr", 7, False), ("addr", 8, False),
+                                 ("route", 3, False), ("route", 0, False), ("route", 6, False)]
+    assert list(parse(b"\xff" * 7)) == []
+    assert list(parse(data[:-3]))[-1] == ("route", 0, False)      # the cut one is ignored

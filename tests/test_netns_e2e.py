@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -540,5 +541,62 @@ def test_silent_path_death_moves_the_flow_and_it_returns_after_hysteresis(
         assert "wan1 -> wan2  (probe loss)" in text and "(preference restored)" in text
         out, _ = dl.communicate(timeout=40)
         assert out == "200" and sha(got) == sha(www / "file.bin")
+    finally:
+        lab.stop()
+
+
+def test_new_address_and_new_gateway_are_followed(topo: Topology, www: Path,
+                                                  tmp_path: Path) -> None:
+    """wan1 loses its address (the flow moves to wan2 at once, and the address is kept on
+    the TUN for curl's connection, which was made from it), gets another one (its tunnel
+    comes back through a new NAT mapping and the flow returns after `return_after`); then
+    wan1's gateway changes and the old one disappears: the agent copies the new default
+    route into wan1's own table and wan1's tunnel keeps working. The download completes."""
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30\nreturn_after = 1").start()
+
+    def wait_for(what: str, cond: Any, timeout: float = 15.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = lab.agent_status()
+            if cond(st):
+                return st
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: {json.dumps(lab.agent_status())[:1500]}")
+
+    def flow_on(iface: str) -> Any:
+        return lambda st: [f["interface"] for f in st["flows"]] == [iface]
+
+    def wan1_up(st: dict[str, Any]) -> bool:
+        return any(t["interface"] == "wan1" and t["state"] == "up" for t in st["tunnels"])
+
+    try:
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "-m", "40", "--limit-rate", "200K", "-o",
+                        str(got), "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
+                        stdout=subprocess.PIPE, text=True)
+        wait_for("flow on wan1", flow_on("wan1"))
+        topo.run("mh", "ip", "addr", "del", "10.1.0.2/24", "dev", "wan1")
+        st = wait_for("flow moved off wan1", flow_on("wan2"), 3.0)
+        assert st["flows"][0]["history"][-1]["reason"] == "address lost"
+        topo.run("mh", "ip", "addr", "add", "10.1.0.3/24", "dev", "wan1")
+        topo.run("mh", "ip", "route", "add", "default", "via", "10.1.0.1", "dev", "wan1",
+                 "metric", "100")
+        st = wait_for("flow back on wan1", flow_on("wan1"), 20.0)
+        assert st["flows"][0]["history"][-1]["reason"] == "preference restored"
+        # a new gateway on wan1's network; the old one goes away
+        topo.run("nat1", "sysctl", "-qw", "net.ipv4.conf.lan.promote_secondaries=1")
+        topo.run("nat1", "ip", "addr", "add", "10.1.0.254/24", "dev", "lan")
+        topo.run("mh", "ip", "route", "replace", "default", "via", "10.1.0.254", "dev", "wan1",
+                 "metric", "100")
+        time.sleep(0.5)
+        topo.run("nat1", "ip", "addr", "del", "10.1.0.1/24", "dev", "lan")
+        time.sleep(2.0)                   # silence would be noticed within ~0.5 s
+        st = lab.agent_status()
+        assert wan1_up(st) and flow_on("wan1")(st), st
+        table = topo.run("mh", "ip", "route", "show", "table", "all").stdout
+        assert "default via 10.1.0.254 dev wan1 table" in table, table
+        out, _ = dl.communicate(timeout=60)
+        assert out == "200" and sha(got) == sha(www / "file.bin")   # lived through it all
     finally:
         lab.stop()

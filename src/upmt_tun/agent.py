@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +125,9 @@ class Agent:
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 cgroup_of: Callable[[str], str | None] | None = None,
-                 link_returned: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 cgroup_of: Callable[[str], str | None] | None = None) -> None:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
-        self.link_returned = link_returned       # e.g. restore that interface's route
         self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self.tun = tun
@@ -292,28 +290,32 @@ class Agent:
             ev.set()
 
     # -- link events -------------------------------------------------------------------
-    def on_link(self, name: str, usable: bool) -> None:
-        """Call when the kernel reports an access interface down or back up: its tunnels go
-        down at once (their flows move on their next packet) or are retried at once."""
+    def on_link(self, name: str, usable: bool, why: str = "link down") -> None:
+        """Call when an access interface became unusable (no carrier, no address) or usable
+        again (its route re-made): its tunnels go down and their flows move at once, or
+        its tunnels are retried at once."""
         if name not in self.link_up or self.link_up[name] == usable:
             return
         self.link_up[name] = usable
         if not usable:
             for (iface, _anchor), t in self.fwd.by_path.items():
                 if iface == name and t.state == "up":
-                    log.warning("link %s down: tunnel %d down, its flows move", name, t.tid)
-                    self._path_down(t, "link down")
+                    log.warning("%s %s: tunnel %d down, its flows move", why, name, t.tid)
+                    self._path_down(t, why)
             self._wake_all(name)
         else:
             log.info("link %s back up", name)
-            self._tasks.append(asyncio.create_task(self._returned(name)))
+            self._wake_all(name)
 
-    async def _returned(self, name: str) -> None:
-        if self.link_returned is not None:
-            try:
-                await self.link_returned(name)
-            except Exception as e:   # the tunnel task retries anyway
-                log.warning("link %s: %s", name, e)
+    def path_changed(self, name: str) -> None:
+        """Same link, new address or gateway (so a new NAT mapping): probe its tunnels now
+        (the anchor follows the new mapping after a challenge) and retry down ones now."""
+        now = self.clock()
+        for (iface, _anchor), t in self.fwd.by_path.items():
+            if iface == name and t.state == "up":
+                dg = self.fwd.ping(t, now)
+                if dg is not None:
+                    self._sends[t.iface_index](dg, t.remote)
         self._wake_all(name)
 
     def _wake_all(self, name: str) -> None:

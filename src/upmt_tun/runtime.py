@@ -24,6 +24,7 @@ from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
+from .system.ifstate import InterfaceState
 from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
 
@@ -182,20 +183,32 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         def lookup(key: FlowKey) -> tuple[int, str] | None:
             return ct.lookup_reply(key[0], ip_str(key[2]), ip_str(key[1]), key[4], key[3])
 
-        gateways = {p.name: p.gateway for p in plans}
-
-        async def link_returned(name: str) -> None:
-            # the kernel dropped the interface's routes when it went down: re-make its table
-            assert host is not None
-            await asyncio.to_thread(host.restore_iface_route, name, gateways.get(name))
-
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
                       classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
-                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
-                      link_returned=link_returned)
-        by_index = {info.index: info.name for info, _ in ifaces}
-        opened.append(LinkWatch(loop, lambda idx, up: agent.on_link(by_index[idx], up)
-                                if idx in by_index else None))
+                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None)
+        configured = {ic.name: ic.gateway for ic in cfg.interfaces}
+
+        def read_iface(name: str) -> tuple[str | None, str | None]:
+            info = netlink.interface_info(name)
+            return info.address, info.gateway
+
+        async def set_route(name: str, gateway: str | None) -> None:
+            assert host is not None
+            await asyncio.to_thread(host.restore_iface_route, name, gateway)
+
+        async def adopt(address: str) -> None:
+            await asyncio.to_thread(netlink.add_address, tun.name, address, 32)
+
+        async def release(address: str) -> None:
+            await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
+
+        state = InterfaceState({info.index: info.name for info, _ in ifaces},
+                               {info.name: info.address for info, _ in ifaces},
+                               {p.name: p.gateway for p in plans}, configured,
+                               read=read_iface, set_route=set_route, on_usable=agent.on_link,
+                               on_changed=agent.path_changed, adopt=adopt, release=release)
+        opened.append(state)
+        opened.append(LinkWatch(loop, state.on_event))
 
         async def on_ready() -> None:
             try:

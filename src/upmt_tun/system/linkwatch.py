@@ -1,8 +1,17 @@
-"""Link events from the kernel (rtnetlink), without pyroute2: callable from the event loop.
+"""Link, address and default-route events from the kernel (rtnetlink), without pyroute2.
 
-:class:`LinkWatch` binds a NETLINK_ROUTE socket to the link group and reports, for
-each RTM_NEWLINK/RTM_DELLINK, ``(ifindex, usable)`` where usable = administratively
-up *and* carrier (IFF_UP and IFF_LOWER_UP). :func:`parse` is pure (tested on bytes).
+:class:`LinkWatch` binds a NETLINK_ROUTE socket to the link, IPv4 address and IPv4
+route groups and reports :data:`Event` tuples ``(kind, ifindex, usable)``:
+
+* ``("link", i, usable)`` for RTM_NEWLINK/RTM_DELLINK, usable = administratively up
+  *and* carrier (IFF_UP and IFF_LOWER_UP);
+* ``("addr", i, False)`` when an IPv4 address of interface i was added or removed;
+* ``("route", i, False)`` when an IPv4 default route of the main table through
+  interface i was added or removed (i = 0: a default route without an output
+  interface, e.g. multipath: concerns every interface).
+
+The caller re-reads the interface (address, gateway) on addr/route events.
+:func:`parse` is pure (tested on bytes).
 """
 
 from __future__ import annotations
@@ -12,38 +21,79 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 
-__all__ = ["LinkWatch", "parse"]
+__all__ = ["Event", "LinkWatch", "parse"]
 
-RTMGRP_LINK = 1
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
+AF_INET = 2
+RT_TABLE_MAIN = 254
+RTA_OIF = 4
+RTA_TABLE = 15
 _NLMSG = struct.Struct("=IHHII")          # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")        # family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")         # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")      # family, dst_len, src_len, tos, table, proto, ...
+_RTA = struct.Struct("=HH")               # attribute length, type
+
+Event = tuple[str, int, bool]
 
 
-def parse(data: bytes) -> Iterator[tuple[int, bool]]:
-    """(ifindex, usable) for every link message in one netlink datagram; ignores the rest."""
+def _route(body: bytes) -> Iterator[Event]:
+    family, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(body)
+    if family != AF_INET or dst_len != 0:
+        return
+    oif = 0
+    off = _RTMSG.size
+    while off + _RTA.size <= len(body):
+        alen, atype = _RTA.unpack_from(body, off)
+        if alen < _RTA.size or off + alen > len(body):
+            return
+        if atype == RTA_OIF and alen >= 8:
+            oif = struct.unpack_from("=I", body, off + 4)[0]
+        elif atype == RTA_TABLE and alen >= 8:
+            table = struct.unpack_from("=I", body, off + 4)[0]
+        off += (alen + 3) & ~3
+    if table == RT_TABLE_MAIN:
+        yield "route", oif, False
+
+
+def parse(data: bytes) -> Iterator[Event]:
+    """The events in one netlink datagram; ignores everything else."""
     off = 0
     while off + _NLMSG.size <= len(data):
         length, mtype, _, _, _ = _NLMSG.unpack_from(data, off)
         if length < _NLMSG.size or off + length > len(data):
             return
-        if mtype in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSG.size + _IFINFO.size:
-            _, _, index, flags, _ = _IFINFO.unpack_from(data, off + _NLMSG.size)
+        body = data[off + _NLMSG.size:off + length]
+        if mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= _IFINFO.size:
+            _, _, index, flags, _ = _IFINFO.unpack_from(body)
             usable = mtype == RTM_NEWLINK and flags & IFF_UP and flags & IFF_LOWER_UP
-            yield index, bool(usable)
+            yield "link", index, bool(usable)
+        elif mtype in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= _IFADDR.size:
+            family, _, _, _, index = _IFADDR.unpack_from(body)
+            if family == AF_INET:
+                yield "addr", index, False
+        elif mtype in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= _RTMSG.size:
+            yield from _route(body)
         off += (length + 3) & ~3
 
 
 class LinkWatch:
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_change: Callable[[int, bool], None]) -> None:
+                 on_event: Callable[[str, int, bool], None]) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self.sock.setblocking(False)
-        self.sock.bind((0, RTMGRP_LINK))
-        self.on_change = on_change
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self.on_event = on_event
         self.loop = loop
         loop.add_reader(self.sock.fileno(), self.readable)
 
@@ -53,10 +103,11 @@ class LinkWatch:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:       # ENOBUFS: events lost; the keepalives still catch up
+            except OSError:       # ENOBUFS: events lost; re-check every interface
+                self.on_event("route", 0, False)
                 return
-            for index, usable in parse(data):
-                self.on_change(index, usable)
+            for kind, index, usable in parse(data):
+                self.on_event(kind, index, usable)
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:

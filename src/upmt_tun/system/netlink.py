@@ -212,6 +212,18 @@ def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
         ipr.link("set", index=index, state="up")
 
 
+def add_address(name: str, address: str, prefixlen: int) -> bool:
+    """Add ``address/prefixlen`` to ``name``; False if it was there already."""
+    with _iproute(f"cannot add {address}/{prefixlen} to {name}") as ipr:
+        try:
+            ipr.addr("add", index=_lookup(ipr, name), address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            return False
+        return True
+
+
 def remove_address(name: str, address: str, prefixlen: int) -> bool:
     """Delete ``address/prefixlen`` from ``name``; False if the device or address is gone."""
     with _iproute(f"cannot remove {address}/{prefixlen} from {name}") as ipr:
