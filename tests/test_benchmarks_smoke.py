@@ -62,3 +62,51 @@ def test_throughput_quick_run(tmp_path: Path) -> None:
     assert set(rows) >= {"TCP upload Gbit/s", "TCP download Gbit/s"}
     assert set(rows["TCP upload Gbit/s"]) >= {"raw", "upmt_tun", "upmt_plain", "enc/raw",
                                               "enc/plain"}
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(netns_missing() is not None or bool(tool_missing("curl", "tc", "ss")),
+                    reason=str(netns_missing() or "needs curl, tc and ss"))
+def test_handover_quick_run(tmp_path: Path) -> None:
+    """benchmarks/handover.py --quick: every scenario ran, downloads stayed intact, the UDP
+    streams flowed before and after every event. Correctness only, no timing."""
+    out = tmp_path / "handover.json"
+    r = subprocess.run([sys.executable, str(BENCH / "handover.py"), "--quick", "--json",
+                        str(out), "--png-dir", str(tmp_path), "--workdir", str(tmp_path / "lab")],
+                       capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    scen = data["scenarios"]
+    assert set(scen) == {"swap", "udp-move", "link-down", "silent-death"}
+    for name, res in scen.items():
+        assert res["ran"] and res["errors"] == [], name
+        assert all(code == 0 for code in res["exit_codes"].values()), (name, res["exit_codes"])
+        assert res["flows"], name                       # the agent's flow histories were kept
+    # both Figure 5 downloads completed intact; the two rules swapped interfaces twice
+    for dl in ("http", "ftp"):
+        assert scen["swap"]["tcp"][dl]["intact"] is True, scen["swap"]["tcp"][dl]
+        assert scen["swap"]["tcp"][dl]["http_code"] == "200"
+    swapped = {f["rule"]: [h["to_if"] for h in f["history"] if h["reason"] == "operator"]
+               for f in scen["swap"]["flows"]}
+    assert swapped == {"http": ["wan2", "wan1"], "ftp": ["wan1", "wan2"]}, swapped
+    # the TCP download next to the UDP stream survived link-down and silent death
+    for name in ("link-down", "silent-death"):
+        assert scen[name]["tcp"]["http"]["intact"] is True, (name, scen[name]["tcp"])
+    # every UDP stream got datagrams before and after each of its events
+    for name in ("udp-move", "link-down", "silent-death"):
+        for direction, u in scen[name]["udp"].items():
+            assert u["events"], (name, direction)
+            for e in u["events"]:
+                assert e["received_1s_before"] > 0 and e["received_after"] > 0, (name, e)
+    # each failover moved the flows to wan2 and says why
+    for name in ("link-down", "silent-death"):
+        udp = next(f for f in scen[name]["flows"] if f["rule"] == "udp-down")
+        assert any(h["from_if"] == "wan1" and h["to_if"] == "wan2" and h["reason"]
+                   for h in udp["history"]), udp["history"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for png in ("figure5.png", "failover.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png

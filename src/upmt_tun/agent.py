@@ -385,9 +385,13 @@ class Agent:
                                     old.local_index)
                 log.debug("anchor %s: session %08x via %s", anchor, s.local_index, i.name)
                 return True
-            log.warning("anchor %s: no handshake answer via %s within %.0f s (wrong public_key, "
-                        "not listed as [[peer]] there, or unreachable)", anchor, i.name,
-                        SETUP_TIMEOUT)
+            if self.fwd.links[anchor].vipa:      # it answered before: the path is the problem
+                log.warning("anchor %s: no handshake answer via %s within %.0f s (path down?)",
+                            anchor, i.name, SETUP_TIMEOUT)
+            else:
+                log.warning("anchor %s: no handshake answer via %s within %.0f s (unreachable, "
+                            "wrong public_key, or this host not a [[peer]] there)", anchor,
+                            i.name, SETUP_TIMEOUT)
             return False
 
     def _new_index(self) -> int:
@@ -439,10 +443,12 @@ class Agent:
         serves: frozenset[bytes] = frozenset()
         if role == "fixed-host":
             serves = frozenset({ipaddress.IPv4Address(self.anchors[anchor][0]).packed})
+        link = self.fwd.links[anchor]
+        if (link.vipa, link.role) != (vipa, role) or self.anchor_state[anchor] != "associated":
+            log.info("anchor %s (%s): VIpA %s", anchor, role, vipa)   # once, not per interface
         self.fwd.set_association(anchor, vipa, role, serves)
         self._lost[anchor].clear()
         self.anchor_state[anchor] = "associated"
-        log.info("anchor %s (%s): VIpA %s", anchor, role, vipa)
         return True
 
     async def _tunnel(self, i: IfaceSeam, anchor: str) -> None:

@@ -161,8 +161,7 @@ def _common(p: argparse.ArgumentParser, config_default: str) -> None:
 
 
 def _run(prog: str, fn: Callable[[], int]) -> int:
-    from .runtime import StartupError
-    from .system.errors import SystemSetupError
+    from .system.errors import StartupError, SystemSetupError
 
     try:
         return fn()

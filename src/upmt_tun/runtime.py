@@ -24,6 +24,7 @@ from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
+from .system.errors import StartupError
 from .system.ifstate import InterfaceState
 from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
@@ -32,10 +33,6 @@ __all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0
-
-
-class StartupError(Exception):
-    """One line for the user (exit code 1)."""
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

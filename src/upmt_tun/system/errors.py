@@ -1,4 +1,5 @@
-"""The one exception the host-changing layer raises."""
+"""The exceptions the host-changing layer and start-up raise (kept light: the CLI imports
+this module for every command)."""
 
 
 class SystemSetupError(Exception):
@@ -6,3 +7,7 @@ class SystemSetupError(Exception):
 
     The message is one line meant for the user; library tracebacks never escape.
     """
+
+
+class StartupError(Exception):
+    """One line for the user (exit code 1)."""
