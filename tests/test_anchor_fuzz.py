@@ -93,6 +93,11 @@ class RecordingPath:
     def sendto(self, data: bytes, addr: Addr) -> None:
         self.sent.append((bytes(data), addr))
 
+    queue = sendto                   # the data path's batched send: recorded at once
+
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         self.on_datagram = None
 

@@ -214,6 +214,11 @@ class Sent:
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.sent.append((bytes(data), addr))
 
+    queue = sendto
+
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

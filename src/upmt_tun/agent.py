@@ -153,6 +153,7 @@ class Agent:
         self._cookies: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in self.ifaces]
+        self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self.probe_params = ProbeParams(idle_max=cfg.keepalive_s)
         self.monitors: dict[int, PathMonitor] = {}     # tid -> monitor, while the tunnel is up
         self._settled: set[int] = set()                 # up for return_after: flows may return
@@ -161,7 +162,12 @@ class Agent:
     def _on_tun(self, pkt: bytes) -> None:
         out = self.fwd.from_tun(pkt, self.clock())
         if out is not None:
-            self._sends[out[0]](out[2], out[1])
+            self._queues[out[0]](out[2], out[1])
+
+    def _flush(self) -> None:
+        """After each TUN read: what it became leaves together (one UDP GSO send)."""
+        for i in self.ifaces:
+            i.path.flush()
 
     def _on_datagram_for(self, index: int) -> Callable[[bytes, tuple[str, int]], None]:
         fwd, tun, clock = self.fwd, self.tun, self.clock
@@ -220,7 +226,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         now = self.clock()
-        self.tun.start(self._on_tun)
+        self.tun.start(self._on_tun, self._flush)
         for i in self.ifaces:
             i.path.start(self._on_datagram_for(i.index))
         for a in self.anchors:

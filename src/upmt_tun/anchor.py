@@ -142,10 +142,10 @@ class Anchor:
     def _on_tun(self, pkt: bytes) -> None:
         out = self.fwd.from_tun(pkt, self.clock())
         if out is not None:
-            self.path.sendto(out[1], out[0])
+            self.path.queue(out[1], out[0])     # leaves at the flush after this TUN read
 
     async def start(self) -> None:
-        self.tun.start(self._on_tun)
+        self.tun.start(self._on_tun, self.path.flush)
         self.path.start(self._on_datagram)
         self._sweeper = asyncio.create_task(self._sweep())
 

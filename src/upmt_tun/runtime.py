@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -33,6 +34,12 @@ __all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0
+
+
+def _offload(kind: str) -> bool:
+    """UPMT_NO_OFFLOAD=tun,udp (or =1 for both) turns kernel offloads off, to compare."""
+    off = os.environ.get("UPMT_NO_OFFLOAD", "")
+    return not (off == "1" or kind in off.split(","))
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -121,7 +128,7 @@ class _CgroupsCloser:
 
 def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
     try:
-        tun = TunDevice(name, loop)
+        tun = TunDevice(name, loop, offload=_offload('tun'))
     except OSError as e:
         raise StartupError(str(e.strerror or e)) from None
     opened.append(tun)
@@ -150,7 +157,8 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         seams = []
         for idx, (info, _gw) in enumerate(ifaces):
             sock = open_udp("0.0.0.0", 0, device=info.name, mark=cfg.fwmark + 1 + idx)
-            path = PathSocket(sock, loop, (info.address or "0.0.0.0", sock.getsockname()[1]))
+            path = PathSocket(sock, loop, (info.address or "0.0.0.0", sock.getsockname()[1]),
+                              offload=_offload('udp'))
             opened.append(path)
             seams.append(IfaceSeam(info.name, idx, path))
         plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1])
@@ -235,7 +243,8 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
         except OSError as e:
             raise StartupError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
                                f"{e.strerror}") from None
-        path = PathSocket(sock, loop, (cfg.listen_host, cfg.listen_port))
+        path = PathSocket(sock, loop, (cfg.listen_host, cfg.listen_port),
+                          offload=_offload('udp'))
         opened.append(path)
         tun_addr = str(next(cfg.vipa_pool.hosts()))
         host = AnchorHost(tun=cfg.tun, tun_address=tun_addr, pool_prefixlen=cfg.vipa_pool.prefixlen,

@@ -1,16 +1,23 @@
 """The two I/O seams of the data path, real and fake.
 
-* TUN seam: ``start(on_packet)``, ``write(pkt)``, ``close()``.
+* TUN seam: ``start(on_packet, on_flush)``, ``write(pkt)``, ``close()``.
 * Path-socket seam (one UDP socket per access network / per listen address):
-  ``start(on_datagram)``, ``sendto(data, addr)``, ``close()``, ``local``.
+  ``start(on_datagram)``, ``sendto(data, addr)`` (now), ``queue(data, addr)`` +
+  ``flush()`` (data path: sent together), ``close()``, ``local``.
 
 The real ones read inline in the event loop's reader callback, draining until
-EAGAIN, with no queue hop per packet. The fakes (:class:`FakeNetwork`,
+EAGAIN, with no queue hop per packet. With offloads (the default where the kernel
+has them), one TUN read is a TCP super-packet of up to 64 KB (``offload.packets``
+cuts it into real segments), the datagrams it becomes are queued and leave in one
+``sendmsg`` with UDP GSO (``UDP_SEGMENT``), and the receive side asks for UDP GRO,
+splitting what arrives coalesced. Each falls back to one packet per system call
+when the kernel or device refuses it. The fakes (:class:`FakeNetwork`,
 :class:`FakeTun`) let agent and anchor run end to end in memory, NATs included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -20,18 +27,33 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
+from . import offload
+
 __all__ = ["FakeNetwork", "FakeSocket", "FakeTun", "PathSocket", "TunDevice", "open_udp"]
 
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
 SO_MARK = 36
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 IP_MTU_DISCOVER = 10      # not named by Python's socket module
 IP_PMTUDISC_DONT = 0
-READ_SIZE = 65535
+SOL_UDP = 17
+UDP_SEGMENT = 103         # UDP GSO (Linux 4.18), not named by Python 3.11
+UDP_GRO = 104             # UDP GRO (Linux 5.0)
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+READ_SIZE = 65535 + offload.VNET_HDR_LEN
 MAX_BURST = 256          # datagrams per wake-up before yielding to other callbacks
+_GSO_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
 
 OnPacket = Callable[[bytes], None]
 OnDatagram = Callable[[bytes, tuple[str, int]], None]
@@ -45,7 +67,8 @@ class Loop(Protocol):
 class Tun(Protocol):
     name: str
 
-    def start(self, on_packet: OnPacket) -> None: ...
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
+        ...
     def write(self, pkt: bytes) -> None: ...
     def close(self) -> None: ...
 
@@ -55,6 +78,8 @@ class Path(Protocol):
 
     def start(self, on_datagram: OnDatagram) -> None: ...
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
+    def queue(self, data: bytes, addr: tuple[str, int]) -> None: ...
+    def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -66,41 +91,63 @@ class TunDevice:
     see TRAPS.md). The device disappears when the fd is closed.
     """
 
-    def __init__(self, name: str, loop: Loop) -> None:
+    def __init__(self, name: str, loop: Loop, offload: bool = True) -> None:
         self.loop = loop
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise OSError(e.errno, f"cannot open /dev/net/tun: {e.strerror}") from None
         try:
-            ifr = struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI)
-            res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
         except OSError as e:
             os.close(fd)
             raise OSError(e.errno, f"cannot create TUN device {name}: {e.strerror}") from None
         self.fd = fd
         self.name = res[:16].rstrip(b"\0").decode()
         self.write_errors = 0
+        self.vnet_hdr = offload
+        self.offloads = 0
+        if offload:
+            try:    # TCP super-packets and partial checksums; without them: 1 packet/read
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                self.offloads = TUN_F_CSUM | TUN_F_TSO4
+            except OSError as e:
+                log.info("TUN offloads not available (%s): one packet per read", e.strerror)
+        self.dropped = 0             # reads that made no packet (unknown offload type)
 
-    def start(self, on_packet: OnPacket) -> None:
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
         fd, read = self.fd, os.read
+        split = offload.packets if self.vnet_hdr else None
 
         def readable() -> None:
             for _ in range(MAX_BURST):
                 try:
-                    pkt = read(fd, READ_SIZE)
+                    data = read(fd, READ_SIZE)
                 except BlockingIOError:
                     return
                 except OSError as e:
                     log.warning("TUN read failed: %s", e)
                     return
-                on_packet(pkt)
+                if split is None:
+                    on_packet(data)
+                else:
+                    pkts = split(data)
+                    if not pkts:
+                        self.dropped += 1
+                    for pkt in pkts:
+                        on_packet(pkt)
+                if on_flush is not None:
+                    on_flush()        # what this read became leaves together (UDP GSO)
 
         self.loop.add_reader(fd, readable)
 
     def write(self, pkt: bytes) -> None:
         try:
-            os.write(self.fd, pkt)
+            if self.vnet_hdr:
+                os.writev(self.fd, (offload.NO_VNET_HDR, pkt))
+            else:
+                os.write(self.fd, pkt)
         except OSError:
             self.write_errors += 1   # EINVAL for a bad packet, EAGAIN when full: drop
 
@@ -123,11 +170,13 @@ def open_udp(host: str, port: int, *, device: str | None = None, mark: int | Non
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         # Let oversized tunnel packets fragment rather than vanish (PMTUD fails silently).
         s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                s.setsockopt(socket.SOL_SOCKET, opt, bufsize)
+        for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                           (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:    # beyond net.core.[rw]mem_max when root (bursts of 64 KB reads)
+                s.setsockopt(socket.SOL_SOCKET, force, bufsize)
             except OSError:
-                pass
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, opt, bufsize)
         s.bind((host, port))
     except OSError:
         s.close()
@@ -138,34 +187,103 @@ def open_udp(host: str, port: int, *, device: str | None = None, mark: int | Non
 class PathSocket:
     """A real UDP socket used as a tunnel end (and for SIP on the same port)."""
 
-    def __init__(self, sock: socket.socket, loop: Loop, local: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, loop: Loop, local: tuple[str, int],
+                 offload: bool = True) -> None:
         self.sock = sock
         self.loop = loop
         self.local = local
         self.send_errors = 0
+        self.gso = offload
+        self.gro = False
+        if offload:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass
+        self._queue: list[tuple[bytes, tuple[str, int]]] = []
 
     def start(self, on_datagram: OnDatagram) -> None:
-        recvfrom = self.sock.recvfrom
+        sock = self.sock
+        recvfrom, recvmsg = sock.recvfrom, sock.recvmsg
+        gro = self.gro
+        cmsg_space = socket.CMSG_SPACE(_GRO_SIZE.size)
 
         def readable() -> None:
             for _ in range(MAX_BURST):
                 try:
-                    data, addr = recvfrom(READ_SIZE)
+                    if gro:
+                        data, anc, _flags, addr = recvmsg(65535, cmsg_space)
+                    else:
+                        data, addr = recvfrom(65535)
                 except BlockingIOError:
                     return
                 except OSError as e:
                     if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         log.debug("recvfrom: %s", e)
                     continue
+                if gro and anc:
+                    level, kind, value = anc[0]
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= _GRO_SIZE.size:
+                        size = _GRO_SIZE.unpack_from(value)[0]
+                        if 0 < size < len(data):       # coalesced datagrams of one sender
+                            for at in range(0, len(data), size):
+                                on_datagram(data[at:at + size], addr)
+                            continue
                 on_datagram(data, addr)
 
-        self.loop.add_reader(self.sock.fileno(), readable)
+        self.loop.add_reader(sock.fileno(), readable)
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             self.sock.sendto(data, addr)
         except OSError:
             self.send_errors += 1   # full buffer, no route, interface gone: counted drop
+
+    def queue(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Data path: send at the next :meth:`flush`, batched with UDP GSO."""
+        self._queue.append((data, addr))
+
+    def flush(self) -> None:
+        """Send the queue: runs of datagrams to one address, all of one size but the last,
+        leave in one sendmsg (UDP GSO); the kernel cuts them apart."""
+        q = self._queue
+        if not q:
+            return
+        self._queue = []
+        if not self.gso or len(q) == 1:
+            for data, addr in q:
+                self.sendto(data, addr)
+            return
+        i, n = 0, len(q)
+        while i < n:
+            data, addr = q[i]
+            size = len(data)
+            j, total = i + 1, size
+            while (j < n and j - i < GSO_MAX_SEGMENTS and q[j][1] == addr
+                   and total + len(q[j][0]) <= GSO_MAX_BYTES and len(q[j][0]) <= size):
+                total += len(q[j][0])
+                j += 1
+                if len(q[j - 1][0]) < size:
+                    break                  # a shorter one ends a run
+            if j - i == 1:
+                self.sendto(data, addr)
+            else:
+                self._send_gso([d for d, _ in q[i:j]], size, addr)
+            i = j
+
+    def _send_gso(self, datagrams: list[bytes], size: int, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendmsg([b"".join(datagrams)],
+                              [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, addr)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                log.info("UDP GSO refused (%s): one datagram per send from now on", e.strerror)
+                self.gso = False
+                for d in datagrams:
+                    self.sendto(d, addr)
+            else:
+                self.send_errors += len(datagrams)
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -183,15 +301,19 @@ class FakeTun:
     def __init__(self, name: str = "faketun") -> None:
         self.name = name
         self.on_packet: OnPacket | None = None
+        self.on_flush: Callable[[], None] | None = None
         self.written: list[bytes] = []
         self.sink: OnPacket | None = None
 
-    def start(self, on_packet: OnPacket) -> None:
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
         self.on_packet = on_packet
+        self.on_flush = on_flush
 
     def inject(self, pkt: bytes) -> None:
         assert self.on_packet is not None, "TUN not started"
         self.on_packet(pkt)
+        if self.on_flush is not None:
+            self.on_flush()
 
     def write(self, pkt: bytes) -> None:
         if self.sink is not None:
@@ -276,6 +398,12 @@ class FakeSocket:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.net._send(self, bytes(data), addr)
+
+    def queue(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.net._send(self, bytes(data), addr)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         self.on_datagram = None

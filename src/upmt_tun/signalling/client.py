@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-from ..dataplane.io import Path
 from . import sip, upmt
 
 __all__ = ["SipClient", "SipError", "Answer"]
@@ -19,6 +18,14 @@ __all__ = ["SipClient", "SipError", "Answer"]
 log = logging.getLogger(__name__)
 
 Answer = tuple[int, str, list[tuple[str, dict[str, Any]]]]
+
+
+class Path(Protocol):
+    """What a request goes out on: a path socket's address and immediate send."""
+
+    local: tuple[str, int]
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
 
 
 class SipError(Exception):

@@ -1,0 +1,162 @@
+"""TUN offloads: the virtio-net header, TCP segmentation and checksum completion.
+
+With ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4)`` the kernel hands the
+TUN reader TCP "super-packets" of up to 64 KB (one read instead of ~45) preceded by a
+10-byte ``struct virtio_net_hdr`` (native byte order)::
+
+    flags u8 | gso_type u8 | hdr_len u16 | gso_size u16 | csum_start u16 | csum_offset u16
+
+and leaves checksums *partial*: the L4 checksum field holds the uncomplemented
+pseudo-header sum, to be completed over ``pkt[csum_start:]``. :func:`packets` turns one
+such read into ordinary, complete IPv4 packets — segments cut at ``gso_size`` with their
+own IP id, total length, IP checksum, TCP sequence number, flags and a full TCP checksum
+(as wireguard-go's tun/offload_linux.go does; never blind chunks: each segment is a
+packet the peer's stack accepts on its own), so everything after the TUN reader, the
+tunnel's wire format included, is unchanged.
+
+The per-byte work (checksums over the payload) runs in the Cython extension
+``_fast`` when it was built (``pip install .`` builds it); this module's pure-Python
+functions are the reference and the fallback, with identical results (tests run both).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+__all__ = [
+    "GSO_NONE",
+    "GSO_TCPV4",
+    "NEEDS_CSUM",
+    "VNET_HDR",
+    "VNET_HDR_LEN",
+    "finish_csum",
+    "implementation",
+    "packets",
+    "tso_split",
+]
+
+VNET_HDR = struct.Struct("=BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, off
+VNET_HDR_LEN = VNET_HDR.size          # 10
+NEEDS_CSUM = 1                        # VIRTIO_NET_HDR_F_NEEDS_CSUM
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_ECN = 0x80
+NO_VNET_HDR = bytes(VNET_HDR_LEN)     # prefix of a write: a complete, ordinary packet
+
+_TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
+_U16 = struct.Struct("!H")
+
+
+def _sum16(data: bytes | bytearray | memoryview) -> int:
+    """One's complement sum of ``data`` as 16-bit big-endian words (not complemented),
+    in 0..0xFFFF. The plain big integer is congruent to it modulo 0xFFFF."""
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    total = value % 0xFFFF
+    return 0xFFFF if total == 0 and value else total
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
+    """Complete a partial checksum in place: the field at ``csum_start + csum_offset``
+    holds the pseudo-header sum; the checksum covers ``pkt[csum_start:]``."""
+    at = csum_start + csum_offset
+    if csum_start < 20 or at + 2 > len(pkt):
+        return False
+    c = _fold(_sum16(memoryview(pkt)[csum_start:])) ^ 0xFFFF
+    if c == 0 and pkt[9] == 17:
+        c = 0xFFFF                    # UDP: a computed 0 is sent as 0xFFFF
+    _U16.pack_into(pkt, at, c)
+    return True
+
+
+def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
+    """Cut an IPv4/TCP super-packet into segments of ``gso_size`` payload bytes, each a
+    complete packet with correct headers and checksums. [] when it is not IPv4/TCP or
+    its headers do not fit."""
+    n = len(pkt)
+    if n < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or gso_size <= 0:
+        return []
+    ihl = (pkt[0] & 15) * 4
+    if ihl < 20 or ihl + 20 > n:
+        return []
+    thl = (pkt[ihl + 12] >> 4) * 4
+    hlen = ihl + thl
+    if thl < 20 or hlen > n:
+        return []
+    ident = _U16.unpack_from(pkt, 4)[0]
+    seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
+    flags = pkt[ihl + 13]
+    src_dst = pkt[12:20]
+    pseudo_base = _sum16(src_dst) + 6
+    out = []
+    payload_len = n - hlen
+    offset = 0
+    i = 0
+    while True:
+        size = min(gso_size, payload_len - offset)
+        last = offset + size >= payload_len
+        seg = bytearray(pkt[:hlen])
+        seg += pkt[hlen + offset:hlen + offset + size]
+        total = hlen + size
+        _U16.pack_into(seg, 2, total)
+        _U16.pack_into(seg, 4, (ident + i) & 0xFFFF)
+        seg[10:12] = b"\0\0"
+        _U16.pack_into(seg, 10, _fold(_sum16(seg[:ihl])) ^ 0xFFFF)
+        seg[ihl + 4:ihl + 8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags
+        if not last:
+            f &= ~(_TCP_FIN | _TCP_PSH)
+        if i:
+            f &= ~_TCP_CWR
+        seg[ihl + 13] = f
+        seg[ihl + 16:ihl + 18] = b"\0\0"
+        s = pseudo_base + (total - ihl) + _sum16(memoryview(seg)[ihl:])
+        _U16.pack_into(seg, ihl + 16, _fold(s) ^ 0xFFFF)
+        out.append(bytes(seg))
+        offset += size
+        i += 1
+        if last:
+            return out
+
+
+try:   # the compiled hot path, when pip built it
+    from ._fast import finish_csum as _c_finish_csum
+    from ._fast import tso_split as _c_tso_split
+except ImportError:   # pragma: no cover - depends on the build
+    finish_csum: Callable[[bytearray, int, int], bool] = py_finish_csum
+    tso_split: Callable[[bytes | bytearray | memoryview, int], list[bytes]] = py_tso_split
+    implementation = "python"
+else:
+    finish_csum = _c_finish_csum
+    tso_split = _c_tso_split
+    implementation = "cython"
+
+
+Splitter = Callable[[bytes | bytearray | memoryview, int], list[bytes]]
+
+
+def packets(data: bytes, split: Splitter | None = None,
+            finish: Callable[[bytearray, int, int], bool] | None = None) -> list[bytes]:
+    """One TUN read (virtio-net header + packet) -> complete IPv4 packets ([] = drop)."""
+    if len(data) <= VNET_HDR_LEN:
+        return []
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(data)
+    gso_type &= ~GSO_ECN
+    if gso_type == GSO_TCPV4:
+        return (split or tso_split)(memoryview(data)[VNET_HDR_LEN:], gso_size)
+    if gso_type != GSO_NONE:
+        return []                     # not offered (no USO/UFO/IPv6 TSO): never sent to us
+    if not flags & NEEDS_CSUM:
+        return [data[VNET_HDR_LEN:]]
+    pkt = bytearray(memoryview(data)[VNET_HDR_LEN:])
+    if not (finish or finish_csum)(pkt, csum_start, csum_offset):
+        return []
+    return [bytes(pkt)]
