@@ -24,7 +24,12 @@ on top.
 
 Not handled here: checksums left partial by TUN offloads (``IFF_VNET_HDR`` with
 ``VIRTIO_NET_HDR_F_NEEDS_CSUM``) hold the uncomplemented pseudo-header sum, not a final
-checksum; a caller using offloads must finish or convert them before calling this module.
+checksum; the TUN reader completes them first (``dataplane/offload.py``).
+
+The ``py_*`` functions are the reference. :func:`rewrite_src`, :func:`rewrite_dst` and
+:func:`five_tuple` run the compiled common case (TCP/UDP, ``dataplane/_fast.pyx``) when it
+was built and fall back to the reference for everything else (ICMP errors, garbage) and
+when it was not; tests check both agree.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ __all__ = [
     "ICMP_ERROR_TYPES",
     "five_tuple",
     "ipv4_checksum",
+    "py_five_tuple",
+    "py_rewrite_dst",
+    "py_rewrite_src",
     "rewrite_dst",
     "rewrite_src",
 ]
@@ -87,7 +95,7 @@ def ipv4_checksum(data: bytes | bytearray | memoryview) -> int:
     return total ^ _M16
 
 
-def rewrite_src(pkt: bytearray, new_src: bytes) -> bool:
+def py_rewrite_src(pkt: bytearray, new_src: bytes) -> bool:
     """Rewrite ``IP.src`` of the IPv4 packet in ``pkt`` to ``new_src``, in place.
 
     Updates the IPv4 header checksum and, for an unfragmented packet or a first fragment,
@@ -135,7 +143,7 @@ def rewrite_src(pkt: bytearray, new_src: bytes) -> bool:
     return True
 
 
-def rewrite_dst(pkt: bytearray, new_dst: bytes) -> bool:
+def py_rewrite_dst(pkt: bytearray, new_dst: bytes) -> bool:
     """Rewrite ``IP.dst`` of the IPv4 packet in ``pkt`` to ``new_dst``, in place.
 
     The mirror of :func:`rewrite_src`: for an incoming ICMP error whose embedded packet was
@@ -236,7 +244,7 @@ def _rewrite_icmp_error(
     _u16_pack(pkt, at, ((s & _M16) + (s >> 16)) ^ _M16)
 
 
-def five_tuple(
+def py_five_tuple(
     pkt: bytes | bytearray | memoryview,
 ) -> tuple[int, bytes, bytes, int, int] | None:
     """Flow key ``(protocol, src, dst, sport, dport)`` of an IPv4 packet, or None.
@@ -296,3 +304,28 @@ def _embedded_key(
         if icmp_type == 8 or icmp_type == 0:
             return (proto, dst, src, ident, ident)
     return (proto, dst, src, 0, 0)
+
+
+try:   # the compiled common case, when pip built it
+    from .dataplane._fast import five_tuple_tcpudp as _c_five_tuple
+    from .dataplane._fast import rewrite_addr as _c_rewrite
+except ImportError:   # pragma: no cover - depends on the build
+    rewrite_src = py_rewrite_src
+    rewrite_dst = py_rewrite_dst
+    five_tuple = py_five_tuple
+else:
+    def rewrite_src(pkt: bytearray, new_src: bytes) -> bool:
+        """See :func:`py_rewrite_src` (compiled for TCP/UDP)."""
+        r = _c_rewrite(pkt, new_src, True)
+        return r > 0 if r >= 0 else py_rewrite_src(pkt, new_src)
+
+    def rewrite_dst(pkt: bytearray, new_dst: bytes) -> bool:
+        """See :func:`py_rewrite_dst` (compiled for TCP/UDP)."""
+        r = _c_rewrite(pkt, new_dst, False)
+        return r > 0 if r >= 0 else py_rewrite_dst(pkt, new_dst)
+
+    def five_tuple(pkt: bytes | bytearray | memoryview
+                   ) -> tuple[int, bytes, bytes, int, int] | None:
+        """See :func:`py_five_tuple` (compiled for TCP/UDP)."""
+        return _c_five_tuple(pkt) or py_five_tuple(pkt)
+

@@ -106,3 +106,84 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size):
         i += 1
         if last:
             return out
+
+
+# -- internal NAT, the common case (nat.py has the reference and the full story) -----------
+
+cdef inline uint32_t _rd16(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _adj(uint32_t ck, uint32_t d) noexcept nogil:
+    """RFC 1624 eqn. 3 with a precomputed address difference ``d`` (see nat.py)."""
+    cdef uint32_t s = ck ^ 0xFFFF
+    if s == 0:
+        s = 0xFFFF
+    s += d
+    return ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+
+
+def rewrite_addr(bytearray pkt, const uint8_t[:] new, bint is_src):
+    """Rewrite IP.src (``is_src``) or IP.dst of an unfragmented-or-first-fragment IPv4
+    TCP/UDP packet (or any non-first fragment) in place: 1 done, 0 malformed (untouched),
+    -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code)."""
+    if new.shape[0] != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {new.shape[0]}")
+    cdef Py_ssize_t size = len(pkt)
+    if size < 20:
+        return 0
+    cdef uint8_t* p = <uint8_t*><char*>pkt
+    cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
+    cdef Py_ssize_t total = _rd16(p + 2)
+    if p[0] >> 4 != 4 or hlen < 20 or hlen > size or total > size or total < hlen:
+        return 0
+    cdef uint8_t proto = p[9]
+    cdef bint first = (_rd16(p + 6) & 0x1FFF) == 0
+    if first and proto == 1:
+        return -1
+    cdef uint8_t* a = p + (12 if is_src else 16)
+    cdef uint32_t old = (<uint32_t>a[0] << 24) | (<uint32_t>a[1] << 16) | (<uint32_t>a[2] << 8) | a[3]
+    cdef uint32_t addr = (<uint32_t>new[0] << 24) | (<uint32_t>new[1] << 16) | (<uint32_t>new[2] << 8) | new[3]
+    if old == addr:
+        return 1
+    cdef uint64_t d64 = (<uint64_t>(old ^ 0xFFFFFFFF) + addr) % 0xFFFF
+    cdef uint32_t d = <uint32_t>d64
+    _put16(p + 10, _adj(_rd16(p + 10), d))
+    a[0] = new[0]
+    a[1] = new[1]
+    a[2] = new[2]
+    a[3] = new[3]
+    cdef Py_ssize_t at
+    cdef uint32_t c
+    if not first:
+        return 1
+    if proto == 6:
+        at = hlen + 16
+        if at + 2 <= total:
+            _put16(p + at, _adj(_rd16(p + at), d))
+    elif proto == 17:
+        at = hlen + 6
+        if at + 2 <= total:
+            c = _rd16(p + at)
+            if c:
+                c = _adj(c, d)
+                _put16(p + at, c if c else 0xFFFF)
+    return 1
+
+
+def five_tuple_tcpudp(const uint8_t[:] pkt):
+    """(proto, src, dst, sport, dport) of a well-formed unfragmented IPv4 TCP/UDP packet
+    with its ports inside; None for anything else (the caller runs nat.py's code)."""
+    cdef Py_ssize_t size = pkt.shape[0]
+    if size < 24:
+        return None
+    cdef const uint8_t* p = &pkt[0]
+    cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
+    cdef Py_ssize_t total = _rd16(p + 2)
+    cdef uint8_t proto = p[9]
+    if (p[0] >> 4 != 4 or hlen < 20 or hlen > size or total > size or total < hlen
+            or (proto != 6 and proto != 17) or (_rd16(p + 6) & 0x1FFF) or hlen + 4 > total):
+        return None
+    return (proto, PyBytes_FromStringAndSize(<const char*>p + 12, 4),
+            PyBytes_FromStringAndSize(<const char*>p + 16, 4),
+            _rd16(p + hlen), _rd16(p + hlen + 2))
