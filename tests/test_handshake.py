@@ -208,7 +208,8 @@ class Sent:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
 
-    def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+    def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None],
+              on_flush: object = None) -> None:
         pass
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -141,3 +141,70 @@ def test_packets_from_one_tun_read(impl: tuple) -> None:
     assert O.packets(hdr(0, 3, 0, 1400, 0, 0) + plain, split, finish) == []   # UFO: never
     assert O.packets(hdr(0, 0, 0, 0, 0, 0), split, finish) == []               # empty
     assert O.packets(hdr(O.NEEDS_CSUM, 0, 0, 0, 200, 6) + plain, split, finish) == []
+
+
+# -- GRO towards the TUN ------------------------------------------------------------------
+
+COALESCE = [pytest.param(O.py_coalesce, id="python")]
+if _fast is not None:
+    COALESCE.append(pytest.param(_fast.coalesce, id="cython"))
+
+
+def segments(payload: bytes, gso: int = 1448, sport: int = 40000, seq: int = 1000,
+             flags: int = 0x18) -> list[bytes]:
+    return O.py_tso_split(super_packet(payload, flags=flags, seq=seq).replace(
+        struct.pack("!H", 40000), struct.pack("!H", sport), 1), gso)
+
+
+def unwrap(write: bytes) -> tuple[tuple[int, ...], bytes]:
+    return O.VNET_HDR.unpack_from(write), write[O.VNET_HDR_LEN:]
+
+
+@pytest.mark.parametrize("coalesce", COALESCE)
+def test_coalesce_merges_one_flow_and_splitting_gives_it_back(coalesce) -> None:
+    segs = segments(os.urandom(10_000))
+    (w,) = coalesce(segs)
+    hdr, pkt = unwrap(w)
+    assert hdr == (O.NEEDS_CSUM, O.GSO_TCPV4, 40, 1448, 20, 16)
+    assert len(pkt) == 40 + 10_000 and struct.unpack_from("!H", pkt, 2)[0] == len(pkt)
+    assert pb.csum(pkt[:20]) == 0                                # IP header checksum valid
+    assert pkt[33] & 0x08                                         # PSH of the last kept
+    finished = bytearray(pkt)
+    assert O.py_finish_csum(finished, 20, 16) and pb.checksums_ok(bytes(finished))
+    assert O.py_tso_split(pkt, 1448) == segs                      # the exact segments again
+
+
+@pytest.mark.parametrize("coalesce", COALESCE)
+def test_coalesce_keeps_order_and_leaves_what_it_must_not_merge(coalesce) -> None:
+    a = segments(os.urandom(4000), sport=1)
+    b = segments(os.urandom(4000), sport=2)
+    udp = pb.udp("100.64.0.1", "198.51.100.7", 5, 53, b"q")
+    syn = pb.tcp("100.64.0.1", "198.51.100.7", 1, 2, b"", flags=0x02)
+    gap = segments(os.urandom(3000), sport=3)
+    writes = coalesce([a[0], a[1], b[0], udp, *a[2:], syn, gap[0], gap[2]])
+    got = [unwrap(w) for w in writes]
+    assert [h[1] for h, _ in got] == [O.GSO_TCPV4, 0, 0, 0, 0, 0, 0]
+    assert got[0][1][40:] == a[0][40:] + a[1][40:]
+    assert [p for _, p in got[1:]] == [b[0], udp, a[2], syn, gap[0], gap[2]]
+    assert all(h == (0, 0, 0, 0, 0, 0) for h, _ in got[1:])
+    assert coalesce([]) == [] and coalesce([udp]) == [bytes(10) + udp]
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6000), min_size=1, max_size=6),
+       gso=st.integers(500, 1448), order=st.randoms(use_true_random=False))
+def test_coalesce_implementations_agree_and_lose_nothing(sizes: list[int], gso: int,
+                                                         order) -> None:
+    flows = [segments(os.urandom(s), gso=gso, sport=i + 1) for i, s in enumerate(sizes)]
+    stream = [s for f in flows for s in f]
+    if len(stream) > 3:                          # some interleaving, as the wire may do
+        k = order.randrange(len(stream) - 1)
+        stream[k], stream[k + 1] = stream[k + 1], stream[k]
+    ref = O.py_coalesce(stream)
+    if _fast is not None:
+        assert _fast.coalesce(stream) == ref
+    back = []
+    for w in ref:
+        hdr, pkt = unwrap(w)
+        back += O.py_tso_split(pkt, hdr[3]) if hdr[1] == O.GSO_TCPV4 else [pkt]
+    assert back == stream

@@ -228,7 +228,7 @@ class Agent:
         now = self.clock()
         self.tun.start(self._on_tun, self._flush)
         for i in self.ifaces:
-            i.path.start(self._on_datagram_for(i.index))
+            i.path.start(self._on_datagram_for(i.index), self.tun.flush)
         for a in self.anchors:
             for i in self.ifaces:
                 self.fwd.add_tunnel(i.name, i.index, a, i.path.local, self.anchors[a], now)

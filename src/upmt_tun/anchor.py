@@ -146,7 +146,7 @@ class Anchor:
 
     async def start(self) -> None:
         self.tun.start(self._on_tun, self.path.flush)
-        self.path.start(self._on_datagram)
+        self.path.start(self._on_datagram, self.tun.flush)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:

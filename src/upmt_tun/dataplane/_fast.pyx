@@ -8,7 +8,7 @@ output packets, no Python objects in the loops.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 
 cdef inline uint64_t _sum(const uint8_t* p, Py_ssize_t n) noexcept nogil:
@@ -187,3 +187,95 @@ def five_tuple_tcpudp(const uint8_t[:] pkt):
     return (proto, PyBytes_FromStringAndSize(<const char*>p + 12, 4),
             PyBytes_FromStringAndSize(<const char*>p + 16, 4),
             _rd16(p + hlen), _rd16(p + hlen + 2))
+
+
+# -- GRO towards the TUN (offload.py_coalesce is the reference) ----------------------------
+
+cdef inline Py_ssize_t _mergeable(bytes pb) noexcept:
+    cdef Py_ssize_t n = len(pb)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
+    if n < 41 or p[0] != 0x45 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+        return 0
+    if _rd16(p + 2) != n:
+        return 0
+    cdef Py_ssize_t hl = 20 + (p[32] >> 4) * 4
+    cdef uint8_t flags = p[33]
+    if hl < 40 or hl >= n or not (flags & 0x10) or (flags & 0xE7):
+        return 0
+    return hl
+
+
+cdef inline uint32_t _rd32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+def coalesce(list pkts):
+    """See offload.py_coalesce (same bytes out)."""
+    cdef list out = []
+    cdef Py_ssize_t i = 0, j, k, n = len(pkts), hl, size, qs, total, off
+    cdef uint32_t nxt
+    cdef bytes p, q, last, res
+    cdef const uint8_t* pp
+    cdef const uint8_t* qp
+    cdef uint8_t* d
+    cdef uint8_t lastflags
+    while i < n:
+        p = pkts[i]
+        hl = _mergeable(p)
+        j = i + 1
+        total = len(p)
+        size = 0
+        lastflags = 0
+        if hl:
+            pp = <const uint8_t*>PyBytes_AS_STRING(p)
+            size = total - hl
+            nxt = _rd32(pp + 24) + <uint32_t>size
+            lastflags = pp[33]
+            while j < n and not (lastflags & 0x08):
+                q = pkts[j]
+                qs = len(q) - hl
+                if _mergeable(q) != hl or qs > size or total + qs > 65535:
+                    break
+                qp = <const uint8_t*>PyBytes_AS_STRING(q)
+                if (memcmp(qp + 12, pp + 12, 12) != 0 or memcmp(qp + 28, pp + 28, 4) != 0
+                        or memcmp(qp + 34, pp + 34, 2) != 0
+                        or memcmp(qp + 40, pp + 40, hl - 40) != 0 or _rd32(qp + 24) != nxt):
+                    break
+                total += qs
+                nxt += <uint32_t>qs
+                lastflags = qp[33]
+                j += 1
+                if qs < size:
+                    break
+        if j - i == 1:
+            res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
+            d = <uint8_t*>PyBytes_AS_STRING(res)
+            memset(d, 0, 10)
+            memcpy(d + 10, PyBytes_AS_STRING(p), len(p))
+            out.append(res)
+            i = j
+            continue
+        res = PyBytes_FromStringAndSize(NULL, 10 + total)
+        d = <uint8_t*>PyBytes_AS_STRING(res)
+        # virtio_net_hdr, native byte order (x86: little-endian, as struct "=")
+        d[0] = 1
+        d[1] = 1
+        (<unsigned short*>(d + 2))[0] = <unsigned short>hl
+        (<unsigned short*>(d + 4))[0] = <unsigned short>size
+        (<unsigned short*>(d + 6))[0] = 20
+        (<unsigned short*>(d + 8))[0] = 16
+        memcpy(d + 10, pp, hl)
+        off = 10 + hl
+        for k in range(i, j):
+            q = pkts[k]
+            memcpy(d + off, PyBytes_AS_STRING(q) + hl, len(q) - hl)
+            off += len(q) - hl
+        _put16(d + 12, <uint32_t>total)
+        d[20] = 0
+        d[21] = 0
+        _put16(d + 20, _fold(_sum(d + 10, 20)) ^ 0xFFFF)
+        d[43] |= lastflags & 0x08
+        _put16(d + 46, _fold(_sum(d + 22, 8) + 6 + <uint64_t>(total - 20)))
+        out.append(res)
+        i = j
+    return out

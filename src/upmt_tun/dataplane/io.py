@@ -70,13 +70,15 @@ class Tun(Protocol):
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
         ...
     def write(self, pkt: bytes) -> None: ...
+    def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
 class Path(Protocol):
     local: tuple[str, int]
 
-    def start(self, on_datagram: OnDatagram) -> None: ...
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
+              ) -> None: ...
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
     def queue(self, data: bytes, addr: tuple[str, int]) -> None: ...
     def flush(self) -> None: ...
@@ -115,6 +117,7 @@ class TunDevice:
             except OSError as e:
                 log.info("TUN offloads not available (%s): one packet per read", e.strerror)
         self.dropped = 0             # reads that made no packet (unknown offload type)
+        self._pending: list[bytes] = []
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
         fd, read = self.fd, os.read
@@ -143,13 +146,28 @@ class TunDevice:
         self.loop.add_reader(fd, readable)
 
     def write(self, pkt: bytes) -> None:
+        """Write now (no offload) or at the next :meth:`flush` (GRO: merged)."""
+        if self.vnet_hdr:
+            self._pending.append(pkt)
+            return
         try:
-            if self.vnet_hdr:
-                os.writev(self.fd, (offload.NO_VNET_HDR, pkt))
-            else:
-                os.write(self.fd, pkt)
+            os.write(self.fd, pkt)
         except OSError:
             self.write_errors += 1   # EINVAL for a bad packet, EAGAIN when full: drop
+
+    def flush(self) -> None:
+        """Write what came since the last flush, consecutive segments of one TCP flow
+        merged into one super-packet (the kernel's GRO, done here)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        fd, write = self.fd, os.write
+        for data in offload.coalesce(pending):
+            try:
+                write(fd, data)
+            except OSError:
+                self.write_errors += 1
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -203,13 +221,22 @@ class PathSocket:
                 pass
         self._queue: list[tuple[bytes, tuple[str, int]]] = []
 
-    def start(self, on_datagram: OnDatagram) -> None:
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
+              ) -> None:
+        """``on_flush`` runs after each burst of reads (the TUN's writes go out merged)."""
         sock = self.sock
         recvfrom, recvmsg = sock.recvfrom, sock.recvmsg
         gro = self.gro
         cmsg_space = socket.CMSG_SPACE(_GRO_SIZE.size)
 
         def readable() -> None:
+            try:
+                burst()
+            finally:
+                if on_flush is not None:
+                    on_flush()
+
+        def burst() -> None:
             for _ in range(MAX_BURST):
                 try:
                     if gro:
@@ -321,6 +348,9 @@ class FakeTun:
         else:
             self.written.append(pkt)
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         self.on_packet = None
 
@@ -393,7 +423,8 @@ class FakeSocket:
         self.local = local
         self.on_datagram: OnDatagram | None = None
 
-    def start(self, on_datagram: OnDatagram) -> None:
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
+              ) -> None:
         self.on_datagram = on_datagram
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "NEEDS_CSUM",
     "VNET_HDR",
     "VNET_HDR_LEN",
+    "coalesce",
     "finish_csum",
     "implementation",
     "packets",
@@ -127,16 +128,86 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
             return out
 
 
+_TCP_SYN, _TCP_RST, _TCP_ACK, _TCP_URG, _TCP_ECE = 0x02, 0x04, 0x10, 0x20, 0x40
+_NO_MERGE = _TCP_FIN | _TCP_SYN | _TCP_RST | _TCP_URG | _TCP_ECE | _TCP_CWR
+_MAX_SUPER = 65535
+
+
+def _mergeable(p: bytes) -> int:
+    """Header length of an IPv4/TCP segment GRO may merge (no IP options, not a
+    fragment, payload, plain ACK or ACK|PSH), else 0."""
+    n = len(p)
+    if n < 41 or p[0] != 0x45 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+        return 0
+    if (p[2] << 8 | p[3]) != n:
+        return 0
+    hl = 20 + (p[32] >> 4) * 4
+    flags = p[33]
+    if hl < 40 or hl >= n or not flags & _TCP_ACK or flags & _NO_MERGE:
+        return 0
+    return hl
+
+
+def py_coalesce(pkts: list[bytes]) -> list[bytes]:
+    """GRO towards the TUN: consecutive segments of one TCP flow (contiguous sequence
+    numbers, same ACK, window and options, equal sizes but a shorter last, no PSH before
+    the last) become one super-packet with a virtio-net header (GSO_TCPV4, checksum
+    partial: the kernel finishes it, or cuts it up again if it forwards). Everything
+    else is passed as is, behind an empty header. Order is kept."""
+    out = []
+    i, n = 0, len(pkts)
+    while i < n:
+        p = pkts[i]
+        hl = _mergeable(p)
+        j = i + 1
+        if hl:
+            size = len(p) - hl
+            total = len(p)
+            nxt = (int.from_bytes(p[24:28], "big") + size) & 0xFFFFFFFF
+            last = p
+            while j < n and not last[33] & _TCP_PSH:
+                q = pkts[j]
+                qs = len(q) - hl
+                if (_mergeable(q) != hl or qs > size or total + qs > _MAX_SUPER
+                        or q[12:24] != p[12:24] or q[28:32] != p[28:32]
+                        or q[34:36] != p[34:36] or q[40:hl] != p[40:hl]
+                        or int.from_bytes(q[24:28], "big") != nxt):
+                    break
+                total += qs
+                nxt = (nxt + qs) & 0xFFFFFFFF
+                last = q
+                j += 1
+                if qs < size:
+                    break                     # a shorter segment ends the run
+        if j - i == 1:
+            out.append(NO_VNET_HDR + p)
+            i = j
+            continue
+        head = bytearray(p[:hl])
+        _U16.pack_into(head, 2, total)
+        head[10:12] = b"\0\0"
+        _U16.pack_into(head, 10, _fold(_sum16(head[:20])) ^ 0xFFFF)
+        head[33] |= last[33] & _TCP_PSH
+        _U16.pack_into(head, 36, _fold(_sum16(head[12:20]) + 6 + total - 20))
+        vnet = VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, hl, len(p) - hl, 20, 16)
+        out.append(vnet + bytes(head) + b"".join(q[hl:] for q in pkts[i:j]))
+        i = j
+    return out
+
+
 try:   # the compiled hot path, when pip built it
+    from ._fast import coalesce as _c_coalesce
     from ._fast import finish_csum as _c_finish_csum
     from ._fast import tso_split as _c_tso_split
 except ImportError:   # pragma: no cover - depends on the build
     finish_csum: Callable[[bytearray, int, int], bool] = py_finish_csum
     tso_split: Callable[[bytes | bytearray | memoryview, int], list[bytes]] = py_tso_split
+    coalesce: Callable[[list[bytes]], list[bytes]] = py_coalesce
     implementation = "python"
 else:
     finish_csum = _c_finish_csum
     tso_split = _c_tso_split
+    coalesce = _c_coalesce
     implementation = "cython"
 
 
