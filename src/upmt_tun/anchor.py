@@ -31,6 +31,7 @@ from .dataplane.packet import (
 )
 from .signalling.anchor_side import AnchorSignalling
 from .signalling.handshake import RateLimiter, Responder
+from .tables import seq_of
 
 __all__ = ["Anchor"]
 
@@ -74,7 +75,8 @@ class Anchor:
             opened = self.fwd.open(data)
             if opened is not None:
                 s, _, counter, sip_bytes = opened
-                resp = self.sig.handle(sip_bytes, src, self.clock(), s, (s.generation, counter))
+                resp = self.sig.handle(sip_bytes, src, self.clock(), s,
+                                       seq_of(s.generation, counter))
                 if resp is not None:
                     self.path.sendto(s.seal(TYPE_CONTROL, resp), src)
         elif b0 == TYPE_HS_INIT:

@@ -15,15 +15,21 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key"]
+__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key", "seq_of"]
 
 FlowKey = tuple[int, bytes, bytes, int, int]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 HISTORY_LEN = 8
 TID_MAX = 0xFFFFFF                # tunnel ids travel in the header's 24-bit path id
+
+
+def seq_of(generation: int, counter: int) -> int:
+    """A packet's place in its association's order: session generation, then counter
+    (one int, compared without building a tuple per packet)."""
+    return generation << 64 | counter
 
 
 def reverse_key(k: FlowKey) -> FlowKey:
@@ -60,7 +66,7 @@ class Tunnel:
     # anchor, NAT rebinding: the newest (session generation, counter) received on this
     # tunnel, and a new outer address that sent a newer one but has not answered its
     # challenge yet: it may receive at most ``probe_credit`` bytes until it does
-    newest: tuple[int, int] = (-1, -1)
+    newest: int = -1
     probe_addr: tuple[str, int] | None = None
     probe_token: bytes = b""
     probe_credit: int = 0
@@ -90,13 +96,26 @@ class Flow:
     app_src: str = ""             # the application's own source address, if known
     static: bool = False          # not moved by implicit handover
     policy: Any = None            # the agent's FlowClass (rule's via/anchor), for failover
-    last_seq: tuple[int, int] = (-1, -1)   # anchor: newest (session generation, counter) seen
+    last_seq: int = -1            # anchor: newest seq_of(session generation, counter) seen
     tx_packets: int = 0
     rx_packets: int = 0
     created: float = 0.0
     last_seen: float = 0.0
-    history: deque[tuple[float, int | None, int, str]] = field(
-        default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    first_tunnel: int = 0
+    # moves, made on the first one: most flows never move, and an empty deque alone costs
+    # ~760 bytes (its first block), half a flow's memory at the anchor
+    moves: deque[tuple[float, int | None, int, str]] | None = None
+
+    def __post_init__(self) -> None:
+        self.first_tunnel = self.tunnel
+
+    @property
+    def history(self) -> tuple[tuple[float, int | None, int, str], ...]:
+        """(when, from tunnel, to tunnel, why), oldest first: the flow's start, then its
+        moves; the last HISTORY_LEN of them."""
+        if self.moves is None:
+            return ((self.created, None, self.first_tunnel, "new flow"),)
+        return tuple(self.moves)
 
     def json(self, now: float, interface: str | None,
              iface_of: Callable[[int | None], str | None] = lambda tid: None) -> dict[str, Any]:
@@ -114,7 +133,9 @@ class Flow:
 
     def move(self, now: float, tid: int, reason: str) -> None:
         """Re-point the flow to tunnel ``tid``, remembering why (bounded history)."""
-        self.history.append((now, self.tunnel, tid, reason))
+        if self.moves is None:
+            self.moves = deque(self.history, maxlen=HISTORY_LEN)
+        self.moves.append((now, self.tunnel, tid, reason))
         self.tunnel = tid
 
 
@@ -135,8 +156,8 @@ class Paft:
     def get(self, key: FlowKey) -> Flow | None:
         return self.by_key.get(key)
 
-    def add(self, key: FlowKey, tid: int, now: float, *, rule: str = "", anchor: str = "",
-            reason: str = "new flow") -> Flow | None:
+    def add(self, key: FlowKey, tid: int, now: float, *, rule: str = "", anchor: str = ""
+            ) -> Flow | None:
         """Insert a flow; None when the table, or its source's share, is full (the caller
         counts the drop): one host at its cap cannot take the table from the others."""
         n = self.per_source.get(key[1], 0)
@@ -144,7 +165,6 @@ class Paft:
             return None
         self.per_source[key[1]] = n + 1
         f = Flow(self._next, key, tid, rule, anchor, created=now, last_seen=now)
-        f.history.append((now, None, tid, reason))
         self._next += 1
         self.by_key[key] = f
         self.by_id[f.fid] = f

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from .. import nat
 from ..paths import should_return
 from ..policy import choose_tunnel
-from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key
+from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key, seq_of
 from .crypto import Session
 from .packet import (
     HEADER,
@@ -436,7 +436,7 @@ class AnchorForwarder:
         if opened is None:
             return None
         s, a, counter, inner = opened
-        seq = (s.generation, counter)
+        seq = s.generation << 64 | counter        # tables.seq_of, inlined
         t = self._path_of(a, s, data, src, seq, now)
         if a is None or t is None:
             return None
@@ -473,7 +473,7 @@ class AnchorForwarder:
         if opened is None:
             return None
         s, a, counter, payload = opened
-        t = self._path_of(a, s, data, src, (s.generation, counter), now)
+        t = self._path_of(a, s, data, src, seq_of(s.generation, counter), now)
         if a is None or t is None or a.session is None or len(payload) != _PROBE.size:
             return None
         t.last_rx = a.last_rx = now
@@ -486,7 +486,7 @@ class AnchorForwarder:
 
     # -- NAT rebinding (QUIC-style path validation on the data path) --------------------
     def _path_of(self, a: Association | None, s: Session, data: bytes, src: tuple[str, int],
-                 seq: tuple[int, int], now: float) -> Tunnel | None:
+                 seq: int, now: float) -> Tunnel | None:
         """The tunnel an opened packet from ``src`` came on (validated, or being validated
         after a NAT rebinding), or None (counted)."""
         t = a.by_addr.get(src) if a is not None else None
@@ -503,7 +503,7 @@ class AnchorForwarder:
         return t
 
     def _rebinding(self, a: Association, s: Session, data: bytes, src: tuple[str, int],
-                   seq: tuple[int, int], now: float) -> Tunnel | None:
+                   seq: int, now: float) -> Tunnel | None:
         """An authenticated packet from an address that is no validated tunnel of ``a``:
         the tunnel it names (its path id), if that tunnel is validated and the packet is
         newer than all it received; then challenge ``src`` (paced) and give it credit."""

@@ -55,7 +55,7 @@ class AnchorSignalling:
         self._hosts: Iterator[ipaddress.IPv4Address] = pool.hosts()
         self.cache = sip.ResponseCache()
         self.stats: Counter[str] = Counter()
-        self._seq = (0, 0)
+        self._seq = 0
 
     @property
     def tun_address(self) -> str:
@@ -63,8 +63,9 @@ class AnchorSignalling:
         return str(next(self.pool.hosts()))
 
     def handle(self, data: bytes, src: tuple[str, int], now: float,
-               session: Session, seq: tuple[int, int] = (0, 0)) -> bytes | None:
-        """``seq``: (session generation, counter) of the sealed packet that carried it."""
+               session: Session, seq: int = 0) -> bytes | None:
+        """``seq``: tables.seq_of(session generation, counter) of the sealed packet that
+        carried it."""
         self._seq = seq
         try:
             msg = sip.parse(data)
