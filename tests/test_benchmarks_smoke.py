@@ -65,6 +65,54 @@ def test_throughput_quick_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.skipif(_WHY is not None or bool(tool_missing("ss")), reason=str(_WHY or "needs ss"))
+def test_suite_quick_pair_run(tmp_path: Path) -> None:
+    """benchmarks/suite.py --quick on the pair topology, with the contenders this machine
+    has (never installs: wireguard-go and OpenVPN only when already there). Every contender
+    ran, moved bytes both ways through its own tunnel; the upmt ones through the agent's
+    flows, sealed or not as configured; nothing is left behind. No timing assertions."""
+    names = ["raw", "upmt_tun", "upmt_plain"]
+    if not tool_missing("wireguard-go", "wg"):
+        names.append("wireguard-go")
+    if not tool_missing("openvpn", "openssl"):
+        names.append("openvpn")
+    out = tmp_path / "suite.json"
+    r = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--quick", "--seconds", "1",
+                        "--no-install", "--topologies", "pair", "--contenders", ",".join(names),
+                        "--json", str(out), "--workdir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    assert set(data["contenders"]) == set(names)
+    for name, res in data["contenders"].items():
+        assert res["status"] == "ran", (name, res.get("error"))
+        for test in ("tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down", "udp64_up", "ping"):
+            t = res["tests"][test]
+            assert "error" not in t, (name, test, t)
+            assert t["through_contender"] is True, (name, test)   # its own counters saw it
+        assert res["tests"]["tcp1_up"]["bytes"] > 0 and res["tests"]["tcp1_down"]["bytes"] > 0
+        assert res["tests"]["tcp1_up"]["contender_up_bytes"] >= res["tests"]["tcp1_up"]["bytes"]
+        assert (res["tests"]["tcp1_down"]["contender_down_bytes"]
+                >= res["tests"]["tcp1_down"]["bytes"])
+    for name, sealed in (("upmt_tun", "data_sealed"), ("upmt_plain", "data_plaintext")):
+        res = data["contenders"][name]
+        for check in ("tcp_flows_via_tunnel", "udp_flows_via_tunnel", "icmp_flow_via_tunnel",
+                      sealed):
+            assert res["checks"][check] is True, (name, check, res["checks"])
+        assert set(res["exit_codes"].values()) == {0}, (name, res["exit_codes"])
+    for name in ("wireguard-go", "openvpn"):
+        if name in names:
+            kinds = data["contenders"][name]["notes"]["device_kind"]
+            assert set(kinds.values()) == {"tun"}, (name, kinds)   # userspace, no kernel module
+    rows = {row["metric"]: row for row in data["table"]}
+    assert set(rows["TCP 1 stream upload Gbit/s"]) >= {"metric", *names}
+    assert "ratio to upmt_tun: TCP 1 stream upload" in rows
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in left for ns in data["meta"]["pair"]["namespaces"].values()), left
+
+
+@pytest.mark.netns
 @pytest.mark.skipif(netns_missing() is not None or bool(tool_missing("curl", "tc", "ss")),
                     reason=str(netns_missing() or "needs curl, tc and ss"))
 def test_handover_quick_run(tmp_path: Path) -> None:
@@ -114,3 +162,40 @@ def test_handover_quick_run(tmp_path: Path) -> None:
         return
     for png in ("figure5.png", "failover.png"):
         assert (tmp_path / png).stat().st_size > 10_000, png
+
+
+def test_anchor_scale_quick_run(tmp_path: Path) -> None:
+    """benchmarks/anchor_scale.py --quick --no-netns: a real Anchor over fake seams. The flows
+    really got into its PAFT, every uplink packet reached the fake TUN and every downlink
+    packet went to its host's address through its own flow. Correctness only, no timing."""
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, str(BENCH / "anchor_scale.py"), "--quick", "--no-netns",
+                        "--json", str(out), "--workdir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    scen = {(s["flows_requested"], s["hosts"]): s for s in data["scenarios"]}
+    assert set(scen) == {(n, h) for n in (1, 100, 1000) for h in (1, 3)}
+    assert scen[(1, 3)]["flows"] == 3                  # fewer flows than hosts: one per host
+    for s in scen.values():
+        n = s["flows"]
+        assert s["paft_len"] == n and s["flows_in_paft"] == n, s
+        assert s["drops"] == {}, s["drops"]
+        for size in ("64", "1400"):
+            up, down = s["uplink"][size], s["downlink"][size]
+            assert up["ok"] and up["packets"] > 0, up
+            assert up["written_to_tun"] == up["counted_by_flows"] == up["packets"], up
+            assert down["ok"] and down["packets"] > 0, down
+            assert down["sent_to_hosts"] == down["flow_hits"] == down["packets"], down
+        assert s["memory"]["bytes_per_flow"] > 0
+    # every larger row got its ratio against the baseline anchor of its host count
+    assert {(x["flows"], x["hosts"], x["baseline_flows"]) for x in data["ratios"]} == {
+        (n, h, h) for n in (100, 1000) for h in (1, 3)}
+    (bd, *_) = data["memory"]["breakdowns"]
+    assert bd["flows"] == 1000 and bd["by_line"] and bd["objects"]["parts"]
+    assert all(p.get("paft_len") == p["flows"] for p in data["memory"]["rss"]), \
+        data["memory"]["rss"]
+    agent = data["agent_side"]
+    assert agent["paft_len"] == agent["sealed"] == agent["flows"] == 1000, agent
+    assert data["idle_rss"]["skipped"] == "--no-netns"
