@@ -260,19 +260,32 @@ def test_two_anchors_and_a_fixed_host(topo: Topology, www: Path, tmp_path: Path)
     VIpA, the CH sees the anchor's address."""
     ch = HttpServer(topo, "ch", 8080, www)
     fh = HttpServer(topo, "an2", 8080, www)
-    rules = ('[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n')
+    # a UDP echo server on the fixed host bound to 0.0.0.0: it must answer from the
+    # address it was asked at (the fixed host's), not from its TUN's address
+    topo.popen("an2", "python3", "-c", (
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind(('0.0.0.0', 9999))\nwhile True:\n    d, a = s.recvfrom(2048)\n"
+        "    s.sendto(d, a)\n"))
+    rules = ('[[rule]]\nname = "web"\nprotocol = "tcp"\ndst_port = 8080\n'
+             '[[rule]]\nname = "echo"\nprotocol = "udp"\ndst_port = 9999\n')
     lab = Lab(topo, tmp_path / "lab", rules=rules, anchor_roles=("anchor", "fixed-host")).start()
     try:
         assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
         assert curl(topo, "http://203.0.113.2:8080/file.bin").stdout == "200"
+        echo = topo.run("mh", "python3", "-c", (
+            "import socket\nc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "c.settimeout(3)\nc.connect(('203.0.113.2', 9999))\nc.send(b'ping')\n"
+            "print(c.recv(100).decode())\n"), check=False)
+        assert echo.stdout.strip() == "ping", echo.stderr[-300:]
         assert ch.clients() == ["203.0.113.1"]
         st = lab.agent_status()
         vipas = {a["name"]: a["vipa"] for a in st["anchors"]}
         assert fh.clients() == [vipas["an2"]]              # direct MH->FH tunnel, no NAT
         roles = {a["name"]: a["role"] for a in st["anchors"]}
         assert roles == {"an1": "anchor", "an2": "fixed-host"}
-        by_dst = {f["dst"]: f["anchor"] for f in st["flows"]}
-        assert by_dst == {CH: "an1", "203.0.113.2": "an2"}
+        by_dst = {(f["dst"], f["dport"]): f["anchor"] for f in st["flows"]}
+        assert by_dst == {(CH, 8080): "an1", ("203.0.113.2", 8080): "an2",
+                          ("203.0.113.2", 9999): "an2"}
         assert len(st["tunnels"]) == 4
         assert lab.anchor_status(1)["role"] == "fixed-host"
     finally:

@@ -174,7 +174,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
             rules = [RuleMatch(r.index, "any", None, None, None, None,
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
         else:
-            log.warning("no cgroup v2: `upmt-agent run` will not be available")
+            log.info("no cgroup v2: `upmt-agent run` will not be available")
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state")
         host.cleanup_leftovers()
@@ -250,6 +250,7 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
         host = AnchorHost(tun=cfg.tun, tun_address=tun_addr, pool_prefixlen=cfg.vipa_pool.prefixlen,
                           pool=str(cfg.vipa_pool), mtu=cfg.mtu, role=cfg.role,
                           nat_interface=cfg.nat_interface, state_file=control_path + ".state",
+                          listen_address=cfg.listen_host,
                           allow_egress=tuple(map(str, cfg.allow_egress)),
                           deny_egress=tuple(map(str, cfg.deny_egress)),
                           max_flows_per_host=cfg.max_flows_per_host)

@@ -100,6 +100,7 @@ class AnchorHost:
         role: str,
         nat_interface: str | None,
         state_file: str | None = None,
+        listen_address: str | None = None,
         allow_egress: tuple[str, ...] = (),
         deny_egress: tuple[str, ...] = (),
         max_flows_per_host: int = 4096,
@@ -115,6 +116,7 @@ class AnchorHost:
         self.mtu = mtu
         self.role = role
         self.nat_interface = nat_interface
+        self.listen_address = listen_address
         self.allow_egress = allow_egress
         self.deny_egress = deny_egress
         self.max_flows_per_host = max_flows_per_host
@@ -148,6 +150,13 @@ class AnchorHost:
             f"address {self.tun_address} of {self.tun}",
             lambda: netlink.remove_address(self.tun, self.tun_address, self.pool_prefixlen),
         )
+        if self.role == "fixed-host" and self.listen_address not in (None, "0.0.0.0"):
+            # a fixed host's services answer mobile hosts from the address they were asked
+            # at (its listen address), not from the TUN's: UDP servers bound to 0.0.0.0
+            # would otherwise reply from an address the mobile host never contacted
+            assert self.listen_address is not None
+            netlink.set_prefsrc(self.tun, self.pool.split("/")[0], self.pool_prefixlen,
+                                self.listen_address)
         if self.role == "anchor":
             self._undo.push("sysctls", self._sysctl.restore)
             self._sysctl.set("net.ipv4.ip_forward", "1")

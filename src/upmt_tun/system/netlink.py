@@ -212,6 +212,14 @@ def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
         ipr.link("set", index=index, state="up")
 
 
+def set_prefsrc(name: str, network: str, prefixlen: int, src: str) -> None:
+    """Make the connected route of ``network/prefixlen`` on ``name`` prefer source ``src``
+    (what an unbound socket answering a host on that network sends from)."""
+    with _iproute(f"cannot set source {src} on the route to {network}/{prefixlen}") as ipr:
+        ipr.route("replace", dst=network, dst_len=prefixlen, oif=_lookup(ipr, name),
+                  prefsrc=src, scope=253, proto=2)
+
+
 def add_address(name: str, address: str, prefixlen: int) -> bool:
     """Add ``address/prefixlen`` to ``name``; False if it was there already."""
     with _iproute(f"cannot add {address}/{prefixlen} to {name}") as ipr:
