@@ -63,7 +63,6 @@ import logging
 import os
 import platform
 import random
-import signal
 import statistics
 import struct
 import subprocess
@@ -79,7 +78,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import loadavg, render, source_version  # noqa: E402 (benchmarks/ dir)
+from common import (  # noqa: E402 (benchmarks/ dir)
+    interruptible,
+    loadavg,
+    proc_cmdline,
+    render,
+    source_version,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()
@@ -986,13 +991,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
 
 def python_process(pid: int) -> int:
     """The Python process of a daemon started as ``ip netns exec ... upmt-agent``: ``ip``
@@ -1068,7 +1066,7 @@ def idle_rss(ctx: Ctx) -> dict[str, Any]:
                 for ln in f:
                     if ln.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
                         st[ln.split(":")[0]] = int(ln.split()[1])
-            out[key] = {"popen_pid": p.pid, "pid": pid, "cmdline": _cmdline(pid)[:200],
+            out[key] = {"popen_pid": p.pid, "pid": pid, "cmdline": proc_cmdline(pid)[:200],
                         "rss_kb": st.get("VmRSS"), "hwm_kb": st.get("VmHWM"),
                         "rss_anon_kb": st.get("RssAnon"), "rss_file_kb": st.get("RssFile"),
                         "alive": p.poll() is None}
@@ -1345,10 +1343,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for name in ("upmt_tun", "aiosipua"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -1428,7 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot create {json_path.parent}: {e.strerror}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
+    interruptible()
     load_start, source = loadavg(), source_version()
     others = OthersCpu()
     tmp = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -40,3 +43,80 @@ def loadavg() -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def fmt(v: Any) -> str:
+    """A table cell: thousands separators for big numbers, 2-3 digits for small ones."""
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def rule_toml(name: str, protocol: str, *, dst: str | None = None, dst_port: int | None = None,
+              via: tuple[str, ...] | None = ("wan1", "wan2"), uid: int | None = None) -> str:
+    """One agent [[rule]] table."""
+    lines = ["[[rule]]", f'name = "{name}"', f'protocol = "{protocol}"']
+    if dst is not None:
+        lines.append(f'dst = "{dst}"')
+    if dst_port is not None:
+        lines.append(f"dst_port = {dst_port}")
+    if uid is not None:
+        lines.append(f"uid = {uid}")
+    if via is not None:
+        lines.append("via = [" + ", ".join(f'"{v}"' for v in via) + "]")
+    return "\n".join(lines) + "\n\n"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interruptible() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt (so `finally` tears the testbed down),
+    even when the script was started with SIGINT ignored."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), seconds, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()   # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (/proc/stat: all but idle, iowait)."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK
+
+
+def proc_cmdline(pid: int) -> str:
+    """The command line of ``pid``, or "?" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+

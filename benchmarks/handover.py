@@ -73,7 +73,13 @@ from pathlib import Path
 from typing import Any
 
 import streams  # noqa: E402 (benchmarks/ dir)
-from common import loadavg, render, source_version  # noqa: E402 (benchmarks/ dir)
+from common import (  # noqa: E402 (benchmarks/ dir)
+    interruptible,
+    loadavg,
+    render,
+    rule_toml,
+    source_version,
+)
 
 from upmt_tun.lab import Lab, LabError
 from upmt_tun.testbed import MH_IFACES, Topology, tool_missing
@@ -92,35 +98,12 @@ TARGETS = {"udp-move": "0 UDP datagrams lost on an explicit move",
            "link-down": "traffic on the new path within 300 ms",
            "silent-death": "flows moved within 1 s"}
 
-RULES = f"""
-[[rule]]
-name = "http"
-protocol = "tcp"
-dst = "{CH}/32"
-dst_port = {HTTP_PORT}
-via = ["wan1", "wan2"]
-
-[[rule]]
-name = "ftp"
-protocol = "tcp"
-dst = "{CH}/32"
-dst_port = {FTP_PORT}
-via = ["wan2", "wan1"]
-
-[[rule]]
-name = "udp-down"
-protocol = "udp"
-dst = "{CH}/32"
-dst_port = {UDP_DOWN_PORT}
-via = ["wan1", "wan2"]
-
-[[rule]]
-name = "udp-up"
-protocol = "udp"
-dst = "{CH}/32"
-dst_port = {UDP_UP_PORT}
-via = ["wan1", "wan2"]
-"""
+RULES = "".join(rule_toml(name, proto, dst=f"{CH}/32", dst_port=port, via=via)
+                for name, proto, port, via in (
+                    ("http", "tcp", HTTP_PORT, ("wan1", "wan2")),
+                    ("ftp", "tcp", FTP_PORT, ("wan2", "wan1")),
+                    ("udp-down", "udp", UDP_DOWN_PORT, ("wan1", "wan2")),
+                    ("udp-up", "udp", UDP_UP_PORT, ("wan1", "wan2"))))
 
 
 class BenchError(Exception):
@@ -890,10 +873,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -906,8 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"handover.py: missing {', '.join(missing)} (apt-get install iproute2 nftables "
               "curl)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interruptible()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tm: Timing = args.timing
     notes: list[str] = []

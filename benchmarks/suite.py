@@ -63,7 +63,6 @@ import atexit
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
 import re
@@ -77,13 +76,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import loadavg, render, source_version  # noqa: E402 (benchmarks/ dir)
+from common import (  # noqa: E402 (benchmarks/ dir)
+    CLK_TCK,
+    fmt,
+    interruptible,
+    loadavg,
+    machine_busy_seconds,
+    proc_cmdline,
+    proc_cpu_seconds,
+    render,
+    source_version,
+)
 
 from upmt_tun import keys
+from upmt_tun.lab import exe
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 A_ADDR, B_ADDR = "10.99.0.1", "10.99.0.2"
 A_IF, B_IF = "va", "vb"
@@ -114,27 +123,7 @@ class BenchError(Exception):
 
 # -- small helpers ------------------------------------------------------------------------
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()   # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent not idle since boot (/proc/stat: all but idle, iowait)."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:9]]
-    return (sum(vals) - vals[3] - vals[4]) / CLK_TCK
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
 
 
 def first_line(*argv: str) -> str:
@@ -571,17 +560,7 @@ class Upmt(Contender):
         self.agent_ctl = str(self.run_dir / "agent.sock")
         self.anchor_ctl = str(self.run_dir / "anchor.sock")
 
-    @staticmethod
-    def exe(name: str) -> list[str]:
-        cand = Path(sys.executable).with_name(name)
-        if cand.exists():
-            return [str(cand)]
-        found = shutil.which(name)
-        if found:
-            return [found]
-        fn = "agent_main" if name == "upmt-agent" else "anchor_main"
-        return [sys.executable, "-c",
-                f"import sys; from upmt_tun.cli import {fn}; sys.exit({fn}())"]
+    exe = staticmethod(exe)
 
     def write_configs(self) -> tuple[Path, Path]:
         host_priv, host_pub = keys.keypair()
@@ -988,27 +967,6 @@ def table_rows(contenders: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        if v == 0:
-            return "0"
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        if abs(v) >= 10:
-            return f"{v:.1f}"
-        return f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
 
 def render_rows(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return render(["metric", *cols], [[r["metric"], *(fmt(r.get(c)) for c in cols)]
@@ -1138,10 +1096,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -1152,8 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing or not os.path.exists("/dev/net/tun"):
         print(f"suite.py: missing {', '.join(missing) or '/dev/net/tun'}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interruptible()
     started = time.monotonic()
     foreign = ForeignCpu()
 

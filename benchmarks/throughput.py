@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +47,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import loadavg, render, source_version  # noqa: E402 (benchmarks/ dir)
+from common import (  # noqa: E402 (benchmarks/ dir)
+    fmt,
+    interruptible,
+    loadavg,
+    proc_cmdline,
+    proc_cpu_seconds,
+    render,
+    rule_toml,
+    source_version,
+)
 
 from upmt_tun.lab import Lab
 from upmt_tun.testbed import MH_IFACES, Topology, tool_missing
@@ -70,30 +77,10 @@ LABS: dict[str, tuple[str, tuple[str, ...]]] = {
 # plus the 16-byte Poly1305 tag when sealed
 WIRE_OVERHEAD = {"plaintext": 14 + 20 + 8 + 16, "sealed": 14 + 20 + 8 + 16 + 16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-RULES = f"""
-[[rule]]
-name = "bench-tcp"
-protocol = "tcp"
-dst = "{CH}/32"
-dst_port = {STEERED_PORT}
-via = ["wan1", "wan2"]
-
-[[rule]]
-name = "bench-udp"
-protocol = "udp"
-dst = "{CH}/32"
-dst_port = {STEERED_PORT}
-via = ["wan1", "wan2"]
-
-[[rule]]
-name = "bench-ping"
-protocol = "icmp"
-dst = "{CH}/32"
-uid = {PING_UID}
-via = ["wan1", "wan2"]
-"""
+RULES = (rule_toml("bench-tcp", "tcp", dst=f"{CH}/32", dst_port=STEERED_PORT)
+         + rule_toml("bench-udp", "udp", dst=f"{CH}/32", dst_port=STEERED_PORT)
+         + rule_toml("bench-ping", "icmp", dst=f"{CH}/32", uid=PING_UID))
 
 
 class BenchError(Exception):
@@ -102,20 +89,6 @@ class BenchError(Exception):
 
 # -- helpers ------------------------------------------------------------------------------
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2:].split()   # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
 
 
 class CpuMeter:
@@ -485,23 +458,6 @@ def table_rows(paths: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v) or math.isnan(v):
-            return str(v)
-        if v == 0:
-            return "0"
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        if abs(v) >= 10:
-            return f"{v:.1f}"
-        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     cols = ["metric", "raw", "upmt_tun (encrypted)", "upmt_plain", "enc/raw", "enc/plain"]
@@ -540,10 +496,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -553,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing or not os.path.exists("/dev/net/tun"):
         print(f"throughput.py: missing {', '.join(missing) or '/dev/net/tun'}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with it ignored
+    interruptible()
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path: Path = args.json or RESULTS_DIR / f"throughput-{stamp}.json"

@@ -20,7 +20,7 @@ from typing import Any
 from . import keys
 from .testbed import Topology
 
-__all__ = ["Lab", "LabError", "DEFAULT_RULES"]
+__all__ = ["Lab", "LabError", "DEFAULT_RULES", "exe"]
 
 CH_PORT = 8080
 
@@ -45,7 +45,7 @@ class LabError(Exception):
     pass
 
 
-def _exe(name: str) -> list[str]:
+def exe(name: str) -> list[str]:
     """The console script next to this Python, else ``python -m upmt_tun.cli``."""
     cand = Path(sys.executable).with_name(name)
     if cand.exists():
@@ -138,13 +138,13 @@ class Lab:
         anchors, agent = self.write_configs()
         for i, cfg in enumerate(anchors):
             self._start(f"anchor{i}", self.anchor_role_name(i),
-                        [*_exe("upmt-anchor"), "--config", str(cfg)])
-        self._start("agent", "mh", [*_exe("upmt-agent"), "up", "--config", str(agent)])
+                        [*exe("upmt-anchor"), "--config", str(cfg)])
+        self._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent)])
         return self
 
     def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         sub, *rest = args      # --control right after the subcommand (run's program follows)
-        return self.topo.run("mh", *_exe("upmt-agent"), sub, "--control", self.agent_control,
+        return self.topo.run("mh", *exe("upmt-agent"), sub, "--control", self.agent_control,
                              *rest, check=check)
 
     def agent_status(self) -> dict[str, Any]:
@@ -152,7 +152,7 @@ class Lab:
         return out
 
     def anchor_status(self, i: int = 0) -> dict[str, Any]:
-        r = self.topo.run(self.anchor_role_name(i), *_exe("upmt-anchor"), "status", "--json",
+        r = self.topo.run(self.anchor_role_name(i), *exe("upmt-anchor"), "status", "--json",
                           "--control", self.anchor_control(i))
         out: dict[str, Any] = json.loads(r.stdout)
         return out
