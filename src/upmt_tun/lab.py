@@ -8,7 +8,6 @@ side by side on one machine; :meth:`Lab.stop` stops them and checks they exit.
 from __future__ import annotations
 
 import json
-import os
 import select
 import shutil
 import subprocess
@@ -135,11 +134,17 @@ class Lab:
             return "(no log)"
 
     def start(self) -> Lab:
+        """Start the anchors, then the agent; if one does not come up, stop what did
+        (its run directory included) and raise LabError."""
         anchors, agent = self.write_configs()
-        for i, cfg in enumerate(anchors):
-            self._start(f"anchor{i}", self.anchor_role_name(i),
-                        [*exe("upmt-anchor"), "--config", str(cfg)])
-        self._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent)])
+        try:
+            for i, cfg in enumerate(anchors):
+                self._start(f"anchor{i}", self.anchor_role_name(i),
+                            [*exe("upmt-anchor"), "--config", str(cfg)])
+            self._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent)])
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -172,6 +177,7 @@ class Lab:
                 p.kill()
                 codes[key] = None
         self.procs.clear()
-        if self.run_dir.exists() and not any(self.run_dir.iterdir()):
-            os.rmdir(self.run_dir)
+        # the run directory is this lab's own (named after its topology): also what a
+        # killed daemon left in it (its control socket, its state file) goes
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         return codes
