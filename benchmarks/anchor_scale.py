@@ -1182,7 +1182,7 @@ def print_report(res: dict[str, Any]) -> None:
         f", uncommitted changes in {', '.join(src['src_changes'])}" if src["src_changes"]
         else ""))
     mode = "plaintext DATA (insecure_plaintext_for_benchmarks)" if meta["plaintext"] \
-        else "sealed DATA (ChaCha20-Poly1305)"
+        else "sealed DATA (AES-256-GCM)"
     print(f"{mode}; forwarding: best of {meta['repeat']} x {meta['packets']:,} packets after "
           f"a warm-up; setup: best of {meta['setup_repeat']} fresh anchors, 64-byte packets. "
           "Cyclic GC ON while timing (the daemon runs with it); 'setup gc' = its share of "

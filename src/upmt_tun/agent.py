@@ -55,7 +55,7 @@ BACKOFF_MAX = 30.0
 REKEY_AFTER = 120.0            # seconds: a new handshake (forward secrecy), as WireGuard
 PREVIOUS_SESSION_LIFE = 60.0   # the old session still opens late packets this long
 MIN_REKEY = 5.0                # never renew a session younger than this after a failure
-REKEY_AFTER_MESSAGES = 1 << 60 # as WireGuard: far below the nonce limit
+REKEY_AFTER_MESSAGES = 1 << 28 # AES-GCM: well inside its per-key limits (RFC 8446 5.5)
 COOKIE_RETRIES = 3             # immediate retries with a fresh cookie, per handshake
 
 

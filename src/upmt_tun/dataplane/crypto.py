@@ -1,4 +1,4 @@
-"""Sealed tunnel packets: ChaCha20-Poly1305 with a counter nonce, and a replay window.
+"""Sealed tunnel packets: AES-256-GCM with a counter nonce, and a replay window.
 
 A :class:`Session` holds one direction pair of transport keys from a Noise
 handshake. Every packet is sealed with the 16-byte tunnel header as associated
@@ -14,13 +14,13 @@ from __future__ import annotations
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA, pack_header
 
 __all__ = ["ReplayWindow", "Session", "REJECT_AFTER_MESSAGES"]
 
-_NONCE = struct.Struct("<4xQ")
+_NONCE = struct.Struct("!4xQ")     # as Noise's AESGCM: 32 zero bits, big-endian counter
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1   # as WireGuard: never wrap the nonce
 BLOCK_BITS = 64
 BLOCKS = 32                                        # window = (32 - 1) * 64 = 1984 packets
@@ -70,8 +70,8 @@ class Session:
                  plain_data: bool = False) -> None:
         self.local_index = local_index
         self.remote_index = remote_index
-        self._send = ChaCha20Poly1305(send_key)
-        self._recv = ChaCha20Poly1305(recv_key)
+        self._send = AESGCM(send_key)
+        self._recv = AESGCM(recv_key)
         self.send_counter = 0
         self.window = ReplayWindow()
         self.created = created

@@ -5,7 +5,7 @@ The first byte decides, data first:
 
 * ``>= 0x80``   ours: 0x80 DATA, 0x83 CONTROL (sealed SIP), 0x85 PATH_CHALLENGE,
   0x86 PATH_RESPONSE, 0x87 PING and 0x88 PONG are a 16-byte header, the
-  ChaCha20-Poly1305 ciphertext and its 16-byte tag::
+  AES-256-GCM ciphertext and its 16-byte tag::
 
       0      1                    4               8                      16
       | type | path id (u24)      | receiver index| counter (u64)        | ciphertext | tag
