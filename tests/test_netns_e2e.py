@@ -113,6 +113,19 @@ def download_via_anchor(topo: Topology, lab: Lab, srv: HttpServer, www: Path, tm
     assert flow["interface"] == iface
 
 
+def start_download(topo: Topology, lab: Lab, got: Path, rate: str = "1M",
+                   timeout: int = 30) -> subprocess.Popen[str]:
+    """A paced legacy curl download from the CH, started and seen by the agent (its flow
+    is in the table) before this returns; ``communicate()`` gives the HTTP code."""
+    dl = topo.popen("mh", "curl", "-sS", "-m", str(timeout), "--limit-rate", rate, "-o",
+                    str(got), "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
+                    stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not lab.agent_status()["flows"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return dl
+
+
 def test_download_through_anchor_other_flows_untouched_host_restored(
         topo: Topology, www: Path, tmp_path: Path) -> None:
     before_mh, before_an = host_state(topo, "mh"), host_state(topo, "an")
@@ -364,12 +377,7 @@ def test_move_rule_during_a_download_is_seamless(topo: Topology, www: Path,
     lab = Lab(topo, tmp_path / "lab").start()
     try:
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "--limit-rate", "1M", "-o", str(got), "-w",
-                        "%{http_code}", f"http://{CH}:8080/file.bin", stdout=subprocess.PIPE,
-                        text=True)
-        deadline = time.monotonic() + 10
-        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        dl = start_download(topo, lab, got)
         time.sleep(0.5)
         r = lab.agent_cli("move", "--rule", "web", "--via", "wan2")
         assert "1 flow(s) moved to wan2" in r.stdout
@@ -430,12 +438,7 @@ def test_link_down_moves_flows_at_once_and_link_up_brings_the_tunnel_back(
     lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30").start()
     try:
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "--limit-rate", "1M", "-o", str(got), "-w",
-                        "%{http_code}", f"http://{CH}:8080/file.bin", stdout=subprocess.PIPE,
-                        text=True)
-        deadline = time.monotonic() + 10
-        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        dl = start_download(topo, lab, got)
         t0 = time.monotonic()
         topo.set_link("mh", "wan1", False)
         while time.monotonic() - t0 < 5:
@@ -475,12 +478,7 @@ def test_nat_rebinding_mid_download_is_followed_at_once(topo: Topology, www: Pat
 
         before = wan1_remote()
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "-m", "20", "--limit-rate", "1M", "-o", str(got),
-                        "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
-                        stdout=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        dl = start_download(topo, lab, got, timeout=20)
         time.sleep(0.3)
         topo.rebind_nat("nat1")
         t0 = time.monotonic()
@@ -511,12 +509,7 @@ def test_silent_path_death_moves_the_flow_and_it_returns_after_hysteresis(
     lab = Lab(topo, tmp_path / "lab", agent_extra="keepalive = 30\nreturn_after = 2").start()
     try:
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "-m", "25", "--limit-rate", "500K", "-o",
-                        str(got), "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
-                        stdout=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not lab.agent_status()["flows"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        dl = start_download(topo, lab, got, rate="500K", timeout=25)
         time.sleep(0.3)
         topo.run("nat1", "nft", "-f", "-", input=(
             b"table ip silent {\n chain drop_all {\n"
@@ -585,9 +578,7 @@ def test_new_address_and_new_gateway_are_followed(topo: Topology, www: Path,
 
     try:
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "-m", "40", "--limit-rate", "200K", "-o",
-                        str(got), "-w", "%{http_code}", f"http://{CH}:8080/file.bin",
-                        stdout=subprocess.PIPE, text=True)
+        dl = start_download(topo, lab, got, rate="200K", timeout=40)
         wait_for("flow on wan1", flow_on("wan1"))
         topo.run("mh", "ip", "addr", "del", "10.1.0.2/24", "dev", "wan1")
         st = wait_for("flow moved off wan1", flow_on("wan2"), 3.0)
