@@ -272,9 +272,7 @@ class Agent:
                 self._path_down(t, "probe loss")
                 continue
             if probe:
-                dg = self.fwd.ping(t, now)
-                if dg is not None:
-                    self._sends[t.iface_index](dg, t.remote)
+                self._ping(t, now)
             if tid not in self._settled and now - m.started >= self.cfg.return_after_s:
                 self._settled.add(tid)
                 self.announce(self.fwd.restore_preferences(now, self._up_for,
@@ -319,10 +317,13 @@ class Agent:
         now = self.clock()
         for (iface, _anchor), t in self.fwd.by_path.items():
             if iface == name and t.state == "up":
-                dg = self.fwd.ping(t, now)
-                if dg is not None:
-                    self._sends[t.iface_index](dg, t.remote)
+                self._ping(t, now)
         self._wake_all(name)
+
+    def _ping(self, t: Tunnel, now: float) -> None:
+        dg = self.fwd.ping(t, now)
+        if dg is not None:
+            self._sends[t.iface_index](dg, t.remote)
 
     def _wake_all(self, name: str) -> None:
         for (iface, _anchor), ev in self._wake.items():

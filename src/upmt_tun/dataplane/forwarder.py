@@ -478,10 +478,8 @@ class AnchorForwarder:
             return None
         t.last_rx = a.last_rx = now
         pong = a.session.seal(TYPE_PONG, payload, t.un_tid)
-        if t.remote != src:
-            if t.probe_credit < len(pong):
-                return None
-            t.probe_credit -= len(pong)
+        if t.remote != src and not self._spend(t, len(pong)):
+            return None
         return src, pong
 
     # -- NAT rebinding (QUIC-style path validation on the data path) --------------------
@@ -513,19 +511,23 @@ class AnchorForwarder:
         if t is None or t.state != "up" or seq <= t.newest:
             return None
         t.newest = seq
-        if t.probe_addr != src:
-            t.probe_addr, t.probe_token = src, secrets.token_bytes(16)
-            t.probe_credit, t.probe_sent = 0, float("-inf")
-            self.events["rebind_seen"] += 1
+        self.probe(t, src)
         t.probe_credit += REBIND_CREDIT * len(data)
         if now - t.probe_sent >= CHALLENGE_EVERY and a.session is not None:
             challenge = a.session.seal(TYPE_PATH_CHALLENGE, t.probe_token, t.un_tid)
-            if t.probe_credit >= len(challenge):
-                t.probe_credit -= len(challenge)
+            if self._spend(t, len(challenge)):
                 t.probe_sent = now
                 self.events["path_challenge_sent"] += 1
                 self.emit(challenge, src)
         return t
+
+    @staticmethod
+    def _spend(t: Tunnel, n: int) -> bool:
+        """Take ``n`` bytes from the credit of ``t``'s unvalidated address, if it has them."""
+        if t.probe_credit < n:
+            return False
+        t.probe_credit -= n
+        return True
 
     def probe(self, t: Tunnel, src: tuple[str, int]) -> bytes:
         """Signalling saw validated tunnel ``t`` at a new address: the token that address
@@ -608,7 +610,6 @@ class AnchorForwarder:
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
         dg = a.session.seal(TYPE_DATA, pkt, t.un_tid)
-        if t.probe_addr is not None and t.probe_credit >= len(dg):
-            t.probe_credit -= len(dg)        # NAT rebinding: the new address, within credit
-            return t.probe_addr, dg
+        if t.probe_addr is not None and self._spend(t, len(dg)):
+            return t.probe_addr, dg          # NAT rebinding: the new address, within credit
         return t.remote, dg
