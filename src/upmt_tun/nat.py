@@ -40,6 +40,7 @@ __all__ = [
     "ICMP_ERROR_TYPES",
     "five_tuple",
     "ipv4_checksum",
+    "ones_sum",
     "py_five_tuple",
     "py_rewrite_dst",
     "py_rewrite_src",
@@ -79,20 +80,21 @@ _M16 = 0xFFFF
 _M32 = 0xFFFFFFFF
 
 
-def ipv4_checksum(data: bytes | bytearray | memoryview) -> int:
-    """RFC 1071 Internet checksum of ``data`` (odd length padded with a zero byte).
-
-    Returns the value to store in a checksum field (the one's complement of the one's
-    complement sum). Computed without a Python loop: the one's complement sum of the
-    16-bit words is congruent to the whole buffer read as one big integer, modulo 0xFFFF.
-    """
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """One's complement sum of ``data`` as big-endian 16-bit words (odd length padded with
+    a zero byte), not complemented, in 0..0xFFFF. Computed without a Python loop: the sum
+    is congruent to the whole buffer read as one big integer, modulo 0xFFFF."""
     value = int.from_bytes(data, "big")
     if len(data) & 1:
         value <<= 8
     total = value % _M16
-    if total == 0 and value:
-        total = _M16  # non-zero data whose sum is "negative zero"
-    return total ^ _M16
+    return _M16 if total == 0 and value else total  # non-zero data: "negative zero"
+
+
+def ipv4_checksum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 Internet checksum of ``data``: the value to store in a checksum field
+    (the one's complement of :func:`ones_sum`)."""
+    return ones_sum(data) ^ _M16
 
 
 def py_rewrite_src(pkt: bytearray, new_src: bytes) -> bool:

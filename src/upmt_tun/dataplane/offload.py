@@ -24,6 +24,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from ..nat import ipv4_checksum, ones_sum
+
 __all__ = [
     "GSO_NONE",
     "GSO_TCPV4",
@@ -49,16 +51,6 @@ _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
 _U16 = struct.Struct("!H")
 
 
-def _sum16(data: bytes | bytearray | memoryview) -> int:
-    """One's complement sum of ``data`` as 16-bit big-endian words (not complemented),
-    in 0..0xFFFF. The plain big integer is congruent to it modulo 0xFFFF."""
-    value = int.from_bytes(data, "big")
-    if len(data) & 1:
-        value <<= 8
-    total = value % 0xFFFF
-    return 0xFFFF if total == 0 and value else total
-
-
 def _fold(s: int) -> int:
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
@@ -71,7 +63,7 @@ def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
     at = csum_start + csum_offset
     if csum_start < 20 or at + 2 > len(pkt):
         return False
-    c = _fold(_sum16(memoryview(pkt)[csum_start:])) ^ 0xFFFF
+    c = ipv4_checksum(memoryview(pkt)[csum_start:])
     if c == 0 and pkt[9] == 17:
         c = 0xFFFF                    # UDP: a computed 0 is sent as 0xFFFF
     _U16.pack_into(pkt, at, c)
@@ -96,7 +88,7 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
     seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
     flags = pkt[ihl + 13]
     src_dst = pkt[12:20]
-    pseudo_base = _sum16(src_dst) + 6
+    pseudo_base = ones_sum(src_dst) + 6
     out = []
     payload_len = n - hlen
     offset = 0
@@ -110,7 +102,7 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
         _U16.pack_into(seg, 2, total)
         _U16.pack_into(seg, 4, (ident + i) & 0xFFFF)
         seg[10:12] = b"\0\0"
-        _U16.pack_into(seg, 10, _fold(_sum16(seg[:ihl])) ^ 0xFFFF)
+        _U16.pack_into(seg, 10, ipv4_checksum(seg[:ihl]))
         seg[ihl + 4:ihl + 8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
         f = flags
         if not last:
@@ -119,7 +111,7 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
             f &= ~_TCP_CWR
         seg[ihl + 13] = f
         seg[ihl + 16:ihl + 18] = b"\0\0"
-        s = pseudo_base + (total - ihl) + _sum16(memoryview(seg)[ihl:])
+        s = pseudo_base + (total - ihl) + ones_sum(memoryview(seg)[ihl:])
         _U16.pack_into(seg, ihl + 16, _fold(s) ^ 0xFFFF)
         out.append(bytes(seg))
         offset += size
@@ -186,9 +178,9 @@ def py_coalesce(pkts: list[bytes]) -> list[bytes]:
         head = bytearray(p[:hl])
         _U16.pack_into(head, 2, total)
         head[10:12] = b"\0\0"
-        _U16.pack_into(head, 10, _fold(_sum16(head[:20])) ^ 0xFFFF)
+        _U16.pack_into(head, 10, ipv4_checksum(head[:20]))
         head[33] |= last[33] & _TCP_PSH
-        _U16.pack_into(head, 36, _fold(_sum16(head[12:20]) + 6 + total - 20))
+        _U16.pack_into(head, 36, _fold(ones_sum(head[12:20]) + 6 + total - 20))
         vnet = VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, hl, len(p) - hl, 20, 16)
         out.append(vnet + bytes(head) + b"".join(q[hl:] for q in pkts[i:j]))
         i = j
