@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (  # noqa: E402 (benchmarks/ dir)
+    BenchError,
     interruptible,
     loadavg,
     proc_cmdline,
@@ -97,9 +98,6 @@ IDLE_SECONDS = 5.0
 
 Addr = tuple[str, int]
 
-
-class BenchError(Exception):
-    """An expected problem: reported as one line, no traceback."""
 
 
 try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,4 +121,29 @@ def proc_cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return "?"
+
+
+class BenchError(Exception):
+    """An expected problem: reported as one line, no traceback."""
+
+
+def iperf3_client(run: Callable[..., subprocess.CompletedProcess[str]], target: str, port: int,
+                  seconds: float, *extra: str) -> dict[str, Any]:
+    """Run an iperf3 client (``run(*argv, check=, timeout=)`` runs it where it belongs)
+    against target:port; its parsed -J output. ``seconds`` = 0: no ``-t`` (``extra``
+    holds another end condition)."""
+    argv = ["iperf3", "-c", target, "-p", str(port), "-J", "--connect-timeout", "5000",
+            *(["-t", str(seconds)] if seconds else []), *extra]
+    try:
+        r = run(*argv, check=False, timeout=(seconds or 5) + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"iperf3 {' '.join(extra)} to {target}:{port} timed out") from None
+    try:
+        res: dict[str, Any] = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(f"iperf3 exit {r.returncode}, no JSON: "
+                         f"{(r.stdout + r.stderr).strip()[-300:]}") from None
+    if "error" in res:
+        raise BenchError(f"iperf3: {res['error']}")
+    return res
 

@@ -74,6 +74,7 @@ from typing import Any
 
 import streams  # noqa: E402 (benchmarks/ dir)
 from common import (  # noqa: E402 (benchmarks/ dir)
+    BenchError,
     interruptible,
     loadavg,
     render,
@@ -105,9 +106,6 @@ RULES = "".join(rule_toml(name, proto, dst=f"{CH}/32", dst_port=port, via=via)
                     ("udp-down", "udp", UDP_DOWN_PORT, ("wan1", "wan2")),
                     ("udp-up", "udp", UDP_UP_PORT, ("wan1", "wan2"))))
 
-
-class BenchError(Exception):
-    pass
 
 
 @dataclass

@@ -62,6 +62,7 @@ import argparse
 import atexit
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -78,8 +79,10 @@ from typing import Any
 
 from common import (  # noqa: E402 (benchmarks/ dir)
     CLK_TCK,
+    BenchError,
     fmt,
     interruptible,
+    iperf3_client,
     loadavg,
     machine_busy_seconds,
     proc_cmdline,
@@ -116,9 +119,6 @@ UPMT_TUNNEL_BYTES = {"plaintext": 16, "sealed": 16 + 16}
 OUTER_HEADERS = 14 + 20 + 8
 KILL_GRACE = 5.0
 
-
-class BenchError(Exception):
-    pass
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -696,20 +696,7 @@ class Meter:
 
 
 def iperf3(pair: Pair, target: str, seconds: float, *extra: str) -> dict[str, Any]:
-    argv = ["iperf3", "-c", target, "-p", str(PORT), "-J", "--connect-timeout", "5000",
-            *(["-t", str(seconds)] if seconds else []), *extra]
-    try:
-        r = pair.run("a", *argv, check=False, timeout=(seconds or 5) + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"iperf3 {' '.join(extra)} timed out") from None
-    try:
-        res: dict[str, Any] = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(f"iperf3 exit {r.returncode}, no JSON: "
-                         f"{(r.stdout + r.stderr).strip()[-300:]}") from None
-    if "error" in res:
-        raise BenchError(f"iperf3: {res['error']}")
-    return res
+    return iperf3_client(functools.partial(pair.run, "a"), target, PORT, seconds, *extra)
 
 
 def through_check(out: dict[str, Any], delta: dict[str, int], key: str, moved: int,

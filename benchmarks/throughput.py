@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -48,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from common import (  # noqa: E402 (benchmarks/ dir)
+    BenchError,
     fmt,
     interruptible,
+    iperf3_client,
     loadavg,
     proc_cmdline,
     proc_cpu_seconds,
@@ -82,9 +85,6 @@ RULES = (rule_toml("bench-tcp", "tcp", dst=f"{CH}/32", dst_port=STEERED_PORT)
          + rule_toml("bench-udp", "udp", dst=f"{CH}/32", dst_port=STEERED_PORT)
          + rule_toml("bench-ping", "icmp", dst=f"{CH}/32", uid=PING_UID))
 
-
-class BenchError(Exception):
-    pass
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -167,24 +167,8 @@ def per_packet(used: dict[str, float], d: dict[str, int], upload: bool) -> dict[
 
 
 def iperf3(topo: Topology, port: int, seconds: int, *extra: str) -> dict[str, Any]:
-    """Run an iperf3 client in mh against ch:port; return its parsed -J output.
-
-    ``seconds`` = 0: no ``-t`` (``extra`` holds another end condition)."""
-    argv = ["iperf3", "-c", CH, "-p", str(port), *(["-t", str(seconds)] if seconds else []),
-            "-J",
-            "--connect-timeout", "5000", *extra]
-    try:
-        r = topo.run("mh", *argv, check=False, timeout=(seconds or 5) + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"iperf3 {' '.join(extra)} to port {port} timed out") from None
-    try:
-        res: dict[str, Any] = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        raise BenchError(f"iperf3 exit {r.returncode}, no JSON: "
-                         f"{(r.stdout + r.stderr).strip()[-300:]}") from None
-    if "error" in res:
-        raise BenchError(f"iperf3: {res['error']}")
-    return res
+    """Run an iperf3 client in mh against ch:port; return its parsed -J output."""
+    return iperf3_client(functools.partial(topo.run, "mh"), CH, port, seconds, *extra)
 
 
 def metered(cpu: CpuMeter, probe: TunnelProbe | None, port: int, seconds: int, topo: Topology,
