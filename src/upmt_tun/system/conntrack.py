@@ -14,6 +14,8 @@ import socket
 import struct
 
 from upmt_tun.system.errors import SystemSetupError
+from upmt_tun.system.nlmsg import NLMSGHDR as _NLMSGHDR
+from upmt_tun.system.nlmsg import messages
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,6 @@ CTA_PROTO_ICMP_CODE = 6
 IPPROTO_ICMP = 1
 ICMP_ECHOREPLY = 0
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 _RECV_SIZE = 65536
@@ -143,13 +144,7 @@ class Conntrack:
         """Read until the answer to ``seq`` (stale answers of timed-out requests are skipped)."""
         while True:
             data = self._sock.recv(_RECV_SIZE)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size or offset + length > len(data):
-                    break
-                payload = data[offset + _NLMSGHDR.size : offset + length]
-                offset += (length + 3) & ~3
+            for kind, msg_seq, payload in messages(data):
                 if msg_seq != seq:
                     continue
                 if kind == NLMSG_ERROR:

@@ -21,6 +21,8 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 
+from .nlmsg import messages
+
 __all__ = ["Event", "LinkWatch", "parse"]
 
 RTMGRP_LINK = 0x1
@@ -38,7 +40,6 @@ AF_INET = 2
 RT_TABLE_MAIN = 254
 RTA_OIF = 4
 RTA_TABLE = 15
-_NLMSG = struct.Struct("=IHHII")          # len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")        # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")         # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")      # family, dst_len, src_len, tos, table, proto, ...
@@ -68,12 +69,7 @@ def _route(body: bytes) -> Iterator[Event]:
 
 def parse(data: bytes) -> Iterator[Event]:
     """The events in one netlink datagram; ignores everything else."""
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, mtype, _, _, _ = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            return
-        body = data[off + _NLMSG.size:off + length]
+    for mtype, _seq, body in messages(data):
         if mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= _IFINFO.size:
             _, _, index, flags, _ = _IFINFO.unpack_from(body)
             usable = mtype == RTM_NEWLINK and flags & IFF_UP and flags & IFF_LOWER_UP
@@ -84,7 +80,6 @@ def parse(data: bytes) -> Iterator[Event]:
                 yield "addr", index, False
         elif mtype in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= _RTMSG.size:
             yield from _route(body)
-        off += (length + 3) & ~3
 
 
 class LinkWatch:
