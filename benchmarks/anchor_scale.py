@@ -130,7 +130,8 @@ class CountingPath:
         self.sent: Counter[Addr] = Counter()
         self.queued: list[tuple[bytes, Addr]] = []
 
-    def start(self, on_datagram: Callable[[bytes, Addr], None]) -> None:
+    def start(self, on_datagram: Callable[[bytes, Addr], None], on_flush: object = None,
+              on_batch: object = None) -> None:
         pass
 
     def sendto(self, data: bytes, addr: Addr) -> None:

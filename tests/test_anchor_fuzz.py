@@ -87,7 +87,8 @@ class RecordingPath:
         self.sent: list[tuple[bytes, Addr]] = []
         self.on_datagram: Callable[[bytes, Addr], None] | None = None
 
-    def start(self, on_datagram: Callable[[bytes, Addr], None], on_flush: object = None) -> None:
+    def start(self, on_datagram: Callable[[bytes, Addr], None], on_flush: object = None,
+              on_batch: object = None) -> None:
         self.on_datagram = on_datagram
 
     def sendto(self, data: bytes, addr: Addr) -> None:

@@ -209,7 +209,7 @@ class Sent:
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
 
     def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None],
-              on_flush: object = None) -> None:
+              on_flush: object = None, on_batch: object = None) -> None:
         pass
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from upmt_tun import nat
 from upmt_tun.dataplane import offload as O
 
 from . import pktbuild as pb
@@ -91,6 +92,25 @@ def test_tso_split_refuses_what_it_cannot_cut(impl: tuple) -> None:
     assert len(one) == 1 and pb.checksums_ok(one[0])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tso_split_with_new_source_is_split_then_nat(impl: tuple) -> None:
+    """The agent's internal NAT folded into the split: the same bytes as cutting first and
+    rewriting each segment's source with nat.py's incremental checksum update."""
+    split, _ = impl
+    pkt = super_packet(os.urandom(5000), flags=0x19)
+    new = pb.ip("10.200.0.9")
+    want = []
+    for seg in split(pkt, 1400):
+        b = bytearray(seg)
+        assert nat.py_rewrite_src(b, new)
+        want.append(bytes(b))
+    got = split(pkt, 1400, new)
+    assert got == want and all(pb.checksums_ok(s) for s in got)
+    assert all(s[12:16] == new and s[16:20] == pkt[16:20] for s in got)
+    with pytest.raises(ValueError):
+        split(pkt, 1400, b"\x01\x02\x03")
+
+
 @settings(max_examples=150, deadline=None)
 @given(size=st.integers(0, 20_000), gso=st.integers(1, 3000), seq=st.integers(0, 2**32 - 1),
        ident=st.integers(0, 0xFFFF), flags=st.integers(0, 255),
@@ -106,6 +126,8 @@ def test_both_implementations_agree(size: int, gso: int, seq: int, ident: int, f
     if _fast is not None:
         assert _fast.tso_split(pkt, gso) == ref
         assert _fast.tso_split(memoryview(pkt), gso) == ref
+        new = bytes([10, 1, ident & 0xFF, flags])
+        assert _fast.tso_split(pkt, gso, new) == O.py_tso_split(pkt, gso, new)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -154,6 +154,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
+        self._queues_many = [i.path.queue_many for i in self.ifaces]
         self.probe_params = ProbeParams(idle_max=cfg.keepalive_s)
         self.monitors: dict[int, PathMonitor] = {}     # tid -> monitor, while the tunnel is up
         self._settled: set[int] = set()                 # up for return_after: flows may return
@@ -163,6 +164,11 @@ class Agent:
         out = self.fwd.from_tun(pkt, self.clock())
         if out is not None:
             self._queues[out[0]](out[2], out[1])
+
+    def _on_super(self, pkt: memoryview, gso_size: int) -> None:
+        out = self.fwd.from_tun_super(pkt, gso_size, self.clock())
+        if out is not None:
+            self._queues_many[out[0]](out[2], out[1])
 
     def _flush(self) -> None:
         """After each TUN read: what it became leaves together (one UDP GSO send)."""
@@ -199,6 +205,22 @@ class Agent:
 
         return on_datagram
 
+    def _on_batch_for(self, index: int, on_datagram: Callable[[bytes, tuple[str, int]], None]
+                      ) -> Callable[[bytes, int, tuple[str, int]], None]:
+        fwd, write, clock = self.fwd, self.tun.write, self.clock
+
+        def on_batch(data: bytes, size: int, src: tuple[str, int]) -> None:
+            if data[0] == TYPE_DATA:
+                pkts, rest = fwd.from_path_many(index, data, size, src, clock())
+                for pkt in pkts:
+                    write(pkt)
+            else:
+                rest = [data[at:at + size] for at in range(0, len(data), size)]
+            for d in rest:
+                on_datagram(d, src)
+
+        return on_batch
+
     def _on_handshake_response(self, data: bytes, src: tuple[str, int]) -> None:
         """HS_RESP (our session) or HS_COOKIE (the anchor is under load: remember the cookie
         and let :meth:`_session` send a new initiation with mac2 at once)."""
@@ -226,9 +248,10 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         now = self.clock()
-        self.tun.start(self._on_tun, self._flush)
+        self.tun.start(self._on_tun, self._flush, self._on_super)
         for i in self.ifaces:
-            i.path.start(self._on_datagram_for(i.index), self.tun.flush)
+            on_datagram = self._on_datagram_for(i.index)
+            i.path.start(on_datagram, self.tun.flush, self._on_batch_for(i.index, on_datagram))
         for a in self.anchors:
             for i in self.ifaces:
                 self.fwd.add_tunnel(i.name, i.index, a, i.path.local, self.anchors[a], now)

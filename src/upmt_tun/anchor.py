@@ -92,6 +92,17 @@ class Anchor:
         else:
             self.fwd.drops["junk"] += 1
 
+    def _on_batch(self, data: bytes, size: int, src: tuple[str, int]) -> None:
+        """What UDP GRO coalesced from one sender: DATA opened as a run."""
+        if data[0] == TYPE_DATA:
+            pkts, rest = self.fwd.from_path_many(data, size, src, self.clock())
+            for pkt in pkts:
+                self.tun.write(pkt)
+        else:
+            rest = [data[at:at + size] for at in range(0, len(data), size)]
+        for d in rest:
+            self._on_datagram(d, src)
+
     def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
         """mac1 first (no DH for who does not know our key). Not under load: the rate
         limiter. Under load (a flood, maybe from forged sources): only initiations whose
@@ -146,9 +157,14 @@ class Anchor:
         if out is not None:
             self.path.queue(out[1], out[0])     # leaves at the flush after this TUN read
 
+    def _on_super(self, pkt: memoryview, gso_size: int) -> None:
+        out = self.fwd.from_tun_super(pkt, gso_size, self.clock())
+        if out is not None:
+            self.path.queue_many(out[1], out[0])
+
     async def start(self) -> None:
-        self.tun.start(self._on_tun, self.path.flush)
-        self.path.start(self._on_datagram, self.tun.flush)
+        self.tun.start(self._on_tun, self.path.flush, self._on_super)
+        self.path.start(self._on_datagram, self.tun.flush, self._on_batch)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:

@@ -48,12 +48,18 @@ def finish_csum(bytearray pkt, Py_ssize_t csum_start, Py_ssize_t csum_offset):
     return True
 
 
-def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size):
+def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_src=None):
     """See offload.py_tso_split."""
+    if new_src is not None and new_src.shape[0] != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {new_src.shape[0]}")
     cdef Py_ssize_t n = pkt.shape[0]
     if n < 40 or gso_size <= 0:
         return []
     cdef const uint8_t* src = &pkt[0]
+    cdef uint8_t addrs[8]
+    memcpy(addrs, src + 12, 8)
+    if new_src is not None:
+        memcpy(addrs, &new_src[0], 4)
     if src[0] >> 4 != 4 or src[9] != 6:
         return []
     cdef Py_ssize_t ihl = (src[0] & 15) * 4
@@ -67,7 +73,7 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size):
     cdef uint32_t seq = ((<uint32_t>src[ihl + 4] << 24) | (<uint32_t>src[ihl + 5] << 16)
                          | (<uint32_t>src[ihl + 6] << 8) | src[ihl + 7])
     cdef uint8_t flags = src[ihl + 13]
-    cdef uint64_t pseudo_base = _sum(src + 12, 8) + 6
+    cdef uint64_t pseudo_base = _sum(addrs, 8) + 6
     cdef Py_ssize_t payload_len = n - hlen
     cdef Py_ssize_t offset = 0, size, total
     cdef uint32_t i = 0
@@ -83,6 +89,7 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size):
         seg = PyBytes_FromStringAndSize(NULL, total)
         d = <uint8_t*>PyBytes_AS_STRING(seg)
         memcpy(d, src, hlen)
+        memcpy(d + 12, addrs, 8)
         memcpy(d + hlen, src + hlen + offset, size)
         _put16(d + 2, <uint32_t>total)
         _put16(d + 4, (ident + i) & 0xFFFF)

@@ -93,6 +93,74 @@ class Session:
             return hdr + payload
         return hdr + self._send.encrypt(_NONCE.pack(n), bytes(payload), hdr)
 
+    def seal_many(self, ptype: int, payloads: list[bytes], path: int = 0) -> list[bytes]:
+        """:meth:`seal` of each payload, as [header, ciphertext+tag, header, ...]: one
+        send's scatter list (no copy to join them), counters consecutive."""
+        n = self.send_counter
+        end = n + len(payloads)
+        if end > REJECT_AFTER_MESSAGES:
+            raise OverflowError("session exhausted: rekey")
+        self.send_counter = end
+        pack, word0, receiver = HEADER.pack, ptype << 24 | path, self.remote_index
+        out: list[bytes] = []
+        add = out.append
+        if self.plain_data and ptype == TYPE_DATA:
+            for p in payloads:
+                add(pack(word0, receiver, n))
+                add(p)
+                n += 1
+            return out
+        enc, nonce = self._send.encrypt, _NONCE.pack
+        for p in payloads:
+            hdr = pack(word0, receiver, n)
+            add(hdr)
+            add(enc(nonce(n), p, hdr))
+            n += 1
+        return out
+
+    def open_many(self, data: bytes, size: int
+                  ) -> tuple[list[tuple[int, bytes]], list[bytes], int]:
+        """Open the DATA datagrams to this session in ``data``, a run of datagrams of
+        ``size`` bytes (the last may be shorter) as UDP GRO hands them over: ([(counter,
+        plaintext)], the datagrams that are something else (the caller's per-datagram
+        path), how many were dropped (replayed, forged, truncated)). Same checks as
+        :meth:`open`, in order."""
+        opened: list[tuple[int, bytes]] = []
+        others: list[bytes] = []
+        bad = 0
+        mv = memoryview(data)
+        unpack, nonce, dec = HEADER.unpack_from, _NONCE.pack, self._recv.decrypt
+        window, me = self.window, self.local_index
+        plain = self.plain_data
+        if plain:
+            window = self.plain_window
+        minimum = HEADER_LEN + (0 if plain else TAG_LEN)
+        total = len(data)
+        for at in range(0, total, size):
+            end = min(at + size, total)
+            if end - at < minimum or data[at] != TYPE_DATA:
+                others.append(data[at:end])      # a short one: open() counts it
+                continue
+            _, receiver, counter = unpack(data, at)
+            if receiver != me:
+                others.append(data[at:end])
+                continue
+            if not window.check(counter):
+                bad += 1
+                continue
+            if plain:
+                pt = data[at + HEADER_LEN:end]
+            else:
+                try:
+                    pt = dec(nonce(counter), mv[at + HEADER_LEN:end], mv[at:at + HEADER_LEN])
+                except InvalidTag:
+                    bad += 1
+                    continue
+            window.update(counter)
+            opened.append((counter, pt))
+        self.rx_packets += len(opened)
+        return opened, others, bad
+
     def open(self, data: bytes) -> tuple[int, bytes] | None:
         """(counter, plaintext) of a packet addressed to this session, or None (drop)."""
         plain = self.plain_data and data[0] == TYPE_DATA

@@ -56,6 +56,7 @@ from .. import nat
 from ..paths import should_return
 from ..policy import choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key, seq_of
+from . import offload
 from .crypto import Session
 from .packet import (
     HEADER,
@@ -234,6 +235,36 @@ class AgentForwarder:
     # -- uplink -------------------------------------------------------------------------
     def from_tun(self, pkt: bytes, now: float) -> tuple[int, tuple[str, int], bytes] | None:
         """A packet read from the TUN -> (socket index, destination, datagram) or None."""
+        route = self._route(pkt, now)
+        if route is None:
+            return None
+        flow, t, s = route
+        buf = bytearray(pkt)
+        nat.rewrite_src(buf, t.vipa_b)
+        flow.tx_packets += 1
+        t.tx_packets += 1
+        t.tx_bytes += len(pkt)
+        return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
+
+    def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
+                       ) -> tuple[int, tuple[str, int], list[bytes]] | None:
+        """A TCP super-packet read from the TUN (``offload.tso_of``): one decision for
+        all its segments -> (socket index, destination, ``Session.seal_many`` parts)."""
+        route = self._route(pkt, now)
+        if route is None:
+            return None
+        flow, t, s = route
+        segs = offload.tso_split(pkt, gso_size, t.vipa_b)      # NAT included
+        if not segs:
+            self.drops["bad_offload"] += 1
+            return None
+        flow.tx_packets += len(segs)
+        t.tx_packets += len(segs)
+        t.tx_bytes += sum(map(len, segs))
+        return t.iface_index, t.remote, s.seal_many(TYPE_DATA, segs, t.un_tid)
+
+    def _route(self, pkt: bytes | memoryview, now: float) -> tuple[Flow, Tunnel, Session] | None:
+        """The flow of ``pkt`` and the tunnel and session that carry it (steps 1-4)."""
         key = nat.five_tuple(pkt)
         if key is None:
             self.drops["not_ipv4"] += 1
@@ -256,13 +287,8 @@ class AgentForwarder:
         if s is None:
             self.drops["no_session"] += 1
             return None
-        buf = bytearray(pkt)
-        nat.rewrite_src(buf, t.vipa_b)
-        flow.tx_packets += 1
         flow.last_seen = now
-        t.tx_packets += 1
-        t.tx_bytes += len(pkt)
-        return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
+        return flow, t, s
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
         if anchor:
@@ -322,16 +348,48 @@ class AgentForwarder:
         opened = self.open(index, data, src)
         if opened is None:
             return None
-        _, t, _, inner = opened
+        t = opened[1]
+        pkt = self._downlink(t, opened[3], now)
+        if pkt is not None:
+            t.rx_packets += 1
+            t.rx_bytes += len(pkt)
+            t.last_rx = now
+        return pkt
+
+    def from_path_many(self, index: int, data: bytes, size: int, src: tuple[str, int],
+                       now: float) -> tuple[list[bytes], list[bytes]]:
+        """Datagrams of ``size`` bytes back to back (UDP GRO) from ``src`` on socket
+        ``index`` -> (packets for the TUN, the datagrams left for :meth:`from_path`
+        and the other per-datagram handlers: other types, other sessions, and all of
+        them when the first names no session of a tunnel from ``src``)."""
+        hit = self.sessions.get(_unpack_hdr(data)[1]) if len(data) >= 16 else None
+        t = None
+        if hit is not None and index < len(self.interfaces):
+            t = self.by_path.get((self.interfaces[index], hit[0].name))
+        if hit is None or t is None or t.remote != src:
+            return [], [data[at:at + size] for at in range(0, len(data), size)]
+        opened, others, bad = hit[1].open_many(data, size)
+        if bad:
+            self.drops["bad_packet"] += bad
+        out = []
+        for _, inner in opened:
+            pkt = self._downlink(t, inner, now)
+            if pkt is not None:
+                out.append(pkt)
+        if out:
+            t.rx_packets += len(out)
+            t.rx_bytes += sum(map(len, out))
+            t.last_rx = now
+        return out, others
+
+    def _downlink(self, t: Tunnel, inner: bytes, now: float) -> bytes | None:
+        """Steps 3-4 of the downlink for a packet that came on tunnel ``t``."""
         buf = bytearray(inner)
         key = nat.five_tuple(buf)
         if key is None or buf[16:20] != t.vipa_b:
             self.drops["bad_inner"] += 1
             return None
         nat.rewrite_dst(buf, self.vipa_fix_b)
-        t.rx_packets += 1
-        t.rx_bytes += len(buf)
-        t.last_rx = now
         flow = self.paft.get((key[0], self.vipa_fix_b, key[1], key[4], key[3]))
         if flow is not None:
             flow.rx_packets += 1
@@ -440,6 +498,43 @@ class AnchorForwarder:
         t = self._path_of(a, s, data, src, seq, now)
         if a is None or t is None:
             return None
+        return self._uplink(a, t, inner, seq, now)
+
+    def from_path_many(self, data: bytes, size: int, src: tuple[str, int], now: float
+                       ) -> tuple[list[bytes], list[bytes]]:
+        """Datagrams of ``size`` bytes back to back (UDP GRO) from ``src`` -> (inner
+        packets for the TUN, the datagrams left for the per-datagram handlers: other
+        types and sessions, and all of them unless the first names a session whose host
+        has a validated tunnel at ``src``: rebinding is decided packet by packet)."""
+        s = self.sessions.get(_unpack_hdr(data)[1]) if len(data) >= 16 else None
+        a = self.by_mh.get(s.peer) if s is not None else None
+        t = a.by_addr.get(src) if a is not None else None
+        if s is None or a is None or t is None or t.state != "up":
+            return [], [data[at:at + size] for at in range(0, len(data), size)]
+        opened, others, bad = s.open_many(data, size)
+        if bad:
+            self.drops["bad_packet"] += bad
+        if not opened:
+            return [], others
+        if a.session is None or s.generation > a.session.generation:
+            a.session = s
+        gen = s.generation << 64
+        newest = gen | max(c for c, _ in opened)
+        if newest > t.newest:                     # as _path_of, once for the run
+            t.newest = newest
+            if t.probe_addr is not None:
+                self.end_probe(t)
+                self.events["rebind_abandoned"] += 1
+        out = []
+        for counter, inner in opened:
+            pkt = self._uplink(a, t, inner, gen | counter, now)
+            if pkt is not None:
+                out.append(pkt)
+        return out, others
+
+    def _uplink(self, a: Association, t: Tunnel, inner: bytes, seq: int, now: float
+                ) -> bytes | None:
+        """Steps 3-5 of the uplink for an opened packet that came on tunnel ``t``."""
         key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
@@ -585,31 +680,59 @@ class AnchorForwarder:
 
     def from_tun(self, pkt: bytes, now: float) -> tuple[tuple[str, int], bytes] | None:
         """A packet read from the TUN (to a VIpA) -> (end point, datagram), or None."""
+        route = self._route(pkt, now, 1)
+        if route is None:
+            return None
+        a, t = route
+        t.tx_bytes += len(pkt)
+        dg = a.session.seal(TYPE_DATA, pkt, t.un_tid)  # type: ignore[union-attr]
+        if t.probe_addr is not None and self._spend(t, len(dg)):
+            return t.probe_addr, dg          # NAT rebinding: the new address, within credit
+        return t.remote, dg
+
+    def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
+                       ) -> tuple[tuple[str, int], list[bytes]] | None:
+        """A TCP super-packet read from the TUN: one decision for all its segments ->
+        (end point, ``Session.seal_many`` parts), or None."""
+        segs = offload.tso_split(pkt, gso_size)
+        if not segs:
+            self.drops["bad_offload"] += 1
+            return None
+        route = self._route(pkt, now, len(segs))
+        if route is None:
+            return None
+        a, t = route
+        t.tx_bytes += sum(map(len, segs))
+        parts = a.session.seal_many(TYPE_DATA, segs, t.un_tid)  # type: ignore[union-attr]
+        if t.probe_addr is not None and self._spend(t, sum(map(len, parts))):
+            return t.probe_addr, parts
+        return t.remote, parts
+
+    def _route(self, pkt: bytes | memoryview, now: float, n: int
+               ) -> tuple[Association, Tunnel] | None:
+        """Step 1 of the downlink: the association (its session is set) and tunnel of
+        ``pkt``, counting ``n`` packets."""
         key = nat.five_tuple(pkt)
         if key is None:
-            self.drops["not_ipv4"] += 1
+            self.drops["not_ipv4"] += n
             return None
-        a = self.by_vipa.get(pkt[16:20])
+        a = self.by_vipa.get(bytes(pkt[16:20]))
         if a is None:
-            self.drops["no_association"] += 1
+            self.drops["no_association"] += n
             return None
         flow = self.paft.get(reverse_key(key))
         t = None
         if flow is not None:
             t = self.tunnels.by_tid.get(flow.tunnel)
-            flow.rx_packets += 1
+            flow.rx_packets += n
             flow.last_seen = now
         if t is None or t.state != "up":
             t = a.last_tunnel
             if t is None or t.state != "up" or t.tid not in self.tunnels.by_tid:
-                self.drops["no_tunnel"] += 1
+                self.drops["no_tunnel"] += n
                 return None
         if a.session is None:
-            self.drops["no_session"] += 1
+            self.drops["no_session"] += n
             return None
-        t.tx_packets += 1
-        t.tx_bytes += len(pkt)
-        dg = a.session.seal(TYPE_DATA, pkt, t.un_tid)
-        if t.probe_addr is not None and self._spend(t, len(dg)):
-            return t.probe_addr, dg          # NAT rebinding: the new address, within credit
-        return t.remote, dg
+        t.tx_packets += n
+        return a, t

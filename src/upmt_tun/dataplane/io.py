@@ -1,16 +1,18 @@
 """The two I/O seams of the data path, real and fake.
 
-* TUN seam: ``start(on_packet, on_flush)``, ``write(pkt)``, ``close()``.
+* TUN seam: ``start(on_packet, on_flush, on_super)``, ``write(pkt)``, ``close()``.
 * Path-socket seam (one UDP socket per access network / per listen address):
-  ``start(on_datagram)``, ``sendto(data, addr)`` (now), ``queue(data, addr)`` +
-  ``flush()`` (data path: sent together), ``close()``, ``local``.
+  ``start(on_datagram, on_flush, on_batch)``, ``sendto(data, addr)`` (now),
+  ``queue(data, addr)`` / ``queue_many(parts, addr)`` + ``flush()`` (data path: sent
+  together), ``close()``, ``local``.
 
 The real ones read inline in the event loop's reader callback, draining until
 EAGAIN, with no queue hop per packet. With offloads (the default where the kernel
-has them), one TUN read is a TCP super-packet of up to 64 KB (``offload.packets``
-cuts it into real segments), the datagrams it becomes are queued and leave in one
-``sendmsg`` with UDP GSO (``UDP_SEGMENT``), and the receive side asks for UDP GRO,
-splitting what arrives coalesced. Each falls back to one packet per system call
+has them), one TUN read is a TCP super-packet of up to 64 KB, handed over whole
+(``on_super``: the forwarder decides once and cuts it into real segments), the
+datagrams it becomes are queued and leave in one ``sendmsg`` with UDP GSO
+(``UDP_SEGMENT``), and the receive side asks for UDP GRO and hands over what arrives
+coalesced whole (``on_batch``). Each falls back to one packet per system call
 when the kernel or device refuses it. The fakes (:class:`FakeNetwork`,
 :class:`FakeTun`) let agent and anchor run end to end in memory, NATs included.
 """
@@ -56,7 +58,23 @@ _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
 
 OnPacket = Callable[[bytes], None]
+OnSuper = Callable[[memoryview, int], None]
 OnDatagram = Callable[[bytes, tuple[str, int]], None]
+OnBatch = Callable[[bytes, int, tuple[str, int]], None]
+
+
+def deliver(data: bytes, on_packet: OnPacket, on_super: OnSuper | None) -> bool:
+    """Hand one TUN read (virtio-net header + packet) to the callbacks; False when it
+    made no packet (a drop for the caller to count)."""
+    if on_super is not None:
+        sp = offload.tso_of(data)
+        if sp is not None:
+            on_super(*sp)
+            return True
+    pkts = offload.packets(data)
+    for pkt in pkts:
+        on_packet(pkt)
+    return bool(pkts)
 
 
 class Loop(Protocol):
@@ -67,8 +85,8 @@ class Loop(Protocol):
 class Tun(Protocol):
     name: str
 
-    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
-        ...
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
+              on_super: OnSuper | None = None) -> None: ...
     def write(self, pkt: bytes) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -77,10 +95,11 @@ class Tun(Protocol):
 class Path(Protocol):
     local: tuple[str, int]
 
-    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
-              ) -> None: ...
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None,
+              on_batch: OnBatch | None = None) -> None: ...
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
     def queue(self, data: bytes, addr: tuple[str, int]) -> None: ...
+    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -119,9 +138,12 @@ class TunDevice:
         self.dropped = 0             # reads that made no packet (unknown offload type)
         self._pending: list[bytes] = []
 
-    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
+              on_super: OnSuper | None = None) -> None:
+        """``on_super`` (optional) takes TCP super-packets whole: (packet, gso_size), one
+        decision for all its segments; without it they come cut, one ``on_packet`` each."""
         fd, read = self.fd, os.read
-        split = offload.packets if self.vnet_hdr else None
+        vnet = self.vnet_hdr
 
         def readable() -> None:
             for _ in range(MAX_BURST):
@@ -132,14 +154,10 @@ class TunDevice:
                 except OSError as e:
                     log.warning("TUN read failed: %s", e)
                     return
-                if split is None:
+                if not vnet:
                     on_packet(data)
-                else:
-                    pkts = split(data)
-                    if not pkts:
-                        self.dropped += 1
-                    for pkt in pkts:
-                        on_packet(pkt)
+                elif not deliver(data, on_packet, on_super):
+                    self.dropped += 1
                 if on_flush is not None:
                     on_flush()        # what this read became leaves together (UDP GSO)
 
@@ -219,11 +237,14 @@ class PathSocket:
                 self.gro = True
             except OSError:
                 pass
-        self._queue: list[tuple[bytes, tuple[str, int]]] = []
+        # queued datagrams, two buffers each, in runs to one address: (addr, bufs, sizes)
+        self._runs: list[tuple[tuple[str, int], list[bytes], list[int]]] = []
 
-    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
-              ) -> None:
-        """``on_flush`` runs after each burst of reads (the TUN's writes go out merged)."""
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None,
+              on_batch: OnBatch | None = None) -> None:
+        """``on_flush`` runs after each burst of reads (the TUN's writes go out merged).
+        ``on_batch`` (optional) takes what UDP GRO coalesced whole: (data, size, sender),
+        datagrams of ``size`` bytes back to back; without it they come one by one."""
         sock = self.sock
         recvfrom, recvmsg = sock.recvfrom, sock.recvmsg
         gro = self.gro
@@ -254,8 +275,11 @@ class PathSocket:
                     if level == SOL_UDP and kind == UDP_GRO and len(value) >= _GRO_SIZE.size:
                         size = _GRO_SIZE.unpack_from(value)[0]
                         if 0 < size < len(data):       # coalesced datagrams of one sender
-                            for at in range(0, len(data), size):
-                                on_datagram(data[at:at + size], addr)
+                            if on_batch is not None:
+                                on_batch(data, size, addr)
+                            else:
+                                for at in range(0, len(data), size):
+                                    on_datagram(data[at:at + size], addr)
                             continue
                 on_datagram(data, addr)
 
@@ -267,50 +291,70 @@ class PathSocket:
         except OSError:
             self.send_errors += 1   # full buffer, no route, interface gone: counted drop
 
+    def _run(self, addr: tuple[str, int]) -> tuple[list[bytes], list[int]]:
+        runs = self._runs
+        if runs and runs[-1][0] == addr:
+            return runs[-1][1], runs[-1][2]
+        run: tuple[tuple[str, int], list[bytes], list[int]] = (addr, [], [])
+        runs.append(run)
+        return run[1], run[2]
+
     def queue(self, data: bytes, addr: tuple[str, int]) -> None:
         """Data path: send at the next :meth:`flush`, batched with UDP GSO."""
-        self._queue.append((data, addr))
+        bufs, sizes = self._run(addr)
+        bufs += (data, b"")
+        sizes.append(len(data))
+
+    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None:
+        """:meth:`queue` of datagrams given as pairs of buffers (header, body), e.g.
+        ``Session.seal_many``'s: they are sent as they are, never joined."""
+        bufs, sizes = self._run(addr)
+        bufs += parts
+        sizes += [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
 
     def flush(self) -> None:
         """Send the queue: runs of datagrams to one address, all of one size but the last,
         leave in one sendmsg (UDP GSO); the kernel cuts them apart."""
-        q = self._queue
-        if not q:
+        runs = self._runs
+        if not runs:
             return
-        self._queue = []
-        if not self.gso or len(q) == 1:
-            for data, addr in q:
-                self.sendto(data, addr)
-            return
-        i, n = 0, len(q)
-        while i < n:
-            data, addr = q[i]
-            size = len(data)
-            j, total = i + 1, size
-            while (j < n and j - i < GSO_MAX_SEGMENTS and q[j][1] == addr
-                   and total + len(q[j][0]) <= GSO_MAX_BYTES and len(q[j][0]) <= size):
-                total += len(q[j][0])
-                j += 1
-                if len(q[j - 1][0]) < size:
-                    break                  # a shorter one ends a run
-            if j - i == 1:
-                self.sendto(data, addr)
-            else:
-                self._send_gso([d for d, _ in q[i:j]], size, addr)
-            i = j
+        self._runs = []
+        for addr, bufs, sizes in runs:
+            i, n = 0, len(sizes)
+            while i < n:
+                size = sizes[i]
+                j, total = i + 1, size
+                if self.gso:
+                    while (j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] <= size
+                           and total + sizes[j] <= GSO_MAX_BYTES):
+                        total += sizes[j]
+                        j += 1
+                        if sizes[j - 1] < size:
+                            break                  # a shorter one ends a run
+                if j - i == 1:
+                    self._send(bufs[2 * i:2 * i + 2], addr)
+                else:
+                    self._send_gso(bufs[2 * i:2 * j], size, j - i, addr)
+                i = j
 
-    def _send_gso(self, datagrams: list[bytes], size: int, addr: tuple[str, int]) -> None:
+    def _send(self, bufs: list[bytes], addr: tuple[str, int]) -> None:
         try:
-            self.sock.sendmsg([b"".join(datagrams)],
-                              [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, addr)
+            self.sock.sendmsg(bufs, (), 0, addr)
+        except OSError:
+            self.send_errors += 1
+
+    def _send_gso(self, bufs: list[bytes], size: int, count: int, addr: tuple[str, int]
+                  ) -> None:
+        try:
+            self.sock.sendmsg(bufs, [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, addr)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 log.info("UDP GSO refused (%s): one datagram per send from now on", e.strerror)
                 self.gso = False
-                for d in datagrams:
-                    self.sendto(d, addr)
+                for k in range(0, len(bufs), 2):
+                    self._send(bufs[k:k + 2], addr)
             else:
-                self.send_errors += len(datagrams)
+                self.send_errors += count
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -329,18 +373,29 @@ class FakeTun:
         self.name = name
         self.on_packet: OnPacket | None = None
         self.on_flush: Callable[[], None] | None = None
+        self.on_super: OnSuper | None = None
         self.written: list[bytes] = []
         self.sink: OnPacket | None = None
 
-    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None) -> None:
+    def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
+              on_super: OnSuper | None = None) -> None:
         self.on_packet = on_packet
         self.on_flush = on_flush
+        self.on_super = on_super
 
     def inject(self, pkt: bytes) -> None:
         assert self.on_packet is not None, "TUN not started"
         self.on_packet(pkt)
         if self.on_flush is not None:
             self.on_flush()
+
+    def inject_read(self, data: bytes) -> bool:
+        """A read with a virtio-net header, as the offloading TUN hands it over."""
+        assert self.on_packet is not None, "TUN not started"
+        made = deliver(data, self.on_packet, self.on_super)
+        if self.on_flush is not None:
+            self.on_flush()
+        return made
 
     def write(self, pkt: bytes) -> None:
         if self.sink is not None:
@@ -388,7 +443,9 @@ class FakeNetwork:
         if pub is not None:
             self.reverse.pop(pub, None)
 
-    def _send(self, src: FakeSocket, data: bytes, dst: tuple[str, int]) -> None:
+    def _send(self, src: FakeSocket, data: bytes, dst: tuple[str, int], size: int = 0) -> None:
+        """Deliver ``data``; with ``size``, it is datagrams of ``size`` bytes back to back
+        (a GSO send) and reaches a receiver with ``on_batch`` whole, as with UDP GRO."""
         if src.local[0] in self.down:
             self.dropped += 1
             return
@@ -409,12 +466,20 @@ class FakeNetwork:
         if target is None or target.on_datagram is None or target.local[0] in self.down:
             self.dropped += 1
             return
-        cb = target.on_datagram
         self.delivered += 1
-        if self.schedule is None:
-            cb(data, from_addr)
+        batch = target.on_batch
+        if size and batch is not None:
+            def deliver() -> None:
+                batch(data, size, from_addr)
         else:
-            self.schedule(lambda: cb(data, from_addr))
+            cb = target.on_datagram
+
+            def deliver() -> None:
+                cb(data, from_addr)
+        if self.schedule is None:
+            deliver()
+        else:
+            self.schedule(deliver)
 
 
 class FakeSocket:
@@ -422,16 +487,26 @@ class FakeSocket:
         self.net = net
         self.local = local
         self.on_datagram: OnDatagram | None = None
+        self.on_batch: OnBatch | None = None
 
-    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None
-              ) -> None:
+    def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None,
+              on_batch: OnBatch | None = None) -> None:
         self.on_datagram = on_datagram
+        self.on_batch = on_batch
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         self.net._send(self, bytes(data), addr)
 
     def queue(self, data: bytes, addr: tuple[str, int]) -> None:
         self.net._send(self, bytes(data), addr)
+
+    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None:
+        sizes = [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+        if len(sizes) > 1 and all(x == sizes[0] for x in sizes[:-1]) and sizes[-1] <= sizes[0]:
+            self.net._send(self, b"".join(parts), addr, sizes[0])    # one GSO send
+            return
+        for i in range(0, len(parts), 2):
+            self.net._send(self, parts[i] + parts[i + 1], addr)
 
     def flush(self) -> None:
         pass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 from ..nat import ipv4_checksum, ones_sum
 
@@ -36,6 +37,7 @@ __all__ = [
     "finish_csum",
     "implementation",
     "packets",
+    "tso_of",
     "tso_split",
 ]
 
@@ -70,10 +72,14 @@ def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
     return True
 
 
-def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
+def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
+                 new_src: bytes | None = None) -> list[bytes]:
     """Cut an IPv4/TCP super-packet into segments of ``gso_size`` payload bytes, each a
     complete packet with correct headers and checksums. [] when it is not IPv4/TCP or
-    its headers do not fit."""
+    its headers do not fit. ``new_src`` (4 bytes), if given, replaces the source address
+    of every segment (the internal NAT, free here: the checksums are computed anyway)."""
+    if new_src is not None and len(new_src) != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new_src)}")
     n = len(pkt)
     if n < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or gso_size <= 0:
         return []
@@ -87,7 +93,7 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
     ident = _U16.unpack_from(pkt, 4)[0]
     seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
     flags = pkt[ihl + 13]
-    src_dst = pkt[12:20]
+    src_dst = bytes(pkt[12:20]) if new_src is None else bytes(new_src) + bytes(pkt[16:20])
     pseudo_base = ones_sum(src_dst) + 6
     out = []
     payload_len = n - hlen
@@ -97,6 +103,7 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
         size = min(gso_size, payload_len - offset)
         last = offset + size >= payload_len
         seg = bytearray(pkt[:hlen])
+        seg[12:20] = src_dst
         seg += pkt[hlen + offset:hlen + offset + size]
         total = hlen + size
         _U16.pack_into(seg, 2, total)
@@ -187,13 +194,18 @@ def py_coalesce(pkts: list[bytes]) -> list[bytes]:
     return out
 
 
+class Splitter(Protocol):
+    def __call__(self, pkt: bytes | bytearray | memoryview, gso_size: int,
+                 new_src: bytes | None = None) -> list[bytes]: ...
+
+
 try:   # the compiled hot path, when pip built it
     from ._fast import coalesce as _c_coalesce
     from ._fast import finish_csum as _c_finish_csum
     from ._fast import tso_split as _c_tso_split
 except ImportError:   # pragma: no cover - depends on the build
     finish_csum: Callable[[bytearray, int, int], bool] = py_finish_csum
-    tso_split: Callable[[bytes | bytearray | memoryview, int], list[bytes]] = py_tso_split
+    tso_split: Splitter = py_tso_split
     coalesce: Callable[[list[bytes]], list[bytes]] = py_coalesce
     implementation = "python"
 else:
@@ -203,7 +215,13 @@ else:
     implementation = "cython"
 
 
-Splitter = Callable[[bytes | bytearray | memoryview, int], list[bytes]]
+
+def tso_of(data: bytes) -> tuple[memoryview, int] | None:
+    """(the super-packet, its gso_size) when a TUN read is a TCP/IPv4 super-packet (the
+    caller cuts it with :func:`tso_split`, deciding once for all its segments)."""
+    if len(data) <= VNET_HDR_LEN or data[1] & ~GSO_ECN != GSO_TCPV4:
+        return None
+    return memoryview(data)[VNET_HDR_LEN:], VNET_HDR.unpack_from(data)[3]
 
 
 def packets(data: bytes, split: Splitter | None = None,
