@@ -10,16 +10,25 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from upmt_tun import nat
 from upmt_tun.dataplane import io as dio
 from upmt_tun.dataplane import offload as O
-from upmt_tun.dataplane.crypto import Session
+from upmt_tun.dataplane.crypto import PyReplayWindow, Session, py_open_many, py_seal_many
 from upmt_tun.dataplane.packet import TYPE_CONTROL, TYPE_DATA
 
 from . import pktbuild as pb
 from .test_e2e_memory import CH, RULES, World
 from .test_offload import partial
+
+try:
+    from upmt_tun.dataplane import _fast
+except ImportError:  # pragma: no cover - the build decides
+    _fast = None  # type: ignore[assignment]
 
 K1, K2 = os.urandom(32), os.urandom(32)
 
@@ -75,6 +84,80 @@ def test_open_many_opens_what_open_opens_in_order(plain: bool) -> None:
     assert rx.rx_packets == ref.rx_packets
     w, wr = (rx.plain_window, ref.plain_window) if plain else (rx.window, ref.window)
     assert (w.highest, w.seen_any) == (wr.highest, wr.seen_any)
+
+
+@pytest.mark.skipif(_fast is None, reason="compiled hot path not built")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5)), min_size=1, max_size=40),
+       st.booleans())
+def test_compiled_loops_match_the_reference(picks: list[tuple[int, int]], plain: bool) -> None:
+    """Random runs of fresh, replayed, forged, foreign and short datagrams: the compiled
+    seal_many/open_many give the reference's bytes, results and window."""
+    tx = Session(1, 2, K1, K2, 0.0, plain_data=plain)
+    parts = tx.seal_many(TYPE_DATA, [os.urandom(64) for _ in range(41)], 3)
+    dgs = [parts[i] + parts[i + 1] for i in range(0, 82, 2)]
+    mix = []
+    for i, how in picks:
+        d = bytearray(dgs[i])
+        if how == 1:
+            d[-1] ^= 1                            # forged (plaintext: just different)
+        elif how == 2:
+            d[4] ^= 1                             # another receiver
+        elif how == 3:
+            d[0] = TYPE_CONTROL
+        mix.append(bytes(d))
+    data = b"".join(mix) + (b"\x80" * 20 if picks[-1][1] == 4 else b"")
+    size = len(dgs[0])
+    rx = Session(2, 1, K2, K1, 0.0)
+    ref_w, c_w = PyReplayWindow(), _fast.ReplayWindow()
+    ref = py_open_many(AESGCM(K1), ref_w, 2, plain, data, size)   # what tx sealed with
+    got = _fast.open_many(rx._recv, c_w, 2, plain, data, size)
+    assert got == ref
+    assert (c_w.highest, c_w.seen_any) == (ref_w.highest, ref_w.seen_any)
+    assert all(c_w.check(c) == ref_w.check(c) for c in range(0, 45))
+    payloads = [os.urandom(n) for n in (0, 1, 1400)]
+    want = py_seal_many(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain)
+    assert _fast.seal_many(Session(1, 2, K1, K2, 0.0)._send, 0x80000005, 9, 2**64 - 3,
+                           payloads, plain) == want
+    assert _fast.seal_many(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain) == want
+
+
+@pytest.mark.skipif(_fast is None or _fast.LIBCRYPTO is None, reason="no compiled AEAD")
+def test_compiled_aead_is_cryptographys_aes_gcm() -> None:
+    """The libcrypto AES-256-GCM gives cryptography's bytes, refuses what it refuses."""
+    ref = AESGCM(K1)
+    seal, open_ = _fast.Aead(K1, True), _fast.Aead(K1, False)
+    for n in (0, 1, 15, 16, 17, 1400, 9000):
+        nonce, data, ad = os.urandom(12), os.urandom(n), os.urandom(n % 40)
+        ct = seal.encrypt(nonce, data, ad)
+        assert ct == ref.encrypt(nonce, data, ad)
+        assert open_.decrypt(nonce, ct, ad) == data
+        assert seal.encrypt(bytearray(nonce), memoryview(data), None if not ad else ad) == \
+            ref.encrypt(nonce, data, ad or None)
+        for bad in (ct[:-1] + bytes([ct[-1] ^ 1]), ct[:15], b""):
+            with pytest.raises(InvalidTag):
+                open_.decrypt(nonce, bad, ad)
+        with pytest.raises(InvalidTag):
+            open_.decrypt(nonce, ct, ad + b"x")
+        assert open_.decrypt(nonce, ct, ad) == data            # a failure leaves no state
+    with pytest.raises(ValueError):
+        seal.encrypt(bytes(8), b"x", b"")
+    with pytest.raises(ValueError):
+        open_.encrypt(bytes(12), b"x", b"")                   # one direction per object
+    with pytest.raises(ValueError):
+        _fast.Aead(bytes(16), True)
+
+
+def test_the_environment_can_force_cryptographys_aead(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPMT_AEAD", "cryptography")
+    a, b = pair()
+    assert isinstance(a._send, AESGCM) and isinstance(b._recv, AESGCM)
+    monkeypatch.delenv("UPMT_AEAD")
+    c, d = pair()
+    assert b.open(c.seal(TYPE_DATA, b"x")) is not None     # interoperate either way
+    assert d.open(a.seal(TYPE_DATA, b"y")) is not None
+    if _fast is not None and _fast.LIBCRYPTO:
+        assert isinstance(c._send, _fast.Aead)
 
 
 def vnet_tso(pkt: bytes, hdr_len: int, gso: int) -> bytes:

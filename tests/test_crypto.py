@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from upmt_tun.dataplane.crypto import ReplayWindow, Session
+from upmt_tun.dataplane.crypto import (
+    REJECT_AFTER_MESSAGES,
+    PyReplayWindow,
+    ReplayWindow,
+    Session,
+)
 from upmt_tun.dataplane.packet import HEADER_LEN, TYPE_DATA
 
 K1, K2 = bytes(range(32)), bytes(range(1, 33))
+# the reference and, when built, the compiled window (the one sessions use)
+WINDOWS = [pytest.param(PyReplayWindow, id="python")]
+if ReplayWindow is not PyReplayWindow:
+    WINDOWS.append(pytest.param(ReplayWindow, id="cython"))
 
 
 def pair() -> tuple[Session, Session]:
@@ -43,26 +53,31 @@ def test_bad_tag_with_huge_counter_does_not_move_the_window() -> None:
     assert all(b.open(p) is not None for p in good[1:])      # still accepted afterwards
 
 
-def test_window_edges() -> None:
-    w = ReplayWindow()
+@pytest.mark.parametrize("Window", WINDOWS)
+def test_window_edges(Window: type[PyReplayWindow]) -> None:
+    w = Window()
     for c in (0, 1, 5000):
         assert w.check(c)
         w.update(c)
     assert not w.check(5000) and not w.check(0)              # dup; too old
-    assert w.check(5000 - ReplayWindow.WINDOW + 1)           # oldest still inside
-    assert not w.check(5000 - ReplayWindow.WINDOW)           # just outside
+    assert w.check(5000 - Window.WINDOW + 1)           # oldest still inside
+    assert not w.check(5000 - Window.WINDOW)           # just outside
     assert w.check(4999)
     w.update(4999)
     assert not w.check(4999)
 
 
+@pytest.mark.parametrize("Window", WINDOWS)
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 10_000), max_size=300))
-def test_window_matches_a_simple_model(counters: list[int]) -> None:
-    """Accept iff never seen and not older than WINDOW below the highest seen."""
-    w, seen, highest = ReplayWindow(), set(), -1
+@given(st.lists(st.one_of(st.integers(0, 10_000), st.integers(0, 2**64 - 1)), max_size=300))
+def test_window_matches_a_simple_model(Window: type[PyReplayWindow], counters: list[int]
+                                       ) -> None:
+    """Accept iff never seen, not older than WINDOW below the highest seen, and below the
+    limit where a session must rekey."""
+    w, seen, highest = Window(), set(), -1
     for c in counters:
-        expect = c not in seen and (highest < 0 or c > highest - ReplayWindow.WINDOW)
+        expect = (c not in seen and (highest < 0 or c > highest - ReplayWindow.WINDOW)
+                  and c < REJECT_AFTER_MESSAGES)
         assert w.check(c) == expect, (c, highest)
         if expect:
             w.update(c)

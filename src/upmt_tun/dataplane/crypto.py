@@ -11,14 +11,18 @@ huge counter cannot move the window.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA, pack_header
 
-__all__ = ["ReplayWindow", "Session", "REJECT_AFTER_MESSAGES"]
+__all__ = ["PyReplayWindow", "ReplayWindow", "Session", "REJECT_AFTER_MESSAGES",
+           "py_open_many", "py_seal_many"]
 
 _NONCE = struct.Struct("!4xQ")     # as Noise's AESGCM: 32 zero bits, big-endian counter
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1   # as WireGuard: never wrap the nonce
@@ -26,8 +30,9 @@ BLOCK_BITS = 64
 BLOCKS = 32                                        # window = (32 - 1) * 64 = 1984 packets
 
 
-class ReplayWindow:
-    """RFC 6479 anti-replay window over 64-bit counters."""
+class PyReplayWindow:
+    """RFC 6479 anti-replay window over 64-bit counters (the reference; the compiled
+    ``_fast.ReplayWindow`` gives the same answers)."""
 
     __slots__ = ("blocks", "highest", "seen_any")
     WINDOW = (BLOCKS - 1) * BLOCK_BITS
@@ -59,6 +64,101 @@ class ReplayWindow:
         self.blocks[(counter >> 6) % BLOCKS] |= 1 << (counter & 63)
 
 
+def py_seal_many(aead: Aead, word0: int, receiver: int, counter: int, payloads: list[bytes],
+                 plain: bool) -> list[bytes]:
+    """[header, body] per payload, counters from ``counter``; body = ``aead.encrypt(nonce,
+    payload, header)`` or, ``plain``, the payload itself."""
+    pack = HEADER.pack
+    out: list[bytes] = []
+    add = out.append
+    if plain:
+        for p in payloads:
+            add(pack(word0, receiver, counter))
+            add(p)
+            counter += 1
+        return out
+    nonce, encrypt = _NONCE.pack, aead.encrypt
+    for p in payloads:
+        hdr = pack(word0, receiver, counter)
+        add(hdr)
+        add(encrypt(nonce(counter), p, hdr))
+        counter += 1
+    return out
+
+
+def py_open_many(aead: Aead, window: Window, me: int, plain: bool, data: bytes, size: int
+                 ) -> tuple[list[tuple[int, bytes]], list[bytes], int]:
+    """The DATA datagrams to session ``me`` among ``data``'s run of ``size``-byte
+    datagrams, opened and checked against ``window``: (opened, others, dropped)."""
+    if size <= 0:
+        raise ValueError("size must be positive")
+    opened: list[tuple[int, bytes]] = []
+    others: list[bytes] = []
+    bad = 0
+    minimum = HEADER_LEN + (0 if plain else TAG_LEN)
+    unpack, nonce, decrypt = HEADER.unpack_from, _NONCE.pack, aead.decrypt
+    total = len(data)
+    for at in range(0, total, size):
+        end = min(at + size, total)
+        if end - at < minimum or data[at] != TYPE_DATA or unpack(data, at)[1] != me:
+            others.append(data[at:end])          # for the per-datagram path
+            continue
+        counter = unpack(data, at)[2]
+        if not window.check(counter):
+            bad += 1
+            continue
+        if plain:
+            pt = data[at + HEADER_LEN:end]
+        else:
+            try:
+                pt = decrypt(nonce(counter), data[at + HEADER_LEN:end], data[at:at + HEADER_LEN])
+            except InvalidTag:
+                bad += 1
+                continue
+        window.update(counter)
+        opened.append((counter, pt))
+    return opened, others, bad
+
+
+class Aead(Protocol):
+    """cryptography's AESGCM, or the compiled ``_fast.Aead`` (one key, one direction)."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+
+def new_aead(key: bytes, seal: bool) -> Aead:
+    """AES-256-GCM for ``key``: on the system's libcrypto with one context per key when
+    ``_fast`` loaded it (no per-packet key setup), else cryptography's AESGCM (the same
+    bytes). ``UPMT_AEAD=cryptography`` in the environment forces the latter."""
+    if _FastAead is not None and os.environ.get("UPMT_AEAD") != "cryptography":
+        return _FastAead(key, seal)
+    return AESGCM(key)
+
+
+class Window(Protocol):
+    def check(self, counter: int) -> bool: ...
+    def update(self, counter: int) -> None: ...
+
+
+try:   # the compiled loops around the AEAD calls, when pip built them
+    from ._fast import LIBCRYPTO as _LIBCRYPTO
+    from ._fast import Aead as _CAead
+    from ._fast import ReplayWindow as _CReplayWindow
+    from ._fast import open_many as _c_open_many
+    from ._fast import seal_many as _c_seal_many
+except ImportError:   # pragma: no cover - depends on the build
+    ReplayWindow: type[PyReplayWindow] | type[_CReplayWindow] = PyReplayWindow
+    _seal_many = py_seal_many
+    _open_many: Callable[..., tuple[list[tuple[int, bytes]], list[bytes], int]] = py_open_many
+    _FastAead: type[_CAead] | None = None
+else:
+    _FastAead = _CAead if _LIBCRYPTO else None
+    ReplayWindow = _CReplayWindow
+    _seal_many = _c_seal_many
+    _open_many = _c_open_many
+
+
 class Session:
     """Transport keys of one handshake: seal towards the peer, open what it sent."""
 
@@ -70,8 +170,8 @@ class Session:
                  plain_data: bool = False) -> None:
         self.local_index = local_index
         self.remote_index = remote_index
-        self._send = AESGCM(send_key)
-        self._recv = AESGCM(recv_key)
+        self._send = new_aead(send_key, True)
+        self._recv = new_aead(recv_key, False)
         self.send_counter = 0
         self.window = ReplayWindow()
         self.created = created
@@ -101,65 +201,21 @@ class Session:
         if end > REJECT_AFTER_MESSAGES:
             raise OverflowError("session exhausted: rekey")
         self.send_counter = end
-        pack, word0, receiver = HEADER.pack, ptype << 24 | path, self.remote_index
-        out: list[bytes] = []
-        add = out.append
-        if self.plain_data and ptype == TYPE_DATA:
-            for p in payloads:
-                add(pack(word0, receiver, n))
-                add(p)
-                n += 1
-            return out
-        enc, nonce = self._send.encrypt, _NONCE.pack
-        for p in payloads:
-            hdr = pack(word0, receiver, n)
-            add(hdr)
-            add(enc(nonce(n), p, hdr))
-            n += 1
-        return out
+        return _seal_many(self._send, ptype << 24 | path, self.remote_index, n,
+                          payloads, self.plain_data and ptype == TYPE_DATA)
 
     def open_many(self, data: bytes, size: int
                   ) -> tuple[list[tuple[int, bytes]], list[bytes], int]:
         """Open the DATA datagrams to this session in ``data``, a run of datagrams of
         ``size`` bytes (the last may be shorter) as UDP GRO hands them over: ([(counter,
         plaintext)], the datagrams that are something else (the caller's per-datagram
-        path), how many were dropped (replayed, forged, truncated)). Same checks as
-        :meth:`open`, in order."""
-        opened: list[tuple[int, bytes]] = []
-        others: list[bytes] = []
-        bad = 0
-        mv = memoryview(data)
-        unpack, nonce, dec = HEADER.unpack_from, _NONCE.pack, self._recv.decrypt
-        window, me = self.window, self.local_index
+        path), how many were dropped (replayed, forged)). Same checks as :meth:`open`,
+        in order."""
         plain = self.plain_data
-        if plain:
-            window = self.plain_window
-        minimum = HEADER_LEN + (0 if plain else TAG_LEN)
-        total = len(data)
-        for at in range(0, total, size):
-            end = min(at + size, total)
-            if end - at < minimum or data[at] != TYPE_DATA:
-                others.append(data[at:end])      # a short one: open() counts it
-                continue
-            _, receiver, counter = unpack(data, at)
-            if receiver != me:
-                others.append(data[at:end])
-                continue
-            if not window.check(counter):
-                bad += 1
-                continue
-            if plain:
-                pt = data[at + HEADER_LEN:end]
-            else:
-                try:
-                    pt = dec(nonce(counter), mv[at + HEADER_LEN:end], mv[at:at + HEADER_LEN])
-                except InvalidTag:
-                    bad += 1
-                    continue
-            window.update(counter)
-            opened.append((counter, pt))
-        self.rx_packets += len(opened)
-        return opened, others, bad
+        res = _open_many(self._recv, self.plain_window if plain else self.window,
+                         self.local_index, plain, data, size)
+        self.rx_packets += len(res[0])
+        return res
 
     def open(self, data: bytes) -> tuple[int, bytes] | None:
         """(counter, plaintext) of a packet addressed to this session, or None (drop)."""
