@@ -19,7 +19,9 @@ from upmt_tun import nat
 from upmt_tun.dataplane import io as dio
 from upmt_tun.dataplane import offload as O
 from upmt_tun.dataplane.crypto import PyReplayWindow, Session, py_open_many, py_seal_many
+from upmt_tun.dataplane.forwarder import AnchorForwarder, Association
 from upmt_tun.dataplane.packet import TYPE_CONTROL, TYPE_DATA
+from upmt_tun.tables import Tunnel
 
 from . import pktbuild as pb
 from .test_e2e_memory import CH, RULES, World
@@ -67,7 +69,8 @@ def test_open_many_opens_what_open_opens_in_order(plain: bool) -> None:
     mix = [dgs[1], dgs[0], dgs[1], bytes(forged), control, bytes(stranger), dgs[4],
            dgs[3][:20]]                                   # a replay; the short one is last
     size = len(dgs[0])
-    opened, others, bad = rx.open_many(b"".join(mix), size)
+    counters, pts, others, bad = rx.open_many(b"".join(mix), size)
+    opened = list(zip(counters, pts, strict=True))
     want_opened, want_others, want_bad = [], [], 0
     for d in mix:
         if len(d) < 32 - 16 * plain or d[0] != TYPE_DATA or d[4:8] != b"\0\0\0\2":
@@ -158,6 +161,95 @@ def test_the_environment_can_force_cryptographys_aead(monkeypatch: pytest.Monkey
     assert d.open(a.seal(TYPE_DATA, b"y")) is not None
     if _fast is not None and _fast.LIBCRYPTO:
         assert isinstance(c._send, _fast.Aead)
+
+
+def test_flow_runs_group_one_flows_consecutive_packets() -> None:
+    a = pb.tcp("100.64.0.1", CH, 40000, 80, b"a")
+    b = pb.tcp("100.64.0.1", CH, 40000, 80, b"bb" * 300)       # same flow, other size
+    c = pb.tcp("100.64.0.1", CH, 40001, 80, b"c")               # another port
+    u = pb.udp("100.64.0.1", CH, 40000, 80, b"u")               # another protocol
+    icmp = pb.icmp_echo("100.64.0.1", CH, 1, 1)
+    frag = bytearray(a)
+    frag[6] |= 0x20                                             # more fragments: alone
+    opts = bytearray(b)
+    opts[0] = 0x46                                              # IP options: alone
+    pkts = [a, b, a, c, c, u, u, bytes(frag), a, bytes(opts), b, b"\x45" * 10, icmp, icmp]
+    want = [3, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    impls = [O.py_flow_runs] + ([_fast.flow_runs] if _fast is not None else [])
+    for runs in impls:
+        assert runs(pkts) == want
+        assert runs([]) == []
+
+
+def test_rewrite_run_is_nat_per_packet() -> None:
+    pkts = [pb.tcp(CH, "100.100.0.2", 80, 40000, os.urandom(n)) for n in (0, 1, 1400)]
+    pkts.append(pb.udp(CH, "100.100.0.2", 53, 40000, b"x"))
+    pkts.append(pb.udp(CH, "100.100.0.2", 53, 40000, b"y", zero_csum=True))
+    new = pb.ip("100.64.0.1")
+    for is_src in (False, True):
+        want = []
+        for p in pkts[1:4]:
+            b = bytearray(p)
+            assert (nat.py_rewrite_src if is_src else nat.py_rewrite_dst)(b, new)
+            want.append(bytes(b))
+        assert O.py_rewrite_run(pkts, 1, 4, new, is_src) == want
+        if _fast is not None:
+            assert _fast.rewrite_run(pkts, 1, 4, new, is_src) == want
+            assert _fast.rewrite_run(pkts, 0, 5, new, is_src) == \
+                O.py_rewrite_run(pkts, 0, 5, new, is_src)
+    assert all(pb.checksums_ok(p) for p in O.py_rewrite_run(pkts, 0, 5, new, False))
+
+
+def anchor_with_host() -> tuple[AnchorForwarder, Tunnel, Tunnel]:
+    """An anchor forwarder with one host (VIpA 100.100.0.2, session index 2) and two
+    validated tunnels, at MH_A and MH_B."""
+    fwd = AnchorForwarder()
+    a = Association("laptop", "100.100.0.2", pb.ip("100.100.0.2"), created=0.0)
+    fwd.add_association(a)
+    s = Session(2, 1, K2, K1, 0.0, peer="laptop")
+    a.session = fwd.sessions[2] = s
+    ts = []
+    for i, ep in enumerate((MH_A, MH_B)):
+        t = Tunnel(fwd.tunnels.new_tid(), f"wan{i}", ("203.0.113.1", 5060), ep, "laptop",
+                   "100.100.0.2", pb.ip("100.100.0.2"), i + 1, state="up")
+        fwd.tunnels.add(t)
+        a.tunnels[t.tid] = t
+        a.by_addr[ep] = t
+        ts.append(t)
+    return fwd, ts[0], ts[1]
+
+
+MH_A, MH_B = ("203.0.113.11", 40000), ("203.0.113.12", 40001)
+
+
+def test_anchor_batch_learns_flows_as_per_packet() -> None:
+    """Interleaved flows, a spoofed inner source and a flow moving to the other tunnel:
+    from_path_many ends with the PAFT, counters and drops of from_path per datagram."""
+    tx = Session(1, 2, K1, K2, 0.0)
+    vip = "100.100.0.2"
+    inner = [pb.tcp(vip, CH, 40000, 80, b"a" * 100), pb.tcp(vip, CH, 40000, 80, b"b" * 100),
+             pb.tcp(vip, CH, 40001, 80, b"c" * 100), pb.tcp("100.100.0.3", CH, 1, 80, b"d" * 100),
+             pb.tcp(vip, CH, 40000, 80, b"e" * 100), pb.tcp(vip, CH, 40000, 80, b"f" * 100)]
+    first = [tx.seal(TYPE_DATA, p) for p in inner]              # all on tunnel A
+    then = [tx.seal(TYPE_DATA, p) for p in inner[4:]]           # flow 40000 moves to B
+    per, pa, pb_ = anchor_with_host()
+    many, ma, mb = anchor_with_host()
+    got_per = [per.from_path(d, MH_A, 1.0) for d in first] + \
+        [per.from_path(d, MH_B, 2.0) for d in then]
+    got_many, rest = many.from_path_many(b"".join(first), len(first[0]), MH_A, 1.0)
+    more, rest2 = many.from_path_many(b"".join(then), len(then[0]), MH_B, 2.0)
+    assert rest == rest2 == []
+    assert got_many + more == [p for p in got_per if p is not None]
+    assert per.drops == many.drops == {"spoofed_inner": 1}
+
+    def table(f: AnchorForwarder) -> list[tuple[object, ...]]:
+        return sorted((fl.key, fl.tunnel, fl.tx_packets, fl.last_seq,
+                       [h[1:] for h in fl.history]) for fl in f.paft.flows())
+    assert table(per) == table(many)
+    assert [(t.rx_packets, t.rx_bytes, t.newest) for t in (pa, pb_)] == \
+        [(t.rx_packets, t.rx_bytes, t.newest) for t in (ma, mb)]
+    moved = [fl for fl in many.paft.flows() if fl.key[3] == 40000]
+    assert moved[0].tunnel == mb.tid and moved[0].history[-1][3] == "implicit handover"
 
 
 def vnet_tso(pkt: bytes, hdr_len: int, gso: int) -> bytes:

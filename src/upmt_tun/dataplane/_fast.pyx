@@ -365,7 +365,7 @@ def seal_many(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
 def open_many(object aead, ReplayWindow window, uint32_t me, bint plain, bytes data,
               Py_ssize_t size):
     """See crypto.py_open_many (``aead``: an :class:`Aead` or cryptography's AESGCM)."""
-    cdef list opened = [], others = []
+    cdef list counters = [], pts = [], others = []
     cdef Py_ssize_t n = len(data), at = 0, end, ln
     cdef Py_ssize_t minimum = 16 if plain else 32
     cdef long bad = 0
@@ -413,8 +413,9 @@ def open_many(object aead, ReplayWindow window, uint32_t me, bint plain, bytes d
                 bad += 1
                 continue
         window.update(counter)
-        opened.append((counter, pt))
-    return opened, others, bad
+        counters.append(counter)
+        pts.append(pt)
+    return counters, pts, others, bad
 
 
 # -- internal NAT, the common case (nat.py has the reference and the full story) -----------
@@ -438,10 +439,12 @@ def rewrite_addr(bytearray pkt, const uint8_t[:] new, bint is_src):
     -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code)."""
     if new.shape[0] != 4:
         raise ValueError(f"an IPv4 address is 4 bytes, got {new.shape[0]}")
-    cdef Py_ssize_t size = len(pkt)
+    return _rewrite(<uint8_t*><char*>pkt, len(pkt), &new[0], is_src)
+
+
+cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
     if size < 20:
         return 0
-    cdef uint8_t* p = <uint8_t*><char*>pkt
     cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
     cdef Py_ssize_t total = _rd16(p + 2)
     if p[0] >> 4 != 4 or hlen < 20 or hlen > size or total > size or total < hlen:
@@ -478,6 +481,52 @@ def rewrite_addr(bytearray pkt, const uint8_t[:] new, bint is_src):
                 c = _adj(c, d)
                 _put16(p + at, c if c else 0xFFFF)
     return 1
+
+
+cdef inline bint _runnable(bytes pb) noexcept:
+    """An IPv4 TCP/UDP packet, no IP options, not a fragment: its 5-tuple is bytes 9 and
+    12-23 (see offload.py_flow_runs)."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
+    return (len(pb) >= 24 and p[0] == 0x45 and (p[9] == 6 or p[9] == 17)
+            and not (p[6] & 0x3F) and not p[7])
+
+
+def flow_runs(list pkts):
+    """See offload.py_flow_runs."""
+    cdef list runs = []
+    cdef Py_ssize_t i, n = len(pkts), run = 0
+    cdef bytes p, prev = None
+    cdef bint ok, prev_ok = False
+    for i in range(n):
+        p = pkts[i]
+        ok = _runnable(p)
+        if (ok and prev_ok and PyBytes_AS_STRING(p)[9] == PyBytes_AS_STRING(prev)[9]
+                and memcmp(PyBytes_AS_STRING(p) + 12, PyBytes_AS_STRING(prev) + 12, 12) == 0):
+            run += 1
+        else:
+            if run:
+                runs.append(run)
+            run = 1
+        prev, prev_ok = p, ok
+    if run:
+        runs.append(run)
+    return runs
+
+
+def rewrite_run(list pkts, Py_ssize_t start, Py_ssize_t end, bytes new, bint is_src):
+    """See offload.py_rewrite_run."""
+    if len(new) != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new)}")
+    cdef list out = []
+    cdef bytes p, q
+    cdef Py_ssize_t i
+    for i in range(start, end):
+        p = pkts[i]
+        q = PyBytes_FromStringAndSize(PyBytes_AS_STRING(p), len(p))
+        _rewrite(<uint8_t*>PyBytes_AS_STRING(q), len(q),
+                 <const uint8_t*>PyBytes_AS_STRING(new), is_src)
+        out.append(q)
+    return out
 
 
 def five_tuple_tcpudp(const uint8_t[:] pkt):

@@ -87,12 +87,14 @@ def py_seal_many(aead: Aead, word0: int, receiver: int, counter: int, payloads: 
 
 
 def py_open_many(aead: Aead, window: Window, me: int, plain: bool, data: bytes, size: int
-                 ) -> tuple[list[tuple[int, bytes]], list[bytes], int]:
+                 ) -> tuple[list[int], list[bytes], list[bytes], int]:
     """The DATA datagrams to session ``me`` among ``data``'s run of ``size``-byte
-    datagrams, opened and checked against ``window``: (opened, others, dropped)."""
+    datagrams, opened and checked against ``window``: (their counters, their plaintexts,
+    the other datagrams, how many were dropped)."""
     if size <= 0:
         raise ValueError("size must be positive")
-    opened: list[tuple[int, bytes]] = []
+    counters: list[int] = []
+    pts: list[bytes] = []
     others: list[bytes] = []
     bad = 0
     minimum = HEADER_LEN + (0 if plain else TAG_LEN)
@@ -116,8 +118,9 @@ def py_open_many(aead: Aead, window: Window, me: int, plain: bool, data: bytes, 
                 bad += 1
                 continue
         window.update(counter)
-        opened.append((counter, pt))
-    return opened, others, bad
+        counters.append(counter)
+        pts.append(pt)
+    return counters, pts, others, bad
 
 
 class Aead(Protocol):
@@ -150,7 +153,7 @@ try:   # the compiled loops around the AEAD calls, when pip built them
 except ImportError:   # pragma: no cover - depends on the build
     ReplayWindow: type[PyReplayWindow] | type[_CReplayWindow] = PyReplayWindow
     _seal_many = py_seal_many
-    _open_many: Callable[..., tuple[list[tuple[int, bytes]], list[bytes], int]] = py_open_many
+    _open_many: Callable[..., tuple[list[int], list[bytes], list[bytes], int]] = py_open_many
     _FastAead: type[_CAead] | None = None
 else:
     _FastAead = _CAead if _LIBCRYPTO else None
@@ -205,12 +208,12 @@ class Session:
                           payloads, self.plain_data and ptype == TYPE_DATA)
 
     def open_many(self, data: bytes, size: int
-                  ) -> tuple[list[tuple[int, bytes]], list[bytes], int]:
+                  ) -> tuple[list[int], list[bytes], list[bytes], int]:
         """Open the DATA datagrams to this session in ``data``, a run of datagrams of
-        ``size`` bytes (the last may be shorter) as UDP GRO hands them over: ([(counter,
-        plaintext)], the datagrams that are something else (the caller's per-datagram
-        path), how many were dropped (replayed, forged)). Same checks as :meth:`open`,
-        in order."""
+        ``size`` bytes (the last may be shorter) as UDP GRO hands them over: (their
+        counters, their plaintexts, the datagrams that are something else (the caller's
+        per-datagram path), how many were dropped (replayed, forged)). Same checks as
+        :meth:`open`, in order."""
         plain = self.plain_data
         res = _open_many(self._recv, self.plain_window if plain else self.window,
                          self.local_index, plain, data, size)

@@ -368,14 +368,19 @@ class AgentForwarder:
             t = self.by_path.get((self.interfaces[index], hit[0].name))
         if hit is None or t is None or t.remote != src:
             return [], [data[at:at + size] for at in range(0, len(data), size)]
-        opened, others, bad = hit[1].open_many(data, size)
+        _, pts, others, bad = hit[1].open_many(data, size)
         if bad:
             self.drops["bad_packet"] += bad
-        out = []
-        for _, inner in opened:
-            pkt = self._downlink(t, inner, now)
-            if pkt is not None:
-                out.append(pkt)
+        out: list[bytes] = []
+        i = 0
+        for n in offload.flow_runs(pts):     # one decision per run of one flow's packets
+            if n == 1:
+                pkt = self._downlink(t, pts[i], now)
+                if pkt is not None:
+                    out.append(pkt)
+            else:
+                out += self._downlink_run(t, pts, i, i + n, now)
+            i += n
         if out:
             t.rx_packets += len(out)
             t.rx_bytes += sum(map(len, out))
@@ -390,11 +395,24 @@ class AgentForwarder:
             self.drops["bad_inner"] += 1
             return None
         nat.rewrite_dst(buf, self.vipa_fix_b)
+        self._account_rx(key, now, 1)
+        return bytes(buf)
+
+    def _downlink_run(self, t: Tunnel, pts: list[bytes], i: int, j: int, now: float
+                      ) -> list[bytes]:
+        """:meth:`_downlink` of ``pts[i:j]``, packets of one flow (``offload.flow_runs``)."""
+        key = nat.five_tuple(pts[i])
+        if key is None or pts[i][16:20] != t.vipa_b:
+            self.drops["bad_inner"] += j - i
+            return []
+        self._account_rx(key, now, j - i)
+        return offload.rewrite_run(pts, i, j, self.vipa_fix_b, False)
+
+    def _account_rx(self, key: FlowKey, now: float, n: int) -> None:
         flow = self.paft.get((key[0], self.vipa_fix_b, key[1], key[4], key[3]))
         if flow is not None:
-            flow.rx_packets += 1
+            flow.rx_packets += n
             flow.last_seen = now
-        return bytes(buf)
 
     def path_challenge(self, index: int, data: bytes, src: tuple[str, int]) -> bytes | None:
         """A PATH_CHALLENGE from the anchor (our NAT mapping changed): the PATH_RESPONSE
@@ -498,7 +516,7 @@ class AnchorForwarder:
         t = self._path_of(a, s, data, src, seq, now)
         if a is None or t is None:
             return None
-        return self._uplink(a, t, inner, seq, now)
+        return inner if self._uplink(a, t, inner, seq, now, 1, len(inner)) else None
 
     def from_path_many(self, data: bytes, size: int, src: tuple[str, int], now: float
                        ) -> tuple[list[bytes], list[bytes]]:
@@ -511,54 +529,63 @@ class AnchorForwarder:
         t = a.by_addr.get(src) if a is not None else None
         if s is None or a is None or t is None or t.state != "up":
             return [], [data[at:at + size] for at in range(0, len(data), size)]
-        opened, others, bad = s.open_many(data, size)
+        counters, pts, others, bad = s.open_many(data, size)
         if bad:
             self.drops["bad_packet"] += bad
-        if not opened:
+        if not pts:
             return [], others
         if a.session is None or s.generation > a.session.generation:
             a.session = s
         gen = s.generation << 64
-        newest = gen | max(c for c, _ in opened)
+        newest = gen | max(counters)
         if newest > t.newest:                     # as _path_of, once for the run
             t.newest = newest
             if t.probe_addr is not None:
                 self.end_probe(t)
                 self.events["rebind_abandoned"] += 1
-        out = []
-        for counter, inner in opened:
-            pkt = self._uplink(a, t, inner, gen | counter, now)
-            if pkt is not None:
-                out.append(pkt)
+        out: list[bytes] = []
+        i = 0
+        for n in offload.flow_runs(pts):     # one decision per run of one flow's packets
+            j = i + n
+            if n == 1:
+                if self._uplink(a, t, pts[i], gen | counters[i], now, 1, len(pts[i])):
+                    out.append(pts[i])
+            else:
+                run = pts[i:j]
+                if self._uplink(a, t, run[0], gen | max(counters[i:j]), now, n,
+                                sum(map(len, run))):
+                    out += run
+            i = j
         return out, others
 
-    def _uplink(self, a: Association, t: Tunnel, inner: bytes, seq: int, now: float
-                ) -> bytes | None:
-        """Steps 3-5 of the uplink for an opened packet that came on tunnel ``t``."""
+    def _uplink(self, a: Association, t: Tunnel, inner: bytes, seq: int, now: float,
+                n: int, nbytes: int) -> bool:
+        """Steps 3-4 of the uplink for ``n`` opened packets of one flow that came on
+        tunnel ``t`` (``inner`` the first, ``seq`` the newest): may they go to the TUN?"""
         key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
         if key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
-            self.drops["spoofed_inner"] += 1
-            return None
+            self.drops["spoofed_inner"] += n
+            return False
         flow = self.paft.get(key)
         if flow is None:
             flow = self.paft.add(key, t.tid, now, anchor=a.mh)
             if flow is None:
-                self.drops["flow_cap"] += 1
-                return None
+                self.drops["flow_cap"] += n
+                return False
             flow.last_seq = seq
         elif seq > flow.last_seq:
             flow.last_seq = seq
             if flow.tunnel != t.tid and not flow.static:
                 flow.move(now, t.tid, "implicit handover")
-        flow.tx_packets += 1
+        flow.tx_packets += n
         flow.last_seen = now
-        t.rx_packets += 1
-        t.rx_bytes += len(inner)
+        t.rx_packets += n
+        t.rx_bytes += nbytes
         t.last_rx = a.last_rx = now
         a.last_tunnel = t
-        return inner
+        return True
 
     def ping(self, data: bytes, src: tuple[str, int], now: float
              ) -> tuple[tuple[str, int], bytes] | None:

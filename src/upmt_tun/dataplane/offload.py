@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from ..nat import ipv4_checksum, ones_sum
+from ..nat import ipv4_checksum, ones_sum, py_rewrite_dst, py_rewrite_src
 
 __all__ = [
     "GSO_NONE",
@@ -35,8 +35,10 @@ __all__ = [
     "VNET_HDR_LEN",
     "coalesce",
     "finish_csum",
+    "flow_runs",
     "implementation",
     "packets",
+    "rewrite_run",
     "tso_of",
     "tso_split",
 ]
@@ -194,6 +196,43 @@ def py_coalesce(pkts: list[bytes]) -> list[bytes]:
     return out
 
 
+def _run_key(p: bytes) -> bytes | None:
+    if len(p) >= 24 and p[0] == 0x45 and p[9] in (6, 17) and not (p[6] & 0x3F or p[7]):
+        return p[9:10] + p[12:24]
+    return None
+
+
+def py_flow_runs(pkts: list[bytes]) -> list[int]:
+    """Lengths of the runs of consecutive packets of one flow: IPv4 TCP or UDP without IP
+    options or fragmentation, same protocol, addresses and ports (bytes 9 and 12-23).
+    Anything else is a run of its own. The batch paths decide once per run."""
+    runs: list[int] = []
+    prev = None
+    for p in pkts:
+        k = _run_key(p)
+        if k is not None and k == prev:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        prev = k
+    return runs
+
+
+def py_rewrite_run(pkts: list[bytes], start: int, end: int, new: bytes, is_src: bool
+                   ) -> list[bytes]:
+    """Copies of ``pkts[start:end]`` (one flow's run) with IP.src (``is_src``) or IP.dst
+    rewritten to ``new`` (nat.py's incremental checksum update)."""
+    if len(new) != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new)}")
+    rewrite = py_rewrite_src if is_src else py_rewrite_dst
+    out = []
+    for p in pkts[start:end]:
+        b = bytearray(p)
+        rewrite(b, new)
+        out.append(bytes(b))
+    return out
+
+
 class Splitter(Protocol):
     def __call__(self, pkt: bytes | bytearray | memoryview, gso_size: int,
                  new_src: bytes | None = None) -> list[bytes]: ...
@@ -202,16 +241,22 @@ class Splitter(Protocol):
 try:   # the compiled hot path, when pip built it
     from ._fast import coalesce as _c_coalesce
     from ._fast import finish_csum as _c_finish_csum
+    from ._fast import flow_runs as _c_flow_runs
+    from ._fast import rewrite_run as _c_rewrite_run
     from ._fast import tso_split as _c_tso_split
 except ImportError:   # pragma: no cover - depends on the build
     finish_csum: Callable[[bytearray, int, int], bool] = py_finish_csum
     tso_split: Splitter = py_tso_split
     coalesce: Callable[[list[bytes]], list[bytes]] = py_coalesce
+    flow_runs: Callable[[list[bytes]], list[int]] = py_flow_runs
+    rewrite_run: Callable[[list[bytes], int, int, bytes, bool], list[bytes]] = py_rewrite_run
     implementation = "python"
 else:
     finish_csum = _c_finish_csum
     tso_split = _c_tso_split
     coalesce = _c_coalesce
+    flow_runs = _c_flow_runs
+    rewrite_run = _c_rewrite_run
     implementation = "cython"
 
 
