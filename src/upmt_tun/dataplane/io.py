@@ -144,8 +144,15 @@ class TunDevice:
         decision for all its segments; without it they come cut, one ``on_packet`` each."""
         fd, read = self.fd, os.read
         vnet = self.vnet_hdr
+        flush = on_flush or (lambda: None)
 
         def readable() -> None:
+            try:
+                burst()
+            finally:
+                flush()          # small packets of the burst leave together (UDP GSO)
+
+        def burst() -> None:
             for _ in range(MAX_BURST):
                 try:
                     data = read(fd, READ_SIZE)
@@ -158,8 +165,8 @@ class TunDevice:
                     on_packet(data)
                 elif not deliver(data, on_packet, on_super):
                     self.dropped += 1
-                if on_flush is not None:
-                    on_flush()        # what this read became leaves together (UDP GSO)
+                elif data[1]:
+                    flush()      # a super-packet's datagrams leave now, not after the burst
 
         self.loop.add_reader(fd, readable)
 
