@@ -291,26 +291,23 @@ def cases(n_hs: int) -> list[Case]:
         size = 1400 + 16 + (0 if plain else 16)
         up, down = memoryview(super_packet(VIPA_FIX, CH, 40000)), \
             memoryview(super_packet(CH, VIPA, 5201))
-        out += [
-            Case("batch", f"agent from_tun_super (uplink) 1400 B x{SEGS} {mode}",
-                 "ft(sp, G, 1.0)", {"ft": p.agent.from_tun_super, "sp": up, "G": GSO},
-                 ops_per_stmt=SEGS, check=partial(_tx_check, p.agent_tunnel, p.agent)),
-            Case("batch", f"anchor from_path_many (uplink) 1400 B x{SEGS} {mode}",
-                 "fp(pop(), Z, SRC, 1.0)",
-                 {"fp": p.anchor.from_path_many, "Z": size, "SRC": MH_EP,
-                  "make": _gso_batch(p.agent.from_tun_super, up, 2)},
-                 setup="pop = make({n}).pop", ops_per_stmt=SEGS,
-                 check=partial(_rx_tunnel_check, p.anchor_tunnel, p.anchor)),
-            Case("batch", f"anchor from_tun_super (downlink) 1400 B x{SEGS} {mode}",
-                 "ft(sp, G, 1.0)", {"ft": p.anchor.from_tun_super, "sp": down, "G": GSO},
-                 ops_per_stmt=SEGS, check=partial(_tx_check, p.anchor_tunnel, p.anchor)),
-            Case("batch", f"agent from_path_many (downlink) 1400 B x{SEGS} {mode}",
-                 "fp(0, pop(), Z, SRC, 1.0)",
-                 {"fp": p.agent.from_path_many, "Z": size, "SRC": ANCHOR_EP,
-                  "make": _gso_batch(p.anchor.from_tun_super, down, 1)},
-                 setup="pop = make({n}).pop", ops_per_stmt=SEGS,
-                 check=partial(_rx_tunnel_check, p.agent_tunnel, p.agent)),
-        ]
+        # (direction, sender, its forwarder and tunnel, receiver, ..., the super-packet,
+        #  where the sender's result holds the parts, the receiver's call, its source)
+        ends = (("uplink", "agent", p.agent, p.agent_tunnel, "anchor", p.anchor,
+                 p.anchor_tunnel, up, 2, "fp(pop(), Z, SRC, 1.0)", MH_EP),
+                ("downlink", "anchor", p.anchor, p.anchor_tunnel, "agent", p.agent,
+                 p.agent_tunnel, down, 1, "fp(0, pop(), Z, SRC, 1.0)", ANCHOR_EP))
+        for way, sname, sfwd, stun, rname, rfwd, rtun, sp, at, stmt, src in ends:
+            out += [
+                Case("batch", f"{sname} from_tun_super ({way}) 1400 B x{SEGS} {mode}",
+                     "ft(sp, G, 1.0)", {"ft": sfwd.from_tun_super, "sp": sp, "G": GSO},
+                     ops_per_stmt=SEGS, check=partial(_tx_check, stun, sfwd)),
+                Case("batch", f"{rname} from_path_many ({way}) 1400 B x{SEGS} {mode}", stmt,
+                     {"fp": rfwd.from_path_many, "Z": size, "SRC": src,
+                      "make": _gso_batch(sfwd.from_tun_super, sp, at)},
+                     setup="pop = make({n}).pop", ops_per_stmt=SEGS,
+                     check=partial(_rx_tunnel_check, rtun, rfwd)),
+            ]
     # handshake
     r = Responder(AN_STATIC, {public_key(MH_STATIC): "laptop"})
     an_pub = public_key(AN_STATIC)
