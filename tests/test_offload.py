@@ -32,6 +32,7 @@ def test_the_compiled_hot_path_is_there_when_expected() -> None:
     broken build behind slow numbers."""
     if os.environ.get("UPMT_EXPECT_FAST") == "1":
         assert _fast is not None and O.implementation == "cython"
+        assert _fast.LIBCRYPTO is not None          # the AEAD on the system's libcrypto
 
 
 def partial(pkt: bytes) -> bytearray:

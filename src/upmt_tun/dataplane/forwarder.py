@@ -40,6 +40,19 @@ Anchor, downlink (:meth:`AnchorForwarder.from_tun`):
      else the association's most recently heard validated tunnel;
   2. seal with the association's current session; send to the tunnel's end point
      (to its unvalidated new address instead, while that address has credit).
+
+Batches, the same steps decided once for many packets (results identical to the
+per-packet methods, which the tests check):
+
+* ``from_tun_super`` (both ends): a TCP super-packet read from the TUN (``offload``)
+  is one flow: steps 1-4 once, then ``offload.tso_split`` cuts it into real segments
+  (the agent's source NAT folded in) and ``Session.seal_many`` seals them for one
+  UDP GSO send.
+* ``from_path_many`` (both ends): what UDP GRO coalesced from one sender is opened by
+  ``Session.open_many`` when its first datagram names a session whose tunnel is at
+  that sender (else, and for other types, datagram by datagram); the opened packets
+  are grouped into runs of one flow (``offload.flow_runs``), each run checked, learnt
+  (implicit handover with its newest counter) and counted once.
 """
 
 from __future__ import annotations
