@@ -1,4 +1,4 @@
-"""Smoke runs of benchmarks/crypto_cost.py and throughput.py: they work end to end.
+"""Smoke runs of the benchmarks in benchmarks/: they work end to end.
 
 No timing assertions."""
 
@@ -199,3 +199,28 @@ def test_anchor_scale_quick_run(tmp_path: Path) -> None:
     agent = data["agent_side"]
     assert agent["paft_len"] == agent["sealed"] == agent["flows"] == 1000, agent
     assert data["idle_rss"]["skipped"] == "--no-netns"
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(netns_missing() is not None or bool(tool_missing("tcpdump", "ping")),
+                    reason=str(netns_missing() or "needs tcpdump and ping"))
+def test_latency_quick_run(tmp_path: Path) -> None:
+    """benchmarks/latency.py: the round trips through the tunnel were followed hop by hop
+    (every part measured for most pings, the parts adding up to the round trip), and the
+    namespaces are gone afterwards."""
+    out = tmp_path / "latency.json"
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    r = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--count", "12",
+                        "--interval", "0.02", "--json", str(out)],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["raw_ping"]["count"] == data["udp_echo"]["count"] == 12
+    parts = data["upmt"]["parts"]
+    assert {p["count"] for p in parts.values()} == {parts["round trip"]["count"]} and \
+        parts["round trip"]["count"] >= 6
+    hops = sum(parts[k]["median_us"] for k in parts if k != "round trip")
+    assert 0.5 < hops / parts["round trip"]["median_us"] < 2
+    assert data["upmt"]["ping"]["count"] == 12
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True,
+                          text=True).stdout == before
