@@ -7,19 +7,37 @@ output packets, no Python objects in the loops.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 
+cdef uint16_t _one = 1
+cdef bint _LE = (<uint8_t*>&_one)[0] == 1     # little-endian host
+
+
 cdef inline uint64_t _sum(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    """Sum of big-endian 16-bit words (odd tail padded with zero), not folded."""
-    cdef uint64_t s = 0
+    """The one's complement sum of ``p`` as big-endian 16-bit words (odd tail padded with
+    zero), as a value in [1, 0xFFFF] (0 only for all-zero data): add more sums to it,
+    then :func:`_fold`. Read 8 bytes at a time in host order; the sum of host-order
+    words is the byte swap of the big-endian one (RFC 1071, 2.(B))."""
+    cdef uint64_t s = 0, w
+    cdef uint16_t h
     cdef Py_ssize_t i = 0
-    while i + 1 < n:
-        s += (<uint32_t>p[i] << 8) | p[i + 1]
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        s += <uint32_t>w
+        s += w >> 32
+        i += 8
+    while i + 2 <= n:
+        memcpy(&h, p + i, 2)
+        s += h
         i += 2
     if i < n:
-        s += <uint32_t>p[i] << 8
+        s += p[i] if _LE else (<uint32_t>p[i] << 8)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    if _LE:
+        s = ((s & 0xFF) << 8) | (s >> 8)
     return s
 
 
