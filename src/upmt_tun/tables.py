@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key", "seq_of"]
+__all__ = ["FlowKey", "Flow", "History", "Tunnel", "Paft", "TunnelTable", "flow_json",
+           "reverse_key", "seq_of"]
 
 FlowKey = tuple[int, bytes, bytes, int, int]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
@@ -39,6 +40,26 @@ def reverse_key(k: FlowKey) -> FlowKey:
 
 def ip_str(b: bytes) -> str:
     return str(ipaddress.IPv4Address(b))
+
+
+History = tuple[tuple[float, int | None, int, str], ...]
+
+
+def flow_json(fid: int, key: FlowKey, tunnel: int, tx_packets: int, rx_packets: int,
+              history: History, now: float, interface: str | None,
+              iface_of: Callable[[int | None], str | None] = lambda tid: None
+              ) -> dict[str, Any]:
+    """A flow's status view, the same for both ends (each adds its own fields) and for
+    both table layouts (``Flow`` here, the anchor's columns in ``flowtable.py``). History
+    entries name tunnels (``from``/``to``) and their interfaces, oldest first."""
+    return {
+        "id": fid, "protocol": PROTO_NAMES.get(key[0], str(key[0])), "src": ip_str(key[1]),
+        "sport": key[3], "dst": ip_str(key[2]), "dport": key[4], "tunnel": tunnel,
+        "interface": interface, "tx_packets": tx_packets, "rx_packets": rx_packets,
+        "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r,
+                     "from_interface": iface_of(a), "to_interface": iface_of(b)}
+                    for ts, a, b, r in history],
+    }
 
 
 @dataclass(slots=True, eq=False)
@@ -110,7 +131,7 @@ class Flow:
         self.first_tunnel = self.tunnel
 
     @property
-    def history(self) -> tuple[tuple[float, int | None, int, str], ...]:
+    def history(self) -> History:
         """(when, from tunnel, to tunnel, why), oldest first: the flow's start, then its
         moves; the last HISTORY_LEN of them."""
         if self.moves is None:
@@ -119,17 +140,9 @@ class Flow:
 
     def json(self, now: float, interface: str | None,
              iface_of: Callable[[int | None], str | None] = lambda tid: None) -> dict[str, Any]:
-        """The status view both ends share (each adds its own fields). History entries
-        name tunnels (``from``/``to``) and their interfaces, oldest first."""
-        k = self.key
-        return {
-            "id": self.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
-            "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "tunnel": self.tunnel,
-            "interface": interface, "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
-            "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r,
-                         "from_interface": iface_of(a), "to_interface": iface_of(b)}
-                        for ts, a, b, r in self.history],
-        }
+        """The status view both ends share (each adds its own fields): :func:`flow_json`."""
+        return flow_json(self.fid, self.key, self.tunnel, self.tx_packets, self.rx_packets,
+                         self.history, now, interface, iface_of)
 
     def move(self, now: float, tid: int, reason: str) -> None:
         """Re-point the flow to tunnel ``tid``, remembering why (bounded history)."""
