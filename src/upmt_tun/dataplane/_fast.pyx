@@ -279,3 +279,29 @@ def coalesce(list pkts):
         out.append(res)
         i = j
     return out
+
+
+# -- the anchor's packed flow key (flowtable.py_flow_key is the reference) -----------------
+
+def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
+    """flowtable.pack_key of the 5-tuple of a well-formed unfragmented IPv4 TCP/UDP packet
+    with its ports inside (``reverse``: of the reversed 5-tuple, a downlink packet's
+    uplink key); None for anything else (the caller runs flowtable.py's code)."""
+    cdef Py_ssize_t size = pkt.shape[0]
+    if size < 24:
+        return None
+    cdef const uint8_t* p = &pkt[0]
+    cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
+    cdef Py_ssize_t total = _rd16(p + 2)
+    cdef uint8_t proto = p[9]
+    if (p[0] >> 4 != 4 or hlen < 20 or hlen > size or total > size or total < hlen
+            or (proto != 6 and proto != 17) or (_rd16(p + 6) & 0x1FFF) or hlen + 4 > total):
+        return None
+    cdef uint64_t src = _rd32(p + 12), dst = _rd32(p + 16)
+    cdef uint64_t sport = _rd16(p + hlen), dport = _rd16(p + hlen + 2)
+    if reverse:
+        src, dst, sport, dport = dst, src, dport, sport
+    # src (32) | proto (8) above bit 64; dst (32) | sport (16) | dport (16) below it
+    cdef uint64_t hi = (src << 8) | proto
+    cdef uint64_t lo = (dst << 32) | (sport << 16) | dport
+    return (<object>hi) << 64 | lo
