@@ -53,9 +53,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import nat
+from ..flowtable import KEY_SRC_SHIFT, AnchorPaft, flow_key
 from ..paths import should_return
 from ..policy import choose_tunnel
-from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key, seq_of
+from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
 from .crypto import Session
 from .packet import (
     HEADER,
@@ -391,7 +392,10 @@ class AnchorForwarder:
 
     def __init__(self, max_flows: int = 100_000, max_flows_per_host: int = 4096) -> None:
         self.tunnels = TunnelTable()
-        self.paft = Paft(cap=max_flows, per_source_cap=max_flows_per_host)
+        # the columns layout (flowtable.py): 100 000 flows of many hosts; a flow's host is
+        # the association of its source address
+        self.paft = AnchorPaft(max_flows, max_flows_per_host,
+                               lambda src: a.mh if (a := self.by_vipa.get(src)) else "")
         self.by_vipa: dict[bytes, Association] = {}
         self.by_mh: dict[str, Association] = {}
         self.sessions: dict[int, Session] = {}
@@ -409,8 +413,7 @@ class AnchorForwarder:
             self.tunnels.remove(tid)
         a.tunnels.clear()
         a.by_addr.clear()
-        for f in [f for f in self.paft.by_key.values() if f.key[1] == a.vipa_b]:
-            self.paft.remove(f)
+        self.paft.remove_source(a.vipa_b)
         self.by_vipa.pop(a.vipa_b, None)
         self.by_mh.pop(a.mh, None)
 
@@ -440,25 +443,17 @@ class AnchorForwarder:
         t = self._path_of(a, s, data, src, seq, now)
         if a is None or t is None:
             return None
-        key = nat.five_tuple(inner)
+        key = flow_key(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
-        if key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
+        if key is None or inner[12:16] != a.vipa_b \
+                or (key >> KEY_SRC_SHIFT).to_bytes(4, "big") != a.vipa_b:
             self.drops["spoofed_inner"] += 1
             return None
-        flow = self.paft.get(key)
-        if flow is None:
-            flow = self.paft.add(key, t.tid, now, anchor=a.mh)
-            if flow is None:
-                self.drops["flow_cap"] += 1
-                return None
-            flow.last_seq = seq
-        elif seq > flow.last_seq:
-            flow.last_seq = seq
-            if flow.tunnel != t.tid and not flow.static:
-                flow.move(now, t.tid, "implicit handover")
-        flow.tx_packets += 1
-        flow.last_seen = now
+        # PAFT: learn the flow, or re-point it here if this packet is its newest
+        if self.paft.up(key, t.tid, seq, now) < 0:
+            self.drops["flow_cap"] += 1
+            return None
         t.rx_packets += 1
         t.rx_bytes += len(inner)
         t.last_rx = a.last_rx = now
@@ -585,7 +580,7 @@ class AnchorForwarder:
 
     def from_tun(self, pkt: bytes, now: float) -> tuple[tuple[str, int], bytes] | None:
         """A packet read from the TUN (to a VIpA) -> (end point, datagram), or None."""
-        key = nat.five_tuple(pkt)
+        key = flow_key(pkt, True)           # the uplink direction's key
         if key is None:
             self.drops["not_ipv4"] += 1
             return None
@@ -593,12 +588,7 @@ class AnchorForwarder:
         if a is None:
             self.drops["no_association"] += 1
             return None
-        flow = self.paft.get(reverse_key(key))
-        t = None
-        if flow is not None:
-            t = self.tunnels.by_tid.get(flow.tunnel)
-            flow.rx_packets += 1
-            flow.last_seen = now
+        t = self.tunnels.by_tid.get(self.paft.down(key, now))    # no flow: tunnel id 0
         if t is None or t.state != "up":
             t = a.last_tunnel
             if t is None or t.state != "up" or t.tid not in self.tunnels.by_tid:
