@@ -99,6 +99,10 @@ class AnchorPaft:
     it: one host at its cap cannot take the table from the others. ``owner`` names the
     mobile host of a source address (for the status view; "" when none)."""
 
+    __slots__ = ("rows", "cap", "per_source_cap", "per_source", "owner", "free", "fid", "tunnel",
+                 "seq_gen", "seq_ctr", "tx_packets", "rx_packets", "created", "last_seen",
+                 "moves", "static", "reasons", "_reason_ix", "_next")
+
     def __init__(self, cap: int = 100_000, per_source_cap: int | None = None,
                  owner: Callable[[bytes], str] = lambda src: "") -> None:
         self.rows: dict[int, int] = {}
@@ -137,18 +141,23 @@ class AnchorPaft:
         r = self.rows.get(key)
         if r is None:
             return self._add(key, tid, seq, now, n)
-        moved = 0
-        g = seq >> 64
-        last_g = self.seq_gen[r]
-        if g > last_g or (g == last_g and seq & _M64 > self.seq_ctr[r]):
-            self.seq_gen[r] = g
-            self.seq_ctr[r] = seq & _M64
-            if self.tunnel[r] != tid and r not in self.static:
-                self._move(r, now, tid, "implicit handover")
-                moved = 1
         self.tx_packets[r] += n
         self.last_seen[r] = now
-        return moved
+        g = seq >> 64
+        if g == self.seq_gen[r]:             # the common case: the same session
+            c = seq & _M64
+            if c <= self.seq_ctr[r]:
+                return 0
+            self.seq_ctr[r] = c
+        elif g > self.seq_gen[r]:
+            self.seq_gen[r] = g
+            self.seq_ctr[r] = seq & _M64
+        else:
+            return 0
+        if self.tunnel[r] == tid or r in self.static:
+            return 0
+        self._move(r, now, tid, "implicit handover")
+        return 1
 
     def down(self, key: int, now: float, n: int = 1) -> int:
         """Call for ``n`` downlink packets whose reversed 5-tuple is ``key``: the flow's
