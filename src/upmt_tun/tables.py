@@ -8,6 +8,10 @@ Tunnel Table: ``local_tid`` -> ``local_tun`` (interface, local port), ``remote_t
 Keys are always written in the *uplink* direction (mobile host -> correspondent),
 the way the first packet of a flow leaves the mobile host; a downlink packet's
 5-tuple is reversed before lookup. Pure data, no I/O, ``now`` passed in.
+
+:class:`Paft` of :class:`Flow` objects is the agent's (a host has few flows); the anchor
+holds up to 100 000 and keeps them in columns (``flowtable.AnchorPaft``), with the same
+status JSON (:func:`flow_json`).
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ class Tunnel:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    """One PAFT entry: an application flow bound to a tunnel."""
+    """One PAFT entry: an application flow bound to a tunnel. The agent's; the anchor keeps
+    its many flows in columns instead (``flowtable.AnchorPaft``)."""
 
     fid: int
     key: FlowKey
@@ -115,16 +120,14 @@ class Flow:
     rule: str = ""
     anchor: str = ""              # fixed when the flow starts (its public address)
     app_src: str = ""             # the application's own source address, if known
-    static: bool = False          # not moved by implicit handover
     policy: Any = None            # the agent's FlowClass (rule's via/anchor), for failover
-    last_seq: int = -1            # anchor: newest seq_of(session generation, counter) seen
     tx_packets: int = 0
     rx_packets: int = 0
     created: float = 0.0
     last_seen: float = 0.0
     first_tunnel: int = 0
     # moves, made on the first one: most flows never move, and an empty deque alone costs
-    # ~760 bytes (its first block), half a flow's memory at the anchor
+    # ~760 bytes (its first block)
     moves: deque[tuple[float, int | None, int, str]] | None = None
 
     def __post_init__(self) -> None:
