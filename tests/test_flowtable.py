@@ -69,6 +69,23 @@ def test_compiled_and_reference_flow_key_agree(raw: bytes, reverse: bool) -> Non
     assert want == (None if k is None else pack_key(reverse_key(k) if reverse else k))
 
 
+@given(st.one_of(st.binary(max_size=160), plausible_packets().map(bytes)),
+       st.one_of(st.none(), st.binary(min_size=4, max_size=4)))
+@settings(max_examples=800)
+def test_compiled_and_reference_uplink_key_agree(raw: bytes, src: bytes | None) -> None:
+    """uplink_key (compiled for TCP/UDP when built) is py_uplink_key: the packed key when
+    both the packet's source and its flow key's source are ``src`` (None: the packet's
+    own source), else None."""
+    if src is None:
+        src = raw[12:16] if len(raw) >= 16 else b"\0\0\0\0"
+    want = flowtable.py_uplink_key(raw, src)
+    assert flowtable.uplink_key(raw, src) == want
+    assert flowtable.uplink_key(memoryview(raw), src) == want
+    k = nat.py_five_tuple(raw)
+    assert want == (pack_key(k) if k is not None and raw[12:16] == src and k[1] == src
+                    else None)
+
+
 def test_the_compiled_flow_key_is_used_when_built() -> None:
     try:
         from upmt_tun.dataplane import _fast
@@ -82,6 +99,12 @@ def test_the_compiled_flow_key_is_used_when_built() -> None:
     assert _fast.flow_key_tcpudp(pb.tcp("100.100.0.2", "198.51.100.7", 5000, 53), False) \
         == key(proto=6)
     assert _fast.flow_key_tcpudp(b"\x45" + bytes(30), False) is None     # ICMP etc.: Python
+    assert flowtable.uplink_key is not flowtable.py_uplink_key
+    assert _fast.uplink_key_tcpudp(up, A) == key()
+    assert _fast.uplink_key_tcpudp(up, B) == 0                           # another source
+    assert _fast.uplink_key_tcpudp(b"\x45" + bytes(30), A) is None
+    with pytest.raises(ValueError):
+        _fast.uplink_key_tcpudp(up, b"\1")
 
 
 # -- the table ------------------------------------------------------------------------------

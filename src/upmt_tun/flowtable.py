@@ -27,8 +27,9 @@ gives)::
     bits 32..63   dst (IPv4)      bits 16..31  sport       bits 0..15  dport
 
 so ``key >> KEY_SRC_SHIFT`` is the source address, the part caps and hosts are keyed by.
-:func:`flow_key` makes the key straight from a packet (compiled for TCP/UDP in
-``dataplane/_fast.pyx``; :func:`py_flow_key` is the reference, ``nat.py_five_tuple``
+:func:`flow_key` makes the key straight from a packet, :func:`uplink_key` also checks
+that it is the sending host's (compiled for TCP/UDP in ``dataplane/_fast.pyx``;
+:func:`py_flow_key` and :func:`py_uplink_key` are the reference, ``nat.py_five_tuple``
 packed). Pure data, no I/O, ``now`` passed in.
 """
 
@@ -42,7 +43,7 @@ from . import nat
 from .tables import HISTORY_LEN, FlowKey, History, flow_json
 
 __all__ = ["KEY_SRC_SHIFT", "AnchorFlow", "AnchorPaft", "flow_key", "pack_key", "py_flow_key",
-           "unpack_key"]
+           "py_uplink_key", "unpack_key", "uplink_key"]
 
 KEY_SRC_SHIFT = 72
 _M16 = 0xFFFF
@@ -82,14 +83,35 @@ def py_flow_key(pkt: bytes | bytearray | memoryview, reverse: bool = False) -> i
             | int.from_bytes(dst, "big") << 32 | sport << 16 | dport)
 
 
+def py_uplink_key(pkt: bytes | bytearray | memoryview, src: bytes) -> int | None:
+    """The packed flow key of an uplink packet from a host whose VIpA is ``src``, or None
+    when the packet is no well-formed IPv4 packet, or its source, or its flow key's source
+    (for an ICMP error: the quoted packet's destination) is not ``src``: a host must not
+    plant another host's flow key."""
+    k = py_flow_key(pkt)
+    if k is None or pkt[12:16] != src or (k >> KEY_SRC_SHIFT).to_bytes(4, "big") != src:
+        return None
+    return k
+
+
 try:   # the compiled common case, when pip built it
     from .dataplane._fast import flow_key_tcpudp as _c_flow_key
+    from .dataplane._fast import uplink_key_tcpudp as _c_uplink_key
 except ImportError:   # pragma: no cover - depends on the build
     flow_key = py_flow_key
+    uplink_key = py_uplink_key
 else:
     def flow_key(pkt: bytes | bytearray | memoryview, reverse: bool = False) -> int | None:
         """See :func:`py_flow_key` (compiled for TCP/UDP)."""
         return _c_flow_key(pkt, reverse) or py_flow_key(pkt, reverse)
+
+    def uplink_key(pkt: bytes | bytearray | memoryview, src: bytes) -> int | None:
+        """See :func:`py_uplink_key` (compiled for TCP/UDP: one call builds the key and
+        checks the source)."""
+        k = _c_uplink_key(pkt, src)
+        if k is None:
+            return py_uplink_key(pkt, src)
+        return k or None
 
 
 class AnchorPaft:

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import nat
-from ..flowtable import KEY_SRC_SHIFT, AnchorPaft, flow_key
+from ..flowtable import AnchorPaft, flow_key, uplink_key
 from ..paths import should_return
 from ..policy import choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
@@ -443,11 +443,10 @@ class AnchorForwarder:
         t = self._path_of(a, s, data, src, seq, now)
         if a is None or t is None:
             return None
-        key = flow_key(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
-        if key is None or inner[12:16] != a.vipa_b \
-                or (key >> KEY_SRC_SHIFT).to_bytes(4, "big") != a.vipa_b:
+        key = uplink_key(inner, a.vipa_b)
+        if key is None:
             self.drops["spoofed_inner"] += 1
             return None
         # PAFT: learn the flow, or re-point it here if this packet is its newest
