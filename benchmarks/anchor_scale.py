@@ -542,13 +542,13 @@ _PROTO = {"icmp": 1, "tcp": 6, "udp": 17}
 
 def flow_rows(rig: Rig) -> list[FlowRow]:
     """Every flow of the anchor as (uplink 5-tuple, tunnel id, tx packets, rx packets):
-    straight from ``paft.by_key`` when the table has that shape (fast), else from
-    ``Anchor.status()`` (the public view; slower), so that these checks survive a new
-    table layout."""
-    by_key = getattr(rig.fwd.paft, "by_key", None)
-    if isinstance(by_key, dict):
+    from ``paft.flows()`` when its entries have those attributes (``tables.Flow`` objects,
+    or the views of the anchor's column table; fast), else from ``Anchor.status()`` (the
+    public view; slower), so that these checks survive a new table layout."""
+    flows = getattr(rig.fwd.paft, "flows", None)
+    if callable(flows):
         try:
-            rows = [(k, f.tunnel, f.tx_packets, f.rx_packets) for k, f in by_key.items()]
+            rows = [(f.key, f.tunnel, f.tx_packets, f.rx_packets) for f in flows()]
             if all(isinstance(r[0], tuple) and len(r[0]) == 5 for r in rows[:10]):
                 return rows
         except AttributeError:
@@ -844,11 +844,13 @@ def object_walk(rig: Rig, n: int, sample: int = 2000) -> dict[str, Any]:
     picked = items[::max(1, len(items) // sample)][:sample]
     refs: Counter[int] = Counter()
     per_flow: list[list[tuple[str, int, int, bool]]] = []
+    # a dict of rows (the column layout) maps keys to row numbers: name them so
+    value_name = "row number (dict value)" if isinstance(picked[0][1], int) else ""
     for key, value in picked:
         out: list[tuple[str, int, int, bool]] = []
         seen: set[int] = set()
-        _walk(value, type(value).__name__, 3, out, seen)
-        _walk(key, "key", 2, out, seen)
+        _walk(value, value_name or type(value).__name__, 3, out, seen)
+        _walk(key, f"key ({type(key).__name__})", 2, out, seen)
         per_flow.append(out)
         for _, oid, _, _ in out:
             refs[oid] += 1
@@ -872,8 +874,9 @@ def object_walk(rig: Rig, n: int, sample: int = 2000) -> dict[str, Any]:
     res.update(sample_flows=m, walked=primary_name, parts=rows,
                objects_bytes_per_flow=sum(r["bytes_per_flow"] for r in rows),
                objects_alloc_bytes_per_flow=sum(r["alloc_bytes_per_flow"] for r in rows),
-               gc_tracked_per_flow=tracked / m,
-               paft_key_is_flow_key=all(k is getattr(v, "key", k) for k, v in picked))
+               gc_tracked_per_flow=tracked / m)
+    if all(hasattr(v, "key") for _, v in picked):      # entries are flow objects
+        res["paft_key_is_flow_key"] = all(k is v.key for k, v in picked)
     return res
 
 
@@ -895,6 +898,7 @@ def rss_probe(n: int, hosts: int, plaintext: bool) -> dict[str, Any]:
         hk = [keys.keypair() for _ in range(hosts)]
         rig = Rig(Path(d), an_key, hk, max_flows=n, plaintext=plaintext)
         items = rig.uplink(range(n), 64)
+        rig.tun.sink = rig.tun_count          # counts, keeps no packet alive (as tracemalloc's)
         gc.collect()
         before = rss_kb()
         feed_uplink(rig, items)
@@ -1131,7 +1135,7 @@ def machine() -> dict[str, Any]:
 
 def _code(x: dict[str, Any]) -> str:
     if x["where"].startswith("anchor_scale.py"):
-        return "(the anchor's clock(): a float per call, kept as Flow.created / last_seen)"
+        return "(the anchor's clock(): a float per call, kept where a flow stores it as is)"
     return str(x["code"])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from upmt_tun.dataplane.packet import TYPE_DATA
-from upmt_tun.tables import Flow
+from upmt_tun.flowtable import AnchorFlow
 
 from . import pktbuild as pb
 from .test_anchor_fuzz import ATTACKERS, CH, MH, MH2, PHONE, Host, Rig, seal_at, tunnel_of
@@ -41,7 +41,7 @@ def _two_tunnels(rig: Rig) -> tuple[Host, str, int, int]:
     return mh, vipa, a, b
 
 
-def _flow(rig: Rig) -> Flow:
+def _flow(rig: Rig) -> AnchorFlow:
     (f,) = rig.fwd.paft.flows()
     return f
 
@@ -175,6 +175,37 @@ def test_one_host_cannot_take_the_flow_table(tmp_path: Path) -> None:
         struct.pack_into("!HH", base, 20, 1024 + i % 60000, 53 + i // 60000)
         rig.feed(mh.data(bytes(base)), MH)
     assert len(paft) == share and len(rig.tun.written) == share
+    assert rig.fwd.drops["flow_cap"] == extra
     n = len(rig.tun.written)
     rig.feed(phone.data(pb.udp(pvipa, CH, 5, 53, b"y")), PHONE)
     assert len(rig.tun.written) == n + 1 and len(paft) == share + 1
+
+
+def test_a_signalled_handover_moves_only_the_hosts_own_flows(tmp_path: Path) -> None:
+    """HandoverReq names flows by 5-tuple: another host's flow is refused (403), and so is a
+    field too large for its place in the anchor's packed key (501): protocol 256 + 17
+    would carry into the source address and name the next VIpA, the phone's flow."""
+    rig = Rig(tmp_path, peers=("laptop", "phone"))
+    mh = Host(rig, "laptop", MH)
+    vipa, (ta, tb) = mh.establish((MH, MH2))
+    phone = Host(rig, "phone", PHONE, seed=2)
+    pvipa, (tp,) = phone.establish((PHONE,))
+    assert int.from_bytes(bytes(map(int, pvipa.split("."))), "big") \
+        == int.from_bytes(bytes(map(int, vipa.split("."))), "big") + 1
+    rig.feed(mh.data(pb.udp(vipa, CH, 5000, 53, b"x")), MH)
+    rig.feed(phone.data(pb.udp(pvipa, CH, 5000, 53, b"y")), PHONE)
+
+    def handover(flow: list[object]) -> tuple[int, str, dict[str, dict[str, object]]]:
+        return mh.ask([("HandoverReq", {"sipId": "laptop", "tunnelId": tb,
+                                        "flows": [flow]})], MH2)
+
+    assert handover([17, pvipa, CH, 5000, 53])[0] == 403
+    assert handover([17 + 256, vipa, CH, 5000, 53])[0] == 501
+    assert handover([17, vipa, CH, 5000 + 65536, 53])[0] == 501
+    assert _downlink_to(rig, pvipa) == [PHONE]          # the phone's flow did not move
+    code, _, sigs = handover([17, vipa, CH, 5000, 53])
+    assert code == 200 and sigs["HandoverResp"] == {"moved": 1}
+    assert _downlink_to(rig, vipa) == [MH2]
+    by_host = {f.anchor: f for f in rig.fwd.paft.flows()}
+    assert by_host["laptop"].history[-1][3] == "signalled handover"
+    assert by_host["phone"].tunnel == tp and len(by_host["phone"].history) == 1

@@ -8,6 +8,10 @@ Tunnel Table: ``local_tid`` -> ``local_tun`` (interface, local port), ``remote_t
 Keys are always written in the *uplink* direction (mobile host -> correspondent),
 the way the first packet of a flow leaves the mobile host; a downlink packet's
 5-tuple is reversed before lookup. Pure data, no I/O, ``now`` passed in.
+
+:class:`Paft` of :class:`Flow` objects is the agent's (a host has few flows); the anchor
+holds up to 100 000 and keeps them in columns (``flowtable.AnchorPaft``), with the same
+status JSON (:func:`flow_json`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FlowKey", "Flow", "Tunnel", "Paft", "TunnelTable", "reverse_key", "seq_of"]
+__all__ = ["FlowKey", "Flow", "History", "Tunnel", "Paft", "TunnelTable", "flow_json",
+           "reverse_key", "seq_of"]
 
 FlowKey = tuple[int, bytes, bytes, int, int]
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
@@ -39,6 +44,26 @@ def reverse_key(k: FlowKey) -> FlowKey:
 
 def ip_str(b: bytes) -> str:
     return str(ipaddress.IPv4Address(b))
+
+
+History = tuple[tuple[float, int | None, int, str], ...]
+
+
+def flow_json(fid: int, key: FlowKey, tunnel: int, tx_packets: int, rx_packets: int,
+              history: History, now: float, interface: str | None,
+              iface_of: Callable[[int | None], str | None] = lambda tid: None
+              ) -> dict[str, Any]:
+    """A flow's status view, the same for both ends (each adds its own fields) and for
+    both table layouts (``Flow`` here, the anchor's columns in ``flowtable.py``). History
+    entries name tunnels (``from``/``to``) and their interfaces, oldest first."""
+    return {
+        "id": fid, "protocol": PROTO_NAMES.get(key[0], str(key[0])), "src": ip_str(key[1]),
+        "sport": key[3], "dst": ip_str(key[2]), "dport": key[4], "tunnel": tunnel,
+        "interface": interface, "tx_packets": tx_packets, "rx_packets": rx_packets,
+        "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r,
+                     "from_interface": iface_of(a), "to_interface": iface_of(b)}
+                    for ts, a, b, r in history],
+    }
 
 
 @dataclass(slots=True, eq=False)
@@ -86,7 +111,8 @@ class Tunnel:
 
 @dataclass(slots=True, eq=False)
 class Flow:
-    """One PAFT entry: an application flow bound to a tunnel."""
+    """One PAFT entry: an application flow bound to a tunnel. The agent's; the anchor keeps
+    its many flows in columns instead (``flowtable.AnchorPaft``)."""
 
     fid: int
     key: FlowKey
@@ -94,23 +120,21 @@ class Flow:
     rule: str = ""
     anchor: str = ""              # fixed when the flow starts (its public address)
     app_src: str = ""             # the application's own source address, if known
-    static: bool = False          # not moved by implicit handover
     policy: Any = None            # the agent's FlowClass (rule's via/anchor), for failover
-    last_seq: int = -1            # anchor: newest seq_of(session generation, counter) seen
     tx_packets: int = 0
     rx_packets: int = 0
     created: float = 0.0
     last_seen: float = 0.0
     first_tunnel: int = 0
     # moves, made on the first one: most flows never move, and an empty deque alone costs
-    # ~760 bytes (its first block), half a flow's memory at the anchor
+    # ~760 bytes (its first block)
     moves: deque[tuple[float, int | None, int, str]] | None = None
 
     def __post_init__(self) -> None:
         self.first_tunnel = self.tunnel
 
     @property
-    def history(self) -> tuple[tuple[float, int | None, int, str], ...]:
+    def history(self) -> History:
         """(when, from tunnel, to tunnel, why), oldest first: the flow's start, then its
         moves; the last HISTORY_LEN of them."""
         if self.moves is None:
@@ -119,17 +143,9 @@ class Flow:
 
     def json(self, now: float, interface: str | None,
              iface_of: Callable[[int | None], str | None] = lambda tid: None) -> dict[str, Any]:
-        """The status view both ends share (each adds its own fields). History entries
-        name tunnels (``from``/``to``) and their interfaces, oldest first."""
-        k = self.key
-        return {
-            "id": self.fid, "protocol": PROTO_NAMES.get(k[0], str(k[0])), "src": ip_str(k[1]),
-            "sport": k[3], "dst": ip_str(k[2]), "dport": k[4], "tunnel": self.tunnel,
-            "interface": interface, "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
-            "history": [{"age_s": round(now - ts, 3), "from": a, "to": b, "reason": r,
-                         "from_interface": iface_of(a), "to_interface": iface_of(b)}
-                        for ts, a, b, r in self.history],
-        }
+        """The status view both ends share (each adds its own fields): :func:`flow_json`."""
+        return flow_json(self.fid, self.key, self.tunnel, self.tx_packets, self.rx_packets,
+                         self.history, now, interface, iface_of)
 
     def move(self, now: float, tid: int, reason: str) -> None:
         """Re-point the flow to tunnel ``tid``, remembering why (bounded history)."""

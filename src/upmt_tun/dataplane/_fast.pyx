@@ -655,3 +655,67 @@ def coalesce(list pkts):
         out.append(res)
         i = j
     return out
+
+
+# -- the anchor's packed flow key (flowtable.py_flow_key is the reference) -----------------
+
+cdef extern from *:
+    """
+    /* the 13 big-endian bytes src|proto|dst|sport|dport as one int, in one allocation */
+    static PyObject *upmt_key_from_be(const unsigned char *b, size_t n) {
+    #if PY_VERSION_HEX >= 0x030D0000
+        return PyLong_FromUnsignedNativeBytes(b, (Py_ssize_t)n, Py_ASNATIVEBYTES_BIG_ENDIAN);
+    #else
+        return _PyLong_FromByteArray(b, n, 0, 0);
+    #endif
+    }
+    """
+    object upmt_key_from_be(const unsigned char *b, size_t n)
+
+
+cdef inline object _packed_key(const uint8_t* p, Py_ssize_t hlen, bint reverse):
+    """flowtable.pack_key of the IPv4 TCP/UDP packet at ``p`` (checked by the caller)."""
+    cdef uint8_t k[13]
+    if reverse:
+        memcpy(k, p + 16, 4)
+        memcpy(k + 5, p + 12, 4)
+        memcpy(k + 9, p + hlen + 2, 2)
+        memcpy(k + 11, p + hlen, 2)
+    else:
+        memcpy(k, p + 12, 4)
+        memcpy(k + 5, p + 16, 4)
+        memcpy(k + 9, p + hlen, 4)
+    k[4] = p[9]
+    return upmt_key_from_be(k, 13)
+
+
+cdef inline bint _tcpudp(const uint8_t* p, Py_ssize_t size) noexcept:
+    """A well-formed unfragmented IPv4 TCP/UDP packet with its ports inside (size >= 24)."""
+    cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
+    cdef Py_ssize_t total = _rd16(p + 2)
+    return not (p[0] >> 4 != 4 or hlen < 20 or hlen > size or total > size or total < hlen
+                or (p[9] != 6 and p[9] != 17) or (_rd16(p + 6) & 0x1FFF) or hlen + 4 > total)
+
+
+def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
+    """flowtable.pack_key of the 5-tuple of a well-formed unfragmented IPv4 TCP/UDP packet
+    with its ports inside (``reverse``: of the reversed 5-tuple, a downlink packet's
+    uplink key); None for anything else (the caller runs flowtable.py's code)."""
+    cdef Py_ssize_t size = pkt.shape[0]
+    if size < 24 or not _tcpudp(&pkt[0], size):
+        return None
+    return _packed_key(&pkt[0], (pkt[0] & 0x0F) << 2, reverse)
+
+
+def uplink_key_tcpudp(const uint8_t[:] pkt, bytes src):
+    """flowtable.py_uplink_key for a well-formed unfragmented IPv4 TCP/UDP packet with its
+    ports inside: its packed key if it comes from ``src`` (4 bytes), 0 if it does not;
+    None for anything else (the caller runs flowtable.py's code)."""
+    if len(src) != 4:
+        raise ValueError(f"an IPv4 address is 4 bytes, got {len(src)}")
+    cdef Py_ssize_t size = pkt.shape[0]
+    if size < 24 or not _tcpudp(&pkt[0], size):
+        return None
+    if memcmp(&pkt[12], PyBytes_AS_STRING(src), 4) != 0:
+        return 0
+    return _packed_key(&pkt[0], (pkt[0] & 0x0F) << 2, False)

@@ -66,9 +66,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import nat
+from ..flowtable import AnchorPaft, flow_key, uplink_key
 from ..paths import should_return
 from ..policy import choose_tunnel
-from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, reverse_key, seq_of
+from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
 from . import offload
 from .crypto import Session
 from .packet import (
@@ -480,7 +481,10 @@ class AnchorForwarder:
 
     def __init__(self, max_flows: int = 100_000, max_flows_per_host: int = 4096) -> None:
         self.tunnels = TunnelTable()
-        self.paft = Paft(cap=max_flows, per_source_cap=max_flows_per_host)
+        # the columns layout (flowtable.py): 100 000 flows of many hosts; a flow's host is
+        # the association of its source address
+        self.paft = AnchorPaft(max_flows, max_flows_per_host,
+                               lambda src: a.mh if (a := self.by_vipa.get(src)) else "")
         self.by_vipa: dict[bytes, Association] = {}
         self.by_mh: dict[str, Association] = {}
         self.sessions: dict[int, Session] = {}
@@ -498,8 +502,7 @@ class AnchorForwarder:
             self.tunnels.remove(tid)
         a.tunnels.clear()
         a.by_addr.clear()
-        for f in [f for f in self.paft.by_key.values() if f.key[1] == a.vipa_b]:
-            self.paft.remove(f)
+        self.paft.remove_source(a.vipa_b)
         self.by_vipa.pop(a.vipa_b, None)
         self.by_mh.pop(a.mh, None)
 
@@ -575,25 +578,16 @@ class AnchorForwarder:
                 n: int, nbytes: int) -> bool:
         """Steps 3-4 of the uplink for ``n`` opened packets of one flow that came on
         tunnel ``t`` (``inner`` the first, ``seq`` the newest): may they go to the TUN?"""
-        key = nat.five_tuple(inner)
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
-        if key is None or inner[12:16] != a.vipa_b or key[1] != a.vipa_b:
+        key = uplink_key(inner, a.vipa_b)
+        if key is None:
             self.drops["spoofed_inner"] += n
             return False
-        flow = self.paft.get(key)
-        if flow is None:
-            flow = self.paft.add(key, t.tid, now, anchor=a.mh)
-            if flow is None:
-                self.drops["flow_cap"] += n
-                return False
-            flow.last_seq = seq
-        elif seq > flow.last_seq:
-            flow.last_seq = seq
-            if flow.tunnel != t.tid and not flow.static:
-                flow.move(now, t.tid, "implicit handover")
-        flow.tx_packets += n
-        flow.last_seen = now
+        # PAFT: learn the flow, or re-point it here if ``seq`` is its newest
+        if self.paft.up(key, t.tid, seq, now, n) < 0:
+            self.drops["flow_cap"] += n
+            return False
         t.rx_packets += n
         t.rx_bytes += nbytes
         t.last_rx = a.last_rx = now
@@ -752,7 +746,7 @@ class AnchorForwarder:
                ) -> tuple[Association, Tunnel] | None:
         """Step 1 of the downlink: the association (its session is set) and tunnel of
         ``pkt``, counting ``n`` packets."""
-        key = nat.five_tuple(pkt)
+        key = flow_key(pkt, True)           # the uplink direction's key
         if key is None:
             self.drops["not_ipv4"] += n
             return None
@@ -760,12 +754,7 @@ class AnchorForwarder:
         if a is None:
             self.drops["no_association"] += n
             return None
-        flow = self.paft.get(reverse_key(key))
-        t = None
-        if flow is not None:
-            t = self.tunnels.by_tid.get(flow.tunnel)
-            flow.rx_packets += n
-            flow.last_seen = now
+        t = self.tunnels.by_tid.get(self.paft.down(key, now, n))    # no flow: tunnel id 0
         if t is None or t.state != "up":
             t = a.last_tunnel
             if t is None or t.state != "up" or t.tid not in self.tunnels.by_tid:

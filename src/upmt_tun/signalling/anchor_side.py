@@ -24,6 +24,7 @@ from typing import Any
 
 from ..dataplane.crypto import Session
 from ..dataplane.forwarder import AnchorForwarder, Association
+from ..flowtable import pack_key
 from ..tables import Tunnel
 from . import sip, upmt
 
@@ -240,17 +241,13 @@ class AnchorSignalling:
                 proto, fsrc, dst, sport, dport = item
                 key = (int(proto), ipaddress.IPv4Address(fsrc).packed,
                        ipaddress.IPv4Address(dst).packed, int(sport), int(dport))
+                packed = pack_key(key)
             except (TypeError, ValueError):
                 raise Refused(501, "bad UPMT signal: flows are [proto, src, dst, sport, dport]") \
                     from None
             if key[1] != a.vipa_b:
                 raise Refused(403, "Forbidden: not this host's flow")
-            f = self.fwd.paft.get(key)
-            if f is None or f.static:
-                continue
-            f.last_seq = max(f.last_seq, self._seq)
-            if f.tunnel != t.tid:
-                f.move(now, t.tid, "signalled handover")
+            if self.fwd.paft.handover(packed, t.tid, self._seq, now) > 0:
                 moved += 1
         a.last_tunnel = t
         return "HandoverResp", {"moved": moved}
