@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,43 @@ async def test_path_socket_gso_send_and_gro_batch_on_loopback() -> None:
         assert batches == [1016]            # the four leave and arrive as one
     rx.close()
     tx.close()
+
+
+class _Loop:
+    """Just enough of an event loop: remembers the reader callback."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, Callable[[], None]] = {}
+
+    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
+        self.readers[fd] = cb
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+
+def test_tun_reader_flushes_small_packets_per_burst_and_super_packets_at_once() -> None:
+    """TunDevice's reader on a SOCK_SEQPACKET pair standing in for /dev/net/tun (one
+    message per read, EAGAIN when drained): small packets of one wake-up leave in one
+    flush, a super-packet's datagrams right after its read."""
+    import socket as so
+    a, b = so.socketpair(so.AF_UNIX, so.SOCK_SEQPACKET)
+    a.setblocking(False)
+    tun = dio.TunDevice.__new__(dio.TunDevice)
+    tun.loop, tun.fd, tun.vnet_hdr, tun.dropped, tun.name = _Loop(), a.fileno(), True, 0, "t"
+    events: list[str] = []
+    tun.start(lambda p: events.append(f"pkt{len(p)}"), lambda: events.append("flush"),
+              lambda sp, gso: events.append(f"super{gso}"))
+    small = [pb.udp("100.64.0.1", CH, 1, 2, b"x" * n) for n in (1, 2, 3)]
+    big = pb.tcp("100.64.0.1", CH, 1, 2, os.urandom(3000))
+    try:
+        for p in small:
+            b.send(bytes(O.VNET_HDR_LEN) + p)
+        b.send(vnet_tso(big, 40, 1000))
+        b.send(bytes(O.VNET_HDR_LEN) + small[0])
+        tun.loop.readers[a.fileno()]()
+        assert events == ["pkt29", "pkt30", "pkt31", "super1000", "flush", "pkt29", "flush"]
+        assert tun.dropped == 0
+    finally:
+        a.close()
+        b.close()
