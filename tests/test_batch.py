@@ -375,3 +375,29 @@ def test_tun_reader_flushes_small_packets_per_burst_and_super_packets_at_once() 
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("how", ["raises", "wrong bytes"])
+def test_a_libcrypto_aead_that_misbehaves_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                       how: str) -> None:
+    """The libcrypto AEAD is checked against cryptography's once per process; one that
+    refuses (a FIPS-mode libcrypto, say) or disagrees means AESGCM, not a failure."""
+    from upmt_tun.dataplane import crypto
+
+    class Bad:
+        def __init__(self, key: bytes, seal: bool) -> None:
+            if how == "raises":
+                raise RuntimeError("EVP_CipherInit_ex failed")
+
+        def encrypt(self, nonce: bytes, data: bytes, ad: bytes | None) -> bytes:
+            return bytes(len(data) + 16)
+
+        def decrypt(self, nonce: bytes, data: bytes, ad: bytes | None) -> bytes:
+            return data[:-16]
+
+    monkeypatch.setattr(crypto, "_FastAead", Bad)
+    monkeypatch.setattr(crypto, "_fast_checked", [])
+    a, b = pair()
+    assert isinstance(a._send, AESGCM) and isinstance(b._recv, AESGCM)
+    assert b.open(a.seal(TYPE_DATA, b"x")) == (0, b"x")
+    assert crypto._fast_checked == [False]

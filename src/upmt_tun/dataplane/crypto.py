@@ -11,6 +11,7 @@ huge counter cannot move the window.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA, pack_header
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PyReplayWindow", "ReplayWindow", "Session", "REJECT_AFTER_MESSAGES",
            "py_open_many", "py_seal_many"]
@@ -134,9 +137,33 @@ def new_aead(key: bytes, seal: bool) -> Aead:
     """AES-256-GCM for ``key``: on the system's libcrypto with one context per key when
     ``_fast`` loaded it (no per-packet key setup), else cryptography's AESGCM (the same
     bytes). ``UPMT_AEAD=cryptography`` in the environment forces the latter."""
-    if _FastAead is not None and os.environ.get("UPMT_AEAD") != "cryptography":
+    if _FastAead is not None and os.environ.get("UPMT_AEAD") != "cryptography" \
+            and _fast_aead_works():
         return _FastAead(key, seal)
     return AESGCM(key)
+
+
+_fast_checked: list[bool] = []
+
+
+def _fast_aead_works() -> bool:
+    """Once per process: does the libcrypto AEAD give cryptography's bytes, and open
+    them? (A libcrypto that refuses, e.g. one in FIPS mode that will not take our nonce,
+    or anything else odd, means cryptography's AESGCM for every session, not a failure.)"""
+    if not _fast_checked:
+        key, nonce, ad, msg = bytes(range(32)), bytes(range(12)), b"upmt", bytes(range(100))
+        try:
+            assert _FastAead is not None
+            ct = _FastAead(key, True).encrypt(nonce, msg, ad)
+            ok = ct == AESGCM(key).encrypt(nonce, msg, ad) and \
+                _FastAead(key, False).decrypt(nonce, ct, ad) == msg
+        except Exception as e:  # noqa: BLE001 - whatever it is, do not use it
+            log.info("libcrypto AES-GCM not usable (%s): using cryptography's", e)
+            ok = None
+        if ok is False:
+            log.info("libcrypto AES-GCM disagrees with cryptography's: using cryptography's")
+        _fast_checked.append(bool(ok))
+    return _fast_checked[0]
 
 
 class Window(Protocol):
