@@ -267,7 +267,8 @@ async def test_super_packets_cross_the_tunnel_whole_both_ways(tmp_path: Path) ->
         up = pb.tcp("100.64.0.1", CH, 40000, 80, os.urandom(6000))
         batches: list[int] = []
         an = w.anchors[0]
-        on_batch = an._on_batch
+        on_batch = an.path.on_batch                                # type: ignore[attr-defined]
+        assert on_batch is not None
 
         def spy(data: bytes, size: int, src: tuple[str, int]) -> None:
             batches.append(-(-len(data) // size))

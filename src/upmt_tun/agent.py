@@ -28,7 +28,7 @@ from typing import Any
 from .config import AgentConfig, Rule
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AgentForwarder, FlowClass
-from .dataplane.io import Path, Tun
+from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
     PATH_MAX,
     TYPE_CONTROL,
@@ -207,19 +207,10 @@ class Agent:
 
     def _on_batch_for(self, index: int, on_datagram: Callable[[bytes, tuple[str, int]], None]
                       ) -> Callable[[bytes, int, tuple[str, int]], None]:
-        fwd, write, clock = self.fwd, self.tun.write, self.clock
-
-        def on_batch(data: bytes, size: int, src: tuple[str, int]) -> None:
-            if data[0] == TYPE_DATA:
-                pkts, rest = fwd.from_path_many(index, data, size, src, clock())
-                for pkt in pkts:
-                    write(pkt)
-            else:
-                rest = [data[at:at + size] for at in range(0, len(data), size)]
-            for d in rest:
-                on_datagram(d, src)
-
-        return on_batch
+        fwd, clock = self.fwd, self.clock
+        return gro_reader(lambda data, size, src: fwd.from_path_many(index, data, size, src,
+                                                                     clock()),
+                          self.tun.write, on_datagram)
 
     def _on_handshake_response(self, data: bytes, src: tuple[str, int]) -> None:
         """HS_RESP (our session) or HS_COOKIE (the anchor is under load: remember the cookie

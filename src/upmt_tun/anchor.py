@@ -19,7 +19,7 @@ from typing import Any
 from .config import AnchorConfig
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
-from .dataplane.io import Path, Tun
+from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
     KIND_SIP,
     TYPE_CONTROL,
@@ -92,17 +92,6 @@ class Anchor:
         else:
             self.fwd.drops["junk"] += 1
 
-    def _on_batch(self, data: bytes, size: int, src: tuple[str, int]) -> None:
-        """What UDP GRO coalesced from one sender: DATA opened as a run."""
-        if data[0] == TYPE_DATA:
-            pkts, rest = self.fwd.from_path_many(data, size, src, self.clock())
-            for pkt in pkts:
-                self.tun.write(pkt)
-        else:
-            rest = [data[at:at + size] for at in range(0, len(data), size)]
-        for d in rest:
-            self._on_datagram(d, src)
-
     def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
         """mac1 first (no DH for who does not know our key). Not under load: the rate
         limiter. Under load (a flood, maybe from forged sources): only initiations whose
@@ -164,7 +153,9 @@ class Anchor:
 
     async def start(self) -> None:
         self.tun.start(self._on_tun, self.path.flush, self._on_super)
-        self.path.start(self._on_datagram, self.tun.flush, self._on_batch)
+        self.path.start(self._on_datagram, self.tun.flush, gro_reader(
+            lambda data, size, src: self.fwd.from_path_many(data, size, src, self.clock()),
+            self.tun.write, self._on_datagram))
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:

@@ -80,6 +80,7 @@ from .packet import (
     TYPE_PATH_RESPONSE,
     TYPE_PING,
     TYPE_PONG,
+    datagrams,
     path_id,
 )
 
@@ -381,7 +382,7 @@ class AgentForwarder:
         if hit is not None and index < len(self.interfaces):
             t = self.by_path.get((self.interfaces[index], hit[0].name))
         if hit is None or t is None or t.remote != src:
-            return [], [data[at:at + size] for at in range(0, len(data), size)]
+            return [], datagrams(data, size)
         _, pts, others, bad = hit[1].open_many(data, size)
         if bad:
             self.drops["bad_packet"] += bad
@@ -544,7 +545,7 @@ class AnchorForwarder:
         a = self.by_mh.get(s.peer) if s is not None else None
         t = a.by_addr.get(src) if a is not None else None
         if s is None or a is None or t is None or t.state != "up":
-            return [], [data[at:at + size] for at in range(0, len(data), size)]
+            return [], datagrams(data, size)
         counters, pts, others, bad = s.open_many(data, size)
         if bad:
             self.drops["bad_packet"] += bad

@@ -30,8 +30,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import offload
+from .packet import TYPE_DATA, datagrams
 
-__all__ = ["FakeNetwork", "FakeSocket", "FakeTun", "PathSocket", "TunDevice", "open_udp"]
+__all__ = ["FakeNetwork", "FakeSocket", "FakeTun", "PathSocket", "TunDevice", "gro_reader",
+           "open_udp"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,24 @@ OnPacket = Callable[[bytes], None]
 OnSuper = Callable[[memoryview, int], None]
 OnDatagram = Callable[[bytes, tuple[str, int]], None]
 OnBatch = Callable[[bytes, int, tuple[str, int]], None]
+
+
+def gro_reader(open_run: Callable[[bytes, int, tuple[str, int]],
+                                  tuple[list[bytes], list[bytes]]],
+               write: OnPacket, on_datagram: OnDatagram) -> OnBatch:
+    """An ``on_batch`` for a path socket: a GRO read of DATA goes to the forwarder whole
+    (``open_run`` -> packets for the TUN, datagrams it left); the rest, and any read of
+    other types, datagram by datagram to ``on_datagram``."""
+    def on_batch(data: bytes, size: int, src: tuple[str, int]) -> None:
+        if data[0] == TYPE_DATA:
+            pkts, rest = open_run(data, size, src)
+            for pkt in pkts:
+                write(pkt)
+        else:
+            rest = datagrams(data, size)
+        for d in rest:
+            on_datagram(d, src)
+    return on_batch
 
 
 def deliver(data: bytes, on_packet: OnPacket, on_super: OnSuper | None) -> bool:
@@ -285,8 +305,8 @@ class PathSocket:
                             if on_batch is not None:
                                 on_batch(data, size, addr)
                             else:
-                                for at in range(0, len(data), size):
-                                    on_datagram(data[at:at + size], addr)
+                                for d in datagrams(data, size):
+                                    on_datagram(d, addr)
                             continue
                 on_datagram(data, addr)
 

@@ -42,6 +42,7 @@ __all__ = [
     "TYPE_PONG",
     "MalformedPacket",
     "classify",
+    "datagrams",
     "decode_header",
     "encode_data",
     "pack_header",
@@ -73,6 +74,11 @@ KIND_SIP = 3
 KIND_JUNK = 0
 
 _SIP_FIRST = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def datagrams(data: bytes, size: int) -> list[bytes]:
+    """The datagrams of one UDP GRO read: ``size`` bytes each, the last maybe shorter."""
+    return [data[at:at + size] for at in range(0, len(data), size)]
 
 
 class MalformedPacket(ValueError):
