@@ -105,10 +105,13 @@ def py_open_many(aead: Aead, window: Window, me: int, plain: bool, data: bytes, 
     total = len(data)
     for at in range(0, total, size):
         end = min(at + size, total)
-        if end - at < minimum or data[at] != TYPE_DATA or unpack(data, at)[1] != me:
+        if end - at < minimum or data[at] != TYPE_DATA:
             others.append(data[at:end])          # for the per-datagram path
             continue
-        counter = unpack(data, at)[2]
+        _, receiver, counter = unpack(data, at)
+        if receiver != me:
+            others.append(data[at:end])
+            continue
         if not window.check(counter):
             bad += 1
             continue

@@ -65,6 +65,11 @@ OnDatagram = Callable[[bytes, tuple[str, int]], None]
 OnBatch = Callable[[bytes, int, tuple[str, int]], None]
 
 
+def pair_sizes(parts: list[bytes]) -> list[int]:
+    """The datagram sizes of ``Session.seal_many``'s [header, body, header, body, ...]."""
+    return [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+
+
 def gro_reader(open_run: Callable[[bytes, int, tuple[str, int]],
                                   tuple[list[bytes], list[bytes]]],
                write: OnPacket, on_datagram: OnDatagram) -> OnBatch:
@@ -337,7 +342,7 @@ class PathSocket:
         ``Session.seal_many``'s: they are sent as they are, never joined."""
         bufs, sizes = self._run(addr)
         bufs += parts
-        sizes += [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+        sizes += pair_sizes(parts)
 
     def flush(self) -> None:
         """Send the queue: runs of datagrams to one address, all of one size but the last,
@@ -528,7 +533,7 @@ class FakeSocket:
         self.net._send(self, bytes(data), addr)
 
     def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None:
-        sizes = [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
+        sizes = pair_sizes(parts)
         if len(sizes) > 1 and all(x == sizes[0] for x in sizes[:-1]) and sizes[-1] <= sizes[0]:
             self.net._send(self, b"".join(parts), addr, sizes[0])    # one GSO send
             return
