@@ -231,3 +231,39 @@ def test_coalesce_implementations_agree_and_lose_nothing(sizes: list[int], gso: 
         hdr, pkt = unwrap(w)
         back += O.py_tso_split(pkt, hdr[3]) if hdr[1] == O.GSO_TCPV4 else [pkt]
     assert back == stream
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from upmt_tun.runtime import keep_heap
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MI
+ok = keep_heap() if sys.argv[1] == "keep" else None
+bufs = [bytes(60000) for _ in range(60)]     # 3.6 MB of read-sized buffers on the heap
+del bufs
+print(ok, libc.mallinfo2().keepcost)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "confstr")
+                    or "glibc" not in (__import__("os").confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="glibc only")
+def test_daemons_keep_freed_read_buffers_on_the_heap():
+    """The daemons' malloc setting: freed 64 KB buffers stay on the heap (no brk/page-fault
+    churn); by default glibc hands most of it back at once."""
+    import subprocess
+    import sys
+
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    ok, kept = run("keep")
+    _, default = run("default")
+    assert ok == "True"
+    assert default < 1 << 20          # 128 KiB, or more after mmapped blocks were freed
+    assert kept >= 3 << 20

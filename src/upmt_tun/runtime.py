@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,25 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.new_event_loop()
+
+
+M_TRIM_THRESHOLD = -1      # glibc's mallopt parameter (malloc.h)
+HEAP_KEEP = 8 << 20
+
+
+def keep_heap() -> bool:
+    """Let glibc keep up to :data:`HEAP_KEEP` free at the top of the heap (default 128 KiB).
+
+    A busy tunnel allocates and frees 64 KiB read buffers all the time; with the default
+    the anchor gave the top of its heap back with ``brk`` about 600 times a second and took
+    a page fault on every fresh page when it grew again (3-4 % of the machine's CPU under
+    ``perf`` during a TCP upload). Daemons only: a library user keeps its own settings.
+    False where there is no glibc ``mallopt`` (musl) or it refused."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP))
+    except (OSError, AttributeError):
+        return False
 
 
 def _resolve(host: str, port: int) -> tuple[str, int]:
@@ -138,6 +158,7 @@ def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> 
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
     """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
     ensure_free(control_path)
+    keep_heap()
     ifaces = _interfaces(cfg)
     if any(i.address is None for i, _ in ifaces):
         bad = next(i.name for i, _ in ifaces if i.address is None)
@@ -233,6 +254,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
     """``upmt-anchor``: returns when stopped."""
     ensure_free(control_path)
+    keep_heap()
     loop = new_loop()
     asyncio.set_event_loop(loop)
     opened: list[Any] = []
