@@ -401,13 +401,13 @@ def _pipe_batch(fn: Callable[[bytes, float], Any], pkt: bytes, datagram_at: int
 def _gso_batch(fn: Callable[[memoryview, int, float], Any], sp: memoryview, parts_at: int
                ) -> Callable[[int], list[bytes]]:
     """n GRO reads: each the datagrams the other end's batch pipeline ``fn`` made of one
-    super-packet (its parts are item ``parts_at`` of the result), joined; oldest last."""
+    super-packet (back to back: item ``parts_at`` of the result); oldest last."""
     def make(n: int) -> list[bytes]:
         out = []
         for _ in range(n):
             r = fn(sp, GSO, 0.5)
             assert r is not None
-            out.append(b"".join(r[parts_at]))
+            out.append(r[parts_at])
         out.reverse()
         return out
     return make

@@ -6,6 +6,7 @@ wire and into the TUN, the same counters, the same drops. Each test compares the
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from upmt_tun import nat
 from upmt_tun.dataplane import io as dio
 from upmt_tun.dataplane import offload as O
-from upmt_tun.dataplane.crypto import PyReplayWindow, Session, py_open_many, py_seal_many
+from upmt_tun.dataplane.crypto import PyReplayWindow, Session, py_open_many, py_seal_run
 from upmt_tun.dataplane.forwarder import AnchorForwarder, Association
 from upmt_tun.dataplane.packet import TYPE_CONTROL, TYPE_DATA
 from upmt_tun.tables import Tunnel
@@ -43,18 +44,21 @@ def pair(plain: bool = False) -> tuple[Session, Session]:
 
 
 @pytest.mark.parametrize("plain", [False, True])
-def test_seal_many_is_seal_one_by_one(plain: bool) -> None:
+def test_seal_run_is_seal_one_by_one_back_to_back(plain: bool) -> None:
     a, b = Session(1, 2, K1, K2, 0.0, plain_data=plain), Session(1, 2, K1, K2, 0.0,
                                                                  plain_data=plain)
     payloads = [os.urandom(1400), os.urandom(1400), os.urandom(333)]
-    parts = a.seal_many(TYPE_DATA, payloads, 9)
-    assert len(parts) == 6
-    assert [parts[i] + parts[i + 1] for i in range(0, 6, 2)] == [
-        b.seal(TYPE_DATA, p, 9) for p in payloads]
+    assert a.seal_run(TYPE_DATA, payloads, 9) == b"".join(
+        b.seal(TYPE_DATA, p, 9) for p in payloads)
     assert a.send_counter == b.send_counter == 3
+    assert a.seal_run(TYPE_DATA, []) == b"" and a.send_counter == 3
+    for bad in ([b"x" * 10, b"x" * 11], [b"x" * 10, b"x" * 9, b"x" * 10]):
+        with pytest.raises(ValueError):      # not a run: GSO would cut it wrong
+            a.seal_run(TYPE_DATA, bad)
+        assert a.send_counter == 3           # and no counter spent on it
     a.send_counter = (1 << 64) - (1 << 13) - 2
     with pytest.raises(OverflowError):
-        a.seal_many(TYPE_DATA, payloads)
+        a.seal_run(TYPE_DATA, payloads)
 
 
 @pytest.mark.parametrize("plain", [False, True])
@@ -96,10 +100,11 @@ def test_open_many_opens_what_open_opens_in_order(plain: bool) -> None:
        st.booleans())
 def test_compiled_loops_match_the_reference(picks: list[tuple[int, int]], plain: bool) -> None:
     """Random runs of fresh, replayed, forged, foreign and short datagrams: the compiled
-    seal_many/open_many give the reference's bytes, results and window."""
+    seal_run/open_many give the reference's bytes, results and window."""
     tx = Session(1, 2, K1, K2, 0.0, plain_data=plain)
-    parts = tx.seal_many(TYPE_DATA, [os.urandom(64) for _ in range(41)], 3)
-    dgs = [parts[i] + parts[i + 1] for i in range(0, 82, 2)]
+    run = tx.seal_run(TYPE_DATA, [os.urandom(64) for _ in range(41)], 3)
+    step = len(run) // 41
+    dgs = [run[i:i + step] for i in range(0, len(run), step)]
     mix = []
     for i, how in picks:
         d = bytearray(dgs[i])
@@ -119,11 +124,15 @@ def test_compiled_loops_match_the_reference(picks: list[tuple[int, int]], plain:
     assert got == ref
     assert (c_w.highest, c_w.seen_any) == (ref_w.highest, ref_w.seen_any)
     assert all(c_w.check(c) == ref_w.check(c) for c in range(0, 45))
-    payloads = [os.urandom(n) for n in (0, 1, 1400)]
-    want = py_seal_many(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain)
-    assert _fast.seal_many(Session(1, 2, K1, K2, 0.0)._send, 0x80000005, 9, 2**64 - 3,
-                           payloads, plain) == want
-    assert _fast.seal_many(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain) == want
+    for payloads in ([os.urandom(1400), os.urandom(1400), bytearray(os.urandom(7))],
+                     [b""], [os.urandom(1)]):
+        want = py_seal_run(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain)
+        assert _fast.seal_run(Session(1, 2, K1, K2, 0.0)._send, 0x80000005, 9, 2**64 - 3,
+                              payloads, plain) == want
+        assert _fast.seal_run(AESGCM(K1), 0x80000005, 9, 2**64 - 3, payloads, plain) == want
+    for fn in (py_seal_run, _fast.seal_run):
+        with pytest.raises(ValueError):
+            fn(AESGCM(K1), 0x80000005, 9, 0, [b"ab", b"abc"], plain)
 
 
 @pytest.mark.skipif(_fast is None or _fast.LIBCRYPTO is None, reason="no compiled AEAD")
@@ -304,7 +313,7 @@ async def test_super_packets_cross_the_tunnel_whole_both_ways(tmp_path: Path) ->
 
 
 async def test_path_socket_gso_send_and_gro_batch_on_loopback() -> None:
-    """The real socket: queue_many's pairs leave in one UDP_SEGMENT send, and a GRO
+    """The real socket: a queue_run leaves in one UDP_SEGMENT send, and a GRO
     receiver with on_batch gets them whole (or one by one where the kernel did not
     coalesce: the same datagrams either way)."""
     loop = asyncio.get_running_loop()
@@ -320,13 +329,11 @@ async def test_path_socket_gso_send_and_gro_batch_on_loopback() -> None:
         got.extend(data[at:at + size] for at in range(0, len(data), size))
 
     rx.start(lambda d, a: got.append(d), None, on_batch)
-    parts: list[bytes] = []
-    for i in range(4):
-        parts += [bytes([i]) * 16, b"x" * (1000 if i < 3 else 500)]
+    dgs = [bytes([i]) * (1016 if i < 3 else 516) for i in range(4)]
     tx.queue(b"single", rx.local)
-    tx.queue_many(parts, rx.local)
+    tx.queue_run(b"".join(dgs), 1016, rx.local)
     tx.flush()
-    want = [b"single"] + [parts[i] + parts[i + 1] for i in range(0, 8, 2)]
+    want = [b"single"] + dgs
     for _ in range(100):
         if len(got) >= len(want):
             break
@@ -402,3 +409,73 @@ def test_a_libcrypto_aead_that_misbehaves_is_not_used(monkeypatch: pytest.Monkey
     assert isinstance(a._send, AESGCM) and isinstance(b._recv, AESGCM)
     assert b.open(a.seal(TYPE_DATA, b"x")) == (0, b"x")
     assert crypto._fast_checked == [False]
+
+
+class _SendRecorder:
+    """A socket stand-in for PathSocket's send side: records what each call carried."""
+
+    def __init__(self, refuse_gso: int = 0) -> None:
+        self.calls: list[tuple[str, bytes, int]] = []     # (how, bytes, gso size or 0)
+        self.refuse_gso = refuse_gso                      # an errno for UDP_SEGMENT sends
+
+    def setsockopt(self, *a: object) -> None:
+        pass
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.calls.append(("one", bytes(data), 0))
+
+    def sendmsg(self, bufs: list[bytes], cmsg: list[tuple[int, int, bytes]], flags: int,
+                addr: tuple[str, int]) -> None:
+        if cmsg and self.refuse_gso:
+            raise OSError(self.refuse_gso, os.strerror(self.refuse_gso))
+        size = int.from_bytes(cmsg[0][2], "little") if cmsg else 0
+        self.calls.append(("gso", b"".join(bytes(b) for b in bufs), size))
+
+
+def _recorded(refuse_gso: int = 0) -> tuple[dio.PathSocket, _SendRecorder]:
+    rec = _SendRecorder(refuse_gso)
+    return dio.PathSocket(rec, None, ("10.0.0.1", 5060)), rec  # type: ignore[arg-type]
+
+
+def test_flush_cuts_a_run_at_the_kernels_gso_limits_in_order() -> None:
+    """47 sealed segments of a 64 KB super-packet (1472 bytes, a shorter last) leave in
+    two UDP_SEGMENT sends, the first as large as the limits allow; queued small datagrams
+    before and after keep their place, equal ones joined into one send."""
+    ps, rec = _recorded()
+    dst = ("10.0.0.2", 5060)
+    run = b"".join(bytes([i]) * (1472 if i < 46 else 900) for i in range(47))
+    ps.queue(b"a" * 60, dst)
+    ps.queue(b"b" * 60, dst)
+    ps.queue(b"c" * 40, dst)            # shorter: ends that GSO run
+    ps.queue(b"d" * 100, dst)
+    ps.queue_run(run, 1472, dst)
+    ps.queue(b"e" * 10, ("10.0.0.3", 5060))
+    ps.flush()
+    per = min(dio.GSO_MAX_SEGMENTS, dio.GSO_MAX_BYTES // 1472)
+    assert rec.calls == [("gso", b"a" * 60 + b"b" * 60 + b"c" * 40, 60), ("one", b"d" * 100, 0),
+                         ("gso", run[:per * 1472], 1472), ("gso", run[per * 1472:], 1472),
+                         ("one", b"e" * 10, 0)]
+    assert all(len(c[1]) <= dio.GSO_MAX_BYTES for c in rec.calls)
+    ps.flush()                          # the queue was emptied
+    assert len(rec.calls) == 5 and ps.send_errors == 0
+
+
+@pytest.mark.parametrize("refused", [errno.EIO, errno.EINVAL])
+def test_a_refused_gso_send_falls_back_to_one_datagram_per_send(refused: int) -> None:
+    ps, rec = _recorded(refused)
+    dst = ("10.0.0.2", 5060)
+    run = b"".join(bytes([i]) * (100 if i < 4 else 30) for i in range(5))
+    ps.queue_run(run, 100, dst)
+    ps.queue(b"x" * 50, dst)
+    ps.queue(b"y" * 50, dst)
+    ps.flush()
+    want = [run[k:k + 100] for k in range(0, len(run), 100)] + [b"x" * 50, b"y" * 50]
+    assert rec.calls == [("one", d, 0) for d in want]
+    assert ps.gso is False and ps.send_errors == 0
+
+
+def test_other_send_errors_count_every_datagram_they_lost() -> None:
+    ps, rec = _recorded(errno.ENOBUFS)
+    ps.queue_run(b"z" * 250, 100, ("10.0.0.2", 5060))    # 3 datagrams in one GSO send
+    ps.flush()
+    assert rec.calls == [] and ps.send_errors == 3 and ps.gso is True

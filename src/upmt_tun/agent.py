@@ -154,7 +154,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
-        self._queues_many = [i.path.queue_many for i in self.ifaces]
+        self._queues_run = [i.path.queue_run for i in self.ifaces]
         self.probe_params = ProbeParams(idle_max=cfg.keepalive_s)
         self.monitors: dict[int, PathMonitor] = {}     # tid -> monitor, while the tunnel is up
         self._settled: set[int] = set()                 # up for return_after: flows may return
@@ -168,7 +168,7 @@ class Agent:
     def _on_super(self, pkt: memoryview, gso_size: int) -> None:
         out = self.fwd.from_tun_super(pkt, gso_size, self.clock())
         if out is not None:
-            self._queues_many[out[0]](out[2], out[1])
+            self._queues_run[out[0]](out[2], out[3], out[1])
 
     def _flush(self) -> None:
         """After each TUN read: what it became leaves together (one UDP GSO send)."""

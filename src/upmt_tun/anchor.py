@@ -149,7 +149,7 @@ class Anchor:
     def _on_super(self, pkt: memoryview, gso_size: int) -> None:
         out = self.fwd.from_tun_super(pkt, gso_size, self.clock())
         if out is not None:
-            self.path.queue_many(out[1], out[0])
+            self.path.queue_run(out[1], out[2], out[0])
 
     async def start(self) -> None:
         self.tun.start(self._on_tun, self.path.flush, self._on_super)

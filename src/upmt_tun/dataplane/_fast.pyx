@@ -224,7 +224,12 @@ cdef class Aead:
                     const uint8_t* data, int n):
         """ciphertext + tag, or an exception (never a silent failure)."""
         cdef bytes out = PyBytes_FromStringAndSize(NULL, n + _TAG)
-        cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+        self.seal_to(nonce, aad, aad_len, data, n, <uint8_t*>PyBytes_AS_STRING(out))
+        return out
+
+    cdef int seal_to(self, const uint8_t* nonce, const uint8_t* aad, int aad_len,
+                     const uint8_t* data, int n, uint8_t* o) except -1:
+        """Write ciphertext + tag (``n`` + 16 bytes) at ``o``."""
         cdef int outl = 0, finl = 0
         if not self.sealing:
             raise ValueError("this key opens")
@@ -235,7 +240,7 @@ cdef class Aead:
                 or outl + finl != n
                 or _ctrl(self.ctx, _GCM_GET_TAG, _TAG, o + n) != 1):
             raise RuntimeError("AES-GCM seal failed")
-        return out
+        return 0
 
     cdef bytes open(self, const uint8_t* nonce, const uint8_t* aad, int aad_len,
                     const uint8_t* data, int n):
@@ -345,37 +350,47 @@ cdef class ReplayWindow:
         self.blocks[(counter >> 6) % _BLOCKS] |= (<uint64_t>1) << (counter & 63)
 
 
-def seal_many(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
-              list payloads, bint plain):
-    """See crypto.py_seal_many (``aead``: an :class:`Aead` or cryptography's AESGCM)."""
-    cdef list out = []
-    cdef bytes hdr, nonce
-    cdef uint8_t* h
+def seal_run(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
+             list payloads, bint plain):
+    """See crypto.py_seal_run (``aead``: an :class:`Aead` or cryptography's AESGCM)."""
+    cdef Py_ssize_t k = len(payloads), first, ln, total = 0, i
+    cdef Py_ssize_t extra = 16 if plain else 32
+    cdef bytes out, b
+    cdef uint8_t* o
     cdef uint8_t n12[12]
     cdef Aead fast = aead if isinstance(aead, Aead) else None
-    encrypt = None if fast is not None else aead.encrypt
+    if k == 0:
+        return b""
+    first = len(payloads[0])
+    for i in range(k):
+        ln = len(payloads[i])
+        if ln > first or (ln < first and i < k - 1):
+            raise ValueError("payloads of one run: all of one size but a shorter last")
+        total += ln + extra
+    out = PyBytes_FromStringAndSize(NULL, total)
+    o = <uint8_t*>PyBytes_AS_STRING(out)
     memset(n12, 0, 4)
     for p in payloads:
-        hdr = PyBytes_FromStringAndSize(NULL, 16)
-        h = <uint8_t*>PyBytes_AS_STRING(hdr)
-        _put32(h, word0)
-        _put32(h + 4, receiver)
-        _put64(h + 8, counter)
-        out.append(hdr)
+        if type(p) is not bytes:
+            p = bytes(p)
+        b = <bytes>p
+        ln = len(b)
+        _put32(o, word0)
+        _put32(o + 4, receiver)
+        _put64(o + 8, counter)
         if plain:
-            out.append(p)
+            memcpy(o + 16, PyBytes_AS_STRING(b), ln)
         elif fast is not None:
             _put64(n12 + 4, counter)
-            if type(p) is not bytes:
-                p = bytes(p)
-            out.append(fast.seal(n12, h, 16, <const uint8_t*>PyBytes_AS_STRING(p),
-                                 <int>len(<bytes>p)))
+            fast.seal_to(n12, o, 16, <const uint8_t*>PyBytes_AS_STRING(b), <int>ln, o + 16)
         else:
-            nonce = PyBytes_FromStringAndSize(NULL, 12)
-            h = <uint8_t*>PyBytes_AS_STRING(nonce)
-            memset(h, 0, 4)
-            _put64(h + 4, counter)
-            out.append(encrypt(nonce, p, hdr))
+            nonce = PyBytes_FromStringAndSize(<const char*>n12, 12)
+            _put64(<uint8_t*>PyBytes_AS_STRING(nonce) + 4, counter)
+            ct = aead.encrypt(nonce, b, PyBytes_FromStringAndSize(<const char*>o, 16))
+            if len(ct) != ln + 16:
+                raise RuntimeError("AES-GCM seal gave a wrong length")
+            memcpy(o + 16, PyBytes_AS_STRING(ct), ln + 16)
+        o += ln + extra
         counter += 1
     return out
 

@@ -25,7 +25,7 @@ from .packet import HEADER, HEADER_LEN, TAG_LEN, TYPE_DATA, pack_header
 log = logging.getLogger(__name__)
 
 __all__ = ["PyReplayWindow", "ReplayWindow", "Session", "REJECT_AFTER_MESSAGES",
-           "py_open_many", "py_seal_many"]
+           "py_open_many", "py_seal_run"]
 
 _NONCE = struct.Struct("!4xQ")     # as Noise's AESGCM: 32 zero bits, big-endian counter
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1   # as WireGuard: never wrap the nonce
@@ -67,26 +67,27 @@ class PyReplayWindow:
         self.blocks[(counter >> 6) % BLOCKS] |= 1 << (counter & 63)
 
 
-def py_seal_many(aead: Aead, word0: int, receiver: int, counter: int, payloads: list[bytes],
-                 plain: bool) -> list[bytes]:
-    """[header, body] per payload, counters from ``counter``; body = ``aead.encrypt(nonce,
-    payload, header)`` or, ``plain``, the payload itself."""
+def py_seal_run(aead: Aead, word0: int, receiver: int, counter: int, payloads: list[bytes],
+                plain: bool) -> bytes:
+    """header + body per payload, back to back, counters from ``counter``; body =
+    ``aead.encrypt(nonce, payload, header)`` or, ``plain``, the payload itself. The
+    payloads are all of one size but a shorter last (a run, as one UDP GSO send carries
+    it), else ValueError."""
+    sizes = [len(p) for p in payloads]
+    if not sizes:
+        return b""
+    if any(x > sizes[0] for x in sizes) or any(x < sizes[0] for x in sizes[:-1]):
+        raise ValueError("payloads of one run: all of one size but a shorter last")
     pack = HEADER.pack
     out: list[bytes] = []
     add = out.append
-    if plain:
-        for p in payloads:
-            add(pack(word0, receiver, counter))
-            add(p)
-            counter += 1
-        return out
     nonce, encrypt = _NONCE.pack, aead.encrypt
     for p in payloads:
         hdr = pack(word0, receiver, counter)
         add(hdr)
-        add(encrypt(nonce(counter), p, hdr))
+        add(bytes(p) if plain else encrypt(nonce(counter), p, hdr))
         counter += 1
-    return out
+    return b"".join(out)
 
 
 def py_open_many(aead: Aead, window: Window, me: int, plain: bool, data: bytes, size: int
@@ -179,16 +180,16 @@ try:   # the compiled loops around the AEAD calls, when pip built them
     from ._fast import Aead as _CAead
     from ._fast import ReplayWindow as _CReplayWindow
     from ._fast import open_many as _c_open_many
-    from ._fast import seal_many as _c_seal_many
+    from ._fast import seal_run as _c_seal_run
 except ImportError:   # pragma: no cover - depends on the build
     ReplayWindow: type[PyReplayWindow] | type[_CReplayWindow] = PyReplayWindow
-    _seal_many = py_seal_many
+    _seal_run = py_seal_run
     _open_many: Callable[..., tuple[list[int], list[bytes], list[bytes], int]] = py_open_many
     _FastAead: type[_CAead] | None = None
 else:
     _FastAead = _CAead if _LIBCRYPTO else None
     ReplayWindow = _CReplayWindow
-    _seal_many = _c_seal_many
+    _seal_run = _c_seal_run
     _open_many = _c_open_many
 
 
@@ -226,16 +227,19 @@ class Session:
             return hdr + payload
         return hdr + self._send.encrypt(_NONCE.pack(n), bytes(payload), hdr)
 
-    def seal_many(self, ptype: int, payloads: list[bytes], path: int = 0) -> list[bytes]:
-        """:meth:`seal` of each payload, as [header, ciphertext+tag, header, ...]: one
-        send's scatter list (no copy to join them), counters consecutive."""
+    def seal_run(self, ptype: int, payloads: list[bytes], path: int = 0) -> bytes:
+        """:meth:`seal` of each payload, back to back in one buffer, counters consecutive:
+        a run of datagrams that one UDP GSO send carries (``PathSocket.queue_run``) and a
+        GRO read hands over (:meth:`open_many`). The payloads are all of one size but a
+        shorter last (``offload.tso_split``'s segments), else ValueError."""
         n = self.send_counter
         end = n + len(payloads)
         if end > REJECT_AFTER_MESSAGES:
             raise OverflowError("session exhausted: rekey")
+        out = _seal_run(self._send, ptype << 24 | path, self.remote_index, n,
+                        payloads, self.plain_data and ptype == TYPE_DATA)
         self.send_counter = end
-        return _seal_many(self._send, ptype << 24 | path, self.remote_index, n,
-                          payloads, self.plain_data and ptype == TYPE_DATA)
+        return out
 
     def open_many(self, data: bytes, size: int
                   ) -> tuple[list[int], list[bytes], list[bytes], int]:

@@ -46,7 +46,7 @@ per-packet methods, which the tests check):
 
 * ``from_tun_super`` (both ends): a TCP super-packet read from the TUN (``offload``)
   is one flow: steps 1-4 once, then ``offload.tso_split`` cuts it into real segments
-  (the agent's source NAT folded in) and ``Session.seal_many`` seals them for one
+  (the agent's source NAT folded in) and ``Session.seal_run`` seals them for one
   UDP GSO send.
 * ``from_path_many`` (both ends): what UDP GRO coalesced from one sender is opened by
   ``Session.open_many`` when its first datagram names a session whose tunnel is at
@@ -262,9 +262,10 @@ class AgentForwarder:
         return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
 
     def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
-                       ) -> tuple[int, tuple[str, int], list[bytes]] | None:
+                       ) -> tuple[int, tuple[str, int], bytes, int] | None:
         """A TCP super-packet read from the TUN (``offload.tso_of``): one decision for
-        all its segments -> (socket index, destination, ``Session.seal_many`` parts)."""
+        all its segments -> (socket index, destination, their datagrams back to back
+        (``Session.seal_run``), the size of each but the last)."""
         route = self._route(pkt, now)
         if route is None:
             return None
@@ -273,10 +274,13 @@ class AgentForwarder:
         if not segs:
             self.drops["bad_offload"] += 1
             return None
-        flow.tx_packets += len(segs)
-        t.tx_packets += len(segs)
-        t.tx_bytes += sum(map(len, segs))
-        return t.iface_index, t.remote, s.seal_many(TYPE_DATA, segs, t.un_tid)
+        k = len(segs)
+        inner = sum(map(len, segs))
+        flow.tx_packets += k
+        t.tx_packets += k
+        t.tx_bytes += inner
+        data = s.seal_run(TYPE_DATA, segs, t.un_tid)
+        return t.iface_index, t.remote, data, len(segs[0]) + (len(data) - inner) // k
 
     def _route(self, pkt: bytes | memoryview, now: float) -> tuple[Flow, Tunnel, Session] | None:
         """The flow of ``pkt`` and the tunnel and session that carry it (steps 1-4)."""
@@ -726,22 +730,26 @@ class AnchorForwarder:
         return t.remote, dg
 
     def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
-                       ) -> tuple[tuple[str, int], list[bytes]] | None:
+                       ) -> tuple[tuple[str, int], bytes, int] | None:
         """A TCP super-packet read from the TUN: one decision for all its segments ->
-        (end point, ``Session.seal_many`` parts), or None."""
+        (end point, their datagrams back to back, the size of each but the last), or
+        None."""
         segs = offload.tso_split(pkt, gso_size)
         if not segs:
             self.drops["bad_offload"] += 1
             return None
-        route = self._route(pkt, now, len(segs))
+        k = len(segs)
+        route = self._route(pkt, now, k)
         if route is None:
             return None
         a, t = route
-        t.tx_bytes += sum(map(len, segs))
-        parts = a.session.seal_many(TYPE_DATA, segs, t.un_tid)  # type: ignore[union-attr]
-        if t.probe_addr is not None and self._spend(t, sum(map(len, parts))):
-            return t.probe_addr, parts
-        return t.remote, parts
+        inner = sum(map(len, segs))
+        t.tx_bytes += inner
+        data = a.session.seal_run(TYPE_DATA, segs, t.un_tid)  # type: ignore[union-attr]
+        size = len(segs[0]) + (len(data) - inner) // k
+        if t.probe_addr is not None and self._spend(t, len(data)):
+            return t.probe_addr, data, size
+        return t.remote, data, size
 
     def _route(self, pkt: bytes | memoryview, now: float, n: int
                ) -> tuple[Association, Tunnel] | None:

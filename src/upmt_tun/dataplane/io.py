@@ -3,8 +3,8 @@
 * TUN seam: ``start(on_packet, on_flush, on_super)``, ``write(pkt)``, ``close()``.
 * Path-socket seam (one UDP socket per access network / per listen address):
   ``start(on_datagram, on_flush, on_batch)``, ``sendto(data, addr)`` (now),
-  ``queue(data, addr)`` / ``queue_many(parts, addr)`` + ``flush()`` (data path: sent
-  together), ``close()``, ``local``.
+  ``queue(data, addr)`` / ``queue_run(data, size, addr)`` + ``flush()`` (data path:
+  sent together), ``close()``, ``local``.
 
 The real ones read inline in the event loop's reader callback, draining until
 EAGAIN, with no queue hop per packet. With offloads (the default where the kernel
@@ -65,11 +65,6 @@ OnDatagram = Callable[[bytes, tuple[str, int]], None]
 OnBatch = Callable[[bytes, int, tuple[str, int]], None]
 
 
-def pair_sizes(parts: list[bytes]) -> list[int]:
-    """The datagram sizes of ``Session.seal_many``'s [header, body, header, body, ...]."""
-    return [len(parts[i]) + len(parts[i + 1]) for i in range(0, len(parts), 2)]
-
-
 def gro_reader(open_run: Callable[[bytes, int, tuple[str, int]],
                                   tuple[list[bytes], list[bytes]]],
                write: OnPacket, on_datagram: OnDatagram) -> OnBatch:
@@ -124,7 +119,7 @@ class Path(Protocol):
               on_batch: OnBatch | None = None) -> None: ...
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
     def queue(self, data: bytes, addr: tuple[str, int]) -> None: ...
-    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None: ...
+    def queue_run(self, data: bytes, size: int, addr: tuple[str, int]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
@@ -269,8 +264,9 @@ class PathSocket:
                 self.gro = True
             except OSError:
                 pass
-        # queued datagrams, two buffers each, in runs to one address: (addr, bufs, sizes)
-        self._runs: list[tuple[tuple[str, int], list[bytes], list[int]]] = []
+        # the queue, in order: (addr, [datagram, ...], 0) for queue()'s consecutive
+        # datagrams to one address, (addr, data, size) for a queue_run
+        self._runs: list[tuple[tuple[str, int], list[bytes] | bytes, int]] = []
 
     def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None,
               on_batch: OnBatch | None = None) -> None:
@@ -323,70 +319,84 @@ class PathSocket:
         except OSError:
             self.send_errors += 1   # full buffer, no route, interface gone: counted drop
 
-    def _run(self, addr: tuple[str, int]) -> tuple[list[bytes], list[int]]:
-        runs = self._runs
-        if runs and runs[-1][0] == addr:
-            return runs[-1][1], runs[-1][2]
-        run: tuple[tuple[str, int], list[bytes], list[int]] = (addr, [], [])
-        runs.append(run)
-        return run[1], run[2]
-
     def queue(self, data: bytes, addr: tuple[str, int]) -> None:
         """Data path: send at the next :meth:`flush`, batched with UDP GSO."""
-        bufs, sizes = self._run(addr)
-        bufs += (data, b"")
-        sizes.append(len(data))
+        runs = self._runs
+        if runs:
+            last_addr, dgs, _ = runs[-1]
+            if last_addr == addr and isinstance(dgs, list):
+                dgs.append(data)
+                return
+        runs.append((addr, [data], 0))
 
-    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None:
-        """:meth:`queue` of datagrams given as pairs of buffers (header, body), e.g.
-        ``Session.seal_many``'s: they are sent as they are, never joined."""
-        bufs, sizes = self._run(addr)
-        bufs += parts
-        sizes += pair_sizes(parts)
+    def queue_run(self, data: bytes, size: int, addr: tuple[str, int]) -> None:
+        """Data path: datagrams of ``size`` bytes back to back in ``data`` (the last may be
+        shorter; ``Session.seal_run``'s), sent at the next :meth:`flush` in as few UDP GSO
+        sends as the kernel's limits allow."""
+        self._runs.append((addr, data, size))
 
     def flush(self) -> None:
-        """Send the queue: runs of datagrams to one address, all of one size but the last,
-        leave in one sendmsg (UDP GSO); the kernel cuts them apart."""
+        """Send the queue in order: a run in sends of up to :data:`GSO_MAX_SEGMENTS`
+        datagrams or :data:`GSO_MAX_BYTES`; consecutive queued datagrams to one address,
+        all of one size but the last, joined into one send (UDP GSO)."""
         runs = self._runs
         if not runs:
             return
         self._runs = []
-        for addr, bufs, sizes in runs:
-            i, n = 0, len(sizes)
+        for addr, dgs, run_size in runs:
+            if isinstance(dgs, bytes):
+                self._send_run(dgs, run_size, addr)
+                continue
+            i, n = 0, len(dgs)
             while i < n:
-                size = sizes[i]
+                size = len(dgs[i])
                 j, total = i + 1, size
                 if self.gso:
-                    while (j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] <= size
-                           and total + sizes[j] <= GSO_MAX_BYTES):
-                        total += sizes[j]
+                    while j < n and j - i < GSO_MAX_SEGMENTS:
+                        m = len(dgs[j])
+                        if m > size or total + m > GSO_MAX_BYTES:
+                            break
+                        total += m
                         j += 1
-                        if sizes[j - 1] < size:
+                        if m < size:
                             break                  # a shorter one ends a run
                 if j - i == 1:
-                    self._send(bufs[2 * i:2 * i + 2], addr)
+                    self._send(dgs[i], addr)
                 else:
-                    self._send_gso(bufs[2 * i:2 * j], size, j - i, addr)
+                    self._send_run(b"".join(dgs[i:j]), size, addr)
                 i = j
 
-    def _send(self, bufs: list[bytes], addr: tuple[str, int]) -> None:
+    def _send(self, data: bytes | memoryview, addr: tuple[str, int]) -> None:
         try:
-            self.sock.sendmsg(bufs, (), 0, addr)
+            self.sock.sendto(data, addr)
         except OSError:
             self.send_errors += 1
 
-    def _send_gso(self, bufs: list[bytes], size: int, count: int, addr: tuple[str, int]
-                  ) -> None:
-        try:
-            self.sock.sendmsg(bufs, [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, addr)
-        except OSError as e:
-            if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                log.info("UDP GSO refused (%s): one datagram per send from now on", e.strerror)
-                self.gso = False
-                for k in range(0, len(bufs), 2):
-                    self._send(bufs[k:k + 2], addr)
-            else:
-                self.send_errors += count
+    def _send_run(self, data: bytes, size: int, addr: tuple[str, int]) -> None:
+        """``data``'s datagrams of ``size`` bytes, with UDP GSO while the kernel takes it."""
+        n = len(data)
+        if n <= size or not self.gso:
+            for k in range(0, n, size):
+                self._send(data[k:k + size], addr)
+            return
+        step = size * max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+        view = memoryview(data)
+        cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
+        for k in range(0, n, step):
+            chunk = view[k:k + step]
+            try:
+                if len(chunk) <= size:
+                    self.sock.sendto(chunk, addr)
+                else:
+                    self.sock.sendmsg((chunk,), cmsg, 0, addr)
+            except OSError as e:
+                if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    log.info("UDP GSO refused (%s): one datagram per send from now on",
+                             e.strerror)
+                    self.gso = False
+                    self._send_run(data[k:], size, addr)
+                    return
+                self.send_errors += -(-len(chunk) // size)
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -532,13 +542,11 @@ class FakeSocket:
     def queue(self, data: bytes, addr: tuple[str, int]) -> None:
         self.net._send(self, bytes(data), addr)
 
-    def queue_many(self, parts: list[bytes], addr: tuple[str, int]) -> None:
-        sizes = pair_sizes(parts)
-        if len(sizes) > 1 and all(x == sizes[0] for x in sizes[:-1]) and sizes[-1] <= sizes[0]:
-            self.net._send(self, b"".join(parts), addr, sizes[0])    # one GSO send
-            return
-        for i in range(0, len(parts), 2):
-            self.net._send(self, parts[i] + parts[i + 1], addr)
+    def queue_run(self, data: bytes, size: int, addr: tuple[str, int]) -> None:
+        if len(data) > size:
+            self.net._send(self, bytes(data), addr, size)    # one GSO send
+        else:
+            self.net._send(self, bytes(data), addr)
 
     def flush(self) -> None:
         pass
