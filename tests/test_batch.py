@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,10 +138,14 @@ def test_compiled_loops_match_the_reference(picks: list[tuple[int, int]], plain:
 
 
 @pytest.mark.skipif(_fast is None or _fast.LIBCRYPTO is None, reason="no compiled AEAD")
-def test_compiled_aead_is_cryptographys_aes_gcm() -> None:
-    """The libcrypto AES-256-GCM gives cryptography's bytes, refuses what it refuses."""
+@pytest.mark.parametrize("evp", [False, True])
+def test_compiled_aead_is_cryptographys_aes_gcm(evp: bool) -> None:
+    """The libcrypto AES-256-GCM gives cryptography's bytes, refuses what it refuses:
+    on the path Aead takes by default (the provider's functions on OpenSSL 3) and on
+    the EVP calls."""
     ref = AESGCM(K1)
-    seal, open_ = _fast.Aead(K1, True), _fast.Aead(K1, False)
+    seal, open_ = _fast.Aead(K1, True, evp=evp), _fast.Aead(K1, False, evp=evp)
+    assert seal.path == open_.path == ("evp" if evp else _fast.AEAD_PATH)
     for n in (0, 1, 15, 16, 17, 1400, 9000):
         nonce, data, ad = os.urandom(12), os.urandom(n), os.urandom(n % 40)
         ct = seal.encrypt(nonce, data, ad)
@@ -158,7 +164,20 @@ def test_compiled_aead_is_cryptographys_aes_gcm() -> None:
     with pytest.raises(ValueError):
         open_.encrypt(bytes(12), b"x", b"")                   # one direction per object
     with pytest.raises(ValueError):
-        _fast.Aead(bytes(16), True)
+        _fast.Aead(bytes(16), True, evp=evp)
+
+
+@pytest.mark.skipif(_fast is None or _fast.LIBCRYPTO is None, reason="no compiled AEAD")
+def test_the_environment_can_keep_the_evp_calls() -> None:
+    """UPMT_AEAD=evp (read when _fast loads): the EVP calls, the same bytes."""
+    code = ("from upmt_tun.dataplane import _fast; "
+            "print(_fast.AEAD_PATH, _fast.Aead(bytes(32), True).path, "
+            "_fast.Aead(bytes(32), True).encrypt(bytes(12), b'x' * 100, b'ad').hex())")
+    env = dict(os.environ, UPMT_AEAD="evp")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[:2] == ["evp", "evp"]
+    assert bytes.fromhex(out[2]) == AESGCM(bytes(32)).encrypt(bytes(12), b"x" * 100, b"ad")
 
 
 def test_the_environment_can_force_cryptographys_aead(monkeypatch: pytest.MonkeyPatch) -> None:

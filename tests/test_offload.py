@@ -33,6 +33,8 @@ def test_the_compiled_hot_path_is_there_when_expected() -> None:
     if os.environ.get("UPMT_EXPECT_FAST") == "1":
         assert _fast is not None and O.implementation == "cython"
         assert _fast.LIBCRYPTO is not None          # the AEAD on the system's libcrypto
+        if _fast.LIBCRYPTO == "libcrypto.so.3" and os.environ.get("UPMT_AEAD") != "evp":
+            assert _fast.AEAD_PATH == "provider"    # OpenSSL 3: its provider, not EVP
 
 
 def partial(pkt: bytes) -> bytearray:

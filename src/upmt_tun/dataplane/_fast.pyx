@@ -139,8 +139,21 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_sr
 # dlopen (no headers or link-time dependency: without it, Session keeps cryptography's
 # AESGCM), keeps one context per key and only sets the nonce per packet. Same algorithm,
 # same bytes: the tests compare both.
+#
+# On OpenSSL 3 every EVP call is a trip through the EVP layer to the provider that holds
+# the cipher: EVP_CipherInit_ex asks the provider for the IV length (an OSSL_PARAM round
+# trip) before it sets the nonce, EVP_CIPHER_CTX_ctrl turns the tag into an OSSL_PARAM
+# array, each found again by name with strcmp: ~16 % of the instructions of a 1400-byte
+# seal+open (callgrind, OpenSSL 3.0). So when libcrypto has the OpenSSL 3 provider API,
+# Aead calls the provider's cipher functions itself: the ones EVP would call, with the
+# arguments EVP would pass (OSSL_FUNC_cipher_* in openssl/core_dispatch.h). What remains
+# is the provider's own parameter handling for the tag. Anything missing or odd (OpenSSL
+# 1.1 has no providers; a provider that does not give the EVP calls' bytes in the check
+# at import, _choose_path) keeps the EVP calls; so does UPMT_AEAD=evp.
 
 from posix.dlfcn cimport RTLD_LOCAL, RTLD_NOW, dlopen, dlsym
+
+import os
 
 from cryptography.exceptions import InvalidTag
 
@@ -163,6 +176,64 @@ cdef enum:
     _GCM_GET_TAG = 0x10       # EVP_CTRL_AEAD_GET_TAG
     _GCM_SET_TAG = 0x11       # EVP_CTRL_AEAD_SET_TAG
     _TAG = 16
+
+# The OpenSSL 3 core types (openssl/core.h), laid out as there.
+ctypedef struct _Param:                  # OSSL_PARAM
+    const char* key
+    unsigned int data_type
+    void* data
+    size_t data_size
+    size_t return_size
+
+ctypedef struct _Dispatch:               # OSSL_DISPATCH
+    int function_id
+    void* function
+
+ctypedef struct _Algorithm:              # OSSL_ALGORITHM
+    const char* names
+    const char* properties
+    const _Dispatch* implementation
+    const char* description
+
+cdef enum:
+    _OP_CIPHER = 2                       # OSSL_OP_CIPHER
+    _F_NEWCTX = 1                        # OSSL_FUNC_CIPHER_*
+    _F_ENCRYPT_INIT = 2
+    _F_DECRYPT_INIT = 3
+    _F_UPDATE = 4
+    _F_FINAL = 5
+    _F_FREECTX = 7
+    _F_GET_CTX_PARAMS = 10
+    _F_SET_CTX_PARAMS = 11
+    _PARAM_OCTET_STRING = 5              # OSSL_PARAM_OCTET_STRING
+cdef size_t _PARAM_UNMODIFIED = <size_t>-1   # OSSL_PARAM_UNMODIFIED
+cdef const char* _PARAM_TAG = b"tag"         # OSSL_CIPHER_PARAM_AEAD_TAG
+
+ctypedef void* (*_fetch_t)(void*, const char*, const char*) noexcept nogil
+ctypedef const void* (*_get0_provider_t)(const void*) noexcept nogil
+ctypedef void* (*_provider_ctx_t)(const void*) noexcept nogil
+ctypedef const _Algorithm* (*_query_t)(const void*, int, int*) noexcept nogil
+ctypedef void (*_unquery_t)(const void*, int, const _Algorithm*) noexcept nogil
+ctypedef void (*_cipher_free_t)(void*) noexcept nogil
+
+ctypedef void* (*_p_newctx_t)(void*) noexcept nogil
+ctypedef int (*_p_init_t)(void*, const uint8_t*, size_t, const uint8_t*, size_t,
+                          const _Param*) noexcept nogil
+ctypedef int (*_p_update_t)(void*, uint8_t*, size_t*, size_t, const uint8_t*, size_t) noexcept nogil
+ctypedef int (*_p_final_t)(void*, uint8_t*, size_t*, size_t) noexcept nogil
+ctypedef void (*_p_freectx_t)(void*) noexcept nogil
+ctypedef int (*_p_get_params_t)(void*, _Param*) noexcept nogil
+ctypedef int (*_p_set_params_t)(void*, const _Param*) noexcept nogil
+
+cdef void* _provctx = NULL
+cdef _p_newctx_t _p_newctx = NULL
+cdef _p_init_t _p_einit = NULL
+cdef _p_init_t _p_dinit = NULL
+cdef _p_update_t _p_update = NULL
+cdef _p_final_t _p_final = NULL
+cdef _p_freectx_t _p_freectx = NULL
+cdef _p_get_params_t _p_get_params = NULL
+cdef _p_set_params_t _p_set_params = NULL
 
 
 cdef object _load_libcrypto():
@@ -191,34 +262,165 @@ cdef object _load_libcrypto():
     return None
 
 
+cdef bint _load_provider(bytes lib):
+    """Find the cipher functions of the provider that EVP uses for AES-256-GCM (the one
+    EVP_CIPHER_fetch picks with the default properties). True when all are there. The
+    fetched EVP_CIPHER is kept for the life of the process: it holds the provider."""
+    global _provctx, _p_newctx, _p_einit, _p_dinit, _p_update, _p_final, _p_freectx
+    global _p_get_params, _p_set_params
+    cdef void* h = dlopen(lib, RTLD_NOW | RTLD_LOCAL)
+    cdef void* f[6]
+    cdef void* fn[12]
+    cdef int i, no_cache = 0
+    cdef void* cipher
+    cdef const void* prov
+    cdef const _Algorithm* algs
+    cdef const _Algorithm* a
+    cdef const _Dispatch* d
+    cdef bint found = False
+    if h == NULL:
+        return False
+    names = (b"EVP_CIPHER_fetch", b"EVP_CIPHER_get0_provider",
+             b"OSSL_PROVIDER_get0_provider_ctx", b"OSSL_PROVIDER_query_operation",
+             b"OSSL_PROVIDER_unquery_operation", b"EVP_CIPHER_free")
+    for i in range(6):
+        f[i] = dlsym(h, names[i])
+        if f[i] == NULL:
+            return False
+    cipher = (<_fetch_t>f[0])(NULL, b"AES-256-GCM", NULL)
+    if cipher == NULL:
+        return False
+    prov = (<_get0_provider_t>f[1])(cipher)
+    algs = (<_query_t>f[3])(prov, _OP_CIPHER, &no_cache) if prov != NULL else NULL
+    if algs == NULL:
+        (<_cipher_free_t>f[5])(cipher)
+        return False
+    memset(fn, 0, sizeof(fn))
+    a = algs
+    while a.names != NULL and not found:
+        if a.implementation != NULL and b"AES-256-GCM" in (<bytes>a.names).upper().split(b":"):
+            found = True
+            d = a.implementation
+            while d.function_id != 0:
+                if 0 < d.function_id < 12:
+                    fn[d.function_id] = d.function
+                d += 1
+        a += 1
+    (<_unquery_t>f[4])(prov, _OP_CIPHER, algs)
+    if not found or any(fn[i] == NULL for i in (
+            _F_NEWCTX, _F_ENCRYPT_INIT, _F_DECRYPT_INIT, _F_UPDATE, _F_FINAL, _F_FREECTX,
+            _F_GET_CTX_PARAMS, _F_SET_CTX_PARAMS)):
+        (<_cipher_free_t>f[5])(cipher)
+        return False
+    _provctx = (<_provider_ctx_t>f[2])(prov)
+    _p_newctx = <_p_newctx_t>fn[_F_NEWCTX]
+    _p_einit = <_p_init_t>fn[_F_ENCRYPT_INIT]
+    _p_dinit = <_p_init_t>fn[_F_DECRYPT_INIT]
+    _p_update = <_p_update_t>fn[_F_UPDATE]
+    _p_final = <_p_final_t>fn[_F_FINAL]
+    _p_freectx = <_p_freectx_t>fn[_F_FREECTX]
+    _p_get_params = <_p_get_params_t>fn[_F_GET_CTX_PARAMS]
+    _p_set_params = <_p_set_params_t>fn[_F_SET_CTX_PARAMS]
+    return True
+
+
 LIBCRYPTO = _load_libcrypto()     # the library's name, or None: use cryptography's AESGCM
+cdef bint _use_provider = False   # new Aead objects take the provider path
 cdef uint8_t _EMPTY[1]
+
+
+cdef inline bint _p_seal(void* ctx, const uint8_t* nonce, const uint8_t* aad, int aad_len,
+                         const uint8_t* data, int n, uint8_t* o) noexcept nogil:
+    """The provider path of Aead.seal: ciphertext at ``o``, the tag after it. False on
+    any failure. The calls and arguments are EVP's for the same steps: ``out`` NULL
+    feeds AAD; the tag is a context parameter, read after final."""
+    cdef size_t outl = 0, finl = 0
+    cdef _Param p[2]
+    if (_p_einit(ctx, NULL, 0, nonce, 12, NULL) != 1
+            or _p_update(ctx, NULL, &outl, <size_t>aad_len, aad, <size_t>aad_len) != 1
+            or _p_update(ctx, o, &outl, <size_t>n, data, <size_t>n) != 1
+            or outl != <size_t>n
+            or _p_final(ctx, o + n, &finl, 0) != 1
+            or finl != 0):
+        return False
+    p[0].key = _PARAM_TAG
+    p[0].data_type = _PARAM_OCTET_STRING
+    p[0].data = o + n
+    p[0].data_size = _TAG
+    p[0].return_size = _PARAM_UNMODIFIED
+    memset(&p[1], 0, sizeof(_Param))
+    return _p_get_params(ctx, p) == 1 and p[0].return_size == _TAG
+
+
+cdef inline int _p_open(void* ctx, const uint8_t* nonce, const uint8_t* aad, int aad_len,
+                        const uint8_t* data, int m, uint8_t* o) noexcept nogil:
+    """The provider path of Aead.open (``m`` bytes of ciphertext, then the tag): 1 with
+    the plaintext at ``o``, 0 when the tag does not verify, -1 on any other failure.
+    The tag is set as a context parameter before final, which checks it."""
+    cdef size_t outl = 0, finl = 0
+    cdef _Param p[2]
+    if (_p_dinit(ctx, NULL, 0, nonce, 12, NULL) != 1
+            or _p_update(ctx, NULL, &outl, <size_t>aad_len, aad, <size_t>aad_len) != 1
+            or _p_update(ctx, o, &outl, <size_t>m, data, <size_t>m) != 1
+            or outl != <size_t>m):
+        return -1
+    p[0].key = _PARAM_TAG
+    p[0].data_type = _PARAM_OCTET_STRING
+    p[0].data = <void*>(data + m)
+    p[0].data_size = _TAG
+    p[0].return_size = _PARAM_UNMODIFIED
+    memset(&p[1], 0, sizeof(_Param))
+    if _p_set_params(ctx, p) != 1:
+        return -1
+    if _p_final(ctx, o + m, &finl, 0) != 1 or finl != 0:
+        return 0
+    return 1
 
 
 cdef class Aead:
     """AES-256-GCM for one key and one direction (``encrypt``: seal, else open), with the
-    ``encrypt``/``decrypt`` calls of cryptography's AESGCM (same results, InvalidTag)."""
+    ``encrypt``/``decrypt`` calls of cryptography's AESGCM (same results, InvalidTag).
+    ``evp``: use the EVP calls even where the provider's functions are there."""
 
     cdef void* ctx
+    cdef bint prov                   # ctx is the provider's context, not an EVP one
     cdef readonly bint sealing
 
-    def __cinit__(self, bytes key, bint encrypt):
+    def __cinit__(self, bytes key, bint encrypt, bint evp=False):
         if LIBCRYPTO is None:
             raise RuntimeError("no libcrypto")
         if len(key) != 32:
             raise ValueError("AES-256-GCM takes a 32-byte key")
-        self.ctx = _ctx_new()
-        if self.ctx == NULL:
-            raise MemoryError()
-        if _cipher_init(self.ctx, _aes_256_gcm(), NULL,
-                        <const uint8_t*>PyBytes_AS_STRING(key), NULL, 1 if encrypt else 0) != 1:
-            raise RuntimeError("EVP_CipherInit_ex failed")
+        self.prov = _use_provider and not evp
+        if self.prov:
+            self.ctx = _p_newctx(_provctx)
+            if self.ctx == NULL:
+                raise MemoryError()
+            if (_p_einit if encrypt else _p_dinit)(
+                    self.ctx, <const uint8_t*>PyBytes_AS_STRING(key), 32, NULL, 0, NULL) != 1:
+                raise RuntimeError("AES-GCM key setup failed")
+        else:
+            self.ctx = _ctx_new()
+            if self.ctx == NULL:
+                raise MemoryError()
+            if _cipher_init(self.ctx, _aes_256_gcm(), NULL,
+                            <const uint8_t*>PyBytes_AS_STRING(key), NULL,
+                            1 if encrypt else 0) != 1:
+                raise RuntimeError("EVP_CipherInit_ex failed")
         self.sealing = encrypt
 
     def __dealloc__(self):
         if self.ctx != NULL:
-            _ctx_free(self.ctx)
+            if self.prov:
+                _p_freectx(self.ctx)
+            else:
+                _ctx_free(self.ctx)
             self.ctx = NULL
+
+    @property
+    def path(self):
+        """"provider" or "evp": which calls this object makes."""
+        return "provider" if self.prov else "evp"
 
     cdef bytes seal(self, const uint8_t* nonce, const uint8_t* aad, int aad_len,
                     const uint8_t* data, int n):
@@ -233,7 +435,10 @@ cdef class Aead:
         cdef int outl = 0, finl = 0
         if not self.sealing:
             raise ValueError("this key opens")
-        if (_cipher_init(self.ctx, NULL, NULL, NULL, nonce, 1) != 1
+        if self.prov:
+            if not _p_seal(self.ctx, nonce, aad, aad_len, data, n, o):
+                raise RuntimeError("AES-GCM seal failed")
+        elif (_cipher_init(self.ctx, NULL, NULL, NULL, nonce, 1) != 1
                 or _cipher_update(self.ctx, NULL, &outl, aad, aad_len) != 1
                 or _cipher_update(self.ctx, o, &outl, data if n else _EMPTY, n) != 1
                 or _cipher_final(self.ctx, o + outl, &finl) != 1
@@ -249,10 +454,15 @@ cdef class Aead:
             raise ValueError("this key seals")
         if n < _TAG:
             return None
-        cdef int m = n - _TAG
+        cdef int m = n - _TAG, r
         cdef bytes out = PyBytes_FromStringAndSize(NULL, m)
         cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
         cdef int outl = 0, finl = 0
+        if self.prov:
+            r = _p_open(self.ctx, nonce, aad, aad_len, data, m, o)
+            if r < 0:
+                raise RuntimeError("AES-GCM open failed")
+            return out if r else None
         if (_cipher_init(self.ctx, NULL, NULL, NULL, nonce, 0) != 1
                 or _cipher_update(self.ctx, NULL, &outl, aad, aad_len) != 1
                 or _cipher_update(self.ctx, o, &outl, data if m else _EMPTY, m) != 1
@@ -289,6 +499,38 @@ cdef class Aead:
 
 cdef inline bytes _as_bytes(object b):
     return b"" if b is None else bytes(b)
+
+
+cdef object _choose_path():
+    """The path new Aead objects take: "provider" (the provider's functions, when they
+    are there and give the EVP calls' bytes), "evp", or None (no libcrypto).
+    ``UPMT_AEAD=evp`` in the environment keeps the EVP calls."""
+    global _use_provider
+    if LIBCRYPTO is None:
+        return None
+    if os.environ.get("UPMT_AEAD") == "evp" or not _load_provider(LIBCRYPTO.encode()):
+        return "evp"
+    _use_provider = True
+    key, nonce, ad, msg = bytes(range(32)), bytes(range(12)), b"upmt", bytes(range(100))
+    try:
+        ct = Aead(key, True, evp=True).encrypt(nonce, msg, ad)
+        ok = Aead(key, True, evp=False).encrypt(nonce, msg, ad) == ct
+        opener = Aead(key, False, evp=False)
+        ok = ok and opener.decrypt(nonce, ct, ad) == msg
+        bad = bytearray(ct)
+        bad[len(bad) - 1] ^= 1                       # (no negative indices in this file)
+        try:
+            opener.decrypt(nonce, bytes(bad), ad)
+            ok = False
+        except InvalidTag:
+            pass
+    except Exception:   # whatever it is, the EVP calls it is
+        ok = False
+    _use_provider = ok
+    return "provider" if ok else "evp"
+
+
+AEAD_PATH = _choose_path()   # "provider", "evp" or None: what Aead(key, e) does
 
 
 # -- sealing and opening runs of tunnel packets (crypto.py has the reference) -------------

@@ -140,7 +140,8 @@ class Aead(Protocol):
 def new_aead(key: bytes, seal: bool) -> Aead:
     """AES-256-GCM for ``key``: on the system's libcrypto with one context per key when
     ``_fast`` loaded it (no per-packet key setup), else cryptography's AESGCM (the same
-    bytes). ``UPMT_AEAD=cryptography`` in the environment forces the latter."""
+    bytes). ``UPMT_AEAD=cryptography`` in the environment forces the latter
+    (``UPMT_AEAD=evp``: libcrypto through EVP, see ``_fast.AEAD_PATH``)."""
     if _FastAead is not None and os.environ.get("UPMT_AEAD") != "cryptography" \
             and _fast_aead_works():
         return _FastAead(key, seal)
