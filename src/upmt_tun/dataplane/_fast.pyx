@@ -329,6 +329,16 @@ cdef bint _use_provider = False   # new Aead objects take the provider path
 cdef uint8_t _EMPTY[1]
 
 
+cdef inline void _tag_param(_Param* p, void* tag) noexcept nogil:
+    """``p[0]`` = the 16-byte tag as an octet-string parameter, ``p[1]`` = the end."""
+    p[0].key = _PARAM_TAG
+    p[0].data_type = _PARAM_OCTET_STRING
+    p[0].data = tag
+    p[0].data_size = _TAG
+    p[0].return_size = _PARAM_UNMODIFIED
+    memset(&p[1], 0, sizeof(_Param))
+
+
 cdef inline bint _p_seal(void* ctx, const uint8_t* nonce, const uint8_t* aad, int aad_len,
                          const uint8_t* data, int n, uint8_t* o) noexcept nogil:
     """The provider path of Aead.seal: ciphertext at ``o``, the tag after it. False on
@@ -343,12 +353,7 @@ cdef inline bint _p_seal(void* ctx, const uint8_t* nonce, const uint8_t* aad, in
             or _p_final(ctx, o + n, &finl, 0) != 1
             or finl != 0):
         return False
-    p[0].key = _PARAM_TAG
-    p[0].data_type = _PARAM_OCTET_STRING
-    p[0].data = o + n
-    p[0].data_size = _TAG
-    p[0].return_size = _PARAM_UNMODIFIED
-    memset(&p[1], 0, sizeof(_Param))
+    _tag_param(p, o + n)
     return _p_get_params(ctx, p) == 1 and p[0].return_size == _TAG
 
 
@@ -364,12 +369,7 @@ cdef inline int _p_open(void* ctx, const uint8_t* nonce, const uint8_t* aad, int
             or _p_update(ctx, o, &outl, <size_t>m, data, <size_t>m) != 1
             or outl != <size_t>m):
         return -1
-    p[0].key = _PARAM_TAG
-    p[0].data_type = _PARAM_OCTET_STRING
-    p[0].data = <void*>(data + m)
-    p[0].data_size = _TAG
-    p[0].return_size = _PARAM_UNMODIFIED
-    memset(&p[1], 0, sizeof(_Param))
+    _tag_param(p, <void*>(data + m))
     if _p_set_params(ctx, p) != 1:
         return -1
     if _p_final(ctx, o + m, &finl, 0) != 1 or finl != 0:
@@ -620,15 +620,14 @@ def seal_run(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
         _put32(o, word0)
         _put32(o + 4, receiver)
         _put64(o + 8, counter)
+        _put64(n12 + 4, counter)
         if plain:
             memcpy(o + 16, PyBytes_AS_STRING(b), ln)
         elif fast is not None:
-            _put64(n12 + 4, counter)
             fast.seal_to(n12, o, 16, <const uint8_t*>PyBytes_AS_STRING(b), <int>ln, o + 16)
         else:
-            nonce = PyBytes_FromStringAndSize(<const char*>n12, 12)
-            _put64(<uint8_t*>PyBytes_AS_STRING(nonce) + 4, counter)
-            ct = aead.encrypt(nonce, b, PyBytes_FromStringAndSize(<const char*>o, 16))
+            ct = aead.encrypt(PyBytes_FromStringAndSize(<const char*>n12, 12), b,
+                              PyBytes_FromStringAndSize(<const char*>o, 16))
             if len(ct) != ln + 16:
                 raise RuntimeError("AES-GCM seal gave a wrong length")
             memcpy(o + 16, PyBytes_AS_STRING(ct), ln + 16)
@@ -647,9 +646,7 @@ def open_many(object aead, ReplayWindow window, uint32_t me, bint plain, bytes d
     cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
     cdef const uint8_t* p
     cdef uint64_t counter
-    cdef bytes nonce
     cdef object pt
-    cdef uint8_t* h
     cdef uint8_t n12[12]
     cdef Aead fast = aead if isinstance(aead, Aead) else None
     decrypt = None if fast is not None else aead.decrypt
@@ -668,21 +665,18 @@ def open_many(object aead, ReplayWindow window, uint32_t me, bint plain, bytes d
         if not window.check(counter):
             bad += 1
             continue
+        memcpy(n12 + 4, p + 8, 8)
         if plain:
             pt = PyBytes_FromStringAndSize(<const char*>p + 16, ln - 16)
         elif fast is not None:
-            memcpy(n12 + 4, p + 8, 8)
             pt = fast.open(n12, p, 16, p + 16, <int>(ln - 16))
             if pt is None:
                 bad += 1
                 continue
         else:
-            nonce = PyBytes_FromStringAndSize(NULL, 12)
-            h = <uint8_t*>PyBytes_AS_STRING(nonce)
-            memset(h, 0, 4)
-            memcpy(h + 4, p + 8, 8)
             try:
-                pt = decrypt(nonce, PyBytes_FromStringAndSize(<const char*>p + 16, ln - 16),
+                pt = decrypt(PyBytes_FromStringAndSize(<const char*>n12, 12),
+                             PyBytes_FromStringAndSize(<const char*>p + 16, ln - 16),
                              PyBytes_FromStringAndSize(<const char*>p, 16))
             except InvalidTag:
                 bad += 1
