@@ -32,7 +32,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from suite import (  # noqa: E402
     stop_proc,
     tcp_test,
 )
+
+from upmt_tun.testbed import tool_missing
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("ab.py: needs root (network namespaces)", file=sys.stderr)
         return 2
-    missing = [t for t in ("ip", "iperf3", "ss", "ping") if shutil.which(t) is None]
-    if missing:
-        print(f"ab.py: missing {', '.join(missing)}", file=sys.stderr)
+    missing = tool_missing("ip", "iperf3", "ss", "ping", "nft")
+    if missing or not os.path.exists("/dev/net/tun"):
+        print(f"ab.py: missing {', '.join(missing) or '/dev/net/tun'}", file=sys.stderr)
         return 2
     interruptible()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
