@@ -1071,3 +1071,123 @@ def test_plaintext_forged_data_cannot_block_sealed_signalling(tmp_path: Path) ->
     rig.feed(forged, ATTACKERS[0])                     # an on-path attacker saw the index
     assert rig.tun.written == []
     assert mh.keepalive(tid, "", MH) == ""             # the sealed keepalive still works
+
+
+# -- the JSON bodies of every signal: whatever they hold, a counter at most ----------------------
+
+# values that have broken JSON handlers elsewhere: floats where ints belong (1e999 -> inf,
+# which int() refuses with OverflowError), NaN, huge and negative integers, booleans (an int
+# subclass), nesting, lone surrogates, strings that look like addresses
+_NASTY_JSON = ["1e999", "-1e999", "NaN", "Infinity", "-0.0", "0.5", "6.0", "1" + "0" * 400,
+               "-1", "4294967296", "true", "false", "null", '""', '"\\ud800"', '"1.2.3.4"',
+               '"100.100.0.2"', '"a"', "[]", "{}", "[[[[[[]]]]]]", '{"a": 1e999}',
+               '[6, "100.100.0.2", "198.51.100.7", 1e999, 80]',
+               '[6, "100.100.0.2", "198.51.100.7", 5000, 80]',
+               '[true, "100.100.0.2", "198.51.100.7", 5000, 80]',
+               '[6.0, "100.100.0.2", "198.51.100.7", 5000.0, 80]',
+               '[6, "100.100.0.2", "198.51.100.7", -5, 70000]',
+               '[6, "::1", "198.51.100.7", 1, 2]', '[6, "100.100.0.2"]',
+               '[[6, "100.100.0.2", "198.51.100.7", 1e999, 80]]',
+               '[[6, "100.100.0.2", "198.51.100.7", 5000, 80, 9]]',
+               '[[17, "100.100.0.2", "198.51.100.7", 5000, 53]]', '[["x"]]', "[null]"]
+
+
+def _fuzzed_bodies(rng: random.Random, vipa: str, tid: int, n: int) -> Iterator[bytes]:
+    """JSON bodies of every signal type the schema knows (and unknown ones), each field
+    replaced, dropped or added at random with a value from :data:`_NASTY_JSON`."""
+    valid: dict[str, dict[str, str]] = {
+        "AssociationReq": {"sipId": '"laptop"', "addressInUse": "[]", "vipa": f'"{vipa}"',
+                           "dataPlaintext": "false"},
+        "TunnelSetupReq": {"sipId": '"laptop"', "vipa": f'"{vipa}"', "tunnelId": "7",
+                           "interface": '"wan"'},
+        "KeepAlive": {"sipId": '"laptop"', "tunnelId": str(tid), "lastDelay": "1.5",
+                      "challenge": '""'},
+        "HandoverReq": {"sipId": '"laptop"', "tunnelId": str(tid),
+                        "flows": f'[[6, "{vipa}", "198.51.100.7", 5000, 80]]'},
+    }
+    for mtype in upmt.SCHEMA:               # responses and unknown types too: sent to the anchor
+        valid.setdefault(mtype, {"sipId": '"laptop"'})
+    valid["NoSuchSignal"] = {"sipId": '"laptop"'}
+    types = sorted(valid)
+    for i in range(n):
+        signals = []
+        for _ in range(1 if i % 5 else rng.randrange(1, 4)):
+            mtype = types[i % len(types)] if not signals else rng.choice(types)
+            fields = dict(valid[mtype])
+            for name in list(fields):
+                r = rng.random()
+                if r < 0.3:
+                    fields[name] = rng.choice(_NASTY_JSON)
+                elif r < 0.4:
+                    del fields[name]
+            if rng.random() < 0.2:
+                fields[rng.choice(["extra", "flows", "tunnelId", "vipa"])] = rng.choice(_NASTY_JSON)
+            content = "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
+            mt = f'"{mtype}"' if rng.random() > 0.05 else rng.choice(_NASTY_JSON)
+            signals.append(f'{{"MType":{mt},"MContent":{content}}}')
+        yield ("[" + ",".join(signals) + "]").encode()
+
+
+def test_fuzzed_signal_bodies_raise_nothing_and_log_nothing(rig: Rig) -> None:
+    """Security round two, item 4: a HandoverReq whose flow held 1e999 raised OverflowError
+    (a 1.4 KB traceback per datagram) and every refused request logged an INFO line. Every
+    body of every signal type, fuzzed: no exception, no internal error, no log line at INFO
+    or above per message, an answer for each, and only the host's own state changes."""
+    mh = Host(rig, "laptop", MH)
+    vipa, (tid,) = mh.establish()
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    lg = logging.getLogger("upmt_tun")
+    keep = Keep(logging.INFO)
+    lg.addHandler(keep)
+    lg.setLevel(logging.INFO)
+    rng = random.Random(SEED + 4)
+    n = answered = 0
+    try:
+        for body in _fuzzed_bodies(rng, vipa, tid, 3000):
+            n += 1
+            rig.now += 0.01
+            raw_sip = sip.build_request(target=LISTEN, from_user="laptop", via=MH,
+                                        call_id=f"fz-{n}", cseq=n, branch=f"z9hG4bKfz{n:08d}",
+                                        body=body)
+            m = rig.mark()
+            try:
+                rig.feed(mh.s.seal(TYPE_CONTROL, raw_sip), MH)
+            except Exception as e:  # pragma: no cover
+                pytest.fail(f"body #{n} raised {type(e).__name__}: {e}: {body[:200]!r}")
+            sent = rig.since(m)
+            assert len(sent) <= 1
+            if sent:
+                answered += 1
+                code, _, _ = mh.read(sent[0][0])
+                assert code in (200, 403, 501, 503), (code, body[:200])
+    finally:
+        lg.removeHandler(keep)
+        lg.setLevel(logging.CRITICAL)
+    assert rig.anchor.sig.stats["internal_error"] == 0
+    assert answered == n
+    # state changes may log (bounded), but nothing is logged per message
+    assert len(records) <= 25, [r.getMessage() for r in records[:5]]
+    assert set(rig.fwd.by_mh) == {"laptop"} and rig.fwd.by_mh["laptop"].vipa == vipa
+    assert rig.tun.written == []
+
+
+def test_handover_flow_keys_are_strictly_typed() -> None:
+    """1e999 raised OverflowError in int(); floats and booleans were silently truncated."""
+    from upmt_tun.signalling.anchor_side import _flow_key
+
+    good = [6, "100.100.0.2", "198.51.100.7", 5000, 80]
+    assert _flow_key(good) == (6, bytes([100, 100, 0, 2]), bytes([198, 51, 100, 7]), 5000, 80)
+    for bad in ([6, "100.100.0.2", "198.51.100.7", float("inf"), 80],
+                [6.0, "100.100.0.2", "198.51.100.7", 5000, 80],
+                [True, "100.100.0.2", "198.51.100.7", 5000, 80],
+                [6, "100.100.0.2", "198.51.100.7", 70000, 80],
+                [300, "100.100.0.2", "198.51.100.7", 1, 80],
+                [6, "100.100.0.2", "198.51.100.7", -1, 80],
+                [6, "fe80::1", "198.51.100.7", 1, 80],
+                [6, None, "198.51.100.7", 1, 80], [6, "100.100.0.2"], "x", None, {}):
+        assert _flow_key(bad) is None, bad

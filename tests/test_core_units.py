@@ -168,3 +168,27 @@ def test_linkwatch_parse_link_address_and_default_route_messages() -> None:
                                  ("route", 3, False), ("route", 0, False), ("route", 6, False)]
     assert list(parse(b"\xff" * 7)) == []
     assert list(parse(data[:-3]))[-1] == ("route", 0, False)      # the cut one is ignored
+
+
+def test_log_budget_bounds_lines_and_counts_the_rest() -> None:
+    import logging
+
+    from upmt_tun.logbudget import LogBudget
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    lg = logging.getLogger("upmt_tun.test_budget")
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    lg.addHandler(Keep())
+    b = LogBudget(lg, rate=1.0, burst=3.0)
+    logged = [b.log(logging.INFO, 100.0, "moved %d", i) for i in range(10)]
+    assert logged == [True] * 3 + [False] * 7 and b.suppressed == 7
+    assert b.log(logging.INFO, 101.0, "moved %d", 10)          # one token back after 1 s
+    assert records[-1] == "moved 10 (7 similar line(s) suppressed)" and b.suppressed == 0
+    assert not b.log(logging.DEBUG, 500.0, "not enabled")       # costs no token
+    assert b.log(logging.INFO, 500.0, "x") and b.log(logging.INFO, 500.0, "y")

@@ -25,6 +25,7 @@ from typing import Any
 from ..dataplane.crypto import Session
 from ..dataplane.forwarder import AnchorForwarder, Association
 from ..flowtable import pack_key
+from ..logbudget import LogBudget
 from ..tables import Tunnel
 from . import sip, upmt
 
@@ -42,6 +43,27 @@ class Refused(Exception):
         self.reason = reason
 
 
+def _flow_key(item: object) -> tuple[int, bytes, bytes, int, int] | None:
+    """A HandoverReq flow ``[proto, src, dst, sport, dport]`` -> its 5-tuple key, or None.
+
+    Strict JSON types (integers, not floats such as 6.0 or 1e999; not booleans), ranges
+    checked: whatever the JSON holds, the answer is a key or None, never an exception."""
+    if not isinstance(item, list) or len(item) != 5:
+        return None
+    proto, fsrc, dst, sport, dport = item
+    if not all(type(v) is int for v in (proto, sport, dport)):
+        return None
+    if not (0 <= proto <= 255 and 0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        return None
+    if not isinstance(fsrc, str) or not isinstance(dst, str):
+        return None
+    try:
+        return (proto, ipaddress.IPv4Address(fsrc).packed, ipaddress.IPv4Address(dst).packed,
+                sport, dport)
+    except ValueError:
+        return None
+
+
 class AnchorSignalling:
     def __init__(self, fwd: AnchorForwarder, pool: ipaddress.IPv4Network, *, role: str,
                  listen: tuple[str, int], max_associations: int = 1024,
@@ -57,6 +79,8 @@ class AnchorSignalling:
         self.cache = sip.ResponseCache()
         self.stats: Counter[str] = Counter()
         self._seq = 0
+        # lines a host's signalling can cause (it may repeat them in a loop): bounded
+        self._log = LogBudget(log)
 
     @property
     def tun_address(self) -> str:
@@ -110,9 +134,17 @@ class AnchorSignalling:
                     raise Refused(403, "Forbidden: sipId is not the authenticated peer")
                 answers.append(handler(content, src, now, session))
         except Refused as r:
+            # a counter, not a line per message: the host sees the reason in the answer
             self.stats["refused"] += 1
-            log.info("refused %s from %s:%d: %d %s", session.peer, *src, r.code, r.reason)
+            log.debug("refused %s from %s:%d: %d %s", session.peer, *src, r.code, r.reason)
             return sip.build_response(msg, r.code, r.reason, received=src)
+        except Exception as e:  # noqa: BLE001 - remote input never raises out of here
+            # a bug reached by remote input: answer 500, count it, one bounded line (no
+            # traceback per message); what the handlers changed before stays consistent
+            self.stats["internal_error"] += 1
+            self._log.log(logging.WARNING, now, "signal from %s raised %s: %s", session.peer,
+                          type(e).__name__, str(e)[:80])
+            return sip.build_response(msg, 500, "Server Internal Error", received=src)
         self.stats["ok"] += 1
         return sip.build_response(msg, 200, "OK", upmt.encode(answers), received=src)
 
@@ -131,7 +163,8 @@ class AnchorSignalling:
             a = Association(session.peer, str(vipa), vipa.packed, created=now, last_rx=now,
                             plain_data=self.plain_data)
             self.fwd.add_association(a)
-            log.info("associated %s from %s:%d: VIpA %s", a.mh, src[0], src[1], a.vipa)
+            self._log.log(logging.INFO, now, "associated %s from %s:%d: VIpA %s", a.mh, *src,
+                          a.vipa)
         if a.session is None or session.generation >= a.session.generation:
             a.session = session
         return "AssociationResp", {"associationSuccess": True, "vipa": a.vipa, "role": self.role,
@@ -182,7 +215,8 @@ class AnchorSignalling:
             self.fwd.tunnels.add(t)
             a.tunnels[t.tid] = t
             self._move(a, t, src)
-            log.info("tunnel %d of %s (%s) from %s:%d", t.tid, a.mh, t.interface, *src)
+            self._log.log(logging.INFO, now, "tunnel %d of %s (%s) from %s:%d", t.tid, a.mh,
+                          t.interface, *src)
         elif t.remote != src:
             self._move(a, t, src)
         t.last_rx = a.last_rx = now
@@ -206,7 +240,8 @@ class AnchorSignalling:
             else:
                 challenge = token.decode()
         elif t.remote != src:
-            log.info("tunnel %d of %s moved %s:%d -> %s:%d", t.tid, a.mh, *t.remote, *src)
+            self._log.log(logging.INFO, now, "tunnel %d of %s moved %s:%d -> %s:%d", t.tid,
+                          a.mh, *t.remote, *src)
             self._move(a, t, src)
             challenge = t.challenge
         elif t.probe_addr is not None and t.state == "up":
@@ -237,14 +272,10 @@ class AnchorSignalling:
             raise Refused(501, "bad UPMT signal: at most 64 flows per HandoverReq")
         moved = 0
         for item in flows:
-            try:
-                proto, fsrc, dst, sport, dport = item
-                key = (int(proto), ipaddress.IPv4Address(fsrc).packed,
-                       ipaddress.IPv4Address(dst).packed, int(sport), int(dport))
-                packed = pack_key(key)
-            except (TypeError, ValueError):
-                raise Refused(501, "bad UPMT signal: flows are [proto, src, dst, sport, dport]") \
-                    from None
+            key = _flow_key(item)
+            if key is None:
+                raise Refused(501, "bad UPMT signal: flows are [proto, src, dst, sport, dport]")
+            packed = pack_key(key)
             if key[1] != a.vipa_b:
                 raise Refused(403, "Forbidden: not this host's flow")
             if self.fwd.paft.handover(packed, t.tid, self._seq, now) > 0:
