@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from .. import nat
 from ..flowtable import AnchorPaft, flow_key, uplink_key
 from ..paths import should_return
-from ..policy import choose_tunnel
+from ..policy import HomeAnchor, choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
 from . import offload
 from .crypto import Session
@@ -128,7 +128,8 @@ class AgentForwarder:
         self.vipa_fix = vipa_fix
         self.vipa_fix_b = ipaddress.IPv4Address(vipa_fix).packed
         self.interfaces = list(interfaces)
-        self.anchor_order = list(anchors)
+        self.anchor_order = list(anchors)      # new flows of rules without anchor try these
+        self.home = HomeAnchor(anchors)         # ... in this order: best RTT first
         self.links: dict[str, AnchorLink] = {a: AnchorLink(a) for a in anchors}
         self.classify = classify
         self.tunnels = TunnelTable()
@@ -137,6 +138,24 @@ class AgentForwarder:
         self.sessions: dict[int, tuple[AnchorLink, Session]] = {}   # receive side
         self.prefer: dict[str, tuple[str, str | None]] = {}   # rule -> (interface, anchor)
         self.drops: Counter[str] = Counter()
+
+    # -- anchor choice (multiAN) ----------------------------------------------------------
+    def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
+        """Call after probes measured RTTs: reorder the anchors that new flows of rules
+        without ``anchor`` try (best RTT first, with hysteresis: policy.HomeAnchor). An
+        anchor's RTT is its best up tunnel's; fixed hosts keep their place (they carry
+        only flows to themselves)."""
+        rtts: dict[str, float | None] = {}
+        for (_iface, a), t in self.by_path.items():
+            r = rtt_of(t) if t.state == "up" and self.links[a].role != "fixed-host" else None
+            if r is not None and (rtts.get(a) is None or r < (rtts[a] or 0.0)):
+                rtts[a] = r
+            else:
+                rtts.setdefault(a, None)
+        fixed = {a for a, link in self.links.items() if link.role == "fixed-host"}
+        ranked = iter([a for a in self.home.update(now, rtts) if a not in fixed])
+        self.anchor_order = [a if a in fixed else next(ranked) for a in self.home.order]
+        return self.anchor_order
 
     # -- operator moves (explicit handover) ---------------------------------------------
     def _preferred(self, fc: FlowClass, iface: str, anchor: str | None) -> FlowClass:
