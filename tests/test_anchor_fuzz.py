@@ -48,6 +48,7 @@ from upmt_tun.dataplane.packet import (
     TYPE_HS_RESP,
     TYPE_PATH_RESPONSE,
     TYPE_PING,
+    TYPE_RELAY,
     pack_header,
 )
 from upmt_tun.signalling import sip, upmt
@@ -394,7 +395,7 @@ SIP_WORDS = [b"MESSAGE", b"INVITE", b"REGISTER", b"OPTIONS", b"SIP/2.0", b"Via:"
 def _expected_drop(data: bytes) -> str:
     """Which group of drop counters a datagram that does not open must land in."""
     if len(data) >= HEADER_LEN:
-        if data[0] in (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE, TYPE_PING):
+        if data[0] in (TYPE_DATA, TYPE_CONTROL, TYPE_PATH_RESPONSE, TYPE_PING, TYPE_RELAY):
             return "tunnel"
         if data[0] == TYPE_HS_INIT:
             return "handshake"

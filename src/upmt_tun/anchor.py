@@ -27,6 +27,7 @@ from .dataplane.packet import (
     TYPE_HS_INIT,
     TYPE_PATH_RESPONSE,
     TYPE_PING,
+    TYPE_RELAY,
     classify,
 )
 from .signalling.anchor_side import AnchorSignalling
@@ -57,7 +58,8 @@ class Anchor:
         self.sig = AnchorSignalling(self.fwd, cfg.vipa_pool, role=cfg.role,
                                     listen=(cfg.listen_host, cfg.listen_port),
                                     max_associations=cfg.max_associations,
-                                    plain_data=cfg.plaintext_data)
+                                    plain_data=cfg.plaintext_data, peers=cfg.peers,
+                                    mesh=cfg.mesh)
         self.responder = Responder(cfg.private_key, {p.public_key: p.name for p in cfg.peers})
         self.limiter = RateLimiter()
         self._generation = 0
@@ -87,6 +89,10 @@ class Anchor:
                 self.path.sendto(out[1], out[0])
         elif b0 == TYPE_PATH_RESPONSE:
             self.fwd.path_response(data, src)
+        elif b0 == TYPE_RELAY:
+            out = self.fwd.relay(data, src, self.clock())
+            if out is not None:
+                self.path.sendto(out[1], out[0])
         elif classify(data) == KIND_SIP:
             self.fwd.drops["plaintext_sip"] += 1
         else:
@@ -186,7 +192,9 @@ class Anchor:
                 j["mh"] = a.mh
                 j["idle_s"] = round(now - t.last_rx, 3)
                 tunnels.append(j)
-            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels,
+            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels, "mesh": a.mesh,
+                           "relay_rx_bytes": a.relay_rx_bytes,
+                           "relay_tx_bytes": a.relay_tx_bytes,
                            "session_age_s": None if a.session is None
                            else round(now - a.session.created, 1)})
         def iface_of(tid: int | None) -> str | None:
@@ -195,7 +203,7 @@ class Anchor:
 
         flows = [{**f.json(now, iface_of(f.tunnel), iface_of), "mh": f.anchor}
                  for f in self.fwd.paft.flows()]
-        return {"role": self.cfg.role,
+        return {"role": self.cfg.role, "mesh": self.cfg.mesh,
                 "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,
                 "drops": dict(self.fwd.drops), "paths": dict(self.fwd.events),

@@ -79,6 +79,7 @@ class Peer:
 
     name: str
     public_key: bytes
+    mesh: bool = False          # may reach (and be reached by) the anchor's other mesh peers
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class AnchorConfig:
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
     allow_egress: tuple[ipaddress.IPv4Network, ...] = ()
     deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
+    mesh: bool = False                  # its [[peer]]s may reach one another (UPMT-DAM)
 
 
 class _Reader:
@@ -481,6 +483,7 @@ def load_anchor_config(path: str) -> AnchorConfig:
     if max_assoc < 1:
         raise r.err("max_associations", "must be >= 1")
     key = _private_key(r)
+    mesh = r.get("mesh", bool, False)
     peers: list[Peer] = []
     for i, t in enumerate(r.get("peer", list, [])):
         pr = _Reader(path, _table(r, "peer", i, t), f"peer[{i}].")
@@ -495,8 +498,11 @@ def load_anchor_config(path: str) -> AnchorConfig:
             raise pr.err("name", f"peer {pname!r} listed twice")
         if pkey in [p.public_key for p in peers]:
             raise pr.err("public_key", "the same key is listed for another peer")
+        peer_mesh = pr.get("mesh", bool, mesh)
+        if peer_mesh and not mesh:
+            raise pr.err("mesh", "needs mesh = true at the top of the anchor's config")
         pr.finish()
-        peers.append(Peer(pname, pkey))
+        peers.append(Peer(pname, pkey, peer_mesh))
     if not peers:
         raise r.err("peer", "at least one [[peer]] (name + public_key of a mobile host) "
                     "is needed: a host not listed cannot associate")
@@ -508,5 +514,5 @@ def load_anchor_config(path: str) -> AnchorConfig:
     deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
     r.finish()
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
-                        per_host, key, tuple(peers), plaintext, allow, deny)
+                        per_host, key, tuple(peers), plaintext, allow, deny, mesh)
 

@@ -74,12 +74,14 @@ from . import offload
 from .crypto import Session
 from .packet import (
     HEADER,
+    RELAY_ADDR_LEN,
     TYPE_CONTROL,
     TYPE_DATA,
     TYPE_PATH_CHALLENGE,
     TYPE_PATH_RESPONSE,
     TYPE_PING,
     TYPE_PONG,
+    TYPE_RELAY,
     datagrams,
     path_id,
 )
@@ -498,6 +500,9 @@ class Association:
     session: Session | None = None       # current: seals the downlink
     last_rx: float = 0.0
     plain_data: bool = False
+    mesh: bool = False                   # may reach the anchor's other mesh hosts (relay)
+    relay_rx_bytes: int = 0              # mesh datagrams this host sent through the anchor
+    relay_tx_bytes: int = 0              # ... and received through it
 
 
 class AnchorForwarder:
@@ -634,6 +639,42 @@ class AnchorForwarder:
         if t.remote != src and not self._spend(t, len(pong)):
             return None
         return src, pong
+
+    # -- mesh relay (UPMT-DAM: hosts of one anchor reach one another) -------------------
+    def relay(self, data: bytes, src: tuple[str, int], now: float
+              ) -> tuple[tuple[str, int], bytes] | None:
+        """A RELAY datagram from a host -> (where, the RELAY datagram for the other host), or
+        None (counted). Both hosts must be mesh hosts; the datagram inside was sealed end to
+        end by the two hosts, so the anchor can read nothing of it (only the hop is opened
+        and re-sealed). It goes to the tunnel the other host was last heard on: per host,
+        not per flow, since the anchor cannot see the flows of a relayed datagram."""
+        opened = self.open(data)
+        if opened is None:
+            return None
+        s, a, counter, payload = opened
+        t = self._path_of(a, s, data, src, seq_of(s.generation, counter), now)
+        if a is None or t is None:
+            return None
+        if not a.mesh:
+            self.drops["relay_not_mesh"] += 1
+            return None
+        b = self.by_vipa.get(payload[:RELAY_ADDR_LEN]) if len(payload) > RELAY_ADDR_LEN \
+            else None
+        if b is None or not b.mesh or b is a:
+            self.drops["relay_no_peer"] += 1
+            return None
+        t.last_rx = a.last_rx = now
+        a.last_tunnel = t
+        a.relay_rx_bytes += len(payload) - RELAY_ADDR_LEN
+        tb = b.last_tunnel
+        if tb is None or tb.state != "up" or b.session is None:
+            self.drops["relay_peer_unreachable"] += 1
+            return None
+        out = b.session.seal(TYPE_RELAY, a.vipa_b + payload[RELAY_ADDR_LEN:], tb.un_tid)
+        b.relay_tx_bytes += len(payload) - RELAY_ADDR_LEN
+        if tb.probe_addr is not None and self._spend(tb, len(out)):
+            return tb.probe_addr, out
+        return tb.remote, out
 
     # -- NAT rebinding (QUIC-style path validation on the data path) --------------------
     def _path_of(self, a: Association | None, s: Session, data: bytes, src: tuple[str, int],

@@ -16,6 +16,10 @@ The first byte decides, data first:
   associated data and the counter its nonce (``crypto.Session``). 0x81, 0x82 and
   0x84 are the handshake packets (``signalling.handshake``). The MTU budget
   (:data:`OVERHEAD`) counts the tag.
+  0x89 RELAY carries a datagram between two hosts of one anchor's mesh (UPMT-DAM): its
+  payload is the other host's VIpA (4 bytes: the destination on the way up, the source
+  on the way down) and that datagram, which the two hosts sealed end to end; the anchor
+  opens and re-seals only the hop (as DERP forwards WireGuard packets it cannot read).
 * top two bits ``00`` and the STUN magic cookie at offset 4: STUN.
 * an ASCII letter: SIP text.
 
@@ -40,6 +44,7 @@ __all__ = [
     "TYPE_PATH_RESPONSE",
     "TYPE_PING",
     "TYPE_PONG",
+    "TYPE_RELAY",
     "MalformedPacket",
     "classify",
     "datagrams",
@@ -58,7 +63,9 @@ TYPE_PATH_CHALLENGE = 0x85   # anchor -> host: prove you receive at this new out
 TYPE_PATH_RESPONSE = 0x86    # host -> anchor: the challenge's token, from that address
 TYPE_PING = 0x87             # host -> anchor: path probe (its send time), also a NAT keepalive
 TYPE_PONG = 0x88             # anchor -> host: the probe's payload, echoed
-TYPE_LAST = TYPE_PONG
+TYPE_RELAY = 0x89            # host <-> anchor: a mesh peer's datagram, relayed (see below)
+TYPE_LAST = TYPE_RELAY
+RELAY_ADDR_LEN = 4           # the other host's VIpA at the head of a RELAY payload
 HEADER = struct.Struct("!IIQ")   # (type << 24 | path id), receiver index, counter
 HEADER_LEN = HEADER.size  # 16
 PATH_MAX = 0xFFFFFF

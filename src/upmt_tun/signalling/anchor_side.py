@@ -14,6 +14,7 @@ Retransmitted requests get the cached response and change nothing twice.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import logging
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import Peer
 from ..dataplane.crypto import Session
 from ..dataplane.forwarder import AnchorForwarder, Association
 from ..flowtable import pack_key
@@ -67,8 +69,11 @@ def _flow_key(item: object) -> tuple[int, bytes, bytes, int, int] | None:
 class AnchorSignalling:
     def __init__(self, fwd: AnchorForwarder, pool: ipaddress.IPv4Network, *, role: str,
                  listen: tuple[str, int], max_associations: int = 1024,
-                 plain_data: bool = False) -> None:
+                 plain_data: bool = False, peers: tuple[Peer, ...] = (),
+                 mesh: bool = False) -> None:
         self.fwd = fwd
+        self.peers = {p.name: p for p in peers}
+        self.mesh = mesh
         self.pool = pool
         self.role = role
         self.listen = listen
@@ -160,16 +165,19 @@ class AnchorSignalling:
             vipa = self._allocate()
             if vipa is None:
                 raise Refused(503, "VIpA pool exhausted")
+            peer = self.peers.get(session.peer)
             a = Association(session.peer, str(vipa), vipa.packed, created=now, last_rx=now,
-                            plain_data=self.plain_data)
+                            plain_data=self.plain_data, mesh=peer is not None and peer.mesh)
             self.fwd.add_association(a)
             self._log.log(logging.INFO, now, "associated %s from %s:%d: VIpA %s", a.mh, *src,
                           a.vipa)
         if a.session is None or session.generation >= a.session.generation:
             a.session = session
-        return "AssociationResp", {"associationSuccess": True, "vipa": a.vipa, "role": self.role,
-                                   "reason": "", "addressesInUse": [],
-                                   "dataPlaintext": self.plain_data}
+        resp = {"associationSuccess": True, "vipa": a.vipa, "role": self.role, "reason": "",
+                "addressesInUse": [], "dataPlaintext": self.plain_data, "mesh": a.mesh}
+        if a.mesh:
+            resp["meshPool"] = str(self.pool)
+        return "AssociationResp", resp
 
     def _allocate(self) -> ipaddress.IPv4Address | None:
         used = self.fwd.by_vipa
@@ -282,6 +290,24 @@ class AnchorSignalling:
                 moved += 1
         a.last_tunnel = t
         return "HandoverResp", {"moved": moved}
+
+    def _on_PeerReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
+                    session: Session) -> tuple[str, dict[str, Any]]:
+        """Mesh rendezvous: the name and public key of the host at a VIpA of this anchor,
+        vouched for by the anchor (it authenticated that key). Only between mesh hosts;
+        anything else is simply "not found" (no way to probe who is associated)."""
+        a = self._assoc(session)
+        if not a.mesh:
+            raise Refused(403, "Forbidden: this host is not in the anchor's mesh")
+        try:
+            b = self.fwd.by_vipa.get(ipaddress.IPv4Address(c["vipa"]).packed)
+        except ValueError:
+            b = None
+        peer = self.peers.get(b.mh) if b is not None else None
+        if b is None or b is a or not b.mesh or peer is None:
+            return "PeerResp", {"found": False}
+        return "PeerResp", {"found": True, "name": b.mh, "vipa": b.vipa,
+                            "publicKey": base64.b64encode(peer.public_key).decode()}
 
     @staticmethod
     def _challenge(t: Tunnel) -> str:

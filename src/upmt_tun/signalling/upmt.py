@@ -23,7 +23,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                        "addressInUse": ((list,), False), "dataPlaintext": ((bool,), False)},
     "AssociationResp": {"associationSuccess": ((bool,), True), "vipa": ((str, type(None)), False),
                         "reason": ((str,), False), "role": ((str,), False),
-                        "addressesInUse": ((list,), False), "dataPlaintext": ((bool,), False)},
+                        "addressesInUse": ((list,), False), "dataPlaintext": ((bool,), False),
+                        "mesh": ((bool,), False), "meshPool": ((str,), False)},
     "TunnelSetupReq": {"sipId": ((str,), True), "vipa": ((str,), True),
                        "tunnelId": ((int,), True), "interface": ((str,), False)},
     "TunnelSetupResp": {"serverTunnelID": ((int,), True), "yourAddress": ((str,), True),
@@ -33,6 +34,11 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "HandoverReq": {"sipId": ((str,), True), "tunnelId": ((int,), True),
                     "flows": ((list,), True)},
     "HandoverResp": {"moved": ((int,), True)},
+    # UPMT-DAM mesh: who is the host at this VIpA of the anchor's pool (the anchor vouches
+    # for its public key, so the two hosts can run their own handshake)
+    "PeerReq": {"sipId": ((str,), True), "vipa": ((str,), True)},
+    "PeerResp": {"found": ((bool,), True), "name": ((str,), False), "vipa": ((str,), False),
+                 "publicKey": ((str,), False)},
     "KeepAliveResp": {"tunnelId": ((int,), True), "yourAddress": ((str,), True),
                       "yourPort": ((int,), True), "challenge": ((str,), False)},
 }
