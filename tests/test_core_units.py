@@ -28,7 +28,8 @@ def test_header_layout_is_16_bytes_and_overhead_reserves_the_tag() -> None:
     (b"\x81" + bytes(40), P.KIND_TUNNEL),                       # handshake initiation
     (b"\x83" + bytes(40), P.KIND_TUNNEL),                       # sealed signalling
     (b"\x84" + bytes(40), P.KIND_TUNNEL),                       # cookie reply
-    (b"\x89" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
+    (b"\x89" + bytes(40), P.KIND_TUNNEL),                       # RELAY (mesh)
+    (b"\x8a" + bytes(40), P.KIND_JUNK),                         # unknown tunnel type
     (b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), P.KIND_STUN),
     (b"\x00\x01\x00\x00\xde\xad\xbe\xef" + bytes(12), P.KIND_JUNK),  # no magic cookie
     (b"\x01\x00\x00\x00" + bytes(28), P.KIND_JUNK),             # WireGuard initiation

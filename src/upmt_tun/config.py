@@ -132,6 +132,7 @@ class AgentConfig:
     private_key: bytes = b""
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
     return_after_s: float = 5.0         # hysteresis before flows return to a preferred iface
+    metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class AnchorConfig:
     allow_egress: tuple[ipaddress.IPv4Network, ...] = ()
     deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
     mesh: bool = False                  # its [[peer]]s may reach one another (UPMT-DAM)
+    metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
 
 
 class _Reader:
@@ -233,6 +235,18 @@ def _host_port(r: _Reader, k: str, v: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise r.err(k, f"port out of range in {v!r}")
     return host, port
+
+
+def _metrics(r: _Reader) -> tuple[str, int] | None:
+    """``metrics = "ADDR:PORT"`` (an IPv4 address: the endpoint is not meant for the
+    Internet, so no name and no default of every address), or None when absent."""
+    v = r.get("metrics", str, None)
+    if v is None:
+        return None
+    host, port = _host_port(r, "metrics", v)
+    if ":" not in v:
+        raise r.err("metrics", f"expected ADDR:PORT such as \"127.0.0.1:9586\", got {v!r}")
+    return _ipv4(r, "metrics", host), port
 
 
 def _port_range(r: _Reader, k: str, v: Any) -> tuple[int, int]:
@@ -392,10 +406,11 @@ def load_agent_config(path: str) -> AgentConfig:
         raise r.err("rule", "two rules share a name")
     key = _private_key(r)
     plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
+    metrics = _metrics(r)
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
                        tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
-                       float(return_after))
+                       float(return_after), metrics)
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:
@@ -512,7 +527,8 @@ def load_anchor_config(path: str) -> AnchorConfig:
         raise r.err("max_flows_per_host", "must be between 16 and 1000000")
     allow = _networks(r, "allow_egress", ())
     deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
+    metrics = _metrics(r)
     r.finish()
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
-                        per_host, key, tuple(peers), plaintext, allow, deny, mesh)
+                        per_host, key, tuple(peers), plaintext, allow, deny, mesh, metrics)
 

@@ -17,7 +17,7 @@ status JSON (:func:`flow_json`).
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +129,7 @@ class Flow:
     # moves, made on the first one: most flows never move, and an empty deque alone costs
     # ~760 bytes (its first block)
     moves: deque[tuple[float, int | None, int, str]] | None = None
+    counted: Counter[str] | None = None   # its table's handovers by reason (metrics)
 
     def __post_init__(self) -> None:
         self.first_tunnel = self.tunnel
@@ -153,6 +154,8 @@ class Flow:
             self.moves = deque(self.history, maxlen=HISTORY_LEN)
         self.moves.append((now, self.tunnel, tid, reason))
         self.tunnel = tid
+        if self.counted is not None:
+            self.counted[reason] += 1
 
 
 class Paft:
@@ -165,6 +168,7 @@ class Paft:
         self.per_source_cap = per_source_cap or cap
         self.per_source: dict[bytes, int] = {}   # flows per source address (per host)
         self._next = 1
+        self.handovers: Counter[str] = Counter()  # every move of every flow, by reason
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -181,6 +185,7 @@ class Paft:
             return None
         self.per_source[key[1]] = n + 1
         f = Flow(self._next, key, tid, rule, anchor, created=now, last_seen=now)
+        f.counted = self.handovers
         self._next += 1
         self.by_key[key] = f
         self.by_id[f.fid] = f
