@@ -192,13 +192,14 @@ class _Early:
 class _Bucket:
     rate: float
     burst: float
-    tokens: float = field(default=0.0)
+    tokens: float = field(default=-1.0)      # starts full
     at: float | None = None
 
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
     def refill(self, now: float) -> None:
-        if self.at is None:
-            self.tokens = self.burst
-        elif now > self.at:
+        if self.at is not None and now > self.at:
             self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         if self.at is None or now > self.at:
             self.at = now
