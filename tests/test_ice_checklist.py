@@ -412,6 +412,10 @@ def test_new_remote_credentials_restart_and_forget_the_old_pairs() -> None:
 def test_local_misuse_is_a_value_error(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         make(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timing"):
+        Timing(ta=0.0)
+    with pytest.raises(ValueError, match="timing"):
+        Timing(burst=10.0)
     with pytest.raises(ValueError, match="ufrag"):
         Checklist(Role.CONTROLLED, "a:b", L_PWD, 1, random.Random(1).randbytes, ONE_SOCKET)
 

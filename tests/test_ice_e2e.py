@@ -51,8 +51,9 @@ def _exchange(net: Net, a: str, b: str) -> None:
 
 def world(nat_a: str, nat_b: str, *, b_host: tuple[str, int] = ("192.168.1.10", 40000),
           roles: tuple[Role, Role] = (Role.CONTROLLING, Role.CONTROLLED),
-          twin: bool = False) -> Net:
-    net = Net({"a-home": Nat(nat_a, "203.0.113.1"), "a-lte": Nat(nat_a, "192.0.2.1"),
+          twin: bool = False, nat_a_lte: str | None = None) -> Net:
+    net = Net({"a-home": Nat(nat_a, "203.0.113.1"),
+               "a-lte": Nat(nat_a_lte or nat_a, "192.0.2.1"),
                "b-home": Nat(nat_b, "198.51.100.1")})
     net.add(Host("A", [(0, "a-home", "wlan0", ("192.168.1.10", 40000)),
                        (1, "a-lte", "wwan0", ("10.0.0.5", 40001))]))
@@ -95,6 +96,7 @@ def test_a_pair_is_selected_through_cone_nats_and_both_ends_agree(nat_a: str,
                                                                   nat_b: str) -> None:
     net = world(nat_a, nat_b)
     net.run(until=60.0)
+    assert_no_self_pair(net)
     sa, sb = assert_consistent(net)
     hosts = net.hosts
     ta, _ = first(hosts["A"], Selected) or (None, None)
@@ -102,7 +104,6 @@ def test_a_pair_is_selected_through_cone_nats_and_both_ends_agree(nat_a: str,
     assert ta is not None and tb is not None
     assert max(ta, tb) < 1.0, (ta, tb)        # virtual seconds from the exchange
     assert not hosts["A"].of(Failed) and not hosts["B"].of(Failed)
-    assert_no_self_pair(net)
     # A's and B's checks to the other's host candidate came back to themselves: rejected.
     assert hosts["A"].checklist.drops["bad-username"] > 0   # type: ignore[union-attr]
     assert hosts["B"].checklist.drops["bad-username"] > 0   # type: ignore[union-attr]
@@ -132,6 +133,14 @@ def test_no_direct_path_through_symmetric_nats_fails_cleanly(nat_a: str, nat_b: 
         assert cl.next_deadline() is None
     t, _ = first(net.hosts["A"], Failed) or (None, None)
     assert t is not None and t < 45.0          # RFC 8489 schedule: 39.5 s per check
+
+
+def test_when_one_interface_is_behind_a_symmetric_nat_the_other_carries_the_path() -> None:
+    net = world(SYM, PORT, nat_a_lte=FULL)
+    net.run(until=60.0)
+    sa, _ = assert_consistent(net)
+    assert sa.socket_id == 1
+    assert_no_self_pair(net)
 
 
 def test_the_lan_twin_never_answers_and_is_never_paired() -> None:

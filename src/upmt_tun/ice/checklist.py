@@ -116,6 +116,12 @@ class Timing:
     burst: float = 2000.0
     max_early: int = 8             # checks remembered before the remote description
 
+    def __post_init__(self) -> None:
+        if not (self.ta > 0 and self.rto > 0 and self.rate > 0 and self.burst >= CHECK_BUDGET
+                and self.max_tx >= 1 and self.rm >= 1 and self.nominate_after >= 0
+                and self.max_pairs >= 1 and self.max_in_flight >= 1 and self.max_early >= 0):
+            raise ValueError("ice: timing values must be positive (burst >= one check)")
+
 
 @dataclass(frozen=True)
 class SendStun:
