@@ -366,6 +366,31 @@ def test_controlled_selects_the_pair_the_controlling_side_nominates() -> None:
     assert cl.state is IceState.COMPLETED
 
 
+def test_controlled_follows_a_later_nomination_of_another_pair() -> None:
+    """The controlling side nominates again only after its first nomination's answers were
+    lost; both ends must then agree on the new pair."""
+    other = ("198.51.100.1", 50007)
+    cl = make(remote=[cand(*PEER), cand(*other)])
+    for _ in range(2):
+        check = first_check(cl)
+        cl.on_stun(peer_answer(check.data, ("203.0.113.7", 61000)), 0, check.addr, 0.06)
+    assert {p.state for p in cl.pairs} == {PairState.SUCCEEDED}
+    assert cl.on_stun(peer_request(use_candidate=True), 0, PEER, 0.2)[-1] == Selected(0, PEER)
+    out = cl.on_stun(peer_request(use_candidate=True, tid=b"U" * 12), 0, other, 40.0)
+    assert out[-1] == Selected(0, other) and cl.selected == Selected(0, other)
+    assert cl.drops == {"renominated": 1}
+
+
+def test_new_candidates_revive_a_failed_checklist() -> None:
+    cl = make(Role.CONTROLLING, remote=[cand(*PEER)])
+    advance(cl, 100.0)
+    assert cl.state is IceState.FAILED
+    cl.set_remote(R_UFRAG, R_PWD, [cand(*PEER)])
+    assert cl.state is IceState.FAILED               # nothing new
+    cl.set_remote(R_UFRAG, R_PWD, [cand("198.51.100.9", 50000)])
+    assert cl.state is IceState.RUNNING and first_check(cl).addr == ("198.51.100.9", 50000)
+
+
 def test_a_nomination_before_our_own_check_succeeded_selects_on_success() -> None:
     cl = make(remote=[cand(*PEER)])
     cl.on_stun(peer_request(use_candidate=True), 0, PEER, 0.0)

@@ -280,9 +280,10 @@ class Checklist:
     def set_remote(self, ufrag: str, pwd: str, candidates: Iterable[IceCandidate]) -> None:
         """The peer's description (from its SDP). New credentials mean a restart by the peer.
 
-        The same credentials again add candidates (pairs already formed stay as they are).
-        Remote candidates past :data:`MAX_REMOTE_CANDIDATES`, unusable addresses and
-        families no socket has are skipped and counted.
+        The same credentials again add candidates (pairs already formed stay as they are;
+        a checklist that had failed runs again if there are new pairs). Remote candidates
+        past :data:`MAX_REMOTE_CANDIDATES` and unusable addresses are skipped and counted;
+        a family no socket has forms no pair.
         """
         _check_creds(ufrag, pwd)
         if self.remote_ufrag is not None and (ufrag, pwd) != (self.remote_ufrag,
@@ -293,6 +294,7 @@ class Checklist:
         self.remote_ufrag, self.remote_pwd = ufrag, pwd
         if self.state is IceState.NEW:
             self.state = IceState.RUNNING
+        before = len(self._pairs)
         for n, cand in enumerate(candidates):
             if n >= MAX_REMOTE_CANDIDATES:
                 self.drops["remote-candidate-cap"] += 1
@@ -302,6 +304,8 @@ class Checklist:
                 continue
             for sid in self._bases:
                 self._add_pair(sid, cand)
+        if self.state is IceState.FAILED and len(self._pairs) > before:
+            self.state = IceState.RUNNING
         self._unfreeze_initial()
         early, self._early = self._early, []
         for e in early:
@@ -552,10 +556,17 @@ class Checklist:
         self._trigger(best, use_candidate=True, front=True)
 
     def _nominate(self, pair: Pair, out: list[Action]) -> None:
-        if self._selected is not None:
-            if self._selected is not pair:
-                self.drops["late-nomination"] += 1
+        """Select ``pair``. The controlled side follows a later nomination of another pair:
+        the controlling side nominates again only when it saw its nomination fail (lost
+        answers), and both ends must end on the same pair."""
+        if self._selected is pair:
             return
+        if self._selected is not None:
+            if self.role is not Role.CONTROLLED:
+                self.drops["late-nomination"] += 1
+                return
+            self.drops["renominated"] += 1
+            self._selected.nominated = False
         pair.nominated = True
         self._selected = pair
         self._nominating = None
@@ -677,9 +688,12 @@ class Checklist:
         """An authenticated check came in: triggered check, peer-reflexive candidate (7.3.1)."""
         if self.state is IceState.FAILED:
             return
-        if self._selected is not None and self._has_path(sid):
-            return                             # this socket already has its path
         pair = self._by_key.get((sid, src))
+        if self._selected is not None and self._has_path(sid):
+            if (use_candidate and pair is not None and self.role is Role.CONTROLLED
+                    and pair.state is PairState.SUCCEEDED):
+                self._nominate(pair, out)
+            return                             # this socket already has its path
         if pair is None:
             known = next((p.remote for p in self._pairs if p.remote.addr == src), None)
             remote = known or IceCandidate(
