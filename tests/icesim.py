@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from dataclasses import dataclass, field
 
 from upmt_tun.ice.candidates import Addr, IceCandidate, TunnelSocket, gather
@@ -73,9 +74,12 @@ class Host:
 
 
 class Net:
-    def __init__(self, nats: dict[str, Nat | None], latency: float = 0.01) -> None:
+    def __init__(self, nats: dict[str, Nat | None], latency: float = 0.01,
+                 loss: float = 0.0, seed: int = 0) -> None:
         self.nats = nats                       # lan -> its NAT (None: public)
         self.latency = latency
+        self.loss = loss                       # each datagram lost with this probability
+        self.rng = random.Random(seed)
         self.hosts: dict[str, Host] = {}
         self.where: dict[tuple[str, Addr], tuple[str, int]] = {}
         self.queue: list[tuple[float, int, str, int, Addr, bytes]] = []
@@ -121,6 +125,9 @@ class Net:
     def send(self, host: str, sid: int, data: bytes, dst: Addr) -> None:
         lan, src = self._socket(host, sid)
         at = self.now + self.latency
+        if self.loss and self.rng.random() < self.loss:
+            self.lost += 1
+            return
         if (lan, dst) in self.where:                          # on the sender's own LAN
             to = self.where[(lan, dst)]
             heapq.heappush(self.queue, (at, next(self.seq), to[0], to[1], src, data))

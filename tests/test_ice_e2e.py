@@ -51,10 +51,11 @@ def _exchange(net: Net, a: str, b: str) -> None:
 
 def world(nat_a: str, nat_b: str, *, b_host: tuple[str, int] = ("192.168.1.10", 40000),
           roles: tuple[Role, Role] = (Role.CONTROLLING, Role.CONTROLLED),
-          twin: bool = False, nat_a_lte: str | None = None) -> Net:
+          twin: bool = False, nat_a_lte: str | None = None, loss: float = 0.0,
+          seed: int = 0) -> Net:
     net = Net({"a-home": Nat(nat_a, "203.0.113.1"),
                "a-lte": Nat(nat_a_lte or nat_a, "192.0.2.1"),
-               "b-home": Nat(nat_b, "198.51.100.1")})
+               "b-home": Nat(nat_b, "198.51.100.1")}, loss=loss, seed=seed)
     net.add(Host("A", [(0, "a-home", "wlan0", ("192.168.1.10", 40000)),
                        (1, "a-lte", "wwan0", ("10.0.0.5", 40001))]))
     net.add(Host("B", [(0, "b-home", "eth0", b_host)]))
@@ -141,6 +142,15 @@ def test_when_one_interface_is_behind_a_symmetric_nat_the_other_carries_the_path
     sa, _ = assert_consistent(net)
     assert sa.socket_id == 1
     assert_no_self_pair(net)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_with_30_percent_loss_both_ends_still_agree_on_one_pair(seed: int) -> None:
+    net = world(PORT, PORT, loss=0.3, seed=seed)
+    net.run(until=120.0)
+    assert net.lost > 0
+    assert_no_self_pair(net)
+    assert_consistent(net)
 
 
 def test_the_lan_twin_never_answers_and_is_never_paired() -> None:

@@ -389,7 +389,8 @@ class Checklist:
         if self._selected is None:
             return
         for p in [p for p in self._pairs
-                  if p.state in (PairState.FROZEN, PairState.WAITING) and not self._wanted(p)]:
+                  if p.state in (PairState.FROZEN, PairState.WAITING) and not self._wanted(p)
+                  and not p.nominate_on_success]:
             self._remove_pair(p)
 
     def _trigger(self, pair: Pair, use_candidate: bool = False, front: bool = False) -> None:
@@ -452,7 +453,8 @@ class Checklist:
 
     def _live_trigger(self, pair: Pair, use_candidate: bool) -> bool:
         return pair.key in self._by_key and (use_candidate or (
-            pair.state is not PairState.SUCCEEDED and self._wanted(pair)))
+            pair.state is not PairState.SUCCEEDED
+            and (self._wanted(pair) or pair.nominate_on_success)))
 
     def _next_pair(self) -> tuple[Pair, bool] | None:
         """Triggered checks first, then the best waiting pair (RFC 8445 section 6.1.4.2)."""
@@ -685,14 +687,16 @@ class Checklist:
 
     def _learn(self, sid: int, src: Addr, priority: int, use_candidate: bool,
                out: list[Action]) -> None:
-        """An authenticated check came in: triggered check, peer-reflexive candidate (7.3.1)."""
+        """An authenticated check came in: triggered check, peer-reflexive candidate (7.3.1).
+
+        It also revives a failed checklist: the peer's check got through, so ours may too
+        (with heavy loss one end can give up while the other still gets through).
+        """
         if self.state is IceState.FAILED:
-            return
+            self.state = IceState.RUNNING
         pair = self._by_key.get((sid, src))
-        if self._selected is not None and self._has_path(sid):
-            if (use_candidate and pair is not None and self.role is Role.CONTROLLED
-                    and pair.state is PairState.SUCCEEDED):
-                self._nominate(pair, out)
+        renominate = use_candidate and self.role is Role.CONTROLLED
+        if self._selected is not None and self._has_path(sid) and not renominate:
             return                             # this socket already has its path
         if pair is None:
             known = next((p.remote for p in self._pairs if p.remote.addr == src), None)
