@@ -7,6 +7,7 @@ them to ``on_stun`` and advances ``now`` to ``next_deadline()``.
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 from aioice import stun
@@ -460,10 +461,15 @@ def test_fuzz_random_datagrams_never_raise(data: bytes) -> None:
 @given(st.integers(0, 200), st.binary(min_size=1, max_size=4), st.booleans())
 def test_fuzz_mutated_checks_and_answers_never_raise(at: int, junk: bytes,
                                                      answer: bool) -> None:
+    """Mutate the attributes, then give the message a valid FINGERPRINT again, so the
+    attribute decoders and the checks behind the fingerprint are what gets exercised."""
     cl = make(Role.CONTROLLING, remote=[cand(*PEER)])
     check = first_check(cl)
-    data = peer_answer(check.data, PEER) if answer else peer_request()
-    at %= len(data)
-    mutated = data[:at] + junk + data[at + len(junk):]
+    data = (peer_answer(check.data, PEER) if answer else peer_request())[:-8]
+    at = 20 + at % (len(data) - 20)
+    body = data[:at] + junk + data[at + len(junk):]
+    body += b"\0" * (-len(body) % 4)
+    body = body[:2] + (len(body) - 12).to_bytes(2, "big") + body[4:]
+    mutated = body + struct.pack("!HHI", 0x8028, 4, stun.message_fingerprint(body))
     out = cl.on_stun(mutated, 0, PEER, 0.01)
     assert all(isinstance(a, SendStun | PairSucceeded | Selected | Failed) for a in out)
