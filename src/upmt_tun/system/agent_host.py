@@ -162,7 +162,9 @@ def agent_ruleset(
         for i in ifaces
     ]
     # out of the TUN: only replies to connections opened here, and ICMP errors about
-    # them (related: PMTU); no connection into the host through its anchor
+    # them (related: PMTU); no connection into the host through its anchor. (The future
+    # ``mesh``: peers' new connections also come out of the TUN, from their VIpAs; they
+    # need an accept of those sources before this drop, as the anchor's MESH HOOK.)
     prerouting.append(f"iifname {q_tun} ct state != {{ established, related }} "
                       f'counter name "{COUNTER_UNSOLICITED}" drop')
     prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
