@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import pytest
 
 from upmt_tun import keys
-from upmt_tun.lab import Lab
+from upmt_tun.lab import DEFAULT_RULES, Lab
 from upmt_tun.testbed import Topology, tool_missing
 
 from .attack.pcap import Datagram, read_udp
@@ -204,16 +204,16 @@ class Counters:
     TABLE = "atkcnt"
 
     def __init__(self, topo: Topology, role: str, hook: str, rules: dict[str, str],
-                 priority: int = 100) -> None:
-        self.topo, self.role = topo, role
+                 priority: int = 100, table: str = TABLE) -> None:
+        self.topo, self.role, self.table = topo, role, table
         body = "".join(f'\t\t{match} counter comment "{name}"\n' for name, match in rules.items())
         topo.run(role, "nft", "-f", "-", input=(
-            f"table ip {self.TABLE} {{\n\tchain c {{\n\t\ttype filter hook {hook} priority "
+            f"table ip {table} {{\n\tchain c {{\n\t\ttype filter hook {hook} priority "
             f"{priority}; policy accept;\n{body}\t}}\n}}\n").encode())
 
     def read(self) -> dict[str, tuple[int, int]]:
         doc = json.loads(self.topo.run(self.role, "nft", "-j", "list", "table", "ip",
-                                       self.TABLE).stdout)
+                                       self.table).stdout)
         out = {}
         for item in doc["nftables"]:
             rule = item.get("rule")
@@ -225,7 +225,7 @@ class Counters:
         return out
 
     def close(self) -> None:
-        self.topo.run(self.role, "nft", "delete", "table", "ip", self.TABLE, check=False)
+        self.topo.run(self.role, "nft", "delete", "table", "ip", self.table, check=False)
 
     def __enter__(self) -> Counters:
         return self
@@ -858,3 +858,177 @@ def test_malicious_peer_cannot_spoof_or_impersonate(topo: Topology, www: Path,
     note("malicious-peer", answers=codes, sent=ev["sent"], ch_received=len(arrived),
          ch_sources=sorted(by_port.get(40001, set())), spoofed_inner=spoofed,
          counters=got, test_s=round(time.monotonic() - t0, 1))
+
+
+# -- 7. unsolicited inbound into the tunnels (issue 17, item 1) -------------------------------
+POOL = "100.100.0.0/16"                     # Lab's vipa_pool; its first address is the anchor's
+ANCHOR_TUN_ADDR = "100.100.0.1"
+VICTIM_PORT = 7777
+# what the probes brought into the victim's TUN, counted before conntrack (prerouting -400:
+# what the anchor let in) and at local delivery (input: what the victim's own rules, rp_filter
+# and all, let through to its sockets)
+PROBE_RULES = {"udp_tcp": f'iifname "upmt0" meta l4proto {{ tcp, udp }} th dport {VICTIM_PORT}',
+               "echo_req": 'iifname "upmt0" icmp type echo-request'}
+PMTU_PROBE = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)           # IP_MTU_DISCOVER: IP_PMTUDISC_DO (DF)
+for _ in range(3):
+    try:
+        s.sendto(b"x" * 1200, ("{CH}", 9999))
+    except OSError:
+        pass                                   # EMSGSIZE: the PMTU was learnt
+    time.sleep(0.2)
+"""
+
+
+class Services:
+    """tests/attack/services.py in a namespace: a UDP echo and a TCP banner on 0.0.0.0."""
+
+    def __init__(self, topo: Topology, role: str, port: int, log: Path) -> None:
+        self.log = log
+        self.proc = topo.popen(role, sys.executable, "-u", str(ATTACK / "services.py"),
+                               str(port), str(log), stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "listening"
+
+    def records(self) -> list[dict[str, str]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+def sub(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Packets counted between two ``Counters.read()`` snapshots, per rule."""
+    return {k: b[k][0] - a.get(k, (0, 0))[0] for k in b}
+
+
+def test_lan_gets_nothing_into_the_tunnels(topo: Topology, www: Path, tmp_path: Path) -> None:
+    """The VIpA pool is routable from the anchor's LAN (and its upstream): the attacker
+    routes it via the anchor and sends 200 UDP datagrams, 10 pings and 5 TCP SYNs to the
+    victim's VIpA, where a UDP echo and a TCP banner listen on 0.0.0.0, with rp_filter=2
+    (systemd's default) on the victim. Nothing may enter the victim's TUN, nothing may come
+    back. Then the same from the anchor itself (a compromised or misconfigured anchor: its
+    own output is not forwarded, so only the victim's rules stand): it reaches the TUN but no
+    socket, and nothing answers. The victim's own connections still get their replies, and
+    ICMP errors about them (related: a fragmentation-needed from the anchor for PMTU)."""
+    HttpServer(topo, "ch", 8080, www, rate=0)
+    t0 = time.monotonic()
+    topo.run("mh", "sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=2")
+    topo.run("atk", "ip", "route", "add", POOL, "via", ANCHOR)
+    svc = Services(topo, "mh", VICTIM_PORT, tmp_path / "services.jsonl")
+    try:
+        with running_lab(topo, tmp_path / "lab", rules=DEFAULT_RULES + STREAM_RULES) as lab, \
+                attacker_counters(topo) as cnt, \
+                Counters(topo, "mh", "prerouting", PROBE_RULES, priority=-400,
+                         table="tuncnt") as tun_cnt, \
+                Counters(topo, "mh", "input", {
+                    **PROBE_RULES,
+                    "icmp_error": 'iifname "upmt0" icmp type destination-unreachable'},
+                         priority=10, table="incnt") as in_cnt:
+            st = wait_for("the victim's tunnels up at the anchor", lambda: (
+                s if (s := lab.anchor_status())["associations"] and all(
+                    t["state"] == "up" for t in s["associations"][0]["tunnels"]) else None))
+            vipa = st["associations"][0]["vipa"]
+            tun0, in0 = tun_cnt.read(), in_cnt.read()
+            lan = attack(topo, "tool.py", "--listen", 1, "inbound", "--dst", vipa,
+                         "--port", VICTIM_PORT)
+            time.sleep(0.2)
+            tun1, in1, svc1 = tun_cnt.read(), in_cnt.read(), len(svc.records())
+            back = cnt.read()
+            from_anchor = attack(topo, "tool.py", "--listen", 1, "inbound", "--dst", vipa,
+                                 "--port", VICTIM_PORT, role="an")
+            time.sleep(0.2)
+            tun2, in2, svc2 = tun_cnt.read(), in_cnt.read(), len(svc.records())
+            # the host's own connections: replies, and an ICMP error about one
+            r = topo.run("mh", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w",
+                         "%{http_code}", SMALL_URL, check=False, timeout=15)
+            topo.run("an", "ip", "route", "add", f"{CH}/32", "dev", "eth0", "mtu", "lock",
+                     "1000")
+            topo.run("mh", sys.executable, "-c", PMTU_PROBE)
+            time.sleep(0.2)
+            in3 = in_cnt.read()
+            an_nft = topo.run("an", "nft", "list", "counters", "table", "ip", "upmt_anchor",
+                              check=False).stdout
+            mh_nft = topo.run("mh", "nft", "list", "counters", "table", "ip", "upmt_agent",
+                              check=False).stdout
+            alive(lab)
+    finally:
+        svc.close()
+    lan_tun, lan_in = sub(tun0, tun1), sub(in0, in1)
+    an_tun, an_in = sub(tun1, tun2), sub(in1, in2)
+    note("lan-inbound", sent=(lan["sent"], lan["pings"], lan["syns"]),
+         reached_victim_tun=lan_tun, delivered_on_victim=lan_in, victim_sockets=svc1,
+         attacker_got=back, tool_got=(lan["received"], lan["received_bytes"]),
+         from_anchor_reached_tun=an_tun, from_anchor_delivered=an_in,
+         from_anchor_sockets=svc2 - svc1, from_anchor_got=from_anchor["received"],
+         curl=r.stdout, icmp_errors_delivered=sub(in2, in3)["icmp_error"],
+         anchor_counters=" ".join(an_nft.split()), agent_counters=" ".join(mh_nft.split()),
+         test_s=round(time.monotonic() - t0, 1))
+    # from the LAN: not one packet into the victim's tunnel, not one byte back
+    assert lan["sent"] == 200 and lan["pings"] == 10 and lan["syns"] == 5, lan
+    assert lan_tun == {"udp_tcp": 0, "echo_req": 0}, lan_tun
+    assert svc1 == 0
+    assert back == {k: (0, 0) for k in ATK_RULES}, back
+    assert (lan["received"], lan["received_bytes"]) == (0, 0), lan
+    # from the anchor itself: into the TUN, yet into no socket, and no answer
+    assert an_tun["udp_tcp"] >= 0.9 * (200 + 5) and an_tun["echo_req"] >= 9, an_tun
+    assert (an_in["udp_tcp"], an_in["echo_req"]) == (0, 0), an_in
+    assert svc2 == svc1
+    assert from_anchor["received"] == 0, from_anchor
+    # the host's own traffic is intact: replies and related ICMP errors
+    assert r.stdout == "200", r
+    assert sub(in2, in3)["icmp_error"] >= 1, in3
+    assert "unsolicited_inbound" in an_nft and "unsolicited_from_tun" in mh_nft
+
+
+# -- 8. packets conntrack cannot track (issue 17, item 3) -------------------------------------
+def test_invalid_packets_never_leave_unnated(topo: Topology, tmp_path: Path) -> None:
+    """An authorized host ('evil') sends through its tunnel what conntrack marks INVALID:
+    TCP with SYN|FIN, SYN|RST, no flags, FIN|PSH|URG, and an ICMP error quoting no tracked
+    connection, 20 of each, beside 20 normal UDP datagrams. Without a connection there is
+    no masquerade: none of them may reach the correspondent (least of all with a VIpA
+    source), while the UDP datagrams still arrive masqueraded to the anchor's address."""
+    evil_priv, evil_pub = keys.keypair()
+    extra = f'\n[[peer]]\nname = "evil"\npublic_key = "{evil_pub}"\n'
+    t0 = time.monotonic()
+    sink = Sink(topo, tmp_path / "sink.jsonl")
+    try:
+        with running_lab(topo, tmp_path / "lab", anchor_extra=extra) as lab, \
+                Counters(topo, "ch", "prerouting", {
+                    "pool_src": f"ip saddr {POOL}",
+                    "masq_udp": f"ip saddr {ANCHOR} udp dport 9999",
+                    "masq_other": f"ip saddr {ANCHOR} udp dport != 9999"}, priority=-400,
+                         ) as ch_cnt, \
+                Counters(topo, "ch", "prerouting", {
+                    "tcp_8080": "tcp dport 8080", "icmp": "ip protocol icmp"}, priority=-400,
+                         table="kinds") as kinds:
+            ev = attack(topo, "evil_client.py", "--anchor-pub", lab.anchor_keys[0][1],
+                        "--key", evil_priv, "--invalid", "--count", 20)
+            time.sleep(0.3)
+            got, by_kind = ch_cnt.read(), kinds.read()
+            an_nft = topo.run("an", "nft", "list", "counter", "ip", "upmt_anchor",
+                              "invalid_from_hosts", check=False).stdout
+            alive(lab)
+    finally:
+        sink.close()
+    sent = ev["sent"]
+    invalid_sent = sum(n for k, n in sent.items() if k != "own")
+    arrived = sink.records()
+    dropped = int(an_nft.split("packets")[1].split()[0]) if "packets" in an_nft else None
+    note("invalid-unnated", sent=sent, ch_pool_source=got["pool_src"],
+         ch_masqueraded_udp=got["masq_udp"], ch_other_from_anchor=got["masq_other"],
+         ch_tcp_8080=by_kind["tcp_8080"], ch_icmp=by_kind["icmp"], sink=len(arrived),
+         anchor_invalid_dropped=dropped, test_s=round(time.monotonic() - t0, 1))
+    assert ev["validated"] and ev["vipa"], ev
+    assert sent["own"] == 20 and invalid_sent == 5 * 20, sent
+    assert got["pool_src"] == (0, 0), got                    # no VIpA ever left the anchor
+    assert by_kind["tcp_8080"] == (0, 0) and by_kind["icmp"] == (0, 0), by_kind
+    assert got["masq_udp"][0] == 20 and len(arrived) == 20, (got, arrived)
+    assert {a["src"] for a in arrived} == {ANCHOR}
+    assert dropped == invalid_sent, an_nft

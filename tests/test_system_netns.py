@@ -286,6 +286,8 @@ def test_agent_setup_steers_and_teardown_restores(netns: str) -> None:
     assert f"default dev ub0 table {T + 2}" in during["routes"]
     assert "table ip upmt_agent" in during["nft"]
     assert 'oifname "ut0" snat to 100.64.0.1' in during["nft"]
+    assert ('iifname "ut0" ct state != { established, related } '
+            'counter name "unsolicited_from_tun" drop') in during["nft"]
     assert all(during[f"svm_{i}"].strip() == "1" for i in ("ut0", "ua0", "ub0"))
     assert got["get_steered"].startswith("198.51.100.7 dev ut0")
     assert "via 10.0.1.1 dev ua0" in got["get_sock_a"]
@@ -448,6 +450,11 @@ def test_anchor_setup_teardown(netns: str) -> None:
     assert during["ip_forward"].strip() == "1"
     assert 'ip saddr 100.64.1.0/24 oifname "ua0" masquerade' in during["nft"]
     assert "maxseg size set rt mtu" in during["nft"]
+    # (issue 17) into the tunnels only replies; nothing untrackable out of them
+    assert ('oifname "ut0" ct state != { established, related } '
+            'counter name "unsolicited_inbound" drop') in during["nft"]
+    assert ('iifname "ut0" ct state { invalid, untracked } '
+            'counter name "invalid_from_hosts" drop') in during["nft"]
     assert got["before"]["ip_forward"].strip() == "0"
     assert got["after"] == got["before"]
 
@@ -458,6 +465,8 @@ def test_fixed_host_configures_tun_and_relays_nothing(netns: str) -> None:
     assert "100.64.1.1/24" in during["tun"]
     assert "masquerade" not in during["nft"]
     assert 'iifname "ut0" drop' in during["nft"]        # nothing forwarded from the tunnels
+    assert ('oifname "ut0" ct state != { established, related } '
+            'counter name "unsolicited_inbound" drop') in during["nft"]   # nor into them
     assert during["ip_forward"].strip() == "0"
     assert got["after"] == got["before"]
 

@@ -81,6 +81,22 @@ def test_agent_ruleset_exempts_tunnel_marks_before_any_rule() -> None:
     assert 'oifname "upmt0" tcp flags syn tcp option maxseg size set rt mtu' in lines
 
 
+def test_agent_ruleset_drops_what_the_tunnel_brings_unasked() -> None:
+    """Out of the TUN only replies (and ICMP errors about them) of connections this host
+    opened: a compromised or misconfigured anchor cannot open one into the host. The drop
+    comes before anything else about the TUN in prerouting (after conntrack)."""
+    script = agent_ruleset(tun="upmt0", vipa_fix="100.64.0.1", fwmark=0x100,
+                           ifaces=[IfacePlan(0, "eth0", None, 5000)], rules=[], tun_mtu=1400)
+    lines = [line.strip() for line in script.splitlines()]
+    assert "counter unsolicited_from_tun {" in lines
+    drop = ('iifname "upmt0" ct state != { established, related } '
+            'counter name "unsolicited_from_tun" drop')
+    chain = lines.index("chain prerouting {")
+    tun_rules = [i for i, line in enumerate(lines) if line.startswith('iifname "upmt0"')]
+    assert lines[tun_rules[0]] == drop and tun_rules[0] > chain
+    assert lines[chain + 1].startswith("type filter hook prerouting priority mangle")
+
+
 def test_agent_host_validates_marks_and_tables() -> None:
     ok = {"tun": "t", "vipa_fix": "100.64.0.1", "ifaces": [], "rules": []}
     with pytest.raises(SystemSetupError):
@@ -103,6 +119,45 @@ def test_anchor_ruleset_and_role() -> None:
             role="router",
             nat_interface=None,
         )
+
+
+def _chain(script: str, name: str) -> list[str]:
+    lines = [line.strip() for line in script.splitlines()]
+    start = lines.index(f"chain {name} {{")
+    return lines[start + 2:lines.index("}", start)]
+
+
+INBOUND_DROP = ('oifname "upmt0" ct state != { established, related } '
+                'counter name "unsolicited_inbound" drop')
+
+
+def test_anchor_forwards_into_the_tunnels_only_replies() -> None:
+    """Issue 17 (1): the pool is routable from the anchor's LAN; only what conntrack ties to
+    a connection a host opened may enter the TUN, before any allow_egress accept (which
+    could otherwise open the hosts to each other)."""
+    script = anchor_ruleset(tun="upmt0", pool="100.64.1.0/24", mtu=1400, nat_interface="eth0",
+                            allow_egress=("100.64.0.0/10",), deny_egress=("10.0.0.0/8",))
+    egress = _chain(script, "egress")
+    assert egress.index(INBOUND_DROP) < egress.index(
+        'iifname "upmt0" ip daddr { 100.64.0.0/10 } accept')
+    assert "counter unsolicited_inbound {" in script
+    # the fixed host relays nothing, in either direction
+    fixed = _chain(anchor_ruleset(tun="upmt0", pool="100.64.1.0/24", mtu=1400,
+                                  nat_interface=None, role="fixed-host"), "egress")
+    assert fixed == ['iifname "upmt0" drop', INBOUND_DROP]
+
+
+def test_anchor_drops_untrackable_packets_from_the_hosts_first() -> None:
+    """Issue 17 (3): without a connection there is no masquerade, so invalid and untracked
+    packets from the TUN would leave with the host's VIpA as source: the first rule of the
+    forward filter drops (and counts) them."""
+    script = anchor_ruleset(tun="upmt0", pool="100.64.1.0/24", mtu=1400, nat_interface=None,
+                            deny_egress=("10.0.0.0/8",))
+    egress = _chain(script, "egress")
+    assert egress[0] == ('iifname "upmt0" ct state { invalid, untracked } '
+                         'counter name "invalid_from_hosts" drop')
+    assert egress[1] == INBOUND_DROP
+    assert "counter invalid_from_hosts {" in script
 
 
 def test_quote_rejects_injection() -> None:

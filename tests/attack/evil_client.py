@@ -11,6 +11,10 @@ sealed CONTROL SIP MESSAGEs, path validation), then abuses what it got:
 4. an ICMP error from its own VIpA that quotes a packet of the victim's (so that its flow
    key would be the victim's).
 
+With ``--invalid`` instead: from its own VIpA, packets that conntrack marks INVALID (TCP
+with SYN|FIN, SYN|RST, no flags, FIN|PSH|URG; an ICMP error quoting no tracked
+connection), beside a normal UDP packet each round (the control group, sport 40001).
+
 Each UDP group uses its own source port (``PORTS``) so the receiver can tell them apart.
 Prints one JSON object: the SIP answers (code, reason, body) and what was sent.
 """
@@ -30,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository
 
-from tests.attack.rawsock import icmp_error, udp  # noqa: E402
+from tests.attack.rawsock import icmp_error, tcp, udp  # noqa: E402
 from upmt_tun.dataplane.crypto import Session  # noqa: E402
 from upmt_tun.dataplane.packet import TYPE_CONTROL, TYPE_DATA  # noqa: E402
 from upmt_tun.signalling import sip, upmt  # noqa: E402
@@ -39,6 +43,10 @@ from upmt_tun.signalling.handshake import Initiation  # noqa: E402
 PORTS = {"own": 40001, "victim_vipa": 40002, "ch_addr": 40003, "anchor_addr": 40004,
          "to_victim": 40005, "to_anchor": 40006, "to_anchor_tun": 40007,
          "icmp_quoting_victim": 40008}
+# --invalid: TCP flag combinations no connection can have, each from its own port
+INVALID_TCP = {"syn_fin": (40011, 0x03), "syn_rst": (40012, 0x06), "no_flags": (40013, 0x00),
+               "fin_psh_urg": (40014, 0x29)}
+ICMP_NOTHING_PORT = 40015      # the port of the never-sent packet the ICMP error quotes
 
 
 class Evil:
@@ -119,6 +127,46 @@ def first(answer: dict[str, Any], mtype: str) -> dict[str, Any]:
     return next((c for t, c in answer["body"] if t == mtype), {})
 
 
+def own_tunnel(ev: Evil, name: str, out: dict[str, Any]) -> str | None:
+    """Associate as ``name``, set up a tunnel and validate it (echo the challenge): the
+    VIpA (None if refused); the answers go to ``out["answers"]``."""
+    ans = out["answers"]
+    ans["assoc"] = ev.request([("AssociationReq", {
+        "sipId": name, "addressInUse": [], "dataPlaintext": False})])
+    vipa: str | None = first(ans["assoc"], "AssociationResp").get("vipa")
+    out["vipa"] = vipa
+    if not vipa:
+        return None
+    ans["setup"] = ev.request([("TunnelSetupReq", {
+        "sipId": name, "vipa": vipa, "tunnelId": 1, "interface": "x"})])
+    setup = first(ans["setup"], "TunnelSetupResp")
+    ans["validate"] = ev.request([("KeepAlive", {
+        "sipId": name, "tunnelId": setup.get("serverTunnelID"),
+        "challenge": setup.get("challenge", "")})])
+    out["validated"] = (ans["validate"]["code"] == 200 and
+                        first(ans["validate"], "KeepAliveResp").get("challenge", "") == "")
+    return vipa
+
+
+def send_invalid(ev: Evil, vipa: str, ch: str, count: int, tcp_port: int) -> dict[str, int]:
+    """``count`` rounds: the control UDP packet, each invalid TCP kind, the ICMP error."""
+    sent: dict[str, int] = {}
+    for i in range(count):
+        packets = {"own": udp(vipa, ch, PORTS["own"], 9999, f"own {i}".encode())}
+        for kind, (sport, flags) in INVALID_TCP.items():
+            packets[kind] = tcp(vipa, ch, sport, tcp_port, seq=int.from_bytes(os.urandom(4)),
+                                ack=int.from_bytes(os.urandom(4)) if flags & 0x10 else 0,
+                                flags=flags)
+        # port unreachable about a datagram ch -> us that never was (no connection)
+        packets["icmp_quoting_nothing"] = icmp_error(
+            vipa, ch, udp(ch, vipa, 9999, ICMP_NOTHING_PORT, b"x"))
+        for kind, pkt in packets.items():
+            ev.data(pkt)
+            sent[kind] = sent.get(kind, 0) + 1
+        time.sleep(0.002)
+    return sent
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchor", default="203.0.113.1:5060")
@@ -136,6 +184,9 @@ def main() -> int:
     ap.add_argument("--attempts", type=int, default=5)
     ap.add_argument("--associate", action="store_true",
                     help="with --handshake-only: then an AssociationReq (as --name)")
+    ap.add_argument("--invalid", action="store_true",
+                    help="only send packets conntrack marks INVALID (and a control group)")
+    ap.add_argument("--tcp-port", type=int, default=8080, help="--invalid: TCP destination")
     a = ap.parse_args()
     host, _, port = a.anchor.rpartition(":")
     anchor = (host, int(port))
@@ -162,6 +213,15 @@ def main() -> int:
     ev = Evil(anchor, base64.b64decode(a.anchor_pub), base64.b64decode(a.key), a.name)
     out: dict[str, Any] = {"answers": {}, "sent": {}}
     ans = out["answers"]
+    if a.invalid:
+        own = own_tunnel(ev, a.name, out)
+        if not own or not out["validated"]:
+            print(json.dumps(out))
+            return 1
+        out["sent"] = send_invalid(ev, own, a.ch, a.count, a.tcp_port)
+        time.sleep(0.2)
+        print(json.dumps(out))
+        return 0
 
     # impersonation before and after we have our own association
     ans["assoc_as_victim"] = ev.request([("AssociationReq", {

@@ -16,6 +16,11 @@ Subcommands (all send to ``--target host:port``, the anchor's shared UDP port):
             a [[peer]]) sent again and again from random spoofed source addresses in
             ``--spoof-net`` (raw socket): every packet passes the per-source limit as a new
             source.
+``inbound`` (no tunnel protocol at all) plain traffic to a host's VIpA ``--dst``, routed
+            via the anchor: UDP datagrams to ``--port`` from our socket, ICMP echo requests
+            and TCP SYNs (raw sockets, from our own address) to the same port; answers of
+            any kind are counted (``received`` is their sum: UDP, echo replies, TCP to the
+            SYNs' ports).
 
 Whatever comes back to our own socket during ``--listen`` seconds after sending is
 counted (``received``, ``received_bytes``): an anchor that keeps silent returns zeros.
@@ -41,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository
 
-from tests.attack.rawsock import RawSender, tcp  # noqa: E402
+from tests.attack.rawsock import RawSender, checksum, tcp  # noqa: E402
 from upmt_tun.signalling.handshake import INIT_LEN as HS_INIT_LEN  # noqa: E402
 
 DATA = 0x80
@@ -226,6 +231,51 @@ def cmd_hsflood(a: argparse.Namespace) -> dict[str, Any]:
             "sources": len(sources)}
 
 
+def cmd_inbound(a: argparse.Namespace) -> dict[str, Any]:
+    s = Sender(None)
+    pace = Pacer(a.pps)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.connect((a.dst, a.port))                 # only to learn our source address
+    src = probe.getsockname()[0]
+    probe.close()
+    for i in range(a.count):
+        s.send(f"inbound {i}".encode(), (a.dst, a.port))
+        pace.tick()
+    icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    for i in range(a.pings):
+        echo = struct.pack("!BBHHH", 8, 0, 0, ident, i) + b"inbound"
+        icmp.sendto(echo[:2] + struct.pack("!H", checksum(echo)) + echo[4:], (a.dst, 0))
+    tcp_rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    sports = {a.sport + i for i in range(a.syns)}
+    with RawSender() as raw:
+        for sport in sorted(sports):
+            raw.send(tcp(src, a.dst, sport, a.port, seq=random.getrandbits(32), flags=0x02))
+    udp = s.listen(a.listen)
+    back = {"echo_replies": 0, "icmp_other": 0, "tcp_back": 0}
+    back_bytes = 0
+    for sock in (icmp, tcp_rx):                      # what the raw sockets queued meanwhile
+        sock.setblocking(False)
+        while True:
+            try:
+                pkt = sock.recv(65535)
+            except BlockingIOError:
+                break
+            ihl = (pkt[0] & 0x0F) * 4
+            if sock is icmp:
+                back["echo_replies" if pkt[ihl] == 0 else "icmp_other"] += 1
+            elif struct.unpack("!H", pkt[ihl + 2:ihl + 4])[0] in sports:
+                back["tcp_back"] += 1
+            else:
+                continue
+            back_bytes += len(pkt)
+        sock.close()
+    return {"sent": s.sent, "sent_bytes": s.sent_bytes, "pings": a.pings, "syns": len(sports),
+            "src": src, "udp_received": udp["received"], **back,
+            "received": udp["received"] + sum(back.values()),
+            "received_bytes": udp["received_bytes"] + back_bytes}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="203.0.113.1:5060")
@@ -254,10 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--seconds", type=float, default=5.0)
     hf.add_argument("--anchor-pub", required=True)
     hf.add_argument("--spoof-net", default="198.18.0.0/15")
+    ib = sub.add_parser("inbound")
+    ib.add_argument("--dst", required=True, help="the host's VIpA")
+    ib.add_argument("--port", type=int, required=True)
+    ib.add_argument("--count", type=int, default=200, help="UDP datagrams")
+    ib.add_argument("--pings", type=int, default=10)
+    ib.add_argument("--syns", type=int, default=5)
+    ib.add_argument("--sport", type=int, default=45000, help="first TCP source port")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     out = {"forge": cmd_forge, "replay": cmd_replay, "flood": cmd_flood,
-           "hsflood": cmd_hsflood}[a.cmd](a)
+           "hsflood": cmd_hsflood, "inbound": cmd_inbound}[a.cmd](a)
     out["seconds"] = round(time.monotonic() - t0, 3)
     print(json.dumps(out))
     return 0

@@ -11,6 +11,10 @@ See DESIGN.md "Marks, tables, priorities". With fwmark F and table T:
 - Incoming tunnel packets get mark F+1+k and replies out of the TUN get their ct
   mark back, so strict rp_filter (with ``src_valid_mark=1``) accepts both.
 - Packets into the TUN are SNATed to ``vipa_fix`` and their TCP MSS is clamped.
+- Packets out of the TUN that conntrack does not tie to a connection this host
+  opened (not established or related: new, invalid, untracked) are dropped and
+  counted (counter ``unsolicited_from_tun``): the anchor filters them already, this
+  is defence in depth against a compromised or misconfigured one.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ BLACKHOLE_METRIC = 0xFFFFFFFF
 MARK_MASK = 0xFFFF
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
+COUNTER_UNSOLICITED = "unsolicited_from_tun"   # nft counter of the drop above
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,12 @@ def agent_ruleset(
         f"meta mark set {fwmark + 1 + i.index:#x}"
         for i in ifaces
     ]
+    # out of the TUN: only replies to connections opened here, and ICMP errors about
+    # them (related: PMTU); no connection into the host through its anchor. (The future
+    # ``mesh``: peers' new connections also come out of the TUN, from their VIpAs; they
+    # need an accept of those sources before this drop, as the anchor's MESH HOOK.)
+    prerouting.append(f"iifname {q_tun} ct state != {{ established, related }} "
+                      f'counter name "{COUNTER_UNSOLICITED}" drop')
     prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
     if tun_mtu is not None and tun_mtu > 40:
         mss = tun_mtu - 40
@@ -179,7 +190,8 @@ def agent_ruleset(
             [f"oifname {q_tun} snat to {snat}"],
         ),
     }
-    lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+    lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{",
+             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}"]
     for name, (hook, body) in chains.items():
         lines.append(f"\tchain {name} {{")
         lines.append(f"\t\t{hook}; policy accept;")

@@ -5,6 +5,13 @@ the kernel routes the pool to the TUN. Role ``anchor`` also forwards and
 masquerades the pool out of ``nat_interface`` (nft table ``ip upmt_anchor``) and
 clamps the TCP MSS of forwarded SYNs to the TUN MTU; role ``fixed-host`` only
 configures the TUN.
+
+Both roles forward into the TUN only replies to connections the hosts opened
+(conntrack established/related): the pool is routable from the anchor's LAN and
+its upstream, which are untrusted, and a packet in the TUN reaches a mobile host
+past its NAT. Role ``anchor`` also drops what conntrack cannot track (invalid,
+untracked) before it is forwarded from the TUN: masquerade needs a connection,
+so such packets would leave with the host's VIpA as their source.
 """
 
 from __future__ import annotations
@@ -33,32 +40,55 @@ def _nets(cidrs: list[str] | tuple[str, ...]) -> str:
     return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(nets)) + " }"
 
 
+# named counters of the table (``nft list counters table ip upmt_anchor``)
+COUNTER_INBOUND = "unsolicited_inbound"   # new connections towards the pool, dropped
+COUNTER_INVALID = "invalid_from_hosts"    # invalid/untracked from the TUN, dropped
+
+
 def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
                    role: str = "anchor", allow_egress: tuple[str, ...] = (),
                    deny_egress: tuple[str, ...] = (), max_flows_per_host: int = 4096) -> str:
     """The nft script creating table ``ip upmt_anchor`` (fails if it already exists).
 
     Role ``anchor``: masquerade the pool (out of ``nat_interface``, else out of every
-    interface but the TUN), clamp MSS, drop what the hosts send to ``deny_egress``
-    unless in ``allow_egress``, and drop what they send to the anchor itself.
+    interface but the TUN), clamp MSS, drop what the hosts send that conntrack cannot
+    track (it would leave un-NATed), drop what they send to ``deny_egress`` unless in
+    ``allow_egress``, and drop what they send to the anchor itself.
     Role ``fixed-host``: nothing is relayed: drop every packet forwarded from the TUN.
+    Both roles: forward into the TUN only replies to connections the hosts opened
+    (before ``allow_egress``, which cannot open the hosts to each other).
     """
     try:
         net = ipaddress.IPv4Network(pool, strict=False)
     except ValueError:
         raise SystemSetupError(f"bad vipa pool {pool!r}") from None
     q_tun = nft.quote(tun)
-    head = f"create table {NFT_FAMILY} {NFT_TABLE}\ntable {NFT_FAMILY} {NFT_TABLE} {{\n"
+    head = (f"create table {NFT_FAMILY} {NFT_TABLE}\ntable {NFT_FAMILY} {NFT_TABLE} {{\n"
+            f"\tcounter {COUNTER_INBOUND} {{\n\t}}\n")
+    # Into the tunnels: only what conntrack ties to a connection a host opened (its
+    # replies, and ICMP errors about it). A new connection towards the pool, from the
+    # anchor's LAN, its upstream or another host of this anchor, is dropped.
+    inbound = (f"\t\toifname {q_tun} ct state != {{ established, related }} "
+               f'counter name "{COUNTER_INBOUND}" drop\n')
     if role == "fixed-host":
         return (head + "\tchain egress {\n"
                 "\t\ttype filter hook forward priority filter; policy accept;\n"
-                f"\t\tiifname {q_tun} drop\n\t}}\n}}\n")
+                f"\t\tiifname {q_tun} drop\n{inbound}\t}}\n}}\n")
     out = f"oifname {nft.quote(nat_interface)}" if nat_interface else f"oifname != {q_tun}"
     mss = mtu - 40
     allow = f"\t\tiifname {q_tun} ip daddr {_nets(allow_egress)} accept\n" if allow_egress else ""
     deny = f"\t\tiifname {q_tun} ip daddr {_nets(deny_egress)} drop\n" if deny_egress else ""
+    # MESH HOOK (the future ``mesh = true``; not implemented): authorized peers of this
+    # anchor reaching each other TUN -> TUN is this one rule, placed where ``mesh`` is
+    # below: after the invalid drop, before the inbound drop (which refuses their new
+    # connections otherwise) and before the egress deny list (the default one holds
+    # 100.64/10, the usual pools):
+    #     mesh = f"\t\tiifname {q_tun} oifname {q_tun} accept\n"
+    # (a packet from the TUN already has its host's VIpA as source: the anchor checks it)
+    mesh = ""
     return (
         head +
+        f"\tcounter {COUNTER_INVALID} {{\n\t}}\n"
         "\tset hosts {\n\t\ttype ipv4_addr; size 65535; flags dynamic;\n\t}\n"
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
@@ -72,7 +102,11 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
         "\t}\n"
         "\tchain egress {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
-        f"{allow}{deny}"
+        # no connection, no masquerade: it would leave with the host's VIpA as source
+        # (ICMP errors quoting no connection, TCP with SYN|FIN, SYN|RST, no flags, ...)
+        f"\t\tiifname {q_tun} ct state {{ invalid, untracked }} "
+        f'counter name "{COUNTER_INVALID}" drop\n'
+        f"{mesh}{inbound}{allow}{deny}"
         # connections (so masquerade ports) per host: one host cannot exhaust them
         f"\t\tiifname {q_tun} ct state new add @hosts {{ ip saddr ct count over "
         f"{int(max_flows_per_host)} }} drop\n"
