@@ -277,7 +277,7 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
                           allow_egress=tuple(map(str, cfg.allow_egress)),
                           deny_egress=tuple(map(str, cfg.deny_egress)),
                           max_flows_per_host=cfg.max_flows_per_host)
-        host.cleanup_leftovers()
+        host.cleanup_leftovers(keep_table=True)   # setup replaces it in one transaction
         tun = _open_tun(cfg.tun, loop, opened)
         host.setup()
         anchor = Anchor(cfg, tun=tun, path=path)
