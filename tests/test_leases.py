@@ -513,3 +513,18 @@ def test_agent_restart_is_answered_with_its_vipa_and_tunnels_move_at_once(
     opened = new.s.open(sent[0][0])
     assert opened is not None and opened[1] == down
     assert list(a.tunnels) == [tid]
+
+
+def test_anchor_with_an_unusable_lease_file_still_serves(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A corrupt file: one line, and the anchor associates hosts (fresh addresses)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "l.sqlite"
+    path.write_bytes(b"garbage" * 1000)
+    path.chmod(0o600)
+    rig = anchor_with(tmp_path, str(path))
+    got = come_back(rig, ("phone", "laptop"))
+    assert got == {"phone": "100.100.0.2", "laptop": "100.100.0.3"}
+    assert len(warnings(caplog)) == 1
+    assert path.read_bytes() == b"garbage" * 1000

@@ -220,6 +220,7 @@ def test_anchor_sigkill_and_restart_keeps_vipa_conntrack_and_tcp(topo: Topology,
     assert out["ghost"] == "100.100.0.2"
     assert out["vipa_before"] == out["vipa_after"] == "100.100.0.3", out["anchor_log"]
     assert out["client_rc"] == 0, out["client"]
+    assert "leases:" not in out["anchor_log"]           # the file was used, no warning
     c = out["client"]
     assert c["bytes"] == LINES * 100, c
     before, down, after = out["ct_before"], out["ct_while_down"], out["ct_after"]
