@@ -570,7 +570,8 @@ class Upmt(Contender):
         anchor.write_text(
             f'role = "fixed-host"\nlisten = "{B_ADDR}:{UPMT_PORT}"\n'
             f'vipa_pool = "100.100.0.0/16"\nmtu = {TUNNEL_MTU}\n'
-            f'control = "{self.anchor_ctl}"\nprivate_key = "{fh_priv}"\n{extra}\n'
+            f'control = "{self.anchor_ctl}"\nprivate_key = "{fh_priv}"\n{extra}'
+            f'state_dir = "{self.dir.resolve() / "state"}"\n\n'   # not the machine's /var/lib
             f'[[peer]]\nname = "bench"\npublic_key = "{host_pub}"\n')
         agent = self.dir / "agent.toml"
         rules = "".join(

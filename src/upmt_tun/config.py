@@ -155,6 +155,8 @@ class AnchorConfig:
     deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
     mesh: bool = False                  # its [[peer]]s may reach one another (UPMT-DAM)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
+    state_dir: str = "/var/lib/upmt"    # VIpA leases; "" keeps them in memory only
+    lease_days: float = 30.0            # a lease of a host not seen for this long is dropped
 
 
 class _Reader:
@@ -528,7 +530,15 @@ def load_anchor_config(path: str) -> AnchorConfig:
     allow = _networks(r, "allow_egress", ())
     deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
     metrics = _metrics(r)
+    state_dir = r.get("state_dir", str, "/var/lib/upmt")
+    if state_dir and (not state_dir.startswith("/") or "\0" in state_dir):
+        raise r.err("state_dir", f"expected an absolute directory path (or \"\" to keep "
+                    f"leases in memory only), got {state_dir!r}")
+    lease_days = r.get("lease_days", (int, float), 30)
+    if not 1 <= lease_days <= 3650:
+        raise r.err("lease_days", f"must be between 1 and 3650 days, got {lease_days}")
     r.finish()
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
-                        per_host, key, tuple(peers), plaintext, allow, deny, mesh, metrics)
+                        per_host, key, tuple(peers), plaintext, allow, deny, mesh=mesh,
+                        metrics=metrics, state_dir=state_dir, lease_days=float(lease_days))
 

@@ -91,6 +91,9 @@ class Lab:
             addr = self.topo.addresses[self.anchor_role_name(i)]
             p = self.dir / f"anchor{i}.toml"
             nat = 'nat_interface = "eth0"\n' if role == "anchor" else ""
+            # VIpA leases in this lab's own directory, not the machine's /var/lib/upmt
+            if "state_dir" not in self.anchor_extra:
+                nat += f'state_dir = "{self.dir.resolve() / "state"}"\n'
             p.write_text(f'role = "{role}"\nlisten = "{addr}:5060"\nvipa_pool = "100.100.0.0/16"\n'
                          f'{nat}control = "{self.anchor_control(i)}"\n'
                          f'private_key = "{self.anchor_keys[i][0]}"\n{self.anchor_extra}\n'

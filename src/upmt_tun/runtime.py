@@ -22,6 +22,7 @@ from .config import AgentConfig, AnchorConfig
 from .control import ControlServer, ensure_free
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
+from .leases import Leases, lease_file
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
@@ -276,10 +277,15 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
                           allow_egress=tuple(map(str, cfg.allow_egress)),
                           deny_egress=tuple(map(str, cfg.deny_egress)),
                           max_flows_per_host=cfg.max_flows_per_host)
-        host.cleanup_leftovers()
+        host.cleanup_leftovers(keep_table=True)   # setup replaces it in one transaction
         tun = _open_tun(cfg.tun, loop, opened)
         host.setup()
         anchor = Anchor(cfg, tun=tun, path=path)
+        leases = (Leases.open(lease_file(cfg.state_dir, control_path)) if cfg.state_dir
+                  else Leases.memory())
+        opened.append(leases)
+        anchor.sig.use_leases(leases, peers=[p.name for p in cfg.peers],
+                              max_age=cfg.lease_days * 86400.0)
 
         async def on_ready() -> None:
             print("ready", flush=True)

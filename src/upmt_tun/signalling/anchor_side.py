@@ -20,13 +20,14 @@ import ipaddress
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..config import Peer
 from ..dataplane.crypto import Session
 from ..dataplane.forwarder import AnchorForwarder, Association
 from ..flowtable import pack_key
+from ..leases import DEFAULT_LEASE_DAYS, Leases
 from ..logbudget import LogBudget
 from ..tables import Tunnel
 from . import sip, upmt
@@ -36,6 +37,7 @@ __all__ = ["AnchorSignalling", "Refused"]
 log = logging.getLogger(__name__)
 
 MAX_TUNNELS_PER_HOST = 16
+LEASE_SWEEP = 3600.0        # seconds between lease compactions (and last_seen refreshes)
 
 
 class Refused(Exception):
@@ -69,8 +71,8 @@ def _flow_key(item: object) -> tuple[int, bytes, bytes, int, int] | None:
 class AnchorSignalling:
     def __init__(self, fwd: AnchorForwarder, pool: ipaddress.IPv4Network, *, role: str,
                  listen: tuple[str, int], max_associations: int = 1024,
-                 plain_data: bool = False, peers: tuple[Peer, ...] = (),
-                 mesh: bool = False) -> None:
+                 plain_data: bool = False, leases: Leases | None = None,
+                 peers: tuple[Peer, ...] = (), mesh: bool = False) -> None:
         self.fwd = fwd
         self.peers = {p.name: p for p in peers}
         self.mesh = mesh
@@ -81,11 +83,36 @@ class AnchorSignalling:
         self.plain_data = plain_data
         self.reserved = {pool.network_address, pool.broadcast_address, next(pool.hosts())}
         self._hosts: Iterator[ipaddress.IPv4Address] = pool.hosts()
+        # host name -> VIpA, kept across restarts when the store has a file (leases.py)
+        self.leases = leases if leases is not None else Leases.memory()
+        self._lease_peers: frozenset[str] | None = None      # None: never compacted
+        self._lease_life = DEFAULT_LEASE_DAYS * 86400.0
+        self._lease_sweep: float | None = None               # next compaction (monotonic)
         self.cache = sip.ResponseCache()
         self.stats: Counter[str] = Counter()
         self._seq = 0
         # lines a host's signalling can cause (it may repeat them in a loop): bounded
         self._log = LogBudget(log)
+
+    def use_leases(self, leases: Leases, *, peers: Iterable[str], max_age: float) -> list[str]:
+        """Keep VIpAs in ``leases`` (call before the anchor starts). Leases of hosts that are
+        not ``peers``, not seen for ``max_age`` seconds, or outside the pool are dropped now
+        and every :data:`LEASE_SWEEP` seconds; returns the names dropped now."""
+        self.leases = leases
+        self._lease_peers = frozenset(peers)
+        self._lease_life = max_age
+        return self._compact_leases()
+
+    def _compact_leases(self) -> list[str]:
+        if self._lease_peers is None:
+            return []
+        live = self.fwd.by_mh
+        self.leases.touch(live)          # a host associated for months keeps its lease
+        dropped = self.leases.compact(peers=self._lease_peers | live.keys(), pool=self.pool,
+                                      reserved=self.reserved, max_age=self._lease_life)
+        if dropped:
+            log.info("dropped %d expired or stale VIpA lease(s)", len(dropped))
+        return dropped
 
     @property
     def tun_address(self) -> str:
@@ -162,15 +189,19 @@ class AnchorSignalling:
         if a is None:
             if len(self.fwd.by_mh) >= self.max_associations:
                 raise Refused(503, "too many associations")
-            vipa = self._allocate()
+            vipa = self._allocate(session.peer)
             if vipa is None:
                 raise Refused(503, "VIpA pool exhausted")
+            # committed before the answer: after a restart the host gets this VIpA again
+            self.leases.put(session.peer, str(vipa))
             peer = self.peers.get(session.peer)
             a = Association(session.peer, str(vipa), vipa.packed, created=now, last_rx=now,
                             plain_data=self.plain_data, mesh=peer is not None and peer.mesh)
             self.fwd.add_association(a)
             self._log.log(logging.INFO, now, "associated %s from %s:%d: VIpA %s", a.mh, *src,
                           a.vipa)
+        elif self.leases.owner(a.vipa) in (None, a.mh):
+            self.leases.put(a.mh, a.vipa)       # writes only if its last_seen is old
         if a.session is None or session.generation >= a.session.generation:
             a.session = session
         resp = {"associationSuccess": True, "vipa": a.vipa, "role": self.role, "reason": "",
@@ -179,14 +210,36 @@ class AnchorSignalling:
             resp["meshPool"] = str(self.pool)
         return "AssociationResp", resp
 
-    def _allocate(self) -> ipaddress.IPv4Address | None:
+    def _allocate(self, name: str) -> ipaddress.IPv4Address | None:
+        """The VIpA of host ``name``'s lease when it has a usable one (whatever order hosts
+        come back in after a restart), else a free address: neither associated nor leased
+        to another host. Only when the pool has no such address left is the lease of the
+        host seen longest ago that is not associated now taken over (a pool too small for
+        the peers; one line says so): better than refusing the host."""
         used = self.fwd.by_vipa
+        mine = self.leases.get(name)
+        if mine is not None:
+            ip = ipaddress.IPv4Address(mine)
+            if ip in self.pool and ip not in self.reserved and ip.packed not in used:
+                return ip
+        leased = self.leases.in_use()
         for _ in range(2):
             for ip in self._hosts:
-                if ip not in self.reserved and ip.packed not in used:
+                if ip not in self.reserved and ip.packed not in used and str(ip) not in leased:
                     return ip
             self._hosts = self.pool.hosts()   # wrap around once, reusing freed addresses
-        return None
+        stale = sorted((seen, other, vipa) for other, (vipa, seen) in self.leases.items().items()
+                       if other != name and other not in self.fwd.by_mh
+                       and ipaddress.IPv4Address(vipa) in self.pool
+                       and ipaddress.IPv4Address(vipa) not in self.reserved
+                       and ipaddress.IPv4Address(vipa).packed not in used)
+        if not stale:
+            return None
+        _, other, vipa = stale[0]
+        log.warning("VIpA pool %s exhausted: %s gets %s, leased to %s (seen longest ago)",
+                    self.pool, name, vipa, other)
+        self.leases.forget([other])
+        return ipaddress.IPv4Address(vipa)
 
     def _assoc(self, session: Session) -> Association:
         a = self.fwd.by_mh.get(session.peer)
@@ -315,7 +368,13 @@ class AnchorSignalling:
 
     def expire(self, now: float, tunnel_idle: float, assoc_idle: float, flow_idle: float,
                session_life: float) -> None:
-        """Forget sessions, tunnels, associations and flows that went silent (periodically)."""
+        """Forget sessions, tunnels, associations and flows that went silent (periodically);
+        every :data:`LEASE_SWEEP` seconds, drop expired leases too."""
+        if self._lease_sweep is None:
+            self._lease_sweep = now + LEASE_SWEEP
+        elif now >= self._lease_sweep:
+            self._lease_sweep = now + LEASE_SWEEP
+            self._compact_leases()
         for idx, s in list(self.fwd.sessions.items()):
             if now - s.created > session_life:
                 del self.fwd.sessions[idx]

@@ -156,11 +156,21 @@ class AnchorHost:
         self.max_flows_per_host = max_flows_per_host
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
+        self._replace_table = False
 
-    def cleanup_leftovers(self) -> None:
-        """Remove the nft table a killed earlier run left behind and restore its sysctls."""
+    def cleanup_leftovers(self, *, keep_table: bool = False) -> None:
+        """Remove the nft table a killed earlier run left behind and restore its sysctls.
+
+        ``keep_table`` (a start, :meth:`setup` follows): leave that table for ``setup`` to
+        replace in the same nft transaction. Deleting it first would leave the namespace
+        without a NAT chain for a moment; the kernel then stops translating the replies of
+        the masqueraded connections that outlived the killed anchor (their conntrack
+        entries stay, but NAT only runs while some NAT chain is registered), and answers
+        each with a TCP reset from the anchor's own address: every connection dies."""
         self._sysctl.restore_leftovers()
-        nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        self._replace_table = keep_table
+        if not keep_table:
+            nft.delete_table(NFT_FAMILY, NFT_TABLE)
 
     def setup(self) -> None:
         """Install everything; on failure undo what was done and raise SystemSetupError."""
@@ -173,7 +183,12 @@ class AnchorHost:
             tun=self.tun, pool=self.pool, mtu=self.mtu, nat_interface=self.nat_interface,
             role=self.role, allow_egress=self.allow_egress, deny_egress=self.deny_egress,
             max_flows_per_host=self.max_flows_per_host)
-        if nft.table_exists(NFT_FAMILY, NFT_TABLE):
+        if self._replace_table:
+            # a killed run's table (if any) goes in the same transaction: "add table" makes
+            # the delete valid when there is none; no moment without a NAT chain
+            script = (f"add table {NFT_FAMILY} {NFT_TABLE}\n"
+                      f"delete table {NFT_FAMILY} {NFT_TABLE}\n{script}")
+        elif nft.table_exists(NFT_FAMILY, NFT_TABLE):
             raise SystemSetupError(
                 f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
                 " one: cleanup_leftovers removes it)"
