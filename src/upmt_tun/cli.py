@@ -25,6 +25,7 @@ from .config import (
     load_anchor_config,
 )
 from .control import ControlError, request
+from .service import ConsoleHandler, mute
 
 __all__ = ["agent_main", "anchor_main"]
 
@@ -35,13 +36,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(prog: str, msg: str, code: int = 1) -> int:
-    print(f"{prog}: {msg}", file=sys.stderr)
+    try:
+        print(f"{prog}: {msg}", file=sys.stderr)
+    except (OSError, ValueError):   # stderr is gone (closed terminal): the code still counts
+        mute(2)
     return code
 
 
 def _logging(verbose: bool, prog: str) -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format=f"{prog}: %(levelname)s: %(message)s")
+    """Log lines on stderr (journald priorities under systemd; a closed terminal mutes)."""
+    logging.basicConfig(level=logging.WARNING, handlers=[ConsoleHandler(prog)])
     logging.getLogger("upmt_tun").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 

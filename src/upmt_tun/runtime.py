@@ -22,6 +22,7 @@ from .config import AgentConfig, AnchorConfig
 from .control import ControlServer, ensure_free
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
+from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
@@ -94,12 +95,65 @@ def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
     return out
 
 
-async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGHUP, SIGTERM and SIGINT all mean "stop cleanly", whenever they arrive.
+
+    A closed terminal sends SIGHUP, systemd SIGTERM, Ctrl-C SIGINT; each one's default
+    action would kill the daemon with its host changes (rules, tables, nft) in place.
+    From :meth:`install` on, a signal is only *noted*: the start-up code checks
+    :attr:`signum` between its steps (it never stops half-way through a host change, which
+    an exception raised from a handler could), the event loop sets its stop event (the
+    loop's own handlers, :meth:`attach`), and during the teardown a signal changes
+    nothing. SIGHUP does not reload (yet): it stops like the others.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._event: asyncio.Event | None = None
+        self._old: dict[int, Any] = {}
+
+    def note(self, signum: int, _frame: object = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.info("%s: stopping", signal.Signals(signum).name)
+        if self._event is not None:
+            self._event.set()
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self.note)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        """Inside the loop: its handlers wake it up (a Python-level handler would run only
+        when the loop next wakes for something else)."""
+        self._event = event
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.note, sig)
+        if self.signum is not None:
+            event.set()
+
+    def detach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Back to noting only (removing a loop handler resets the signal to its default)."""
+        self._event = None
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+            signal.signal(sig, self.note)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals) -> None:
     """Start ``runner``, its control socket, print ready, run until a signal or ``down``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.attach(loop, stop)
 
     async def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -114,20 +168,34 @@ async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
             return dict(answer)
         return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
 
-    control = ControlServer(control_path, handle)
-    await control.start()
     try:
-        await runner.start()
-        await on_ready()
-        await stop.wait()
+        control = ControlServer(control_path, handle)
+        await control.start()
+        try:
+            await runner.start()
+            ready = asyncio.ensure_future(on_ready())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:              # a stop while waiting for the tunnels is not held up by it
+                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if ready.done():
+                    ready.result()
+                    await stopped
+            finally:
+                for task in (ready, stopped):
+                    task.cancel()
+                await asyncio.gather(ready, stopped, return_exceptions=True)
+        finally:
+            notify("STOPPING=1")
+            await control.close()
+            await runner.stop()
     finally:
-        await control.close()
-        await runner.stop()
+        signals.detach(loop)
 
 
 def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
            loop: asyncio.AbstractEventLoop) -> None:
-    """Close sockets and TUN, undo the host changes, close the loop: whatever happened."""
+    """Close sockets and TUN, undo the host changes, close the loop: whatever happened.
+    (Stop signals are only noted meanwhile: see :class:`StopSignals`.)"""
     for o in opened:
         with contextlib.suppress(Exception):
             o.close()
@@ -155,8 +223,24 @@ def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> 
     return tun
 
 
+def _ready_line() -> None:
+    """``ready`` on stdout (the terminal, a pipe) and READY=1 to systemd, at the same time."""
+    say("ready")
+    notify("READY=1")
+
+
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
-    """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
+    """``upmt-agent up``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
+    restored); raises StartupError/SystemSetupError."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        _run_agent(cfg, control_path, signals)
+    finally:
+        signals.restore()
+
+
+def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
     ifaces = _interfaces(cfg)
@@ -170,6 +254,8 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
     anchors = {a.name: _resolve(a.host, a.port) for a in cfg.anchors}
     mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
+    if signals.signum is not None:
+        return                       # stopped before anything was changed
     loop = new_loop()
     asyncio.set_event_loop(loop)
     opened: list[Any] = []
@@ -241,18 +327,29 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
                 await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
             except TimeoutError:
                 log.warning("not every tunnel answered within %.0f s; going on", READY_TIMEOUT)
-            print("ready", flush=True)
+            _ready_line()
             log.info("vipa_fix %s on %s (mtu %d), %d interface(s), %d anchor(s)",
                      cfg.vipa_fix, tun.name, mtu, len(seams), len(anchors))
 
-        loop.run_until_complete(_serve(agent, control_path, on_ready))
+        if signals.signum is None:       # not stopped while setting the host up
+            loop.run_until_complete(_serve(agent, control_path, on_ready, signals))
         ct.close()
     finally:
         _close(opened, host, loop)
 
 
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
-    """``upmt-anchor``: returns when stopped."""
+    """``upmt-anchor``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
+    restored)."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        _run_anchor(cfg, control_path, signals)
+    finally:
+        signals.restore()
+
+
+def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
     loop = new_loop()
@@ -282,10 +379,11 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
         anchor = Anchor(cfg, tun=tun, path=path)
 
         async def on_ready() -> None:
-            print("ready", flush=True)
+            _ready_line()
             log.info("%s listening on %s:%d, VIpA pool %s", cfg.role, cfg.listen_host,
                      cfg.listen_port, cfg.vipa_pool)
 
-        loop.run_until_complete(_serve(anchor, control_path, on_ready))
+        if signals.signum is None:
+            loop.run_until_complete(_serve(anchor, control_path, on_ready, signals))
     finally:
         _close(opened, host, loop)

@@ -1,0 +1,121 @@
+"""Operations in network namespaces: how the daemons stop (signals, a closed terminal), what
+``cleanup`` does after a killed one. Each test compares the mobile host with its state
+before the agent ever ran (rules, routes, links, addresses, nftables, sysctls)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from upmt_tun.lab import Lab, exe
+from upmt_tun.testbed import Topology
+
+from .conftest import netns_missing
+from .test_netns_e2e import CH, HttpServer, curl, host_state
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    t = Topology()
+    t.up()
+    try:
+        yield t
+    finally:
+        t.down()
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "file.bin").write_bytes(os.urandom(256 << 10))
+    return root
+
+
+def _start_anchor(lab: Lab) -> Path:
+    """The lab's anchor started, the agent's config written (the test starts the agent)."""
+    anchors, agent = lab.write_configs()
+    lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config", str(anchors[0])])
+    return agent
+
+
+def _wait_ready(fd: int, timeout: float = 20.0) -> str:
+    """Read the terminal ``fd`` until the agent printed ``ready``; return what it printed."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while b"ready" not in seen and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_closing_the_terminal_stops_the_agent_cleanly(topo: Topology, www: Path,
+                                                      tmp_path: Path) -> None:
+    """`upmt-agent up` on a terminal that is then closed: the kernel sends SIGHUP to the
+    agent (the terminal's session leader) and every later write to the terminal fails
+    with EIO. The agent stops as with `down` (exit 0) and leaves the host as it found it."""
+    before = host_state(topo, "mh")
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab")
+    master, slave = os.openpty()
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        cfg = _start_anchor(lab)
+        agent = topo.popen(
+            "mh", *exe("upmt-agent"), "up", "-v", "--config", str(cfg),
+            stdin=slave, stdout=slave, stderr=slave,
+            # the pty becomes the controlling terminal of the agent's new session
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        slave = -1
+        out = _wait_ready(master)
+        assert "ready" in out, out
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert "upmt_agent" in topo.run("mh", "nft", "list", "tables").stdout
+        os.close(master)                           # the terminal goes away: SIGHUP
+        master = -1
+        assert agent.wait(15) == 0
+    finally:
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        lab.stop()
+    assert host_state(topo, "mh") == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda s: signal.Signals(s).name)
+def test_stop_signals_stop_cleanly(topo: Topology, tmp_path: Path, sig: int) -> None:
+    """SIGHUP, SIGTERM and SIGINT (closed terminal, systemd, Ctrl-C) all stop the agent and
+    the anchor like `down`: exit 0, host restored."""
+    before = {role: host_state(topo, role) for role in ("mh", "an")}
+    lab = Lab(topo, tmp_path / "lab").start()
+    try:
+        for key in ("agent", "anchor0"):
+            lab.procs[key].send_signal(sig)
+        codes = {key: lab.procs[key].wait(15) for key in ("agent", "anchor0")}
+    finally:
+        lab.stop()
+    assert codes == {"agent": 0, "anchor0": 0}
+    assert {role: host_state(topo, role) for role in ("mh", "an")} == before
