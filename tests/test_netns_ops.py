@@ -119,3 +119,46 @@ def test_stop_signals_stop_cleanly(topo: Topology, tmp_path: Path, sig: int) -> 
         lab.stop()
     assert codes == {"agent": 0, "anchor0": 0}
     assert {role: host_state(topo, role) for role in ("mh", "an")} == before
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_cleanup_after_sigkill_restores_the_host(topo: Topology, tmp_path: Path) -> None:
+    """SIGKILL leaves everything behind; `cleanup` removes it (and refuses while the daemon
+    lives: what a live one holds is not a leftover)."""
+    before = {role: host_state(topo, role) for role in ("mh", "an")}
+    lab = Lab(topo, tmp_path / "lab").start()
+    agent_cfg, anchor_cfg = str(lab.dir / "agent.toml"), str(lab.dir / "anchor0.toml")
+    try:
+        live = topo.run("mh", *exe("upmt-agent"), "cleanup", "--config", agent_cfg, check=False)
+        assert live.returncode == 1
+        assert "running agent holds control socket" in _one_line(live.stderr)
+        live = topo.run("an", *exe("upmt-anchor"), "cleanup", "--config", anchor_cfg,
+                        check=False)
+        assert live.returncode == 1
+        assert "running anchor holds control socket" in _one_line(live.stderr)
+        lab.agent_status()                                  # untouched, still running
+        for key in ("agent", "anchor0"):
+            lab.procs[key].send_signal(signal.SIGKILL)
+            lab.procs[key].wait(10)
+        left = {role: host_state(topo, role) for role in ("mh", "an")}
+        assert "upmt_agent" in left["mh"]["nft"] and "upmt_anchor" in left["an"]["nft"]
+        assert "5551" in left["mh"]["rules"]
+        assert os.path.exists(lab.agent_control)
+        r = topo.run("mh", *exe("upmt-agent"), "cleanup", "--config", agent_cfg, check=False)
+        assert r.returncode == 0, r.stderr
+        r = topo.run("an", *exe("upmt-anchor"), "cleanup", "--config", anchor_cfg, check=False)
+        assert r.returncode == 0, r.stderr
+        assert {role: host_state(topo, role) for role in ("mh", "an")} == before
+        assert not os.path.exists(lab.agent_control)
+        assert not os.path.exists(lab.agent_control + ".state")
+        again = topo.run("mh", *exe("upmt-agent"), "cleanup", "--config", agent_cfg,
+                         check=False)                       # nothing left: fine, quiet
+        assert (again.returncode, again.stderr) == (0, "")
+    finally:
+        lab.stop()

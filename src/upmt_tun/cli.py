@@ -189,7 +189,9 @@ def agent_main(argv: list[str] | None = None) -> int:
     p = _Parser(prog=prog, description="UPMT mobile-host agent")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name, hlp in (("up", "run the agent in the foreground"), ("down", "stop a running agent"),
-                      ("status", "show tunnels and flows")):
+                      ("status", "show tunnels and flows"),
+                      ("cleanup", "remove what a killed agent left (nft table, ip rules and "
+                                  "tables, sysctls, TUN, control socket)")):
         sp = sub.add_parser(name, help=hlp)
         _common(sp, DEFAULT_AGENT_CONFIG)
         if name == "status":
@@ -221,6 +223,12 @@ def agent_main(argv: list[str] | None = None) -> int:
             cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
             run_agent(cfg, args.control or cfg.control)
             return 0
+        if args.cmd == "cleanup":
+            from .runtime import cleanup_agent
+
+            cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
+            cleanup_agent(cfg, args.control or cfg.control)
+            return 0
         if args.cmd == "down":
             answer = request(_control_path(args, "agent"), {"cmd": "down"})
             return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
@@ -244,18 +252,29 @@ def anchor_main(argv: list[str] | None = None) -> int:
     prog = "upmt-anchor"
     argv = sys.argv[1:] if argv is None else argv
     p = _Parser(prog=prog, description="UPMT anchor node / fixed host")
-    if argv and argv[0] in ("genkey", "pubkey", "status"):
+    if argv and argv[0] in ("genkey", "pubkey", "status", "cleanup"):
         cmd = argv[0]
         if cmd == "genkey":
             return genkey()
         if cmd == "pubkey":
             return pubkey(prog)
-        sp = _Parser(prog=f"{prog} status")
+        sp = _Parser(prog=f"{prog} {cmd}")
         _common(sp, DEFAULT_ANCHOR_CONFIG)
-        sp.add_argument("--json", action="store_true")
+        if cmd == "status":
+            sp.add_argument("--json", action="store_true")
         args = sp.parse_args(argv[1:])
         _logging(args.verbose, prog)
-        return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+        if cmd == "status":
+            return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+
+        def clean() -> int:
+            from .runtime import cleanup_anchor
+
+            cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
+            cleanup_anchor(cfg, args.control or cfg.control)
+            return 0
+
+        return _run(prog, clean)
     _common(p, DEFAULT_ANCHOR_CONFIG)
     args = p.parse_args(argv)
     _logging(args.verbose, prog)

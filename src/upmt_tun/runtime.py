@@ -19,7 +19,7 @@ from typing import Any
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
 from .config import AgentConfig, AnchorConfig
-from .control import ControlServer, ensure_free
+from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
 from .service import notify, say
@@ -32,7 +32,8 @@ from .system.ifstate import InterfaceState
 from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
 
-__all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
+__all__ = ["cleanup_agent", "cleanup_anchor", "new_loop", "run_agent", "run_anchor",
+           "StartupError"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0
@@ -387,3 +388,37 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
             loop.run_until_complete(_serve(anchor, control_path, on_ready, signals))
     finally:
         _close(opened, host, loop)
+
+
+def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
+    """``upmt-agent cleanup``: remove what a killed agent with this config and control
+    socket left: its nft table, ip rules, routes of its tables, sysctls (from its state
+    file), cgroups, TUN device and control socket. Refuses (ControlError) while an agent
+    answers on the socket; does nothing, quietly, when nothing is left (ExecStopPost runs
+    it after every stop)."""
+    if remove_stale(control_path, "agent"):
+        log.info("removed stale control socket %s", control_path)
+    count = len(cfg.interfaces)
+    if not count:           # discovered interfaces: as many tables as there are now
+        with contextlib.suppress(Exception):
+            count = len(netlink.default_route_interfaces())
+    plans = [IfacePlan(i, f"iface{i}", None, 0) for i in range(count)]
+    AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
+              ifaces=plans, rules=[], state_file=control_path + ".state").cleanup_leftovers()
+    if netlink.delete_tun(cfg.tun):
+        log.info("removed leftover TUN device %s", cfg.tun)
+    if removed := RuleCgroups(control_path, []).remove_leftovers():
+        log.info("removed %d leftover cgroup(s)", removed)
+
+
+def cleanup_anchor(cfg: AnchorConfig, control_path: str) -> None:
+    """``upmt-anchor cleanup``: the same for a killed anchor (nft table, sysctls, TUN,
+    control socket)."""
+    if remove_stale(control_path, "anchor"):
+        log.info("removed stale control socket %s", control_path)
+    AnchorHost(tun=cfg.tun, tun_address=str(next(cfg.vipa_pool.hosts())),
+               pool_prefixlen=cfg.vipa_pool.prefixlen, pool=str(cfg.vipa_pool), mtu=cfg.mtu,
+               role=cfg.role, nat_interface=cfg.nat_interface,
+               state_file=control_path + ".state").cleanup_leftovers()
+    if netlink.delete_tun(cfg.tun):
+        log.info("removed leftover TUN device %s", cfg.tun)
