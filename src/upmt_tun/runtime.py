@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
@@ -115,6 +116,8 @@ class StopSignals:
         self.signum: int | None = None
         self._event: asyncio.Event | None = None
         self._old: dict[int, Any] = {}
+        # signal handlers belong to the main thread (a daemon runs there; a test may not)
+        self.active = threading.current_thread() is threading.main_thread()
 
     def note(self, signum: int, _frame: object = None) -> None:
         if self.signum is None:
@@ -124,6 +127,8 @@ class StopSignals:
             self._event.set()
 
     def install(self) -> None:
+        if not self.active:
+            return
         for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self.note)
 
@@ -131,6 +136,8 @@ class StopSignals:
         """Inside the loop: its handlers wake it up (a Python-level handler would run only
         when the loop next wakes for something else)."""
         self._event = event
+        if not self.active:
+            return
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.note, sig)
         if self.signum is not None:
@@ -139,6 +146,8 @@ class StopSignals:
     def detach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Back to noting only (removing a loop handler resets the signal to its default)."""
         self._event = None
+        if not self.active:
+            return
         for sig in STOP_SIGNALS:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
