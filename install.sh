@@ -7,6 +7,8 @@
 #   sh install.sh --demo     the same, then run upmt-demo (namespace demo; removes itself)
 #   sh install.sh --test     install '.[test]' into a separate test venv (/opt/upmt-test)
 #                            and run the test suite from this checkout with it
+#   sh install.sh --systemd  install, and the systemd units upmt-agent.service and
+#                            upmt-anchor.service into /etc/systemd/system (not enabled)
 #
 # Why a venv: Debian 12+ and Ubuntu 23.04+ mark their Python "externally managed"
 # (PEP 668), so `pip install` into it is refused; a venv is the supported way and
@@ -18,7 +20,8 @@
 # Options: --prefix DIR (the venv; default /opt/upmt, for --test /opt/upmt-test),
 # --bindir DIR (default /usr/local/bin), --no-apt (install no Debian packages), and
 # after --test or --demo, `-- ARGS` are passed to pytest or upmt-demo.
-# Environment: PYTHON (default python3), UPMT_PREFIX, UPMT_TEST_PREFIX, UPMT_BINDIR.
+# Environment: PYTHON (default python3), UPMT_PREFIX, UPMT_TEST_PREFIX, UPMT_BINDIR,
+# UPMT_UNITDIR (default /etc/systemd/system).
 set -eu
 
 me=install.sh
@@ -26,6 +29,7 @@ die() { echo "$me: $*" >&2; exit 1; }
 say() { echo "$me: $*"; }
 
 mode=install
+systemd=0
 apt=1
 prefix=${UPMT_PREFIX-}
 bindir=${UPMT_BINDIR:-/usr/local/bin}
@@ -40,13 +44,14 @@ if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null 2>&1 \
         || die "needs root: run it as root (sudo is not installed here)"
     exec sudo -- env "PYTHON=$py" "UPMT_PREFIX=$prefix" "UPMT_BINDIR=$bindir" \
-        "UPMT_TEST_PREFIX=${UPMT_TEST_PREFIX-}" sh "$self" "$@"
+        "UPMT_TEST_PREFIX=${UPMT_TEST_PREFIX-}" "UPMT_UNITDIR=${UPMT_UNITDIR-}" sh "$self" "$@"
 fi
 
 while [ $# -gt 0 ]; do
     case $1 in
         --demo) mode=demo ;;
         --test) mode=test ;;
+        --systemd) systemd=1 ;;
         --no-apt) apt=0 ;;
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; prefix=$2; shift ;;
         --prefix=*) prefix=${1#--prefix=} ;;
@@ -64,6 +69,7 @@ fi
 case $prefix in /*) ;; *) die "--prefix must be an absolute path, not '$prefix'" ;; esac
 case $bindir in /*) ;; *) die "--bindir must be an absolute path, not '$bindir'" ;; esac
 if [ $# -gt 0 ] && [ "$mode" = install ]; then die "extra arguments need --test or --demo"; fi
+if [ "$systemd" = 1 ] && [ "$mode" = test ]; then die "--systemd installs; it does not go with --test"; fi
 
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
@@ -152,6 +158,19 @@ for c in upmt-agent upmt-anchor upmt-demo; do
     ln -sfn "$prefix/bin/$c" "$bindir/$c"
 done
 say "installed: $("$prefix/bin/upmt-agent" --version 2>/dev/null || echo upmt_tun); commands linked into $bindir"
+
+if [ "$systemd" = 1 ]; then
+    unitdir=${UPMT_UNITDIR:-/etc/systemd/system}
+    "$vpy" -m upmt_tun.units install "$unitdir" "$bindir" >/dev/null
+    mkdir -p /etc/upmt
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl daemon-reload
+        say "units upmt-agent.service and upmt-anchor.service installed in $unitdir; with" \
+            "/etc/upmt/agent.toml (or anchor.toml) in place: systemctl enable --now upmt-agent"
+    else
+        say "units written to $unitdir; systemd is not running here, so nothing was reloaded"
+    fi
+fi
 
 if [ "$mode" = demo ]; then
     exec "$prefix/bin/upmt-demo" "$@"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import shutil
 import signal
 import subprocess
 import termios
@@ -162,3 +163,75 @@ def test_cleanup_after_sigkill_restores_the_host(topo: Topology, tmp_path: Path)
         assert (again.returncode, again.stderr) == (0, "")
     finally:
         lab.stop()
+
+
+def test_readiness_and_journal_priorities_as_under_systemd(topo: Topology, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """What a Type=notify unit sees (systemd is not running here: its two interfaces are
+    played by hand): READY=1 on $NOTIFY_SOCKET once, when `ready` is printed, STOPPING=1 at
+    the stop; with JOURNAL_STREAM naming stderr, log lines carry `<N>` priorities."""
+    import socket
+
+    lab = Lab(topo, tmp_path / "lab")
+    _, agent_cfg = lab.write_configs()
+    lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config", str(lab.dir / "anchor0.toml")])
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(path)
+        srv.settimeout(5)
+        log = lab.dir / "agent.log"               # lab opens it with "w": the same inode
+        log.touch()
+        st = os.stat(log)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        try:
+            lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent_cfg)])
+            assert srv.recv(256) == b"READY=1"     # it printed `ready` (lab waited for it)
+            srv.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                srv.recv(256)                      # once
+            srv.settimeout(5)
+            lab.agent_cli("down")
+            assert srv.recv(256) == b"STOPPING=1"
+        finally:
+            codes = lab.stop()
+    assert codes["agent"] == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(line[:3] in ("<6>", "<4>", "<7>", "<3>") for line in lines), lines
+    assert any(line.startswith("<6>") for line in lines)
+
+
+UNIT_CAPS = ["setpriv", "--bounding-set", "-all,+net_admin"]   # the units' capability set
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_daemons_work_with_the_units_capability_set(topo: Topology, www: Path,
+                                                    tmp_path: Path) -> None:
+    """The units give the daemons CAP_NET_ADMIN only (CapabilityBoundingSet): root with
+    that bounding set, as systemd would start them, sets up, carries a download, stops,
+    and cleans up after a SIGKILL."""
+    before = {role: host_state(topo, role) for role in ("mh", "an")}
+    HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab")
+    anchors, agent_cfg = lab.write_configs()
+    try:
+        lab._start("anchor0", "an", [*UNIT_CAPS, *exe("upmt-anchor"), "--config",
+                                     str(anchors[0])])
+        lab._start("agent", "mh", [*UNIT_CAPS, *exe("upmt-agent"), "up", "--config",
+                                   str(agent_cfg)])
+        caps = topo.run("mh", "grep", "CapEff", f"/proc/{lab.procs['agent'].pid}/status")
+        assert caps.stdout.split()[1] == f"{1 << 12:016x}"          # CAP_NET_ADMIN only
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["rule"] == "web"
+        lab.procs["agent"].send_signal(signal.SIGKILL)
+        lab.procs["agent"].wait(10)
+        r = topo.run("mh", *UNIT_CAPS, *exe("upmt-agent"), "cleanup", "--config",
+                     str(agent_cfg), check=False)
+        assert r.returncode == 0, r.stderr
+        lab.procs["anchor0"].terminate()
+        assert lab.procs["anchor0"].wait(15) == 0
+    finally:
+        lab.stop()
+    assert {role: host_state(topo, role) for role in ("mh", "an")} == before

@@ -28,7 +28,7 @@ from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
-from .system.errors import StartupError
+from .system.errors import StartupError, SystemSetupError
 from .system.ifstate import InterfaceState
 from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
@@ -283,15 +283,22 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
         cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
-        if cgroups.root is not None and cfg.rules:
-            cgroups.create()
-            opened.append(_CgroupsCloser(cgroups))
+        usable = cgroups.root is not None and bool(cfg.rules)
+        if usable:
+            try:
+                cgroups.create()
+                opened.append(_CgroupsCloser(cgroups))
+            except SystemSetupError as e:   # `run` is optional: steering works without it
+                log.warning("%s: `upmt-agent run` will not be available", e)
+                cgroups.remove()
+                usable = False
+        elif cgroups.root is None:
+            log.info("no cgroup v2: `upmt-agent run` will not be available")
+        if usable:
             # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
             # whatever its ports; checked before the header matches.
             rules = [RuleMatch(r.index, "any", None, None, None, None,
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
-        else:
-            log.info("no cgroup v2: `upmt-agent run` will not be available")
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state")
         host.cleanup_leftovers()
