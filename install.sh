@@ -143,7 +143,9 @@ if [ "$mode" = test ]; then
     [ -d tests ] || die "no tests/ directory in $src"
     say "running the tests from $src with $vpy"
     rc=0
-    "$vpy" -m pytest -q -ra "$@" || rc=$?
+    # the venv's commands first on PATH, as an activated venv has them: some tests start
+    # `upmt-agent` by name, and it must be this checkout's, not another install's
+    PATH="$prefix/bin:$PATH" "$vpy" -m pytest -q -ra "$@" || rc=$?
     # 5 = pytest collected no test: never report that as a pass (nor hide it as one)
     if [ "$rc" -eq 5 ]; then die "pytest collected no tests (exit 5): nothing was tested"; fi
     [ "$rc" -eq 0 ] || die "tests failed (pytest exit $rc)"
