@@ -235,3 +235,64 @@ def test_daemons_work_with_the_units_capability_set(topo: Topology, www: Path,
     finally:
         lab.stop()
     assert {role: host_state(topo, role) for role in ("mh", "an")} == before
+
+
+def _tailscale_like(topo: Topology) -> None:
+    """The routing rules Tailscale installs (marks and priorities), with an exit node: its
+    table 52 sends everything into its device (here `ts0`, one end of a veth pair, counting
+    what it gets)."""
+    for cmd in ("link add ts0 type veth peer name ts0p", "link set ts0 up", "link set ts0p up",
+                "route add default dev ts0 table 52",
+                "rule add pref 5210 fwmark 0x80000/0xff0000 table main",
+                "rule add pref 5230 fwmark 0x80000/0xff0000 table default",
+                "rule add pref 5250 fwmark 0x80000/0xff0000 unreachable",
+                "rule add pref 5270 table 52"):
+        topo.run("mh", "ip", *cmd.split())
+
+
+def _ts0_tx(topo: Topology) -> int:
+    out = topo.run("mh", "cat", "/sys/class/net/ts0/statistics/tx_packets").stdout
+    return int(out)
+
+
+NINE_RULES = "".join(
+    f'[[rule]]\nname = "other{i}"\nprotocol = "tcp"\ndst = "{CH}/32"\ndst_port = {9000 + i}\n\n'
+    for i in range(7)) + """[[rule]]
+name = "web"
+protocol = "tcp"
+dst = "203.0.113.100/32"
+dst_port = 8080
+via = ["wan1", "wan2"]
+
+[[rule]]
+name = "rest"
+protocol = "tcp"
+dst = "203.0.113.100/32"
+"""
+
+
+def test_beside_tailscale_no_steered_packet_escapes(topo: Topology, www: Path,
+                                                    tmp_path: Path) -> None:
+    """Tailscale's rules (fwmark 0x80000/0xff0000 at 5210-5250, table 52 at 5270 with an
+    exit node's default route): the agent's rules come first (5200/5201 by default) and its
+    packet marks never carry Tailscale's bits, so a flow of the 8th rule (whose rule index
+    is 0x80000 in the ct mark) goes through the tunnel and nothing steered reaches `ts0`."""
+    _tailscale_like(topo)
+    before = host_state(topo, "mh")
+    srv = HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", rules=NINE_RULES).start()
+    try:
+        rules = topo.run("mh", "ip", "rule").stdout
+        ours = [int(line.split(":")[0]) for line in rules.splitlines() if "lookup 55" in line]
+        assert ours and max(ours) < 5210, rules          # before every Tailscale rule
+        sent = _ts0_tx(topo)
+        got = tmp_path / "got.bin"
+        assert curl(topo, f"http://{CH}:8080/file.bin", got).stdout == "200"
+        assert got.read_bytes() == (www / "file.bin").read_bytes()
+        assert srv.clients() == ["203.0.113.1"]               # via the anchor
+        (flow,) = lab.agent_status()["flows"]
+        assert flow["rule"] == "web"
+        assert _ts0_tx(topo) == sent                          # nothing escaped to table 52
+    finally:
+        assert lab.stop()["agent"] == 0
+    assert host_state(topo, "mh") == before

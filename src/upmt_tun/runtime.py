@@ -300,7 +300,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             rules = [RuleMatch(r.index, "any", None, None, None, None,
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
-                         ifaces=plans, rules=rules, state_file=control_path + ".state")
+                         ifaces=plans, rules=rules, state_file=control_path + ".state",
+                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
@@ -420,7 +421,8 @@ def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
             count = len(netlink.default_route_interfaces())
     plans = [IfacePlan(i, f"iface{i}", None, 0) for i in range(count)]
     AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
-              ifaces=plans, rules=[], state_file=control_path + ".state").cleanup_leftovers()
+              ifaces=plans, rules=[], state_file=control_path + ".state",
+              mark_mask=cfg.mark_mask, priority=cfg.rule_priority).cleanup_leftovers()
     if netlink.delete_tun(cfg.tun):
         log.info("removed leftover TUN device %s", cfg.tun)
     if removed := RuleCgroups(control_path, []).remove_leftovers():
