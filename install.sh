@@ -39,6 +39,11 @@ self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 src=$(dirname "$self")
 [ -f "$src/pyproject.toml" ] || die "run me from a upmt_tun checkout (no pyproject.toml next to $self)"
 
+usage() { sed -n '2,/^set -eu/p' "$self" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+for a in "$@"; do      # help needs no root (arguments after -- are pytest's or the demo's)
+    case $a in --) break ;; -h|--help) usage; exit 0 ;; esac
+done
+
 # --- root first: everything below changes the system ------------------------------------
 if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null 2>&1 \
@@ -58,7 +63,7 @@ while [ $# -gt 0 ]; do
         --bindir) [ $# -ge 2 ] || die "--bindir needs a directory"; bindir=$2; shift ;;
         --bindir=*) bindir=${1#--bindir=} ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,/^set -eu/p' "$self" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (try --help)" ;;
     esac
     shift
