@@ -296,3 +296,22 @@ def test_beside_tailscale_no_steered_packet_escapes(topo: Topology, www: Path,
     finally:
         assert lab.stop()["agent"] == 0
     assert host_state(topo, "mh") == before
+
+
+def test_cleanup_removes_a_left_over_tun_but_no_other_device(topo: Topology,
+                                                             tmp_path: Path) -> None:
+    """A TUN of the configured name left behind (persistent) is removed; a device of that
+    name that is not a TUN is someone else's: one line, exit 1, left alone."""
+    lab = Lab(topo, tmp_path / "lab")
+    _, agent_cfg = lab.write_configs()
+    cleanup = [*exe("upmt-agent"), "cleanup", "--config", str(agent_cfg)]
+    topo.run("mh", "ip", "tuntap", "add", "mode", "tun", "name", "upmt0")
+    r = topo.run("mh", *cleanup, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "removed leftover TUN device upmt0" in r.stderr
+    assert "upmt0" not in topo.run("mh", "ip", "-o", "link").stdout
+    topo.run("mh", "ip", "link", "add", "upmt0", "type", "veth", "peer", "name", "upmt0p")
+    r = topo.run("mh", *cleanup, check=False)
+    assert r.returncode == 1
+    assert "upmt0 exists but is a veth device, not a TUN" in _one_line(r.stderr)
+    assert "upmt0" in topo.run("mh", "ip", "-o", "link").stdout
