@@ -33,6 +33,7 @@ def test_unit_promises(name: str, prog: str) -> None:
     assert "network-online.target" in unit["Wants"].split()
     assert svc["Type"] == "notify"
     assert svc["Restart"] == "on-failure"
+    assert svc["RestartPreventExitStatus"] == "2"        # a bad config: no retry loop
     assert svc["RuntimeDirectory"] == "upmt"
     assert svc["CapabilityBoundingSet"].split() == ["CAP_NET_ADMIN"]
     start = shlex.split(svc["ExecStart"])
