@@ -315,3 +315,36 @@ def test_cleanup_removes_a_left_over_tun_but_no_other_device(topo: Topology,
     assert r.returncode == 1
     assert "upmt0 exists but is a veth device, not a TUN" in _one_line(r.stderr)
     assert "upmt0" in topo.run("mh", "ip", "-o", "link").stdout
+
+
+def test_a_stop_while_waiting_for_the_tunnels_is_not_held_up(topo: Topology,
+                                                              tmp_path: Path) -> None:
+    """No anchor answers, so the agent waits (up to 10 s) for its tunnels before `ready`:
+    SIGTERM cuts that wait short (had it run out, the agent would have logged that not
+    every tunnel answered and printed `ready`), and the host is restored."""
+    before = host_state(topo, "mh")
+    lab = Lab(topo, tmp_path / "lab")
+    _, agent_cfg = lab.write_configs()                     # the anchor is never started
+    log = tmp_path / "agent.log"
+    with open(log, "w") as err:
+        agent = topo.popen("mh", *exe("upmt-agent"), "up", "--config", str(agent_cfg),
+                           stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while ("upmt_agent" not in topo.run("mh", "nft", "list", "tables").stdout
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert agent.poll() is None, log.read_text()
+        time.sleep(0.3)                                    # into the wait for the tunnels
+        agent.terminate()
+        assert agent.wait(30) == 0
+        assert agent.stdout is not None
+        assert "ready" not in agent.stdout.read()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        lab.stop()
+    text = log.read_text()
+    assert "SIGTERM: stopping" in text
+    assert "not every tunnel answered" not in text, text
+    assert host_state(topo, "mh") == before
