@@ -14,6 +14,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,6 +251,17 @@ def _tailscale_like(topo: Topology) -> None:
         topo.run("mh", "ip", *cmd.split())
 
 
+def _wg_quick_like(topo: Topology) -> None:
+    """The rules `wg-quick up` adds for a full tunnel (AllowedIPs 0.0.0.0/0): everything not
+    marked 0xca6c (its own socket's mark) goes to table 51820, whose default route is its
+    device (`ts0` here too), and main is consulted first for all but its default route."""
+    for cmd in ("link add ts0 type veth peer name ts0p", "link set ts0 up", "link set ts0p up",
+                "route add default dev ts0 table 51820",
+                "rule add not fwmark 0xca6c table 51820",
+                "rule add table main suppress_prefixlength 0"):
+        topo.run("mh", "ip", *cmd.split())
+
+
 def _ts0_tx(topo: Topology) -> int:
     out = topo.run("mh", "cat", "/sys/class/net/ts0/statistics/tx_packets").stdout
     return int(out)
@@ -271,13 +283,16 @@ dst = "203.0.113.100/32"
 """
 
 
+@pytest.mark.parametrize("other", [_tailscale_like, _wg_quick_like],
+                         ids=["tailscale", "wg-quick"])
 def test_beside_tailscale_no_steered_packet_escapes(topo: Topology, www: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, other: Any) -> None:
     """Tailscale's rules (fwmark 0x80000/0xff0000 at 5210-5250, table 52 at 5270 with an
-    exit node's default route): the agent's rules come first (5200/5201 by default) and its
-    packet marks never carry Tailscale's bits, so a flow of the 8th rule (whose rule index
-    is 0x80000 in the ct mark) goes through the tunnel and nothing steered reaches `ts0`."""
-    _tailscale_like(topo)
+    exit node's default route), or wg-quick's full tunnel: the agent's rules come first
+    (5200/5201 by default) and its packet marks never carry Tailscale's bits nor wg-quick's
+    mark, so a flow of the 8th rule (whose rule index is 0x80000 in the ct mark) goes
+    through the tunnel and nothing steered reaches the other tool's device `ts0`."""
+    other(topo)
     before = host_state(topo, "mh")
     srv = HttpServer(topo, "ch", 8080, www)
     lab = Lab(topo, tmp_path / "lab", rules=NINE_RULES).start()
