@@ -277,9 +277,9 @@ def _agent_lifecycle() -> dict[str, Any]:
 def test_agent_setup_steers_and_teardown_restores(netns: str) -> None:
     got = in_netns(netns, _agent_lifecycle)
     during = got["during"]
-    assert f"5550:\tfrom all fwmark {F + 1:#x}/0xffff lookup {T + 1}" in during["rules"]
-    assert f"5550:\tfrom all fwmark {F + 2:#x}/0xffff lookup {T + 2}" in during["rules"]
-    assert f"5551:\tfrom all fwmark {F:#x}/0xffff lookup {T}" in during["rules"]
+    assert f"5200:\tfrom all fwmark {F + 1:#x}/0xffff lookup {T + 1}" in during["rules"]
+    assert f"5200:\tfrom all fwmark {F + 2:#x}/0xffff lookup {T + 2}" in during["rules"]
+    assert f"5201:\tfrom all fwmark {F:#x}/0xffff lookup {T}" in during["rules"]
     assert f"default dev ut0 table {T}" in during["routes"]
     assert f"blackhole default table {T} proto static metric 4294967295" in during["routes"]
     assert f"default via 10.0.1.1 dev ua0 table {T + 1}" in during["routes"]
@@ -320,8 +320,8 @@ def _agent_killed_then_cleanup() -> dict[str, Any]:
         finally:
             os._exit(status)
     assert os.waitpid(pid, 0)[1] == 0
-    add_rule(Rule(5550, T + 5, F + 5, 0xFFFF))  # from a run with more interfaces
-    add_rule(Rule(5550, T + 40, F + 7, 0xFFFF))  # someone else's: must stay
+    add_rule(Rule(5200, T + 5, F + 5, 0xFFFF))  # from a run with more interfaces
+    add_rule(Rule(5200, T + 40, F + 7, 0xFFFF))  # someone else's: must stay
     fd = open_tun("ut0")
     configure_tun("ut0", VIPA, 32, 1400)
     left = snapshot()
@@ -353,7 +353,7 @@ def test_agent_cleanup_leftovers_of_killed_run(netns: str) -> None:
     cleaned, before = got["cleaned"], got["before"]
     assert cleaned["nft"] == before["nft"]
     assert cleaned["routes"] == before["routes"]
-    foreign = f"5550:\tfrom all fwmark {F + 7:#x}/0xffff lookup {T + 40}\n"
+    foreign = f"5200:\tfrom all fwmark {F + 7:#x}/0xffff lookup {T + 40}\n"
     assert foreign in cleaned["rules"]
     assert cleaned["rules"].replace(foreign, "") == before["rules"]
 

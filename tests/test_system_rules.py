@@ -74,9 +74,12 @@ def test_agent_ruleset_exempts_tunnel_marks_before_any_rule() -> None:
     assert lines[exempt + 2] == (
         "ct state new ct mark and 0xffff != 0x100 ip daddr 203.0.113.0/24 ct mark set 0x40100"
     )
-    assert lines[exempt + 3] == "ct mark and 0xffff == 0x100 meta mark set ct mark"
+    # the packet mark is F alone: a rule index (here 4 << 16) never shows in it, where
+    # other tools' routing rules (Tailscale's fwmark 0x80000/0xff0000) would read it
+    assert lines[exempt + 3] == "ct mark and 0xffff == 0x100 meta mark set ct mark and 0xffff"
     assert 'iifname "wlan0" udp dport 5001 meta mark set 0x102' in lines
-    assert 'iifname "upmt0" ct mark and 0xffff == 0x100 meta mark set ct mark' in lines
+    assert ('iifname "upmt0" ct mark and 0xffff == 0x100 meta mark set ct mark and 0xffff'
+            in lines)
     assert 'oifname "upmt0" snat to 100.64.0.1' in lines
     assert 'oifname "upmt0" tcp flags syn tcp option maxseg size set rt mtu' in lines
 
@@ -103,6 +106,26 @@ def test_agent_host_validates_marks_and_tables() -> None:
         AgentHost(fwmark=0xFFFF, table=1000, **ok)  # type: ignore[arg-type]
     with pytest.raises(SystemSetupError):
         AgentHost(fwmark=0x100, table=254, **ok)  # type: ignore[arg-type]
+    with pytest.raises(SystemSetupError, match="mark_mask"):   # F+1 = 0x101 outside 0x1f0
+        AgentHost(fwmark=0x100, table=1000, mark_mask=0x1F0, **ok)  # type: ignore[arg-type]
+    with pytest.raises(SystemSetupError, match="mark_mask"):   # above the 16 bits of F
+        AgentHost(fwmark=0x100, table=1000, mark_mask=0x1FFFF, **ok)  # type: ignore[arg-type]
+    with pytest.raises(SystemSetupError, match="priority"):
+        AgentHost(fwmark=0x100, table=1000, priority=32765, **ok)  # type: ignore[arg-type]
+
+
+def test_mark_mask_and_priorities_are_the_configured_ones() -> None:
+    """A narrower mask goes into the ruleset's packet marks and the ip rules; the rules
+    use the configured priority P (tunnel sockets) and P+1 (steered traffic)."""
+    iface = IfacePlan(0, "eth0", "10.0.0.1", 5000)
+    script = agent_ruleset(tun="upmt0", vipa_fix="100.64.0.1", fwmark=0x100, ifaces=[iface],
+                           rules=[rule(index=7)], mark_mask=0x3FF)
+    assert "ct mark and 0xffff == 0x100 meta mark set ct mark and 0x3ff" in script
+    assert "ct mark set 0x80100" in script        # the 8th rule: its index stays in the ct mark
+    host = AgentHost(tun="t", vipa_fix="100.64.0.1", fwmark=0x100, table=1000, ifaces=[iface],
+                     rules=[], mark_mask=0x3FF, priority=5100)
+    got = {(r.priority, r.table, r.fwmark, r.fwmask) for r in host._routing_rules()}
+    assert got == {(5100, 1001, 0x101, 0x3FF), (5101, 1000, 0x100, 0x3FF)}
 
 
 def test_anchor_ruleset_and_role() -> None:

@@ -10,21 +10,24 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import keys
+from . import __version__, keys
 from .config import (
     DEFAULT_AGENT_CONFIG,
     DEFAULT_AGENT_CONTROL,
     DEFAULT_ANCHOR_CONFIG,
     DEFAULT_ANCHOR_CONTROL,
     ConfigError,
+    _load_toml,
     load_agent_config,
     load_anchor_config,
 )
 from .control import ControlError, request
+from .service import ConsoleHandler, mute
 
 __all__ = ["agent_main", "anchor_main"]
 
@@ -35,13 +38,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(prog: str, msg: str, code: int = 1) -> int:
-    print(f"{prog}: {msg}", file=sys.stderr)
+    try:
+        print(f"{prog}: {msg}", file=sys.stderr)
+    except (OSError, ValueError):   # stderr is gone (closed terminal): the code still counts
+        mute(2)
     return code
 
 
 def _logging(verbose: bool, prog: str) -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format=f"{prog}: %(levelname)s: %(message)s")
+    """Log lines on stderr (journald priorities under systemd; a closed terminal mutes)."""
+    logging.basicConfig(level=logging.WARNING, handlers=[ConsoleHandler(prog)])
     logging.getLogger("upmt_tun").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -57,9 +63,43 @@ def _control_path(args: argparse.Namespace, kind: str) -> str:
     return loader(path).control
 
 
-def genkey() -> int:
+def _others_can_read(mode: int) -> bool:
+    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
+
+
+def genkey(prog: str) -> int:
+    """A new private key on stdout; a warning (as ``wg genkey`` gives) when stdout is a
+    file that group or others can read: ``umask 077`` first, or ``chmod 600`` after."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(st.st_mode) and _others_can_read(st.st_mode):
+            print(f"{prog}: warning: writing a private key to a file that group/others can "
+                  f"read (mode {stat.S_IMODE(st.st_mode):04o}); set umask 077 first or "
+                  "chmod 600 it", file=sys.stderr)
+    except (OSError, ValueError):      # no real file descriptor (captured): nothing to check
+        pass
     print(keys.generate())
     return 0
+
+
+def key_file_exposed(config_path: str) -> str | None:
+    """One line if the config's ``private_key_file`` is readable by group or others, else
+    None (also when there is no key file or it cannot be read: loading reports that)."""
+    try:
+        name = _load_toml(config_path).get("private_key_file")
+    except ConfigError:
+        return None
+    if not isinstance(name, str):
+        return None
+    full = os.path.join(os.path.dirname(config_path), name)
+    try:
+        mode = os.stat(full).st_mode
+    except OSError:
+        return None
+    if not _others_can_read(mode):
+        return None
+    return (f"{config_path}: private_key_file: {full} is readable by group/others "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it")
 
 
 def pubkey(prog: str) -> int:
@@ -180,32 +220,68 @@ def _run(prog: str, fn: Callable[[], int]) -> int:
         return _fail(prog, f"internal error: {type(e).__name__}: {e} (run with -v for details)")
 
 
+AGENT_COMMANDS = """\
+`upmt-agent COMMAND --help` describes each. Exit 0 on success, 2 for bad usage or a bad
+config (one line naming file, key and problem), 1 for anything else (one line).
+"""
+
+
+def _sub(sub: Any, name: str, hlp: str, desc: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=hlp, description=desc)
+    return p
+
+
 def agent_main(argv: list[str] | None = None) -> int:
     prog = "upmt-agent"
-    p = _Parser(prog=prog, description="UPMT mobile-host agent")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    for name, hlp in (("up", "run the agent in the foreground"), ("down", "stop a running agent"),
-                      ("status", "show tunnels and flows")):
-        sp = sub.add_parser(name, help=hlp)
-        _common(sp, DEFAULT_AGENT_CONFIG)
-        if name == "status":
-            sp.add_argument("--json", action="store_true")
-    mv = sub.add_parser("move", help="move a rule's or a flow's traffic to an interface")
+    p = _Parser(prog=prog, description="UPMT mobile-host agent: steers the traffic of chosen "
+                "applications through tunnels to anchors, over chosen access networks.",
+                epilog=AGENT_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    up = _sub(sub, "up", "run the agent in the foreground",
+              "Set the host up (TUN, nftables, routing rules), associate with every anchor "
+              "over every interface, print `ready`, and run until `down`, SIGTERM, SIGINT or "
+              "SIGHUP; then restore the host exactly.")
+    _common(up, DEFAULT_AGENT_CONFIG)
+    down = _sub(sub, "down", "stop a running agent",
+                "Ask the running agent to stop; it restores the host before it exits.")
+    _common(down, DEFAULT_AGENT_CONFIG)
+    st = _sub(sub, "status", "show anchors, tunnels and flows",
+              "Show the running agent's anchors, tunnels (RTT, packets) and flows with their "
+              "last moves.")
+    _common(st, DEFAULT_AGENT_CONFIG)
+    st.add_argument("--json", action="store_true", help="everything, as JSON")
+    cl = _sub(sub, "cleanup", "remove what a killed agent left",
+              "Remove what an agent killed with SIGKILL (or crashed) left: its nft table, ip "
+              "rules and routing tables, the sysctls it changed, cgroups, a TUN device and "
+              "the stale control socket. Refuses (exit 1) while an agent answers on the "
+              "control socket; does nothing when nothing is left.")
+    _common(cl, DEFAULT_AGENT_CONFIG)
+    mv = _sub(sub, "move", "move a rule's or a flow's traffic to an interface",
+              "Move every flow of a rule (and its new ones) or one flow to another access "
+              "interface; the anchor follows by itself.")
     _common(mv, DEFAULT_AGENT_CONFIG)
     g = mv.add_mutually_exclusive_group(required=True)
-    g.add_argument("--rule")
-    g.add_argument("--flow", type=int)
-    mv.add_argument("--via", required=True)
-    mv.add_argument("--anchor")
-    rn = sub.add_parser("run", help="start a program whose traffic belongs to a rule")
+    g.add_argument("--rule", help="the rule's name (it prefers IFACE from now on)")
+    g.add_argument("--flow", type=int, help="a flow's id (from `status`)")
+    mv.add_argument("--via", required=True, metavar="IFACE", help="the interface to move to")
+    mv.add_argument("--anchor", help="the anchor to use (default: the flow's own)")
+    rn = _sub(sub, "run", "start a program whose traffic belongs to a rule",
+              "Start PROGRAM in the rule's cgroup (v2): every socket it opens follows the "
+              "rule, whatever its ports. Example: upmt-agent run --rule web -- firefox")
     _common(rn, DEFAULT_AGENT_CONFIG)
-    rn.add_argument("--rule", required=True)
-    rn.add_argument("program", nargs=argparse.REMAINDER)
-    sub.add_parser("genkey", help="print a new private key")
-    sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    rn.add_argument("--rule", required=True, help="the rule's name")
+    rn.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]",
+                    help="the program to run and its arguments, after --")
+    _sub(sub, "genkey", "print a new private key",
+         "Print a new base64 X25519 private key. Keep it private: `umask 077; upmt-agent "
+         "genkey > key` (a warning is printed when the file is readable by others).")
+    _sub(sub, "pubkey", "read a private key on stdin, print its public key",
+         "Read a private key (from genkey) on stdin and print its public key, to give to "
+         "the other side.")
     args = p.parse_args(argv)
     if args.cmd == "genkey":
-        return genkey()
+        return genkey(prog)
     if args.cmd == "pubkey":
         return pubkey(prog)
     _logging(getattr(args, "verbose", False), prog)
@@ -214,8 +290,17 @@ def agent_main(argv: list[str] | None = None) -> int:
         if args.cmd == "up":
             from .runtime import run_agent
 
-            cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
+            path = args.config or DEFAULT_AGENT_CONFIG
+            cfg = load_agent_config(path)
+            if exposed := key_file_exposed(path):
+                logging.getLogger("upmt_tun").warning("%s", exposed)
             run_agent(cfg, args.control or cfg.control)
+            return 0
+        if args.cmd == "cleanup":
+            from .runtime import cleanup_agent
+
+            cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
+            cleanup_agent(cfg, args.control or cfg.control)
             return 0
         if args.cmd == "down":
             answer = request(_control_path(args, "agent"), {"cmd": "down"})
@@ -236,22 +321,63 @@ def agent_main(argv: list[str] | None = None) -> int:
     return _run(prog, go)
 
 
+ANCHOR_COMMANDS = """\
+commands (without one, the anchor runs in the foreground):
+  status    show associations, tunnels and flows (--json for all of it)
+  cleanup   remove what a killed anchor left
+  genkey    print a new private key
+  pubkey    read a private key on stdin, print its public key
+
+`upmt-anchor COMMAND --help` describes each. The anchor prints `ready` once it listens
+and runs until SIGTERM, SIGINT or SIGHUP, then restores the host. Exit 0 on success, 2 for
+bad usage or a bad config (one line), 1 for anything else (one line).
+"""
+
+ANCHOR_SUBCOMMANDS = {
+    "status": "Show the running anchor's associations, tunnels and flows.",
+    "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
+               "the sysctls it changed, a TUN device and the stale control socket. Refuses "
+               "(exit 1) while an anchor answers on the control socket.",
+    "genkey": "Print a new base64 X25519 private key. Keep it private: `umask 077; "
+              "upmt-anchor genkey > key` (a warning is printed when the file is readable by "
+              "others).",
+    "pubkey": "Read a private key (from genkey) on stdin and print its public key, to list "
+              "as the anchor's public_key in the agents' configs.",
+}
+
+
 def anchor_main(argv: list[str] | None = None) -> int:
     prog = "upmt-anchor"
     argv = sys.argv[1:] if argv is None else argv
-    p = _Parser(prog=prog, description="UPMT anchor node / fixed host")
-    if argv and argv[0] in ("genkey", "pubkey", "status"):
+    if argv and argv[0] in ANCHOR_SUBCOMMANDS:
         cmd = argv[0]
+        sp = _Parser(prog=f"{prog} {cmd}", description=ANCHOR_SUBCOMMANDS[cmd])
+        if cmd in ("status", "cleanup"):
+            _common(sp, DEFAULT_ANCHOR_CONFIG)
+        if cmd == "status":
+            sp.add_argument("--json", action="store_true", help="everything, as JSON")
+        args = sp.parse_args(argv[1:])
         if cmd == "genkey":
-            return genkey()
+            return genkey(prog)
         if cmd == "pubkey":
             return pubkey(prog)
-        sp = _Parser(prog=f"{prog} status")
-        _common(sp, DEFAULT_ANCHOR_CONFIG)
-        sp.add_argument("--json", action="store_true")
-        args = sp.parse_args(argv[1:])
         _logging(args.verbose, prog)
-        return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+        if cmd == "status":
+            return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+
+        def clean() -> int:
+            from .runtime import cleanup_anchor
+
+            cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
+            cleanup_anchor(cfg, args.control or cfg.control)
+            return 0
+
+        return _run(prog, clean)
+    p = _Parser(prog=prog, usage=f"{prog} [COMMAND] [-h] [--version] [--config CONFIG] "
+                "[--control CONTROL] [-v]", description="UPMT anchor node / fixed host: "
+                "terminates the mobile hosts' tunnels and relays (NATs) their flows.",
+                epilog=ANCHOR_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"{prog} {__version__}")
     _common(p, DEFAULT_ANCHOR_CONFIG)
     args = p.parse_args(argv)
     _logging(args.verbose, prog)
@@ -259,7 +385,10 @@ def anchor_main(argv: list[str] | None = None) -> int:
     def go() -> int:
         from .runtime import run_anchor
 
-        cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
+        path = args.config or DEFAULT_ANCHOR_CONFIG
+        cfg = load_anchor_config(path)
+        if exposed := key_file_exposed(path):
+            raise ConfigError(path, "private_key_file", exposed.split(": ", 2)[2])
         run_anchor(cfg, args.control or cfg.control)
         return 0
 

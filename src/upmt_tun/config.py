@@ -133,6 +133,8 @@ class AgentConfig:
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
     return_after_s: float = 5.0         # hysteresis before flows return to a preferred iface
     metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
+    mark_mask: int = 0xFFFF             # packet-mark bits of F..F+1+n (ip rule fwmark X/mask)
+    rule_priority: int = 5200           # ip rule priorities P (tunnel sockets) and P+1 (steered)
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,14 @@ def load_agent_config(path: str) -> AgentConfig:
     if not 1 <= table <= 0xFFFFFF00 or any(t in (253, 254, 255) for t in range(table, table + 18)):
         raise r.err("table", f"{table}: tables {table}..{table + 17} must avoid 253-255 "
                     "(default, main, local)")
+    mark_mask = r.get("mark_mask", int, 0xFFFF)
+    if not 0 < mark_mask <= 0xFFFF or any(m & ~mark_mask for m in range(fwmark, fwmark + 18)):
+        raise r.err("mark_mask", f"{mark_mask:#x}: must lie within 0xffff and hold the marks "
+                    f"{fwmark:#x}..{fwmark + 17:#x} (fwmark, then one per interface)")
+    rule_priority = r.get("rule_priority", int, 5200)
+    if not 1 <= rule_priority <= 32764:
+        raise r.err("rule_priority", f"{rule_priority}: must be between 1 and 32764 (it and "
+                    "the next one are used; 0, 32766 and 32767 are the kernel's)")
     keepalive = r.get("keepalive", (int, float), 10.0)
     if not 1 <= keepalive <= 300:
         raise r.err("keepalive", "must be between 1 and 300 seconds")
@@ -412,7 +422,8 @@ def load_agent_config(path: str) -> AgentConfig:
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
                        tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
-                       float(return_after), metrics)
+                       float(return_after), metrics=metrics, mark_mask=mark_mask,
+                       rule_priority=rule_priority)
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:

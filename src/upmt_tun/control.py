@@ -17,7 +17,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["ControlError", "ControlServer", "ensure_free", "request"]
+__all__ = ["ControlError", "ControlServer", "ensure_free", "remove_stale", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,21 @@ def ensure_free(path: str) -> None:
     if os.path.exists(path) and _alive(path):
         raise ControlError(f"control socket {path} is in use by a running process "
                            "(use --control to pick another)")
+
+
+def remove_stale(path: str, daemon: str) -> bool:
+    """For ``cleanup``: remove the control socket a killed ``daemon`` left (True), or
+    raise ControlError if a live one answers on it (its leftovers are not leftovers)."""
+    if not os.path.lexists(path):
+        return False
+    if _alive(path):
+        raise ControlError(f"a running {daemon} holds control socket {path}: stop it "
+                           f"(cleanup is for what a killed one left)")
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ControlError(f"{path} exists and is not a socket; not touching it")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
 
 
 class ControlServer:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .lab import Lab
+from .lab import Lab, exe
 from .testbed import Topology, tool_missing
 
 DIAGRAM = """
@@ -103,7 +103,7 @@ def run(size_mb: int) -> int:
             _say("\n3. upmt-agent status\n")
             _say(lab.agent_cli("status").stdout)
             _say("4. upmt-anchor status\n")
-            an = topo.run("an", "upmt-anchor", "status", "--control", lab.anchor_control(0),
+            an = topo.run("an", *exe("upmt-anchor"), "status", "--control", lab.anchor_control(0),
                           check=False)
             _say(an.stdout)
         finally:

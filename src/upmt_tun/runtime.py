@@ -14,25 +14,28 @@ import logging
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
 from .config import AgentConfig, AnchorConfig
-from .control import ControlServer, ensure_free
+from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
 from .leases import Leases, lease_file
+from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
-from .system.errors import StartupError
+from .system.errors import StartupError, SystemSetupError
 from .system.ifstate import InterfaceState
 from .system.linkwatch import LinkWatch
 from .tables import FlowKey, ip_str
 
-__all__ = ["new_loop", "run_agent", "run_anchor", "StartupError"]
+__all__ = ["cleanup_agent", "cleanup_anchor", "new_loop", "run_agent", "run_anchor",
+           "StartupError"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0
@@ -95,12 +98,73 @@ def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
     return out
 
 
-async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGHUP, SIGTERM and SIGINT all mean "stop cleanly", whenever they arrive.
+
+    A closed terminal sends SIGHUP, systemd SIGTERM, Ctrl-C SIGINT; each one's default
+    action would kill the daemon with its host changes (rules, tables, nft) in place.
+    From :meth:`install` on, a signal is only *noted*: the start-up code checks
+    :attr:`signum` between its steps (it never stops half-way through a host change, which
+    an exception raised from a handler could), the event loop sets its stop event (the
+    loop's own handlers, :meth:`attach`), and during the teardown a signal changes
+    nothing. SIGHUP does not reload (yet): it stops like the others.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._event: asyncio.Event | None = None
+        self._old: dict[int, Any] = {}
+        # signal handlers belong to the main thread (a daemon runs there; a test may not)
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def note(self, signum: int, _frame: object = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.info("%s: stopping", signal.Signals(signum).name)
+        if self._event is not None:
+            self._event.set()
+
+    def install(self) -> None:
+        if not self.active:
+            return
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self.note)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        """Inside the loop: its handlers wake it up (a Python-level handler would run only
+        when the loop next wakes for something else)."""
+        self._event = event
+        if not self.active:
+            return
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.note, sig)
+        if self.signum is not None:
+            event.set()
+
+    def detach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Back to noting only (removing a loop handler resets the signal to its default)."""
+        self._event = None
+        if not self.active:
+            return
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+            signal.signal(sig, self.note)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals) -> None:
     """Start ``runner``, its control socket, print ready, run until a signal or ``down``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals.attach(loop, stop)
 
     async def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -115,20 +179,34 @@ async def _serve(runner: Any, control_path: str, on_ready: Any) -> None:
             return dict(answer)
         return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
 
-    control = ControlServer(control_path, handle)
-    await control.start()
     try:
-        await runner.start()
-        await on_ready()
-        await stop.wait()
+        control = ControlServer(control_path, handle)
+        await control.start()
+        try:
+            await runner.start()
+            ready = asyncio.ensure_future(on_ready())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:              # a stop while waiting for the tunnels is not held up by it
+                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if ready.done():
+                    ready.result()
+                    await stopped
+            finally:
+                for task in (ready, stopped):
+                    task.cancel()
+                await asyncio.gather(ready, stopped, return_exceptions=True)
+        finally:
+            notify("STOPPING=1")
+            await control.close()
+            await runner.stop()
     finally:
-        await control.close()
-        await runner.stop()
+        signals.detach(loop)
 
 
 def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
            loop: asyncio.AbstractEventLoop) -> None:
-    """Close sockets and TUN, undo the host changes, close the loop: whatever happened."""
+    """Close sockets and TUN, undo the host changes, close the loop: whatever happened.
+    (Stop signals are only noted meanwhile: see :class:`StopSignals`.)"""
     for o in opened:
         with contextlib.suppress(Exception):
             o.close()
@@ -156,8 +234,24 @@ def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> 
     return tun
 
 
+def _ready_line() -> None:
+    """``ready`` on stdout (the terminal, a pipe) and READY=1 to systemd, at the same time."""
+    say("ready")
+    notify("READY=1")
+
+
 def run_agent(cfg: AgentConfig, control_path: str) -> None:
-    """``upmt-agent up``: returns when stopped; raises StartupError/SystemSetupError."""
+    """``upmt-agent up``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
+    restored); raises StartupError/SystemSetupError."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        _run_agent(cfg, control_path, signals)
+    finally:
+        signals.restore()
+
+
+def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
     ifaces = _interfaces(cfg)
@@ -171,6 +265,8 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
     anchors = {a.name: _resolve(a.host, a.port) for a in cfg.anchors}
     mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
+    if signals.signum is not None:
+        return                       # stopped before anything was changed
     loop = new_loop()
     asyncio.set_event_loop(loop)
     opened: list[Any] = []
@@ -188,17 +284,25 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
         cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
-        if cgroups.root is not None and cfg.rules:
-            cgroups.create()
-            opened.append(_CgroupsCloser(cgroups))
+        usable = cgroups.root is not None and bool(cfg.rules)
+        if usable:
+            try:
+                cgroups.create()
+                opened.append(_CgroupsCloser(cgroups))
+            except SystemSetupError as e:   # `run` is optional: steering works without it
+                log.warning("%s: `upmt-agent run` will not be available", e)
+                cgroups.remove()
+                usable = False
+        elif cgroups.root is None:
+            log.info("no cgroup v2: `upmt-agent run` will not be available")
+        if usable:
             # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
             # whatever its ports; checked before the header matches.
             rules = [RuleMatch(r.index, "any", None, None, None, None,
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
-        else:
-            log.info("no cgroup v2: `upmt-agent run` will not be available")
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
-                         ifaces=plans, rules=rules, state_file=control_path + ".state")
+                         ifaces=plans, rules=rules, state_file=control_path + ".state",
+                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
@@ -242,18 +346,29 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
                 await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
             except TimeoutError:
                 log.warning("not every tunnel answered within %.0f s; going on", READY_TIMEOUT)
-            print("ready", flush=True)
+            _ready_line()
             log.info("vipa_fix %s on %s (mtu %d), %d interface(s), %d anchor(s)",
                      cfg.vipa_fix, tun.name, mtu, len(seams), len(anchors))
 
-        loop.run_until_complete(_serve(agent, control_path, on_ready))
+        if signals.signum is None:       # not stopped while setting the host up
+            loop.run_until_complete(_serve(agent, control_path, on_ready, signals))
         ct.close()
     finally:
         _close(opened, host, loop)
 
 
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
-    """``upmt-anchor``: returns when stopped."""
+    """``upmt-anchor``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
+    restored)."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        _run_anchor(cfg, control_path, signals)
+    finally:
+        signals.restore()
+
+
+def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
     loop = new_loop()
@@ -288,10 +403,46 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
                               max_age=cfg.lease_days * 86400.0)
 
         async def on_ready() -> None:
-            print("ready", flush=True)
+            _ready_line()
             log.info("%s listening on %s:%d, VIpA pool %s", cfg.role, cfg.listen_host,
                      cfg.listen_port, cfg.vipa_pool)
 
-        loop.run_until_complete(_serve(anchor, control_path, on_ready))
+        if signals.signum is None:
+            loop.run_until_complete(_serve(anchor, control_path, on_ready, signals))
     finally:
         _close(opened, host, loop)
+
+
+def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
+    """``upmt-agent cleanup``: remove what a killed agent with this config and control
+    socket left: its nft table, ip rules, routes of its tables, sysctls (from its state
+    file), cgroups, TUN device and control socket. Refuses (ControlError) while an agent
+    answers on the socket; does nothing, quietly, when nothing is left (ExecStopPost runs
+    it after every stop)."""
+    if remove_stale(control_path, "agent"):
+        log.info("removed stale control socket %s", control_path)
+    count = len(cfg.interfaces)
+    if not count:           # discovered interfaces: as many tables as there are now
+        with contextlib.suppress(Exception):
+            count = len(netlink.default_route_interfaces())
+    plans = [IfacePlan(i, f"iface{i}", None, 0) for i in range(count)]
+    AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
+              ifaces=plans, rules=[], state_file=control_path + ".state",
+              mark_mask=cfg.mark_mask, priority=cfg.rule_priority).cleanup_leftovers()
+    if netlink.delete_tun(cfg.tun):
+        log.info("removed leftover TUN device %s", cfg.tun)
+    if removed := RuleCgroups(control_path, []).remove_leftovers():
+        log.info("removed %d leftover cgroup(s)", removed)
+
+
+def cleanup_anchor(cfg: AnchorConfig, control_path: str) -> None:
+    """``upmt-anchor cleanup``: the same for a killed anchor (nft table, sysctls, TUN,
+    control socket)."""
+    if remove_stale(control_path, "anchor"):
+        log.info("removed stale control socket %s", control_path)
+    AnchorHost(tun=cfg.tun, tun_address=str(next(cfg.vipa_pool.hosts())),
+               pool_prefixlen=cfg.vipa_pool.prefixlen, pool=str(cfg.vipa_pool), mtu=cfg.mtu,
+               role=cfg.role, nat_interface=cfg.nat_interface,
+               state_file=control_path + ".state").cleanup_leftovers()
+    if netlink.delete_tun(cfg.tun):
+        log.info("removed leftover TUN device %s", cfg.tun)

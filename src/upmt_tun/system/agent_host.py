@@ -3,11 +3,14 @@
 See DESIGN.md "Marks, tables, priorities". With fwmark F and table T:
 
 - nft table ``ip upmt_agent`` marks the first packet of a new connection matching
-  rule i with ct mark ``((i + 1) << 16) | F`` and copies that ct mark to the packet
-  mark; the tunnel sockets' own packets (mark F+1+k) return before any rule.
-- ``ip rule`` prio 5550 sends mark F+1+k to table T+1+k (``default via gw dev iface
-  k``), prio 5551 sends mark F to table T (``default dev tun`` and a last-resort
-  blackhole).
+  rule i with ct mark ``((i + 1) << 16) | F`` and gives the packets of that connection
+  the packet mark F (the ct mark under the mark mask M, 0xffff by default: the rule
+  index never shows in a packet mark, where other tools' routing rules would read it:
+  Tailscale's ``fwmark 0x80000/0xff0000``); the tunnel sockets' own packets (mark
+  F+1+k) return before any rule.
+- ``ip rule`` prio P (5200 by default: before Tailscale's 5210-5270 and wg-quick's
+  3276x) sends mark F+1+k to table T+1+k (``default via gw dev iface k``), prio P+1
+  sends mark F to table T (``default dev tun`` and a last-resort blackhole).
 - Incoming tunnel packets get mark F+1+k and replies out of the TUN get their ct
   mark back, so strict rp_filter (with ``src_valid_mark=1``) accepts both.
 - Packets into the TUN are SNATed to ``vipa_fix`` and their TCP MSS is clamped.
@@ -35,10 +38,10 @@ log = logging.getLogger(__name__)
 
 NFT_FAMILY = "ip"
 NFT_TABLE = "upmt_agent"
-PRIO_SOCKETS = 5550
-PRIO_STEERED = 5551
+PRIO_SOCKETS = 5200          # default; steered traffic at PRIO_SOCKETS + 1
+PRIO_STEERED = PRIO_SOCKETS + 1
 BLACKHOLE_METRIC = 0xFFFFFFFF
-MARK_MASK = 0xFFFF
+MARK_MASK = 0xFFFF           # bits of the ct mark holding F (the rule index is above them)
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 COUNTER_UNSOLICITED = "unsolicited_from_tun"   # nft counter of the drop above
@@ -144,10 +147,12 @@ def agent_ruleset(
     ifaces: list[IfacePlan],
     rules: list[RuleMatch],
     tun_mtu: int | None = None,
+    mark_mask: int = MARK_MASK,
 ) -> str:
     """The nft script creating table ``ip upmt_agent`` (fails if it already exists)."""
     q_tun = nft.quote(tun)
     mask = f"{MARK_MASK:#x}"
+    packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
     output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
     for rule in rules:
         match = rule_match(rule)
@@ -155,7 +160,7 @@ def agent_ruleset(
             f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
             f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
         )
-    output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
+    output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set {packet_mark}")
     prerouting = [
         f"iifname {nft.quote(i.name)} udp dport {i.socket_port} "
         f"meta mark set {fwmark + 1 + i.index:#x}"
@@ -167,7 +172,8 @@ def agent_ruleset(
     # need an accept of those sources before this drop, as the anchor's MESH HOOK.)
     prerouting.append(f"iifname {q_tun} ct state != {{ established, related }} "
                       f'counter name "{COUNTER_UNSOLICITED}" drop')
-    prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} meta mark set ct mark")
+    prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} "
+                      f"meta mark set {packet_mark}")
     if tun_mtu is not None and tun_mtu > 40:
         mss = tun_mtu - 40
         prerouting.append(
@@ -214,10 +220,17 @@ class AgentHost:
         ifaces: list[IfacePlan],
         rules: list[RuleMatch],
         state_file: str | None = None,
+        mark_mask: int = MARK_MASK,
+        priority: int = PRIO_SOCKETS,
     ) -> None:
         top = fwmark + 1 + max((i.index for i in ifaces), default=0)
         if not 0 < fwmark or top > MARK_MASK:
             raise SystemSetupError(f"fwmark {fwmark:#x}: F .. F+1+n must fit in 16 bits")
+        if mark_mask & ~MARK_MASK or any(m & ~mark_mask for m in range(fwmark, top + 1)):
+            raise SystemSetupError(f"mark_mask {mark_mask:#x}: must lie in 0xffff and hold "
+                                   f"the marks {fwmark:#x}..{top:#x}")
+        if not 0 < priority < 32765:
+            raise SystemSetupError(f"rule priority {priority} must be in 1..32764")
         if any(r.index < 0 or r.index + 1 > MARK_MASK for r in rules):
             raise SystemSetupError("rule index out of range for the ct mark")
         if not 0 < table or table + 1 + len(ifaces) >= 0xFFFFFFFF or table in (253, 254, 255):
@@ -228,25 +241,29 @@ class AgentHost:
         self.table = table
         self.ifaces = list(ifaces)
         self.rules = list(rules)
+        self.mark_mask = mark_mask
+        self.prio_sockets, self.prio_steered = priority, priority + 1
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
 
     def _routing_rules(self) -> list[Rule]:
         rules = [
-            Rule(PRIO_SOCKETS, self.table + 1 + i.index, self.fwmark + 1 + i.index, MARK_MASK)
+            Rule(self.prio_sockets, self.table + 1 + i.index, self.fwmark + 1 + i.index,
+                 self.mark_mask)
             for i in self.ifaces
         ]
-        rules.append(Rule(PRIO_STEERED, self.table, self.fwmark, MARK_MASK))
+        rules.append(Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask))
         return rules
 
     def _is_ours(self, rule: Rule) -> bool:
         """A rule a run with our fwmark/table left behind (any number of interfaces)."""
-        if rule.fwmask != MARK_MASK or rule.fwmark is None:
+        if rule.fwmask != self.mark_mask or rule.fwmark is None:
             return False
-        if rule.priority == PRIO_STEERED:
+        if rule.priority == self.prio_steered:
             return rule.table == self.table and rule.fwmark == self.fwmark
         offset = rule.table - self.table
-        return rule.priority == PRIO_SOCKETS and offset >= 1 and rule.fwmark == self.fwmark + offset
+        return (rule.priority == self.prio_sockets and offset >= 1
+                and rule.fwmark == self.fwmark + offset)
 
     def cleanup_leftovers(self) -> None:
         """Remove what a killed earlier run left: nft table, ip rules, routes of our tables,
@@ -286,6 +303,7 @@ class AgentHost:
             ifaces=self.ifaces,
             rules=self.rules,
             tun_mtu=tun.mtu,
+            mark_mask=self.mark_mask,
         )
 
         self._undo.push("sysctls", self._sysctl.restore)

@@ -64,6 +64,19 @@ class RuleCgroups:
             raise SystemSetupError(f"cannot create cgroups under {self.root}: {e.strerror}") \
                 from None
 
+    def remove_leftovers(self) -> int:
+        """Remove the cgroups a killed run left (every rule's, whatever the config says
+        now); the number removed."""
+        if self.root is None:
+            return 0
+        top = self.root / self.tag
+        if not top.is_dir():
+            return 0
+        self.made = [top, *sorted(d for d in top.iterdir() if d.is_dir())]
+        count = len(self.made)
+        self.remove()
+        return count
+
     def remove(self) -> None:
         """Move any process still in them to the root cgroup, then remove them (never raises)."""
         assert self.root is not None or not self.made

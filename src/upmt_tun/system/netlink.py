@@ -220,6 +220,29 @@ def set_prefsrc(name: str, network: str, prefixlen: int, src: str) -> None:
                   prefsrc=src, scope=253, proto=2)
 
 
+def delete_tun(name: str) -> bool:
+    """Delete the TUN device ``name`` if it is left over (a persistent one, or one whose
+    process has not let go yet); False if there is none. Any other kind of device of that
+    name is not ours: it is left alone and reported."""
+    with _iproute(f"cannot remove {name}") as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        (link,) = ipr.link("get", index=found[0])
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        if kind != "tun":
+            raise SystemSetupError(f"{name} exists but is a {kind or 'device'} device, not a "
+                                   "TUN; not removing it")
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+        return True
+
+
 def add_address(name: str, address: str, prefixlen: int) -> bool:
     """Add ``address/prefixlen`` to ``name``; False if it was there already."""
     with _iproute(f"cannot add {address}/{prefixlen} to {name}") as ipr:
