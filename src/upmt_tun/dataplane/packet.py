@@ -36,6 +36,7 @@ __all__ = [
     "OVERHEAD",
     "TYPE_DATA",
     "PATH_MAX",
+    "PROBE",
     "TYPE_PATH_CHALLENGE",
     "TYPE_PATH_RESPONSE",
     "TYPE_PING",
@@ -61,6 +62,7 @@ TYPE_PONG = 0x88             # anchor -> host: the probe's payload, echoed
 TYPE_LAST = TYPE_PONG
 HEADER = struct.Struct("!IIQ")   # (type << 24 | path id), receiver index, counter
 HEADER_LEN = HEADER.size  # 16
+PROBE = struct.Struct("!d")      # a PING's payload: the sender's send time, echoed in the PONG
 PATH_MAX = 0xFFFFFF
 TAG_LEN = 16
 IPV4_UDP = 28
