@@ -358,6 +358,6 @@ async def test_agent_handshake_through_cookie_under_load(tmp_path: Path) -> None
         assert st["anchors"][0]["state"] == "associated"
         assert an.fwd.drops["handshake_cookie_sent"] - cookies0 >= 1
         assert w.agent.drops.get("bad_cookie", 0) == 0
-        assert {a for _, a in w.agent._cookies} == {"an1"}       # noqa: SLF001
+        assert {x.peer.name for x in w.agent.links.values() if x.cookie} == {"an1"}
     finally:
         await w.stop()
