@@ -1,16 +1,20 @@
-"""Agent + anchor end to end over the in-memory seams (no root).
+"""Agent + anchor end to end over the in-memory seams (no root), on virtual time.
 
     MH (FakeTun, vipa_fix 100.64.0.1)
       wan1 10.1.0.2 --NAT-> 203.0.113.11 \
                                            >-- anchor(s) 203.0.113.1:5060 (FakeTun)
       wan2 10.2.0.2 --NAT-> 203.0.113.12 /     203.0.113.2:5060 (second anchor)
+
+Every test runs on ``tests/vtime.py``'s loop: the agent's and the anchors' clock is the
+loop's, which jumps to the next timer whenever nothing is ready, so waiting for
+keepalives, probes and backoffs costs no wall time and no test depends on the machine's
+speed. (``World`` still works on a real loop: ``test_handshake.py`` shares it.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,8 @@ from upmt_tun.dataplane.io import FakeNetwork, FakeTun
 from upmt_tun.dataplane.packet import HEADER_LEN
 
 from . import pktbuild as pb
+
+pytestmark = pytest.mark.virtual_time
 
 CH = "198.51.100.7"
 
@@ -44,7 +50,7 @@ class World:
         self.offset = 0.0     # tests move time forward (rekeying) by raising this
 
         def clock() -> float:
-            return time.monotonic() + self.offset
+            return loop.time() + self.offset
 
         self.net = FakeNetwork(schedule=loop.call_soon)
         self.net.nat("10.1.0.2", "203.0.113.11")
