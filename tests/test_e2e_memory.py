@@ -524,3 +524,36 @@ async def test_idle_tunnels_are_probed_rarely_and_busy_ones_often(tmp_path: Path
         assert w.anchors[0].fwd.drops["unvalidated_path"] == 0
     finally:
         await w.stop()
+
+
+async def test_links_are_removed_and_added_at_run_time(tmp_path: Path) -> None:
+    """remove_link takes the tunnel down now (its flows move) and forgets it; add_link
+    brings one up again through the same handshake, setup and validation."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))
+        await w.settle()
+        assert w.agent.status()["flows"][0]["interface"] == "wan1"
+        w.agent.remove_link("wan1", "an1")
+        st = w.agent.status()
+        assert [t["interface"] for t in st["tunnels"]] == ["wan2"]
+        (f,) = st["flows"]
+        assert f["interface"] == "wan2" and f["history"][-1]["reason"] == "link removed"
+        assert ("wan1", "an1") not in w.agent.links
+        w.agent.remove_link("wan1", "an1")                        # twice: nothing happens
+        with pytest.raises(UsageError):
+            w.agent.add_link("eth9", "an1")
+        link = w.agent.add_link("wan1", "an1")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if link.state.value == "up":
+                break
+        st = w.agent.status()
+        assert sorted((t["interface"], t["state"]) for t in st["tunnels"]) == [
+            ("wan1", "up"), ("wan2", "up")]
+        await asyncio.sleep(6.0)                          # up return_after: the flow returns
+        (f,) = w.agent.status()["flows"]
+        assert f["interface"] == "wan1" and f["history"][-1]["reason"] == "preference restored"
+    finally:
+        await w.stop()
