@@ -346,6 +346,8 @@ class Agent:
         if name not in self.link_up or self.link_up[name] == usable:
             return
         self.link_up[name] = usable
+        if usable:
+            log.info("link %s back up", name)
         now = self.clock()
         for (iface, _peer), link in list(self.links.items()):
             if iface == name:

@@ -418,7 +418,6 @@ class Link:
             self.tried = True
             self._set(LinkState.LINK_DOWN, why)
         elif self.state is LinkState.LINK_DOWN:
-            log.info("link %s back up", self.iface)
             self._set(LinkState.IDLE, "link back up")
             if self.role is Role.INITIATOR:
                 self._attempt(now, out)
