@@ -1,4 +1,5 @@
-"""Shared test plumbing: run ``async def`` tests on a fresh event loop (no plugin needed)."""
+"""Shared test plumbing: run ``async def`` tests on a fresh event loop (no plugin needed);
+tests marked ``virtual_time`` get a loop whose clock jumps to the next timer when idle."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import shutil
 
 import pytest
 
+from .vtime import VirtualTimeLoop
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if inspect.iscoroutinefunction(pyfuncitem.obj):
         args = {k: pyfuncitem.funcargs[k] for k in pyfuncitem._fixtureinfo.argnames}
-        asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), 60))
+        virtual = pyfuncitem.get_closest_marker("virtual_time") is not None
+        with asyncio.Runner(loop_factory=VirtualTimeLoop if virtual else None) as runner:
+            runner.run(asyncio.wait_for(pyfuncitem.obj(**args), 60))
         return True
     return None
 

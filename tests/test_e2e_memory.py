@@ -1,16 +1,20 @@
-"""Agent + anchor end to end over the in-memory seams (no root).
+"""Agent + anchor end to end over the in-memory seams (no root), on virtual time.
 
     MH (FakeTun, vipa_fix 100.64.0.1)
       wan1 10.1.0.2 --NAT-> 203.0.113.11 \
                                            >-- anchor(s) 203.0.113.1:5060 (FakeTun)
       wan2 10.2.0.2 --NAT-> 203.0.113.12 /     203.0.113.2:5060 (second anchor)
+
+Every test runs on ``tests/vtime.py``'s loop: the agent's and the anchors' clock is the
+loop's, which jumps to the next timer whenever nothing is ready, so waiting for
+keepalives, probes and backoffs costs no wall time and no test depends on the machine's
+speed. (``World`` still works on a real loop: ``test_handshake.py`` shares it.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,8 @@ from upmt_tun.dataplane.io import FakeNetwork, FakeTun
 from upmt_tun.dataplane.packet import HEADER_LEN
 
 from . import pktbuild as pb
+
+pytestmark = pytest.mark.virtual_time
 
 CH = "198.51.100.7"
 
@@ -44,7 +50,7 @@ class World:
         self.offset = 0.0     # tests move time forward (rekeying) by raising this
 
         def clock() -> float:
-            return time.monotonic() + self.offset
+            return loop.time() + self.offset
 
         self.net = FakeNetwork(schedule=loop.call_soon)
         self.net.nat("10.1.0.2", "203.0.113.11")
@@ -516,5 +522,38 @@ async def test_idle_tunnels_are_probed_rarely_and_busy_ones_often(tmp_path: Path
         every = {t["interface"]: t["probe"]["every_s"] for t in w.agent.status()["tunnels"]}
         assert every["wan1"] == 0.1 and every["wan2"] >= 1.0, every   # only the busy one
         assert w.anchors[0].fwd.drops["unvalidated_path"] == 0
+    finally:
+        await w.stop()
+
+
+async def test_links_are_removed_and_added_at_run_time(tmp_path: Path) -> None:
+    """remove_link takes the tunnel down now (its flows move) and forgets it; add_link
+    brings one up again through the same handshake, setup and validation."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))
+        await w.settle()
+        assert w.agent.status()["flows"][0]["interface"] == "wan1"
+        w.agent.remove_link("wan1", "an1")
+        st = w.agent.status()
+        assert [t["interface"] for t in st["tunnels"]] == ["wan2"]
+        (f,) = st["flows"]
+        assert f["interface"] == "wan2" and f["history"][-1]["reason"] == "link removed"
+        assert ("wan1", "an1") not in w.agent.links
+        w.agent.remove_link("wan1", "an1")                        # twice: nothing happens
+        with pytest.raises(UsageError):
+            w.agent.add_link("eth9", "an1")
+        link = w.agent.add_link("wan1", "an1")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if link.state.value == "up":
+                break
+        st = w.agent.status()
+        assert sorted((t["interface"], t["state"]) for t in st["tunnels"]) == [
+            ("wan1", "up"), ("wan2", "up")]
+        await asyncio.sleep(6.0)                          # up return_after: the flow returns
+        (f,) = w.agent.status()["flows"]
+        assert f["interface"] == "wan1" and f["history"][-1]["reason"] == "preference restored"
     finally:
         await w.stop()

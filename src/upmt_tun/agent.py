@@ -1,24 +1,28 @@
-"""The mobile host's agent: drives the forwarder and the signalling with asyncio.
+"""The mobile host's agent: a driver around the links, the forwarder and the seams.
 
 Embeddable: :class:`Agent` takes its seams (a TUN, one path socket per
 interface, a flow classifier), so tests run it over in-memory fakes and
-``cli.py`` runs it over the real ones (see :func:`run_agent`).
+``runtime.py`` runs it over the real ones.
 
-Per (interface, anchor), one tunnel task: a handshake and an AssociationReq when
-needed, TunnelSetupReq sent through that interface's socket, then sealed SIP
-KeepAlives every ``keepalive`` seconds (a tunnel that misses ``DEAD_AFTER`` of
-them goes down). One prober task ticks a :class:`paths.PathMonitor` per tunnel:
-PING/PONG probes every 100 ms while traffic flows, backing off when idle (they
-are the NAT keepalive too); a path that stops answering goes down within about
-half a second and its flows move at once ("probe loss"). Flows go back to a
-better-preferred interface once its tunnel has been up ``return_after`` seconds.
+The decisions live in pure cores; the agent carries them out:
+
+* one :class:`link.Link` per (interface, peer) keeps that tunnel alive (handshake,
+  association, setup, path validation, keepalives, probes, backoff; ``link.py`` has
+  the state diagram). Links are added and removed at run time (:meth:`Agent.add_link`);
+* the forwarder (``dataplane/forwarder.py``) moves packets and flows.
+
+What is left here: demultiplexing datagrams to the forwarder or to a link, one timer
+task that calls :meth:`link.Link.on_timer` at the earliest deadline of any link,
+carrying out the links' actions (sends, sessions, tunnels up and down, flows moved
+and announced to the anchor), link events, operator commands and status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import math
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -26,11 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import AgentConfig, Rule
-from .dataplane.crypto import Session
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
-    PATH_MAX,
     TYPE_CONTROL,
     TYPE_COOKIE,
     TYPE_DATA,
@@ -38,26 +40,30 @@ from .dataplane.packet import (
     TYPE_PATH_CHALLENGE,
     TYPE_PONG,
 )
-from .paths import TICK, PathMonitor, ProbeParams
+from .link import (
+    SIP_STATS,
+    Action,
+    Associated,
+    Drop,
+    DropSession,
+    Env,
+    Link,
+    LinkConfig,
+    NewSession,
+    Peer,
+    Role,
+    Send,
+    Settled,
+    TunnelDown,
+    TunnelUp,
+)
+from .paths import ProbeParams
 from .signalling import sip
-from .signalling.client import SipClient, SipError
-from .signalling.handshake import COOKIE_LIFE, Initiation
 from .tables import Flow, FlowKey, Tunnel, ip_str
 
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
 log = logging.getLogger(__name__)
-
-SETUP_TIMEOUT = 4.0
-KEEPALIVE_TIMEOUT = 2.0
-DEAD_AFTER = 2
-BACKOFF_MAX = 30.0
-REKEY_AFTER = 120.0            # seconds: a new handshake (forward secrecy), as WireGuard
-PREVIOUS_SESSION_LIFE = 60.0   # the old session still opens late packets this long
-MIN_REKEY = 5.0                # never renew a session younger than this after a failure
-REKEY_AFTER_MESSAGES = 1 << 28 # AES-GCM: well inside its per-key limits (RFC 8446 5.5)
-COOKIE_RETRIES = 3             # immediate retries with a fresh cookie, per handshake
-
 
 @dataclass
 class IfaceSeam:
@@ -100,25 +106,6 @@ class MoveError(RuntimeError):
     """A move that cannot be done now (exit 1)."""
 
 
-class _SealedPath:
-    """A path socket as the SIP client sees it: what it sends is sealed for ``anchor``."""
-
-    def __init__(self, fwd: AgentForwarder, anchor: str, path: Path) -> None:
-        self.fwd, self.anchor, self.path = fwd, anchor, path
-        self.local = path.local
-
-    def start(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
-        raise NotImplementedError  # the agent reads the real socket itself
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        sealed = self.fwd.seal_control(self.anchor, data)
-        if sealed is not None:
-            self.path.sendto(sealed, addr)
-
-    def close(self) -> None:
-        pass
-
-
 class Agent:
     def __init__(self, cfg: AgentConfig, *, tun: Tun, ifaces: list[IfaceSeam],
                  anchors: dict[str, tuple[str, int]],
@@ -129,35 +116,32 @@ class Agent:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
         self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
-        self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
+        self._seam = {i.name: i for i in self.ifaces}
         self.anchors = anchors                     # name -> resolved (ip, port)
-        self.keys = {a.name: a.public_key for a in cfg.anchors}
         self.clock = clock
-        self.wall_ns = wall_ns
         self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
                                   classify_flow)
-        self.sip = SipClient(cfg.name)
         self.drops = self.fwd.drops
-        self.first_attempt: dict[tuple[str, str], asyncio.Event] = {}
-        self.anchor_state: dict[str, str] = dict.fromkeys(anchors, "associating")
-        self._lost = {a: asyncio.Event() for a in anchors}   # set: the anchor forgot us
-        # one handshake at a time per (anchor, interface): interfaces try in parallel, so a
-        # dead path does not delay the others (SPEC: `ready` within about 10 s)
-        self._hs_lock = {(a, i.name): asyncio.Lock() for a in anchors for i in ifaces}
-        # pending initiation index -> (anchor, interface, it, its answer: a session, or None
-        # when a cookie came instead)
-        self._pending: dict[int, tuple[str, str, Initiation, asyncio.Future[Session | None]]] = {}
-        # (interface, anchor) -> (cookie, received): a cookie is good for one source address
-        self._cookies: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.sip_stats: dict[str, int] = dict.fromkeys(SIP_STATS, 0)
+        keys = {a.name: a.public_key for a in cfg.anchors}
+        self.peers = {a: Peer(a, addr, keys[a], self.fwd.links[a])
+                      for a, addr in anchors.items()}
+        self.link_cfg = LinkConfig(me=cfg.name, static=cfg.private_key,
+                                   keepalive_s=cfg.keepalive_s,
+                                   return_after_s=cfg.return_after_s,
+                                   plaintext_data=cfg.plaintext_data,
+                                   probe=ProbeParams(idle_max=cfg.keepalive_s))
+        self.env = Env(new_index=self._new_index, wall_ns=wall_ns, random_bytes=os.urandom)
+        self.links: dict[tuple[str, str], Link] = {}     # (interface, peer) -> link
+        self._by_tid: dict[int, Link] = {}
+        self._ready = asyncio.Event()     # every link up or past its first attempt
+        self._kick = asyncio.Event()      # deadlines changed: the timer task looks again
+        self._timer: asyncio.Task[None] | None = None
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
-        self.probe_params = ProbeParams(idle_max=cfg.keepalive_s)
-        self.monitors: dict[int, PathMonitor] = {}     # tid -> monitor, while the tunnel is up
-        self._settled: set[int] = set()                 # up for return_after: flows may return
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -187,19 +171,25 @@ class Agent:
             elif b0 == TYPE_CONTROL:
                 opened = fwd.open(index, data, src)
                 if opened is not None:
-                    self.sip.on_datagram(opened[3])
+                    self._on_sip(opened[3], opened[1])
             elif b0 == TYPE_HS_RESP or b0 == TYPE_COOKIE:
-                self._on_handshake_response(data, src)
+                idx = int.from_bytes(data[4:8] if b0 == TYPE_COOKIE else data[8:12], "big")
+                link = next((x for x in self.links.values() if idx and x.hs_index == idx),
+                            None)
+                if link is None:
+                    fwd.drops["stray_handshake"] += 1
+                else:
+                    self._do(link.on_handshake(data, src, clock()))
             elif b0 == TYPE_PONG:
                 pong = fwd.pong(index, data, src)
-                m = self.monitors.get(pong[0].tid) if pong is not None else None
-                if m is not None and pong is not None:
-                    now = clock()
-                    m.on_pong(now, max(0.0, now - pong[1]))
+                link = self._by_tid.get(pong[0].tid) if pong is not None else None
+                if link is not None and pong is not None:
+                    link.on_pong(pong[1], clock())
             elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
-                reply = fwd.path_challenge(index, data, src)
-                if reply is not None:
-                    self._sends[index](reply, src)
+                opened = fwd.open(index, data, src)
+                link = self._by_tid.get(opened[1].tid) if opened is not None else None
+                if link is not None and opened is not None:
+                    self._do(link.on_path_challenge(opened[3], src, clock()))
             else:
                 fwd.drops["junk"] += 1
 
@@ -212,100 +202,141 @@ class Agent:
                                                                      clock()),
                           self.tun.write, on_datagram)
 
-    def _on_handshake_response(self, data: bytes, src: tuple[str, int]) -> None:
-        """HS_RESP (our session) or HS_COOKIE (the anchor is under load: remember the cookie
-        and let :meth:`_session` send a new initiation with mac2 at once)."""
-        cookie = data[0] == TYPE_COOKIE
-        pending = self._pending.get(int.from_bytes(data[4:8] if cookie else data[8:12], "big"))
-        if pending is None or src != self.anchors[pending[0]]:
-            self.fwd.drops["stray_handshake"] += 1
+    def _on_sip(self, data: bytes, t: Tunnel) -> None:
+        """A sealed SIP message that came on tunnel ``t``: a response completes the
+        transaction of the link that sent its request."""
+        stats = self.sip_stats
+        try:
+            msg = sip.parse(data)
+        except sip.MalformedSip:
+            stats["malformed"] += 1
             return
-        anchor, iface, init, fut = pending
-        if cookie:
-            c = init.consume_cookie(data)
-            if c is None:
-                self.fwd.drops["bad_cookie"] += 1
-            elif not fut.done():
-                self._cookies[(iface, anchor)] = (c, self.clock())
-                fut.set_result(None)
+        if not isinstance(msg, sip.SipResponse) or msg.status_code < 200:
+            stats["stray"] += 1   # we serve no requests; provisional answers ignored
             return
-        s = init.consume(data, self.clock(), anchor)
-        if s is None:
-            self.fwd.drops["bad_handshake"] += 1
-        elif not fut.done():
-            s.plain_data = self.cfg.plaintext_data
-            fut.set_result(s)
+        key = sip.transaction_key(msg)
+        branch = key[0] if key else ""
+        link = self._by_tid.get(t.tid)
+        if link is None or not link.owns(branch):
+            link = next((x for x in self.links.values() if x.owns(branch)), None)
+        if link is None:
+            stats["stray"] += 1
+            return
+        self._do(link.on_sip_response(msg, self.clock()))
+
+    # -- carrying out what the links decide ----------------------------------------------
+    def _do(self, actions: list[Action]) -> None:
+        now = self.clock()
+        fwd = self.fwd
+        for a in actions:
+            if isinstance(a, Send):
+                self._sends[self._seam[a.iface].index](a.data, a.addr)
+            elif isinstance(a, Drop):
+                fwd.drops[a.reason] += 1
+            elif isinstance(a, NewSession):
+                fwd.add_session(a.peer, a.session)
+            elif isinstance(a, DropSession):
+                fwd.drop_session(a.index)
+            elif isinstance(a, Associated):
+                fwd.set_association(a.peer, a.vipa, a.role, a.serves)
+            elif isinstance(a, TunnelUp):
+                fwd.tunnel_up(a.tunnel, a.un_tid, now)
+                # flows without a working tunnel come at once; the others after return_after
+                self.announce(fwd.restore_preferences(now, self._up_for,
+                                                      self.cfg.return_after_s))
+            elif isinstance(a, TunnelDown):
+                fwd.tunnel_down(a.tunnel)
+                self.announce(fwd.fail_over(a.tunnel, now, a.reason))
+            elif isinstance(a, Settled):
+                self.announce(fwd.restore_preferences(now, self._up_for,
+                                                      self.cfg.return_after_s))
+        if not self._ready.is_set() and all(x.tried for x in self.links.values()):
+            self._ready.set()
+        self._kick.set()
+
+    async def _timers(self) -> None:
+        """The one timer of all links: sleep until the earliest deadline (or until an
+        event changed them), then call ``on_timer`` of every link that is due."""
+        fired = -math.inf
+        while True:
+            # a timer may fire a hair before its deadline (the loop's clock resolution,
+            # float rounding): it fired for ``due``, so ``due`` is reached
+            now = max(self.clock(), fired)
+            due = min((x.next_deadline() for x in self.links.values()), default=math.inf)
+            if due > now:
+                self._kick.clear()
+                try:
+                    await asyncio.wait_for(self._kick.wait(), min(due - now, 60.0))
+                except TimeoutError:
+                    fired = due
+                continue
+            for link in list(self.links.values()):
+                if link.next_deadline() <= now:
+                    self._do(link.on_timer(now))
+
+    def _up_for(self, t: Tunnel) -> float:
+        link = self._by_tid.get(t.tid)
+        return link.up_for(self.clock()) if link is not None else 0.0
+
+    def _new_index(self) -> int:
+        pending = {x.hs_index for x in self.links.values()}
+        while True:
+            idx = secrets.randbits(32)
+            if idx and idx not in self.fwd.sessions and idx not in pending:
+                return idx
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        now = self.clock()
         self.tun.start(self._on_tun, self._flush, self._on_super)
         for i in self.ifaces:
             on_datagram = self._on_datagram_for(i.index)
             i.path.start(on_datagram, self.tun.flush, self._on_batch_for(i.index, on_datagram))
+        self._timer = asyncio.create_task(self._timers())
         for a in self.anchors:
             for i in self.ifaces:
-                self.fwd.add_tunnel(i.name, i.index, a, i.path.local, self.anchors[a], now)
-                self.first_attempt[(i.name, a)] = asyncio.Event()
-                self._wake[(i.name, a)] = asyncio.Event()
-                self._tasks.append(asyncio.create_task(self._tunnel(i, a)))
-        self._tasks.append(asyncio.create_task(self._prober()))
+                self.add_link(i.name, a)
+        if not self.links:
+            self._ready.set()
+
+    def add_link(self, iface: str, peer: str, role: Role = Role.INITIATOR) -> Link:
+        """Keep a tunnel through ``iface`` to ``peer`` from now on (it starts at once)."""
+        seam = self._seam.get(iface)
+        p = self.peers.get(peer)
+        if seam is None or p is None:
+            raise UsageError(f"no interface {iface!r} or no peer {peer!r}")
+        link = self.links.get((iface, peer))
+        if link is not None:
+            return link
+        now = self.clock()
+        t = self.fwd.add_tunnel(iface, seam.index, peer, seam.path.local, p.addr, now)
+        link = Link(iface, p, t, self.link_cfg, self.env, self.sip_stats, role)
+        self.links[(iface, peer)] = link
+        self._by_tid[t.tid] = link
+        self._do(link.start(now, self.link_up[iface]))
+        return link
+
+    def remove_link(self, iface: str, peer: str) -> None:
+        """Stop keeping that tunnel: it goes down now (its flows move) and is forgotten."""
+        link = self.links.get((iface, peer))
+        if link is None:
+            return
+        self._do(link.stop(self.clock()))
+        del self.links[(iface, peer)]
+        del self._by_tid[link.tunnel.tid]
+        self.fwd.remove_tunnel(link.tunnel)
 
     async def wait_ready(self) -> None:
         """Every (interface, anchor) tunnel is up or failed its first attempt."""
-        await asyncio.gather(*(e.wait() for e in self.first_attempt.values()))
+        await self._ready.wait()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+            self._timer = None
         self.tun.close()
         for i in self.ifaces:
             i.path.close()
-
-    # -- path probing ------------------------------------------------------------------
-    async def _prober(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            self.probe_tick(self.clock())
-
-    def probe_tick(self, now: float) -> None:
-        """Probe the tunnels that are due, take down the ones whose path died, and let
-        flows return to tunnels that have been up long enough."""
-        for tid, m in list(self.monitors.items()):
-            t = self.fwd.tunnels.by_tid.get(tid)
-            if t is None or t.state != "up":
-                del self.monitors[tid]
-                self._settled.discard(tid)
-                continue
-            probe, dead = m.tick(now, t.tx_packets, t.rx_packets)
-            if dead:
-                log.warning("tunnel %d (%s -> %s): no answer for %.2f s, down", tid,
-                            t.interface, t.peer, now - m.last_rx)
-                self._path_down(t, "probe loss")
-                continue
-            if probe:
-                self._ping(t, now)
-            if tid not in self._settled and now - m.started >= self.cfg.return_after_s:
-                self._settled.add(tid)
-                self.announce(self.fwd.restore_preferences(now, self._up_for,
-                                                           self.cfg.return_after_s))
-
-    def _up_for(self, t: Tunnel) -> float:
-        m = self.monitors.get(t.tid)
-        return self.clock() - m.started if m is not None else 0.0
-
-    def _path_down(self, t: Tunnel, reason: str) -> None:
-        """Tunnel ``t`` stopped working: down now, its flows move now, and its tunnel
-        task starts setting it up again."""
-        self.fwd.tunnel_down(t)
-        self.monitors.pop(t.tid, None)
-        self._settled.discard(t.tid)
-        self.announce(self.fwd.fail_over(t, self.clock(), reason))
-        ev = self._wake.get((t.interface, t.peer))
-        if ev is not None:
-            ev.set()
 
     # -- link events -------------------------------------------------------------------
     def on_link(self, name: str, usable: bool, why: str = "link down") -> None:
@@ -315,271 +346,20 @@ class Agent:
         if name not in self.link_up or self.link_up[name] == usable:
             return
         self.link_up[name] = usable
-        if not usable:
-            for (iface, _anchor), t in self.fwd.by_path.items():
-                if iface == name and t.state == "up":
-                    log.warning("%s %s: tunnel %d down, its flows move", why, name, t.tid)
-                    self._path_down(t, why)
-            self._wake_all(name)
-        else:
+        if usable:
             log.info("link %s back up", name)
-            self._wake_all(name)
+        now = self.clock()
+        for (iface, _peer), link in list(self.links.items()):
+            if iface == name:
+                self._do(link.on_link(usable, now, why))
 
     def path_changed(self, name: str) -> None:
         """Same link, new address or gateway (so a new NAT mapping): probe its tunnels now
         (the anchor follows the new mapping after a challenge) and retry down ones now."""
         now = self.clock()
-        for (iface, _anchor), t in self.fwd.by_path.items():
-            if iface == name and t.state == "up":
-                self._ping(t, now)
-        self._wake_all(name)
-
-    def _ping(self, t: Tunnel, now: float) -> None:
-        dg = self.fwd.ping(t, now)
-        if dg is not None:
-            self._sends[t.iface_index](dg, t.remote)
-
-    def _wake_all(self, name: str) -> None:
-        for (iface, _anchor), ev in self._wake.items():
+        for (iface, _peer), link in list(self.links.items()):
             if iface == name:
-                ev.set()
-
-    async def _nap(self, i: IfaceSeam, anchor: str, seconds: float) -> None:
-        """Sleep, but wake up at once on a link event of ``i``."""
-        ev = self._wake[(i.name, anchor)]
-        try:
-            await asyncio.wait_for(ev.wait(), seconds)
-        except TimeoutError:
-            pass
-        ev.clear()
-
-    # -- handshake ---------------------------------------------------------------------
-    async def _session(self, i: IfaceSeam, anchor: str, *, rekey: bool = False,
-                       force: bool = False) -> bool:
-        """Make sure ``anchor`` has a current session (a Noise IK handshake through ``i``).
-        ``rekey``: renew it when older than REKEY_AFTER; ``force``: renew it unless it is
-        brand new (after a failure: the anchor may have restarted and forgotten it)."""
-        async with self._hs_lock[(anchor, i.name)]:
-            link = self.fwd.links[anchor]
-            if link.session is not None:
-                age = self.clock() - link.session.created
-                worn = link.session.send_counter > REKEY_AFTER_MESSAGES
-                if not ((rekey and (age > REKEY_AFTER or worn)) or (force and age > MIN_REKEY)):
-                    return True
-            old = link.session
-            loop = asyncio.get_running_loop()
-            waited, delay, cookies = 0.0, sip.T1, 0
-            while waited < SETUP_TIMEOUT:   # a fresh initiation (new timestamp) every try
-                idx = self._new_index()
-                cookie = self._cookies.get((i.name, anchor))
-                if cookie is not None and self.clock() - cookie[1] >= COOKIE_LIFE:
-                    del self._cookies[(i.name, anchor)]
-                    cookie = None
-                init = Initiation(static=self.cfg.private_key, remote_static=self.keys[anchor],
-                                  local_index=idx, wall_ns=self.wall_ns(),
-                                  cookie=cookie[0] if cookie is not None else None)
-                fut: asyncio.Future[Session | None] = loop.create_future()
-                self._pending[idx] = (anchor, i.name, init, fut)
-                sent_at = loop.time()
-                wait = min(delay, SETUP_TIMEOUT - waited)   # never past the budget
-                try:
-                    i.path.sendto(init.packet, self.anchors[anchor])
-                    got = await asyncio.wait_for(fut, wait)
-                except TimeoutError:
-                    waited += wait
-                    delay = min(delay * 2, sip.T2)
-                    continue
-                finally:
-                    self._pending.pop(idx, None)
-                if got is None:     # a cookie (the anchor is under load): again, with mac2
-                    elapsed = loop.time() - sent_at
-                    cookies += 1
-                    if cookies > COOKIE_RETRIES:   # cookies that do not help: pace the tries
-                        await asyncio.sleep(max(0.0, delay - elapsed))
-                        elapsed, delay = max(delay, elapsed), min(delay * 2, sip.T2)
-                    waited += elapsed
-                    continue
-                s = got
-                self.fwd.add_session(anchor, s)
-                if old is not None:   # keep opening the old session's packets for a while
-                    loop.call_later(PREVIOUS_SESSION_LIFE, self.fwd.drop_session,
-                                    old.local_index)
-                log.debug("anchor %s: session %08x via %s", anchor, s.local_index, i.name)
-                return True
-            if self.fwd.links[anchor].vipa:      # it answered before: the path is the problem
-                log.warning("anchor %s: no handshake answer via %s within %.0f s (path down?)",
-                            anchor, i.name, SETUP_TIMEOUT)
-            else:
-                log.warning("anchor %s: no handshake answer via %s within %.0f s (unreachable, "
-                            "wrong public_key, or this host not a [[peer]] there)", anchor,
-                            i.name, SETUP_TIMEOUT)
-            return False
-
-    def _new_index(self) -> int:
-        while True:
-            idx = secrets.randbits(32)
-            if idx and idx not in self.fwd.sessions and idx not in self._pending:
-                return idx
-
-    # -- signalling tasks --------------------------------------------------------------
-    async def _request(self, i: IfaceSeam, anchor: str, signals: list[tuple[str, dict[str, Any]]],
-                       timeout: float) -> tuple[tuple[int, str, list[tuple[str, dict[str, Any]]]],
-                                                float]:
-        """One sealed SIP MESSAGE transaction with ``anchor`` through interface ``i``."""
-        return await self.sip.request_timed(_SealedPath(self.fwd, anchor, i.path),
-                                            self.anchors[anchor], signals, timeout)
-
-    async def _associate_via(self, i: IfaceSeam, anchor: str) -> bool:
-        """AssociationReq through interface ``i`` (every interface tries at once; the anchor
-        answers a host's repeated association with the same VIpA)."""
-        if not await self._session(i, anchor):
-            if self.anchor_state[anchor] != "associated":
-                self.anchor_state[anchor] = "unreachable"
-            return False
-        try:
-            (code, reason, body), _ = await self._request(
-                i, anchor, [("AssociationReq", {"sipId": self.cfg.name, "addressInUse": [],
-                                                "dataPlaintext": self.cfg.plaintext_data})],
-                SETUP_TIMEOUT)
-        except SipError as e:
-            log.warning("anchor %s: association via %s failed: %s", anchor, i.name, e)
-            if self.anchor_state[anchor] != "associated":
-                self.anchor_state[anchor] = "unreachable"
-            return False
-        resp = _find(body, "AssociationResp")
-        if code != 200 or resp is None or not resp.get("associationSuccess"):
-            log.error("anchor %s refused association via %s: %d %s", anchor, i.name, code,
-                      reason or (resp or {}).get("reason", ""))
-            self.anchor_state[anchor] = "refused"
-            return False
-        return self._accept_association(anchor, resp)
-
-    def _accept_association(self, anchor: str, resp: dict[str, Any]) -> bool:
-        try:
-            vipa = str(ipaddress.IPv4Address(resp.get("vipa") or ""))
-        except ValueError:
-            log.error("anchor %s sent an unusable VIpA %r", anchor, resp.get("vipa"))
-            return False
-        role = resp.get("role", "anchor")
-        serves: frozenset[bytes] = frozenset()
-        if role == "fixed-host":
-            serves = frozenset({ipaddress.IPv4Address(self.anchors[anchor][0]).packed})
-        link = self.fwd.links[anchor]
-        if (link.vipa, link.role) != (vipa, role) or self.anchor_state[anchor] != "associated":
-            log.info("anchor %s (%s): VIpA %s", anchor, role, vipa)   # once, not per interface
-        self.fwd.set_association(anchor, vipa, role, serves)
-        self._lost[anchor].clear()
-        self.anchor_state[anchor] = "associated"
-        return True
-
-    async def _tunnel(self, i: IfaceSeam, anchor: str) -> None:
-        """Keep the tunnel (i, anchor) up: associate, set up, validate, keep alive; retry."""
-        t = self.fwd.by_path[(i.name, anchor)]
-        first = self.first_attempt[(i.name, anchor)]
-        backoff = 1.0
-        while True:
-            while not self.link_up[i.name]:        # nothing to try until the link returns
-                first.set()
-                await self._nap(i, anchor, BACKOFF_MAX)
-            link = self.fwd.links[anchor]
-            ok = True
-            if self._lost[anchor].is_set() or not link.vipa:
-                ok = await self._associate_via(i, anchor)
-            if ok and await self._setup(i, anchor, t):
-                first.set()
-                backoff = 1.0
-                await self._keepalive(i, anchor, t)
-                if t.state == "up":
-                    self._path_down(t, "keepalive loss")
-                log.warning("tunnel %d (%s -> %s) down", t.tid, i.name, anchor)
-            else:
-                first.set()
-                await self._nap(i, anchor, backoff)
-                backoff = 1.0 if not self.link_up[i.name] else min(backoff * 2, BACKOFF_MAX)
-            # a dead path or an anchor that restarted (and answers nothing sealed with keys
-            # it forgot): start again from a fresh handshake (not through a link that is down)
-            if self.link_up[i.name]:
-                await self._session(i, anchor, force=True)
-
-    async def _setup(self, i: IfaceSeam, anchor: str, t: Tunnel) -> bool:
-        """TunnelSetupReq through ``i``, then echo the path challenge from the same socket."""
-        link = self.fwd.links[anchor]
-        try:
-            (code, reason, body), rtt = await self._request(
-                i, anchor, [("TunnelSetupReq", {"sipId": self.cfg.name, "vipa": link.vipa,
-                                                "tunnelId": t.tid, "interface": i.name})],
-                SETUP_TIMEOUT)
-        except SipError as e:
-            log.warning("tunnel %s->%s: setup failed: %s", i.name, anchor, e)
-            return False
-        resp = _find(body, "TunnelSetupResp")
-        if code != 200 or resp is None:
-            self._refused(anchor, f"tunnel setup via {i.name}", code, reason)
-            return False
-        if not 0 < resp["serverTunnelID"] <= PATH_MAX:
-            log.error("anchor %s sent tunnel id %d (must fit 24 bits)", anchor,
-                      resp["serverTunnelID"])
-            return False
-        t.un_tid = resp["serverTunnelID"]
-        if not await self._keepalive_once(i, anchor, t, resp.get("challenge", "")):
-            return False
-        now = self.clock()
-        self.fwd.tunnel_up(t, t.un_tid, now)
-        self.monitors[t.tid] = PathMonitor(self.probe_params, started=now)
-        self._settled.discard(t.tid)
-        # flows without a working tunnel come at once; the others after return_after
-        self.announce(self.fwd.restore_preferences(now, self._up_for, self.cfg.return_after_s))
-        t.rtt_ms = rtt * 1000.0
-        log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%d", t.tid, i.name, anchor,
-                 *self.anchors[anchor], resp["yourAddress"], resp["yourPort"])
-        return True
-
-    def _refused(self, anchor: str, what: str, code: int, reason: str) -> None:
-        if code == 501 and "not registered" in reason:
-            self._lost[anchor].set()
-        log.error("anchor %s refused %s: %d %s", anchor, what, code, reason)
-
-    async def _keepalive_once(self, i: IfaceSeam, anchor: str, t: Tunnel,
-                              challenge: str = "") -> bool:
-        """One KeepAlive (echoing ``challenge`` if any, and any new one the answer brings:
-        the anchor validates a tunnel's outer address this way). False: no good answer."""
-        for _ in range(3):
-            content: dict[str, Any] = {"sipId": self.cfg.name, "tunnelId": t.un_tid,
-                                       "lastDelay": t.rtt_ms}
-            if challenge:
-                content["challenge"] = challenge
-            try:
-                (code, reason, body), rtt = await self._request(
-                    i, anchor, [("KeepAlive", content)], KEEPALIVE_TIMEOUT)
-            except SipError:
-                return False
-            resp = _find(body, "KeepAliveResp")
-            if code != 200 or resp is None:
-                self._refused(anchor, f"keepalive of tunnel {t.tid}", code, reason)
-                return False
-            t.rtt_ms = rtt * 1000.0
-            t.last_rx = self.clock()
-            challenge = resp.get("challenge", "")
-            if not challenge:
-                return True      # the anchor has this path validated
-        return False
-
-    async def _keepalive(self, i: IfaceSeam, anchor: str, t: Tunnel) -> None:
-        """Returns when the tunnel is considered down (or must be set up again)."""
-        misses = 0
-        while True:
-            await self._nap(i, anchor, self.cfg.keepalive_s)
-            if not self.link_up[i.name] or t.state != "up":
-                return                      # link down, or the probes found the path dead
-            await self._session(i, anchor, rekey=True)   # on failure the old session goes on
-            if await self._keepalive_once(i, anchor, t):
-                misses = 0
-                continue
-            if self._lost[anchor].is_set():
-                return
-            misses += 1
-            if misses >= DEAD_AFTER:
-                return
+                self._do(link.on_path_changed(now))
 
     # -- operator commands ---------------------------------------------------------------
     def move(self, *, via: str, rule: str | None = None, flow: int | None = None,
@@ -619,23 +399,14 @@ class Agent:
             t = self.fwd.tunnels.get(tid)
             if t is None or t.state != "up":
                 continue
+            link = self._by_tid.get(tid)
+            if link is None:
+                continue
+            vipa = self.fwd.links[t.peer].vipa
             for n in range(0, len(group), 64):
-                self._tasks.append(asyncio.create_task(self._handover(t, group[n:n + 64])))
-
-    async def _handover(self, t: Tunnel, flows: list[Flow]) -> None:
-        vipa = self.fwd.links[t.peer].vipa
-        items = [[f.key[0], vipa, ip_str(f.key[2]), f.key[3], f.key[4]] for f in flows]
-        try:
-            (code, reason, _), _ = await self._request(
-                self.ifaces[t.iface_index], t.peer,
-                [("HandoverReq", {"sipId": self.cfg.name, "tunnelId": t.un_tid,
-                                  "flows": items})], KEEPALIVE_TIMEOUT)
-        except SipError as e:
-            log.warning("handover of %d flow(s) to tunnel %d not confirmed: %s", len(flows),
-                        t.tid, e)
-            return
-        if code != 200:
-            log.warning("anchor %s refused a handover: %d %s", t.peer, code, reason)
+                items = [[f.key[0], vipa, ip_str(f.key[2]), f.key[3], f.key[4]]
+                         for f in group[n:n + 64]]
+                self._do(link.handover(items, self.clock()))
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
         """Agent-specific control commands; None: not one of ours."""
@@ -667,7 +438,8 @@ class Agent:
 
     def tunnel_json(self, t: Tunnel, now: float) -> dict[str, Any]:
         j = t.json()
-        m = self.monitors.get(t.tid)
+        link = self._by_tid.get(t.tid)
+        m = link.monitor if link is not None else None
         if m is not None:
             if m.srtt is not None:
                 j["rtt_ms"] = round(m.srtt * 1000.0, 3)     # from the probes
@@ -690,14 +462,12 @@ class Agent:
             "vipa_fix": self.cfg.vipa_fix,
             "name": self.cfg.name,
             "anchors": [{"name": a, "address": f"{self.anchors[a][0]}:{self.anchors[a][1]}",
-                         "state": self.anchor_state[a], "vipa": self.fwd.links[a].vipa or None,
+                         "state": self.peers[a].state.value,
+                         "vipa": self.fwd.links[a].vipa or None,
                          "role": self.fwd.links[a].role} for a in self.anchors],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "drops": dict(self.drops),
-            "signalling": dict(self.sip.stats),
+            "signalling": dict(self.sip_stats),
         }
 
-
-def _find(body: list[tuple[str, dict[str, Any]]], mtype: str) -> dict[str, Any] | None:
-    return next((c for t, c in body if t == mtype), None)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,12 +73,10 @@ from . import offload
 from .crypto import Session
 from .packet import (
     HEADER,
+    PROBE,
     RELAY_ADDR_LEN,
-    TYPE_CONTROL,
     TYPE_DATA,
     TYPE_PATH_CHALLENGE,
-    TYPE_PATH_RESPONSE,
-    TYPE_PING,
     TYPE_PONG,
     TYPE_RELAY,
     datagrams,
@@ -92,7 +89,6 @@ __all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "Fl
 log = logging.getLogger(__name__)
 
 _unpack_hdr = HEADER.unpack_from
-_PROBE = struct.Struct("!d")   # a PING's payload: the host's send time, echoed in the PONG
 REBIND_CREDIT = 3          # bytes an unvalidated new address may receive per byte it sent
 CHALLENGE_EVERY = 0.2      # seconds between PATH_CHALLENGEs to one unvalidated address
 
@@ -263,6 +259,13 @@ class AgentForwarder:
     def tunnel_down(self, t: Tunnel) -> None:
         """Call when a tunnel stopped working; its flows move on their next packet."""
         t.state = "down"
+
+    def remove_tunnel(self, t: Tunnel) -> None:
+        """Forget tunnel ``t`` (its link was removed); its flows move on their next packet."""
+        t.state = "down"
+        if self.by_path.get((t.interface, t.peer)) is t:
+            del self.by_path[(t.interface, t.peer)]
+        self.tunnels.remove(t.tid)
 
     def usable(self, interface: str, anchor: str) -> Tunnel | None:
         t = self.by_path.get((interface, anchor))
@@ -454,36 +457,15 @@ class AgentForwarder:
             flow.rx_packets += n
             flow.last_seen = now
 
-    def path_challenge(self, index: int, data: bytes, src: tuple[str, int]) -> bytes | None:
-        """A PATH_CHALLENGE from the anchor (our NAT mapping changed): the PATH_RESPONSE
-        to send back from the same socket, or None."""
-        opened = self.open(index, data, src)
-        if opened is None:
-            return None
-        link, t, _, token = opened
-        if link.session is None or len(token) != 16:
-            self.drops["bad_packet"] += 1
-            return None
-        return link.session.seal(TYPE_PATH_RESPONSE, token, t.un_tid)
-
-    def ping(self, t: Tunnel, now: float) -> bytes | None:
-        """A path probe for tunnel ``t`` (not counted as data), or None without a session."""
-        s = self.links[t.peer].session
-        return None if s is None else s.seal(TYPE_PING, _PROBE.pack(now), t.un_tid)
-
     def pong(self, index: int, data: bytes, src: tuple[str, int]) -> tuple[Tunnel, float] | None:
         """A PONG received on socket ``index``: (its tunnel, the probe's send time)."""
         opened = self.open(index, data, src)
         if opened is None:
             return None
-        if len(opened[3]) != _PROBE.size:
+        if len(opened[3]) != PROBE.size:
             self.drops["bad_packet"] += 1
             return None
-        return opened[1], _PROBE.unpack(opened[3])[0]
-
-    def seal_control(self, anchor: str, sip_bytes: bytes) -> bytes | None:
-        s = self.links[anchor].session
-        return None if s is None else s.seal(TYPE_CONTROL, sip_bytes)
+        return opened[1], PROBE.unpack(opened[3])[0]
 
 
 @dataclass(eq=False)
@@ -632,7 +614,7 @@ class AnchorForwarder:
             return None
         s, a, counter, payload = opened
         t = self._path_of(a, s, data, src, seq_of(s.generation, counter), now)
-        if a is None or t is None or a.session is None or len(payload) != _PROBE.size:
+        if a is None or t is None or a.session is None or len(payload) != PROBE.size:
             return None
         t.last_rx = a.last_rx = now
         pong = a.session.seal(TYPE_PONG, payload, t.un_tid)

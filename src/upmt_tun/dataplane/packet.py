@@ -40,6 +40,7 @@ __all__ = [
     "OVERHEAD",
     "TYPE_DATA",
     "PATH_MAX",
+    "PROBE",
     "TYPE_PATH_CHALLENGE",
     "TYPE_PATH_RESPONSE",
     "TYPE_PING",
@@ -68,6 +69,7 @@ TYPE_LAST = TYPE_RELAY
 RELAY_ADDR_LEN = 4           # the other host's VIpA at the head of a RELAY payload
 HEADER = struct.Struct("!IIQ")   # (type << 24 | path id), receiver index, counter
 HEADER_LEN = HEADER.size  # 16
+PROBE = struct.Struct("!d")      # a PING's payload: the sender's send time, echoed in the PONG
 PATH_MAX = 0xFFFFFF
 TAG_LEN = 16
 IPV4_UDP = 28
