@@ -136,6 +136,11 @@ def test_gate_under_load_cookies_then_per_source_for_proven_only() -> None:
     v = [g.offer(b"i", (f"198.18.{i >> 8}.{i & 255}", 1), 0.0, lambda: False)
          for i in range(300)]
     assert v.count(COOKIE) == 99 and v.count(COOKIE_LIMITED) == 201     # (one went above)
+    # no cookie budget left: an initiation without mac2 is shed unchecked, one with a mac2
+    # (maybe a real host's) is not; nothing is shed while not under load
+    no_mac2, some_mac2 = bytes(INIT_LEN), bytes(INIT_LEN - 1) + b"\x01"
+    assert g.shed(no_mac2, 0.0) and not g.shed(some_mac2, 0.0)
+    assert not HandshakeGate(cookies=0.0).shed(no_mac2, 0.0)
     assert g.offer(b"i", ("198.18.9.9", 1), 0.5, lambda: False) == COOKIE   # refilled
     # unproven ones from the host's address spent nothing of its bucket
     host = ("203.0.113.11", 40001)

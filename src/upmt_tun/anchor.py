@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .config import AnchorConfig
+from .dataplane import shedfilter
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
 from .dataplane.io import Path, Tun, gro_reader
@@ -49,6 +51,7 @@ HS_PER_TURN = 4           # DH work (about 1 ms each) per event-loop turn: forwa
 # bursts; a flood beyond this is dropped before any SIP parsing
 SIGNAL_RATE = 50.0
 SIGNAL_BURST = 200.0
+SHED_EVERY = 1.0          # seconds between two updates of the kernel's shed filter
 
 
 class Anchor:
@@ -70,6 +73,8 @@ class Anchor:
                                           max_keys=max(1024, 2 * len(cfg.peers)))
         self._hs_wake = asyncio.Event()
         self._hs_worker: asyncio.Task[None] | None = None
+        self._shedder: asyncio.Task[None] | None = None
+        self._shed_keep = 1.0                   # the kernel filter's share (1.0: none)
         self._generation = 0
         self._peer_sessions: dict[str, deque[Session]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -106,14 +111,18 @@ class Anchor:
             self.fwd.drops["junk"] += 1
 
     def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
-        """Cheap checks only (no DH here, on the data path): mac1 first (nothing for who
-        does not know our key), then the gate (see :class:`HandshakeGate`): into the
+        """Cheap checks only (no DH here, on the data path): under load with no cookie
+        budget left, an initiation without mac2 is shed unchecked; then mac1 (nothing for
+        who does not know our key), then the gate (see :class:`HandshakeGate`): into the
         handshake queue, or under load a cookie reply (bounded), or a counted drop."""
-        responder = self.responder
+        responder, gate = self.responder, self.gate
+        now = self.clock()
+        if gate.shed(data, now):                    # most of a flood: no mac1 even
+            self.fwd.drops["handshake_shed"] += 1
+            return
         if not responder.mac_ok(data):
             self.fwd.drops["handshake_bad_mac"] += 1
             return
-        now = self.clock()
         cookie = b""
 
         def proven() -> bool:
@@ -121,7 +130,7 @@ class Anchor:
             cookie = responder.cookie(src, now)
             return responder.mac2_ok(data, src, now, cookie)
 
-        verdict = self.gate.offer(data, src, now, proven)
+        verdict = gate.offer(data, src, now, proven)
         if verdict == QUEUED:
             self._hs_wake.set()
         elif verdict == COOKIE:
@@ -144,6 +153,32 @@ class Anchor:
             wake.clear()
             while self.drain_handshakes():
                 await asyncio.sleep(0)          # forwarding's turn between two batches
+
+    async def _shed_control(self) -> None:
+        while True:
+            await asyncio.sleep(SHED_EVERY)
+            self.shed_control(self.clock())
+
+    def shed_control(self, now: float) -> None:
+        """Attach, update or detach the kernel's shed filter (dataplane/shedfilter.py) as
+        the gate's load says; only on a real socket (the fakes have none)."""
+        keep = self.gate.keep_fraction(now)
+        old = self._shed_keep
+        if keep == old or (keep < 1.0 and old < 1.0 and 0.8 < keep / old < 1.25):
+            return
+        sock = getattr(self.path, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return
+        try:
+            if keep >= 1.0:
+                shedfilter.detach(sock)
+            else:
+                shedfilter.attach(sock, keep)
+        except OSError as e:                    # no BPF here: the Python-side shed goes on
+            self.fwd.drops["shed_filter_error"] += 1
+            log.debug("shed filter: %s", e)
+            return
+        self._shed_keep = keep
 
     def _accept(self, data: bytes, src: tuple[str, int], now: float) -> None:
         acc = self.responder.accept(data, now, self._new_index)
@@ -184,6 +219,7 @@ class Anchor:
             self.tun.write, self._on_datagram))
         self._sweeper = asyncio.create_task(self._sweep())
         self._hs_worker = asyncio.create_task(self._handshakes())
+        self._shedder = asyncio.create_task(self._shed_control())
 
     async def _sweep(self) -> None:
         while True:
@@ -196,7 +232,7 @@ class Anchor:
                     del self._peer_sessions[peer]
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._sweeper, self._hs_worker) if t is not None]
+        tasks = [t for t in (self._sweeper, self._hs_worker, self._shedder) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,4 +265,5 @@ class Anchor:
                 "drops": dict(self.fwd.drops), "paths": dict(self.fwd.events),
                 "signalling": dict(self.sig.stats),
                 "handshake": {"queued": len(self.gate.queue),
-                              "under_load": self.gate.under_load(now)}}
+                              "under_load": self.gate.under_load(now),
+                              "kernel_keeps": self._shed_keep}}

@@ -93,6 +93,7 @@ RESP_LEN = _RESP_HDR.size + 32 + 16 + MAC_LEN                 # 76
 COOKIE_LEN = _COOKIE_HDR.size + COOKIE_NONCE_LEN + MAC_LEN + 16  # 52
 COOKIE_SECRET_LIFE = 120.0     # the anchor replaces its cookie secret this often
 COOKIE_LIFE = 120.0            # the initiator uses a cookie this long after it arrived
+MIN_KEEP = 0.001               # the kernel filter keeps at least this share of a flood
 _NO_MAC2 = bytes(MAC_LEN)
 
 
@@ -197,7 +198,7 @@ class Responder:
         self.static = static
         self.peers = peers                       # static public key -> peer name
         self.hs_probe = HandshakeState(initiator=False, static=static)
-        self._mac1 = mac1_key(self.hs_probe.s_pub)
+        self._mac1 = hashlib.blake2s(key=mac1_key(self.hs_probe.s_pub), digest_size=MAC_LEN)
         self._cookie_aead = ChaCha20Poly1305(cookie_key(self.hs_probe.s_pub))
         self._random = random_bytes
         self._nonces, self._nonce_at = b"", 0    # random nonces, fetched 256 at a time
@@ -207,9 +208,11 @@ class Responder:
 
     def mac_ok(self, data: bytes) -> bool:
         """Cheap pre-check (no DH): right length, type and mac1."""
-        return (len(data) == INIT_LEN and data[0] == HS_INIT and
-                hmac.compare_digest(_mac(self._mac1, data[:-2 * MAC_LEN]),
-                                    data[-2 * MAC_LEN:-MAC_LEN]))
+        if len(data) != INIT_LEN or data[0] != HS_INIT:
+            return False
+        h = self._mac1.copy()                    # (cheaper than keying a new one)
+        h.update(data[:-2 * MAC_LEN])
+        return hmac.compare_digest(h.digest(), data[-2 * MAC_LEN:-MAC_LEN])
 
     def cookie(self, src: tuple[str, int], now: float) -> bytes:
         """The cookie of source address ``src`` (under the secret of the last 2 minutes)."""
@@ -272,13 +275,17 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """One token if there is one (the bucket refills since the last call)."""
+        if not self.has(now):
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def has(self, now: float) -> bool:
+        """Is there a token (nothing taken)?"""
         if self.last is not None:
             self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
         self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        return self.tokens >= 1.0
 
 
 class RateLimiter:
@@ -327,11 +334,15 @@ class HandshakeGate:
       source address's bucket (``per_source``/s, burst ``burst``): only sources that
       receive at their address can spend its budget.
 
+    * Under load the bulk of a flood (no mac2, no cookie budget left) is shed before its
+      mac1 is checked (:meth:`shed`), and :meth:`keep_fraction` tells the driver how much
+      of it a kernel socket filter should let through at all.
+
     Pure: ``now`` and the mac2 check (``proven``, called only under load) are passed in.
     """
 
     def __init__(self, *, capacity: int = 256, total: float = 100.0, per_source: float = 5.0,
-                 burst: float = 10.0, cookies: float = 10_000.0, load_hold: float = 1.0,
+                 burst: float = 10.0, cookies: float = 5_000.0, load_hold: float = 1.0,
                  max_sources: int = 4096) -> None:
         self.capacity, self.load_hold = capacity, load_hold
         self.load_fill = max(1, capacity // 8)
@@ -340,6 +351,33 @@ class HandshakeGate:
         self.cookies = TokenBucket(cookies)
         self.sources = RateLimiter(per_source, burst, max_sources)
         self.loaded_until = -math.inf
+        self.unproven = 0              # mac2-less initiations seen under load, since ...
+        self._keep_at: float | None = None          # ... keep_fraction's last call
+        self.keep = 1.0
+
+    def shed(self, data: bytes, now: float) -> bool:
+        """Under load, an initiation without mac2 can earn nothing but a cookie reply: with
+        the cookies' bucket empty it is dropped at once, before even its mac1 is checked
+        (the cheapest drop, for the bulk of a flood). Takes nothing from any bucket."""
+        if data[-MAC_LEN:] != _NO_MAC2 or not self.under_load(now):
+            return False
+        self.unproven += 1
+        return not self.cookies.has(now)
+
+    def keep_fraction(self, now: float) -> float:
+        """Called about once a second: the fraction of mac2-less initiations that the
+        kernel should keep (dataplane/shedfilter.py) so that about 1.5 times the cookie budget
+        still reaches the anchor -- 1.0 (no filter) unless under load. The arrival rate
+        before the filter is estimated from what passed it (:meth:`shed` counts those)."""
+        last, self._keep_at = self._keep_at, now
+        seen, self.unproven = self.unproven, 0
+        if not self.under_load(now):
+            self.keep = 1.0
+        elif last is not None and now > last:
+            arrivals = seen / (now - last) / self.keep
+            target = 1.5 * self.cookies.rate
+            self.keep = 1.0 if arrivals <= target else max(MIN_KEEP, target / arrivals)
+        return self.keep
 
     def under_load(self, now: float) -> bool:
         if len(self.queue) >= self.load_fill:
