@@ -4,14 +4,19 @@ cookies (mac2) that keep a flood from forged sources from starving real hosts.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
+import socket
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from upmt_tun import keys
 from upmt_tun.anchor import Anchor
 from upmt_tun.config import load_anchor_config
+from upmt_tun.dataplane import shedfilter
 from upmt_tun.dataplane.io import FakeTun
 from upmt_tun.dataplane.packet import KIND_TUNNEL, TYPE_COOKIE, TYPE_DATA, TYPE_HS_RESP, classify
 from upmt_tun.signalling.handshake import (
@@ -351,8 +356,8 @@ def test_forged_flood_cannot_starve_a_host_that_receives_its_cookie(tmp_path: Pa
     stranger = rig.initiation(EVE_PRIV, 1)           # valid mac1: it knows the anchor's key
     sent: list[tuple[bytes, tuple[str, int], bytes]] = []
     sessions = 0
-    for n in range(20_000):                          # 20 000/s from 20 000 forged addresses
-        rig.now += 0.00005
+    for n in range(20_000):                          # 4 000/s from 20 000 forged addresses
+        rig.now += 0.00025                           # (within the cookie replies' budget)
         sent += [(d, a, stranger.packet) for d, a in rig.feed(stranger.packet, forged(n))]
         if n % 2000 == 1999:                         # now and then the real host tries
             i = rig.initiation(MH_PRIV, 10_000 + n)
@@ -421,3 +426,61 @@ async def test_agent_handshake_through_cookie_under_load(tmp_path: Path) -> None
         assert {a for _, a in w.agent._cookies} == {"an1"}       # noqa: SLF001
     finally:
         await w.stop()
+
+
+# -- the kernel's share of a flood (dataplane/shedfilter.py) ------------------------------------
+
+
+def test_gate_keep_fraction_follows_the_flood() -> None:
+    g = HandshakeGate(total=100, cookies=1000, load_hold=1.0)
+    no_mac2 = bytes(INIT_LEN)
+    assert g.keep_fraction(0.0) == 1.0                    # no load: no filter
+    t = 0.0
+    for _ in range(20_000):                               # 20 000/s, mac2-less
+        t += 1 / 20_000
+        g.shed(no_mac2, t) or g.offer(no_mac2, ("198.18.0.1", 1), t, lambda: False)
+    assert g.keep_fraction(t) == pytest.approx(1500 / 20_000, rel=0.05)
+    keep = g.keep
+    for _ in range(round(20_000 * keep)):                 # what the filter lets through
+        t += 1 / (20_000 * keep)
+        g.shed(no_mac2, t) or g.offer(no_mac2, ("198.18.0.1", 1), t, lambda: False)
+    assert g.keep_fraction(t) == pytest.approx(keep, rel=0.05)   # the same estimate
+    # the flood stopped: nothing arrives, the filter goes (back within a second if not)
+    assert g.keep_fraction(t + 0.5) == 1.0
+    assert g.keep_fraction(t + 2.5) == 1.0
+
+
+def test_shed_filter_keeps_its_share_of_mac2_less_initiations_only() -> None:
+    """On a loopback socket: the kernel drops mac2-less initiations beyond ``keep``;
+    data, initiations with a mac2, other sizes always pass."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(0.05)
+        kinds = {"no_mac2": b"\x81" + bytes(INIT_LEN - 1),
+                 "mac2": b"\x81" + bytes(INIT_LEN - 2) + b"\x01",
+                 "data": b"\x80" + bytes(INIT_LEN - 1), "short": b"\x81" + bytes(99)}
+
+        def passed(p: bytes, n: int = 200) -> int:
+            for _ in range(n):
+                tx.sendto(p, rx.getsockname())
+            got = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    rx.recv(256)
+                    got += 1
+            return got
+
+        for keep, expect in ((0.0, 0), (1.0, 200)):
+            shedfilter.attach(rx, keep)
+            assert {k: passed(p) for k, p in kinds.items()} == {
+                "no_mac2": expect, "mac2": 200, "data": 200, "short": 200}
+        shedfilter.attach(rx, 0.5)
+        assert 50 < passed(kinds["no_mac2"]) < 150
+        shedfilter.detach(rx)
+        assert passed(kinds["no_mac2"]) == 200
+        shedfilter.detach(rx)                              # none attached: no error
+    finally:
+        rx.close()
+        tx.close()
