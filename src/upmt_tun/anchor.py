@@ -52,6 +52,7 @@ HS_PER_TURN = 4           # DH work (about 1 ms each) per event-loop turn: forwa
 SIGNAL_RATE = 50.0
 SIGNAL_BURST = 200.0
 SHED_EVERY = 1.0          # seconds between two updates of the kernel's shed filter
+SO_MEMINFO = 55           # (linux/socket.h; its 9th u32 is the socket's drop count)
 
 
 class Anchor:
@@ -180,6 +181,18 @@ class Anchor:
             return
         self._shed_keep = keep
 
+    def socket_drops(self) -> int | None:
+        """Datagrams the kernel dropped at our socket (the shed filter's, a full queue's):
+        SO_MEMINFO's drop count, None without a real socket."""
+        sock = getattr(self.path, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return None
+        try:
+            info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+        except OSError:
+            return None
+        return int.from_bytes(info[32:36], "little") if len(info) >= 36 else None
+
     def _accept(self, data: bytes, src: tuple[str, int], now: float) -> None:
         acc = self.responder.accept(data, now, self._new_index)
         if acc is None:
@@ -266,4 +279,5 @@ class Anchor:
                 "signalling": dict(self.sig.stats),
                 "handshake": {"queued": len(self.gate.queue),
                               "under_load": self.gate.under_load(now),
-                              "kernel_keeps": self._shed_keep}}
+                              "kernel_keeps": self._shed_keep,
+                              "socket_drops": self.socket_drops()}}

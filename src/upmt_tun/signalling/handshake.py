@@ -342,7 +342,7 @@ class HandshakeGate:
     """
 
     def __init__(self, *, capacity: int = 256, total: float = 100.0, per_source: float = 5.0,
-                 burst: float = 10.0, cookies: float = 5_000.0, load_hold: float = 1.0,
+                 burst: float = 10.0, cookies: float = 3_000.0, load_hold: float = 1.0,
                  max_sources: int = 4096) -> None:
         self.capacity, self.load_hold = capacity, load_hold
         self.load_fill = max(1, capacity // 8)
