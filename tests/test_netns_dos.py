@@ -52,7 +52,9 @@ pytestmark = [pytest.mark.netns,
 SPOOF_NET = "198.18.0.0/15"
 # the rate of the attack run's handshake flood (its tool's limit). fastsend goes ~3.5
 # times faster into a black hole, but on this 2-core box the kernel's own work for that
-# (three namespaces, a bridge) then takes the machine, whatever the anchor does
+# (three namespaces, a bridge) then takes the machine, whatever the anchor does. For the
+# same reason the flood runs at nice 19 here: the attacker stands for another machine,
+# and the kernel's work for its packets is mostly done in its own context
 FLOOD_PPS = 45_000
 BULK_RULES = """
 [[rule]]
@@ -108,9 +110,10 @@ def restart_agent(lab: Lab) -> float:
     return round(time.monotonic() - t0, 2)
 
 
-def hsflood(topo: Topology, lab: Lab, seconds: float, pps: float, *extra: str
-            ) -> subprocess.Popen[str]:
-    return topo.popen("atk", sys.executable, str(ATTACK / "tool.py"), "--target", ANCHOR_EP,
+def hsflood(topo: Topology, lab: Lab, seconds: float, pps: float, *extra: str,
+            nice: int = 0) -> subprocess.Popen[str]:
+    return topo.popen("atk", "nice", "-n", str(nice), sys.executable, str(ATTACK / "tool.py"),
+                      "--target", ANCHOR_EP,
                       "--pps", str(pps), "hsflood", "--seconds", str(seconds),
                       "--anchor-pub", lab.anchor_keys[0][1], *extra,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -164,9 +167,13 @@ def test_spoofed_initiations_from_the_victims_address_do_not_lock_it_out(
 
 # -- item 5: handshake floods and the victim's throughput ---------------------------------------
 def iperf_down(topo: Topology, seconds: int = 4) -> float:
-    """The victim's download through its tunnel (iperf3 -R from the CH), Mbit/s."""
-    r = topo.run("mh", "iperf3", "-c", CH, "-p", "5201", "-R", "-t", str(seconds), "-O", "1",
-                 "-J", check=False, timeout=seconds + 30)
+    """The victim's download through its tunnel (iperf3 -R from the CH), Mbit/s; 0 if it
+    could not even finish (the old anchor under a flood)."""
+    try:
+        r = topo.run("mh", "iperf3", "-c", CH, "-p", "5201", "-R", "-t", str(seconds), "-O",
+                     "1", "-J", check=False, timeout=seconds + 20)
+    except subprocess.TimeoutExpired:
+        return 0.0
     res = json.loads(r.stdout)
     assert "error" not in res, res.get("error")
     return round(res["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
@@ -200,7 +207,7 @@ def test_handshake_floods_leave_the_victim_half_its_throughput(topo: Topology,
 
         base = [measure()]                       # unloaded, before and after each flood
         an0 = lab.anchor_status()
-        flood = hsflood(topo, lab, 60, FLOOD_PPS, "--spoof-net", SPOOF_NET)
+        flood = hsflood(topo, lab, 60, FLOOD_PPS, "--spoof-net", SPOOF_NET, nice=19)
         try:
             time.sleep(1.5)                      # (the kernel filter follows within ~1 s)
             fast, fast_cpu = measure()
@@ -234,7 +241,7 @@ def test_handshake_floods_leave_the_victim_half_its_throughput(topo: Topology,
          unknown_pps=sl["pps"], unknown_mbit=unknown, unknown_ratio=round(unknown / ref2, 2),
          unknown_anchor_cpu=unknown_cpu, unknown_drops=d2,
          test_s=round(time.monotonic() - t0, 1))
-    assert fl["sent"] > 0 and 120 <= sl["pps"] <= 180, (fl, sl)
+    assert fl["pps"] >= 0.6 * FLOOD_PPS and 120 <= sl["pps"] <= 180, (fl, sl)
     assert fast >= 0.5 * ref1, (fast, base)
     assert unknown >= 0.5 * ref2, (unknown, base)
 
