@@ -3,6 +3,7 @@ cookies (mac2) that keep a flood from forged sources from starving real hosts.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from upmt_tun import keys
-from upmt_tun.anchor import Anchor
+from upmt_tun.anchor import HS_PER_TURN, Anchor
 from upmt_tun.config import load_anchor_config
 from upmt_tun.dataplane import shedfilter
 from upmt_tun.dataplane.io import FakeTun
@@ -484,3 +485,36 @@ def test_shed_filter_keeps_its_share_of_mac2_less_initiations_only() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+async def test_handshake_worker_does_a_few_dh_per_loop_turn(tmp_path: Path) -> None:
+    """The DH work is not done in the datagram callback: the worker drains the queue
+    HS_PER_TURN at a time and lets the event loop run other callbacks (forwarding) between
+    two batches."""
+    rig = AnchorRig(tmp_path)
+    an = rig.anchor
+    inits = [rig.initiation(MH_PRIV, 500 + n) for n in range(12)]
+    for i in inits:
+        an._on_datagram(i.packet, HOST)                  # noqa: SLF001
+    assert rig.path.sent == [] and len(an.gate.queue) == 12     # nothing done yet
+    seen: list[int] = []
+    loop = asyncio.get_running_loop()
+    worker = asyncio.create_task(an._handshakes())      # noqa: SLF001
+
+    def other() -> None:                                 # e.g. a TUN or socket read
+        seen.append(len(an.gate.queue))
+        if an.gate.queue:
+            loop.call_soon(other)
+
+    loop.call_soon(other)
+    try:
+        for _ in range(100):
+            if len(rig.path.sent) == 12:
+                break
+            await asyncio.sleep(0)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    assert [to for _, to in rig.path.sent] == [HOST] * 12
+    assert seen == [8, 4, 0], seen                       # one batch per turn
+    assert HS_PER_TURN == 4
