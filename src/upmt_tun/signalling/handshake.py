@@ -333,7 +333,6 @@ class HandshakeGate:
       (beyond: a counted drop); one whose mac2 proves its source is charged to that
       source address's bucket (``per_source``/s, burst ``burst``): only sources that
       receive at their address can spend its budget.
-
     * Under load the bulk of a flood (no mac2, no cookie budget left) is shed before its
       mac1 is checked (:meth:`shed`), and :meth:`keep_fraction` tells the driver how much
       of it a kernel socket filter should let through at all.
@@ -366,9 +365,9 @@ class HandshakeGate:
 
     def keep_fraction(self, now: float) -> float:
         """Called about once a second: the fraction of mac2-less initiations that the
-        kernel should keep (dataplane/shedfilter.py) so that about 1.5 times the cookie budget
-        still reaches the anchor -- 1.0 (no filter) unless under load. The arrival rate
-        before the filter is estimated from what passed it (:meth:`shed` counts those)."""
+        kernel should keep (dataplane/shedfilter.py) so that about 1.5 times the cookie
+        budget still reaches the anchor -- 1.0 (no filter) unless under load. The arrival
+        rate before the filter is estimated from what passed it (:meth:`shed` counts them)."""
         last, self._keep_at = self._keep_at, now
         seen, self.unproven = self.unproven, 0
         if not self.under_load(now):
