@@ -4,7 +4,7 @@
 ``IP_HDRINCL`` socket, or UDP payloads for an ordinary socket) in ctypes arrays and sends
 them with ``sendmmsg(2)`` (through ``ctypes``: the standard library has no binding), up
 to 1024 per system call, round and round. :meth:`BatchSender.run` paces to ``pps`` (0: as
-fast as the kernel takes them) until a deadline or a stop flag.
+fast as the kernel takes them) until a deadline or a stop flag, and can pause.
 """
 
 from __future__ import annotations
@@ -87,20 +87,32 @@ class BatchSender:
         return r
 
     def run(self, seconds: float, pps: float = 0.0,
-            stop: Callable[[], bool] = lambda: False) -> float:
-        """Send for ``seconds`` at ``pps`` (0: flat out); the seconds it really took."""
-        t0 = time.monotonic()
+            stop: Callable[[], bool] = lambda: False,
+            paused: Callable[[], bool] = lambda: False) -> float:
+        """Send for ``seconds`` at ``pps`` (0: flat out), except while ``paused()``; the
+        seconds it was active. Behind its pace (paused, or starved of CPU) it does not
+        catch up in a burst: it goes on at ``pps`` from there."""
+        t_start = t0 = time.monotonic()
         t_end = t0 + seconds
+        sent0 = self.sent
+        idle = 0.0
         chunk = BATCH if pps <= 0 else max(1, min(BATCH, int(pps / 200)))  # ~200 calls/s
         while not stop():
             now = time.monotonic()
             if now >= t_end:
                 break
+            if paused():
+                time.sleep(0.01)
+                idle += time.monotonic() - now
+                t0, sent0 = time.monotonic(), self.sent
+                continue
             if pps > 0:
-                ahead = self.sent / pps - (now - t0)
+                ahead = (self.sent - sent0) / pps - (now - t0)
                 if ahead > 0:
                     time.sleep(min(ahead, t_end - now))
                     continue
+                if ahead < -0.05:
+                    t0, sent0 = now, self.sent
             if self.send(chunk) == 0:
                 time.sleep(0.0005)           # the queue is full: let the kernel drain it
-        return time.monotonic() - t0
+        return time.monotonic() - t_start - idle

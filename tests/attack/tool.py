@@ -17,7 +17,8 @@ Subcommands (all send to ``--target host:port``, the anchor's shared UDP port):
             socket): random addresses in ``--spoof-net``, or ``--spoof ADDR[:PORT]`` (one
             address, e.g. a victim's public NAT address: random ports unless given).
             Pre-built packets, sent with sendmmsg (``fastsend``), paced to ``--pps`` (0: as
-            fast as the kernel takes them); reports the achieved rate and its CPU time.
+            fast as the kernel takes them); SIGUSR1 pauses it, SIGUSR2 resumes. Reports the
+            rate achieved while active (``pps``, ``run_s``) and its CPU time.
 
 Whatever comes back to our own socket during ``--listen`` seconds after sending is
 counted (``received``, ``received_bytes``): an anchor that keeps silent returns zeros.
@@ -221,9 +222,13 @@ def cmd_hsflood(a: argparse.Namespace) -> dict[str, Any]:
     sender = BatchSender(raw, [udp(h, dst[0], p, dst[1], packet, with_checksum=False)
                                for h, p in sources], dst)
     stop: list[int] = []
+    pause = [a.paused]
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    signal.signal(signal.SIGUSR1, lambda signum, frame: pause.__setitem__(0, True))
+    signal.signal(signal.SIGUSR2, lambda signum, frame: pause.__setitem__(0, False))
+    print("ready", flush=True)               # (the signals are handled from here on)
     t_cpu = time.process_time()
-    took = sender.run(a.seconds, a.pps, lambda: bool(stop))
+    took = sender.run(a.seconds, a.pps, lambda: bool(stop), lambda: pause[0])
     cpu = time.process_time() - t_cpu
     raw.close()
     return {"sent": sender.sent, "sent_bytes": sender.sent * len(packet),
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--spoof-net", default="198.18.0.0/15")
     hf.add_argument("--spoof", default=None, help="ADDR[:PORT]: one source address")
     hf.add_argument("--distinct", type=int, default=4096, help="pre-built packets")
+    hf.add_argument("--paused", action="store_true", help="start paused (until SIGUSR2)")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     out = {"forge": cmd_forge, "replay": cmd_replay, "flood": cmd_flood,
