@@ -624,7 +624,9 @@ def test_junk_flood_gets_nothing_but_cookies_and_no_state(topo: Topology, www: P
     for k in ("junk", "plaintext_sip", "handshake_bad_mac"):
         assert moved.get(k, 0) > 0, moved
     assert moved.get("handshake_refused", 0) + moved.get("handshake_rate_limited", 0) > 0, moved
-    assert moved.get("handshake_refused", 0) <= 20, moved   # DH work bounded by the limiter
+    # DH work bounded: no per-source limit until under load (issue 17), so up to the global
+    # bound's burst (100) before the load shows, then cookies only
+    assert moved.get("handshake_refused", 0) <= 120, moved
     assert moved.get("handshake_cookie_sent", 0) >= back[0], (moved, counters)
     assert sum(moved.values()) >= 0.5 * flood["sent"], (moved, flood)   # (a loaded machine)
     assert log_lines1 - log_lines0 <= 5, "no log line per dropped packet"
@@ -639,9 +641,10 @@ def test_junk_flood_gets_nothing_but_cookies_and_no_state(topo: Topology, www: P
 def test_spoofed_handshake_flood_cookies_keep_real_hosts_in(topo: Topology, www: Path,
                                                             tmp_path: Path) -> None:
     """An attacker who knows the anchor's public key (so mac1 is valid) floods initiations
-    as fast as it can from random spoofed sources (raw socket) in 198.18.0.0/15: far more
-    addresses than the rate limiter has buckets, whose per-source allowances together
-    exceed the global limit.
+    (2 500/s: far beyond the global bound of 100/s, within the cookie replies' own budget
+    of 3 000/s -- beyond it a mac2-less initiation gets a cookie with odds budget/flood;
+    test_netns_dos.py floods at 45 000/s) from random spoofed sources (raw socket) in
+    198.18.0.0/15.
 
     The anchor goes *under load* and answers each of them with a cookie reply (WireGuard's
     mac2 mechanism) to the forged address: 52 bytes for 148 (no amplification). The forged
@@ -679,7 +682,7 @@ def test_spoofed_handshake_flood_cookies_keep_real_hosts_in(topo: Topology, www:
         dl = Download(topo, got, timeout=40)           # (the box also runs the flood)
         wait_for("the victim flow at the anchor", lambda: anchor_flow(lab))
         flood = topo.popen("atk", sys.executable, str(ATTACK / "tool.py"), "--target",
-                           ANCHOR_EP, "--pps", "0", "hsflood", "--seconds", str(seconds),
+                           ANCHOR_EP, "--pps", "2500", "hsflood", "--seconds", str(seconds),
                            "--anchor-pub", an_pub, "--spoof-net", spoof,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
@@ -733,13 +736,15 @@ def test_spoofed_handshake_flood_cookies_keep_real_hosts_in(topo: Topology, www:
     refused = delta(an0, an1, "handshake_refused")
     limited = delta(an0, an1, "handshake_rate_limited")
     assert loaded["drops"].get("handshake_cookie_sent", 0) > 0, loaded["drops"]
-    assert cookies + refused + limited >= 0.5 * fl["sent"], (an1["drops"], fl)  # (loaded box)
+    shed = delta(an0, an1, "handshake_shed") + (          # (in Python, in the kernel)
+        an1["handshake"]["socket_drops"] - an0["handshake"]["socket_drops"])
+    assert cookies + refused + limited + shed >= 0.5 * fl["sent"], (an1, fl)  # (loaded box)
     assert refused <= 400, refused           # DH for forged sources: only until the load shows
     assert sorted(a["mh"] for a in an1["associations"]) == ["evil", "laptop"]
     assert after["handshake"], after
     note("spoofed-handshake-flood", sent=fl["sent"], pps=round(fl["sent"] / fl["seconds"]),
          sources=fl["sources"], cookie_replies=cookies, handshake_refused=refused,
-         rate_limited=limited, reflected_to_forged=reflected["reflected"],
+         rate_limited=limited, shed=shed, reflected_to_forged=reflected["reflected"],
          attacker_got=counters,
          authorized_ok=f'{sum(t["handshake"] and t["association"] == 200 for t in tries)}'
                        f'/{len(tries)}',

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .config import AnchorConfig
+from .dataplane import shedfilter
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
 from .dataplane.io import Path, Tun, gro_reader
@@ -31,7 +33,7 @@ from .dataplane.packet import (
     classify,
 )
 from .signalling.anchor_side import AnchorSignalling
-from .signalling.handshake import RateLimiter, Responder
+from .signalling.handshake import COOKIE, QUEUED, HandshakeGate, RateLimiter, Responder
 from .tables import seq_of
 
 __all__ = ["Anchor"]
@@ -44,6 +46,14 @@ SWEEP_EVERY = 5.0
 TUNNEL_IDLE = 90.0        # no keepalive or data for this long: the tunnel is gone
 ASSOC_IDLE = 300.0
 FLOW_IDLE = 600.0
+HS_PER_TURN = 4           # DH work (about 1 ms each) per event-loop turn: forwarding goes between
+# sealed signalling per authenticated peer: a host with 16 tunnels sends a KeepAlive per tunnel
+# every few seconds (one per second each at the most eager setting), setups and handovers in
+# bursts; a flood beyond this is dropped before any SIP parsing
+SIGNAL_RATE = 50.0
+SIGNAL_BURST = 200.0
+SHED_EVERY = 1.0          # seconds between two updates of the kernel's shed filter
+SO_MEMINFO = 55           # (linux/socket.h; its 9th u32 is the socket's drop count)
 
 
 class Anchor:
@@ -61,7 +71,13 @@ class Anchor:
                                     plain_data=cfg.plaintext_data, peers=cfg.peers,
                                     mesh=cfg.mesh)
         self.responder = Responder(cfg.private_key, {p.public_key: p.name for p in cfg.peers})
-        self.limiter = RateLimiter()
+        self.gate = HandshakeGate()
+        self.signal_limiter = RateLimiter(SIGNAL_RATE, SIGNAL_BURST,
+                                          max_keys=max(1024, 2 * len(cfg.peers)))
+        self._hs_wake = asyncio.Event()
+        self._hs_worker: asyncio.Task[None] | None = None
+        self._shedder: asyncio.Task[None] | None = None
+        self._shed_keep = 1.0                   # the kernel filter's share (1.0: none)
         self._generation = 0
         self._peer_sessions: dict[str, deque[Session]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -77,8 +93,11 @@ class Anchor:
             opened = self.fwd.open(data)
             if opened is not None:
                 s, _, counter, sip_bytes = opened
-                resp = self.sig.handle(sip_bytes, src, self.clock(), s,
-                                       seq_of(s.generation, counter))
+                now = self.clock()
+                if not self.signal_limiter.allow(s.peer, now):   # before any SIP parsing
+                    self.fwd.drops["signalling_rate_limited"] += 1
+                    return
+                resp = self.sig.handle(sip_bytes, src, now, s, seq_of(s.generation, counter))
                 if resp is not None:
                     self.path.sendto(s.seal(TYPE_CONTROL, resp), src)
         elif b0 == TYPE_HS_INIT:
@@ -99,31 +118,86 @@ class Anchor:
             self.fwd.drops["junk"] += 1
 
     def _handshake(self, data: bytes, src: tuple[str, int]) -> None:
-        """mac1 first (no DH for who does not know our key). Not under load: the rate
-        limiter. Under load (a flood, maybe from forged sources): only initiations whose
-        mac2 proves that their source receives, limited per source; the others get a
-        cookie reply (smaller than the initiation) and no DH."""
+        """Cheap checks only (no DH here, on the data path): under load with no cookie
+        budget left, an initiation without mac2 is shed unchecked; then mac1 (nothing for
+        who does not know our key), then the gate (see :class:`HandshakeGate`): into the
+        handshake queue, or under load a cookie reply (bounded), or a counted drop."""
+        responder, gate = self.responder, self.gate
         now = self.clock()
-        responder, limiter = self.responder, self.limiter
+        if gate.shed(data, now):                    # most of a flood: no mac1 even
+            self.fwd.drops["handshake_shed"] += 1
+            return
         if not responder.mac_ok(data):
             self.fwd.drops["handshake_bad_mac"] += 1
             return
-        if not limiter.arrive(now):
-            if limiter.allow(src[0], now):
-                self._accept(data, src, now)
-                return
-            if not limiter.under_load(now):     # refused by its source's bucket only
-                self.fwd.drops["handshake_rate_limited"] += 1
-                return
-        reply = responder.cookie_unless_proven(data, src, now)
-        if reply is not None:
+        cookie = b""
+
+        def proven() -> bool:
+            nonlocal cookie
+            cookie = responder.cookie(src, now)
+            return responder.mac2_ok(data, src, now, cookie)
+
+        verdict = gate.offer(data, src, now, proven)
+        if verdict == QUEUED:
+            self._hs_wake.set()
+        elif verdict == COOKIE:
             self.fwd.drops["handshake_cookie_sent"] += 1
-            self.path.sendto(reply, src)
+            self.path.sendto(responder.cookie_reply(data, src, now, cookie), src)
+        else:
+            self.fwd.drops["handshake_" + verdict] += 1
+
+    def drain_handshakes(self, n: int = HS_PER_TURN) -> int:
+        """The DH work of up to ``n`` queued initiations; how many still wait. The worker
+        calls it once per event-loop turn (tests over fakes call it directly)."""
+        for data, src in self.gate.take(n):
+            self._accept(data, src, self.clock())
+        return len(self.gate.queue)
+
+    async def _handshakes(self) -> None:
+        wake = self._hs_wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            while self.drain_handshakes():
+                await asyncio.sleep(0)          # forwarding's turn between two batches
+
+    async def _shed_control(self) -> None:
+        while True:
+            await asyncio.sleep(SHED_EVERY)
+            self.shed_control(self.clock())
+
+    def shed_control(self, now: float) -> None:
+        """Attach, update or detach the kernel's shed filter (dataplane/shedfilter.py) as
+        the gate's load says; only on a real socket (the fakes have none)."""
+        keep = self.gate.keep_fraction(now)
+        old = self._shed_keep
+        if keep == old or (keep < 1.0 and old < 1.0 and 0.8 < keep / old < 1.25):
             return
-        if not limiter.allow_proven(src[0], now):
-            self.fwd.drops["handshake_rate_limited"] += 1
+        sock = getattr(self.path, "sock", None)
+        if not isinstance(sock, socket.socket):
             return
-        self._accept(data, src, now)
+        try:
+            if keep >= 1.0:
+                shedfilter.detach(sock)
+            else:
+                shedfilter.attach(sock, keep)
+        except OSError as e:                    # no BPF here: the Python-side shed goes on
+            self.fwd.drops["shed_filter_error"] += 1
+            log.debug("shed filter: %s", e)
+            return
+        self._shed_keep = keep
+
+    def socket_drops(self) -> int | None:
+        """Datagrams the kernel dropped at our socket (the shed filter's, a full queue's):
+        SO_MEMINFO's drop count, None without a real socket."""
+        sock = getattr(self.path, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return None
+        try:
+            info = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+        except OSError:
+            return None
+        return int.from_bytes(info[32:36], "little") if len(info) >= 36 else None
 
     def _accept(self, data: bytes, src: tuple[str, int], now: float) -> None:
         acc = self.responder.accept(data, now, self._new_index)
@@ -163,6 +237,8 @@ class Anchor:
             lambda data, size, src: self.fwd.from_path_many(data, size, src, self.clock()),
             self.tun.write, self._on_datagram))
         self._sweeper = asyncio.create_task(self._sweep())
+        self._hs_worker = asyncio.create_task(self._handshakes())
+        self._shedder = asyncio.create_task(self._shed_control())
 
     async def _sweep(self) -> None:
         while True:
@@ -175,9 +251,10 @@ class Anchor:
                     del self._peer_sessions[peer]
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        tasks = [t for t in (self._sweeper, self._hs_worker, self._shedder) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.tun.close()
         self.path.close()
 
@@ -207,4 +284,8 @@ class Anchor:
                 "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,
                 "drops": dict(self.fwd.drops), "paths": dict(self.fwd.events),
-                "signalling": dict(self.sig.stats)}
+                "signalling": dict(self.sig.stats),
+                "handshake": {"queued": len(self.gate.queue),
+                              "under_load": self.gate.under_load(now),
+                              "kernel_keeps": self._shed_keep,
+                              "socket_drops": self.socket_drops()}}

@@ -123,6 +123,44 @@ class Evil:
         self.sock.sendto(self.session.seal(TYPE_DATA, inner), self.anchor)
 
 
+def keepalive_flood(a: argparse.Namespace, anchor: tuple[str, int]) -> dict[str, Any]:
+    """An authorized host floods the anchor with sealed, valid KeepAlives for its own
+    validated tunnel: every one a new SIP transaction (a new branch and Call-ID, so no
+    cached answer), each sealed under a new counter. Pre-built, then sent with sendmmsg."""
+    from tests.attack.fastsend import BatchSender
+
+    ev = Evil(anchor, base64.b64decode(a.anchor_pub), base64.b64decode(a.key), a.name)
+    vipa = first(ev.request([("AssociationReq", {"sipId": a.name, "addressInUse": [],
+                                                  "dataPlaintext": False})]),
+                 "AssociationResp").get("vipa")
+    setup = first(ev.request([("TunnelSetupReq", {"sipId": a.name, "vipa": vipa,
+                                                   "tunnelId": 1, "interface": "x"})]),
+                  "TunnelSetupResp")
+    tid = setup.get("serverTunnelID")
+    ok = ev.request([("KeepAlive", {"sipId": a.name, "tunnelId": tid,
+                                    "challenge": setup.get("challenge", "")})])["code"] == 200
+    mark = "0123456789abcdef"                # replaced by a unique token per request
+    template = sip.build_request(
+        target=anchor, from_user=a.name, via=("203.0.113.66", ev.local[1]), call_id=mark,
+        cseq=1, branch=sip.BRANCH_MAGIC + mark,
+        body=upmt.encode([("KeepAlive", {"sipId": a.name, "tunnelId": tid})]))
+    n = max(1, min(int(a.pps * a.keepalive_flood) + 1, 300_000))
+    packets = [ev.session.seal(TYPE_CONTROL, template.replace(mark.encode(),
+                                                              f"{i:016x}".encode()))
+               for i in range(n)]
+    ev.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sender = BatchSender(ev.sock, packets, anchor)
+    t_cpu = time.process_time()
+    took = sender.run(a.keepalive_flood, a.pps)
+    cpu = time.process_time() - t_cpu
+    answers = 0
+    while ev._recv(0.5) is not None:       # noqa: SLF001 (what came back)
+        answers += 1
+    return {"vipa": vipa, "validated": ok, "sent": sender.sent, "send_errors": sender.errors,
+            "pps": round(sender.sent / took) if took > 0 else 0, "cpu_s": round(cpu, 2),
+            "run_s": round(took, 2), "answers": answers}
+
+
 def first(answer: dict[str, Any], mtype: str) -> dict[str, Any]:
     return next((c for t, c in answer["body"] if t == mtype), {})
 
@@ -187,9 +225,16 @@ def main() -> int:
     ap.add_argument("--invalid", action="store_true",
                     help="only send packets conntrack marks INVALID (and a control group)")
     ap.add_argument("--tcp-port", type=int, default=8080, help="--invalid: TCP destination")
+    ap.add_argument("--keepalive-flood", type=float, default=0.0, metavar="SECONDS",
+                    help="associate, set up and validate a tunnel, then flood sealed "
+                         "KeepAlives (each a new transaction) at --pps for SECONDS")
+    ap.add_argument("--pps", type=float, default=10000.0)
     a = ap.parse_args()
     host, _, port = a.anchor.rpartition(":")
     anchor = (host, int(port))
+    if a.keepalive_flood:
+        print(json.dumps(keepalive_flood(a, anchor)))
+        return 0
     if a.handshake_only:
         t0 = time.monotonic()
         try:

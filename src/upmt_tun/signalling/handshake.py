@@ -15,9 +15,10 @@
 * The initiation's encrypted payload is a TAI64N timestamp; the responder keeps
   the newest one per peer and ignores any initiation not newer (a replayed
   initiation creates nothing).
-* :class:`RateLimiter` bounds handshake work per source address and overall, and
-  says when the anchor is *under load* (mac1-valid initiations arrive faster than
-  the global handshake rate, or the global bucket refused one, within the last second).
+* :class:`HandshakeGate` decides which initiations get a DH and queues them for a
+  worker apart from the data path (bounded queue); it says when the anchor is *under
+  load* (the queue fills, or mac1-valid initiations arrive beyond the global rate, within
+  the last second). Only then do cookies and per-source limits apply.
 
 Cookies (WireGuard's mac2 / cookie reply, against floods from forged sources): mac1 only
 proves that the sender knows the anchor's public key, which is no secret. Under load the
@@ -42,6 +43,10 @@ initiation: no amplification) and stays silent otherwise:
   repeat would let an eavesdropper forge cookie replies, which buys nothing an on-path
   attacker does not already have (it sees the cookies, and can drop the handshake).
 
+Cookie replies are themselves bounded (a global token bucket, :class:`HandshakeGate`):
+under a flood from many forged sources each costs the anchor a BLAKE2s, a seal and a
+send, and beyond the bucket the initiation is a counted drop (a real host retries).
+
 The initiator keeps a cookie for :data:`COOKIE_LIFE` seconds and adds mac2 to its
 next initiations (the agent retries at once when a cookie arrives); forged sources never
 see their cookies, so under load their initiations never reach the DH.
@@ -57,7 +62,7 @@ import math
 import os
 import socket
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,9 +73,10 @@ from ..dataplane.crypto import Session
 from ..dataplane.packet import TYPE_COOKIE
 from .noise import HandshakeState, NoiseError
 
-__all__ = ["COOKIE_LEN", "COOKIE_LIFE", "COOKIE_SECRET_LIFE", "HS_COOKIE", "HS_INIT", "HS_RESP",
-           "INIT_LEN", "RESP_LEN", "Initiation", "RateLimiter", "Responder", "cookie_key",
-           "mac1_key"]
+__all__ = ["COOKIE", "COOKIE_LEN", "COOKIE_LIFE", "COOKIE_LIMITED", "COOKIE_SECRET_LIFE",
+           "HS_COOKIE", "HS_INIT", "HS_RESP", "INIT_LEN", "QUEUED", "QUEUE_FULL", "RATE_LIMITED",
+           "RESP_LEN", "HandshakeGate", "Initiation", "RateLimiter", "Responder", "TokenBucket",
+           "cookie_key", "mac1_key"]
 
 HS_INIT = 0x81
 HS_RESP = 0x82
@@ -87,6 +93,7 @@ RESP_LEN = _RESP_HDR.size + 32 + 16 + MAC_LEN                 # 76
 COOKIE_LEN = _COOKIE_HDR.size + COOKIE_NONCE_LEN + MAC_LEN + 16  # 52
 COOKIE_SECRET_LIFE = 120.0     # the anchor replaces its cookie secret this often
 COOKIE_LIFE = 120.0            # the initiator uses a cookie this long after it arrived
+MIN_KEEP = 0.001               # the kernel filter keeps at least this share of a flood
 _NO_MAC2 = bytes(MAC_LEN)
 
 
@@ -191,7 +198,7 @@ class Responder:
         self.static = static
         self.peers = peers                       # static public key -> peer name
         self.hs_probe = HandshakeState(initiator=False, static=static)
-        self._mac1 = mac1_key(self.hs_probe.s_pub)
+        self._mac1 = hashlib.blake2s(key=mac1_key(self.hs_probe.s_pub), digest_size=MAC_LEN)
         self._cookie_aead = ChaCha20Poly1305(cookie_key(self.hs_probe.s_pub))
         self._random = random_bytes
         self._nonces, self._nonce_at = b"", 0    # random nonces, fetched 256 at a time
@@ -201,9 +208,11 @@ class Responder:
 
     def mac_ok(self, data: bytes) -> bool:
         """Cheap pre-check (no DH): right length, type and mac1."""
-        return (len(data) == INIT_LEN and data[0] == HS_INIT and
-                hmac.compare_digest(_mac(self._mac1, data[:-2 * MAC_LEN]),
-                                    data[-2 * MAC_LEN:-MAC_LEN]))
+        if len(data) != INIT_LEN or data[0] != HS_INIT:
+            return False
+        h = self._mac1.copy()                    # (cheaper than keying a new one)
+        h.update(data[:-2 * MAC_LEN])
+        return hmac.compare_digest(h.digest(), data[-2 * MAC_LEN:-MAC_LEN])
 
     def cookie(self, src: tuple[str, int], now: float) -> bytes:
         """The cookie of source address ``src`` (under the secret of the last 2 minutes)."""
@@ -212,16 +221,11 @@ class Responder:
             self._secret_born = now
         return _mac(self._secret, _addr_bytes(src))
 
-    def mac2_ok(self, data: bytes, src: tuple[str, int], now: float) -> bool:
-        """An initiation (mac1 already checked) whose mac2 proves that ``src`` receives."""
-        return _mac2_ok(data, self.cookie(src, now))
-
-    def cookie_unless_proven(self, data: bytes, src: tuple[str, int],
-                             now: float) -> bytes | None:
-        """Under load, for an initiation whose mac1 is OK: None if its mac2 proves ``src``
-        (go on with it), else the HS_COOKIE to send back to ``src`` (one cookie computed)."""
-        cookie = self.cookie(src, now)
-        return None if _mac2_ok(data, cookie) else self.cookie_reply(data, src, now, cookie)
+    def mac2_ok(self, data: bytes, src: tuple[str, int], now: float,
+                cookie: bytes | None = None) -> bool:
+        """An initiation (mac1 already checked) whose mac2 proves that ``src`` receives
+        (``cookie``: :meth:`cookie` of ``src`` at ``now``, if already computed)."""
+        return _mac2_ok(data, cookie or self.cookie(src, now))
 
     def cookie_reply(self, data: bytes, src: tuple[str, int], now: float,
                      cookie: bytes | None = None) -> bytes:
@@ -258,70 +262,149 @@ class Responder:
         return Accepted(peer, peer_key, Session(index, sender, send, recv, now, peer), response)
 
 
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst`` (full at the first :meth:`take`). Pure."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self.tokens = self.burst
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """One token if there is one (the bucket refills since the last call)."""
+        if not self.has(now):
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def has(self, now: float) -> bool:
+        """Is there a token (nothing taken)?"""
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = now
+        return self.tokens >= 1.0
+
+
 class RateLimiter:
-    """Token buckets per source address plus global ones, bounded in memory; load state.
+    """One token bucket per key (a source address, a peer name), bounded in memory: the
+    ``max_keys`` most recently seen keys are remembered (a forgotten key starts full)."""
 
-    * :meth:`arrive` for every initiation with a valid mac1: True while *under load*, i.e.
-      within ``load_hold`` s of such initiations arriving faster than ``total`` per second
-      (beyond a burst of ``total``) or of :meth:`allow` refusing one for the global cap.
-    * :meth:`allow` (not under load): the source's bucket and the global ``total``/s one.
-    * :meth:`allow_proven` (under load, mac2 valid for the source): the source's bucket and
-      a separate, higher global cap ``proven_total``/s, which bounds the DH work when many
-      real sources handshake at once; forged sources never get that far.
-    """
-
-    def __init__(self, per_source: float = 5.0, burst: float = 10.0, total: float = 200.0,
-                 max_sources: int = 4096, proven_total: float = 500.0,
-                 load_hold: float = 1.0) -> None:
-        self.rate, self.burst, self.total_rate = per_source, burst, total
-        self.proven_rate, self.load_hold = proven_total, load_hold
-        self.max_sources = max_sources
+    def __init__(self, rate: float = 5.0, burst: float = 10.0, max_keys: int = 4096) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self.total = (total, 0.0)
-        self.proven = (proven_total, 0.0)
-        self.demand = (total, 0.0)               # mac1-valid arrivals, at the global rate
-        self.loaded_until = -math.inf
 
-    def arrive(self, now: float) -> bool:
-        """Count one mac1-valid initiation; is the anchor under load?"""
-        tokens, last = self.demand
-        tokens = min(self.total_rate, tokens + (now - last) * self.total_rate)
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            self.loaded_until = now + self.load_hold
-        self.demand = (tokens, now)
-        return now < self.loaded_until
-
-    def under_load(self, now: float) -> bool:
-        return now < self.loaded_until
-
-    def _source(self, source: str, now: float) -> bool:
-        b_tokens, b_last = self.buckets.pop(source, (self.burst, now))
-        b_tokens = min(self.burst, b_tokens + (now - b_last) * self.rate)
-        ok = b_tokens >= 1.0
-        self.buckets[source] = (b_tokens - 1.0 if ok else b_tokens, now)
-        if len(self.buckets) > self.max_sources:
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self.buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        ok = tokens >= 1.0
+        self.buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        if len(self.buckets) > self.max_keys:
             self.buckets.popitem(last=False)
         return ok
 
-    def allow(self, source: str, now: float) -> bool:
-        tokens, last = self.total
-        tokens = min(self.total_rate, tokens + (now - last) * self.total_rate)
-        if tokens < 1.0:
-            self.total = (tokens, now)
-            self.loaded_until = now + self.load_hold
-            return False
-        ok = self._source(source, now)
-        self.total = (tokens - 1.0 if ok else tokens, now)
-        return ok
 
-    def allow_proven(self, source: str, now: float) -> bool:
-        tokens, last = self.proven
-        tokens = min(self.proven_rate, tokens + (now - last) * self.proven_rate)
-        if tokens < 1.0:
-            self.proven = (tokens, now)
+# what HandshakeGate.offer decided about one mac1-valid initiation
+QUEUED = "queued"                    # in the queue: the worker will do its DH
+COOKIE = "cookie"                    # under load, no valid mac2: send a cookie reply
+COOKIE_LIMITED = "cookie_limited"    # ... but the cookie replies' own bucket is empty: drop
+RATE_LIMITED = "rate_limited"        # under load, mac2 valid, its source's bucket is empty
+QUEUE_FULL = "queue_full"            # no room in the handshake queue: drop
+
+
+class HandshakeGate:
+    """Which initiations (mac1 already valid) get a DH, and when (WireGuard's design).
+
+    The datagram callback only does cheap checks and :meth:`offer`; the DH work (Noise
+    IK, ~4 X25519) waits in a bounded queue that a worker drains a few per event-loop
+    turn (:meth:`take`), so forwarding always gets its turn and a full queue drops.
+
+    * **Under load** (:meth:`under_load`): the queue holds at least ``capacity // 8``
+      initiations (wireguard-go's criterion), or mac1-valid initiations arrive beyond the
+      global ``total``/s bucket (which counts every one, loaded or not); it lasts
+      ``load_hold`` s after the last such moment.
+    * Not under load: only the global bucket applies, no per-source limit: a forged
+      source cannot spend a real host's budget (issue 17, item 2). The initiation that
+      finds the global bucket empty puts the anchor under load and is handled so.
+    * Under load: an initiation whose mac2 does not prove its source gets a cookie reply
+      (no DH), as long as the cookie replies' own global bucket (``cookies``/s) lasts
+      (beyond: a counted drop); one whose mac2 proves its source is charged to that
+      source address's bucket (``per_source``/s, burst ``burst``): only sources that
+      receive at their address can spend its budget.
+    * Under load the bulk of a flood (no mac2, no cookie budget left) is shed before its
+      mac1 is checked (:meth:`shed`), and :meth:`keep_fraction` tells the driver how much
+      of it a kernel socket filter should let through at all.
+
+    Pure: ``now`` and the mac2 check (``proven``, called only under load) are passed in.
+    """
+
+    def __init__(self, *, capacity: int = 256, total: float = 100.0, per_source: float = 5.0,
+                 burst: float = 10.0, cookies: float = 3_000.0, load_hold: float = 1.0,
+                 max_sources: int = 4096) -> None:
+        self.capacity, self.load_hold = capacity, load_hold
+        self.load_fill = max(1, capacity // 8)
+        self.queue: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self.total = TokenBucket(total)
+        self.cookies = TokenBucket(cookies)
+        self.sources = RateLimiter(per_source, burst, max_sources)
+        self.loaded_until = -math.inf
+        self.unproven = 0              # mac2-less initiations seen under load, since ...
+        self._keep_at: float | None = None          # ... keep_fraction's last call
+        self.keep = 1.0
+
+    def shed(self, data: bytes, now: float) -> bool:
+        """Under load, an initiation without mac2 can earn nothing but a cookie reply: with
+        the cookies' bucket empty it is dropped at once, before even its mac1 is checked
+        (the cheapest drop, for the bulk of a flood). Takes nothing from any bucket."""
+        if data[-MAC_LEN:] != _NO_MAC2 or not self.under_load(now):
             return False
-        ok = self._source(source, now)
-        self.proven = (tokens - 1.0 if ok else tokens, now)
-        return ok
+        self.unproven += 1
+        return not self.cookies.has(now)
+
+    def keep_fraction(self, now: float) -> float:
+        """Called about once a second: the fraction of mac2-less initiations that the
+        kernel should keep (dataplane/shedfilter.py) so that about 1.5 times the cookie
+        budget still reaches the anchor -- 1.0 (no filter) unless under load. The arrival
+        rate before the filter is estimated from what passed it (:meth:`shed` counts them)."""
+        last, self._keep_at = self._keep_at, now
+        seen, self.unproven = self.unproven, 0
+        if not self.under_load(now):
+            self.keep = 1.0
+        elif last is not None and now > last:
+            arrivals = seen / (now - last) / self.keep
+            target = 1.5 * self.cookies.rate
+            self.keep = 1.0 if arrivals <= target else max(MIN_KEEP, target / arrivals)
+        return self.keep
+
+    def under_load(self, now: float) -> bool:
+        if len(self.queue) >= self.load_fill:
+            self.loaded_until = max(self.loaded_until, now + self.load_hold)
+            return True
+        return now < self.loaded_until
+
+    def offer(self, data: bytes, src: tuple[str, int], now: float,
+              proven: Callable[[], bool]) -> str:
+        """Decide about one mac1-valid initiation from ``src``; QUEUED puts it in the queue."""
+        loaded = self.under_load(now)
+        if not self.total.take(now):          # (counted under load too: the load lasts
+            self.loaded_until = now + self.load_hold    # as long as the flood goes on)
+        elif not loaded:
+            return self._put(data, src)
+        if not proven():
+            return COOKIE if self.cookies.take(now) else COOKIE_LIMITED
+        if not self.sources.allow(src[0], now):
+            return RATE_LIMITED
+        return self._put(data, src)
+
+    def _put(self, data: bytes, src: tuple[str, int]) -> str:
+        if len(self.queue) >= self.capacity:
+            return QUEUE_FULL
+        self.queue.append((data, src))
+        return QUEUED
+
+    def take(self, n: int) -> list[tuple[bytes, tuple[str, int]]]:
+        """Up to ``n`` queued initiations, oldest first."""
+        q = self.queue
+        return [q.popleft() for _ in range(min(n, len(q)))]
