@@ -842,11 +842,11 @@ def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
         te = e["t"] + clock0
         tw = chaos_events[k + 1]["t"] + clock0 if k + 1 < len(chaos_events) else t_end_abs
         u = udp["events"][k] if k < len(udp["events"]) else {}
-        gap, end = gap_from(arr, te - GAP_SLACK, tw)
+        gap, end = gap_from(arr, te - GAP_SLACK, tw - GAP_SLACK)
         rec = round((end - te) * 1000) if end is not None and gap >= streams.OUTAGE_S else None
         needed = bool(rec is not None and any(e["t"] < h < e["t"] + rec / 1000
                                               for h in hello_at))
-        st, st_end = gap_from(grew, te - GAP_SLACK, tw)
+        st, st_end = gap_from(grew, te - GAP_SLACK, tw - GAP_SLACK)
         per_event.append({
             "t": e["t"], "kind": e["kind"], "label": e["label"],
             "udp_gap_ms": round(gap * 1000, 1), "udp_recovery_ms": rec,
