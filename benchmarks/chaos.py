@@ -55,7 +55,8 @@ sysctls) after the daemons stopped must equal the state before they started, no 
 remain in those namespaces, and after the teardown no namespace of the run, no process
 naming its directories and no ``/run/upmt-<prefix>`` may remain. A failure that issue 13
 reports for today's code (a downlink-only stream that needs its application to speak again
-after an anchor restart, item 2, or after an agent restart, item 3) is marked ``known`` with
+after an anchor restart, item 2, or after an agent restart, item 3; a TCP download that broke
+or had not come back within 30 s of a daemon restart, items 1 and 3) is marked ``known`` with
 the issue reference: still a failure, listed apart.
 
 Results: a table on stdout, a JSON summary (default ``benchmarks/results/chaos.json``) and a
@@ -111,6 +112,13 @@ KNOWN = {   # what issue 13 reports of today's code, by the event kind that show
                      "tracks are not kept; a downlink-only flow resumes only when the host "
                      "sends",
 }
+KNOWN_TCP = {   # a TCP download that broke or stalled within RESTART_WINDOW of a restart
+    "anchor-restart": "issue 13 items 1 and 3: an anchor restart must keep live flows (and "
+                      "their conntrack entries) and traffic must be back within 1.5 s",
+    "agent-restart": "issue 13 item 3: an agent restart must keep the flows the kernel "
+                     "still tracks",
+}
+RESTART_WINDOW = 30.0
 RULES = (rule_toml("web", "tcp", dst=f"{CH}/32", dst_port=HTTP_PORT)
          + rule_toml("udp-down", "udp", dst=f"{CH}/32", dst_port=UDP_PORT))
 AGENT_LAUNCHER = (
@@ -145,9 +153,9 @@ class Params:
 
 def params(quick: bool, seconds: float | None) -> Params:
     if quick:
-        return Params(seconds=seconds or 60.0, lead_in=5.0, tail=10.0, gap_min=4.0,
+        return Params(seconds=seconds or 60.0, lead_in=5.0, tail=15.0, gap_min=4.0,
                       gap_max=7.0, tcp_mbit=8.0, file_s=20.0, speed_time=30, udp_rate=200.0,
-                      rehello=5.0, rekey_after=15.0, max_gap=30.0, warmup=5.0)
+                      rehello=5.0, rekey_after=8.0, max_gap=30.0, warmup=5.0)
     return Params(seconds=seconds or 600.0, lead_in=10.0, tail=20.0, gap_min=6.0,
                   gap_max=18.0, tcp_mbit=10.0, file_s=60.0, speed_time=30, udp_rate=200.0,
                   rehello=5.0, rekey_after=40.0, max_gap=30.0, warmup=10.0)
@@ -906,6 +914,12 @@ def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any
     for key, code in (res.get("exit_codes") or {}).items():
         if code != 0:
             fail(f"{key} exit code {code} when stopped")
+    def restart_before(t: float) -> str | None:
+        """The known issue behind a TCP failure at ``t``: a daemon restart shortly before."""
+        recent = [e for e in res.get("events", [])
+                  if e["kind"] in KNOWN_TCP and t - RESTART_WINDOW <= e["t"] <= t]
+        return KNOWN_TCP[recent[-1]["kind"]] if recent else None
+
     for run_ in res.get("tcp_runs", []):
         if run_["stopped_by_us"]:
             if not run_["intact"]:
@@ -916,11 +930,12 @@ def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any
             last = f" (last event before: {after[-1]['label']} at {after[-1]['t']:.1f} s)" \
                 if after else ""
             fail(f"tcp download {run_['n']} ended with curl exit {run_['curl_exit']} at "
-                 f"{run_['t_end']:.1f} s{last}: {run_.get('curl_stderr', '')[:120]}")
+                 f"{run_['t_end']:.1f} s{last}: {run_.get('curl_stderr', '')[:120]}",
+                 restart_before(run_["t_end"]))
     tcp = an.get("tcp_mbit", [])
     tail = [v for t, v in tcp if t >= res.get("t_end", 0) - 5]
     if tcp and not any(v > 0 for v in tail):
-        fail("tcp: no byte in the last 5 s of the run")
+        fail("tcp: no byte in the last 5 s of the run", restart_before(res.get("t_end", 0)))
     if not res.get("udp_raw"):
         fail("udp: no record of the stream")
     else:
@@ -1020,7 +1035,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="daemon configs and logs (default: next to the JSON, <name>-lab)")
     ap.add_argument("--rekey-after", type=float, default=None,
-                    help="the agent's rekey interval, s (default 40; --quick 15)")
+                    help="the agent's rekey interval, s (default 40; --quick 8)")
     args = ap.parse_args(argv)
     args.kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     bad = [k for k in args.kinds if k not in KINDS]
