@@ -40,7 +40,8 @@ deck, so each kind comes as often as the others and a short run still has every 
 * **rekeys**: no control command forces a rekey and agent.py is not ours to change, so the
   agent runs with its rekey interval (``upmt_tun.agent.REKEY_AFTER``, 120 s) lowered to
   ``--rekey-after`` s by a launcher (``python -c``, this file's AGENT_LAUNCHER): the agent's
-  own timer renews the session during the run. Each new session is found from the anchor's
+  own timer renews the session during the run. Each new session while neither daemon
+  restarted (the timer's, or a re-handshake after an outage) is found from the anchor's
   ``session_age_s`` going down and drawn as an event (``rekey``, not caused by a command).
 
 Every second the sampler records the bytes of the TCP download, and of both daemons the
@@ -811,7 +812,8 @@ def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
     rows = res.get("samples", [])
     events = res.get("events", [])
     out: dict[str, Any] = {}
-    # rekeys: the anchor's session got younger while neither daemon restarted
+    # rekeys: the anchor's session got younger while neither daemon restarted (the agent's
+    # timer, or a re-handshake after an outage: both are new sessions under load)
     rekeys = []
     for a, b in zip(rows, rows[1:], strict=False):
         sa, sb = a["anchor"].get("sessions"), b["anchor"].get("sessions")
@@ -819,7 +821,7 @@ def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
                 and a["anchor"]["pid"] is not None)
         if same and sa and sb and sa[0] is not None and sb[0] is not None and sb[0] < sa[0]:
             rekeys.append({"t": round(b["t"] - sb[0], 3), "kind": "rekey",
-                           "label": f"rekey (session {sa[0]:.0f} s old)", "derived": True})
+                           "label": f"new session (old one {sa[0]:.0f} s)", "derived": True})
     out["rekeys"] = rekeys
     chaos_events = [e for e in events if e["kind"] != "skipped"]
     # TCP goodput per second
@@ -1119,8 +1121,8 @@ def main(argv: list[str] | None = None) -> int:
         result["udp_sender"] = {k: v for k, v in raw[0].items()}
     v = an["verdict"]
     title = (f"upmt_tun chaos soak, {p.seconds:.0f} s, seed {args.seed}: "
-             f"{'OK' if v['ok'] else 'FAILED'} ({len(v['failures'])} failure(s), "
-             f"{len(v['known'])} of them known: issue 13)")
+             + ("OK" if v["ok"] else f"FAILED ({len(v['failures'])} failure(s), "
+                f"{len(v['known'])} of them known: issue 13)"))
     try:
         result["png"] = plot(res, an, args.png, title) if res.get("samples") else None
     except Exception as e:      # the numbers are saved either way
@@ -1151,7 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(r["bytes"] for r in runs)
         print(f"TCP: {len(runs)} download(s), {total / 1e6:.1f} MB, "
               f"{sum(1 for r in runs if r['curl_exit'] not in (0, None))} error(s)")
-    print(f"rekeys seen: {len(an.get('rekeys', []))}")
+    print(f"new sessions without a restart (rekeys): {len(an.get('rekeys', []))}")
     for name, r in an.get("resources", {}).items():
         s, e = r["start"], r["end"]
         print(f"{name}: {r['processes']} process(es); RSS {fmt_kb(s['rss_kb'])} -> "
