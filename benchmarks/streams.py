@@ -12,7 +12,13 @@ functions that analyse what they recorded.
         source address and port (a legacy downlink: the client asks, the server streams);
     python3 streams.py udp-recv --bind IP:PORT [--hello IP:PORT] --out F
         records every datagram's arrival time and sequence number; with --hello it first
-        sends hellos there (every 0.2 s until data comes).
+        sends hellos there (every 0.2 s until data comes); with --rehello S it asks again
+        (every 1 s) once nothing arrived for S seconds, as an application with a liveness
+        timeout would (chaos.py: a downlink that never resumes by itself still gets measured
+        after its application asked again; each hello's time is recorded);
+    udp-send ... --follow: keeps listening for hellos while it streams and streams to the
+        newest hello's source (the stream's return address may change when a NAT or the
+        anchor forgot the flow).
 
 Both stream ends run until SIGTERM (or --duration) and then write F (JSON). Every time is
 ``time.monotonic()``: CLOCK_MONOTONIC is the same in every network namespace of the
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import signal
@@ -83,7 +90,7 @@ def sample(ifaces: list[str], interval: float) -> int:
 
 
 def udp_send(bind: tuple[str, int], dst: tuple[str, int] | None, rate: float, size: int,
-             duration: float, out: str, wait_hello: float) -> int:
+             duration: float, out: str, wait_hello: float, follow: bool = False) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     sock.bind(bind)
@@ -104,6 +111,9 @@ def udp_send(bind: tuple[str, int], dst: tuple[str, int] | None, rate: float, si
             _write(out, res)
             return 1
     res["dst"] = f"{dst[0]}:{dst[1]}"
+    res["dst_changes"] = []
+    if follow:
+        sock.setblocking(False)
     pad = bytes(max(0, size - MIN_SIZE))
     t0 = time.monotonic()
     res["t_start"] = t0
@@ -115,6 +125,8 @@ def udp_send(bind: tuple[str, int], dst: tuple[str, int] | None, rate: float, si
             break
         due = t0 + seq / rate
         if now < due:
+            if follow:
+                dst = _newest_hello(sock, dst, res, now)
             time.sleep(min(due - now, 0.01))
             continue
         try:
@@ -128,25 +140,45 @@ def udp_send(bind: tuple[str, int], dst: tuple[str, int] | None, rate: float, si
     return 0
 
 
+def _newest_hello(sock: socket.socket, dst: tuple[str, int], res: dict[str, Any],
+                  now: float) -> tuple[str, int]:
+    """--follow: drain pending hellos; the newest one's source is where to stream now."""
+    while True:
+        try:
+            data, src = sock.recvfrom(2048)
+        except (BlockingIOError, InterruptedError):
+            return dst
+        except OSError:      # e.g. an ICMP error queued on the socket: not a hello
+            continue
+        if data.startswith(HELLO) and src != dst:
+            res["dst_changes"].append([now, f"{src[0]}:{src[1]}"])
+            dst = src
+
+
 def udp_recv(bind: tuple[str, int], hello: tuple[str, int] | None, duration: float,
-             out: str) -> int:
+             out: str, rehello: float = 0.0) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind(bind)
     sock.settimeout(0.05)
     arrivals, seqs, sent_at = array("d"), array("q"), array("d")
     hellos = 0
+    hello_at: list[float] = []
     next_hello = 0.0
+    last_rx = 0.0
     t_begin = time.monotonic()
     end = t_begin + duration if duration > 0 else float("inf")
     while not _stop:
         now = time.monotonic()
         if now >= end:
             break
-        if hello is not None and not seqs and now >= next_hello:
-            sock.sendto(HELLO, hello)
+        silent = rehello > 0 and bool(seqs) and now - last_rx >= rehello
+        if hello is not None and (not seqs or silent) and now >= next_hello:
+            with contextlib.suppress(OSError):     # no route for a moment: try again later
+                sock.sendto(HELLO, hello)
             hellos += 1
-            next_hello = now + 0.2
+            hello_at.append(now)
+            next_hello = now + (0.2 if not seqs else 1.0)
         try:
             data, _ = sock.recvfrom(4096)
         except TimeoutError:
@@ -154,11 +186,13 @@ def udp_recv(bind: tuple[str, int], hello: tuple[str, int] | None, duration: flo
         t = time.monotonic()
         if len(data) < MIN_SIZE:
             continue
+        last_rx = t
         s, ts = _HDR.unpack_from(data)
         arrivals.append(t)
         seqs.append(s)
         sent_at.append(ts)
-    _write(out, {"role": "udp-recv", "hellos": hellos, "t_begin": t_begin,
+    _write(out, {"role": "udp-recv", "hellos": hellos, "hello_at": hello_at,
+                 "t_begin": t_begin,
                  "t_end": time.monotonic(), "arrival": arrivals.tolist(), "seq": seqs.tolist(),
                  "sent_at": sent_at.tolist()})
     return 0
@@ -178,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--duration", type=float, default=0.0)
     sd.add_argument("--wait-hello", type=float, default=20.0)
     sd.add_argument("--out", required=True)
+    sd.add_argument("--follow", action="store_true")
     rv = sub.add_parser("udp-recv")
     rv.add_argument("--bind", required=True)
     rv.add_argument("--hello")
     rv.add_argument("--duration", type=float, default=0.0)
     rv.add_argument("--out", required=True)
+    rv.add_argument("--rehello", type=float, default=0.0)
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_term)
@@ -192,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.size < MIN_SIZE or a.rate <= 0:
             p.error(f"--size must be >= {MIN_SIZE} and --rate > 0")
         return udp_send(_addr(a.bind), _addr(a.dst) if a.dst else None, a.rate, a.size,
-                        a.duration, a.out, a.wait_hello)
-    return udp_recv(_addr(a.bind), _addr(a.hello) if a.hello else None, a.duration, a.out)
+                        a.duration, a.out, a.wait_hello, a.follow)
+    return udp_recv(_addr(a.bind), _addr(a.hello) if a.hello else None, a.duration, a.out,
+                    a.rehello)
 
 
 # -- analysis (imported by handover.py) ---------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -254,3 +255,108 @@ def test_ab_refuses_a_bad_variant() -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no upmt-agent in /nonexistent" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _chaos_module() -> Any:
+    """benchmarks/chaos.py as a module (it imports its neighbours by plain name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import chaos
+
+    return chaos
+
+
+def test_chaos_schedule_is_seeded_and_deals_every_kind() -> None:
+    chaos = _chaos_module()
+    p = chaos.params(True, 60.0)
+    a, b = chaos.schedule(7, p), chaos.schedule(7, p)
+    assert [(e.t, e.kind, e.args) for e in a] == [(e.t, e.kind, e.args) for e in b]
+    assert [e.t for e in chaos.schedule(8, p)] != [e.t for e in a]
+    assert {e.kind for e in a[:len(chaos.KINDS)]} == set(chaos.KINDS)   # a dealt deck
+    assert p.lead_in <= a[0].t and a[-1].t < p.seconds - p.tail
+    for e in a:
+        if e.kind == "flap":
+            assert e.args["iface"] in ("wan1", "wan2") and 0.5 <= e.args["down_s"] <= 3
+        if e.kind == "loss":
+            assert 5 <= e.args["pct"] <= 30 and e.args["nat"] in ("nat1", "nat2")
+
+
+def test_chaos_growth_rule() -> None:
+    """Flat levels pass even across restarts (a new process starts low, warms up); a level
+    that keeps rising fails, across restarts and within one long-lived process."""
+    chaos = _chaos_module()
+
+    def rows(values: list[tuple[int, float]]) -> list[dict[str, Any]]:
+        return [{"t": float(t), "pid": pid, "rss_kb": v}
+                for t, (pid, v) in enumerate(values)]
+
+    flat = [(1, 50_000.0)] * 40 + [(2, 20_000.0 + 3_000 * k) for k in range(10)] \
+        + [(2, 50_500.0)] * 50
+    assert chaos.growth(rows(flat), "rss_kb", 5.0)["ok"]
+    leak = [(1, 50_000.0 + 300 * t) for t in range(100)]           # +30 MB over the run
+    g = chaos.growth(rows(leak), "rss_kb", 5.0)
+    assert not g["ok"] and "last quarter" in g["why"]
+    # restarts every 30 s hide nothing when each process starts higher than the one before
+    stair = [(1 + t // 30, 50_000.0 + 1000 * t) for t in range(120)]
+    assert not chaos.growth(rows(stair), "rss_kb", 5.0)["ok"]
+    assert chaos.growth(rows([(1, 1.0)] * 5), "rss_kb", 0.0)["note"]
+
+
+def test_chaos_gap_from_counts_only_outages_that_begin_in_the_window() -> None:
+    chaos = _chaos_module()
+    times = [0.0, 0.1, 0.2, 5.0, 5.1, 5.2, 9.0, 9.1]
+    assert chaos.gap_from(times, 0.0, 4.0) == (pytest.approx(4.8), 5.0)
+    assert chaos.gap_from(times, 4.0, 8.0) == (pytest.approx(3.8), 9.0)   # not the earlier one
+    assert chaos.gap_from(times, 9.5, 10.0) == (0.0, None)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(netns_missing() is not None or bool(tool_missing("curl", "tc", "ss",
+                                                                      "conntrack")),
+                    reason=str(netns_missing() or "needs curl, tc, ss and conntrack"))
+def test_chaos_soak_60s(tmp_path: Path) -> None:
+    """benchmarks/chaos.py --quick --seconds 60: every kind of event happened, both daemons
+    were restarted and sampled, the agent rekeyed, both streams moved data, no resource
+    grew, no daemon died and nothing was left behind. What issue 13 reports of today's code
+    (items 1-3: a downlink-only UDP stream that resumes only after its application sends
+    again after a daemon restart; a TCP download that breaks or stays stalled within 30 s
+    of one) the soak lists as known failures: this test xfails on exactly those, and any
+    other failure fails it. Once the issue is fixed the soak passes and so does this."""
+    chaos = _chaos_module()
+    out = tmp_path / "chaos.json"
+    r = subprocess.run([sys.executable, str(BENCH / "chaos.py"), "--quick", "--seconds", "60",
+                        "--json", str(out), "--workdir", str(tmp_path / "lab")],
+                       capture_output=True, text=True, timeout=170)
+    assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) >= {"meta", "plan", "events", "samples", "per_event", "recovery_by_kind",
+                         "resources", "udp", "tcp_runs", "tcp_mbit", "udp_pps", "rekeys",
+                         "leftovers", "verdict", "exit_codes"}
+    assert data["errors"] == [] and data["leftovers"] == []
+    assert {e["kind"] for e in data["events"]} >= set(chaos.KINDS)
+    assert len(data["samples"]) >= 55
+    assert set(data["exit_codes"].values()) == {0}, data["exit_codes"]
+    for name in ("agent", "anchor"):
+        res = data["resources"][name]
+        assert res["processes"] >= 2, (name, res)                # restarted, and sampled
+        for m in ("rss_kb", "fds", "tasks"):
+            assert res["start"][m] and res["end"][m], (name, m, res)
+            assert res["growth"][m]["ok"], (name, m, res["growth"][m])
+    assert data["rekeys"], "the agent never renewed its session"
+    assert sum(x["bytes"] for x in data["tcp_runs"]) > 0 and data["udp"]["unique"] > 0
+    assert all(x["intact"] for x in data["tcp_runs"] if x["curl_exit"] in (0, None)), \
+        data["tcp_runs"]         # what arrived is the file (a broken download is a failure)
+    assert {"udp_recovery_ms", "tcp_recovery_ms", "udp_needed_rehello"} <= \
+        set(data["per_event"][0])
+    v = data["verdict"]
+    assert v["ok"] == (r.returncode == 0)
+    assert v["unknown"] == [], v["unknown"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert Path(data["png"]).stat().st_size > 10_000
+    if v["known"]:
+        pytest.xfail("known (issue 13): " + " | ".join(v["known"]))

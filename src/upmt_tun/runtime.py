@@ -169,7 +169,8 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
     async def handle(req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, "status": runner.status()}
+            # the task count lets a soak (benchmarks/chaos.py) see tasks that pile up
+            return {"ok": True, "status": {**runner.status(), "tasks": len(asyncio.all_tasks())}}
         if cmd == "down":
             loop.call_soon(stop.set)
             return {"ok": True}
