@@ -38,7 +38,7 @@ deck, so each kind comes as often as the others and a short run still has every 
 * ``agent-restart``: SIGTERM or SIGKILL (chosen by the seed) the agent, start it again 1 s
   later; after a SIGKILL the new agent removes what the old one left (its state file);
 * **rekeys**: no control command forces a rekey and agent.py is not ours to change, so the
-  agent runs with its rekey interval (``upmt_tun.agent.REKEY_AFTER``, 120 s) lowered to
+  agent runs with its rekey interval (``upmt_tun.link.REKEY_AFTER``, 120 s) lowered to
   ``--rekey-after`` s by a launcher (``python -c``, this file's AGENT_LAUNCHER): the agent's
   own timer renews the session during the run. Each new session while neither daemon
   restarted (the timer's, or a re-handshake after an outage) is found from the anchor's
@@ -126,12 +126,12 @@ RULES = (rule_toml("web", "tcp", dst=f"{CH}/32", dst_port=HTTP_PORT)
          + rule_toml("udp-down", "udp", dst=f"{CH}/32", dst_port=UDP_PORT))
 AGENT_LAUNCHER = (
     "import sys\n"
-    "import upmt_tun.agent as agent\n"
+    "import upmt_tun.link as link\n"
     "from upmt_tun.cli import agent_main\n"
-    "if hasattr(agent, 'REKEY_AFTER'):\n"
-    "    agent.REKEY_AFTER = float(sys.argv[1])\n"
+    "if hasattr(link, 'REKEY_AFTER'):\n"
+    "    link.REKEY_AFTER = float(sys.argv[1])\n"
     "else:\n"
-    "    print('chaos: upmt_tun.agent.REKEY_AFTER is gone: no forced rekeys', file=sys.stderr)\n"
+    "    print('chaos: upmt_tun.link.REKEY_AFTER is gone: no forced rekeys', file=sys.stderr)\n"
     "sys.exit(agent_main(sys.argv[2:]))\n")
 
 
