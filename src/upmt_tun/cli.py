@@ -194,6 +194,31 @@ def _run_program(prog: str, args: argparse.Namespace) -> int:
         return _fail(prog, f"cannot run {argv[0]}: {e.strerror}", 127)
 
 
+def _check(prog: str, kind: str, path: str) -> int:
+    """``check``: the config loads (else exit 2 from the loader), then one line per finding
+    on stderr; exit 2 if the daemon would refuse to start (a ruleset nft refuses, the
+    anchor's exposed key), else 0, warnings or not. Changes nothing on the host."""
+    from .check import check_agent, check_anchor
+
+    exposed = key_file_exposed(path)
+    if kind == "agent":
+        found = check_agent(load_agent_config(path))
+        if exposed:
+            found.warnings.insert(0, exposed)
+    else:
+        found = check_anchor(load_anchor_config(path))
+        if exposed:
+            found.errors.insert(0, exposed)
+    for line in found.errors:
+        print(f"{prog}: error: {line}", file=sys.stderr)
+    for line in found.warnings:
+        print(f"{prog}: warning: {line}", file=sys.stderr)
+    if found.errors:
+        return 2
+    print(f"{path}: ok" + (f", {len(found.warnings)} warning(s)" if found.warnings else ""))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, config_default: str) -> None:
     p.add_argument("--config", help=f"config file (default {config_default})")
     p.add_argument("--control", help="control socket path (default: config's, else /run/upmt/)")
@@ -219,6 +244,12 @@ def _run(prog: str, fn: Callable[[], int]) -> int:
         logging.getLogger("upmt_tun").debug("internal error", exc_info=True)
         return _fail(prog, f"internal error: {type(e).__name__}: {e} (run with -v for details)")
 
+
+CHECK_HELP = ("Load the config, dry-run the nftables ruleset the {daemon} would install "
+              "(nft -c), and warn, one line each on stderr, about what will bite. Changes "
+              "nothing on the host; run it as root (the ruleset and the firewall are only "
+              "checked then). Exit 0: ok or warnings only; 2: a bad config or a ruleset nft "
+              "refuses (the {daemon} would not start).")
 
 AGENT_COMMANDS = """\
 `upmt-agent COMMAND --help` describes each. Exit 0 on success, 2 for bad usage or a bad
@@ -257,6 +288,13 @@ def agent_main(argv: list[str] | None = None) -> int:
               "the stale control socket. Refuses (exit 1) while an agent answers on the "
               "control socket; does nothing when nothing is left.")
     _common(cl, DEFAULT_AGENT_CONFIG)
+    ck = _sub(sub, "check", "check the config and the host before `up`",
+              CHECK_HELP.format(daemon="agent") + " Agent: routing rules of other tools "
+              "(Tailscale, wg-quick) that would take the steered traffic before ours, "
+              "vipa_fix overlapping an address or route of the host, interfaces that do "
+              "not exist or have no IPv4 address, anchor names that do not resolve, a "
+              "private key file others can read.")
+    _common(ck, DEFAULT_AGENT_CONFIG)
     mv = _sub(sub, "move", "move a rule's or a flow's traffic to an interface",
               "Move every flow of a rule (and its new ones) or one flow to another access "
               "interface; the anchor follows by itself.")
@@ -302,6 +340,8 @@ def agent_main(argv: list[str] | None = None) -> int:
             cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
             cleanup_agent(cfg, args.control or cfg.control)
             return 0
+        if args.cmd == "check":
+            return _check(prog, "agent", args.config or DEFAULT_AGENT_CONFIG)
         if args.cmd == "down":
             answer = request(_control_path(args, "agent"), {"cmd": "down"})
             return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
@@ -325,6 +365,7 @@ ANCHOR_COMMANDS = """\
 commands (without one, the anchor runs in the foreground):
   status    show associations, tunnels and flows (--json for all of it)
   cleanup   remove what a killed anchor left
+  check     check the config and the host before starting
   genkey    print a new private key
   pubkey    read a private key on stdin, print its public key
 
@@ -338,6 +379,10 @@ ANCHOR_SUBCOMMANDS = {
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
                "the sysctls it changed, a TUN device and the stale control socket. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
+    "check": CHECK_HELP.format(daemon="anchor") + " Anchor: a firewall whose forward "
+             "policy is drop (Docker, ufw), vipa_pool overlapping an address or route of "
+             "the host, a nat_interface that does not exist, a listen address the host "
+             "does not have; a private key file others can read is an error.",
     "genkey": "Print a new base64 X25519 private key. Keep it private: `umask 077; "
               "upmt-anchor genkey > key` (a warning is printed when the file is readable by "
               "others).",
@@ -352,7 +397,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ANCHOR_SUBCOMMANDS:
         cmd = argv[0]
         sp = _Parser(prog=f"{prog} {cmd}", description=ANCHOR_SUBCOMMANDS[cmd])
-        if cmd in ("status", "cleanup"):
+        if cmd in ("status", "cleanup", "check"):
             _common(sp, DEFAULT_ANCHOR_CONFIG)
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
@@ -364,6 +409,9 @@ def anchor_main(argv: list[str] | None = None) -> int:
         _logging(args.verbose, prog)
         if cmd == "status":
             return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+        if cmd == "check":
+            return _run(prog, lambda: _check(prog, "anchor",
+                                             args.config or DEFAULT_ANCHOR_CONFIG))
 
         def clean() -> int:
             from .runtime import cleanup_anchor
