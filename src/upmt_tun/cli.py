@@ -173,21 +173,46 @@ def _status(prog: str, args: argparse.Namespace, kind: str,
     return 0
 
 
+def _sudo_user() -> tuple[int, int, list[int]] | None:
+    """(uid, gid, groups) of the user who ran ``sudo upmt-agent run``, when root through
+    sudo; None otherwise (root itself, or a user: nothing to give up)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"])
+    except (KeyError, ValueError):
+        return None
+    if uid == 0:
+        return None
+    user = os.environ.get("SUDO_USER", "")
+    try:
+        groups = os.getgrouplist(user, gid) if user else [gid]
+    except OSError:
+        groups = [gid]
+    return uid, gid, groups
+
+
 def _run_program(prog: str, args: argparse.Namespace) -> int:
-    """``upmt-agent run --rule R -- PROGRAM ...``: join R's cgroup, then become PROGRAM."""
+    """``upmt-agent run --rule R -- PROGRAM ...``: join R's cgroup, then become PROGRAM,
+    as the calling user: the agent moves this very process (it knows it by the socket's
+    peer credentials), so no privilege is needed here; under ``sudo`` the program runs
+    as the user who ran sudo, never as root."""
     argv = list(args.program)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         return _fail(prog, "run: give a program after --", 2)
-    answer = request(_control_path(args, "agent"), {"cmd": "cgroup", "rule": args.rule})
+    answer = request(_control_path(args, "agent"), {"cmd": "join", "rule": args.rule})
     if not answer.get("ok"):
         return _fail(prog, str(answer.get("error")), 2 if answer.get("usage") else 1)
-    try:
-        with open(os.path.join(str(answer["path"]), "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as e:
-        return _fail(prog, f"cannot join cgroup {answer['path']}: {e.strerror}")
+    if (user := _sudo_user()) is not None:
+        uid, gid, groups = user
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            return _fail(prog, f"cannot become uid {uid} (from sudo): {e.strerror}")
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
@@ -306,7 +331,9 @@ def agent_main(argv: list[str] | None = None) -> int:
     mv.add_argument("--anchor", help="the anchor to use (default: the flow's own)")
     rn = _sub(sub, "run", "start a program whose traffic belongs to a rule",
               "Start PROGRAM in the rule's cgroup (v2): every socket it opens follows the "
-              "rule, whatever its ports. Example: upmt-agent run --rule web -- firefox")
+              "rule, whatever its ports. PROGRAM runs as you: members of the config's "
+              "`group` need no sudo, and under sudo it runs as the user who ran sudo, "
+              "never as root. Example: upmt-agent run --rule web -- firefox")
     _common(rn, DEFAULT_AGENT_CONFIG)
     rn.add_argument("--rule", required=True, help="the rule's name")
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]",

@@ -172,7 +172,7 @@ def _metrics_server(addr: tuple[str, int] | None, runner: Any,
 
 
 async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals,
-                 metrics: MetricsServer | None = None) -> None:
+                 metrics: MetricsServer | None = None, group: int | None = None) -> None:
     """Start ``runner``, its control socket (and metrics endpoint), print ready, run until
     a signal or ``down``."""
     loop = asyncio.get_running_loop()
@@ -193,7 +193,7 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
         return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
 
     try:
-        control = ControlServer(control_path, handle)
+        control = ControlServer(control_path, handle, group)
         await control.start()
         try:
             await runner.start()
@@ -373,7 +373,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
 
         if signals.signum is None:       # not stopped while setting the host up
             loop.run_until_complete(_serve(agent, control_path, on_ready, signals,
-                                           _metrics_server(cfg.metrics, agent, render_agent)))
+                                           _metrics_server(cfg.metrics, agent, render_agent),
+                                           cfg.group))
         ct.close()
     finally:
         _close(opened, host, loop)
@@ -431,7 +432,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
 
         if signals.signum is None:
             loop.run_until_complete(_serve(anchor, control_path, on_ready, signals,
-                                           _metrics_server(cfg.metrics, anchor, render_anchor)))
+                                           _metrics_server(cfg.metrics, anchor, render_anchor),
+                                           cfg.group))
     finally:
         _close(opened, host, loop)
 
