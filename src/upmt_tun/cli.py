@@ -161,8 +161,18 @@ def _print_anchor_status(st: dict[str, Any]) -> None:
         print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
 
 
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true",
+                   help="refresh every --interval seconds, with rates per tunnel and per "
+                        "flow; Ctrl-C ends it")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between refreshes with --watch (default 1)")
+
+
 def _status(prog: str, args: argparse.Namespace, kind: str,
             show: Callable[[dict[str, Any]], None]) -> int:
+    if args.watch:
+        return _status_watch(prog, args, kind)
     answer = request(_control_path(args, kind), {"cmd": "status"})
     if not answer.get("ok"):
         return _fail(prog, str(answer.get("error", "status failed")))
@@ -190,6 +200,31 @@ def _sudo_user() -> tuple[int, int, list[int]] | None:
     except OSError:
         groups = [gid]
     return uid, gid, groups
+
+
+def _status_watch(prog: str, args: argparse.Namespace, kind: str) -> int:
+    """``status --watch``: until Ctrl-C (exit 0) or the daemon stops answering (exit 1)."""
+    from .watch import agent_view, anchor_view, watch
+
+    if args.json:
+        return _fail(prog, "status: --watch and --json do not go together", 2)
+    if not 0.1 <= args.interval <= 3600:
+        return _fail(prog, "status: --interval must be between 0.1 and 3600 seconds", 2)
+    path = _control_path(args, kind)
+
+    def fetch() -> dict[str, Any]:
+        answer = request(path, {"cmd": "status"})
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error", "status failed")))
+        st: dict[str, Any] = answer["status"]
+        return st
+
+    try:
+        watch(fetch, agent_view if kind == "agent" else anchor_view, args.interval,
+              sys.stdout)
+    except KeyboardInterrupt:
+        return 0
+    return 0  # pragma: no cover - watch returns only when counted
 
 
 def _run_program(prog: str, args: argparse.Namespace) -> int:
@@ -304,9 +339,11 @@ def agent_main(argv: list[str] | None = None) -> int:
     _common(down, DEFAULT_AGENT_CONFIG)
     st = _sub(sub, "status", "show anchors, tunnels and flows",
               "Show the running agent's anchors, tunnels (RTT, packets) and flows with their "
-              "last moves.")
+              "last moves; --watch refreshes it with rates (bits and packets per second "
+              "per tunnel, packets per second per flow).")
     _common(st, DEFAULT_AGENT_CONFIG)
     st.add_argument("--json", action="store_true", help="everything, as JSON")
+    _watch_args(st)
     cl = _sub(sub, "cleanup", "remove what a killed agent left",
               "Remove what an agent killed with SIGKILL (or crashed) left: its nft table, ip "
               "rules and routing tables, the sysctls it changed, cgroups, a TUN device and "
@@ -402,7 +439,8 @@ bad usage or a bad config (one line), 1 for anything else (one line).
 """
 
 ANCHOR_SUBCOMMANDS = {
-    "status": "Show the running anchor's associations, tunnels and flows.",
+    "status": "Show the running anchor's associations, tunnels and flows; --watch "
+              "refreshes it with rates per tunnel and per flow.",
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
                "the sysctls it changed, a TUN device and the stale control socket. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
@@ -428,6 +466,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
             _common(sp, DEFAULT_ANCHOR_CONFIG)
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
+            _watch_args(sp)
         args = sp.parse_args(argv[1:])
         if cmd == "genkey":
             return genkey(prog)
