@@ -44,7 +44,8 @@ def test_a_member_may_status_and_run_as_itself_but_not_move_or_down(topo: Topolo
     www.chmod(0o755)
     srv = HttpServer(topo, "ch", 8080, www)
     rules = '[[rule]]\nname = "prog"\nprotocol = "udp"\ndst_port = 9\nvia = ["wan2"]\n'
-    lab = Lab(topo, tmp_path / "lab", rules=rules, agent_extra=f"group = {NOBODY}\n")
+    lab = Lab(topo, tmp_path / "lab", rules=rules, agent_extra=f"group = {NOBODY}\n",
+              anchor_extra=f"group = {NOBODY}\n")
     lab.write_configs()
     lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config",
                                  str(lab.dir / "anchor0.toml")])
@@ -63,6 +64,9 @@ def test_a_member_may_status_and_run_as_itself_but_not_move_or_down(topo: Topolo
 
         code, out, err = agent(AS_MEMBER, "status", "--json")
         assert code == 0 and '"tunnels"' in out, err
+        r = topo.run("an", *AS_MEMBER, *exe("upmt-anchor"), "status", "--control",
+                     lab.anchor_control(0), check=False)
+        assert r.returncode == 0 and "host laptop" in r.stdout, r.stderr
         # run: the program is the member (never root) and its traffic follows the rule
         code, out, err = agent(AS_MEMBER, "run", "--rule", "prog", "--", "sh", "-c",
                                "id -u; id -g; curl -sS -m 10 -o /dev/null -w %{http_code} "
