@@ -84,14 +84,21 @@ async def test_a_members_move_down_reload_cgroup_never_reach_the_daemon(tmp_path
 async def test_join_moves_the_connecting_process_not_a_pid_it_names(tmp_path: Path) -> None:
     seen: list[dict[str, Any]] = []
     srv, cg = _server(tmp_path, seen)
-    ans = await srv._answer({"cmd": "join", "rule": "web", "pid": 1}, MEMBER)
+    me = Peer(os.getpid(), os.getuid(), GID)          # a live process of that uid
+    ans = await srv._answer({"cmd": "join", "rule": "web", "pid": 1}, me)
     assert ans == {"ok": True, "path": str(cg)}
-    assert (cg / "cgroup.procs").read_text() == str(MEMBER.pid)
+    assert (cg / "cgroup.procs").read_text() == str(me.pid)
     assert seen == [{"cmd": "cgroup", "rule": "web"}]
     # an unknown rule: the daemon's answer, nothing written
     (cg / "cgroup.procs").write_text("")
-    ans = await srv._answer({"cmd": "join", "rule": "nope"}, MEMBER)
+    ans = await srv._answer({"cmd": "join", "rule": "nope"}, me)
     assert ans == {"ok": False, "usage": True, "error": "no rule 'nope'"}
+    # the asker hung up, or its pid now belongs to another user: nothing written
+    ans = await srv._answer({"cmd": "join", "rule": "web"}, me, lambda: False)
+    assert ans == {"ok": False, "error": "the process that asked is gone"}
+    ans = await srv._answer({"cmd": "join", "rule": "web"},
+                            Peer(os.getpid(), os.getuid() + 1, GID))
+    assert ans == {"ok": False, "error": "the process that asked is gone"}
     assert (cg / "cgroup.procs").read_text() == ""
     # a peer the kernel could not name (another pid namespace): refused
     ans = await srv._answer({"cmd": "join", "rule": "web"}, Peer(0, 1000, GID))
@@ -99,8 +106,21 @@ async def test_join_moves_the_connecting_process_not_a_pid_it_names(tmp_path: Pa
     # the cgroup cannot be written: one line
     (cg / "cgroup.procs").unlink()
     (cg / "cgroup.procs").mkdir()
-    ans = await srv._answer({"cmd": "join", "rule": "web"}, MEMBER)
-    assert ans["ok"] is False and ans["error"].startswith(f"cannot move pid {MEMBER.pid}")
+    ans = await srv._answer({"cmd": "join", "rule": "web"}, me)
+    assert ans["ok"] is False and ans["error"].startswith(f"cannot move pid {me.pid}")
+
+
+async def test_a_hung_up_client_is_not_connected() -> None:
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a:
+        reader = asyncio.StreamReader()
+        assert control._still_connected(a.fileno(), reader)
+        b.close()
+        assert not control._still_connected(a.fileno(), reader)
+        reader.feed_eof()
+        assert not control._still_connected(a.fileno(), reader)
 
 
 async def test_the_socket_is_group_owned_0660_with_group_else_owner_only(tmp_path: Path) -> None:

@@ -90,6 +90,37 @@ def permitted(cmd: object, peer: Peer | None, group: int | None,
     return member and cmd in GROUP_COMMANDS
 
 
+def _uid_of(pid: int) -> int | None:
+    """The real uid of process ``pid`` now (None: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _still_connected(fd: int, reader: asyncio.StreamReader) -> bool:
+    """The client has not closed its end (so it still lives: it forks nothing that could
+    hold the socket for it)."""
+    if reader.at_eof():
+        return False
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True                           # nothing to read, not closed
+    except OSError:
+        return False
+    finally:
+        dup.close()
+
+
 def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
@@ -166,7 +197,8 @@ class ControlServer:
                     f"{_why(e)} (under systemd: SupplementaryGroups= with that group)"
                 ) from None
 
-    async def _answer(self, req: dict[str, Any], peer: Peer | None) -> dict[str, Any]:
+    async def _answer(self, req: dict[str, Any], peer: Peer | None,
+                      connected: Callable[[], bool] = lambda: True) -> dict[str, Any]:
         cmd = req.get("cmd")
         if not permitted(cmd, peer, self.group):
             return {"ok": False, "error": f"{str(cmd)[:40]}: permission denied (root only)"
@@ -175,14 +207,19 @@ class ControlServer:
         if cmd != "join":
             return await self.handler(req)
         # `upmt-agent run`: the connecting process joins the rule's cgroup. Its pid is
-        # the kernel's (SO_PEERCRED): nobody can move another process. It waits for
-        # this answer, so the pid cannot have been reused meanwhile.
+        # the kernel's (SO_PEERCRED): nobody names another process. Just before the
+        # write, that pid still belongs to the peer's uid and the peer still holds the
+        # connection (it waits for this answer), so the pid has not been given to
+        # another process meanwhile (short of its death, reaping and the pid's reuse
+        # in the microseconds between this check and the write).
         assert peer is not None
         if peer.pid <= 0:
             return {"ok": False, "error": "cannot tell which process connected"}
         answer = await self.handler({"cmd": "cgroup", "rule": req.get("rule")})
         if not answer.get("ok"):
             return answer
+        if _uid_of(peer.pid) != peer.uid or not connected():
+            return {"ok": False, "error": "the process that asked is gone"}
         try:
             with open(os.path.join(str(answer["path"]), "cgroup.procs"), "w") as f:
                 f.write(str(peer.pid))
@@ -199,7 +236,9 @@ class ControlServer:
                 if not isinstance(req, dict):
                     raise ValueError
                 sock = w.get_extra_info("socket")
-                answer = await self._answer(req, peer_of(sock) if sock is not None else None)
+                peer = peer_of(sock) if sock is not None else None
+                answer = await self._answer(
+                    req, peer, lambda: sock is not None and _still_connected(sock.fileno(), r))
             except ValueError:
                 answer = {"ok": False, "error": "bad request"}
             w.write(json.dumps(answer).encode() + b"\n")
