@@ -15,8 +15,9 @@ from upmt_tun.cli import agent_main, anchor_main
 
 from .test_cli import AGENT_PY, ANCHOR_PY, KEYLESS_AGENT, KEYLESS_ANCHOR, one_line, run
 
-AGENT_COMMANDS = ("up", "down", "status", "move", "run", "cleanup", "genkey", "pubkey")
-ANCHOR_COMMANDS = ("status", "cleanup", "genkey", "pubkey")
+AGENT_COMMANDS = ("up", "down", "status", "move", "run", "cleanup", "check", "genkey",
+                  "pubkey")
+ANCHOR_COMMANDS = ("status", "cleanup", "check", "genkey", "pubkey")
 
 
 @pytest.mark.parametrize("code,prog", [(AGENT_PY, "upmt-agent"), (ANCHOR_PY, "upmt-anchor")])

@@ -387,6 +387,8 @@ async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
         await w.settle()
         by_id = {f["id"]: f["interface"] for f in w.agent.status()["flows"]}
         assert by_id[fid] == "wan1"
+        st = w.agent.status()        # the metrics' counters: 2 rule moves, 1 flow move
+        assert st["handovers"] == {"operator": 3} and st["flows_created"] == 3
         # failover stays on: wan2 down -> rule's flows on wan1; back when wan2 returns
         fwd = w.agent.fwd
         t2 = fwd.by_path[("wan2", "an1")]

@@ -469,5 +469,7 @@ class Agent:
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "drops": dict(self.drops),
             "signalling": dict(self.sip_stats),
+            "flows_created": self.fwd.paft.flows_created,
+            "handovers": dict(self.fwd.paft.handovers),
         }
 

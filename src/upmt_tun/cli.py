@@ -161,8 +161,18 @@ def _print_anchor_status(st: dict[str, Any]) -> None:
         print("\ndrops: " + ", ".join(f"{k} {v}" for k, v in sorted(st["drops"].items())))
 
 
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true",
+                   help="refresh every --interval seconds, with rates per tunnel and per "
+                        "flow; Ctrl-C ends it")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between refreshes with --watch (default 1)")
+
+
 def _status(prog: str, args: argparse.Namespace, kind: str,
             show: Callable[[dict[str, Any]], None]) -> int:
+    if args.watch:
+        return _status_watch(prog, args, kind)
     answer = request(_control_path(args, kind), {"cmd": "status"})
     if not answer.get("ok"):
         return _fail(prog, str(answer.get("error", "status failed")))
@@ -173,25 +183,100 @@ def _status(prog: str, args: argparse.Namespace, kind: str,
     return 0
 
 
+def _sudo_user() -> tuple[int, int, list[int]] | None:
+    """(uid, gid, groups) of the user who ran ``sudo upmt-agent run``, when root through
+    sudo; None otherwise (root itself, or a user: nothing to give up)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"])
+    except (KeyError, ValueError):
+        return None
+    if uid == 0:
+        return None
+    user = os.environ.get("SUDO_USER", "")
+    try:
+        groups = os.getgrouplist(user, gid) if user else [gid]
+    except OSError:
+        groups = [gid]
+    return uid, gid, groups
+
+
+def _status_watch(prog: str, args: argparse.Namespace, kind: str) -> int:
+    """``status --watch``: until Ctrl-C (exit 0) or the daemon stops answering (exit 1)."""
+    from .watch import agent_view, anchor_view, watch
+
+    if args.json:
+        return _fail(prog, "status: --watch and --json do not go together", 2)
+    if not 0.1 <= args.interval <= 3600:
+        return _fail(prog, "status: --interval must be between 0.1 and 3600 seconds", 2)
+    path = _control_path(args, kind)
+
+    def fetch() -> dict[str, Any]:
+        answer = request(path, {"cmd": "status"})
+        if not answer.get("ok"):
+            raise ControlError(str(answer.get("error", "status failed")))
+        st: dict[str, Any] = answer["status"]
+        return st
+
+    try:
+        watch(fetch, agent_view if kind == "agent" else anchor_view, args.interval,
+              sys.stdout)
+    except KeyboardInterrupt:
+        return 0
+    return 0  # pragma: no cover - watch returns only when counted
+
+
 def _run_program(prog: str, args: argparse.Namespace) -> int:
-    """``upmt-agent run --rule R -- PROGRAM ...``: join R's cgroup, then become PROGRAM."""
+    """``upmt-agent run --rule R -- PROGRAM ...``: join R's cgroup, then become PROGRAM,
+    as the calling user: the agent moves this very process (it knows it by the socket's
+    peer credentials), so no privilege is needed here; under ``sudo`` the program runs
+    as the user who ran sudo, never as root."""
     argv = list(args.program)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         return _fail(prog, "run: give a program after --", 2)
-    answer = request(_control_path(args, "agent"), {"cmd": "cgroup", "rule": args.rule})
+    answer = request(_control_path(args, "agent"), {"cmd": "join", "rule": args.rule})
     if not answer.get("ok"):
         return _fail(prog, str(answer.get("error")), 2 if answer.get("usage") else 1)
-    try:
-        with open(os.path.join(str(answer["path"]), "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as e:
-        return _fail(prog, f"cannot join cgroup {answer['path']}: {e.strerror}")
+    if (user := _sudo_user()) is not None:
+        uid, gid, groups = user
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            return _fail(prog, f"cannot become uid {uid} (from sudo): {e.strerror}")
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
         return _fail(prog, f"cannot run {argv[0]}: {e.strerror}", 127)
+
+
+def _check(prog: str, kind: str, path: str) -> int:
+    """``check``: the config loads (else exit 2 from the loader), then one line per finding
+    on stderr; exit 2 if the daemon would refuse to start (a ruleset nft refuses, the
+    anchor's exposed key), else 0, warnings or not. Changes nothing on the host."""
+    from .check import check_agent, check_anchor
+
+    exposed = key_file_exposed(path)
+    if kind == "agent":
+        found = check_agent(load_agent_config(path))
+        if exposed:
+            found.warnings.insert(0, exposed)
+    else:
+        found = check_anchor(load_anchor_config(path))
+        if exposed:
+            found.errors.insert(0, exposed)
+    for line in found.errors:
+        print(f"{prog}: error: {line}", file=sys.stderr)
+    for line in found.warnings:
+        print(f"{prog}: warning: {line}", file=sys.stderr)
+    if found.errors:
+        return 2
+    print(f"{path}: ok" + (f", {len(found.warnings)} warning(s)" if found.warnings else ""))
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, config_default: str) -> None:
@@ -219,6 +304,12 @@ def _run(prog: str, fn: Callable[[], int]) -> int:
         logging.getLogger("upmt_tun").debug("internal error", exc_info=True)
         return _fail(prog, f"internal error: {type(e).__name__}: {e} (run with -v for details)")
 
+
+CHECK_HELP = ("Load the config, dry-run the nftables ruleset the {daemon} would install "
+              "(nft -c), and warn, one line each on stderr, about what will bite. Changes "
+              "nothing on the host; run it as root (the ruleset and the firewall are only "
+              "checked then). Exit 0: ok or warnings only; 2: a bad config or a ruleset nft "
+              "refuses (the {daemon} would not start).")
 
 AGENT_COMMANDS = """\
 `upmt-agent COMMAND --help` describes each. Exit 0 on success, 2 for bad usage or a bad
@@ -248,15 +339,24 @@ def agent_main(argv: list[str] | None = None) -> int:
     _common(down, DEFAULT_AGENT_CONFIG)
     st = _sub(sub, "status", "show anchors, tunnels and flows",
               "Show the running agent's anchors, tunnels (RTT, packets) and flows with their "
-              "last moves.")
+              "last moves; --watch refreshes it with rates (bits and packets per second "
+              "per tunnel, packets per second per flow).")
     _common(st, DEFAULT_AGENT_CONFIG)
     st.add_argument("--json", action="store_true", help="everything, as JSON")
+    _watch_args(st)
     cl = _sub(sub, "cleanup", "remove what a killed agent left",
               "Remove what an agent killed with SIGKILL (or crashed) left: its nft table, ip "
               "rules and routing tables, the sysctls it changed, cgroups, a TUN device and "
               "the stale control socket. Refuses (exit 1) while an agent answers on the "
               "control socket; does nothing when nothing is left.")
     _common(cl, DEFAULT_AGENT_CONFIG)
+    ck = _sub(sub, "check", "check the config and the host before `up`",
+              CHECK_HELP.format(daemon="agent") + " Agent: routing rules of other tools "
+              "(Tailscale, wg-quick) that would take the steered traffic before ours, "
+              "vipa_fix overlapping an address or route of the host, interfaces that do "
+              "not exist or have no IPv4 address, anchor names that do not resolve, a "
+              "private key file others can read.")
+    _common(ck, DEFAULT_AGENT_CONFIG)
     mv = _sub(sub, "move", "move a rule's or a flow's traffic to an interface",
               "Move every flow of a rule (and its new ones) or one flow to another access "
               "interface; the anchor follows by itself.")
@@ -268,7 +368,9 @@ def agent_main(argv: list[str] | None = None) -> int:
     mv.add_argument("--anchor", help="the anchor to use (default: the flow's own)")
     rn = _sub(sub, "run", "start a program whose traffic belongs to a rule",
               "Start PROGRAM in the rule's cgroup (v2): every socket it opens follows the "
-              "rule, whatever its ports. Example: upmt-agent run --rule web -- firefox")
+              "rule, whatever its ports. PROGRAM runs as you: members of the config's "
+              "`group` need no sudo, and under sudo it runs as the user who ran sudo, "
+              "never as root. Example: upmt-agent run --rule web -- firefox")
     _common(rn, DEFAULT_AGENT_CONFIG)
     rn.add_argument("--rule", required=True, help="the rule's name")
     rn.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS]",
@@ -302,6 +404,8 @@ def agent_main(argv: list[str] | None = None) -> int:
             cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
             cleanup_agent(cfg, args.control or cfg.control)
             return 0
+        if args.cmd == "check":
+            return _check(prog, "agent", args.config or DEFAULT_AGENT_CONFIG)
         if args.cmd == "down":
             answer = request(_control_path(args, "agent"), {"cmd": "down"})
             return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
@@ -325,6 +429,7 @@ ANCHOR_COMMANDS = """\
 commands (without one, the anchor runs in the foreground):
   status    show associations, tunnels and flows (--json for all of it)
   cleanup   remove what a killed anchor left
+  check     check the config and the host before starting
   genkey    print a new private key
   pubkey    read a private key on stdin, print its public key
 
@@ -334,10 +439,15 @@ bad usage or a bad config (one line), 1 for anything else (one line).
 """
 
 ANCHOR_SUBCOMMANDS = {
-    "status": "Show the running anchor's associations, tunnels and flows.",
+    "status": "Show the running anchor's associations, tunnels and flows; --watch "
+              "refreshes it with rates per tunnel and per flow.",
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
                "the sysctls it changed, a TUN device and the stale control socket. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
+    "check": CHECK_HELP.format(daemon="anchor") + " Anchor: a firewall whose forward "
+             "policy is drop (Docker, ufw), vipa_pool overlapping an address or route of "
+             "the host, a nat_interface that does not exist, a listen address the host "
+             "does not have; a private key file others can read is an error.",
     "genkey": "Print a new base64 X25519 private key. Keep it private: `umask 077; "
               "upmt-anchor genkey > key` (a warning is printed when the file is readable by "
               "others).",
@@ -352,10 +462,11 @@ def anchor_main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ANCHOR_SUBCOMMANDS:
         cmd = argv[0]
         sp = _Parser(prog=f"{prog} {cmd}", description=ANCHOR_SUBCOMMANDS[cmd])
-        if cmd in ("status", "cleanup"):
+        if cmd in ("status", "cleanup", "check"):
             _common(sp, DEFAULT_ANCHOR_CONFIG)
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
+            _watch_args(sp)
         args = sp.parse_args(argv[1:])
         if cmd == "genkey":
             return genkey(prog)
@@ -364,6 +475,9 @@ def anchor_main(argv: list[str] | None = None) -> int:
         _logging(args.verbose, prog)
         if cmd == "status":
             return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+        if cmd == "check":
+            return _run(prog, lambda: _check(prog, "anchor",
+                                             args.config or DEFAULT_ANCHOR_CONFIG))
 
         def clean() -> int:
             from .runtime import cleanup_anchor

@@ -133,6 +133,7 @@ class AgentConfig:
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
     return_after_s: float = 5.0         # hysteresis before flows return to a preferred iface
     metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
+    group: int | None = None            # gid whose members may use status/run (control.py)
     mark_mask: int = 0xFFFF             # packet-mark bits of F..F+1+n (ip rule fwmark X/mask)
     rule_priority: int = 5200           # ip rule priorities P (tunnel sockets) and P+1 (steered)
 
@@ -157,6 +158,7 @@ class AnchorConfig:
     deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
     mesh: bool = False                  # its [[peer]]s may reach one another (UPMT-DAM)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
+    group: int | None = None            # gid whose members may use status (control.py)
     state_dir: str = "/var/lib/upmt"    # VIpA leases; "" keeps them in memory only
     lease_days: float = 30.0            # a lease of a host not seen for this long is dropped
 
@@ -292,6 +294,26 @@ def _uid(r: _Reader, k: str, v: Any) -> int:
     raise r.err(k, f"expected a uid number or user name, got {v!r}")
 
 
+def _group(r: _Reader) -> int | None:
+    """``group = "upmt"`` (or a gid): members may use the control socket for ``status``
+    (and the agent's ``run``); None: root only."""
+    if "group" not in r.data:
+        return None
+    v = r.get("group", (str, int))
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 < v < 2**32 - 1:
+            raise r.err("group", f"expected a group name or a gid above 0, got {v}")
+        return v
+    if isinstance(v, str):
+        import grp
+
+        try:
+            return grp.getgrnam(v).gr_gid
+        except KeyError:
+            raise r.err("group", f"no such group {v!r}") from None
+    raise r.err("group", f"expected a group name or gid, got {v!r}")
+
+
 def _key_text(r: _Reader, k: str, v: str) -> bytes:
     try:
         raw = base64.b64decode(v.strip(), validate=True)
@@ -419,10 +441,11 @@ def load_agent_config(path: str) -> AgentConfig:
     key = _private_key(r)
     plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
     metrics = _metrics(r)
+    group = _group(r)
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
                        tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
-                       float(return_after), metrics=metrics, mark_mask=mark_mask,
+                       float(return_after), metrics=metrics, group=group, mark_mask=mark_mask,
                        rule_priority=rule_priority)
 
 
@@ -541,6 +564,7 @@ def load_anchor_config(path: str) -> AnchorConfig:
     allow = _networks(r, "allow_egress", ())
     deny = _networks(r, "deny_egress", DEFAULT_DENY_EGRESS)
     metrics = _metrics(r)
+    group = _group(r)
     state_dir = r.get("state_dir", str, "/var/lib/upmt")
     if state_dir and (not state_dir.startswith("/") or "\0" in state_dir):
         raise r.err("state_dir", f"expected an absolute directory path (or \"\" to keep "
@@ -551,5 +575,6 @@ def load_anchor_config(path: str) -> AnchorConfig:
     r.finish()
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
                         per_host, key, tuple(peers), plaintext, allow, deny, mesh=mesh,
-                        metrics=metrics, state_dir=state_dir, lease_days=float(lease_days))
+                        metrics=metrics, group=group, state_dir=state_dir,
+                        lease_days=float(lease_days))
 

@@ -3,6 +3,15 @@
 A path held by a live process is never taken over (``/run`` is shared by every
 network namespace of a machine, TRAPS.md): we try to connect first and only
 remove a socket nobody answers on.
+
+Who may do what: the socket is the daemon user's alone (0600), or with ``group`` in the
+config also that group's (0660, group-owned). Every request is checked against the
+peer's credentials (``SO_PEERCRED``, taken by the kernel at connect time, not claimed by
+the client): root (and the daemon's own user) may do everything; a member of ``group``
+only :data:`GROUP_COMMANDS`: ``status`` and ``join`` (``upmt-agent run``: the server
+moves *the connecting process itself* into the rule's cgroup; the client then execs the
+program as the user it is). ``move``, ``down``, ``reload`` and ``cgroup`` stay root's:
+they change the paths or the host for every user of the machine.
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ControlError", "ControlServer", "ensure_free", "remove_stale", "request"]
+__all__ = ["ControlError", "ControlServer", "GROUP_COMMANDS", "Peer", "ensure_free",
+           "permitted", "remove_stale", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +39,86 @@ MAX_REQUEST = 65536
 
 class ControlError(Exception):
     """One line for the user."""
+
+
+GROUP_COMMANDS = frozenset({"status", "join"})
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The connecting process, as the kernel saw it connect; ``groups`` from /proc."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+def peer_of(sock: socket.socket) -> Peer | None:
+    """SO_PEERCRED of a connected unix socket, with the peer's supplementary groups (None
+    when the kernel gives nothing usable)."""
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
+                                                            socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+    except OSError:
+        return None
+    groups: set[int] = set()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups = {int(g) for g in line.split()[1:]}
+                    break
+    except (OSError, ValueError):
+        pass
+    return Peer(pid, uid, gid, frozenset(groups))
+
+
+def permitted(cmd: object, peer: Peer | None, group: int | None,
+              own_uid: int | None = None) -> bool:
+    """May ``peer`` run ``cmd``? Root and the daemon's own user: anything. A member of
+    ``group`` (primary or supplementary): :data:`GROUP_COMMANDS` only. Anyone else, or
+    an unknown peer: nothing (the socket's mode keeps them out already; this holds even
+    if the mode was changed)."""
+    if peer is None:
+        return False
+    own = os.geteuid() if own_uid is None else own_uid
+    if peer.uid in (0, own):
+        return True
+    member = group is not None and (peer.gid == group or group in peer.groups)
+    return member and cmd in GROUP_COMMANDS
+
+
+def _uid_of(pid: int) -> int | None:
+    """The real uid of process ``pid`` now (None: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _still_connected(fd: int, reader: asyncio.StreamReader) -> bool:
+    """The client has not closed its end (so it still lives: it forks nothing that could
+    hold the socket for it)."""
+    if reader.at_eof():
+        return False
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True                           # nothing to read, not closed
+    except OSError:
+        return False
+    finally:
+        dup.close()
 
 
 def _why(e: OSError) -> str:
@@ -69,9 +161,10 @@ def remove_stale(path: str, daemon: str) -> bool:
 
 
 class ControlServer:
-    def __init__(self, path: str, handler: Handler) -> None:
+    def __init__(self, path: str, handler: Handler, group: int | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.group = group
         self.server: asyncio.AbstractServer | None = None
         self._ino: int | None = None
 
@@ -93,6 +186,47 @@ class ControlServer:
         finally:
             os.umask(old)
         self._ino = os.stat(self.path).st_ino
+        if self.group is not None:
+            try:   # root without CAP_CHOWN may still give it to a group of its own
+                os.chown(self.path, -1, self.group)
+                os.chmod(self.path, 0o660)
+            except OSError as e:
+                await self.close()
+                raise ControlError(
+                    f"cannot give control socket {self.path} to group {self.group}: "
+                    f"{_why(e)} (under systemd: SupplementaryGroups= with that group)"
+                ) from None
+
+    async def _answer(self, req: dict[str, Any], peer: Peer | None,
+                      connected: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if not permitted(cmd, peer, self.group):
+            return {"ok": False, "error": f"{str(cmd)[:40]}: permission denied (root only)"
+                    if self.group is not None and cmd not in GROUP_COMMANDS
+                    else "permission denied"}
+        if cmd != "join":
+            return await self.handler(req)
+        # `upmt-agent run`: the connecting process joins the rule's cgroup. Its pid is
+        # the kernel's (SO_PEERCRED): nobody names another process. Just before the
+        # write, that pid still belongs to the peer's uid and the peer still holds the
+        # connection (it waits for this answer), so the pid has not been given to
+        # another process meanwhile (short of its death, reaping and the pid's reuse
+        # in the microseconds between this check and the write).
+        assert peer is not None
+        if peer.pid <= 0:
+            return {"ok": False, "error": "cannot tell which process connected"}
+        answer = await self.handler({"cmd": "cgroup", "rule": req.get("rule")})
+        if not answer.get("ok"):
+            return answer
+        if _uid_of(peer.pid) != peer.uid or not connected():
+            return {"ok": False, "error": "the process that asked is gone"}
+        try:
+            with open(os.path.join(str(answer["path"]), "cgroup.procs"), "w") as f:
+                f.write(str(peer.pid))
+        except OSError as e:
+            return {"ok": False, "error": f"cannot move pid {peer.pid} into cgroup "
+                    f"{answer['path']}: {_why(e)}"}
+        return {"ok": True, "path": answer["path"]}
 
     async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -101,7 +235,10 @@ class ControlServer:
                 req = json.loads(line[:MAX_REQUEST])
                 if not isinstance(req, dict):
                     raise ValueError
-                answer = await self.handler(req)
+                sock = w.get_extra_info("socket")
+                peer = peer_of(sock) if sock is not None else None
+                answer = await self._answer(
+                    req, peer, lambda: sock is not None and _still_connected(sock.fileno(), r))
             except ValueError:
                 answer = {"ok": False, "error": "bad request"}
             w.write(json.dumps(answer).encode() + b"\n")

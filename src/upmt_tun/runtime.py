@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
@@ -24,6 +25,7 @@ from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
 from .leases import Leases, lease_file
+from .metrics import MetricsServer, render_agent, render_anchor
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
@@ -160,8 +162,19 @@ class StopSignals:
         self._old.clear()
 
 
-async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals) -> None:
-    """Start ``runner``, its control socket, print ready, run until a signal or ``down``."""
+def _metrics_server(addr: tuple[str, int] | None, runner: Any,
+                    render: Callable[[Mapping[str, Any]], str]) -> MetricsServer | None:
+    """The Prometheus endpoint of ``metrics = "ADDR:PORT"`` (None when not configured):
+    every scrape renders the runner's ``status()`` at that moment."""
+    if addr is None:
+        return None
+    return MetricsServer(addr[0], addr[1], lambda: render(runner.status()))
+
+
+async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals,
+                 metrics: MetricsServer | None = None, group: int | None = None) -> None:
+    """Start ``runner``, its control socket (and metrics endpoint), print ready, run until
+    a signal or ``down``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals.attach(loop, stop)
@@ -181,10 +194,16 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
         return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
 
     try:
-        control = ControlServer(control_path, handle)
+        control = ControlServer(control_path, handle, group)
         await control.start()
         try:
             await runner.start()
+            if metrics is not None:
+                try:
+                    await metrics.start()
+                except OSError as e:
+                    raise StartupError(f"metrics: cannot listen on {metrics.host}:"
+                                       f"{metrics.port}: {e.strerror or e}") from None
             ready = asyncio.ensure_future(on_ready())
             stopped = asyncio.ensure_future(stop.wait())
             try:              # a stop while waiting for the tunnels is not held up by it
@@ -198,6 +217,8 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
                 await asyncio.gather(ready, stopped, return_exceptions=True)
         finally:
             notify("STOPPING=1")
+            if metrics is not None:
+                await metrics.close()
             await control.close()
             await runner.stop()
     finally:
@@ -352,7 +373,9 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                      cfg.vipa_fix, tun.name, mtu, len(seams), len(anchors))
 
         if signals.signum is None:       # not stopped while setting the host up
-            loop.run_until_complete(_serve(agent, control_path, on_ready, signals))
+            loop.run_until_complete(_serve(agent, control_path, on_ready, signals,
+                                           _metrics_server(cfg.metrics, agent, render_agent),
+                                           cfg.group))
         ct.close()
     finally:
         _close(opened, host, loop)
@@ -409,7 +432,9 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                      cfg.listen_port, cfg.vipa_pool)
 
         if signals.signum is None:
-            loop.run_until_complete(_serve(anchor, control_path, on_ready, signals))
+            loop.run_until_complete(_serve(anchor, control_path, on_ready, signals,
+                                           _metrics_server(cfg.metrics, anchor, render_anchor),
+                                           cfg.group))
     finally:
         _close(opened, host, loop)
 

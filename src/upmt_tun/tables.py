@@ -173,6 +173,11 @@ class Paft:
     def __len__(self) -> int:
         return len(self.by_key)
 
+    @property
+    def flows_created(self) -> int:
+        """Flows ever added (ids are handed out in order from 1): the metrics' counter."""
+        return self._next - 1
+
     def get(self, key: FlowKey) -> Flow | None:
         return self.by_key.get(key)
 
