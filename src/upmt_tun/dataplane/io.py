@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import importlib
 import logging
 import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import offload
 from .packet import TYPE_DATA, datagrams
@@ -124,28 +125,55 @@ class Path(Protocol):
     def close(self) -> None: ...
 
 
+def _create_tun(name: str, flags: int) -> tuple[int, str, Any]:
+    """Create TUN device ``name``: (its fd, non-blocking and close-on-exec; its real name;
+    the object that owns the fd, or None).
+
+    python-pytun (the design card's choice) creates it: its ``TunTapDevice`` does the
+    TUNSETIFF. Only its device creation is used: its fd opens blocking, its ``read``
+    raises ``pytun.Error`` and its ``addr`` setter adds a classful route (TRAPS.md), so the
+    fd is made non-blocking here and read with ``os.read``, and addresses are set through
+    netlink. Without pytun (it is a dependency, but a stripped install may lack it) the
+    same ioctl is done by hand."""
+    try:
+        pytun: Any = importlib.import_module("pytun")     # untyped: no stubs
+    except ImportError:
+        pytun = None
+    if pytun is not None:
+        try:
+            dev = pytun.TunTapDevice(name=name, flags=flags)
+        except pytun.Error as e:
+            code = e.args[0] if e.args and isinstance(e.args[0], int) else errno.EINVAL
+            why = e.args[-1] if e.args else "failed"
+            raise OSError(code, f"cannot create TUN device {name}: {why}") from None
+        fd = dev.fileno()
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        return fd, str(dev.name), dev
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, f"cannot create TUN device {name}: {e.strerror}") from None
+    return fd, res[:16].rstrip(b"\0").decode(), None
+
+
 class TunDevice:
     """A real TUN device (IFF_TUN | IFF_NO_PI), non-blocking, read with os.read.
 
-    Opened with an ioctl on /dev/net/tun (python-pytun's wrapper needs the same
-    ioctl; using the fd directly avoids its blocking reads and classful route,
-    see TRAPS.md). The device disappears when the fd is closed.
+    Created by python-pytun (:func:`_create_tun`); the device disappears when its fd is
+    closed.
     """
 
     def __init__(self, name: str, loop: Loop, offload: bool = True) -> None:
         self.loop = loop
-        try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot open /dev/net/tun: {e.strerror}") from None
-        try:
-            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
-            res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-        except OSError as e:
-            os.close(fd)
-            raise OSError(e.errno, f"cannot create TUN device {name}: {e.strerror}") from None
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        fd, self.name, self._owner = _create_tun(name, flags)
         self.fd = fd
-        self.name = res[:16].rstrip(b"\0").decode()
         self.write_errors = 0
         self.vnet_hdr = offload
         self.offloads = 0
@@ -217,7 +245,10 @@ class TunDevice:
     def close(self) -> None:
         if self.fd >= 0:
             self.loop.remove_reader(self.fd)
-            os.close(self.fd)
+            if self._owner is not None:
+                self._owner.close()
+            else:
+                os.close(self.fd)
             self.fd = -1
 
 
