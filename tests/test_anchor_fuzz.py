@@ -258,7 +258,7 @@ class Host:
         """TunnelSetupReq from ``src``: (anchor's tunnel id, challenge)."""
         code, reason, sigs = self.ask([("TunnelSetupReq", {"sipId": self.name, "vipa": self.vipa,
                                                            "tunnelId": tunnel_id,
-                                                           "interface": "wan"})], src)
+                                                           "interface": f"wan{tunnel_id}"})], src)
         if code != 200:
             raise Refused(f"{code} {reason}")
         tr = sigs["TunnelSetupResp"]

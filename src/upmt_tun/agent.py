@@ -242,8 +242,12 @@ class Agent:
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
-                self.announce(fwd.restore_preferences(now, self._up_for,
-                                                      self.cfg.return_after_s))
+                moved = fwd.restore_preferences(now, self._up_for, self.cfg.return_after_s)
+                # and the flows it had are announced again: the anchor may have lost them
+                # (it restarted), and a downlink-only flow would never tell it
+                ids = {f.fid for f in moved}
+                self.announce(moved + [f for f in fwd.paft.flows()
+                                       if f.tunnel == a.tunnel.tid and f.fid not in ids])
             elif isinstance(a, TunnelDown):
                 fwd.tunnel_down(a.tunnel)
                 self.announce(fwd.fail_over(a.tunnel, now, a.reason))
