@@ -239,6 +239,7 @@ class Peer:
     kind: PeerKind = PeerKind.SERVER
     state: AssocState = AssocState.ASSOCIATING
     lost: bool = False             # the server lost our association (said so, or went silent)
+    epoch: int = 0                 # associations made again after one was lost
     up: set[str] = field(default_factory=set)     # interfaces whose link to it is UP
     suspect_at: float = -_INF      # when a tunnel to it last died of silence
     silent_at: float = -_INF       # when its last UP tunnel died of silence (all silent)
@@ -314,6 +315,7 @@ class Link:
     _retiring: list[tuple[float, Session]] = field(default_factory=list, init=False)
     _setup_rtt: float = field(default=0.0, init=False)
     _quick: bool = field(default=True, init=False)      # one immediate re-association left
+    _epoch: int = field(default=0, init=False)          # peer.epoch of our tunnel's setup
     _seen_as: tuple[Any, Any] = field(default=(None, None), init=False)
     _cseq: int = field(default=0, init=False)
     # path validation of an agent peer's address: the token it must echo, where, until
@@ -645,6 +647,7 @@ class Link:
 
     def _setup(self, now: float, out: list[Action]) -> None:
         self._set(LinkState.SETTING_UP, "associated")
+        self._epoch = self.peer.epoch
         self._request("setup", [("TunnelSetupReq", {
             "sipId": self.cfg.me, "vipa": self.peer.record.vipa, "tunnelId": self.tunnel.tid,
             "interface": self.iface})], SETUP_TIMEOUT, now, out)
@@ -773,6 +776,8 @@ class Link:
             log.info("anchor %s (%s): VIpA %s", name, role, vipa)   # once, not per interface
         out.append(Associated(name, vipa, role, serves))
         rec.vipa = vipa     # the driver's forwarder sets the rest; the setup needs it now
+        if self.peer.lost:  # tunnels set up under the lost association are set up again
+            self.peer.epoch += 1
         self.peer.lost = False
         self.peer.set_state(AssocState.ASSOCIATED)
         return True
@@ -1015,7 +1020,9 @@ class Link:
             self.monitor, self._next_tick = None, _INF
             return
         if self.peer.kind is PeerKind.SERVER:
-            if self.peer.lost:               # another link heard it lost our association
+            if self.peer.lost or self._epoch != self.peer.epoch:
+                # another link heard that the server lost our association (and maybe
+                # made a new one): our tunnel went with it, set it up again now
                 self._tunnel_lost(now, "association lost", out, fresh=False)
                 return
             if m.last_rx < self.peer.suspect_at:
