@@ -209,3 +209,51 @@ def test_anchor_sigkill_restart_tcp_and_downlink_only_udp_resume(topo: Topology,
           f"{COUNT - udp['count']} of {COUNT} datagrams lost); "
           f"ready->tcp resumes {tcp_resume:.2f} s (gap {tcp['gap']:.2f} s)")
     assert udp_resume < RESUME_BOUND and tcp_resume < RESUME_BOUND, (out, logs)
+
+
+def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: Path) -> None:
+    """The agent stops (SIGTERM: its nft table, rules and TUN go) and starts again while a
+    rule-steered TCP connection runs. The kernel keeps the connection's conntrack entry:
+    its ct mark still names the rule and its SNAT to vipa_fix stays, so once the new
+    agent's nft table is in, its packets are steered into the new TUN again; the agent
+    learns the flow on its next packet (the rule read back from the ct mark), the anchor
+    (still up) gives the same VIpA and still has the flow and its masquerade entry. The
+    anchor replaces the host's tunnels of the same interface, none waits out its idle
+    timeout."""
+    lab = Lab(topo, tmp_path / "lab", rules=RULES)
+    server = topo.popen("ch", "python3", "-u", "-c", TCP_SERVER, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    lab.start()
+    try:
+        wait_for(lambda: tunnels_up(lab), 20, "both tunnels up")
+        client = topo.popen("mh", "python3", "-u", "-c", TCP_CLIENT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0)
+        agent = lab.procs["agent"]
+        t_stop = time.time()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        t_start = time.time()
+        lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config",  # noqa: SLF001
+                                   str(lab.dir / "agent.toml")])
+        t_ready = time.time()
+        wait_for(lambda: tunnels_up(lab), 20, "both tunnels up again")
+        (assoc,) = lab.anchor_status()["associations"]
+        tunnels = sorted(t["interface"] for t in assoc["tunnels"])
+        stdout, stderr = client.communicate(timeout=90)
+        assert client.returncode == 0, (stderr[-300:], lab.log_tail("agent", 30))
+        got = json.loads(stdout)
+        flows = lab.agent_status()["flows"]
+        agent_log = lab.log_tail("agent", 30)
+    finally:
+        lab.stop()
+        server.kill()
+        server.wait(5)
+    assert got["bytes"] == COUNT * 100, (got, agent_log)
+    assert tunnels == ["wan1", "wan2"]
+    (flow,) = [f for f in flows if f["protocol"] == "tcp"]
+    assert flow["rule"] == "web", flows                  # learned again from the ct mark
+    print(f"\n[agent SIGTERM + start] stop->start {t_start - t_stop:.2f} s, "
+          f"start->ready {t_ready - t_start:.2f} s, tcp gap {got['gap']:.2f} s, "
+          f"ready->tcp resumes {got['gap_end'] - t_ready:.2f} s")
