@@ -33,9 +33,10 @@ States (initiator; ``[attempt]`` is a decision, not a state)::
          |  1, 2, 4 .. 30 s, or a link event         echoes challenge) (PATH_CHALLENGE)
          v                                            | validated          | echoed
      HANDSHAKE (forced: a fresh session             UP <------------------+
-       unless younger than 5 s) --> [attempt]        |  keepalive misses, probe loss
-                                                     v
+       unless younger than 5 s and than the         |  keepalive misses, probe loss
+       silence of every tunnel) --> [attempt]       v
                                           TunnelDown, HANDSHAKE (forced) --> [attempt]
+                                          ("not registered": TunnelDown, ASSOCIATING at once)
 
      any state --interface unusable--> LINK_DOWN (from UP: TunnelDown first)
 
