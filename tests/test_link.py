@@ -535,6 +535,24 @@ def test_when_one_tunnel_dies_silent_the_others_probe_at_once() -> None:
     assert a.link.peer.lost and a.link.peer.silent_at - t0 < 2.0
 
 
+def test_a_setup_answered_after_the_new_association_is_not_set_up_twice() -> None:
+    """wan1 dies first with a young session: it sends its setup under the old session
+    (the server is gone). wan2 dies too, handshakes and associates again with the
+    restarted server; wan1's setup, retransmitted under the new session, is answered:
+    its tunnel belongs to the new association and stays up (no second setup)."""
+    a, b = pair()
+    a.server.silent = True
+    t0 = a.now
+    until_all((a, b), t0 + 3.0, busy=(a,))
+    assert a.link.state is LinkState.SETTING_UP and b.link.peer.lost
+    fresh = restart(a, b)
+    until_all((a, b), t0 + 8.0)
+    assert a.link.state is LinkState.UP and b.link.state is LinkState.UP
+    assert [d.reason for d in a.of(TunnelDown)] == ["probe loss"]
+    assert [d.reason for d in b.of(TunnelDown)] == ["probe loss"]
+    assert fresh.got.count("AssociationReq") == 1 and fresh.got.count("TunnelSetupReq") == 2
+
+
 def test_one_path_dying_is_not_a_server_restart() -> None:
     """wan1's path loses everything, wan2 is fine: wan1 handshakes on the normal schedule
     and, without an answer, backs off; it never sends its setup sealed with the old

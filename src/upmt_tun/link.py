@@ -316,7 +316,7 @@ class Link:
     _retiring: list[tuple[float, Session]] = field(default_factory=list, init=False)
     _setup_rtt: float = field(default=0.0, init=False)
     _quick: bool = field(default=True, init=False)      # one immediate re-association left
-    _epoch: int = field(default=0, init=False)          # peer.epoch of our tunnel's setup
+    _epoch: int = field(default=0, init=False)          # peer.epoch when our setup was answered
     _seen_as: tuple[Any, Any] = field(default=(None, None), init=False)
     _cseq: int = field(default=0, init=False)
     # path validation of an agent peer's address: the token it must echo, where, until
@@ -648,7 +648,6 @@ class Link:
 
     def _setup(self, now: float, out: list[Action]) -> None:
         self._set(LinkState.SETTING_UP, "associated")
-        self._epoch = self.peer.epoch
         self._request("setup", [("TunnelSetupReq", {
             "sipId": self.cfg.me, "vipa": self.peer.record.vipa, "tunnelId": self.tunnel.tid,
             "interface": self.iface})], SETUP_TIMEOUT, now, out)
@@ -721,6 +720,7 @@ class Link:
                 self._fail(now, out, "bad tunnel id")
                 return
             self.tunnel.un_tid = resp["serverTunnelID"]
+            self._epoch = self.peer.epoch    # the server has this tunnel as of now
             self._setup_rtt = rtt
             self._seen_as = (resp.get("yourAddress"), resp.get("yourPort"))
             self._set(LinkState.VALIDATING, "tunnel set up")
