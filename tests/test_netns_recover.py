@@ -196,7 +196,6 @@ def test_anchor_sigkill_restart_tcp_and_downlink_only_udp_resume(topo: Topology,
     logs = (f"{out['agent_log']}\n--- anchor\n{out['anchor_log']}\n--- drops: agent "
             f"{out['agent_drops']} anchor {out['anchor_drops']}; anchor flows "
             f"{out['anchor_flows']}")
-    print(logs)
     assert out["tcp_rc"] == 0 and out["udp_rc"] == 0, (out, logs)
     tcp, udp, t = out["tcp"], out["udp"], out["t"]
     assert tcp["bytes"] == COUNT * 100, (tcp, logs)
