@@ -252,7 +252,9 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
     assert got["bytes"] == COUNT * 100, (got, agent_log)
     assert tunnels == ["wan1", "wan2"]
     (flow,) = [f for f in flows if f["protocol"] == "tcp"]
-    assert flow["rule"] == "web", flows                  # learned again from the ct mark
+    # learned again from its conntrack entry (the application's own source comes from
+    # there), with the rule its ct mark names
+    assert flow["rule"] == "web" and flow.get("src") == "10.1.0.2", flows
     print(f"\n[agent SIGTERM + start] stop->start {t_start - t_stop:.2f} s, "
           f"start->ready {t_ready - t_start:.2f} s, tcp gap {got['gap']:.2f} s, "
           f"ready->tcp resumes {got['gap_end'] - t_ready:.2f} s")
