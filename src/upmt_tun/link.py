@@ -626,9 +626,9 @@ class Link:
                     self.peer.set_state(AssocState.UNREACHABLE)
                 self._fail(now, out, "no handshake answer")
         elif then == "attempt":
-            if ok:
+            if ok or self.peer.kind is PeerKind.AGENT:
                 self._attempt(now, out)
-            else:       # not the old session either: the server did not answer at all
+            else:       # a server that did not answer at all: not the old session either
                 self._fail(now, out, "no handshake answer")
         elif then == "rekey":
             self._keepalive(now, out)        # on failure the old session goes on
