@@ -25,6 +25,7 @@ from upmt_tun.anchor import Anchor
 from upmt_tun.config import load_agent_config, load_anchor_config
 from upmt_tun.dataplane.io import FakeNetwork, FakeTun
 from upmt_tun.dataplane.packet import HEADER_LEN
+from upmt_tun.link import Settled
 
 from . import pktbuild as pb
 
@@ -386,6 +387,39 @@ async def test_anchor_restart_downlink_only_flow_resumes_at_once(tmp_path: Path,
         assert an.fwd.by_mh["laptop"].vipa == vipa
     finally:
         await w.stop()
+
+
+async def test_a_tunnel_settled_at_its_deadline_gets_its_flows_back(tmp_path: Path) -> None:
+    """The timer task runs a link for its deadline, which the clock may not quite have
+    reached (float rounding, timer resolution): the link finds its tunnel up for
+    return_after and says Settled (once); the agent must measure at that same instant,
+    or the flows preferring it would never come back."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        fwd = w.agent.fwd
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"x"))   # video: wan2 first
+        await w.settle()
+        (flow,) = fwd.paft.flows()
+        wan1, wan2 = fwd.by_path[("wan1", "an1")], fwd.by_path[("wan2", "an1")]
+        flow.move(w.clock(), wan1.tid, "test")
+        link = w.agent.links[("wan2", "an1")]
+        assert link.monitor is not None
+        at = w.clock() + 1e-9                 # the deadline, a hair ahead of the clock
+        link.monitor.started = at - w.cfg.return_after_s
+        w.agent._do([Settled(wan2)], at)      # noqa: SLF001 (what the timer task does)
+        assert flow.tunnel == wan2.tid
+    finally:
+        await w.stop()
+
+
+async def test_stop_right_after_an_event_ends(tmp_path: Path) -> None:
+    """An event kicks the timer task and the agent stops in the same loop turn: the
+    cancellation must not be lost (Python 3.11's wait_for swallows it then)."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    w.agent._kick.set()                      # noqa: SLF001 (what every link action does)
+    await asyncio.wait_for(w.stop(), 5.0)
 
 
 async def test_rekey_drops_nothing_and_old_session_still_opens(tmp_path: Path) -> None:

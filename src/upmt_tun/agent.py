@@ -342,9 +342,15 @@ class Agent:
         await self._ready.wait()
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            await asyncio.gather(self._timer, return_exceptions=True)
+        """Cancel the timer task until it ends: Python 3.11's ``wait_for`` swallows a
+        cancellation that lands as the event it waits for is set (gh-86296), and an
+        event (any link action kicks it) right before a stop would leave it running and
+        the stop waiting forever."""
+        t = self._timer
+        if t is not None:
+            while not t.done():
+                t.cancel()
+                await asyncio.wait({t}, timeout=0.1)
             self._timer = None
         self.tun.close()
         for i in self.ifaces:
