@@ -266,7 +266,7 @@ class Host:
         """TunnelSetupReq from ``src``: (anchor's tunnel id, challenge)."""
         code, reason, sigs = self.ask([("TunnelSetupReq", {"sipId": self.name, "vipa": self.vipa,
                                                            "tunnelId": tunnel_id,
-                                                           "interface": "wan"})], src)
+                                                           "interface": f"wan{tunnel_id}"})], src)
         if code != 200:
             raise Refused(f"{code} {reason}")
         tr = sigs["TunnelSetupResp"]
@@ -1268,3 +1268,65 @@ def test_handover_flow_keys_are_strictly_typed() -> None:
                 [6, "fe80::1", "198.51.100.7", 1, 80],
                 [6, None, "198.51.100.7", 1, 80], [6, "100.100.0.2"], "x", None, {}):
         assert _flow_key(bad) is None, bad
+
+
+# -- issue 13: a restarted anchor learns announced flows; a restarted agent's tunnels --------
+def test_an_announced_flow_the_anchor_does_not_know_is_learned_on_that_tunnel(rig: Rig) -> None:
+    """After an anchor restart the host announces its flows again (HandoverReq): a flow
+    the anchor never saw (downlink-only: no uplink packet to learn from) is learned on
+    the tunnel it came through, so its downlink goes there, not to the last-heard one.
+    Only the host's own flows (source = its VIpA), within the per-host flow cap."""
+    mh = Host(rig, "laptop", MH)
+    vipa, (t1, t2) = mh.establish((MH, MH2))
+    assert rig.fwd.by_mh["laptop"].last_tunnel is tunnel_of(rig, t1)    # the fallback
+    flow = [17, vipa, CH, 5000, 6000]
+    code, _, sigs = mh.ask([("HandoverReq", {"sipId": "laptop", "tunnelId": t2,
+                                             "flows": [flow]})], MH2)
+    assert code == 200 and sigs["HandoverResp"]["moved"] == 1
+    (f,) = rig.fwd.paft.flows()
+    assert f.tunnel == t2 and f.tx_packets == 0
+    [(_, to)] = rig.downlink(pb.udp(CH, vipa, 6000, 5000, b"down"))
+    assert to == MH2                                    # the flow's tunnel, not t1
+    # announced again: known now, nothing moves; a stranger's flow is refused
+    code, _, sigs = mh.ask([("HandoverReq", {"sipId": "laptop", "tunnelId": t2,
+                                             "flows": [flow]})], MH2)
+    assert code == 200 and sigs["HandoverResp"]["moved"] == 0
+    code, _, _ = mh.ask([("HandoverReq", {"sipId": "laptop", "tunnelId": t2,
+                                          "flows": [[17, "100.100.0.99", CH, 5001, 6000]]})], MH2)
+    assert code == 403 and len(rig.fwd.paft) == 1
+    # the per-host cap holds for announced flows as for learned ones
+    rig.fwd.paft.per_source_cap = 1
+    code, _, sigs = mh.ask([("HandoverReq", {"sipId": "laptop", "tunnelId": t2,
+                                             "flows": [[17, vipa, CH, 5002, 6000]]})], MH2)
+    assert code == 200 and sigs["HandoverResp"]["moved"] == 0
+    assert len(rig.fwd.paft) == 1 and rig.fwd.drops["flow_cap"] == 1
+
+
+@pytest.mark.parametrize("second, kept", [
+    # (tunnelId, interface) of the second setup -> which of the host's tunnels remain
+    ((8, "wan7"), {"wan7"}),           # a restarted agent: same interface, new number
+    ((8, "wan9"), {"wan7", "wan9"}),   # another interface: two tunnels, both kept
+    ((7, "wan7"), {"wan7"}),           # the same tunnel again (a retry): nothing replaced
+    ((7, "wan9"), {"wan9"}),           # its number now names another interface: renamed
+    ((8, ""), {"wan7", ""}),           # no interface name (another client): nothing dropped
+])
+def test_a_setup_for_an_interface_replaces_that_hosts_stale_tunnel_of_it(
+        rig: Rig, second: tuple[int, str], kept: set[str]) -> None:
+    """An agent keeps one tunnel per interface: after it restarts (its tunnels numbered
+    afresh), a setup for interface X with another tunnelId replaces the old tunnel of X
+    at once instead of leaving it to wait out TUNNEL_IDLE."""
+    mh = Host(rig, "laptop", MH)
+    mh.handshake()
+    mh.associate()
+    code, _, _ = mh.ask([("TunnelSetupReq", {"sipId": "laptop", "vipa": mh.vipa,
+                                             "tunnelId": 7, "interface": "wan7"})], MH)
+    assert code == 200
+    tid, iface = second
+    code, _, sigs = mh.ask([("TunnelSetupReq", {"sipId": "laptop", "vipa": mh.vipa,
+                                                "tunnelId": tid, "interface": iface})], MH2)
+    assert code == 200
+    a = rig.fwd.by_mh["laptop"]
+    assert sorted(t.interface for t in a.tunnels.values()) == sorted(kept)
+    assert set(a.tunnels) == set(rig.fwd.tunnels.by_tid)
+    t = a.tunnels[sigs["TunnelSetupResp"]["serverTunnelID"]]
+    assert (t.un_tid, t.interface, t.remote) == (tid, iface, MH2)

@@ -25,6 +25,7 @@ from upmt_tun.anchor import Anchor
 from upmt_tun.config import load_agent_config, load_anchor_config
 from upmt_tun.dataplane.io import FakeNetwork, FakeTun
 from upmt_tun.dataplane.packet import HEADER_LEN
+from upmt_tun.link import Settled
 
 from . import pktbuild as pb
 
@@ -72,6 +73,8 @@ class World:
         self.cfg = load_agent_config(_write(tmp, "agent.toml", text))
         self.anchors: list[Anchor] = []
         self.an_tuns: list[FakeTun] = []
+        self.anchor_cfgs = []
+        self.clock = clock
         for i in range(anchors):
             acfg = load_anchor_config(_write(tmp, f"anchor{i}.toml", f"""
                 listen = "203.0.113.{i + 1}:5060"
@@ -82,6 +85,7 @@ class World:
                 name = "laptop"
                 public_key = "{self.mh_key[1]}"
                 """))
+            self.anchor_cfgs.append(acfg)
             tun = FakeTun()
             self.an_tuns.append(tun)
             self.anchors.append(Anchor(acfg, tun=tun, clock=clock,
@@ -106,6 +110,21 @@ class World:
         await self.agent.stop()
         for a in self.anchors:
             await a.stop()
+
+    async def kill_anchor(self, i: int = 0) -> None:
+        """The anchor process dies: its socket and TUN go, nothing else is told."""
+        await self.anchors[i].stop()
+
+    async def start_anchor(self, i: int = 0) -> Anchor:
+        """A new anchor process with the same config and the same lease store."""
+        old = self.anchors[i]
+        tun = FakeTun()
+        new = Anchor(self.anchor_cfgs[i], tun=tun, clock=self.clock,
+                     path=self.net.socket(f"203.0.113.{i + 1}", 5060))
+        new.sig.use_leases(old.sig.leases, peers=["laptop"], max_age=86400.0)
+        self.anchors[i], self.an_tuns[i] = new, tun
+        await new.start()
+        return new
 
     async def settle(self) -> None:
         for _ in range(5):
@@ -319,6 +338,88 @@ async def test_agent_reassociates_when_the_anchor_forgets_it(tmp_path: Path) -> 
         assert len(w.an_tuns[0].written) == 1
     finally:
         await w.stop()
+
+
+@pytest.mark.parametrize("down_for", [1.0, 6.0])
+async def test_anchor_restart_downlink_only_flow_resumes_at_once(tmp_path: Path,
+                                                                down_for: float) -> None:
+    """Issue 13: the anchor process dies and a new one starts (same config, same lease
+    store) while a server sends to the host, which sends nothing. The agent finds every
+    tunnel silent, handshakes and associates again (the same VIpA) and announces its flows
+    again, so the new anchor, which knew nothing of them, sends the downlink through the
+    flow's own tunnel: it resumes within 1.5 s (virtual time) of the new anchor."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    loop = asyncio.get_running_loop()
+    try:
+        vipa = w.agent.status()["anchors"][0]["vipa"]
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"hello"))   # its only packet
+        await w.settle()
+
+        def down() -> None:
+            w.an_tuns[0].inject(pb.udp(CH, vipa, 6000, 5000, b"down"))
+
+        for _ in range(100):                          # 1 s of downlink-only traffic
+            down()
+            await asyncio.sleep(0.01)
+        assert len(w.mh_tun.written) == 100
+        await w.kill_anchor()
+        for _ in range(int(down_for * 100)):          # the server goes on sending
+            await asyncio.sleep(0.01)
+        an = await w.start_anchor()
+        back = loop.time()
+        before = len(w.mh_tun.written)
+        while len(w.mh_tun.written) == before and loop.time() - back < 10.0:
+            down()
+            await asyncio.sleep(0.01)
+        resumed = loop.time() - back
+        assert len(w.mh_tun.written) > before, "the downlink-only flow never resumed"
+        assert resumed < 1.5, resumed
+        # the new anchor learned the flow from the announcement (no uplink packet), on
+        # the first tunnel back up, then on the rule's own (video: wan2 first) once that
+        # one has been up return_after; the host kept its VIpA
+        (flow,) = an.status()["flows"]
+        assert (flow["dport"], flow["tx_packets"]) == (6000, 0)
+        await asyncio.sleep(w.cfg.return_after_s + 2.0)     # wan2 back within 1 s, + 5 s
+        (flow,) = an.status()["flows"]
+        assert flow["interface"] == "wan2" and flow["tx_packets"] == 0
+        assert w.agent.status()["anchors"][0]["vipa"] == vipa
+        assert an.fwd.by_mh["laptop"].vipa == vipa
+    finally:
+        await w.stop()
+
+
+async def test_a_tunnel_settled_at_its_deadline_gets_its_flows_back(tmp_path: Path) -> None:
+    """The timer task runs a link for its deadline, which the clock may not quite have
+    reached (float rounding, timer resolution): the link finds its tunnel up for
+    return_after and says Settled (once); the agent must measure at that same instant,
+    or the flows preferring it would never come back."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        fwd = w.agent.fwd
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"x"))   # video: wan2 first
+        await w.settle()
+        (flow,) = fwd.paft.flows()
+        wan1, wan2 = fwd.by_path[("wan1", "an1")], fwd.by_path[("wan2", "an1")]
+        flow.move(w.clock(), wan1.tid, "test")
+        link = w.agent.links[("wan2", "an1")]
+        assert link.monitor is not None
+        at = w.clock() + 1e-9                 # the deadline, a hair ahead of the clock
+        link.monitor.started = at - w.cfg.return_after_s
+        w.agent._do([Settled(wan2)], at)      # noqa: SLF001 (what the timer task does)
+        assert flow.tunnel == wan2.tid
+    finally:
+        await w.stop()
+
+
+async def test_stop_right_after_an_event_ends(tmp_path: Path) -> None:
+    """An event kicks the timer task and the agent stops in the same loop turn: the
+    cancellation must not be lost (Python 3.11's wait_for swallows it then)."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    w.agent._kick.set()                      # noqa: SLF001 (what every link action does)
+    await asyncio.wait_for(w.stop(), 5.0)
 
 
 async def test_rekey_drops_nothing_and_old_session_still_opens(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ from upmt_tun.dataplane.packet import (
 from upmt_tun.link import (
     BACKOFF_MAX,
     PREVIOUS_SESSION_LIFE,
+    RECOVER_EVERY,
+    RECOVER_FOR,
     REKEY_AFTER,
     SETUP_TIMEOUT,
     Action,
@@ -122,7 +124,10 @@ class Server:
             assert acc is not None
             self.sessions[acc.session.local_index] = acc.session
             return [acc.response]
-        s = self.sessions[int.from_bytes(data[4:8], "big")]
+        s = self.sessions.get(int.from_bytes(data[4:8], "big"))
+        if s is None:                   # not one of our sessions (we restarted): silence
+            self.got.append("unknown session")
+            return []
         opened = s.open(data)
         assert opened is not None
         if b0 == TYPE_PING:
@@ -147,6 +152,7 @@ class Sim:
     def __init__(self, link: Link, server: Server) -> None:
         self.link, self.server = link, server
         self.now = 0.0
+        self.cut = False                # this link's path loses everything it sends
         self.log: list[Action] = []
         self.states = [link.state]
         setter = link._set                             # noqa: SLF001 (record every change)
@@ -163,7 +169,7 @@ class Sim:
         while queue:
             a = queue.pop(0)
             self.log.append(a)
-            if isinstance(a, Send) and a.addr == AN:
+            if isinstance(a, Send) and a.addr == AN and not self.cut:
                 for r in self.server.receive(a.data, self.now):
                     queue += self.deliver(r)
 
@@ -324,9 +330,13 @@ def test_not_registered_means_associate_again() -> None:
     sim.server.answer["KeepAlive"] = lambda c: (501, "not registered", [])
     sim.server.answer["AssociationReq"] = lambda c: (sim.server.answer.update(KeepAlive=normal),
                                                      Server().answer["AssociationReq"](c))[1]
+    got = len(sim.server.got)
     sim.until(1.01)
-    assert [d.reason for d in sim.of(TunnelDown)] == ["keepalive loss"]
-    assert sim.server.got.count("AssociationReq") == 2 and sim.link.state is LinkState.UP
+    assert [d.reason for d in sim.of(TunnelDown)] == ["association lost"]
+    # an authenticated answer: the session works, no handshake, no backoff, no miss count
+    assert [g for g in sim.server.got[got:] if g != "PING"] == [
+        "KeepAlive", "AssociationReq", "TunnelSetupReq", "KeepAlive"]
+    assert sim.link.state is LinkState.UP and LinkState.BACKOFF not in sim.states
     assert not sim.link.peer.lost
 
 
@@ -359,8 +369,9 @@ def test_probes_find_a_silent_path_dead_within_a_second() -> None:
         sim.until(sim.now + 0.05)
     (down,) = sim.of(TunnelDown)
     assert down.reason == "probe loss" and sim.now - t0 < 1.0
-    # the session is younger than MIN_REKEY: no new handshake, straight to the setup
-    assert sim.link.state is LinkState.SETTING_UP
+    # its only tunnel to the server: the server went away or restarted (it forgot our
+    # keys): a fresh handshake although the session is young, then an association
+    assert sim.link.state is LinkState.HANDSHAKE and sim.link.peer.lost
 
 
 def test_settled_once_after_return_after() -> None:
@@ -420,6 +431,183 @@ def test_stop_takes_the_tunnel_down_and_leaves_nothing_pending() -> None:
     sim.run(sim.link.stop(sim.now))
     assert [d.reason for d in sim.of(TunnelDown)] == ["link removed"]
     assert sim.link.next_deadline() == float("inf")
+
+
+# -- a server that lost its state (restarted), issue 13 ---------------------------------------
+def pair(keepalive: float = 10.0) -> tuple[Sim, Sim]:
+    """Two links (wan1, wan2) to one server, sharing its Peer, both UP."""
+    a = up(keepalive)
+    link = a.link
+    b_link = Link("wan2", link.peer, Tunnel(2, "wan2", ("10.2.0.2", 40000), AN, "an1"),
+                  link.cfg, env(), link.stats)
+    b = Sim(b_link, a.server)
+    b.start()
+    assert b_link.state is LinkState.UP and link.peer.up == {"wan1", "wan2"}
+    return a, b
+
+
+def until_all(sims: tuple[Sim, ...], t: float, busy: tuple[Sim, ...] = ()) -> None:
+    """Advance links that share a clock, deadline by deadline (``busy``: their tunnels
+    carry traffic all along, so they probe every 100 ms)."""
+    while True:
+        for s in busy:
+            s.link.tunnel.tx_packets += 1
+        nxt = min(sims, key=lambda s: s.link.next_deadline())
+        d = nxt.link.next_deadline()
+        if d > t:
+            break
+        for s in sims:
+            s.now = max(s.now, d)
+        nxt.run(nxt.link.on_timer(d))
+    for s in sims:
+        s.now = t
+
+
+def restart(sim: Sim, *others: Sim) -> Server:
+    """The server restarts: a new one, which knows no session and no association."""
+    fresh = Server()
+    for s in (sim, *others):
+        s.server = fresh
+    return fresh
+
+
+@pytest.mark.parametrize("back_after", [0.2, 1.3, 4.6, 12.0, 29.0])
+def test_silence_on_every_tunnel_then_the_server_back_up_within_a_second(
+        back_after: float) -> None:
+    """The only tunnel goes silent (the server was killed): handshakes every second (not
+    backed off) until it is back, then the association first (it lost it: no refused
+    setup, no backoff) and the tunnel is up again within RECOVER_EVERY of its return."""
+    sim = up()
+    sim.link.tunnel.tx_packets += 1
+    sim.server.silent = True
+    t0 = sim.now
+    until_all((sim,), t0 + 0.6, busy=(sim,))
+    assert [d.reason for d in sim.of(TunnelDown)] == ["probe loss"]
+    assert sim.link.peer.lost and sim.link.peer.recovering(sim.now)
+    until_all((sim,), t0 + back_after)
+    fresh = restart(sim)
+    got = len(sim.log)
+    until_all((sim,), t0 + back_after + RECOVER_EVERY + 0.01)
+    assert sim.link.state is LinkState.UP, sim.states
+    assert [g for g in fresh.got if g != "PING"] == [
+        "HS_INIT", "AssociationReq", "TunnelSetupReq", "KeepAlive"]
+    assert sum(isinstance(a, TunnelUp) for a in sim.log[got:]) == 1
+    assert LinkState.BACKOFF not in sim.states and not sim.link.peer.lost
+
+
+def test_a_server_gone_for_good_gets_backoff_after_the_recovery_window() -> None:
+    sim = up()
+    sim.link.tunnel.tx_packets += 1
+    sim.server.silent = True
+    t0 = sim.now
+    until_all((sim,), t0 + 0.6, busy=(sim,))
+    sent: list[float] = []
+    orig = sim.run
+
+    def run(actions: list[Action]) -> None:
+        sent.extend(sim.now for a in actions if isinstance(a, Send) and a.data[0] == TYPE_HS_INIT)
+        orig(actions)
+
+    sim.run = run                                    # type: ignore[method-assign]
+    until_all((sim,), t0 + RECOVER_FOR + 120.0)
+    during = [t for t in sent if t < t0 + RECOVER_FOR]
+    after = [t for t in sent if t > t0 + RECOVER_FOR + 1]
+    gaps = [b - a for a, b in itertools.pairwise(during)]
+    assert max(gaps) <= RECOVER_EVERY + 1e-9 and len(during) >= RECOVER_FOR / RECOVER_EVERY - 2
+    # then the normal backoff: 1, 2, 4 .. 30 s between handshakes of 4 s each
+    late_gaps = [b - a for a, b in itertools.pairwise(after)]
+    assert max(late_gaps) >= BACKOFF_MAX and len(after) < 120 / 4
+    assert sim.link.state is LinkState.BACKOFF or sim.link.state is LinkState.HANDSHAKE
+
+
+def test_when_one_tunnel_dies_silent_the_others_probe_at_once() -> None:
+    """wan1 carries traffic, wan2 is idle (its probes every 10 s): the server dies; wan1
+    notices within a second, and wan2 probes at once instead of at its next idle probe,
+    so it is known silent too within a second more: every tunnel is silent (recovery)."""
+    a, b = pair()
+    until_all((a, b), 40.0, busy=(a,))                # wan2's idle probes backed off
+    assert b.link.monitor is not None and b.link.monitor.interval >= 8.0
+    a.server.silent = True
+    t0 = a.now
+    until_all((a, b), t0 + 3.0, busy=(a,))
+    (da,), (db,) = a.of(TunnelDown), b.of(TunnelDown)
+    assert da.reason == db.reason == "probe loss"
+    assert a.link.peer.lost and a.link.peer.silent_at - t0 < 2.0
+
+
+def test_a_setup_answered_after_the_new_association_is_not_set_up_twice() -> None:
+    """wan1 dies first with a young session: it sends its setup under the old session
+    (the server is gone). wan2 dies too, handshakes and associates again with the
+    restarted server; wan1's setup, retransmitted under the new session, is answered:
+    its tunnel belongs to the new association and stays up (no second setup)."""
+    a, b = pair()
+    a.server.silent = True
+    t0 = a.now
+    until_all((a, b), t0 + 3.0, busy=(a,))
+    assert a.link.state is LinkState.SETTING_UP and b.link.peer.lost
+    fresh = restart(a, b)
+    until_all((a, b), t0 + 8.0)
+    assert a.link.state is LinkState.UP and b.link.state is LinkState.UP
+    assert [d.reason for d in a.of(TunnelDown)] == ["probe loss"]
+    assert [d.reason for d in b.of(TunnelDown)] == ["probe loss"]
+    assert fresh.got.count("AssociationReq") == 1 and fresh.got.count("TunnelSetupReq") == 2
+
+
+def test_one_path_dying_is_not_a_server_restart() -> None:
+    """wan1's path loses everything, wan2 is fine: wan1 handshakes on the normal schedule
+    and, without an answer, backs off; it never sends its setup sealed with the old
+    session, and the peer is not marked lost (no re-association)."""
+    a, b = pair()
+    until_all((a, b), 10.0)                           # the session is older than MIN_REKEY
+    a.cut = True
+    t0 = a.now
+    until_all((a, b), t0 + 0.6 + SETUP_TIMEOUT + 0.6, busy=(a,))
+    assert [d.reason for d in a.of(TunnelDown)] == ["probe loss"] and not b.of(TunnelDown)
+    assert not a.link.peer.lost and not a.link.peer.recovering(a.now)
+    assert a.link.state is LinkState.BACKOFF
+    sent_after = [x for x in a.log[a.log.index(a.of(TunnelDown)[0]):] if isinstance(x, Send)]
+    assert all(x.data[0] == TYPE_HS_INIT for x in sent_after)
+    a.cut = False
+    until_all((a, b), a.now + 8.0)
+    assert a.link.state is LinkState.UP and "AssociationReq" not in a.server.got[4:]
+
+
+@pytest.mark.parametrize("signal", ["KeepAlive", "TunnelSetupReq", "HandoverReq"])
+def test_not_registered_on_one_link_reassociates_at_once_and_the_others_follow(
+        signal: str) -> None:
+    """An authenticated "not registered" (the server restarted and we already have a
+    session with it): associate again at once, no handshake, no backoff; the other
+    link learns it from the peer on its next tick, not at its next keepalive."""
+    a, b = pair(keepalive=10.0)
+    server = a.server
+    normal = dict(server.answer)
+    server.answer[signal] = lambda c: (501, "not registered", [])
+    server.answer["AssociationReq"] = lambda c: (server.answer.update(
+        {signal: normal[signal]}), normal["AssociationReq"](c))[1]
+    got = len(server.got)
+    if signal == "KeepAlive":
+        until_all((a, b), 10.01)
+    elif signal == "HandoverReq":
+        a.run(a.link.handover([[17, "100.100.0.2", "198.51.100.7", 5000, 6000]], a.now))
+        until_all((a, b), a.now + 0.1)
+    else:                         # a setup: wan1's path changed while it was in backoff
+        a.run(a.link.on_link(False, a.now))
+        a.run(a.link.on_link(True, a.now))
+        until_all((a, b), a.now + 0.1)
+    assert a.link.state is LinkState.UP and b.link.state is LinkState.UP
+    assert b.of(TunnelDown)[0].reason == "association lost"
+    assert "HS_INIT" not in server.got[got:] and LinkState.BACKOFF not in a.states + b.states
+    assert server.got[got:].count("AssociationReq") >= 1
+
+
+def test_not_registered_twice_in_a_row_backs_off() -> None:
+    """An immediate re-association once; a server that keeps refusing gets the backoff."""
+    sim = Sim(server_link(), Server())
+    sim.server.answer["TunnelSetupReq"] = lambda c: (501, "not registered", [])
+    sim.start()
+    assert sim.server.got == ["HS_INIT", "AssociationReq", "TunnelSetupReq", "AssociationReq",
+                              "TunnelSetupReq"]
+    assert sim.link.state is LinkState.BACKOFF
 
 
 # -- agent to agent: either role ---------------------------------------------------------------

@@ -225,9 +225,17 @@ class Agent:
         self._do(link.on_sip_response(msg, self.clock()))
 
     # -- carrying out what the links decide ----------------------------------------------
-    def _do(self, actions: list[Action]) -> None:
-        now = self.clock()
+    def _do(self, actions: list[Action], at: float | None = None) -> None:
+        """``at``: the ``now`` the link decided at (a timer fires for its deadline, maybe
+        a hair before the clock reaches it); up-for times are measured there too, or a
+        tunnel the link found settled could still miss return_after by a rounding error,
+        and its flows would never come back (Settled comes once)."""
+        now = self.clock() if at is None else at
         fwd = self.fwd
+
+        def up_for(t: Tunnel) -> float:
+            return self._up_for(t, now)
+
         for a in actions:
             if isinstance(a, Send):
                 self._sends[self._seam[a.iface].index](a.data, a.addr)
@@ -242,13 +250,17 @@ class Agent:
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
-                self.announce(fwd.restore_preferences(now, self._up_for,
-                                                      self.cfg.return_after_s))
+                moved = fwd.restore_preferences(now, up_for, self.cfg.return_after_s)
+                # and the flows it had are announced again: the anchor may have lost them
+                # (it restarted), and a downlink-only flow would never tell it
+                ids = {f.fid for f in moved}
+                self.announce(moved + [f for f in fwd.paft.flows()
+                                       if f.tunnel == a.tunnel.tid and f.fid not in ids])
             elif isinstance(a, TunnelDown):
                 fwd.tunnel_down(a.tunnel)
                 self.announce(fwd.fail_over(a.tunnel, now, a.reason))
             elif isinstance(a, Settled):
-                self.announce(fwd.restore_preferences(now, self._up_for,
+                self.announce(fwd.restore_preferences(now, up_for,
                                                       self.cfg.return_after_s))
         if not self._ready.is_set() and all(x.tried for x in self.links.values()):
             self._ready.set()
@@ -272,11 +284,11 @@ class Agent:
                 continue
             for link in list(self.links.values()):
                 if link.next_deadline() <= now:
-                    self._do(link.on_timer(now))
+                    self._do(link.on_timer(now), now)
 
-    def _up_for(self, t: Tunnel) -> float:
+    def _up_for(self, t: Tunnel, now: float) -> float:
         link = self._by_tid.get(t.tid)
-        return link.up_for(self.clock()) if link is not None else 0.0
+        return link.up_for(now) if link is not None else 0.0
 
     def _new_index(self) -> int:
         pending = {x.hs_index for x in self.links.values()}
@@ -330,9 +342,15 @@ class Agent:
         await self._ready.wait()
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            await asyncio.gather(self._timer, return_exceptions=True)
+        """Cancel the timer task until it ends: Python 3.11's ``wait_for`` swallows a
+        cancellation that lands as the event it waits for is set (gh-86296), and an
+        event (any link action kicks it) right before a stop would leave it running and
+        the stop waiting forever."""
+        t = self._timer
+        if t is not None:
+            while not t.done():
+                t.cancel()
+                await asyncio.wait({t}, timeout=0.1)
             self._timer = None
         self.tun.close()
         for i in self.ifaces:

@@ -33,9 +33,10 @@ States (initiator; ``[attempt]`` is a decision, not a state)::
          |  1, 2, 4 .. 30 s, or a link event         echoes challenge) (PATH_CHALLENGE)
          v                                            | validated          | echoed
      HANDSHAKE (forced: a fresh session             UP <------------------+
-       unless younger than 5 s) --> [attempt]        |  keepalive misses, probe loss
-                                                     v
+       unless younger than 5 s and than the         |  keepalive misses, probe loss
+       silence of every tunnel) --> [attempt]       v
                                           TunnelDown, HANDSHAKE (forced) --> [attempt]
+                                          ("not registered": TunnelDown, ASSOCIATING at once)
 
      any state --interface unusable--> LINK_DOWN (from UP: TunnelDown first)
 
@@ -98,6 +99,8 @@ REKEY_AFTER_MESSAGES = 1 << 28 # AES-GCM: well inside its per-key limits (RFC 84
 COOKIE_RETRIES = 3             # immediate retries with a fresh cookie, per handshake
 CHALLENGE_EVERY = 0.2          # seconds between PATH_CHALLENGEs to an agent peer
 VALIDATE_TRIES = 3             # KeepAlives echoing a fresh challenge before giving up
+RECOVER_FOR = 30.0       # after every tunnel to a server went silent (it may be restarting):
+RECOVER_EVERY = 1.0      # ... a handshake initiation this often for this long, then backoff
 SIP_STATS = ("requests", "retransmits", "timeouts", "stray", "malformed")
 _INF = float("inf")
 
@@ -236,7 +239,16 @@ class Peer:
     record: AnchorLink
     kind: PeerKind = PeerKind.SERVER
     state: AssocState = AssocState.ASSOCIATING
-    lost: bool = False             # the server said it does not know us (it restarted)
+    lost: bool = False             # the server lost our association (said so, or went silent)
+    epoch: int = 0                 # associations made again after one was lost
+    up: set[str] = field(default_factory=set)     # interfaces whose link to it is UP
+    suspect_at: float = -_INF      # when a tunnel to it last died of silence
+    silent_at: float = -_INF       # when its last UP tunnel died of silence (all silent)
+
+    def recovering(self, now: float) -> bool:
+        """Every tunnel to this server went silent less than RECOVER_FOR ago: it may be
+        restarting, so handshakes are retried every RECOVER_EVERY, not backed off."""
+        return now < self.silent_at + RECOVER_FOR
 
     def set_state(self, new: AssocState) -> None:
         if new is not self.state:
@@ -270,6 +282,7 @@ class _Handshake:
     waited: float = 0.0
     delay: float = sip.T1
     wait: float = 0.0
+    started: float = 0.0
     cookies: int = 0
     sent_at: float = 0.0
     deadline: float = _INF         # answer wait ends (or a paced retry is due)
@@ -302,6 +315,8 @@ class Link:
     cookie: tuple[bytes, float] | None = field(default=None, init=False)
     _retiring: list[tuple[float, Session]] = field(default_factory=list, init=False)
     _setup_rtt: float = field(default=0.0, init=False)
+    _quick: bool = field(default=True, init=False)      # one immediate re-association left
+    _epoch: int = field(default=0, init=False)          # peer.epoch when our setup was answered
     _seen_as: tuple[Any, Any] = field(default=(None, None), init=False)
     _cseq: int = field(default=0, init=False)
     # path validation of an agent peer's address: the token it must echo, where, until
@@ -327,6 +342,10 @@ class Link:
             self.state = new
             # the data plane's view of the tunnel (the forwarder reads it per packet)
             self.tunnel.state = "up" if new is LinkState.UP else "down"
+            if new is LinkState.UP:
+                self.peer.up.add(self.iface)
+            else:
+                self.peer.up.discard(self.iface)
 
     @property
     def session(self) -> Session | None:
@@ -463,7 +482,7 @@ class Link:
             hs.waited += elapsed
             if pause > 0.0:
                 hs.deadline, hs.paced = now + pause, True
-            elif hs.waited < SETUP_TIMEOUT:
+            elif hs.waited < self._hs_budget(hs):
                 self._send_init(hs, now, out)
             else:
                 self._hs_failed(hs, now, out)
@@ -607,7 +626,10 @@ class Link:
                     self.peer.set_state(AssocState.UNREACHABLE)
                 self._fail(now, out, "no handshake answer")
         elif then == "attempt":
-            self._attempt(now, out)          # a forced renewal's result does not matter
+            if ok or self.peer.kind is PeerKind.AGENT:
+                self._attempt(now, out)
+            else:       # a server that did not answer at all: not the old session either
+                self._fail(now, out, "no handshake answer")
         elif then == "rekey":
             self._keepalive(now, out)        # on failure the old session goes on
         elif then == "validate":
@@ -655,7 +677,7 @@ class Link:
                 log.warning("handover of %d flow(s) to tunnel %d not confirmed: %s", t.extra,
                             self.tunnel.tid, err)
             elif answer[0] != 200:
-                log.warning("anchor %s refused a handover: %d %s", name, answer[0], answer[1])
+                self._refused("a handover", answer[0], answer[1])   # lost: the next tick acts
             return
         if t.what == "associate":
             if answer is None:
@@ -686,7 +708,11 @@ class Link:
             resp = _find(body, "TunnelSetupResp")
             if code != 200 or resp is None:
                 self._refused(f"tunnel setup via {self.iface}", code, reason)
-                self._fail(now, out, "setup refused")
+                if self.peer.lost and self._quick:
+                    self._quick = False      # an authenticated answer: associate again now
+                    self._attempt(now, out)
+                else:
+                    self._fail(now, out, "setup refused")
                 return
             if not 0 < resp["serverTunnelID"] <= PATH_MAX:
                 log.error("anchor %s sent tunnel id %d (must fit 24 bits)", name,
@@ -694,6 +720,7 @@ class Link:
                 self._fail(now, out, "bad tunnel id")
                 return
             self.tunnel.un_tid = resp["serverTunnelID"]
+            self._epoch = self.peer.epoch    # the server has this tunnel as of now
             self._setup_rtt = rtt
             self._seen_as = (resp.get("yourAddress"), resp.get("yourPort"))
             self._set(LinkState.VALIDATING, "tunnel set up")
@@ -725,6 +752,10 @@ class Link:
         if self.state is not LinkState.UP:
             return
         self._misses = 0 if ok else self._misses + 1
+        if not ok and self.peer.lost and answer is not None:
+            # it answered "not registered": the session works, associate again now
+            self._tunnel_lost(now, "association lost", out, fresh=False)
+            return
         if not ok and (self.peer.lost or self._misses >= DEAD_AFTER):
             self._tunnel_lost(now, "keepalive loss", out)
             return
@@ -746,6 +777,8 @@ class Link:
             log.info("anchor %s (%s): VIpA %s", name, role, vipa)   # once, not per interface
         out.append(Associated(name, vipa, role, serves))
         rec.vipa = vipa     # the driver's forwarder sets the rest; the setup needs it now
+        if self.peer.lost:  # tunnels set up under the lost association are set up again
+            self.peer.epoch += 1
         self.peer.lost = False
         self.peer.set_state(AssocState.ASSOCIATED)
         return True
@@ -760,6 +793,7 @@ class Link:
         self.tried = True
         self.backoff = 1.0
         self._misses = 0
+        self._quick = True
         self._set(LinkState.UP, "path validated")
         self.monitor = PathMonitor(self.cfg.probe, started=now)
         self._settled = False
@@ -783,9 +817,27 @@ class Link:
         self._settled = False
         self._next_tick = _INF
 
-    def _tunnel_lost(self, now: float, reason: str, out: list[Action]) -> None:
+    def _tunnel_lost(self, now: float, reason: str, out: list[Action], fresh: bool = True
+                     ) -> None:
         """An UP tunnel stopped working (keepalives or probes): down now, then a fresh
-        handshake and set it up again (an anchor that restarted forgot our keys)."""
+        handshake and set it up again (an anchor that restarted forgot our keys).
+        ``fresh=False``: the server answered that it lost our association (the session
+        works): associate again at once, no handshake.
+
+        Silence on the last UP tunnel to a server (every tunnel silent) means the server
+        is gone or restarted and lost our keys and association (a packet sealed with a
+        session it does not know is dropped without a word): the handshake is followed
+        by an association, and handshakes are retried every RECOVER_EVERY for
+        RECOVER_FOR seconds, so the link is back within about a second of the server."""
+        peer = self.peer
+        if peer.kind is PeerKind.SERVER and reason in ("probe loss", "keepalive loss"):
+            peer.suspect_at = now                 # the other tunnels probe now (_probe_tick)
+            if not peer.up - {self.iface}:
+                if not peer.recovering(now):
+                    log.warning("anchor %s: every tunnel to it is silent (restarted?): "
+                                "handshake and association again", peer.name)
+                peer.silent_at = now
+                peer.lost = True
         self._down(now, reason, out)
         log.warning("tunnel %d (%s -> %s) down", self.tunnel.tid, self.iface, self.peer.name)
         self._ka_busy = False
@@ -796,13 +848,18 @@ class Link:
             self._validated = False
             self._set(LinkState.IDLE, reason)     # the initiator handshakes again
             return
+        if not fresh:
+            self._attempt(now, out)
+            return
         self._set(LinkState.HANDSHAKE, reason)
         self._renew(now, out)
 
     def _renew(self, now: float, out: list[Action]) -> None:
-        """A forced handshake (unless the session is brand new), then the attempt."""
+        """A forced handshake (unless the session is brand new and younger than the
+        silence of every tunnel to the server), then the attempt."""
         s = self.session
-        if s is not None and now - s.created <= MIN_REKEY and self._hs is None:
+        if s is not None and now - s.created <= MIN_REKEY and s.created > self.peer.silent_at \
+                and self._hs is None:
             self._attempt(now, out)
         elif self._hs is None:
             self._handshake("attempt", now, out, LinkState.HANDSHAKE)
@@ -810,15 +867,31 @@ class Link:
             self._hs.then = "attempt"
 
     def _fail(self, now: float, out: list[Action], why: str) -> None:
-        """An attempt failed: wait (1, 2, 4 ... BACKOFF_MAX s, or until a link event)."""
+        """An attempt failed: wait (1, 2, 4 ... BACKOFF_MAX s, or until a link event;
+        RECOVER_EVERY while the server may be restarting)."""
         self.tried = True
         self._set(LinkState.BACKOFF, why)
-        self._wake_at = now + self.backoff
+        self._wake_at = now + (self._recover_every() if self._recovering(now) else self.backoff)
+
+    def _recovering(self, now: float) -> bool:
+        return self.peer.kind is PeerKind.SERVER and self.peer.recovering(now)
+
+    def _recover_every(self) -> float:
+        """RECOVER_EVERY less up to a quarter at random: the hosts of a restarted server
+        that noticed together do not all come back in step."""
+        return RECOVER_EVERY * (1.0 - 0.25 * self.env.random_bytes(1)[0] / 255)
+
+    def _hs_budget(self, hs: _Handshake) -> float:
+        """How long a handshake tries: SETUP_TIMEOUT, or to the end of the recovery."""
+        if hs.then == "rekey" or self.peer.kind is not PeerKind.SERVER:
+            return SETUP_TIMEOUT
+        return max(SETUP_TIMEOUT, self.peer.silent_at + RECOVER_FOR - hs.started)
 
     def _woken(self, now: float, out: list[Action]) -> None:
         """The wait timer: the end of a backoff, or the next keepalive."""
         if self.state is LinkState.BACKOFF:
-            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            if not self._recovering(now):
+                self.backoff = min(self.backoff * 2, BACKOFF_MAX)
             self._set(LinkState.HANDSHAKE, "retry")
             self._renew(now, out)
         elif self.state is LinkState.UP and self.tunnel.state != "up":
@@ -836,7 +909,7 @@ class Link:
                    ) -> None:
         if state is not None:
             self._set(state, f"handshake for {then}")
-        hs = _Handshake(then, self.session)
+        hs = _Handshake(then, self.session, started=now)
         self._hs = hs
         self._send_init(hs, now, out)
 
@@ -850,21 +923,22 @@ class Link:
                              local_index=hs.index, wall_ns=self.env.wall_ns(),
                              cookie=cookie[0] if cookie is not None else None)
         hs.sent_at, hs.paced = now, False
-        hs.wait = min(hs.delay, SETUP_TIMEOUT - hs.waited)     # never past the budget
+        hs.wait = min(hs.delay, self._hs_budget(hs) - hs.waited)     # never past the budget
         hs.deadline = now + hs.wait
         out.append(Send(self.iface, hs.init.packet, self.peer.addr))
 
     def _hs_timer(self, hs: _Handshake, now: float, out: list[Action]) -> None:
+        budget = self._hs_budget(hs)
         if hs.paced:                         # the pause after useless cookies is over
-            if hs.waited < SETUP_TIMEOUT:
+            if hs.waited < budget:
                 self._send_init(hs, now, out)
             else:
                 self._hs_failed(hs, now, out)
             return
         hs.init, hs.index = None, 0          # its answer, if late, is a stray one now
         hs.waited += hs.wait
-        hs.delay = min(hs.delay * 2, sip.T2)
-        if hs.waited < SETUP_TIMEOUT:
+        hs.delay = min(hs.delay * 2, self._recover_every() if self._recovering(now) else sip.T2)
+        if hs.waited < budget:
             self._send_init(hs, now, out)
         else:
             self._hs_failed(hs, now, out)
@@ -873,7 +947,7 @@ class Link:
         self._hs = None
         if self.peer.record.vipa or self.peer.kind is PeerKind.AGENT:
             log.warning("anchor %s: no handshake answer via %s within %.0f s (path down?)",
-                        self.peer.name, self.iface, SETUP_TIMEOUT)
+                        self.peer.name, self.iface, hs.waited)
         else:
             log.warning("anchor %s: no handshake answer via %s within %.0f s (unreachable, "
                         "wrong public_key, or this host not a [[peer]] there)", self.peer.name,
@@ -951,6 +1025,14 @@ class Link:
         if m is None or t.state != "up":     # taken down behind our back (tests do)
             self.monitor, self._next_tick = None, _INF
             return
+        if self.peer.kind is PeerKind.SERVER:
+            if self.peer.lost or self._epoch != self.peer.epoch:
+                # another link heard that the server lost our association (and maybe
+                # made a new one): our tunnel went with it, set it up again now
+                self._tunnel_lost(now, "association lost", out, fresh=False)
+                return
+            if m.last_rx < self.peer.suspect_at:
+                m.last_data = now            # another tunnel to it died silent: probe as busy
         probe, dead = m.tick(now, t.tx_packets, t.rx_packets)
         if dead:
             log.warning("tunnel %d (%s -> %s): no answer for %.2f s, down", t.tid,

@@ -264,14 +264,26 @@ class AnchorSignalling:
 
     def _on_TunnelSetupReq(self, c: dict[str, Any], src: tuple[str, int], now: float,
                            session: Session) -> tuple[str, dict[str, Any]]:
+        """A host keeps one tunnel per interface (its agent has one link per (interface,
+        peer)): a setup for interface X with a tunnelId we do not have for X replaces the
+        host's tunnel of X (a restarted agent numbers its tunnels afresh; the old one
+        would otherwise wait out TUNNEL_IDLE, and hold a slot of MAX_TUNNELS_PER_HOST)."""
         a = self._assoc(session)
         if c["vipa"] != a.vipa:
             raise Refused(501, "not registered")
+        iface = str(c.get("interface", ""))[:32]
         t = next((t for t in a.tunnels.values() if t.un_tid == c["tunnelId"]), None)
+        if iface:
+            for old in [o for o in a.tunnels.values() if o.interface == iface and o is not t]:
+                self.fwd.drop_tunnel(a, old)
+                self._log.log(logging.INFO, now, "tunnel %d of %s (%s) replaced", old.tid,
+                              a.mh, iface)
+            if t is not None:
+                t.interface = iface              # its number now names another interface
         if t is None:
             if len(a.tunnels) >= MAX_TUNNELS_PER_HOST:
                 self.fwd.drop_tunnel(a, min(a.tunnels.values(), key=lambda x: x.last_rx))
-            t = Tunnel(self.fwd.tunnels.new_tid(), str(c.get("interface", ""))[:32], self.listen,
+            t = Tunnel(self.fwd.tunnels.new_tid(), iface, self.listen,
                        src, a.mh, a.vipa, a.vipa_b, c["tunnelId"], created=now)
             self.fwd.tunnels.add(t)
             a.tunnels[t.tid] = t
@@ -339,7 +351,15 @@ class AnchorSignalling:
             packed = pack_key(key)
             if key[1] != a.vipa_b:
                 raise Refused(403, "Forbidden: not this host's flow")
-            if self.fwd.paft.handover(packed, t.tid, self._seq, now) > 0:
+            got = self.fwd.paft.handover(packed, t.tid, self._seq, now)
+            if got < 0 and self.fwd.paft.get(packed) is None:
+                # a flow we do not know (we restarted and the host announces its flows
+                # again): learn it on this tunnel, as its first uplink packet would
+                # (the same caps); a downlink-only flow has no other way back
+                got = 1 if self.fwd.paft.up(packed, t.tid, self._seq, now, 0) == 0 else 0
+                if not got:
+                    self.fwd.drops["flow_cap"] += 1
+            if got > 0:
                 moved += 1
         a.last_tunnel = t
         return "HandoverResp", {"moved": moved}
