@@ -20,13 +20,15 @@ and announced to the anchor), link events, operator commands and status.
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import logging
 import math
 import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import AgentConfig, Rule
@@ -36,10 +38,13 @@ from .dataplane.packet import (
     TYPE_CONTROL,
     TYPE_COOKIE,
     TYPE_DATA,
+    TYPE_HS_INIT,
     TYPE_HS_RESP,
     TYPE_PATH_CHALLENGE,
     TYPE_PONG,
+    TYPE_RELAY,
 )
+from .keys import public_of
 from .link import (
     SIP_STATS,
     Action,
@@ -49,14 +54,18 @@ from .link import (
     Env,
     Link,
     LinkConfig,
+    LinkState,
     NewSession,
     Peer,
+    PeerFound,
+    PeerKind,
     Role,
     Send,
     Settled,
     TunnelDown,
     TunnelUp,
 )
+from .mesh import MeshDirectory, MeshPeer, is_relay_addr
 from .paths import ProbeParams
 from .signalling import sip
 from .tables import Flow, FlowKey, Tunnel, ip_str
@@ -112,7 +121,8 @@ class Agent:
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 cgroup_of: Callable[[str], str | None] | None = None) -> None:
+                 cgroup_of: Callable[[str], str | None] | None = None,
+                 mesh_route: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
         self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
@@ -142,6 +152,16 @@ class Agent:
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
+        # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
+        self.mesh = MeshDirectory()
+        self.mesh_links: dict[str, Link] = {}             # peer key -> its link
+        self.mesh_cfg = replace(self.link_cfg, plaintext_data=False)   # never readable
+        self.mesh_route = mesh_route      # routes a mesh pool into the TUN (host set-up)
+        try:                              # glare between two initiators: the lower key wins
+            self.public_key = base64.b64decode(public_of(base64.b64encode(cfg.private_key)))
+        except ValueError:
+            self.public_key = b""
+        self.fwd.mesh_miss = self._mesh_miss
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -185,6 +205,8 @@ class Agent:
                 link = self._by_tid.get(pong[0].tid) if pong is not None else None
                 if link is not None and pong is not None:
                     link.on_pong(pong[1], clock())
+            elif b0 == TYPE_RELAY:
+                self._on_relay(index, data, src)
             elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
                 opened = fwd.open(index, data, src)
                 link = self._by_tid.get(opened[1].tid) if opened is not None else None
@@ -230,7 +252,10 @@ class Agent:
         fwd = self.fwd
         for a in actions:
             if isinstance(a, Send):
-                self._sends[self._seam[a.iface].index](a.data, a.addr)
+                if is_relay_addr(a.addr):
+                    self._relay_send(a)
+                else:
+                    self._sends[self._seam[a.iface].index](a.data, a.addr)
             elif isinstance(a, Drop):
                 fwd.drops[a.reason] += 1
             elif isinstance(a, NewSession):
@@ -239,14 +264,21 @@ class Agent:
                 fwd.drop_session(a.index)
             elif isinstance(a, Associated):
                 fwd.set_association(a.peer, a.vipa, a.role, a.serves)
+                self._mesh_pool(a.peer, a.mesh_pool)
+            elif isinstance(a, PeerFound):
+                self._peer_found(a, now)
+            elif isinstance(a, (TunnelUp, TunnelDown, Settled)) and a.tunnel.tid == 0:
+                self._sync_relays(now)           # a mesh peer's relay link
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
                 self.announce(fwd.restore_preferences(now, self._up_for,
                                                       self.cfg.return_after_s))
+                self._mesh_hops(a.tunnel.peer, now)
             elif isinstance(a, TunnelDown):
                 fwd.tunnel_down(a.tunnel)
                 self.announce(fwd.fail_over(a.tunnel, now, a.reason))
+                self._mesh_hops(a.tunnel.peer, now)
             elif isinstance(a, Settled):
                 self.announce(fwd.restore_preferences(now, self._up_for,
                                                       self.cfg.return_after_s))
@@ -262,7 +294,7 @@ class Agent:
             # a timer may fire a hair before its deadline (the loop's clock resolution,
             # float rounding): it fired for ``due``, so ``due`` is reached
             now = max(self.clock(), fired)
-            due = min((x.next_deadline() for x in self.links.values()), default=math.inf)
+            due = min((x.next_deadline() for x in self._all_links()), default=math.inf)
             if due > now:
                 self._kick.clear()
                 try:
@@ -273,17 +305,216 @@ class Agent:
             for link in list(self.links.values()):
                 if link.next_deadline() <= now:
                     self._do(link.on_timer(now))
+            for key, link in list(self.mesh_links.items()):
+                if link.next_deadline() <= now and self.mesh_links.get(key) is link:
+                    self._do(link.on_timer(now))
+                    if link.state is LinkState.BACKOFF and key in self.mesh.by_key:
+                        # no session: maybe another host has that VIpA now; ask again
+                        self._remove_peer(self.mesh.by_key[key], "no session")
+
+    def _all_links(self) -> list[Link]:
+        return [*self.links.values(), *self.mesh_links.values()]
 
     def _up_for(self, t: Tunnel) -> float:
+        if t.vipa_peer:                  # a relay path: as long as its hop
+            hop = self.fwd.by_path.get((t.interface, self.fwd.relay_anchor(t)))
+            t = hop if hop is not None else t
         link = self._by_tid.get(t.tid)
         return link.up_for(self.clock()) if link is not None else 0.0
 
     def _new_index(self) -> int:
-        pending = {x.hs_index for x in self.links.values()}
+        pending = {x.hs_index for x in self._all_links()}
         while True:
             idx = secrets.randbits(32)
             if idx and idx not in self.fwd.sessions and idx not in pending:
                 return idx
+
+    # -- mesh peers (UPMT-DAM relay; mesh.py) --------------------------------------------
+    def _mesh_pool(self, anchor: str, pool: str | None) -> None:
+        """An association said whether ``anchor`` makes us a mesh host (and its pool)."""
+        if pool is None:
+            for p in self.mesh.drop_anchor(anchor):
+                self._remove_peer(p, "anchor left the mesh")
+            return
+        known = anchor in self.mesh.pools
+        if not self.mesh.set_pool(anchor, pool) or known:
+            return
+        self.fwd.mesh_anchor_of = self.mesh.anchor_of
+        log.info("anchor %s: mesh pool %s (its other hosts are reachable at their VIpAs)",
+                 anchor, pool)
+        if self.mesh_route is not None:
+            self.mesh_route(pool)
+
+    def _mesh_miss(self, vipa_b: bytes) -> None:
+        """A new flow to a mesh address whose host is not known yet: ask its anchor."""
+        now = self.clock()
+        anchor = self.mesh.want(vipa_b, now)
+        if anchor is not None:
+            self._peer_request(anchor, vipa_b, now)
+
+    def _peer_request(self, anchor: str, vipa_b: bytes, now: float) -> None:
+        link = next((x for (_i, a), x in self.links.items()
+                     if a == anchor and x.state is LinkState.UP), None)
+        if link is None:
+            self.mesh.pending.pop(vipa_b, None)
+            self.mesh.stash.pop(vipa_b, None)
+            self.drops["mesh_no_anchor"] += 1
+            return
+        self._do(link.peer_request(ip_str(vipa_b), now))
+
+    def _peer_found(self, a: PeerFound, now: float) -> None:
+        try:
+            vipa_b = ipaddress.IPv4Address(a.vipa).packed
+        except ValueError:
+            return
+        stash = self.mesh.stash.pop(vipa_b, None)
+        old = self.mesh.by_vipa.get(vipa_b)
+        p = self.mesh.found(a.anchor, a.vipa, a.name, a.public_key, now)
+        if old is not None and old is not p:
+            self._remove_peer(old, "another host at its VIpA")
+        if p is None:
+            return
+        link = self.mesh_links.get(p.key)
+        if link is None:
+            log.info("mesh peer %s: %s at anchor %s (relayed)", p.name, p.vipa, p.anchor)
+            link = self._add_mesh_link(p, Role.INITIATOR if stash is None else Role.RESPONDER,
+                                       now)
+        if stash is not None:
+            self._mesh_init(p.anchor, vipa_b, stash, now)
+
+    def _add_mesh_link(self, p: MeshPeer, role: Role, now: float) -> Link:
+        fwd = self.fwd
+        rec = fwd.add_peer(p.key, p.anchor)
+        peer = Peer(p.key, p.addr, p.public_key, rec, kind=PeerKind.AGENT)
+        first = self.ifaces[0]
+        ctl = Tunnel(0, first.name, first.path.local, p.addr, p.key, vipa_peer=p.vipa_b)
+        link = Link(first.name, peer, ctl, self.mesh_cfg, self.env, self.sip_stats, role)
+        self.mesh_links[p.key] = link
+        for i in self.ifaces:          # one relay path per interface: rules' via apply
+            fwd.add_tunnel(i.name, i.index, p.key, i.path.local, p.addr, now,
+                           vipa_peer=p.vipa_b)
+        fwd.mesh_dst[p.vipa_b] = p.key
+        self._do(link.start(now, self._hop_up(p.anchor)))
+        return link
+
+    def _remove_peer(self, p: MeshPeer, why: str) -> None:
+        log.info("mesh peer %s (%s at %s) forgotten: %s", p.name, p.vipa, p.anchor, why)
+        link = self.mesh_links.pop(p.key, None)
+        if link is not None:
+            self._do(link.stop(self.clock()))
+        self.fwd.remove_peer(p.key)
+        self.mesh.forget(p)
+
+    def _hop_up(self, anchor: str) -> bool:
+        return any(self.fwd.usable(i.name, anchor) is not None for i in self.ifaces)
+
+    def _mesh_hops(self, anchor: str, now: float) -> None:
+        """An anchor tunnel went up or down: so may the relay links through that anchor."""
+        if not self.mesh_links:
+            return
+        up = self._hop_up(anchor)
+        for key, link in list(self.mesh_links.items()):
+            p = self.mesh.by_key.get(key)
+            if p is not None and p.anchor == anchor:
+                self._do(link.on_link(up, now, "relay down"))
+        self._sync_relays(now)
+
+    def _sync_relays(self, now: float) -> None:
+        """A relay path carries data while its peer's link is up and the anchor tunnel of
+        its interface is: bring the paths up and down (their flows move) accordingly."""
+        fwd = self.fwd
+        came = False
+        for key, link in self.mesh_links.items():
+            p = self.mesh.by_key.get(key)
+            if p is None:
+                continue
+            for i in self.ifaces:
+                t = fwd.by_path.get((i.name, key))
+                if t is None:
+                    continue
+                want = link.state is LinkState.UP and fwd.usable(i.name, p.anchor) is not None
+                if want and t.state != "up":
+                    fwd.tunnel_up(t, 0, now)
+                    came = True
+                elif not want and t.state == "up":
+                    fwd.tunnel_down(t)
+                    fwd.fail_over(t, now, "relay down")
+        if came:
+            fwd.restore_preferences(now, self._up_for, self.cfg.return_after_s)
+
+    def _relay_send(self, a: Send) -> None:
+        """A mesh link's datagram: wrapped in a RELAY datagram to the peer's anchor, through
+        the link's interface if its anchor tunnel is up, else any up one."""
+        p = self.mesh.by_key.get(a.addr[0])
+        if p is None:
+            return
+        fwd = self.fwd
+        names = [a.iface] + [i.name for i in self.ifaces if i.name != a.iface]
+        hop = next((t for n in names if (t := fwd.usable(n, p.anchor)) is not None), None)
+        s = fwd.links[p.anchor].session
+        if hop is None or s is None:
+            fwd.drops["relay_down"] += 1
+            return
+        hop.tx_packets += 1
+        self._sends[hop.iface_index](s.seal(TYPE_RELAY, p.vipa_b + a.data, hop.un_tid),
+                                     hop.remote)
+
+    def _on_relay(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """A RELAY datagram from an anchor: the datagram inside is a mesh peer's, handled
+        as if it came from that peer (data, handshake, validation, probes)."""
+        now = self.clock()
+        got = self.fwd.from_relay(index, data, src, now)
+        if got is None:
+            return
+        anchor, vipa_b, inner = got
+        p = self.mesh.by_vipa.get(vipa_b)
+        if p is not None and p.anchor != anchor:
+            self.drops["relay_wrong_anchor"] += 1
+            return
+        b0 = inner[0]
+        if b0 == TYPE_HS_INIT:
+            self._mesh_init(anchor, vipa_b, inner, now)
+            return
+        if p is None:
+            self.drops["relay_unknown_peer"] += 1
+            return
+        if b0 == TYPE_DATA:
+            pkt = self.fwd.relay_data(index, p.key, inner, now)
+            if pkt is not None:
+                self.tun.write(pkt)
+            return
+        link = self.mesh_links.get(p.key)
+        if link is None:
+            self.drops["relay_unknown_peer"] += 1
+            return
+        self._do(link.on_datagram(inner, p.addr, now))
+
+    def _mesh_init(self, anchor: str, vipa_b: bytes, init: bytes, now: float) -> None:
+        """A handshake initiation from the host at ``vipa_b`` of ``anchor``: answered once
+        the anchor vouched for its key (a PeerReq first if that host is not known)."""
+        if self.mesh.anchor_of(vipa_b) != anchor:
+            self.drops["relay_not_mesh"] += 1
+            return
+        p = self.mesh.by_vipa.get(vipa_b)
+        if p is None:
+            ask = self.mesh.want(vipa_b, now)
+            if vipa_b in self.mesh.pending:
+                self.mesh.stash[vipa_b] = init     # one per host: the newest
+            if ask is not None:
+                self._peer_request(ask, vipa_b, now)
+            return
+        link = self.mesh_links.get(p.key)
+        if link is not None and link.role is Role.INITIATOR:
+            # both ends initiated: the end with the lower public key stays the initiator
+            if self.public_key < p.public_key:
+                self.drops["handshake_glare"] += 1
+                return
+            self._do(link.stop(now))
+            del self.mesh_links[p.key]
+            link = None
+        if link is None:
+            link = self._add_mesh_link(p, Role.RESPONDER, now)
+        self._do(link.on_handshake(init, p.addr, now))
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -438,6 +669,8 @@ class Agent:
 
     def tunnel_json(self, t: Tunnel, now: float) -> dict[str, Any]:
         j = t.json()
+        if t.vipa_peer:
+            j["remote"] = f"relay via {self.fwd.relay_anchor(t)}"
         link = self._by_tid.get(t.tid)
         m = link.monitor if link is not None else None
         if m is not None:
@@ -453,6 +686,9 @@ class Agent:
         t = self.fwd.tunnels.get(f.tunnel)
         j = f.json(self.clock(), t.interface if t else None, self._iface_of)
         j.update(rule=f.rule, anchor=f.anchor)
+        p = self.mesh.by_key.get(f.anchor)
+        if p is not None:
+            j.update(anchor=p.anchor, peer=p.name)
         if f.app_src:
             j["src"] = f.app_src       # the application's own source, before the SNAT
         return j
@@ -467,7 +703,27 @@ class Agent:
                          "role": self.fwd.links[a].role} for a in self.anchors],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
+            "peers": self.peers_json(),
             "drops": dict(self.drops),
             "signalling": dict(self.sip_stats),
         }
 
+
+    def peers_json(self) -> list[dict[str, Any]]:
+        """The mesh peers: how each is reached now (SPEC "Added": ``peers``)."""
+        out = []
+        for key, link in self.mesh_links.items():
+            p = self.mesh.by_key.get(key)
+            if p is None:
+                continue
+            up = [t for i in self.ifaces
+                  if (t := self.fwd.by_path.get((i.name, key))) is not None and t.state == "up"]
+            m = link.monitor
+            addr = self.anchors.get(p.anchor)
+            out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": "relay",
+                        "state": link.state.value,
+                        "interface": up[0].interface if up else None,
+                        "remote": f"{addr[0]}:{addr[1]}" if addr else None,
+                        "rtt_ms": round(m.srtt * 1000.0, 3) if m and m.srtt is not None
+                        else None})
+        return out
