@@ -66,7 +66,7 @@ from .link import (
     TunnelUp,
 )
 from .mesh import MeshDirectory, MeshPeer, is_relay_addr
-from .paths import ProbeParams
+from .paths import TICK, ProbeParams
 from .signalling import sip
 from .tables import Flow, FlowKey, Tunnel, ip_str
 
@@ -149,6 +149,7 @@ class Agent:
         self._ready = asyncio.Event()     # every link up or past its first attempt
         self._kick = asyncio.Event()      # deadlines changed: the timer task looks again
         self._timer: asyncio.Task[None] | None = None
+        self._rank_at = -math.inf          # next anchor ranking by RTT (one per probe tick)
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
@@ -305,12 +306,29 @@ class Agent:
             for link in list(self.links.values()):
                 if link.next_deadline() <= now:
                     self._do(link.on_timer(now))
+            if now >= self._rank_at:
+                self._rank(now)
             for key, link in list(self.mesh_links.items()):
                 if link.next_deadline() <= now and self.mesh_links.get(key) is link:
                     self._do(link.on_timer(now))
                     if link.state is LinkState.BACKOFF and key in self.mesh.by_key:
                         # no session: maybe another host has that VIpA now; ask again
                         self._remove_peer(self.mesh.by_key[key], "no session")
+
+    def _rank(self, now: float) -> None:
+        """Once per probe tick: new flows of rules without ``anchor`` go to the anchor
+        with the best smoothed probe RTT (policy.HomeAnchor's hysteresis); existing flows
+        keep theirs."""
+        self._rank_at = now + TICK
+
+        def rtt_of(t: Tunnel) -> float | None:
+            link = self._by_tid.get(t.tid)
+            m = link.monitor if link is not None else None
+            return m.srtt if m is not None else None
+
+        before = list(self.fwd.anchor_order)
+        if before != self.fwd.rank_anchors(now, rtt_of):
+            log.info("new flows go to anchor %s first (best RTT)", self.fwd.anchor_order[0])
 
     def _all_links(self) -> list[Link]:
         return [*self.links.values(), *self.mesh_links.values()]
