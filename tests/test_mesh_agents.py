@@ -60,8 +60,9 @@ class Host:
             self.socks.append(world.net.socket(inside))
         self.agent: Agent | None = None
 
-    def build(self, tmp: Path, an_pub: str, clock: Any) -> None:
+    def build(self, tmp: Path, an_pub: str, clock: Any, direct: bool) -> None:
         text = f'private_key = "{self.key[0]}"\nname = "{self.name}"\nkeepalive = 1\n' + \
+            f"direct = {str(direct).lower()}\n" + \
             "".join(f'[[interface]]\nname = "wan{i + 1}"\n' for i in range(len(self.ifaces))) + \
             f'[[anchor]]\nname = "an1"\naddress = "203.0.113.1:5060"\npublic_key = "{an_pub}"\n' \
             + textwrap.dedent(self.rules)
@@ -90,7 +91,7 @@ class Host:
 
 
 class MeshWorld:
-    def __init__(self, tmp: Path, laptop_rules: str = "") -> None:
+    def __init__(self, tmp: Path, laptop_rules: str = "", direct: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self.net = FakeNetwork(schedule=loop.call_soon)
         self.wire: list[bytes] = []                 # every datagram the network carried
@@ -121,7 +122,7 @@ class MeshWorld:
         self.anchor = Anchor(acfg, tun=self.an_tun, clock=loop.time,
                              path=self.net.socket("203.0.113.1", 5060))
         for h in self.hosts:
-            h.build(tmp, self.an_key[1], loop.time)
+            h.build(tmp, self.an_key[1], loop.time, direct)
 
     async def start(self) -> None:
         await self.anchor.start()
@@ -275,5 +276,119 @@ async def test_both_ends_at_once_and_the_rules_via(tmp: Path) -> None:
         (f,) = [f for f in laptop.a.status()["flows"]
                 if f.get("peer") == "phone" and f["dport"] == 7000]
         assert f["interface"] == "wan1" and f["history"][-1]["reason"] == "relay down"
+    finally:
+        await w.stop()
+
+
+# -- direct paths (ICE on the tunnel sockets, rendezvous over the relay) ---------------------
+def _block_direct(w: MeshWorld) -> dict[str, bool]:
+    """A switch that drops every datagram between the hosts themselves (not via the
+    anchor): a NAT that lets nothing in, or a direct path that died."""
+    blocked = {"on": False}
+    send = w.net._send
+
+    def maybe(src: FakeSocket, data: bytes, dst: tuple[str, int], size: int = 0) -> None:
+        if blocked["on"] and "203.0.113.1" not in (dst[0], src.local[0]):
+            return
+        send(src, data, dst, size)
+
+    w.net._send = maybe         # type: ignore[method-assign]
+    return blocked
+
+
+def _peer(h: Host) -> dict[str, Any]:
+    (p,) = h.a.status()["peers"]
+    assert isinstance(p, dict)
+    return p
+
+
+async def _stream(src: Host, dst: Host, n: int, every: float, port: int = 6000) -> int:
+    """Send ``n`` UDP packets ``every`` seconds; how many arrived."""
+    before = len(dst.tun.written)
+    for k in range(n):
+        src.tun.inject(pb.udp(FIX, dst.vipa, port, 7000, k.to_bytes(4, "big") * 250))
+        await asyncio.sleep(every)
+    await asyncio.sleep(0.1)
+    return len(dst.tun.written) - before
+
+
+async def test_direct_path_takes_over_and_the_relay_takes_it_back(tmp: Path) -> None:
+    w = MeshWorld(tmp, direct=True)
+    blocked = _block_direct(w)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        t0 = asyncio.get_running_loop().time()
+        await w.until(lambda: _peer(laptop)["path"] == "direct"
+                      and _peer(phone)["path"] == "direct")
+        took = asyncio.get_running_loop().time() - t0
+        assert took < 1.0, took
+        p = _peer(laptop)
+        assert p["ice"] == "selected" and p["remote"] != "203.0.113.1:5060"
+        assert p["remote"].split(":")[0] in ("203.0.113.21", "10.3.0.2")
+        # the flow moved (reason "direct path") and the anchor carries none of it now
+        (f,) = [f for f in laptop.a.status()["flows"] if f.get("peer") == "phone"]
+        assert f["history"][-1]["reason"] == "direct path"
+
+        def relayed() -> int:
+            return sum(a["relay_rx_bytes"] for a in w.anchor.status()["associations"])
+
+        def relay_data() -> int:
+            return sum(t["tx_bytes"] + t["rx_bytes"] for h in (laptop, phone)
+                       for t in h.a.status()["tunnels"] if t["remote"].startswith("relay"))
+
+        before, data_before = relayed(), relay_data()
+        assert await _stream(laptop, phone, 20, 0.02, port=5000) == 20    # 20 kB each way
+        assert await _stream(phone, laptop, 20, 0.02, port=7000) == 20
+        assert relay_data() == data_before
+        assert relayed() - before < 500       # the relay link's own probes, no data
+        # the direct path dies: its probes notice within about a second of traffic, the
+        # flows go back to the relay at once and keep arriving
+        blocked["on"] = True
+        got = await _stream(laptop, phone, 60, 0.05, port=5000)
+        assert 40 <= got < 60, got
+        assert _peer(laptop)["path"] == "relay"
+        assert _peer(laptop)["why_relay"] == "direct path lost"
+        (f,) = [f for f in laptop.a.status()["flows"] if f.get("peer") == "phone"]
+        assert f["history"][-1]["reason"] == "direct path lost"
+        assert relayed() > before
+        # ICE tries again (backoff 5 s) and the flows come back to the direct path
+        blocked["on"] = False
+        await w.until(lambda: _peer(laptop)["path"] == "direct", 15)
+        assert await _stream(laptop, phone, 10, 0.02, port=5000) == 10
+    finally:
+        await w.stop()
+
+
+async def test_no_direct_path_keeps_the_relay_and_says_why(tmp: Path) -> None:
+    """Nothing gets through between the hosts (as with a symmetric NAT on both sides):
+    the checks fail, the flows stay relayed, status says so."""
+    w = MeshWorld(tmp, direct=True)
+    blocked = _block_direct(w)
+    blocked["on"] = True
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _peer(laptop)["ice"] == "failed", 15)
+        p = _peer(laptop)
+        assert p["path"] == "relay" and p["why_relay"] == "all checks failed"
+        assert await _stream(laptop, phone, 10, 0.02) == 10
+    finally:
+        await w.stop()
+
+
+async def test_direct_false_on_one_side_keeps_the_relay(tmp: Path) -> None:
+    w = MeshWorld(tmp, direct=True)
+    w.phone.build(tmp, w.an_key[1], asyncio.get_running_loop().time, False)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await asyncio.sleep(2)
+        p = _peer(laptop)
+        assert p["path"] == "relay" and p["why_relay"] == "peer: 603 Decline"
+        assert _peer(phone)["why_relay"] == "direct = false"
     finally:
         await w.stop()

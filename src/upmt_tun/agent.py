@@ -41,9 +41,16 @@ from .dataplane.packet import (
     TYPE_HS_INIT,
     TYPE_HS_RESP,
     TYPE_PATH_CHALLENGE,
+    TYPE_PATH_RESPONSE,
+    TYPE_PING,
     TYPE_PONG,
     TYPE_RELAY,
 )
+from .ice.candidates import IceCandidate, TunnelSocket, gather
+from .ice.checklist import Role as IceRole
+from .ice.checklist import SendStun
+from .ice.demux import is_stun
+from .ice.driver import DirectPath, IcePeer, NoDirect, SendSip
 from .keys import public_of
 from .link import (
     SIP_STATS,
@@ -163,6 +170,9 @@ class Agent:
         except ValueError:
             self.public_key = b""
         self.fwd.mesh_miss = self._mesh_miss
+        self.ice: dict[str, IcePeer] = {}                  # peer key -> ICE with it
+        self._direct_dead: list[str] = []                  # direct links to forget
+        self._direct_key: dict[str, str] = {}              # direct record -> peer key
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -208,6 +218,12 @@ class Agent:
                     link.on_pong(pong[1], clock())
             elif b0 == TYPE_RELAY:
                 self._on_relay(index, data, src)
+            elif b0 == TYPE_HS_INIT:
+                self._direct_init(index, data, src)
+            elif b0 == TYPE_PING or b0 == TYPE_PATH_RESPONSE:
+                self._direct_datagram(index, data, src)
+            elif b0 < 0x40 and is_stun(data):
+                self._on_stun(index, data, src)
             elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
                 opened = fwd.open(index, data, src)
                 link = self._by_tid.get(opened[1].tid) if opened is not None else None
@@ -270,6 +286,21 @@ class Agent:
                 self._peer_found(a, now)
             elif isinstance(a, (TunnelUp, TunnelDown, Settled)) and a.tunnel.tid == 0:
                 self._sync_relays(now)           # a mesh peer's relay link
+            elif isinstance(a, TunnelUp) and a.tunnel.peer in self._direct_key:
+                fwd.tunnel_up(a.tunnel, a.un_tid, now)
+                key = self._direct_key[a.tunnel.peer]
+                moved = fwd.to_direct(key, now)
+                log.info("mesh peer %s: direct path up via %s to %s:%d (%d flow(s) moved)",
+                         key, a.tunnel.interface, *a.tunnel.remote, len(moved))
+            elif isinstance(a, TunnelDown) and a.tunnel.peer in self._direct_key:
+                fwd.tunnel_down(a.tunnel)
+                key = self._direct_key[a.tunnel.peer]
+                fwd.fail_over(a.tunnel, now, "direct path lost")
+                log.warning("mesh peer %s: direct path lost (%s): back to the relay", key,
+                            a.reason)
+                if key in self.ice:
+                    self.ice[key].lost(now)
+                self._direct_dead.append(key)
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
@@ -283,6 +314,8 @@ class Agent:
             elif isinstance(a, Settled):
                 self.announce(fwd.restore_preferences(now, self._up_for,
                                                       self.cfg.return_after_s))
+        while self._direct_dead:
+            self._drop_direct(self._direct_dead.pop())
         if not self._ready.is_set() and all(x.tried for x in self.links.values()):
             self._ready.set()
         self._kick.set()
@@ -296,6 +329,7 @@ class Agent:
             # float rounding): it fired for ``due``, so ``due`` is reached
             now = max(self.clock(), fired)
             due = min((x.next_deadline() for x in self._all_links()), default=math.inf)
+            due = min([due, *(i.next_deadline() for i in self.ice.values())])
             if due > now:
                 self._kick.clear()
                 try:
@@ -308,6 +342,9 @@ class Agent:
                     self._do(link.on_timer(now))
             if now >= self._rank_at:
                 self._rank(now)
+            for key, ice in list(self.ice.items()):
+                if ice.next_deadline() <= now and self.ice.get(key) is ice:
+                    self._ice_do(key, ice.on_timer(now))
             for key, link in list(self.mesh_links.items()):
                 if link.next_deadline() <= now and self.mesh_links.get(key) is link:
                     self._do(link.on_timer(now))
@@ -417,6 +454,10 @@ class Agent:
 
     def _remove_peer(self, p: MeshPeer, why: str) -> None:
         log.info("mesh peer %s (%s at %s) forgotten: %s", p.name, p.vipa, p.anchor, why)
+        ice = self.ice.pop(p.key, None)
+        if ice is not None and ice.checklist is not None:
+            self._ice_do(p.key, [SendSip(ice.bye())])
+        self._drop_direct(p.key)
         link = self.mesh_links.pop(p.key, None)
         if link is not None:
             self._do(link.stop(self.clock()))
@@ -450,6 +491,8 @@ class Agent:
                 t = fwd.by_path.get((i.name, key))
                 if t is None:
                     continue
+                if link.state is LinkState.UP and key not in self.ice:
+                    self._ice_for(p, now)
                 want = link.state is LinkState.UP and fwd.usable(i.name, p.anchor) is not None
                 if want and t.state != "up":
                     fwd.tunnel_up(t, 0, now)
@@ -501,6 +544,9 @@ class Agent:
             if pkt is not None:
                 self.tun.write(pkt)
             return
+        if b0 == TYPE_CONTROL:
+            self._mesh_sip(p, inner, now)
+            return
         link = self.mesh_links.get(p.key)
         if link is None:
             self.drops["relay_unknown_peer"] += 1
@@ -533,6 +579,123 @@ class Agent:
         if link is None:
             link = self._add_mesh_link(p, Role.RESPONDER, now)
         self._do(link.on_handshake(init, p.addr, now))
+
+    # -- direct paths to mesh peers (ICE; ice/driver.py) ----------------------------------
+    def _ice_for(self, p: MeshPeer, now: float) -> IcePeer:
+        ice = self.ice.get(p.key)
+        if ice is not None:
+            return ice
+        link = self.mesh_links[p.key]
+        ice = IcePeer(me=self.cfg.name, controlling=link.role is Role.INITIATOR,
+                      enabled=self.cfg.direct,
+                      local=lambda: self._candidates(p.anchor),
+                      my_vipa=self.fwd.links[p.anchor].vipa, my_key=self.public_key,
+                      peer_vipa=p.vipa, peer_key=p.public_key)
+        self.ice[p.key] = ice
+        self._ice_do(p.key, ice.start(now))
+        return ice
+
+    def _candidates(self, anchor: str) -> tuple[IceCandidate, ...]:
+        """Each tunnel socket's address and what the anchor saw of it (server reflexive)."""
+        socks = []
+        for i in self.ifaces:
+            link = self.links.get((i.name, anchor))
+            seen = link.seen_as if link is not None else None
+            socks.append(TunnelSocket(i.index, i.name, i.path.local, seen))
+        return gather(socks)
+
+    def _ice_do(self, key: str, actions: list[Any]) -> None:
+        p = self.mesh.by_key.get(key)
+        if p is None:
+            return
+        for a in actions:
+            if isinstance(a, SendSip):
+                s = self.fwd.links[key].session if key in self.fwd.links else None
+                if s is not None:
+                    self._relay_send(Send(self.ifaces[0].name, s.seal(TYPE_CONTROL, a.data),
+                                          p.addr))
+            elif isinstance(a, SendStun):
+                if 0 <= a.socket_id < len(self._sends):
+                    self._sends[a.socket_id](a.data, a.addr)
+            elif isinstance(a, DirectPath):
+                self._direct(p, a, self.clock())
+            elif isinstance(a, NoDirect):
+                self._drop_direct(key)
+
+    def _mesh_sip(self, p: MeshPeer, inner: bytes, now: float) -> None:
+        """A SIP message the peer sealed end to end (the rendezvous): to its ICE."""
+        hit = self.fwd.sessions.get(int.from_bytes(inner[4:8], "big"))
+        opened = hit[1].open(inner) if hit is not None and hit[0].name == p.key else None
+        if opened is None or p.key not in self.mesh_links:
+            self.drops["bad_packet"] += 1
+            return
+        self._ice_do(p.key, self._ice_for(p, now).on_sip(opened[1], now))
+
+    def _on_stun(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        now = self.clock()
+        for key, ice in list(self.ice.items()):
+            if ice.checklist is not None:
+                self._ice_do(key, ice.on_stun(data, index, src, now))
+
+    def _direct(self, p: MeshPeer, a: DirectPath, now: float) -> None:
+        """Both ends selected a pair: a link on that socket to that address, validated
+        (PATH_CHALLENGE) before it carries anything; the ICE controlling end initiates."""
+        if not 0 <= a.socket_id < len(self.ifaces) or p.key not in self.ice:
+            return
+        self._drop_direct(p.key)
+        seam = self.ifaces[a.socket_id]
+        dkey = p.key + "~direct"
+        rec = self.fwd.add_peer(dkey, p.anchor)
+        peer = Peer(dkey, a.remote, p.public_key, rec, kind=PeerKind.AGENT)
+        role = Role.INITIATOR if self.ice[p.key].role is IceRole.CONTROLLING \
+            else Role.RESPONDER
+        t = self.fwd.add_tunnel(seam.name, seam.index, dkey, seam.path.local, a.remote, now)
+        link = Link(seam.name, peer, t, self.mesh_cfg, self.env, self.sip_stats, role)
+        self.peers[dkey] = peer
+        self.links[(seam.name, dkey)] = link
+        self._by_tid[t.tid] = link
+        self._direct_key[dkey] = p.key
+        self.fwd.direct_of[p.key] = dkey
+        log.info("mesh peer %s: ICE selected %s -> %s:%d, validating", p.key, seam.name,
+                 *a.remote)
+        self._do(link.start(now, self.link_up[seam.name]))
+
+    def _drop_direct(self, key: str) -> None:
+        dkey = self.fwd.direct_of.pop(key, None)
+        if dkey is None:
+            return
+        for (iface, k), link in list(self.links.items()):
+            if k == dkey:
+                del self.links[(iface, k)]
+                self._by_tid.pop(link.tunnel.tid, None)
+                self._do(link.stop(self.clock()))
+        self.fwd.remove_peer(dkey)
+        self.peers.pop(dkey, None)
+        self._direct_key.pop(dkey, None)
+
+    def _direct_init(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """An HS_INIT on a tunnel socket: only a direct path's responder link takes one."""
+        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        cands = [x for (i, k), x in self.links.items()
+                 if i == iface and k in self._direct_key and x.role is Role.RESPONDER]
+        cands.sort(key=lambda x: x.tunnel.remote != src)
+        now = self.clock()
+        for link in cands:
+            acts = link.on_handshake(data, src, now)
+            if not any(isinstance(x, Drop) for x in acts):
+                self._do(acts)
+                return
+        self.drops["stray_handshake"] += 1
+
+    def _direct_datagram(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """PING or PATH_RESPONSE: for a direct path's link (its session says which)."""
+        hit = self.fwd.sessions.get(int.from_bytes(data[4:8], "big"))
+        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        link = self.links.get((iface, hit[0].name)) if hit is not None else None
+        if link is None or link.peer.kind is not PeerKind.AGENT:
+            self.drops["junk"] += 1
+            return
+        self._do(link.on_datagram(data, src, self.clock()))
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -738,10 +901,21 @@ class Agent:
                   if (t := self.fwd.by_path.get((i.name, key))) is not None and t.state == "up"]
             m = link.monitor
             addr = self.anchors.get(p.anchor)
-            out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": "relay",
+            remote = f"{addr[0]}:{addr[1]}" if addr else None
+            path = "relay"
+            dkey = self.fwd.direct_of.get(key)
+            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
+            if direct is not None and direct.state is LinkState.UP:
+                path, m, up = "direct", direct.monitor, [direct.tunnel]
+                remote = f"{direct.tunnel.remote[0]}:{direct.tunnel.remote[1]}"
+            ice = self.ice.get(key)
+            out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": path,
                         "state": link.state.value,
                         "interface": up[0].interface if up else None,
-                        "remote": f"{addr[0]}:{addr[1]}" if addr else None,
+                        "remote": remote,
                         "rtt_ms": round(m.srtt * 1000.0, 3) if m and m.srtt is not None
-                        else None})
+                        else None,
+                        "ice": None if ice is None else ice.phase.value,
+                        "why_relay": None if path == "direct" or ice is None
+                        else ice.reason or None})
         return out

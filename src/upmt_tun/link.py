@@ -366,6 +366,15 @@ class Link:
             d = min(d, self._retiring[0][0])
         return d
 
+    @property
+    def seen_as(self) -> tuple[str, int] | None:
+        """This tunnel socket's address as the server saw it (TunnelSetupResp yourAddress,
+        yourPort): the server-reflexive ICE candidate; None before setup."""
+        addr, port = self._seen_as
+        if isinstance(addr, str) and isinstance(port, int) and not isinstance(port, bool):
+            return addr, port
+        return None
+
     def up_for(self, now: float) -> float:
         return now - self.monitor.started if self.monitor is not None else 0.0
 

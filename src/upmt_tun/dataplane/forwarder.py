@@ -146,6 +146,7 @@ class AgentForwarder:
         self.mesh_anchor_of: Callable[[bytes], str | None] = lambda dst: None
         self.mesh_miss: Callable[[bytes], None] = lambda dst: None
         self.mesh_mtu = 0                      # >0: relayed packets longer are dropped
+        self.direct_of: dict[str, str] = {}    # mesh peer -> its direct path's record
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -335,6 +336,20 @@ class AgentForwarder:
         for dst in [d for d, k in self.mesh_dst.items() if k == key]:
             del self.mesh_dst[dst]
 
+    def to_direct(self, peer: str, now: float) -> list[Flow]:
+        """The direct path to mesh peer ``peer`` came up: its flows move there now."""
+        moved = []
+        for f in self.paft.flows():
+            if f.anchor != peer:
+                continue
+            fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
+            best = self._candidates(fc, f.key[2], peer)
+            if best is not None and best.tid != f.tunnel and best.vipa_peer == b"" \
+                    and best.remote[1] != 0:
+                f.move(now, best.tid, "direct path")
+                moved.append(f)
+        return moved
+
     def relay_anchor(self, t: Tunnel) -> str:
         return next(iter(self.links[t.peer].serves)).decode()
 
@@ -456,8 +471,10 @@ class AgentForwarder:
         return flow, t, s
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
-        if anchor:
-            anchors: tuple[str, ...] = (anchor,)
+        if anchor in self.direct_of:           # a mesh peer: direct first, then the relay
+            anchors: tuple[str, ...] = (self.direct_of[anchor], anchor)
+        elif anchor:
+            anchors = (anchor,)
         else:
             anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
         return choose_tunnel(via=fc.via or tuple(self.interfaces), anchors=anchors, dst=dst,
@@ -477,7 +494,7 @@ class AgentForwarder:
         if t is None:
             self.drops["no_tunnel"] += 1
             return None
-        f = self.paft.add(key, t.tid, now, rule=fc.rule, anchor=t.peer)
+        f = self.paft.add(key, t.tid, now, rule=fc.rule, anchor=peer or t.peer)
         if f is None:
             self.drops["paft_full"] += 1
             return None
