@@ -13,7 +13,10 @@ subnet, reach each other at their VIpAs through the anchor's relay.
 
 A legacy ``curl`` on laptop downloads from a ``python -m http.server`` on phone at
 phone's VIpA: the anchor only re-seals RELAY datagrams (its relay byte counters grow, its
-TUN sees nothing), and a host outside the mesh reaches nobody.
+TUN sees nothing), and a host outside the mesh reaches nobody. With ``direct`` (the
+default) the agents find a direct path through their NATs (ICE on the tunnel sockets) and
+the flow moves to it without the TCP connection noticing, and back to the relay when the
+direct path is cut; behind a symmetric NAT (``masquerade random``) the relay stays.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +89,8 @@ def vipa(lab: Lab, agent: str) -> str:
 def test_tcp_host_to_host_through_the_relay(topo: Topology, www: Path, tmp_path: Path) -> None:
     assert topo.access["wan1"] == ("10.1.0.2", "10.1.0.1")      # both hosts' wan1
     log = http_server(topo, "mh2", 8000, www)
-    lab = Lab(topo, tmp_path / "lab", rules="", anchor_extra=MESH).start()
+    lab = Lab(topo, tmp_path / "lab", rules="", anchor_extra=MESH,
+              agent_extra="direct = false\n").start()
     try:
         laptop_vipa, phone_vipa = vipa(lab, "agent"), vipa(lab, "agent2")
         got = tmp_path / "got.bin"
@@ -145,5 +150,90 @@ def test_a_host_outside_the_mesh_reaches_nobody(topo: Topology, www: Path,
             != "200"
         an = lab.anchor_status()
         assert all(a["relay_rx_bytes"] == 0 for a in an["associations"])
+    finally:
+        lab.stop()
+
+
+def _peer(lab: Lab, agent: str = "agent") -> dict[str, Any]:
+    peers = lab.agent_status(agent)["peers"]
+    return dict(peers[0]) if peers else {}
+
+
+def _relayed(lab: Lab) -> int:
+    return sum(int(a["relay_rx_bytes"]) for a in lab.anchor_status()["associations"])
+
+
+CUT_DIRECT = """table ip cut_direct {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    meta l4proto udp ip saddr != 203.0.113.1 ip daddr != 203.0.113.1 counter drop
+  }
+}
+"""
+
+
+def test_direct_path_takes_over_and_a_cut_falls_back_tcp_survives(
+        topo: Topology, www: Path, tmp_path: Path) -> None:
+    http_server(topo, "mh2", 8000, www)
+    lab = Lab(topo, tmp_path / "lab", rules="", anchor_extra=MESH).start()
+    try:
+        phone_vipa = vipa(lab, "agent2")
+        got = tmp_path / "got.bin"
+        dl = topo.popen("mh", "curl", "-sS", "-m", "60", "--limit-rate", "400K", "-o",
+                        str(got), "-w", "%{http_code}", f"http://{phone_vipa}:8000/file.bin",
+                        stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while _peer(lab).get("path") != "direct" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        p = _peer(lab)
+        assert p["path"] == "direct", (p, lab.log_tail("agent"), lab.log_tail("agent2"))
+        # the direct pair is phone's NAT, never the shared private address 10.1.0.2
+        assert p["remote"].startswith("203.0.113.21:"), p
+        assert _peer(lab, "agent2")["remote"].startswith("203.0.113.1"), _peer(lab, "agent2")
+        time.sleep(0.5)
+        r0 = _relayed(lab)
+        time.sleep(2)
+        assert _relayed(lab) - r0 < 2000         # probes of the relay link only, no data
+        # cut the direct path at phone's NAT: the flow falls back to the relay at once
+        topo.run("nat3", "nft", "-f", "-", input=CUT_DIRECT.encode())
+        deadline = time.monotonic() + 5
+        while _peer(lab).get("path") != "relay" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _peer(lab)["path"] == "relay"
+        r1 = _relayed(lab)
+        deadline = time.monotonic() + 10         # (TCP's retransmission timer backs off)
+        while _relayed(lab) - r1 < 100_000 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _relayed(lab) - r1 >= 100_000     # the download goes through the anchor again
+        assert _peer(lab, "agent2")["path"] == "relay"
+        out, _ = dl.communicate(timeout=70)
+        assert out == "200"
+        assert sha(got) == sha(www / "file.bin")  # one TCP connection, intact, both moves
+        (flow,) = [f for f in lab.agent_status()["flows"] if f.get("peer") == "phone"]
+        reasons = [h["reason"] for h in flow["history"]]
+        # it started on the relay and moved, or (a SYN retransmitted after the path came
+        # up) started direct; either way it went back to the relay on the cut
+        assert reasons in (["new flow", "direct path lost"],
+                           ["new flow", "direct path", "direct path lost"]), reasons
+    finally:
+        lab.stop()
+
+
+def test_symmetric_nat_keeps_the_relay_and_says_so(topo: Topology, www: Path,
+                                                   tmp_path: Path) -> None:
+    topo.rebind_nat("nat3")                  # masquerade random: a new port per destination
+    http_server(topo, "mh2", 8000, www)
+    lab = Lab(topo, tmp_path / "lab", rules="", anchor_extra=MESH).start()
+    try:
+        phone_vipa = vipa(lab, "agent2")
+        assert curl(topo, "mh", f"http://{phone_vipa}:8000/file.bin").stdout == "200"
+        deadline = time.monotonic() + 25
+        while _peer(lab).get("ice") != "failed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        p = _peer(lab)
+        assert p["path"] == "relay" and p["ice"] == "failed", p
+        assert p["why_relay"] == "all checks failed"
+        assert "relay" in lab.agent_cli("status").stdout
+        assert curl(topo, "mh", f"http://{phone_vipa}:8000/file.bin").stdout == "200"
     finally:
         lab.stop()

@@ -186,11 +186,20 @@ class Topology:
 
     @staticmethod
     def _nat_ruleset() -> str:
+        # As a home router's firewall does, unsolicited UDP to the NAT itself is dropped:
+        # dropped before conntrack confirms it, it leaves no entry behind. (Delivered, it
+        # would leave one whose tuple is the very mapping masquerade keeps for the host's
+        # socket, so the host's own packet to that peer would get another port: the first
+        # hole-punching check to arrive would break the other's mapping.)
         return (
             "table ip testbed_nat {\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
             f'    oifname "{HOST_IF}" masquerade\n'
+            "  }\n"
+            "  chain input {\n"
+            "    type filter hook input priority filter; policy accept;\n"
+            f'    iifname "{HOST_IF}" meta l4proto udp ct state new drop\n'
             "  }\n"
             "}\n"
         )
