@@ -175,6 +175,9 @@ CUT_DIRECT = """table ip cut_direct {
 def test_direct_path_takes_over_and_a_cut_falls_back_tcp_survives(
         topo: Topology, www: Path, tmp_path: Path) -> None:
     http_server(topo, "mh2", 8000, www)
+    # a small receive buffer: the paced download is still running at the cut (autotuned,
+    # laptop's socket would swallow the whole file over the fast direct path first)
+    topo.run("mh", "sysctl", "-q", "-w", "net.ipv4.tcp_rmem=4096 65536 131072")
     lab = Lab(topo, tmp_path / "lab", rules="", anchor_extra=MESH).start()
     try:
         phone_vipa = vipa(lab, "agent2")

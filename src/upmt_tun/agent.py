@@ -661,9 +661,12 @@ class Agent:
         self._do(link.start(now, self.link_up[seam.name]))
 
     def _drop_direct(self, key: str) -> None:
+        """Forget the direct path to ``key`` (on purpose: its flows go to the relay as
+        from any removed link, and ICE is not told it was lost)."""
         dkey = self.fwd.direct_of.pop(key, None)
         if dkey is None:
             return
+        self._direct_key.pop(dkey, None)
         for (iface, k), link in list(self.links.items()):
             if k == dkey:
                 del self.links[(iface, k)]
@@ -671,7 +674,6 @@ class Agent:
                 self._do(link.stop(self.clock()))
         self.fwd.remove_peer(dkey)
         self.peers.pop(dkey, None)
-        self._direct_key.pop(dkey, None)
 
     def _direct_init(self, index: int, data: bytes, src: tuple[str, int]) -> None:
         """An HS_INIT on a tunnel socket: only a direct path's responder link takes one."""
@@ -742,6 +744,9 @@ class Agent:
         await self._ready.wait()
 
     async def stop(self) -> None:
+        for key, ice in list(self.ice.items()):     # BYE: the peers stop checking at once
+            if ice.checklist is not None:
+                self._ice_do(key, [SendSip(ice.bye())])
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
@@ -764,6 +769,8 @@ class Agent:
         for (iface, _peer), link in list(self.links.items()):
             if iface == name:
                 self._do(link.on_link(usable, now, why))
+        if usable:
+            self._ice_restart(name, now)
 
     def path_changed(self, name: str) -> None:
         """Same link, new address or gateway (so a new NAT mapping): probe its tunnels now
@@ -772,6 +779,22 @@ class Agent:
         for (iface, _peer), link in list(self.links.items()):
             if iface == name:
                 self._do(link.on_path_changed(now))
+        self._ice_restart(name, now)
+
+    def _ice_restart(self, name: str, now: float) -> None:
+        """Interface ``name`` came back or its NAT mapping may have changed: new
+        candidates, so a re-INVITE (ICE restart) to each peer whose direct path is not
+        up on another interface (the offering end does it)."""
+        for key, ice in list(self.ice.items()):
+            if ice.role is not IceRole.CONTROLLING or not ice.enabled:
+                continue
+            dkey = self.fwd.direct_of.get(key)
+            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
+            if direct is not None and direct.state is LinkState.UP and direct.iface != name:
+                continue
+            out: list[Any] = []
+            ice.restart(now, out)
+            self._ice_do(key, out)
 
     # -- operator commands ---------------------------------------------------------------
     def move(self, *, via: str, rule: str | None = None, flow: int | None = None,
