@@ -392,3 +392,20 @@ async def test_direct_false_on_one_side_keeps_the_relay(tmp: Path) -> None:
         assert _peer(phone)["why_relay"] == "direct = false"
     finally:
         await w.stop()
+
+
+async def test_the_first_packets_wait_for_the_relay_instead_of_being_lost(tmp: Path) -> None:
+    """A new connection's first packet (a TCP SYN) is kept while the anchor is asked and the
+    hosts handshake, then sent: the application does not wait for a retransmission."""
+    w = MeshWorld(tmp)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        syn = pb.tcp(FIX, phone.vipa, 40000, 22, b"", flags=0x02)
+        laptop.tun.inject(syn)
+        laptop.tun.inject(pb.udp(FIX, phone.vipa, 5000, 7000, b"second"))
+        await w.until(lambda: len(phone.tun.written) == 2, 1.0)
+        assert phone.tun.written[0][33] == 0x02 and phone.tun.written[1][28:] == b"second"
+        assert laptop.a.drops["mesh_peer_pending"] == 0
+    finally:
+        await w.stop()

@@ -80,6 +80,8 @@ from .tables import Flow, FlowKey, Tunnel, ip_str
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
 log = logging.getLogger(__name__)
+HELD_PACKETS = 8       # first packets kept per mesh peer while its relay comes up
+HELD_PEERS = 32
 
 @dataclass
 class IfaceSeam:
@@ -170,6 +172,8 @@ class Agent:
         except ValueError:
             self.public_key = b""
         self.fwd.mesh_miss = self._mesh_miss
+        self.fwd.mesh_hold = self._mesh_hold
+        self._held: dict[bytes, list[bytes]] = {}          # peer VIpA -> first packets
         self.ice: dict[str, IcePeer] = {}                  # peer key -> ICE with it
         self._direct_dead: list[str] = []                  # direct links to forget
         self._direct_key: dict[str, str] = {}              # direct record -> peer key
@@ -407,6 +411,31 @@ class Agent:
         if anchor is not None:
             self._peer_request(anchor, vipa_b, now)
 
+    def _mesh_hold(self, vipa_b: bytes, pkt: bytes) -> None:
+        """Keep a few first packets of new flows to a peer whose relay is not up yet (a
+        TCP SYN lost here would cost the application a second); sent when it is up,
+        dropped (counted) when the lookup or the handshake fails."""
+        held = self._held.get(vipa_b)
+        if held is None and self.mesh.unknown.get(vipa_b, -1.0) > self.clock():
+            self.drops["mesh_peer_pending"] += 1       # nobody there a moment ago
+            return
+        if held is None and len(self._held) < HELD_PEERS:
+            held = self._held[vipa_b] = []
+        if held is None or len(held) >= HELD_PACKETS:
+            self.drops["mesh_peer_pending"] += 1
+            return
+        held.append(bytes(pkt))
+
+    def _release(self, vipa_b: bytes, send: bool) -> None:
+        held = self._held.pop(vipa_b, [])
+        if not send:
+            self.drops["mesh_peer_pending"] += len(held)
+            return
+        for pkt in held:
+            self._on_tun(pkt)
+        if held:
+            self._flush()
+
     def _peer_request(self, anchor: str, vipa_b: bytes, now: float) -> None:
         link = next((x for (_i, a), x in self.links.items()
                      if a == anchor and x.state is LinkState.UP), None)
@@ -414,6 +443,7 @@ class Agent:
             self.mesh.pending.pop(vipa_b, None)
             self.mesh.stash.pop(vipa_b, None)
             self.drops["mesh_no_anchor"] += 1
+            self._release(vipa_b, False)
             return
         self._do(link.peer_request(ip_str(vipa_b), now))
 
@@ -428,6 +458,7 @@ class Agent:
         if old is not None and old is not p:
             self._remove_peer(old, "another host at its VIpA")
         if p is None:
+            self._release(vipa_b, False)
             return
         link = self.mesh_links.get(p.key)
         if link is None:
@@ -454,6 +485,7 @@ class Agent:
 
     def _remove_peer(self, p: MeshPeer, why: str) -> None:
         log.info("mesh peer %s (%s at %s) forgotten: %s", p.name, p.vipa, p.anchor, why)
+        self._release(p.vipa_b, False)
         ice = self.ice.pop(p.key, None)
         if ice is not None and ice.checklist is not None:
             self._ice_do(p.key, [SendSip(ice.bye())])
@@ -502,6 +534,10 @@ class Agent:
                     fwd.fail_over(t, now, "relay down")
         if came:
             fwd.restore_preferences(now, self._up_for, self.cfg.return_after_s)
+            for key in list(self.mesh_links):
+                p = self.mesh.by_key.get(key)
+                if p is not None and p.vipa_b in self._held:
+                    self._release(p.vipa_b, True)
 
     def _relay_send(self, a: Send) -> None:
         """A mesh link's datagram: wrapped in a RELAY datagram to the peer's anchor, through

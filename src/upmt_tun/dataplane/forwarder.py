@@ -145,6 +145,11 @@ class AgentForwarder:
         self.mesh_dst: dict[bytes, str] = {}
         self.mesh_anchor_of: Callable[[bytes], str | None] = lambda dst: None
         self.mesh_miss: Callable[[bytes], None] = lambda dst: None
+        # a new flow's packet to a mesh peer whose relay is not up yet: given to
+        # ``mesh_hold`` (the driver keeps a few and sends them once it is up)
+        self.held = b""
+        self.mesh_hold: Callable[[bytes, bytes], None] = \
+            lambda dst, pkt: self.drops.update(("mesh_peer_pending",))
         self.mesh_mtu = 0                      # >0: relayed packets longer are dropped
         self.direct_of: dict[str, str] = {}    # mesh peer -> its direct path's record
 
@@ -292,6 +297,9 @@ class AgentForwarder:
         """A packet read from the TUN -> (socket index, destination, datagram) or None."""
         route = self._route(pkt, now)
         if route is None:
+            if self.held:                     # a new flow to a mesh peer not reachable yet
+                self.mesh_hold(self.held, pkt)
+                self.held = b""
             return None
         flow, t, s = route
         buf = bytearray(pkt)
@@ -416,6 +424,9 @@ class AgentForwarder:
         (``Session.seal_run``), the size of each but the last)."""
         route = self._route(pkt, now)
         if route is None:
+            if self.held:                     # not kept: a super-packet is no first packet
+                self.drops["mesh_peer_pending"] += 1
+                self.held = b""
             return None
         flow, t, s = route
         segs = offload.tso_split(pkt, gso_size, t.vipa_b)      # NAT included
@@ -488,11 +499,14 @@ class AgentForwarder:
         peer = self.mesh_dst.get(key[2])
         if peer is None and self.mesh_anchor_of(key[2]) is not None:
             self.mesh_miss(key[2])             # another host of a mesh: look it up
-            self.drops["mesh_peer_pending"] += 1
+            self.held = key[2]
             return None
         t = self._candidates(fc, key[2], peer)
         if t is None:
-            self.drops["no_tunnel"] += 1
+            if peer is not None:
+                self.held = key[2]             # its session is on the way
+            else:
+                self.drops["no_tunnel"] += 1
             return None
         f = self.paft.add(key, t.tid, now, rule=fc.rule, anchor=peer or t.peer)
         if f is None:
