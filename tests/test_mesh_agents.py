@@ -409,3 +409,32 @@ async def test_the_first_packets_wait_for_the_relay_instead_of_being_lost(tmp: P
         assert laptop.a.drops["mesh_peer_pending"] == 0
     finally:
         await w.stop()
+
+
+async def test_reinvite_on_a_path_change_and_bye_on_stop(tmp: Path) -> None:
+    """A changed mapping on the direct path's interface makes a new offer (ICE restart):
+    the hosts select again and the flow is direct again; an agent that stops says BYE and
+    the other drops the direct path at once (its flows go to the relay)."""
+    w = MeshWorld(tmp, direct=True)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _peer(laptop)["path"] == "direct")
+        ice = laptop.a.ice["phone@an1"]
+        old = ice.checklist
+        laptop.a.path_changed("wan1")
+        assert ice.checklist is not old and ice.phase.value == "offering"
+        await w.until(lambda: _peer(laptop)["path"] == "direct"
+                      and _peer(phone)["path"] == "direct")
+        assert await _stream(laptop, phone, 5, 0.02, port=5000) == 5
+        # laptop stops: phone hears BYE over the relay and leaves the direct path
+        await laptop.a.stop()
+        await asyncio.sleep(0.1)
+        p = _peer(phone)
+        assert p["path"] == "relay" and p["why_relay"] == "peer said BYE"
+        assert "laptop@an1" not in phone.a.fwd.direct_of
+    finally:
+        for h in (phone, w.tv):
+            await h.a.stop()
+        await w.anchor.stop()
