@@ -669,9 +669,11 @@ class Agent:
 
     def _on_stun(self, index: int, data: bytes, src: tuple[str, int]) -> None:
         now = self.clock()
-        for key, ice in list(self.ice.items()):
-            if ice.checklist is not None:
-                self._ice_do(key, ice.on_stun(data, index, src, now))
+        running = [(k, i) for k, i in self.ice.items() if i.checklist is not None]
+        if not running:
+            self.drops["stray_stun"] += 1
+        for key, ice in running:
+            self._ice_do(key, ice.on_stun(data, index, src, now))
 
     def _direct(self, p: MeshPeer, a: DirectPath, now: float) -> None:
         """Both ends selected a pair: a link on that socket to that address, validated
