@@ -653,6 +653,12 @@ def test_insecure_plaintext_true_and_false(tmp_path: Path) -> None:
         assert anchor(tmp_path, MINI_ANCHOR + line + PEER).plaintext_data is v
 
 
+def test_direct_defaults_to_true_and_must_be_a_boolean(tmp_path: Path) -> None:
+    assert agent(tmp_path, MINI_AGENT).direct is True
+    assert agent(tmp_path, "direct = false\n" + MINI_AGENT).direct is False
+    agent_err(tmp_path, 'direct = "no"\n' + MINI_AGENT, "direct", "boolean")
+
+
 # -- egress filter (anchor) ------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -658,5 +659,44 @@ async def test_links_are_removed_and_added_at_run_time(tmp_path: Path) -> None:
         await asyncio.sleep(6.0)                          # up return_after: the flow returns
         (f,) = w.agent.status()["flows"]
         assert f["interface"] == "wan1" and f["history"][-1]["reason"] == "preference restored"
+    finally:
+        await w.stop()
+
+
+async def test_new_flows_go_to_the_faster_anchor_existing_flows_stay(tmp_path: Path) -> None:
+    """multiAN: the probe tick ranks the anchors by RTT; a rule without ``anchor`` sends new
+    flows to the faster one (after HOME_HOLD), while a flow already on the slower one keeps
+    its anchor (its public address must not change)."""
+    w = World(tmp_path, anchors=2, rules=RULES)
+    loop = asyncio.get_running_loop()
+    send = w.net._send
+    slow = {"203.0.113.2"}              # 40 ms each way to and from these anchors
+
+    def delayed(src: Any, data: bytes, dst: tuple[str, int], size: int = 0) -> None:
+        if dst[0] in slow or src.local[0] in slow:
+            loop.call_later(0.04, send, src, data, dst, size)
+        else:
+            send(src, data, dst, size)
+
+    w.net._send = delayed      # type: ignore[method-assign]
+    await w.start()
+    try:
+        await asyncio.sleep(2)
+        assert w.agent.fwd.anchor_order == ["an1", "an2"]
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"old"))
+        await w.settle()
+        assert [f["anchor"] for f in w.agent.status()["flows"]] == ["an1"]
+        slow.clear()
+        slow.add("203.0.113.1")         # now an1 is the slow one
+        await asyncio.sleep(1)
+        assert w.agent.fwd.anchor_order[0] == "an1"      # not yet: HOME_HOLD
+        await asyncio.sleep(20)         # smoothed RTTs cross (idle: a probe a second)
+        assert w.agent.fwd.anchor_order[0] == "an2"
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40001, 80, b"new"))
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"old again"))
+        await asyncio.sleep(0.2)
+        flows = {f["sport"]: f["anchor"] for f in w.agent.status()["flows"]}
+        assert flows == {40000: "an1", 40001: "an2"}
+        assert len(w.an_tuns[0].written) == 2 and len(w.an_tuns[1].written) == 1
     finally:
         await w.stop()

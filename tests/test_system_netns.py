@@ -267,6 +267,24 @@ def _agent_lifecycle() -> dict[str, Any]:
     )
     ct.close()
 
+    # A mesh anchor's pool: routed into the TUN with the relay's MTU (also for steered
+    # flows), and its hosts may open connections here; others still may not.
+    host.add_mesh_pool("100.100.0.0/16", 1364)
+    out["mesh"] = snapshot(("ut0", "ua0", "ub0"))
+    out["get_mesh"] = sh("ip", "route", "get", "100.100.0.3")
+    out["get_mesh_steered"] = sh("ip", "route", "get", "100.100.0.3", "mark", hex(F))
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("0.0.0.0", 0))
+    listener.settimeout(0.5)
+    lport = listener.getsockname()[1]
+    os.write(fd, udp_packet("198.51.100.9", VIPA, 7000, lport, b"stranger"))
+    os.write(fd, udp_packet("100.100.0.3", VIPA, 7000, lport, b"peer"))
+    try:
+        out["mesh_in"] = [listener.recvfrom(100)]
+    except TimeoutError:
+        out["mesh_in"] = []
+    listener.close()
+
     host.teardown()
     host.teardown()  # idempotent
     out["after"] = snapshot(("ut0", "ua0", "ub0"))
@@ -286,8 +304,16 @@ def test_agent_setup_steers_and_teardown_restores(netns: str) -> None:
     assert f"default dev ub0 table {T + 2}" in during["routes"]
     assert "table ip upmt_agent" in during["nft"]
     assert 'oifname "ut0" snat to 100.64.0.1' in during["nft"]
-    assert ('iifname "ut0" ct state != { established, related } '
+    assert ('iifname "ut0" ip saddr != @mesh_pools ct state != { established, related } '
             'counter name "unsolicited_from_tun" drop') in during["nft"]
+    mesh = got["mesh"]
+    assert "100.100.0.0/16 dev ut0 proto static scope link mtu 1364" in mesh["routes"]
+    assert f"100.100.0.0/16 dev ut0 table {T} proto static scope link mtu 1364" in mesh["routes"]
+    assert "elements = { 100.100.0.0/16 }" in mesh["nft"]
+    assert "dev ut0" in got["get_mesh"] and "mtu 1364" in got["get_mesh"]
+    assert "mtu 1364" in got["get_mesh_steered"]
+    assert got["mesh_in"] == [(b"peer", ("100.100.0.3", 7000))]      # the stranger dropped
+    assert "100.100.0.0" not in got["after"]["routes"]
     assert all(during[f"svm_{i}"].strip() == "1" for i in ("ut0", "ua0", "ub0"))
     assert got["get_steered"].startswith("198.51.100.7 dev ut0")
     assert "via 10.0.1.1 dev ua0" in got["get_sock_a"]

@@ -92,7 +92,7 @@ def test_agent_ruleset_drops_what_the_tunnel_brings_unasked() -> None:
                            ifaces=[IfacePlan(0, "eth0", None, 5000)], rules=[], tun_mtu=1400)
     lines = [line.strip() for line in script.splitlines()]
     assert "counter unsolicited_from_tun {" in lines
-    drop = ('iifname "upmt0" ct state != { established, related } '
+    drop = ('iifname "upmt0" ip saddr != @mesh_pools ct state != { established, related } '
             'counter name "unsolicited_from_tun" drop')
     chain = lines.index("chain prerouting {")
     tun_rules = [i for i, line in enumerate(lines) if line.startswith('iifname "upmt0"')]

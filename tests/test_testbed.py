@@ -106,6 +106,19 @@ def test_same_subnet_variant() -> None:
     assert _our_namespaces(t) == []
 
 
+def test_second_mobile_host_behind_its_own_nat_on_the_same_subnet() -> None:
+    with Topology(same_subnet=True, second_mh=True) as t:
+        addrs = t.run("mh2", "ip", "-4", "-o", "addr", "show").stdout
+        assert "192.168.1.2/24" in addrs                 # the first MH's address, too
+        t.run("mh2", "ping", "-c1", "-W1", t.addresses["an"])
+        # seen by the Internet from its own NAT's address, not the first MH's
+        out = t.run("mh2", "ip", "route", "get", t.addresses["an"]).stdout
+        assert "via 192.168.1.1 dev wan1" in out
+        assert t.addresses["nat3"] == "203.0.113.21"
+        assert t.run("nat3", "nft", "list", "ruleset").stdout.count("masquerade") == 1
+    assert _our_namespaces(t) == []
+
+
 def test_down_kills_everything_and_is_idempotent() -> None:
     t = Topology().up()
     tracked = t.popen("ch", "sleep", "300")

@@ -20,13 +20,15 @@ and announced to the anchor), link events, operator commands and status.
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import logging
 import math
 import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import AgentConfig, Rule
@@ -36,10 +38,20 @@ from .dataplane.packet import (
     TYPE_CONTROL,
     TYPE_COOKIE,
     TYPE_DATA,
+    TYPE_HS_INIT,
     TYPE_HS_RESP,
     TYPE_PATH_CHALLENGE,
+    TYPE_PATH_RESPONSE,
+    TYPE_PING,
     TYPE_PONG,
+    TYPE_RELAY,
 )
+from .ice.candidates import IceCandidate, TunnelSocket, gather
+from .ice.checklist import Role as IceRole
+from .ice.checklist import SendStun
+from .ice.demux import is_stun
+from .ice.driver import DirectPath, IcePeer, NoDirect, SendSip
+from .keys import public_of
 from .link import (
     SIP_STATS,
     Action,
@@ -49,21 +61,27 @@ from .link import (
     Env,
     Link,
     LinkConfig,
+    LinkState,
     NewSession,
     Peer,
+    PeerFound,
+    PeerKind,
     Role,
     Send,
     Settled,
     TunnelDown,
     TunnelUp,
 )
-from .paths import ProbeParams
+from .mesh import MeshDirectory, MeshPeer, is_relay_addr
+from .paths import TICK, ProbeParams
 from .signalling import sip
 from .tables import Flow, FlowKey, Tunnel, ip_str
 
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
 log = logging.getLogger(__name__)
+HELD_PACKETS = 8       # first packets kept per mesh peer while its relay comes up
+HELD_PEERS = 32
 
 @dataclass
 class IfaceSeam:
@@ -112,7 +130,8 @@ class Agent:
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
-                 cgroup_of: Callable[[str], str | None] | None = None) -> None:
+                 cgroup_of: Callable[[str], str | None] | None = None,
+                 mesh_route: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
         self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
@@ -139,9 +158,25 @@ class Agent:
         self._ready = asyncio.Event()     # every link up or past its first attempt
         self._kick = asyncio.Event()      # deadlines changed: the timer task looks again
         self._timer: asyncio.Task[None] | None = None
+        self._rank_at = -math.inf          # next anchor ranking by RTT (one per probe tick)
         self._sends = [i.path.sendto for i in self.ifaces]
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
+        # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
+        self.mesh = MeshDirectory()
+        self.mesh_links: dict[str, Link] = {}             # peer key -> its link
+        self.mesh_cfg = replace(self.link_cfg, plaintext_data=False)   # never readable
+        self.mesh_route = mesh_route      # routes a mesh pool into the TUN (host set-up)
+        try:                              # glare between two initiators: the lower key wins
+            self.public_key = base64.b64decode(public_of(base64.b64encode(cfg.private_key)))
+        except ValueError:
+            self.public_key = b""
+        self.fwd.mesh_miss = self._mesh_miss
+        self.fwd.mesh_hold = self._mesh_hold
+        self._held: dict[bytes, list[bytes]] = {}          # peer VIpA -> first packets
+        self.ice: dict[str, IcePeer] = {}                  # peer key -> ICE with it
+        self._direct_dead: list[str] = []                  # direct links to forget
+        self._direct_key: dict[str, str] = {}              # direct record -> peer key
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -185,6 +220,14 @@ class Agent:
                 link = self._by_tid.get(pong[0].tid) if pong is not None else None
                 if link is not None and pong is not None:
                     link.on_pong(pong[1], clock())
+            elif b0 == TYPE_RELAY:
+                self._on_relay(index, data, src)
+            elif b0 == TYPE_HS_INIT:
+                self._direct_init(index, data, src)
+            elif b0 == TYPE_PING or b0 == TYPE_PATH_RESPONSE:
+                self._direct_datagram(index, data, src)
+            elif b0 < 0x40 and is_stun(data):
+                self._on_stun(index, data, src)
             elif b0 == TYPE_PATH_CHALLENGE:     # our NAT rebound: answer from this socket
                 opened = fwd.open(index, data, src)
                 link = self._by_tid.get(opened[1].tid) if opened is not None else None
@@ -238,7 +281,10 @@ class Agent:
 
         for a in actions:
             if isinstance(a, Send):
-                self._sends[self._seam[a.iface].index](a.data, a.addr)
+                if is_relay_addr(a.addr):
+                    self._relay_send(a)
+                else:
+                    self._sends[self._seam[a.iface].index](a.data, a.addr)
             elif isinstance(a, Drop):
                 fwd.drops[a.reason] += 1
             elif isinstance(a, NewSession):
@@ -247,6 +293,26 @@ class Agent:
                 fwd.drop_session(a.index)
             elif isinstance(a, Associated):
                 fwd.set_association(a.peer, a.vipa, a.role, a.serves)
+                self._mesh_pool(a.peer, a.mesh_pool)
+            elif isinstance(a, PeerFound):
+                self._peer_found(a, now)
+            elif isinstance(a, (TunnelUp, TunnelDown, Settled)) and a.tunnel.tid == 0:
+                self._sync_relays(now)           # a mesh peer's relay link
+            elif isinstance(a, TunnelUp) and a.tunnel.peer in self._direct_key:
+                fwd.tunnel_up(a.tunnel, a.un_tid, now)
+                key = self._direct_key[a.tunnel.peer]
+                moved = fwd.to_direct(key, now)
+                log.info("mesh peer %s: direct path up via %s to %s:%d (%d flow(s) moved)",
+                         key, a.tunnel.interface, *a.tunnel.remote, len(moved))
+            elif isinstance(a, TunnelDown) and a.tunnel.peer in self._direct_key:
+                fwd.tunnel_down(a.tunnel)
+                key = self._direct_key[a.tunnel.peer]
+                fwd.fail_over(a.tunnel, now, "direct path lost")
+                log.warning("mesh peer %s: direct path lost (%s): back to the relay", key,
+                            a.reason)
+                if key in self.ice:
+                    self.ice[key].lost(now)
+                self._direct_dead.append(key)
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
@@ -256,12 +322,16 @@ class Agent:
                 ids = {f.fid for f in moved}
                 self.announce(moved + [f for f in fwd.paft.flows()
                                        if f.tunnel == a.tunnel.tid and f.fid not in ids])
+                self._mesh_hops(a.tunnel.peer, now)
             elif isinstance(a, TunnelDown):
                 fwd.tunnel_down(a.tunnel)
                 self.announce(fwd.fail_over(a.tunnel, now, a.reason))
+                self._mesh_hops(a.tunnel.peer, now)
             elif isinstance(a, Settled):
                 self.announce(fwd.restore_preferences(now, up_for,
                                                       self.cfg.return_after_s))
+        while self._direct_dead:
+            self._drop_direct(self._direct_dead.pop())
         if not self._ready.is_set() and all(x.tried for x in self.links.values()):
             self._ready.set()
         self._kick.set()
@@ -274,7 +344,8 @@ class Agent:
             # a timer may fire a hair before its deadline (the loop's clock resolution,
             # float rounding): it fired for ``due``, so ``due`` is reached
             now = max(self.clock(), fired)
-            due = min((x.next_deadline() for x in self.links.values()), default=math.inf)
+            due = min((x.next_deadline() for x in self._all_links()), default=math.inf)
+            due = min([due, *(i.next_deadline() for i in self.ice.values())])
             if due > now:
                 self._kick.clear()
                 try:
@@ -285,17 +356,399 @@ class Agent:
             for link in list(self.links.values()):
                 if link.next_deadline() <= now:
                     self._do(link.on_timer(now), now)
+            if now >= self._rank_at:
+                self._rank(now)
+            for key, ice in list(self.ice.items()):
+                if ice.next_deadline() <= now and self.ice.get(key) is ice:
+                    self._ice_do(key, ice.on_timer(now))
+            for key, link in list(self.mesh_links.items()):
+                if link.next_deadline() <= now and self.mesh_links.get(key) is link:
+                    self._do(link.on_timer(now), now)
+                    if link.state is LinkState.BACKOFF and key in self.mesh.by_key:
+                        # no session: maybe another host has that VIpA now; ask again
+                        self._remove_peer(self.mesh.by_key[key], "no session")
+
+    def _rank(self, now: float) -> None:
+        """Once per probe tick: new flows of rules without ``anchor`` go to the anchor
+        with the best smoothed probe RTT (policy.HomeAnchor's hysteresis); existing flows
+        keep theirs."""
+        self._rank_at = now + TICK
+
+        def rtt_of(t: Tunnel) -> float | None:
+            link = self._by_tid.get(t.tid)
+            m = link.monitor if link is not None else None
+            return m.srtt if m is not None else None
+
+        before = list(self.fwd.anchor_order)
+        if before != self.fwd.rank_anchors(now, rtt_of):
+            log.info("new flows go to anchor %s first (best RTT)", self.fwd.anchor_order[0])
+
+    def _all_links(self) -> list[Link]:
+        return [*self.links.values(), *self.mesh_links.values()]
 
     def _up_for(self, t: Tunnel, now: float) -> float:
+        if t.vipa_peer:                  # a relay path: as long as its hop
+            hop = self.fwd.by_path.get((t.interface, self.fwd.relay_anchor(t)))
+            t = hop if hop is not None else t
         link = self._by_tid.get(t.tid)
         return link.up_for(now) if link is not None else 0.0
 
     def _new_index(self) -> int:
-        pending = {x.hs_index for x in self.links.values()}
+        pending = {x.hs_index for x in self._all_links()}
         while True:
             idx = secrets.randbits(32)
             if idx and idx not in self.fwd.sessions and idx not in pending:
                 return idx
+
+    # -- mesh peers (UPMT-DAM relay; mesh.py) --------------------------------------------
+    def _mesh_pool(self, anchor: str, pool: str | None) -> None:
+        """An association said whether ``anchor`` makes us a mesh host (and its pool)."""
+        if pool is None:
+            for p in self.mesh.drop_anchor(anchor):
+                self._remove_peer(p, "anchor left the mesh")
+            return
+        known = anchor in self.mesh.pools
+        if not self.mesh.set_pool(anchor, pool) or known:
+            return
+        self.fwd.mesh_anchor_of = self.mesh.anchor_of
+        log.info("anchor %s: mesh pool %s (its other hosts are reachable at their VIpAs)",
+                 anchor, pool)
+        if self.mesh_route is not None:
+            self.mesh_route(pool)
+
+    def _mesh_miss(self, vipa_b: bytes) -> None:
+        """A new flow to a mesh address whose host is not known yet: ask its anchor."""
+        now = self.clock()
+        anchor = self.mesh.want(vipa_b, now)
+        if anchor is not None:
+            self._peer_request(anchor, vipa_b, now)
+
+    def _mesh_hold(self, vipa_b: bytes, pkt: bytes) -> None:
+        """Keep a few first packets of new flows to a peer whose relay is not up yet (a
+        TCP SYN lost here would cost the application a second); sent when it is up,
+        dropped (counted) when the lookup or the handshake fails."""
+        held = self._held.get(vipa_b)
+        if held is None and self.mesh.unknown.get(vipa_b, -1.0) > self.clock():
+            self.drops["mesh_peer_pending"] += 1       # nobody there a moment ago
+            return
+        if held is None and len(self._held) < HELD_PEERS:
+            held = self._held[vipa_b] = []
+        if held is None or len(held) >= HELD_PACKETS:
+            self.drops["mesh_peer_pending"] += 1
+            return
+        held.append(bytes(pkt))
+
+    def _release(self, vipa_b: bytes, send: bool) -> None:
+        held = self._held.pop(vipa_b, [])
+        if not send:
+            self.drops["mesh_peer_pending"] += len(held)
+            return
+        for pkt in held:
+            self._on_tun(pkt)
+        if held:
+            self._flush()
+
+    def _peer_request(self, anchor: str, vipa_b: bytes, now: float) -> None:
+        link = next((x for (_i, a), x in self.links.items()
+                     if a == anchor and x.state is LinkState.UP), None)
+        if link is None:
+            self.mesh.pending.pop(vipa_b, None)
+            self.mesh.stash.pop(vipa_b, None)
+            self.drops["mesh_no_anchor"] += 1
+            self._release(vipa_b, False)
+            return
+        self._do(link.peer_request(ip_str(vipa_b), now))
+
+    def _peer_found(self, a: PeerFound, now: float) -> None:
+        try:
+            vipa_b = ipaddress.IPv4Address(a.vipa).packed
+        except ValueError:
+            return
+        stash = self.mesh.stash.pop(vipa_b, None)
+        old = self.mesh.by_vipa.get(vipa_b)
+        p = self.mesh.found(a.anchor, a.vipa, a.name, a.public_key, now)
+        if old is not None and old is not p:
+            self._remove_peer(old, "another host at its VIpA")
+        if p is None:
+            self._release(vipa_b, False)
+            return
+        link = self.mesh_links.get(p.key)
+        if link is None:
+            log.info("mesh peer %s: %s at anchor %s (relayed)", p.name, p.vipa, p.anchor)
+            link = self._add_mesh_link(p, Role.INITIATOR if stash is None else Role.RESPONDER,
+                                       now)
+        if stash is not None:
+            self._mesh_init(p.anchor, vipa_b, stash, now)
+
+    def _add_mesh_link(self, p: MeshPeer, role: Role, now: float) -> Link:
+        fwd = self.fwd
+        rec = fwd.add_peer(p.key, p.anchor)
+        peer = Peer(p.key, p.addr, p.public_key, rec, kind=PeerKind.AGENT)
+        first = self.ifaces[0]
+        ctl = Tunnel(0, first.name, first.path.local, p.addr, p.key, vipa_peer=p.vipa_b)
+        link = Link(first.name, peer, ctl, self.mesh_cfg, self.env, self.sip_stats, role)
+        self.mesh_links[p.key] = link
+        for i in self.ifaces:          # one relay path per interface: rules' via apply
+            fwd.add_tunnel(i.name, i.index, p.key, i.path.local, p.addr, now,
+                           vipa_peer=p.vipa_b)
+        fwd.mesh_dst[p.vipa_b] = p.key
+        self._do(link.start(now, self._hop_up(p.anchor)))
+        return link
+
+    def _remove_peer(self, p: MeshPeer, why: str) -> None:
+        log.info("mesh peer %s (%s at %s) forgotten: %s", p.name, p.vipa, p.anchor, why)
+        self._release(p.vipa_b, False)
+        ice = self.ice.pop(p.key, None)
+        if ice is not None and ice.checklist is not None:
+            self._ice_do(p.key, [SendSip(ice.bye())])
+        self._drop_direct(p.key)
+        link = self.mesh_links.pop(p.key, None)
+        if link is not None:
+            self._do(link.stop(self.clock()))
+        self.fwd.remove_peer(p.key)
+        self.mesh.forget(p)
+
+    def _hop_up(self, anchor: str) -> bool:
+        return any(self.fwd.usable(i.name, anchor) is not None for i in self.ifaces)
+
+    def _mesh_hops(self, anchor: str, now: float) -> None:
+        """An anchor tunnel went up or down: so may the relay links through that anchor."""
+        if not self.mesh_links:
+            return
+        up = self._hop_up(anchor)
+        for key, link in list(self.mesh_links.items()):
+            p = self.mesh.by_key.get(key)
+            if p is not None and p.anchor == anchor:
+                self._do(link.on_link(up, now, "relay down"))
+        self._sync_relays(now)
+
+    def _sync_relays(self, now: float) -> None:
+        """A relay path carries data while its peer's link is up and the anchor tunnel of
+        its interface is: bring the paths up and down (their flows move) accordingly."""
+        fwd = self.fwd
+        came = False
+        for key, link in self.mesh_links.items():
+            p = self.mesh.by_key.get(key)
+            if p is None:
+                continue
+            for i in self.ifaces:
+                t = fwd.by_path.get((i.name, key))
+                if t is None:
+                    continue
+                if link.state is LinkState.UP and key not in self.ice:
+                    self._ice_for(p, now)
+                want = link.state is LinkState.UP and fwd.usable(i.name, p.anchor) is not None
+                if want and t.state != "up":
+                    fwd.tunnel_up(t, 0, now)
+                    came = True
+                elif not want and t.state == "up":
+                    fwd.tunnel_down(t)
+                    fwd.fail_over(t, now, "relay down")
+        if came:
+            fwd.restore_preferences(now, lambda t: self._up_for(t, now),
+                                    self.cfg.return_after_s)
+            for key in list(self.mesh_links):
+                p = self.mesh.by_key.get(key)
+                if p is not None and p.vipa_b in self._held:
+                    self._release(p.vipa_b, True)
+
+    def _relay_send(self, a: Send) -> None:
+        """A mesh link's datagram: wrapped in a RELAY datagram to the peer's anchor, through
+        the link's interface if its anchor tunnel is up, else any up one."""
+        p = self.mesh.by_key.get(a.addr[0])
+        if p is None:
+            return
+        fwd = self.fwd
+        names = [a.iface] + [i.name for i in self.ifaces if i.name != a.iface]
+        hop = next((t for n in names if (t := fwd.usable(n, p.anchor)) is not None), None)
+        s = fwd.links[p.anchor].session
+        if hop is None or s is None:
+            fwd.drops["relay_down"] += 1
+            return
+        hop.tx_packets += 1
+        self._sends[hop.iface_index](s.seal(TYPE_RELAY, p.vipa_b + a.data, hop.un_tid),
+                                     hop.remote)
+
+    def _on_relay(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """A RELAY datagram from an anchor: the datagram inside is a mesh peer's, handled
+        as if it came from that peer (data, handshake, validation, probes)."""
+        now = self.clock()
+        got = self.fwd.from_relay(index, data, src, now)
+        if got is None:
+            return
+        anchor, vipa_b, inner = got
+        p = self.mesh.by_vipa.get(vipa_b)
+        if p is not None and p.anchor != anchor:
+            self.drops["relay_wrong_anchor"] += 1
+            return
+        b0 = inner[0]
+        if b0 == TYPE_HS_INIT:
+            self._mesh_init(anchor, vipa_b, inner, now)
+            return
+        if p is None:
+            self.drops["relay_unknown_peer"] += 1
+            return
+        if b0 == TYPE_DATA:
+            pkt = self.fwd.relay_data(index, p.key, inner, now)
+            if pkt is not None:
+                self.tun.write(pkt)
+            return
+        if b0 == TYPE_CONTROL:
+            self._mesh_sip(p, inner, now)
+            return
+        link = self.mesh_links.get(p.key)
+        if link is None:
+            self.drops["relay_unknown_peer"] += 1
+            return
+        self._do(link.on_datagram(inner, p.addr, now))
+
+    def _mesh_init(self, anchor: str, vipa_b: bytes, init: bytes, now: float) -> None:
+        """A handshake initiation from the host at ``vipa_b`` of ``anchor``: answered once
+        the anchor vouched for its key (a PeerReq first if that host is not known)."""
+        if self.mesh.anchor_of(vipa_b) != anchor:
+            self.drops["relay_not_mesh"] += 1
+            return
+        p = self.mesh.by_vipa.get(vipa_b)
+        if p is None:
+            ask = self.mesh.want(vipa_b, now)
+            if vipa_b in self.mesh.pending:
+                self.mesh.stash[vipa_b] = init     # one per host: the newest
+            if ask is not None:
+                self._peer_request(ask, vipa_b, now)
+            return
+        link = self.mesh_links.get(p.key)
+        if link is not None and link.role is Role.INITIATOR:
+            # both ends initiated: the end with the lower public key stays the initiator
+            if self.public_key < p.public_key:
+                self.drops["handshake_glare"] += 1
+                return
+            self._do(link.stop(now))
+            del self.mesh_links[p.key]
+            link = None
+        if link is None:
+            link = self._add_mesh_link(p, Role.RESPONDER, now)
+        self._do(link.on_handshake(init, p.addr, now))
+
+    # -- direct paths to mesh peers (ICE; ice/driver.py) ----------------------------------
+    def _ice_for(self, p: MeshPeer, now: float) -> IcePeer:
+        ice = self.ice.get(p.key)
+        if ice is not None:
+            return ice
+        link = self.mesh_links[p.key]
+        ice = IcePeer(me=self.cfg.name, controlling=link.role is Role.INITIATOR,
+                      enabled=self.cfg.direct,
+                      local=lambda: self._candidates(p.anchor),
+                      my_vipa=self.fwd.links[p.anchor].vipa, my_key=self.public_key,
+                      peer_vipa=p.vipa, peer_key=p.public_key)
+        self.ice[p.key] = ice
+        self._ice_do(p.key, ice.start(now))
+        return ice
+
+    def _candidates(self, anchor: str) -> tuple[IceCandidate, ...]:
+        """Each tunnel socket's address and what the anchor saw of it (server reflexive)."""
+        socks = []
+        for i in self.ifaces:
+            link = self.links.get((i.name, anchor))
+            seen = link.seen_as if link is not None else None
+            socks.append(TunnelSocket(i.index, i.name, i.path.local, seen))
+        return gather(socks)
+
+    def _ice_do(self, key: str, actions: list[Any]) -> None:
+        p = self.mesh.by_key.get(key)
+        if p is None:
+            return
+        for a in actions:
+            if isinstance(a, SendSip):
+                s = self.fwd.links[key].session if key in self.fwd.links else None
+                if s is not None:
+                    self._relay_send(Send(self.ifaces[0].name, s.seal(TYPE_CONTROL, a.data),
+                                          p.addr))
+            elif isinstance(a, SendStun):
+                if 0 <= a.socket_id < len(self._sends):
+                    self._sends[a.socket_id](a.data, a.addr)
+            elif isinstance(a, DirectPath):
+                self._direct(p, a, self.clock())
+            elif isinstance(a, NoDirect):
+                self._drop_direct(key)
+
+    def _mesh_sip(self, p: MeshPeer, inner: bytes, now: float) -> None:
+        """A SIP message the peer sealed end to end (the rendezvous): to its ICE."""
+        hit = self.fwd.sessions.get(int.from_bytes(inner[4:8], "big"))
+        opened = hit[1].open(inner) if hit is not None and hit[0].name == p.key else None
+        if opened is None or p.key not in self.mesh_links:
+            self.drops["bad_packet"] += 1
+            return
+        self._ice_do(p.key, self._ice_for(p, now).on_sip(opened[1], now))
+
+    def _on_stun(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        now = self.clock()
+        running = [(k, i) for k, i in self.ice.items() if i.checklist is not None]
+        if not running:
+            self.drops["stray_stun"] += 1
+        for key, ice in running:
+            self._ice_do(key, ice.on_stun(data, index, src, now))
+
+    def _direct(self, p: MeshPeer, a: DirectPath, now: float) -> None:
+        """Both ends selected a pair: a link on that socket to that address, validated
+        (PATH_CHALLENGE) before it carries anything; the ICE controlling end initiates."""
+        if not 0 <= a.socket_id < len(self.ifaces) or p.key not in self.ice:
+            return
+        self._drop_direct(p.key)
+        seam = self.ifaces[a.socket_id]
+        dkey = p.key + "~direct"
+        rec = self.fwd.add_peer(dkey, p.anchor)
+        peer = Peer(dkey, a.remote, p.public_key, rec, kind=PeerKind.AGENT)
+        role = Role.INITIATOR if self.ice[p.key].role is IceRole.CONTROLLING \
+            else Role.RESPONDER
+        t = self.fwd.add_tunnel(seam.name, seam.index, dkey, seam.path.local, a.remote, now)
+        link = Link(seam.name, peer, t, self.mesh_cfg, self.env, self.sip_stats, role)
+        self.peers[dkey] = peer
+        self.links[(seam.name, dkey)] = link
+        self._by_tid[t.tid] = link
+        self._direct_key[dkey] = p.key
+        self.fwd.direct_of[p.key] = dkey
+        log.info("mesh peer %s: ICE selected %s -> %s:%d, validating", p.key, seam.name,
+                 *a.remote)
+        self._do(link.start(now, self.link_up[seam.name]))
+
+    def _drop_direct(self, key: str) -> None:
+        """Forget the direct path to ``key`` (on purpose: its flows go to the relay as
+        from any removed link, and ICE is not told it was lost)."""
+        dkey = self.fwd.direct_of.pop(key, None)
+        if dkey is None:
+            return
+        self._direct_key.pop(dkey, None)
+        for (iface, k), link in list(self.links.items()):
+            if k == dkey:
+                del self.links[(iface, k)]
+                self._by_tid.pop(link.tunnel.tid, None)
+                self._do(link.stop(self.clock()))
+        self.fwd.remove_peer(dkey)
+        self.peers.pop(dkey, None)
+
+    def _direct_init(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """An HS_INIT on a tunnel socket: only a direct path's responder link takes one."""
+        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        cands = [x for (i, k), x in self.links.items()
+                 if i == iface and k in self._direct_key and x.role is Role.RESPONDER]
+        cands.sort(key=lambda x: x.tunnel.remote != src)
+        now = self.clock()
+        for link in cands:
+            acts = link.on_handshake(data, src, now)
+            if not any(isinstance(x, Drop) for x in acts):
+                self._do(acts)
+                return
+        self.drops["stray_handshake"] += 1
+
+    def _direct_datagram(self, index: int, data: bytes, src: tuple[str, int]) -> None:
+        """PING or PATH_RESPONSE: for a direct path's link (its session says which)."""
+        hit = self.fwd.sessions.get(int.from_bytes(data[4:8], "big"))
+        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        link = self.links.get((iface, hit[0].name)) if hit is not None else None
+        if link is None or link.peer.kind is not PeerKind.AGENT:
+            self.drops["junk"] += 1
+            return
+        self._do(link.on_datagram(data, src, self.clock()))
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -342,10 +795,13 @@ class Agent:
         await self._ready.wait()
 
     async def stop(self) -> None:
-        """Cancel the timer task until it ends: Python 3.11's ``wait_for`` swallows a
-        cancellation that lands as the event it waits for is set (gh-86296), and an
-        event (any link action kicks it) right before a stop would leave it running and
-        the stop waiting forever."""
+        for key, ice in list(self.ice.items()):     # BYE: the peers stop checking at once
+            if ice.checklist is not None:
+                self._ice_do(key, [SendSip(ice.bye())])
+        # Cancel the timer task until it ends: Python 3.11's ``wait_for`` swallows a
+        # cancellation that lands as the event it waits for is set (gh-86296), and an
+        # event (any link action kicks it) right before a stop would leave it running and
+        # the stop waiting forever.
         t = self._timer
         if t is not None:
             while not t.done():
@@ -370,6 +826,8 @@ class Agent:
         for (iface, _peer), link in list(self.links.items()):
             if iface == name:
                 self._do(link.on_link(usable, now, why))
+        if usable:
+            self._ice_restart(name, now)
 
     def path_changed(self, name: str) -> None:
         """Same link, new address or gateway (so a new NAT mapping): probe its tunnels now
@@ -378,6 +836,22 @@ class Agent:
         for (iface, _peer), link in list(self.links.items()):
             if iface == name:
                 self._do(link.on_path_changed(now))
+        self._ice_restart(name, now)
+
+    def _ice_restart(self, name: str, now: float) -> None:
+        """Interface ``name`` came back or its NAT mapping may have changed: new
+        candidates, so a re-INVITE (ICE restart) to each peer whose direct path is not
+        up on another interface (the offering end does it)."""
+        for key, ice in list(self.ice.items()):
+            if ice.role is not IceRole.CONTROLLING or not ice.enabled:
+                continue
+            dkey = self.fwd.direct_of.get(key)
+            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
+            if direct is not None and direct.state is LinkState.UP and direct.iface != name:
+                continue
+            out: list[Any] = []
+            ice.restart(now, out)
+            self._ice_do(key, out)
 
     # -- operator commands ---------------------------------------------------------------
     def move(self, *, via: str, rule: str | None = None, flow: int | None = None,
@@ -456,6 +930,8 @@ class Agent:
 
     def tunnel_json(self, t: Tunnel, now: float) -> dict[str, Any]:
         j = t.json()
+        if t.vipa_peer:
+            j["remote"] = f"relay via {self.fwd.relay_anchor(t)}"
         link = self._by_tid.get(t.tid)
         m = link.monitor if link is not None else None
         if m is not None:
@@ -471,6 +947,9 @@ class Agent:
         t = self.fwd.tunnels.get(f.tunnel)
         j = f.json(self.clock(), t.interface if t else None, self._iface_of)
         j.update(rule=f.rule, anchor=f.anchor)
+        p = self.mesh.by_key.get(f.anchor)
+        if p is not None:
+            j.update(anchor=p.anchor, peer=p.name)
         if f.app_src:
             j["src"] = f.app_src       # the application's own source, before the SNAT
         return j
@@ -485,9 +964,40 @@ class Agent:
                          "role": self.fwd.links[a].role} for a in self.anchors],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
+            "peers": self.peers_json(),
             "drops": dict(self.drops),
             "signalling": dict(self.sip_stats),
             "flows_created": self.fwd.paft.flows_created,
             "handovers": dict(self.fwd.paft.handovers),
         }
 
+
+    def peers_json(self) -> list[dict[str, Any]]:
+        """The mesh peers: how each is reached now (SPEC "Added": ``peers``)."""
+        out = []
+        for key, link in self.mesh_links.items():
+            p = self.mesh.by_key.get(key)
+            if p is None:
+                continue
+            up = [t for i in self.ifaces
+                  if (t := self.fwd.by_path.get((i.name, key))) is not None and t.state == "up"]
+            m = link.monitor
+            addr = self.anchors.get(p.anchor)
+            remote = f"{addr[0]}:{addr[1]}" if addr else None
+            path = "relay"
+            dkey = self.fwd.direct_of.get(key)
+            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
+            if direct is not None and direct.state is LinkState.UP:
+                path, m, up = "direct", direct.monitor, [direct.tunnel]
+                remote = f"{direct.tunnel.remote[0]}:{direct.tunnel.remote[1]}"
+            ice = self.ice.get(key)
+            out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": path,
+                        "state": link.state.value,
+                        "interface": up[0].interface if up else None,
+                        "remote": remote,
+                        "rtt_ms": round(m.srtt * 1000.0, 3) if m and m.srtt is not None
+                        else None,
+                        "ice": None if ice is None else ice.phase.value,
+                        "why_relay": None if path == "direct" or ice is None
+                        else ice.reason or None})
+        return out

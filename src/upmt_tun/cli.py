@@ -115,6 +115,13 @@ def _print_agent_status(st: dict[str, Any]) -> None:
     for a in st.get("anchors", []):
         print(f"anchor {a['name']} {a['address']}  {a['state']}  vipa {a['vipa'] or '-'}"
               f"  ({a['role']})")
+    if st.get("peers"):
+        print(f"\n{'PEER':12} {'ANCHOR':8} {'VIPA':15} {'PATH':6} {'IFACE':8} {'REMOTE':21} "
+              f"{'RTT ms':>7}")
+        for p in st["peers"]:
+            rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}"
+            print(f"{p['name']:12} {p['anchor']:8} {p['vipa']:15} {p['path']:6} "
+                  f"{p['interface'] or '-':8} {p['remote'] or '-':21} {rtt:>7}")
     print(f"\n{'TUNNEL':>6} {'IFACE':8} {'ANCHOR':8} {'STATE':5} {'LOCAL':21} {'REMOTE':21} "
           f"{'VIPA':15} {'RTT ms':>7} {'TX':>9} {'RX':>9}")
     for t in st["tunnels"]:

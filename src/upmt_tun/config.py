@@ -136,6 +136,7 @@ class AgentConfig:
     group: int | None = None            # gid whose members may use status/run (control.py)
     mark_mask: int = 0xFFFF             # packet-mark bits of F..F+1+n (ip rule fwmark X/mask)
     rule_priority: int = 5200           # ip rule priorities P (tunnel sockets) and P+1 (steered)
+    direct: bool = True                 # mesh peers: try direct paths (false: relay only)
 
 
 @dataclass(frozen=True)
@@ -442,11 +443,12 @@ def load_agent_config(path: str) -> AgentConfig:
     plaintext = r.get("insecure_plaintext_for_benchmarks", bool, False)
     metrics = _metrics(r)
     group = _group(r)
+    direct = r.get("direct", bool, True)
     r.finish()
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
                        tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
                        float(return_after), metrics=metrics, group=group, mark_mask=mark_mask,
-                       rule_priority=rule_priority)
+                       rule_priority=rule_priority, direct=direct)
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:

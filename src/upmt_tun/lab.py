@@ -59,8 +59,11 @@ def exe(name: str) -> list[str]:
 class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, *, rules: str = DEFAULT_RULES,
                  anchor_roles: tuple[str, ...] = ("anchor",), agent_extra: str = "",
-                 anchor_extra: str = "",
+                 anchor_extra: str = "", peer_extra: dict[str, str] | None = None,
                  verbose: bool = False) -> None:
+        """With ``topo.second_mh`` a second agent, "phone", runs in ``mh2`` (its one
+        interface wan1, no rules); ``peer_extra`` adds lines to an anchor [[peer]]
+        (by agent name, e.g. ``{"phone": "mesh = false"}``)."""
         self.topo = topo
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,8 @@ class Lab:
         self.run_dir = Path(f"/run/upmt-{topo.prefix}")
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.mh_key = keys.keypair()
+        self.phone_key = keys.keypair()
+        self.peer_extra = peer_extra or {}
         self.anchor_keys = [keys.keypair() for _ in anchor_roles]
         self.anchor_extra = anchor_extra
 
@@ -85,6 +90,15 @@ class Lab:
     def agent_control(self) -> str:
         return str(self.run_dir / "agent.sock")
 
+    @property
+    def agents(self) -> dict[str, tuple[str, str]]:
+        """Agent key -> (its namespace role, its name)."""
+        two = {"agent2": ("mh2", "phone")} if self.topo.second_mh else {}
+        return {"agent": ("mh", "laptop"), **two}
+
+    def control_of(self, agent: str) -> str:
+        return str(self.run_dir / f"{agent}.sock")
+
     def write_configs(self) -> tuple[list[Path], Path]:
         anchors = []
         for i, role in enumerate(self.anchor_roles):
@@ -94,10 +108,14 @@ class Lab:
             # VIpA leases in this lab's own directory, not the machine's /var/lib/upmt
             if "state_dir" not in self.anchor_extra:
                 nat += f'state_dir = "{self.dir.resolve() / "state"}"\n'
+            peers = [("laptop", self.mh_key[1])]
+            if self.topo.second_mh:
+                peers.append(("phone", self.phone_key[1]))
             p.write_text(f'role = "{role}"\nlisten = "{addr}:5060"\nvipa_pool = "100.100.0.0/16"\n'
                          f'{nat}control = "{self.anchor_control(i)}"\n'
                          f'private_key = "{self.anchor_keys[i][0]}"\n{self.anchor_extra}\n'
-                         f'[[peer]]\nname = "laptop"\npublic_key = "{self.mh_key[1]}"\n')
+                         + "".join(f'[[peer]]\nname = "{n}"\npublic_key = "{k}"\n'
+                                   f'{self.peer_extra.get(n, "")}\n' for n, k in peers))
             anchors.append(p)
         agent = self.dir / "agent.toml"
         text = (f'name = "laptop"\ncontrol = "{self.agent_control}"\n'
@@ -108,6 +126,15 @@ class Lab:
             text += (f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n'
                      f'public_key = "{self.anchor_keys[i][1]}"\n\n')
         agent.write_text(text + self.rules)
+        if self.topo.second_mh:
+            text = (f'name = "phone"\ncontrol = "{self.control_of("agent2")}"\n'
+                    f'private_key = "{self.phone_key[0]}"\n{self.agent_extra}\n'
+                    '[[interface]]\nname = "wan1"\n\n')
+            for i, _ in enumerate(self.anchor_roles):
+                addr = self.topo.addresses[self.anchor_role_name(i)]
+                text += (f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n'
+                         f'public_key = "{self.anchor_keys[i][1]}"\n\n')
+            (self.dir / "agent2.toml").write_text(text)
         return anchors, agent
 
     # -- processes -----------------------------------------------------------------------
@@ -145,18 +172,23 @@ class Lab:
                 self._start(f"anchor{i}", self.anchor_role_name(i),
                             [*exe("upmt-anchor"), "--config", str(cfg)])
             self._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent)])
+            if self.topo.second_mh:
+                self._start("agent2", "mh2", [*exe("upmt-agent"), "up", "--config",
+                                              str(self.dir / "agent2.toml")])
         except BaseException:
             self.stop()
             raise
         return self
 
-    def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def agent_cli(self, *args: str, check: bool = True, agent: str = "agent"
+                  ) -> subprocess.CompletedProcess[str]:
         sub, *rest = args      # --control right after the subcommand (run's program follows)
-        return self.topo.run("mh", *exe("upmt-agent"), sub, "--control", self.agent_control,
-                             *rest, check=check)
+        return self.topo.run(self.agents[agent][0], *exe("upmt-agent"), sub, "--control",
+                             self.control_of(agent), *rest, check=check)
 
-    def agent_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.agent_cli("status", "--json").stdout)
+    def agent_status(self, agent: str = "agent") -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.agent_cli("status", "--json",
+                                                        agent=agent).stdout)
         return out
 
     def anchor_status(self, i: int = 0) -> dict[str, Any]:
@@ -168,10 +200,11 @@ class Lab:
     def stop(self) -> dict[str, int | None]:
         """Stop the agent (``down``) then the anchors (SIGTERM); return their exit codes."""
         codes: dict[str, int | None] = {}
-        if "agent" in self.procs and self.procs["agent"].poll() is None:
-            self.agent_cli("down", check=False)
+        for agent in self.agents:
+            if agent in self.procs and self.procs[agent].poll() is None:
+                self.agent_cli("down", check=False, agent=agent)
         for key, p in self.procs.items():
-            if key != "agent" and p.poll() is None:
+            if key not in self.agents and p.poll() is None:
                 p.terminate()
         for key, p in self.procs.items():
             try:

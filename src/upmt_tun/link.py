@@ -55,6 +55,7 @@ in :meth:`Link._set`, which logs every transition.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -83,8 +84,8 @@ from .signalling.handshake import COOKIE_LIFE, Initiation, Responder
 from .tables import Tunnel
 
 __all__ = ["Action", "AssocState", "Associated", "Drop", "DropSession", "Env", "Link",
-           "LinkConfig", "LinkState", "NewSession", "Peer", "PeerKind", "Role", "Send",
-           "Settled", "TunnelDown", "TunnelUp", "SIP_STATS"]
+           "LinkConfig", "LinkState", "NewSession", "Peer", "PeerFound", "PeerKind", "Role",
+           "Send", "Settled", "TunnelDown", "TunnelUp", "SIP_STATS"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,18 @@ class Associated:
     vipa: str
     role: str
     serves: frozenset[bytes]
+    mesh_pool: str | None = None   # the anchor's mesh pool, if this host is in its mesh
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFound:
+    """The answer to :meth:`Link.peer_request`: who is at ``vipa`` of ``anchor``'s mesh
+    (``name`` and ``public_key`` empty: nobody, or no answer)."""
+
+    anchor: str
+    vipa: str
+    name: str
+    public_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +213,8 @@ class Drop:
     reason: str
 
 
-Action = Send | NewSession | DropSession | Associated | TunnelUp | TunnelDown | Settled | Drop
+Action = (Send | NewSession | DropSession | Associated | TunnelUp | TunnelDown | Settled | Drop
+          | PeerFound)
 
 
 # -- what links share ----------------------------------------------------------------------
@@ -370,6 +384,15 @@ class Link:
         if self._retiring:
             d = min(d, self._retiring[0][0])
         return d
+
+    @property
+    def seen_as(self) -> tuple[str, int] | None:
+        """This tunnel socket's address as the server saw it (TunnelSetupResp yourAddress,
+        yourPort): the server-reflexive ICE candidate; None before setup."""
+        addr, port = self._seen_as
+        if isinstance(addr, str) and isinstance(port, int) and not isinstance(port, bool):
+            return addr, port
+        return None
 
     def up_for(self, now: float) -> float:
         return now - self.monitor.started if self.monitor is not None else 0.0
@@ -599,6 +622,17 @@ class Link:
                           KEEPALIVE_TIMEOUT, now, out, extra=len(items))
         return out
 
+    def peer_request(self, vipa: str, now: float) -> list[Action]:
+        """Ask the server who is at ``vipa`` of its mesh (PeerReq): the answer is a
+        :class:`PeerFound` (the anchor vouches for the key it authenticated)."""
+        out: list[Action] = []
+        if self.state is LinkState.UP and self.peer.kind is PeerKind.SERVER:
+            self._request("peer", [("PeerReq", {"sipId": self.cfg.me, "vipa": vipa})],
+                          KEEPALIVE_TIMEOUT, now, out, extra=vipa)
+        else:
+            out.append(PeerFound(self.peer.name, vipa, "", b""))
+        return out
+
     # -- the initiator's sequence ------------------------------------------------------------
     def _attempt(self, now: float, out: list[Action]) -> None:
         """The top of the retry loop: associate if needed, then set the tunnel up."""
@@ -672,6 +706,9 @@ class Link:
                   err: str, rtt: float, now: float, out: list[Action]) -> None:
         """A transaction ended: ``answer`` (code, reason, body), or None with ``err``."""
         name = self.peer.name
+        if t.what == "peer":
+            out.append(_peer_found(name, t.extra, answer, err))
+            return
         if t.what == "handover":
             if answer is None:
                 log.warning("handover of %d flow(s) to tunnel %d not confirmed: %s", t.extra,
@@ -775,7 +812,13 @@ class Link:
         rec = self.peer.record
         if (rec.vipa, rec.role) != (vipa, role) or self.peer.state is not AssocState.ASSOCIATED:
             log.info("anchor %s (%s): VIpA %s", name, role, vipa)   # once, not per interface
-        out.append(Associated(name, vipa, role, serves))
+        pool = None
+        if resp.get("mesh") and resp.get("meshPool"):
+            try:
+                pool = str(ipaddress.IPv4Network(resp["meshPool"]))
+            except ValueError:
+                log.error("anchor %s sent an unusable mesh pool %r", name, resp["meshPool"])
+        out.append(Associated(name, vipa, role, serves, pool))
         rec.vipa = vipa     # the driver's forwarder sets the rest; the setup needs it now
         if self.peer.lost:  # tunnels set up under the lost association are set up again
             self.peer.epoch += 1
@@ -1088,6 +1131,32 @@ class Link:
                 got = s.open(data)
                 return None if got is None else got[1]
         return None
+
+
+def _peer_found(anchor: str, vipa: str,
+                answer: tuple[int, str, list[tuple[str, dict[str, Any]]]] | None,
+                err: str) -> PeerFound:
+    """A PeerReq's answer as a :class:`PeerFound` (nobody, unless found with a usable key)."""
+    nobody = PeerFound(anchor, vipa, "", b"")
+    if answer is None:
+        log.warning("anchor %s: no answer to a peer lookup of %s: %s", anchor, vipa, err)
+        return nobody
+    code, reason, body = answer
+    resp = _find(body, "PeerResp")
+    if code != 200 or resp is None:
+        log.warning("anchor %s refused a peer lookup of %s: %d %s", anchor, vipa, code, reason)
+        return nobody
+    if not resp.get("found"):
+        return nobody
+    try:
+        key = base64.b64decode(str(resp.get("publicKey", "")), validate=True)
+    except ValueError:
+        key = b""
+    name = str(resp.get("name") or "")
+    if len(key) != 32 or not name or resp.get("vipa") != vipa:
+        log.warning("anchor %s: unusable answer to a peer lookup of %s", anchor, vipa)
+        return nobody
+    return PeerFound(anchor, vipa, name, key)
 
 
 def _find(body: list[tuple[str, dict[str, Any]]], mtype: str) -> dict[str, Any] | None:

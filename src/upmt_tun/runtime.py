@@ -25,6 +25,7 @@ from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
 from .leases import Leases, lease_file
+from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
 from .service import notify, say
 from .system import netlink
@@ -336,9 +337,22 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         def lookup(key: FlowKey) -> tuple[int, str] | None:
             return ct.lookup_reply(key[0], ip_str(key[2]), ip_str(key[1]), key[4], key[3])
 
+        mesh_mtu = mtu - RELAY_OVERHEAD
+
+        def mesh_route(pool: str) -> None:
+            async def add() -> None:
+                assert host is not None
+                try:
+                    await asyncio.to_thread(host.add_mesh_pool, pool, mesh_mtu)
+                except SystemSetupError as e:
+                    log.error("mesh pool %s: %s", pool, e)
+            loop.create_task(add())
+
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
                       classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
-                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None)
+                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
+                      mesh_route=mesh_route)
+        agent.fwd.mesh_mtu = mesh_mtu
         configured = {ic.name: ic.gateway for ic in cfg.interfaces}
 
         def read_iface(name: str) -> tuple[str | None, str | None]:

@@ -96,6 +96,7 @@ class Tunnel:
     probe_token: bytes = b""
     probe_credit: int = 0
     probe_sent: float = float("-inf")
+    vipa_peer: bytes = b""        # agent: a relay path to the mesh peer at this VIpA
 
     def json(self) -> dict[str, Any]:
         return {

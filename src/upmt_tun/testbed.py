@@ -15,6 +15,13 @@ r"""Network-namespace topologies for the demo, the netns tests and the benchmark
 
 Optional second anchor ``an2`` 203.0.113.2 (``anchors=2``).
 
+Optional second mobile host (``second_mh=True``, UPMT-DAM mesh tests), behind a NAT of its
+own and on the *same* private subnet as the first one's wan1::
+
+   ns "mh2" wan1 10.1.0.2/24 (192.168.1.2 with same_subnet)
+             |
+   ns "nat3" 10.1.0.1, inet side 203.0.113.21 (masquerade), a port of br0 like the others
+
 Interface names: the MH has ``wan1``/``wan2``; each NAT has ``lan`` (towards the MH) and
 ``eth0`` (its inet side); an, an2, ch and atk have ``eth0``; the ports of ``br0`` in ``inet``
 are named after their role. Veth pairs are created directly inside their namespaces, so names
@@ -50,6 +57,7 @@ _SEGMENT = {
     "an2": "203.0.113.2",
     "nat1": "203.0.113.11",
     "nat2": "203.0.113.12",
+    "nat3": "203.0.113.21",
     "atk": "203.0.113.66",
     "ch": "203.0.113.100",
 }
@@ -77,6 +85,7 @@ class Topology:
         same_subnet: bool = False,
         anchors: int = 1,
         attacker: bool = False,
+        second_mh: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError("anchors must be 1 or 2")
@@ -86,8 +95,11 @@ class Topology:
         self.attacker = attacker
         hosts = ["an"] + (["an2"] if anchors == 2 else []) + ["ch"] + (["atk"] if attacker else [])
         self.hosts: list[str] = hosts
-        self.roles: list[str] = ["mh", "nat1", "nat2", "inet", *hosts]
-        self.addresses: dict[str, str] = {r: _SEGMENT[r] for r in ("nat1", "nat2", *hosts)}
+        self.second_mh = second_mh
+        self.nats = ["nat1", "nat2"] + (["nat3"] if second_mh else [])
+        self.roles: list[str] = ["mh", *(["mh2"] if second_mh else []), *self.nats, "inet",
+                                 *hosts]
+        self.addresses: dict[str, str] = {r: _SEGMENT[r] for r in (*self.nats, *hosts)}
         # Access networks: (MH address, gateway = NAT lan address) per MH interface.
         if same_subnet:
             self.access: dict[str, tuple[str, str]] = {
@@ -129,12 +141,14 @@ class Topology:
                 "net.ipv6.conf.default.disable_ipv6=1",
             )
             _ip(f"-n {self.ns(role)} link set lo up")
-        self._sysctl("mh", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1")
+        for mh in ("mh", "mh2") if self.second_mh else ("mh",):
+            self._sysctl(mh, "net.ipv4.conf.all.rp_filter=1",
+                         "net.ipv4.conf.default.rp_filter=1")
 
         inet = self.ns("inet")
         _ip(f"-n {inet} link add {BRIDGE} type bridge stp_state 0")
         _ip(f"-n {inet} link set {BRIDGE} up")
-        for role in ("nat1", "nat2", *self.hosts):
+        for role in (*self.nats, *self.hosts):
             self._veth("inet", role, role, HOST_IF)
             _ip(f"-n {inet} link set {role} master {BRIDGE}")
             _ip(f"-n {inet} link set {role} up")
@@ -150,6 +164,15 @@ class Topology:
             _ip(f"-n {self.ns('mh')} route add default via {gw} dev {wan} metric {100 * i}")
             self._sysctl(nat, "net.ipv4.ip_forward=1")
             self.run(nat, "nft", "-f", "-", input=self._nat_ruleset().encode())
+        if self.second_mh:            # the same private subnet as mh's wan1, its own NAT
+            mh_addr, gw = self.access["wan1"]
+            self._veth("mh2", "wan1", "nat3", NAT_LAN_IF)
+            self._addr("mh2", "wan1", mh_addr)
+            self._addr("nat3", NAT_LAN_IF, gw)
+            self._sysctl("mh2", "net.ipv4.conf.wan1.rp_filter=1")
+            _ip(f"-n {self.ns('mh2')} route add default via {gw} dev wan1 metric 100")
+            self._sysctl("nat3", "net.ipv4.ip_forward=1")
+            self.run("nat3", "nft", "-f", "-", input=self._nat_ruleset().encode())
 
     def _veth(self, role_a: str, if_a: str, role_b: str, if_b: str) -> None:
         """Create a veth pair with one end in each namespace, both up."""
@@ -163,11 +186,20 @@ class Topology:
 
     @staticmethod
     def _nat_ruleset() -> str:
+        # As a home router's firewall does, unsolicited UDP to the NAT itself is dropped:
+        # dropped before conntrack confirms it, it leaves no entry behind. (Delivered, it
+        # would leave one whose tuple is the very mapping masquerade keeps for the host's
+        # socket, so the host's own packet to that peer would get another port: the first
+        # hole-punching check to arrive would break the other's mapping.)
         return (
             "table ip testbed_nat {\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
             f'    oifname "{HOST_IF}" masquerade\n'
+            "  }\n"
+            "  chain input {\n"
+            "    type filter hook input priority filter; policy accept;\n"
+            f'    iifname "{HOST_IF}" meta l4proto udp ct state new drop\n'
             "  }\n"
             "}\n"
         )

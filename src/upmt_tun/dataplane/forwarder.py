@@ -73,8 +73,10 @@ from . import offload
 from .crypto import Session
 from .packet import (
     HEADER,
+    HEADER_LEN,
     PROBE,
     RELAY_ADDR_LEN,
+    TAG_LEN,
     TYPE_DATA,
     TYPE_PATH_CHALLENGE,
     TYPE_PONG,
@@ -84,13 +86,14 @@ from .packet import (
 )
 
 __all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "FlowClass",
-           "REBIND_CREDIT"]
+           "MESH_PEER", "REBIND_CREDIT"]
 
 log = logging.getLogger(__name__)
 
 _unpack_hdr = HEADER.unpack_from
 REBIND_CREDIT = 3          # bytes an unvalidated new address may receive per byte it sent
 CHALLENGE_EVERY = 0.2      # seconds between PATH_CHALLENGEs to one unvalidated address
+MESH_PEER = "mesh-peer"    # AnchorLink.role of another host of a mesh anchor (relayed)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,19 @@ class AgentForwarder:
         self.sessions: dict[int, tuple[AnchorLink, Session]] = {}   # receive side
         self.prefer: dict[str, tuple[str, str | None]] = {}   # rule -> (interface, anchor)
         self.drops: Counter[str] = Counter()
+        # mesh (UPMT-DAM): destination VIpA -> peer name for peers with a session; a new
+        # flow to another address of a mesh pool calls ``mesh_miss`` (the driver looks
+        # the peer up) and is dropped until the peer is known
+        self.mesh_dst: dict[bytes, str] = {}
+        self.mesh_anchor_of: Callable[[bytes], str | None] = lambda dst: None
+        self.mesh_miss: Callable[[bytes], None] = lambda dst: None
+        # a new flow's packet to a mesh peer whose relay is not up yet: given to
+        # ``mesh_hold`` (the driver keeps a few and sends them once it is up)
+        self.held = b""
+        self.mesh_hold: Callable[[bytes, bytes], None] = \
+            lambda dst, pkt: self.drops.update(("mesh_peer_pending",))
+        self.mesh_mtu = 0                      # >0: relayed packets longer are dropped
+        self.direct_of: dict[str, str] = {}    # mesh peer -> its direct path's record
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -145,6 +161,8 @@ class AgentForwarder:
         only flows to themselves)."""
         rtts: dict[str, float | None] = {}
         for (_iface, a), t in self.by_path.items():
+            if self.links[a].role == MESH_PEER:
+                continue
             r = rtt_of(t) if t.state == "up" and self.links[a].role != "fixed-host" else None
             if r is not None and (rtts.get(a) is None or r < (rtts[a] or 0.0)):
                 rtts[a] = r
@@ -222,12 +240,15 @@ class AgentForwarder:
 
     # -- control-plane hooks (called by the signalling driver) --------------------------
     def add_tunnel(self, interface: str, iface_index: int, anchor: str,
-                   local: tuple[str, int], remote: tuple[str, int], now: float) -> Tunnel:
-        """Create (or return) the tunnel of (interface, anchor); it starts down."""
+                   local: tuple[str, int], remote: tuple[str, int], now: float,
+                   vipa_peer: bytes = b"") -> Tunnel:
+        """Create (or return) the tunnel of (interface, anchor); it starts down.
+        ``vipa_peer``: a relay path to the mesh peer at that VIpA (``anchor`` its name)."""
         t = self.by_path.get((interface, anchor))
         if t is None:
             t = Tunnel(self.tunnels.new_tid(), interface, local, remote, anchor,
-                       iface_index=iface_index, created=now)
+                       iface_index=iface_index, created=now, vipa_peer=vipa_peer)
+            t.vipa, t.vipa_b = self.links[anchor].vipa, self.links[anchor].vipa_b
             self.tunnels.add(t)
             self.by_path[(interface, anchor)] = t
         return t
@@ -276,14 +297,125 @@ class AgentForwarder:
         """A packet read from the TUN -> (socket index, destination, datagram) or None."""
         route = self._route(pkt, now)
         if route is None:
+            if self.held:                     # a new flow to a mesh peer not reachable yet
+                self.mesh_hold(self.held, pkt)
+                self.held = b""
             return None
         flow, t, s = route
         buf = bytearray(pkt)
         nat.rewrite_src(buf, t.vipa_b)
+        if t.remote[1] == 0:                  # a relay path (mesh.relay_addr)
+            if 0 < self.mesh_mtu < len(pkt):
+                self.drops["mesh_too_big"] += 1
+                return None
+            hop = self.relay_hop(t)
+            if hop is None:
+                return None
+            flow.tx_packets += 1
+            t.tx_packets += 1
+            t.tx_bytes += len(pkt)
+            return self.relay_wrap(hop, t, [s.seal(TYPE_DATA, buf, t.un_tid)])[:3]
         flow.tx_packets += 1
         t.tx_packets += 1
         t.tx_bytes += len(pkt)
         return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
+
+    # -- mesh relay: a peer's datagrams wrapped in RELAY datagrams to its anchor ----------
+    def add_peer(self, key: str, anchor: str) -> AnchorLink:
+        """A mesh peer of ``anchor``: its record (the end-to-end session; our VIpA at that
+        anchor as the NAT source)."""
+        a = self.links[anchor]
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = AnchorLink(key, MESH_PEER, a.vipa, a.vipa_b)
+        link.serves = frozenset({anchor.encode()})      # the anchor it is relayed by
+        return link
+
+    def remove_peer(self, key: str) -> None:
+        """Forget mesh peer ``key``: its tunnels, sessions and flows (a new packet to it
+        starts over with a lookup)."""
+        for t in [t for t in self.tunnels.tunnels() if t.peer == key]:
+            self.remove_tunnel(t)
+        for f in [f for f in self.paft.flows() if f.anchor == key]:
+            self.paft.remove(f)
+        for idx in [i for i, (link, _) in self.sessions.items() if link.name == key]:
+            del self.sessions[idx]
+        self.links.pop(key, None)
+        for dst in [d for d, k in self.mesh_dst.items() if k == key]:
+            del self.mesh_dst[dst]
+
+    def to_direct(self, peer: str, now: float) -> list[Flow]:
+        """The direct path to mesh peer ``peer`` came up: its flows move there now."""
+        moved = []
+        for f in self.paft.flows():
+            if f.anchor != peer:
+                continue
+            fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
+            best = self._candidates(fc, f.key[2], peer)
+            if best is not None and best.tid != f.tunnel and best.vipa_peer == b"" \
+                    and best.remote[1] != 0:
+                f.move(now, best.tid, "direct path")
+                moved.append(f)
+        return moved
+
+    def relay_anchor(self, t: Tunnel) -> str:
+        return next(iter(self.links[t.peer].serves)).decode()
+
+    def relay_hop(self, t: Tunnel) -> Tunnel | None:
+        """The anchor tunnel on ``t``'s interface that carries relay path ``t``."""
+        hop = self.by_path.get((t.interface, self.relay_anchor(t)))
+        if hop is None or hop.state != "up" or self.links[hop.peer].session is None:
+            self.drops["relay_down"] += 1
+            return None
+        return hop
+
+    def relay_wrap(self, hop: Tunnel, t: Tunnel, dgs: list[bytes]
+                   ) -> tuple[int, tuple[str, int], bytes, int]:
+        """End-to-end sealed datagrams for relay path ``t`` -> (socket index, the anchor's
+        end point, RELAY datagrams back to back, the size of each but the last)."""
+        s = self.links[hop.peer].session
+        assert s is not None
+        to = t.vipa_peer
+        hop.tx_packets += len(dgs)
+        if len(dgs) == 1:
+            return hop.iface_index, hop.remote, s.seal(TYPE_RELAY, to + dgs[0], hop.un_tid), 0
+        data = s.seal_run(TYPE_RELAY, [to + d for d in dgs], hop.un_tid)
+        return hop.iface_index, hop.remote, data, len(dgs[0]) + len(to) + HEADER_LEN + TAG_LEN
+
+    def from_relay(self, index: int, data: bytes, src: tuple[str, int], now: float
+                   ) -> tuple[str, bytes, bytes] | None:
+        """A RELAY datagram from an anchor -> (the anchor, the other host's VIpA, the
+        datagram that host sealed for us), or None (counted)."""
+        opened = self.open(index, data, src)
+        if opened is None:
+            return None
+        link, t, _, payload = opened
+        if link.role == MESH_PEER or len(payload) < RELAY_ADDR_LEN + HEADER_LEN:
+            self.drops["bad_relay"] += 1
+            return None
+        t.last_rx = now
+        t.rx_packets += 1           # the hop is alive: its probes need not say so
+        return link.name, payload[:RELAY_ADDR_LEN], payload[RELAY_ADDR_LEN:]
+
+    def relay_data(self, index: int, key: str, inner: bytes, now: float) -> bytes | None:
+        """A DATA datagram that mesh peer ``key`` sealed for us, relayed to socket
+        ``index`` -> the packet for the TUN, or None (counted)."""
+        hit = self.sessions.get(_unpack_hdr(inner)[1])
+        if hit is None or hit[0].name != key:
+            self.drops["unknown_session"] += 1
+            return None
+        opened = hit[1].open(inner)
+        t = self.by_path.get((self.interfaces[index], key)) \
+            if index < len(self.interfaces) else None
+        if opened is None or t is None:
+            self.drops["bad_packet" if opened is None else "unknown_path"] += 1
+            return None
+        pkt = self._downlink(t, opened[1], now)
+        if pkt is not None:
+            t.rx_packets += 1
+            t.rx_bytes += len(pkt)
+            t.last_rx = now
+        return pkt
 
     def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
                        ) -> tuple[int, tuple[str, int], bytes, int] | None:
@@ -292,6 +424,9 @@ class AgentForwarder:
         (``Session.seal_run``), the size of each but the last)."""
         route = self._route(pkt, now)
         if route is None:
+            if self.held:                     # not kept: a super-packet is no first packet
+                self.drops["mesh_peer_pending"] += 1
+                self.held = b""
             return None
         flow, t, s = route
         segs = offload.tso_split(pkt, gso_size, t.vipa_b)      # NAT included
@@ -300,6 +435,19 @@ class AgentForwarder:
             return None
         k = len(segs)
         inner = sum(map(len, segs))
+        if t.remote[1] == 0:                  # a relay path: each sealed, then wrapped
+            if 0 < self.mesh_mtu < len(segs[0]):
+                self.drops["mesh_too_big"] += k
+                return None
+            hop = self.relay_hop(t)
+            if hop is None:
+                return None
+            flow.tx_packets += k
+            t.tx_packets += k
+            t.tx_bytes += inner
+            one = s.seal_run(TYPE_DATA, segs, t.un_tid)
+            size = len(segs[0]) + HEADER_LEN + TAG_LEN
+            return self.relay_wrap(hop, t, datagrams(one, size))
         flow.tx_packets += k
         t.tx_packets += k
         t.tx_bytes += inner
@@ -334,8 +482,10 @@ class AgentForwarder:
         return flow, t, s
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
-        if anchor:
-            anchors: tuple[str, ...] = (anchor,)
+        if anchor in self.direct_of:           # a mesh peer: direct first, then the relay
+            anchors: tuple[str, ...] = (self.direct_of[anchor], anchor)
+        elif anchor:
+            anchors = (anchor,)
         else:
             anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
         return choose_tunnel(via=fc.via or tuple(self.interfaces), anchors=anchors, dst=dst,
@@ -346,11 +496,19 @@ class AgentForwarder:
         pref = self.prefer.get(fc.rule)
         if pref is not None:
             fc = self._preferred(fc, *pref)
-        t = self._candidates(fc, key[2], None)
-        if t is None:
-            self.drops["no_tunnel"] += 1
+        peer = self.mesh_dst.get(key[2])
+        if peer is None and self.mesh_anchor_of(key[2]) is not None:
+            self.mesh_miss(key[2])             # another host of a mesh: look it up
+            self.held = key[2]
             return None
-        f = self.paft.add(key, t.tid, now, rule=fc.rule, anchor=t.peer)
+        t = self._candidates(fc, key[2], peer)
+        if t is None:
+            if peer is not None:
+                self.held = key[2]             # its session is on the way
+            else:
+                self.drops["no_tunnel"] += 1
+            return None
+        f = self.paft.add(key, t.tid, now, rule=fc.rule, anchor=peer or t.peer)
         if f is None:
             self.drops["paft_full"] += 1
             return None

@@ -45,6 +45,8 @@ MARK_MASK = 0xFFFF           # bits of the ct mark holding F (the rule index is 
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 COUNTER_UNSOLICITED = "unsolicited_from_tun"   # nft counter of the drop above
+MESH_POOLS = "mesh_pools"    # nft set: sources allowed to open connections from the TUN
+MAIN_TABLE = 254
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,11 @@ def agent_ruleset(
         for i in ifaces
     ]
     # out of the TUN: only replies to connections opened here, and ICMP errors about
-    # them (related: PMTU); no connection into the host through its anchor. (The future
-    # ``mesh``: peers' new connections also come out of the TUN, from their VIpAs; they
-    # need an accept of those sources before this drop, as the anchor's MESH HOOK.)
-    prerouting.append(f"iifname {q_tun} ct state != {{ established, related }} "
+    # them (related: PMTU); no connection into the host through its anchor. Mesh peers'
+    # new connections are the exception: they come from their VIpAs in a mesh anchor's
+    # pool (set MESH_POOLS, filled when an anchor says mesh), authenticated end to end.
+    prerouting.append(f"iifname {q_tun} ip saddr != @{MESH_POOLS} "
+                      f"ct state != {{ established, related }} "
                       f'counter name "{COUNTER_UNSOLICITED}" drop')
     prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} "
                       f"meta mark set {packet_mark}")
@@ -197,7 +200,8 @@ def agent_ruleset(
         ),
     }
     lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{",
-             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}"]
+             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}",
+             f"\tset {MESH_POOLS} {{", "\t\ttype ipv4_addr; flags interval;", "\t}"]
     for name, (hook, body) in chains.items():
         lines.append(f"\tchain {name} {{")
         lines.append(f"\t\t{hook}; policy accept;")
@@ -337,6 +341,19 @@ class AgentHost:
         table = self.table + 1 + plan.index
         netlink.flush_table(table)
         netlink.add_route(Route(table, oif=netlink.link_index(name), gateway=gateway, dev=name))
+
+    def add_mesh_pool(self, pool: str, mtu: int) -> None:
+        """An anchor made this host a mesh host: route its pool into the TUN (main table,
+        and table T for flows a rule steers) with the relay's smaller MTU, and let the
+        pool's hosts open connections here. Teardown removes exactly these."""
+        net = ipaddress.IPv4Network(pool)
+        tun = netlink.link_index(self.tun)
+        for table in (MAIN_TABLE, self.table):
+            added = netlink.add_route(Route(table, oif=tun, dev=self.tun, dst=str(net),
+                                            mtu=mtu))
+            self._undo.push(added.describe(), partial(netlink.delete_route, added))
+        nft.apply(f"add element {NFT_FAMILY} {NFT_TABLE} {MESH_POOLS} {{ {net} }}\n")
+        log.info("mesh pool %s routed into %s (mtu %d)", net, self.tun, mtu)
 
     def teardown(self) -> None:
         """Undo everything ``setup`` did (newest first). Idempotent; never raises."""

@@ -40,7 +40,8 @@ class IfaceInfo:
 
 @dataclass(frozen=True)
 class Route:
-    """An IPv4 default route we install (and later delete with the same fields)."""
+    """An IPv4 route we install (and later delete with the same fields): a default route
+    unless ``dst`` says otherwise (a mesh pool, with its own ``mtu``)."""
 
     table: int
     oif: int | None = None
@@ -49,10 +50,13 @@ class Route:
     metric: int | None = None
     onlink: bool = False
     dev: str | None = field(default=None, compare=False)  # name of oif, for messages
+    dst: str = "0.0.0.0/0"
+    mtu: int | None = None
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip route``'s."""
-        what = "blackhole default" if self.blackhole else "default"
+        what = "default" if self.dst == "0.0.0.0/0" else self.dst
+        what = f"blackhole {what}" if self.blackhole else what
         if self.gateway:
             what += f" via {self.gateway}"
         if self.oif is not None:
@@ -61,11 +65,15 @@ class Route:
             what += " onlink"
         if self.metric is not None:
             what += f" metric {self.metric}"
+        if self.mtu is not None:
+            what += f" mtu {self.mtu}"
         return f"{what} table {self.table}"
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``IPRoute.route``."""
-        args: dict[str, Any] = {"dst": "0.0.0.0/0", "family": AF_INET, "table": self.table}
+        args: dict[str, Any] = {"dst": self.dst, "family": AF_INET, "table": self.table}
+        if self.mtu is not None:
+            args["metrics"] = {"mtu": self.mtu}
         if self.blackhole:
             args["type"] = "blackhole"
         if self.oif is not None:
