@@ -95,7 +95,7 @@ from handover import sha_prefix, stop_proc, wait_port, write_random
 
 from upmt_tun import control
 from upmt_tun.lab import Lab, LabError, exe
-from upmt_tun.testbed import Topology, tool_missing
+from upmt_tun.testbed import Topology, host_state, tool_missing
 
 CH = "203.0.113.100"
 HTTP_PORT = 8080
@@ -256,26 +256,6 @@ def growth(samples: list[dict[str, Any]], metric: str, warmup: float) -> dict[st
 
 def now() -> float:
     return time.monotonic()
-
-
-def host_state(topo: Topology, role: str) -> dict[str, str]:
-    """Everything a daemon or this script may change in ``role``'s namespace, as text
-    (as tests/test_netns_e2e.py compares it)."""
-    out = {}
-    for name, argv in {
-        "rules": ("ip", "-4", "rule"),
-        "routes": ("ip", "-4", "route", "show", "table", "all"),
-        "links": ("ip", "-o", "link"),
-        "addrs": ("ip", "-4", "-o", "addr"),
-        "nft": ("nft", "list", "ruleset"),
-        "sysctl": ("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
-                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter"),
-    }.items():
-        text = topo.run(role, *argv).stdout
-        if name == "links":   # counters and state flags are not ours to compare
-            text = "\n".join(sorted(line.split(" state ")[0] for line in text.splitlines()))
-        out[name] = text
-    return out
 
 
 def diff_state(before: dict[str, str], after: dict[str, str]) -> list[str]:

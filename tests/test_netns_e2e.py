@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from upmt_tun.lab import Lab
-from upmt_tun.testbed import Topology, tool_missing
+from upmt_tun.testbed import Topology, host_state, tool_missing
 
 from .conftest import netns_missing
 
@@ -35,25 +35,6 @@ pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
 
 CH = "203.0.113.100"
-
-
-def host_state(topo: Topology, role: str) -> dict[str, str]:
-    """Everything the agent/anchor may change, as text, for before/after comparison."""
-    out = {}
-    for name, argv in {
-        "rules": ("ip", "-4", "rule"),
-        "routes": ("ip", "-4", "route", "show", "table", "all"),
-        "links": ("ip", "-o", "link"),
-        "addrs": ("ip", "-4", "-o", "addr"),
-        "nft": ("nft", "list", "ruleset"),
-        "sysctl": ("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
-                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter"),
-    }.items():
-        text = topo.run(role, *argv).stdout
-        if name == "links":  # counters and state flags are not ours to compare
-            text = "\n".join(sorted(line.split(" state ")[0] for line in text.splitlines()))
-        out[name] = text
-    return out
 
 
 class HttpServer:

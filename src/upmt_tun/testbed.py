@@ -285,6 +285,27 @@ class Topology:
         self.down()
 
 
+def host_state(topo: Topology, role: str) -> dict[str, str]:
+    """Everything a daemon (or a test) may change in ``role``'s namespace, as text, for a
+    before/after comparison: rules, routes, links, addresses, nftables, the sysctls the
+    daemons set."""
+    out = {}
+    for name, argv in {
+        "rules": ("ip", "-4", "rule"),
+        "routes": ("ip", "-4", "route", "show", "table", "all"),
+        "links": ("ip", "-o", "link"),
+        "addrs": ("ip", "-4", "-o", "addr"),
+        "nft": ("nft", "list", "ruleset"),
+        "sysctl": ("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
+                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter"),
+    }.items():
+        text = topo.run(role, *argv).stdout
+        if name == "links":   # counters and state flags are not ours to compare
+            text = "\n".join(sorted(line.split(" state ")[0] for line in text.splitlines()))
+        out[name] = text
+    return out
+
+
 def _signal_proc(proc: subprocess.Popen[Any], sig: int) -> None:
     """Signal the process group of ``proc`` (its own session), else the process itself."""
     if proc.poll() is not None:
