@@ -100,6 +100,7 @@ def test_agent_starts_before_wan2_and_the_anchor_name(topo: Topology, www: Path,
         assert st["anchors"][0]["state"] == "unresolved"
         assert st["anchors"][0]["address"] is None and st["tunnels"] == []
         assert "cannot resolve" in lab.log_tail("agent", 50)
+        assert "anchor an1 -  unresolved" in lab.agent_cli("status").stdout
         # no flow can use wan2 yet: the rule's connection fails (blackhole), nothing leaks
         assert curl(topo, f"http://{CH}:8080/file.bin", timeout=3).stdout != "200"
 
