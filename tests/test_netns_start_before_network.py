@@ -133,3 +133,35 @@ def test_agent_starts_before_wan2_and_the_anchor_name(topo: Topology, www: Path,
     finally:
         codes = lab.stop()
     assert codes["agent"] == 0, lab.log_tail("agent")
+
+
+def test_an_interface_down_at_start_comes_up_later(topo: Topology, www: Path,
+                                                    tmp_path: Path) -> None:
+    """wan2 administratively down (no carrier) at start, its address kept: the kernel
+    dropped its routes. The agent starts, wan2's tunnel waits; the link comes up and its
+    default route is added again (as a network manager does): the tunnel comes up."""
+    _, wan2_gw = topo.access["wan2"]
+    topo.set_link("mh", "wan2", False)
+    srv = HttpServer(topo, "ch", 8080, www)
+    lab = Lab(topo, tmp_path / "lab", rules=RULES)
+    try:
+        t0 = time.monotonic()
+        lab.start()
+        assert time.monotonic() - t0 < 20.0
+
+        def tunnels() -> dict[str, str]:
+            return {t["interface"]: t["state"] for t in lab.agent_status()["tunnels"]}
+
+        assert _until(lambda: tunnels().get("wan1") == "up", 10)
+        assert tunnels()["wan2"] == "down"
+        topo.set_link("mh", "wan2", True)
+        topo.run("mh", "ip", "route", "add", "default", "via", wan2_gw, "dev", "wan2",
+                 "metric", "200")
+        assert _until(lambda: tunnels().get("wan2") == "up", 20), lab.log_tail("agent")
+        assert curl(topo, f"http://{CH}:8080/file.bin").stdout == "200"
+        assert srv.clients()[-1] == topo.addresses["an"]
+        flows = [f for f in lab.agent_status()["flows"] if f["rule"] == "only2"]
+        assert flows and all(f["interface"] == "wan2" for f in flows)
+    finally:
+        codes = lab.stop()
+    assert codes["agent"] == 0, lab.log_tail("agent")
