@@ -163,6 +163,37 @@ async def test_an_unresolved_anchor_has_no_tunnels_until_it_resolves(tmp_path: P
         await w.stop()
 
 
+async def test_an_anchor_that_moved_is_followed(tmp_path: Path) -> None:
+    """The name first gave an address where nobody answers (a stale DNS record): the
+    links fail and retry; the refresh gives the anchor's real address: they stop
+    waiting for the old one, try there at once and come up."""
+    w = World(tmp_path)
+    w.agent = _agent(w, {"an1": ("203.0.113.9", 5060)})
+    await w.anchors[0].start()
+    await w.agent.start()
+    try:
+        await asyncio.wait_for(w.agent.wait_ready(), 10)
+        assert [t["state"] for t in w.agent.status()["tunnels"]] == ["down", "down"]
+        await asyncio.sleep(5)
+        # still trying the old address (a handshake waiting for its answer, or backing off)
+        assert {link.state.value for link in w.agent.links.values()} <= {"handshake",
+                                                                         "backoff"}
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        w.agent.set_anchor_address("an1", ("203.0.113.1", 5060))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            st = w.agent.status()
+            if [t["state"] for t in st["tunnels"]] == ["up", "up"]:
+                break
+        assert [t["state"] for t in st["tunnels"]] == ["up", "up"]
+        assert loop.time() - t0 < 2.0             # at once, not at the end of the backoff
+        assert {t["remote"] for t in st["tunnels"]} == {"203.0.113.1:5060"}
+        assert st["anchors"][0]["address"] == "203.0.113.1:5060"
+    finally:
+        await w.stop()
+
+
 async def test_an_interface_without_address_starts_down_and_counts_for_ready(
         tmp_path: Path) -> None:
     w = World(tmp_path)

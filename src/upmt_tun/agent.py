@@ -786,9 +786,9 @@ class Agent:
 
     def set_anchor_address(self, name: str, addr: tuple[str, int]) -> None:
         """Anchor ``name``'s name resolved (first time: its links start now) or now
-        resolves elsewhere (its links take the new address and probe it at once: the
-        same anchor keeps the association; another one fails the probes and the links
-        associate again, as after a restart)."""
+        resolves elsewhere (its links take the new address: an UP one probes it at once,
+        the same anchor keeps the association, another one fails the probes and the links
+        associate again as after a restart; one still trying tries there at once)."""
         if name not in self.anchors or self.anchors[name] == addr:
             return
         first = self.anchors[name] is None
@@ -804,7 +804,7 @@ class Agent:
         for (_iface, peer), link in list(self.links.items()):
             if peer == name:
                 link.tunnel.remote = addr
-                self._do(link.on_path_changed(now))
+                self._do(link.on_peer_moved(now))
 
     def remove_link(self, iface: str, peer: str) -> None:
         """Stop keeping that tunnel: it goes down now (its flows move) and is forgotten."""
