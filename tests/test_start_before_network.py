@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from upmt_tun.resolve import (
     AnchorResolver,
     Resolve,
     ResolveSchedule,
+    first_lookups,
     is_literal,
 )
 
@@ -239,3 +242,29 @@ def test_the_default_offload_runs_getaddrinfo_in_a_thread() -> None:
 
     asyncio.run(main())
     assert found == [("127.0.0.1", 5060)]
+
+
+def test_first_lookups_resolve_in_parallel_and_do_not_wait_for_a_silent_resolver() -> None:
+    """Before start: one name answers, one fails, one hangs (a name server that does not
+    answer): the wait ends after ``wait`` s, the hung one counts as failed."""
+    release = threading.Event()
+
+    def resolve(host: str, port: int) -> tuple[str, int]:
+        if host == "good.example":
+            return "198.51.100.1", port
+        if host == "hung.example":
+            release.wait(10)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    s = ResolveSchedule({"a": ("good.example", 1), "b": ("bad.example", 2),
+                         "c": ("hung.example", 3), "d": ("192.0.2.4", 4)}, 0.0)
+    t0 = time.monotonic()
+    failed = dict(first_lookups(s, 0.0, resolve=resolve, wait=0.3))
+    took = time.monotonic() - t0
+    release.set()
+    assert took < 5.0                                  # not the hung look-up's 10 s
+    assert failed == {"b": "Name or service not known", "c": "no answer within 0.3 s"}
+    assert s.entries["a"].addr == ("198.51.100.1", 1)
+    assert s.entries["d"].addr == ("192.0.2.4", 4)     # a literal: never looked up
+    assert s.entries["b"].addr is None and s.entries["b"].due == 1.0
+    assert s.entries["c"].addr is None and s.entries["c"].failures == 1

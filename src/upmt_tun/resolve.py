@@ -20,11 +20,13 @@ import ipaddress
 import logging
 import math
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["AnchorResolver", "Offload", "Resolve", "ResolveSchedule", "getaddrinfo_v4",
-           "is_literal"]
+__all__ = ["FIRST_WAIT", "AnchorResolver", "Offload", "Resolve", "ResolveSchedule",
+           "first_lookups", "getaddrinfo_v4", "is_literal"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 REFRESH = 300.0
 KICK_MIN = 1.0
+FIRST_WAIT = 3.0       # the look-ups before start wait this long at most (ready: ~10 s)
 
 Resolve = Callable[[str, int], tuple[str, int]]
 Offload = Callable[[Resolve, str, int], Awaitable[tuple[str, int]]]
@@ -108,6 +111,44 @@ class ResolveSchedule:
                 e.due = now
                 any_due = True
         return any_due
+
+
+def first_lookups(schedule: ResolveSchedule, now: float, *, resolve: Resolve = getaddrinfo_v4,
+                  wait: float = FIRST_WAIT) -> list[tuple[str, str]]:
+    """Look every name up once before the agent starts, all at once, each in a daemon
+    thread, waiting at most ``wait`` seconds in all: a resolver that does not answer
+    (network up, name server silent: glibc waits 5 s per try and server) must not hold
+    ``ready`` back. A name not answered in time counts as failed; its thread is left to
+    end by itself. Returns (anchor, why) for each failure."""
+    todo = {a: (e.host, e.port) for a, e in schedule.entries.items() if e.addr is None}
+    results: dict[str, tuple[str, int] | str] = {}
+    lock = threading.Lock()
+
+    def one(anchor: str, host: str, port: int) -> None:
+        try:
+            got: tuple[str, int] | str = resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            got = getattr(exc, "strerror", None) or str(exc)
+        with lock:
+            results[anchor] = got
+
+    threads = [threading.Thread(target=one, args=(a, h, p), daemon=True,
+                                name=f"resolve {a}") for a, (h, p) in todo.items()]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + wait
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    failed = []
+    with lock:
+        for anchor in todo:
+            got = results.get(anchor, f"no answer within {wait:g} s")
+            if isinstance(got, tuple):
+                schedule.resolved(anchor, got, now)
+            else:
+                schedule.failed(anchor, got, now)
+                failed.append((anchor, got))
+    return failed
 
 
 class AnchorResolver:

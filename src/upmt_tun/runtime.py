@@ -27,7 +27,7 @@ from .dataplane.packet import OVERHEAD
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
-from .resolve import AnchorResolver, ResolveSchedule, getaddrinfo_v4
+from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
@@ -80,23 +80,15 @@ def keep_heap() -> bool:
         return False
 
 
-def _first_resolution(cfg: AgentConfig, now: float,
-                      resolve: Callable[[str, int], tuple[str, int]] = getaddrinfo_v4,
-                      ) -> ResolveSchedule:
-    """Each anchor's name looked up once before start (blocking, as ``ready`` must count
-    an anchor that does not resolve as a failed first attempt); the ones that fail stay
-    unresolved and :class:`AnchorResolver` keeps trying."""
+def _first_resolution(cfg: AgentConfig, now: float) -> ResolveSchedule:
+    """Each anchor's name looked up once before start (at most FIRST_WAIT s: ``ready``
+    counts an anchor that does not resolve as a failed first attempt); the ones that
+    fail stay unresolved and :class:`AnchorResolver` keeps trying."""
     schedule = ResolveSchedule({a.name: (a.host, a.port) for a in cfg.anchors}, now)
-    for name, e in schedule.entries.items():
-        if e.addr is not None:
-            continue
-        try:
-            schedule.resolved(name, resolve(e.host, e.port), now)
-        except (OSError, UnicodeError) as exc:
-            why = getattr(exc, "strerror", None) or str(exc)
-            delay = schedule.failed(name, why, now)
-            log.warning("anchor %s: cannot resolve %r (%s): its tunnels wait, retrying in"
-                        " %.0f s", name, e.host, why, delay)
+    for name, why in first_lookups(schedule, now):
+        e = schedule.entries[name]
+        log.warning("anchor %s: cannot resolve %r (%s): its tunnels wait, retrying in"
+                    " %.0f s", name, e.host, why, e.due - now)
     return schedule
 
 
