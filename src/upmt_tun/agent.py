@@ -27,7 +27,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,6 +82,7 @@ __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 log = logging.getLogger(__name__)
 HELD_PACKETS = 8       # first packets kept per mesh peer while its relay comes up
 HELD_PEERS = 32
+UNRESOLVED = ("0.0.0.0", 0)   # the address of an anchor whose name does not resolve yet
 
 @dataclass
 class IfaceSeam:
@@ -126,7 +127,7 @@ class MoveError(RuntimeError):
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, tun: Tun, ifaces: list[IfaceSeam],
-                 anchors: dict[str, tuple[str, int]],
+                 anchors: Mapping[str, tuple[str, int] | None],
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
@@ -138,14 +139,16 @@ class Agent:
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self._seam = {i.name: i for i in self.ifaces}
-        self.anchors = anchors                     # name -> resolved (ip, port)
+        # name -> resolved (ip, port); None: its name does not resolve yet, so it has no
+        # links (set_anchor_address adds them)
+        self.anchors: dict[str, tuple[str, int] | None] = dict(anchors)
         self.clock = clock
         self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
                                   classify_flow)
         self.drops = self.fwd.drops
         self.sip_stats: dict[str, int] = dict.fromkeys(SIP_STATS, 0)
         keys = {a.name: a.public_key for a in cfg.anchors}
-        self.peers = {a: Peer(a, addr, keys[a], self.fwd.links[a])
+        self.peers = {a: Peer(a, addr or UNRESOLVED, keys[a], self.fwd.links[a])
                       for a, addr in anchors.items()}
         self.link_cfg = LinkConfig(me=cfg.name, static=cfg.private_key,
                                    keepalive_s=cfg.keepalive_s,
@@ -757,9 +760,10 @@ class Agent:
             on_datagram = self._on_datagram_for(i.index)
             i.path.start(on_datagram, self.tun.flush, self._on_batch_for(i.index, on_datagram))
         self._timer = asyncio.create_task(self._timers())
-        for a in self.anchors:
-            for i in self.ifaces:
-                self.add_link(i.name, a)
+        for a, addr in self.anchors.items():
+            if addr is not None:
+                for i in self.ifaces:
+                    self.add_link(i.name, a)
         if not self.links:
             self._ready.set()
 
@@ -779,6 +783,28 @@ class Agent:
         self._by_tid[t.tid] = link
         self._do(link.start(now, self.link_up[iface]))
         return link
+
+    def set_anchor_address(self, name: str, addr: tuple[str, int]) -> None:
+        """Anchor ``name``'s name resolved (first time: its links start now) or now
+        resolves elsewhere (its links take the new address: an UP one probes it at once,
+        the same anchor keeps the association, another one fails the probes and the links
+        associate again as after a restart; one still trying tries there at once)."""
+        if name not in self.anchors or self.anchors[name] == addr:
+            return
+        first = self.anchors[name] is None
+        self.anchors[name] = addr
+        p = self.peers[name]
+        p.addr = addr
+        if first:
+            for i in self.ifaces:
+                self.add_link(i.name, name)
+            return
+        log.info("anchor %s moved to %s:%d", name, *addr)
+        now = self.clock()
+        for (_iface, peer), link in list(self.links.items()):
+            if peer == name:
+                link.tunnel.remote = addr
+                self._do(link.on_peer_moved(now))
 
     def remove_link(self, iface: str, peer: str) -> None:
         """Stop keeping that tunnel: it goes down now (its flows move) and is forgotten."""
@@ -958,10 +984,11 @@ class Agent:
         return {
             "vipa_fix": self.cfg.vipa_fix,
             "name": self.cfg.name,
-            "anchors": [{"name": a, "address": f"{self.anchors[a][0]}:{self.anchors[a][1]}",
-                         "state": self.peers[a].state.value,
+            "anchors": [{"name": a, "address": None if addr is None else f"{addr[0]}:{addr[1]}",
+                         "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
-                         "role": self.fwd.links[a].role} for a in self.anchors],
+                         "role": self.fwd.links[a].role}
+                        for a, addr in self.anchors.items()],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "peers": self.peers_json(),

@@ -113,7 +113,7 @@ def pubkey(prog: str) -> int:
 def _print_agent_status(st: dict[str, Any]) -> None:
     print(f"agent {st.get('name', '')}  vipa_fix {st['vipa_fix']}")
     for a in st.get("anchors", []):
-        print(f"anchor {a['name']} {a['address']}  {a['state']}  vipa {a['vipa'] or '-'}"
+        print(f"anchor {a['name']} {a['address'] or '-'}  {a['state']}  vipa {a['vipa'] or '-'}"
               f"  ({a['role']})")
     if st.get("peers"):
         print(f"\n{'PEER':12} {'ANCHOR':8} {'VIPA':15} {'PATH':6} {'IFACE':8} {'REMOTE':21} "

@@ -478,6 +478,23 @@ class Link:
             self._wake_at = now
         return out
 
+    def on_peer_moved(self, now: float) -> list[Action]:
+        """Call after the peer's address changed (its name resolves elsewhere now): an UP
+        link probes the new address now (as :meth:`on_path_changed`); a link still trying
+        stops waiting for answers from the old address and attempts again now."""
+        if self.state is LinkState.UP or not self.usable or self.role is Role.RESPONDER:
+            return self.on_path_changed(now)
+        out: list[Action] = []
+        self._hs = None
+        for t in [t for t in self._txns.values() if t.what != "handover"]:
+            del self._txns[t.branch]
+        self._ka_busy = False
+        self._wake_at = self._challenge_at = _INF
+        self.backoff = 1.0
+        self._set(LinkState.IDLE, "peer moved")
+        self._attempt(now, out)
+        return out
+
     def on_handshake(self, data: bytes, src: tuple[str, int], now: float) -> list[Action]:
         """An HS_RESP or HS_COOKIE for :attr:`hs_index`, or (responder) an HS_INIT."""
         out: list[Action] = []

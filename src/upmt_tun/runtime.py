@@ -13,8 +13,8 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +27,7 @@ from .dataplane.packet import OVERHEAD
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
+from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
@@ -79,12 +80,16 @@ def keep_heap() -> bool:
         return False
 
 
-def _resolve(host: str, port: int) -> tuple[str, int]:
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        raise StartupError(f"cannot resolve anchor address {host!r}: {e.strerror}") from None
-    return str(infos[0][4][0]), port
+def _first_resolution(cfg: AgentConfig, now: float) -> ResolveSchedule:
+    """Each anchor's name looked up once before start (at most FIRST_WAIT s: ``ready``
+    counts an anchor that does not resolve as a failed first attempt); the ones that
+    fail stay unresolved and :class:`AnchorResolver` keeps trying."""
+    schedule = ResolveSchedule({a.name: (a.host, a.port) for a in cfg.anchors}, now)
+    for name, why in first_lookups(schedule, now):
+        e = schedule.entries[name]
+        log.warning("anchor %s: cannot resolve %r (%s): its tunnels wait, retrying in"
+                    " %.0f s", name, e.host, why, e.due - now)
+    return schedule
 
 
 def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
@@ -278,15 +283,17 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     ensure_free(control_path)
     keep_heap()
     ifaces = _interfaces(cfg)
-    if any(i.address is None for i, _ in ifaces):
-        bad = next(i.name for i, _ in ifaces if i.address is None)
-        raise StartupError(f"interface {bad} has no IPv4 address")
+    # no address or no carrier yet (booting before the network): down until it comes up
+    waiting = {i.name for i, _ in ifaces if i.address is None or not i.carrier}
+    for name in sorted(waiting):
+        log.info("interface %s has no IPv4 address or carrier yet: its tunnels wait", name)
     names = {i.name for i, _ in ifaces}
     for r in cfg.rules:
         for v in r.via:
             if v not in names:
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
-    anchors = {a.name: _resolve(a.host, a.port) for a in cfg.anchors}
+    schedule = _first_resolution(cfg, time.monotonic())
+    anchors = {name: e.addr for name, e in schedule.entries.items()}
     mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
     if signals.signum is not None:
         return                       # stopped before anything was changed
@@ -302,7 +309,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                               offload=_offload('udp'))
             opened.append(path)
             seams.append(IfaceSeam(info.name, idx, path))
-        plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1])
+        plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1],
+                           waiting=info.name in waiting)
                  for idx, (info, gw) in enumerate(ifaces)]
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
@@ -353,6 +361,18 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
+        for name in waiting:            # before start: its links start LINK_DOWN (tried)
+            agent.on_link(name, False, "no address yet")
+        resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
+
+        def on_usable(name: str, usable: bool, why: str) -> None:
+            agent.on_link(name, usable, why)
+            if usable:
+                resolver.kick()        # a name that failed may resolve now
+
+        def on_changed(name: str) -> None:
+            agent.path_changed(name)
+            resolver.kick()
         configured = {ic.name: ic.gateway for ic in cfg.interfaces}
 
         def read_iface(name: str) -> tuple[str | None, str | None]:
@@ -372,12 +392,14 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         state = InterfaceState({info.index: info.name for info, _ in ifaces},
                                {info.name: info.address for info, _ in ifaces},
                                {p.name: p.gateway for p in plans}, configured,
-                               read=read_iface, set_route=set_route, on_usable=agent.on_link,
-                               on_changed=agent.path_changed, adopt=adopt, release=release)
+                               read=read_iface, set_route=set_route, on_usable=on_usable,
+                               on_changed=on_changed, adopt=adopt, release=release,
+                               carrier={info.name: info.carrier for info, _ in ifaces})
         opened.append(state)
         opened.append(LinkWatch(loop, state.on_event))
 
         async def on_ready() -> None:
+            resolver.start()
             try:
                 await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
             except TimeoutError:
@@ -390,6 +412,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             loop.run_until_complete(_serve(agent, control_path, on_ready, signals,
                                            _metrics_server(cfg.metrics, agent, render_agent),
                                            cfg.group))
+            loop.run_until_complete(resolver.close())
         ct.close()
     finally:
         _close(opened, host, loop)

@@ -66,7 +66,7 @@ def agent_view(prev: Mapping[str, Any] | None, st: Mapping[str, Any], dt: float)
              f"(rates over {dt:.1f} s)" if prev else f"agent {st.get('name', '')}  "
              f"vipa_fix {st.get('vipa_fix', '')}"]
     for a in st.get("anchors", []):
-        lines.append(f"anchor {a.get('name')} {a.get('address')}  {a.get('state')}  "
+        lines.append(f"anchor {a.get('name')} {a.get('address') or '-'}  {a.get('state')}  "
                      f"vipa {a.get('vipa') or '-'}")
     lines.append(f"\n{'TUNNEL':>6} {'IFACE':8} {'ANCHOR':8} {'STATE':5} {'RTT ms':>7} "
                  f"{'TX b/s':>8} {'RX b/s':>8} {'TX p/s':>7} {'RX p/s':>7}")

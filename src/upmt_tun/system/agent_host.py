@@ -70,6 +70,7 @@ class IfacePlan:
     name: str
     gateway: str | None  # None: on-link default route (dev iface, no gateway)
     socket_port: int  # local UDP port of this interface's tunnel socket
+    waiting: bool = False  # no address or carrier at start: route made when it comes up
 
 
 def rule_ct_mark(rule_index: int, fwmark: int) -> int:
@@ -317,7 +318,14 @@ class AgentHost:
         for i in self.ifaces:      # undo = flush: the route may be re-made on link changes
             table = self.table + 1 + i.index
             self._undo.push(f"routes of table {table}", partial(netlink.flush_table, table))
-            netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway, dev=i.name))
+            try:
+                netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway,
+                                        dev=i.name))
+            except SystemSetupError as e:
+                if not i.waiting:
+                    raise
+                # a down interface takes no route: InterfaceState makes it when it comes up
+                log.info("interface %s not up yet: its route waits (%s)", i.name, e)
         routes = [Route(self.table, oif=tun.index, dev=self.tun)]
         routes.append(Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC))
         for route in routes:

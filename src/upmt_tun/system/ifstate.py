@@ -36,11 +36,14 @@ class InterfaceState:
                  on_usable: Callable[[str, bool, str], None],
                  on_changed: Callable[[str], None],
                  adopt: Callable[[str], Awaitable[None]] | None = None,
-                 release: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 release: Callable[[str], Awaitable[None]] | None = None,
+                 carrier: dict[str, bool] | None = None) -> None:
         """``read(name)`` -> (IPv4 address, default gateway in the main table), blocking
         (run in a thread); ``set_route(name, gateway)`` re-makes the interface's table;
         ``on_usable(name, usable, why)``; ``on_changed(name)``: same link, new address or
-        gateway."""
+        gateway. ``carrier``: as read at start (default: every interface has it); an
+        interface without carrier or address at start is unusable until an event says
+        otherwise, and its route is made then (the agent may start before the network)."""
         self.names = names
         self.gateway = dict(gateways)
         self.configured = configured
@@ -49,6 +52,7 @@ class InterfaceState:
         self.adopt, self.release = adopt, release
         self.adopted: set[str] = set()
         self.carrier = dict.fromkeys(gateways, True)
+        self.carrier.update(carrier or {})
         self.address = dict(addresses)
         self._dirty: set[str] = set()          # carrier returned: route to re-make
         self._timers: dict[str, asyncio.TimerHandle] = {}

@@ -36,6 +36,7 @@ class IfaceInfo:
     prefixlen: int | None
     mtu: int
     gateway: str | None  # from this interface's default route in the main table
+    carrier: bool = True  # administratively up and with carrier (IFF_UP, IFF_LOWER_UP)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,9 @@ def _default_routes(ipr: IPRoute) -> list[tuple[int, int, str | None]]:
     return found
 
 
+_UP_CARRIER = 0x1 | 0x10000      # IFF_UP | IFF_LOWER_UP
+
+
 def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -> IfaceInfo:
     links = ipr.get_links(index)
     if not links:
@@ -186,6 +190,7 @@ def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -
         prefixlen=prefixlen,
         mtu=int(link.get("mtu")),
         gateway=gateway,
+        carrier=(int(link.get("flags") or 0) & _UP_CARRIER) == _UP_CARRIER,
     )
 
 
