@@ -360,3 +360,36 @@ def test_chaos_soak_60s(tmp_path: Path) -> None:
         assert Path(data["png"]).stat().st_size > 10_000
     if v["known"]:
         pytest.xfail("known (issue 13): " + " | ".join(v["known"]))
+
+
+def test_anchor_churn_quick_run(tmp_path: Path) -> None:
+    """benchmarks/anchor_churn.py (issue 13, item 5): 200 simulated hosts come and go at a
+    real Anchor over fake seams, on an injected clock, beside one host that storms
+    handshakes and floods flows and tunnels. The caps held and really bound (the anchor
+    was full, the misbehaving host reached its flow and tunnel caps), every returning host
+    got its VIpA back, nobody's state was left once all had left, and every well-behaved
+    packet got through beside the misbehaving host. No timing is judged here."""
+    out = tmp_path / "churn.json"
+    r = subprocess.run([sys.executable, str(BENCH / "anchor_churn.py"), "--hosts", "200",
+                        "--seconds", "100", "--cycles", "2", "--max-slowdown", "0",
+                        "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["verdict"] == "ok" and data["failures"] == []
+    caps = data["caps"]
+    assert caps["max_associations_seen"] == caps["max_associations"] == 180, caps
+    assert caps["max_tunnels_seen"] == caps["max_tunnels_per_host"], caps
+    assert caps["max_flows_seen"] == caps["max_flows_per_host"], caps
+    churn = data["churn"]
+    assert churn["assoc_refused"] > 0 and churn["returns"] > 0, churn
+    assert churn["vipa_changed"] == 0 and churn["rebinds"] > 0 and churn["iface_moves"] > 0
+    drops = data["anchor_drops"]
+    assert drops["flow_cap"] > 0 and drops["handshake_cookie_sent"] > 0, drops
+    for kind in ("misbehaving_off", "misbehaving_on"):
+        k = data[kind]
+        up, up_of = map(int, k["uplink_delivered"].split("/"))
+        down, down_of = map(int, k["downlink_delivered"].split("/"))
+        assert up == up_of > 0 and down == down_of > 0, k
+    for t in data["tables"]["after_cycles"]:
+        assert t["associations"] == t["tunnels"] == t["sessions"] == t["flows"] == 0, t
+        assert t["peer_sessions"] == t["flow_sources"] == 0, t
