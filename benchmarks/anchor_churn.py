@@ -448,14 +448,8 @@ class Churn:
             self.failures.append(why)
 
     def sweep(self, now: float) -> None:
-        """What ``Anchor._sweep`` does every SWEEP_EVERY seconds."""
-        self.anchor.sig.expire(now, TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE, SESSION_LIFE)
-        ps = self.anchor._peer_sessions                   # noqa: SLF001
-        for peer, live in list(ps.items()):
-            while live and live[0].local_index not in self.fwd.sessions:
-                live.popleft()
-            if not live:
-                del ps[peer]
+        """What the anchor's sweeper does every SWEEP_EVERY seconds."""
+        self.anchor.sweep(now)
 
     def check_caps(self) -> None:
         n = len(self.fwd.by_mh)

@@ -243,12 +243,17 @@ class Anchor:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
-            self.sig.expire(self.clock(), TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE, SESSION_LIFE)
-            for peer, live in list(self._peer_sessions.items()):
-                while live and live[0].local_index not in self.fwd.sessions:
-                    live.popleft()
-                if not live:
-                    del self._peer_sessions[peer]
+            self.sweep(self.clock())
+
+    def sweep(self, now: float) -> None:
+        """Call every SWEEP_EVERY seconds: forget the sessions, tunnels, associations and
+        flows that went silent (benchmarks on a simulated clock call it themselves)."""
+        self.sig.expire(now, TUNNEL_IDLE, ASSOC_IDLE, FLOW_IDLE, SESSION_LIFE)
+        for peer, live in list(self._peer_sessions.items()):
+            while live and live[0].local_index not in self.fwd.sessions:
+                live.popleft()
+            if not live:
+                del self._peer_sessions[peer]
 
     async def stop(self) -> None:
         tasks = [t for t in (self._sweeper, self._hs_worker, self._shedder) if t is not None]
