@@ -35,6 +35,7 @@ from upmt_tun.lab import Lab, exe
 from upmt_tun.testbed import Topology, tool_missing
 
 from .conftest import netns_missing
+from .paced_server import paced_tcp_server
 from .test_system_netns import in_netns, netns, open_tun, snapshot  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.netns,
@@ -44,21 +45,7 @@ CH = "203.0.113.100"
 PORT = 8080                       # the lab's "web" rule sends it through the tunnel
 LINES, EVERY = 2000, 0.01         # 20 s of 100-byte lines, one every 10 ms
 
-SERVER = textwrap.dedent(f"""
-    import socket, sys, time
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", {PORT}))
-    srv.listen(1)
-    print("listening", flush=True)
-    c, peer = srv.accept()
-    print("peer %s:%d" % peer, flush=True)
-    t0 = time.monotonic()
-    for i in range({LINES}):
-        c.sendall(b"%099d\\n" % i)
-        time.sleep(max(0.0, t0 + (i + 1) * {EVERY} - time.monotonic()))
-    c.close()
-    """)
+SERVER = paced_tcp_server(PORT, LINES, EVERY)
 
 CLIENT = textwrap.dedent(f"""
     import json, socket, time

@@ -29,6 +29,7 @@ from upmt_tun.lab import DEFAULT_RULES, Lab, exe
 from upmt_tun.testbed import Topology
 
 from .conftest import netns_missing
+from .paced_server import paced_tcp_server
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
@@ -49,20 +50,7 @@ dst_port = {UDP_PORT}
 via = ["wan1", "wan2"]
 """
 
-TCP_SERVER = textwrap.dedent(f"""
-    import socket, time
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", {TCP_PORT}))
-    srv.listen(1)
-    print("listening", flush=True)
-    c, peer = srv.accept()
-    t0 = time.monotonic()
-    for i in range({COUNT}):
-        c.sendall(b"%099d\\n" % i)
-        time.sleep(max(0.0, t0 + (i + 1) * {EVERY} - time.monotonic()))
-    c.close()
-    """)
+TCP_SERVER = paced_tcp_server(TCP_PORT, COUNT, EVERY)
 
 # downlink only: after the client's one datagram, the server sends and never hears again
 UDP_SERVER = textwrap.dedent(f"""

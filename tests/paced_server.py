@@ -1,0 +1,27 @@
+"""A legacy TCP server for the restart tests: after one client connects it sends ``lines``
+numbered 100-byte lines, one every ``every`` seconds, so a stall or a reset shows where
+the stream stopped. It prints ``listening`` when it listens and ``peer IP:PORT`` (the
+address it saw the client at) when the client connects."""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def paced_tcp_server(port: int, lines: int, every: float) -> str:
+    """The server's source, for ``python3 -u -c``."""
+    return textwrap.dedent(f"""
+        import socket, time
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", {port}))
+        srv.listen(1)
+        print("listening", flush=True)
+        c, peer = srv.accept()
+        print("peer %s:%d" % peer, flush=True)
+        t0 = time.monotonic()
+        for i in range({lines}):
+            c.sendall(b"%099d\\n" % i)
+            time.sleep(max(0.0, t0 + (i + 1) * {every} - time.monotonic()))
+        c.close()
+        """)
