@@ -150,7 +150,7 @@ if [ "$mode" = test ]; then
     rc=0
     # the venv's commands first on PATH, as an activated venv has them: some tests start
     # `upmt-agent` by name, and it must be this checkout's, not another install's
-    PATH="$prefix/bin:$PATH" "$vpy" -m pytest -q -ra "$@" || rc=$?
+    PATH="$prefix/bin:$PATH" "$vpy" -m pytest -q -ra --durations=25 "$@" || rc=$?
     # 5 = pytest collected no test: never report that as a pass (nor hide it as one)
     if [ "$rc" -eq 5 ]; then die "pytest collected no tests (exit 5): nothing was tested"; fi
     [ "$rc" -eq 0 ] || die "tests failed (pytest exit $rc)"
