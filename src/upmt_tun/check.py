@@ -252,7 +252,7 @@ def check_agent(cfg: AgentConfig) -> Findings:
                               "([[interface]])")
     for a in cfg.anchors:
         try:
-            socket.getaddrinfo(a.host, a.port, socket.AF_INET, socket.SOCK_DGRAM)
+            socket.getaddrinfo(a.host, a.port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except (socket.gaierror, UnicodeError) as e:
             f.warnings.append(f"anchor {a.name}: {a.host} does not resolve (yet): "
                               f"{getattr(e, 'strerror', None) or e}")
