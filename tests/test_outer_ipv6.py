@@ -259,3 +259,14 @@ def test_an_ipv6_interface_gets_an_ipv6_rule_to_its_own_table() -> None:
     six = [r for r in rules if r.family == socket.AF_INET6]
     assert six == [Rule(5200, 5552, 0x5552, 0xFFFF, family=socket.AF_INET6)]
     assert all(host._is_ours(r) for r in rules)        # so cleanup finds a killed run's
+
+
+def test_check_counts_a_global_ipv6_address_as_an_address() -> None:
+    from upmt_tun.check import _global6
+    addrs: list[Any] = [
+        {"ifname": "wan2", "addr_info": [{"family": "inet6", "scope": "link", "local": "fe80::2"},
+                                         {"family": "inet6", "scope": "global",
+                                          "local": "2001:db8:2::2"}]},
+        {"ifname": "wan3", "addr_info": [{"family": "inet6", "scope": "link",
+                                          "local": "fe80::3"}]}]
+    assert _global6(addrs, "wan2") and not _global6(addrs, "wan3")
