@@ -14,15 +14,17 @@ item 1 and the outer parts of items 3 and 6).
 
 A legacy curl through the IPv6-only interface (rule ``v6web`` via wan2 only) reaches the
 CH from the anchor's address; a paced TCP stream moves wan1 -> wan2 -> wan1 with
-``upmt-agent move`` and arrives whole; the host (IPv4 and IPv6 rules, routes, nft) is as
-it was after the stop.
+``upmt-agent move`` and arrives whole; after the agent is killed, ``upmt-agent cleanup``
+leaves the host (IPv4 and IPv6 rules, routes, nft) as it was, and so does the stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from upmt_tun.lab import DEFAULT_RULES, Lab
+from upmt_tun.lab import DEFAULT_RULES, Lab, exe
 from upmt_tun.testbed import V6_SEGMENT, Topology, host_state, tool_missing
 
 from .conftest import netns_missing
@@ -101,8 +103,9 @@ def test_ipv6_only_access_carries_tunnels_and_flows_move_across_families(
     www = tmp_path / "www"
     www.mkdir()
     (www / "f.bin").write_bytes(b"u" * 300_000)
+    http_log = tmp_path / "http.log"
     topo.popen("ch", "python3", "-m", "http.server", "8081", "--bind", CH, "--directory",
-               str(www), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               str(www), stdout=subprocess.DEVNULL, stderr=open(http_log, "w"))
     server = topo.popen("ch", sys.executable, "-u", "-c", paced_tcp_server(8080, LINES, EVERY),
                         stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "listening"
@@ -132,6 +135,7 @@ def test_ipv6_only_access_carries_tunnels_and_flows_move_across_families(
                      f"http://{CH}:8081/f.bin", check=False)
         assert r.stdout == "200", (r.stderr, lab.log_tail("agent"))
         assert got.read_bytes() == (www / "f.bin").read_bytes()
+        assert http_log.read_text().startswith("203.0.113.1 - "), http_log.read_text()
         fw = topo.run("nat2", "nft", "list", "counter", "ip6", "testbed_fw", "refused").stdout
         print(f"\n[v6 firewall] {' '.join(fw.split())}")
 
@@ -157,7 +161,15 @@ def test_ipv6_only_access_carries_tunnels_and_flows_move_across_families(
         print(f"[v4 -> v6 -> v4] {c['bytes']} bytes whole, longest gap {c['gap'] * 1000:.0f} ms")
         tun = {t["interface"]: t for t in lab.agent_status()["tunnels"]}
         assert tun["wan2"]["rx_packets"] > 50, tun     # the stream did come over IPv6
+
+        # a killed agent leaves its IPv6 rule and route; cleanup removes them exactly
+        agent = lab.procs["agent"]
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+        assert "lookup 5552" in topo.run("mh", "ip", "-6", "rule").stdout
+        topo.run("mh", *exe("upmt-agent"), "cleanup", "--config", str(lab.dir / "agent.toml"))
+        assert state6(topo) == before
     finally:
         codes = lab.stop()
-    assert codes == {"anchor0": 0, "agent": 0}, codes
+    assert codes == {"anchor0": 0, "agent": -signal.SIGKILL}, codes
     assert state6(topo) == before
