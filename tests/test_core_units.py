@@ -166,6 +166,7 @@ def test_linkwatch_parse_link_address_and_default_route_messages() -> None:
     parse = lw.parse
     assert list(parse(data)) == [("link", 3, True), ("link", 4, False), ("link", 6, False),
                                  ("addr", 7, False), ("addr", 8, False),
+                                 ("addr", 9, False),       # IPv6 too: an IPv6-only interface
                                  ("route", 3, False), ("route", 0, False), ("route", 6, False)]
     assert list(parse(b"\xff" * 7)) == []
     assert list(parse(data[:-3]))[-1] == ("route", 0, False)      # the cut one is ignored

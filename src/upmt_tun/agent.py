@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .config import AgentConfig, Rule
+from .config import AgentConfig, Rule, format_host_port
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
@@ -74,6 +74,7 @@ from .link import (
 )
 from .mesh import MeshDirectory, MeshPeer, is_relay_addr
 from .paths import TICK, ProbeParams
+from .resolve import Addrs, Endpoint, as_addrs
 from .signalling import sip
 from .tables import Flow, FlowKey, Tunnel, ip_str
 
@@ -91,6 +92,10 @@ class IfaceSeam:
     name: str
     index: int
     path: Path
+    # the address families it reaches the Internet with (4, 6): an IPv6-only cellular
+    # interface has {6} and a dual-stack socket; a link takes the anchor's address of the
+    # first family both have, IPv4 first (see :meth:`Agent.addr_for`)
+    families: frozenset[int] = frozenset({4})
 
 
 def rule_classifier(rules: tuple[Rule, ...],
@@ -127,7 +132,7 @@ class MoveError(RuntimeError):
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, tun: Tun, ifaces: list[IfaceSeam],
-                 anchors: Mapping[str, tuple[str, int] | None],
+                 anchors: Mapping[str, Endpoint | Addrs | None],
                  classify_flow: Callable[[FlowKey], FlowClass],
                  clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns,
@@ -139,17 +144,18 @@ class Agent:
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self._seam = {i.name: i for i in self.ifaces}
-        # name -> resolved (ip, port); None: its name does not resolve yet, so it has no
-        # links (set_anchor_address adds them)
-        self.anchors: dict[str, tuple[str, int] | None] = dict(anchors)
+        # name -> resolved ((ip, port), ...) one per family, IPv4 first; None: its name
+        # does not resolve yet, so it has no links (set_anchor_address adds them)
+        self.anchors: dict[str, Addrs | None] = {
+            a: None if addr is None else as_addrs(addr) for a, addr in anchors.items()}
         self.clock = clock
         self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
                                   classify_flow)
         self.drops = self.fwd.drops
         self.sip_stats: dict[str, int] = dict.fromkeys(SIP_STATS, 0)
         keys = {a.name: a.public_key for a in cfg.anchors}
-        self.peers = {a: Peer(a, addr or UNRESOLVED, keys[a], self.fwd.links[a])
-                      for a, addr in anchors.items()}
+        self.peers = {a: Peer(a, addr[0] if addr else UNRESOLVED, keys[a], self.fwd.links[a])
+                      for a, addr in self.anchors.items()}
         self.link_cfg = LinkConfig(me=cfg.name, static=cfg.private_key,
                                    keepalive_s=cfg.keepalive_s,
                                    return_after_s=cfg.return_after_s,
@@ -648,9 +654,13 @@ class Agent:
         return ice
 
     def _candidates(self, anchor: str) -> tuple[IceCandidate, ...]:
-        """Each tunnel socket's address and what the anchor saw of it (server reflexive)."""
+        """Each tunnel socket's address and what the anchor saw of it (server reflexive).
+        IPv4 only for now: an IPv6-only interface offers no candidate (its mesh traffic
+        goes through the relay)."""
         socks = []
         for i in self.ifaces:
+            if ":" in i.path.local[0]:
+                continue
             link = self.links.get((i.name, anchor))
             seen = link.seen_as if link is not None else None
             socks.append(TunnelSocket(i.index, i.name, i.path.local, seen))
@@ -762,8 +772,7 @@ class Agent:
         self._timer = asyncio.create_task(self._timers())
         for a, addr in self.anchors.items():
             if addr is not None:
-                for i in self.ifaces:
-                    self.add_link(i.name, a)
+                self._add_links(a)
         if not self.links:
             self._ready.set()
 
@@ -777,34 +786,61 @@ class Agent:
         if link is not None:
             return link
         now = self.clock()
-        t = self.fwd.add_tunnel(iface, seam.index, peer, seam.path.local, p.addr, now)
-        link = Link(iface, p, t, self.link_cfg, self.env, self.sip_stats, role)
+        addr = self.addr_for(iface, peer) or p.addr
+        t = self.fwd.add_tunnel(iface, seam.index, peer, seam.path.local, addr, now)
+        link = Link(iface, p, t, self.link_cfg, self.env, self.sip_stats, role, addr)
         self.links[(iface, peer)] = link
         self._by_tid[t.tid] = link
         self._do(link.start(now, self.link_up[iface]))
         return link
 
-    def set_anchor_address(self, name: str, addr: tuple[str, int]) -> None:
+    def addr_for(self, iface: str, anchor: str) -> tuple[str, int] | None:
+        """The anchor's address that ``iface`` reaches it at: of the first family (IPv4
+        first) that both have; None when they share none (an IPv6-only interface and an
+        anchor without an IPv6 address: no link there)."""
+        seam, addrs = self._seam.get(iface), self.anchors.get(anchor)
+        if seam is None or not addrs:
+            return None
+        return next((a for a in addrs if (6 if ":" in a[0] else 4) in seam.families), None)
+
+    def _add_links(self, anchor: str) -> None:
+        for i in self.ifaces:
+            if self.addr_for(i.name, anchor) is not None:
+                self.add_link(i.name, anchor)
+            else:
+                fams = " or ".join(f"IPv{f}" for f in sorted(i.families))
+                log.warning("anchor %s has no %s address for interface %s: no tunnel there",
+                            anchor, fams, i.name)
+
+    def set_anchor_address(self, name: str, addr: Endpoint | Addrs) -> None:
         """Anchor ``name``'s name resolved (first time: its links start now) or now
         resolves elsewhere (its links take the new address: an UP one probes it at once,
         the same anchor keeps the association, another one fails the probes and the links
-        associate again as after a restart; one still trying tries there at once)."""
-        if name not in self.anchors or self.anchors[name] == addr:
+        associate again as after a restart; one still trying tries there at once).
+        ``addr``: one address, or one per family."""
+        addrs = as_addrs(addr)
+        if name not in self.anchors or self.anchors[name] == addrs:
             return
         first = self.anchors[name] is None
-        self.anchors[name] = addr
+        self.anchors[name] = addrs
         p = self.peers[name]
-        p.addr = addr
+        p.addr = addrs[0]
         if first:
-            for i in self.ifaces:
-                self.add_link(i.name, name)
+            self._add_links(name)
             return
-        log.info("anchor %s moved to %s:%d", name, *addr)
+        log.info("anchor %s moved to %s", name,
+                 " and ".join(format_host_port(*a) for a in addrs))
         now = self.clock()
-        for (_iface, peer), link in list(self.links.items()):
+        for (iface, peer), link in list(self.links.items()):
             if peer == name:
-                link.tunnel.remote = addr
+                new = self.addr_for(iface, name)
+                if new is None or new == link.remote:
+                    continue        # this family's address did not change (or is gone)
+                link.addr = link.tunnel.remote = new
                 self._do(link.on_peer_moved(now))
+        for i in self.ifaces:       # a family the anchor did not have before
+            if (i.name, name) not in self.links and self.addr_for(i.name, name) is not None:
+                self.add_link(i.name, name)
 
     def remove_link(self, iface: str, peer: str) -> None:
         """Stop keeping that tunnel: it goes down now (its flows move) and is forgotten."""
@@ -984,7 +1020,8 @@ class Agent:
         return {
             "vipa_fix": self.cfg.vipa_fix,
             "name": self.cfg.name,
-            "anchors": [{"name": a, "address": None if addr is None else f"{addr[0]}:{addr[1]}",
+            "anchors": [{"name": a, "address": None if addr is None
+                         else " ".join(format_host_port(*x) for x in addr),
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
                          "role": self.fwd.links[a].role}
@@ -1009,14 +1046,14 @@ class Agent:
             up = [t for i in self.ifaces
                   if (t := self.fwd.by_path.get((i.name, key))) is not None and t.state == "up"]
             m = link.monitor
-            addr = self.anchors.get(p.anchor)
-            remote = f"{addr[0]}:{addr[1]}" if addr else None
+            addrs = self.anchors.get(p.anchor)
+            remote = format_host_port(*addrs[0]) if addrs else None
             path = "relay"
             dkey = self.fwd.direct_of.get(key)
             direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
             if direct is not None and direct.state is LinkState.UP:
                 path, m, up = "direct", direct.monitor, [direct.tunnel]
-                remote = f"{direct.tunnel.remote[0]}:{direct.tunnel.remote[1]}"
+                remote = format_host_port(*direct.tunnel.remote)
             ice = self.ice.get(key)
             out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": path,
                         "state": link.state.value,

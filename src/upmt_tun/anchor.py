@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .config import AnchorConfig
+from .config import AnchorConfig, format_host_port
 from .dataplane import shedfilter
 from .dataplane.crypto import Session
 from .dataplane.forwarder import AnchorForwarder
@@ -286,7 +286,7 @@ class Anchor:
         flows = [{**f.json(now, iface_of(f.tunnel), iface_of), "mh": f.anchor}
                  for f in self.fwd.paft.flows()]
         return {"role": self.cfg.role, "mesh": self.cfg.mesh,
-                "listen": f"{self.cfg.listen_host}:{self.cfg.listen_port}",
+                "listen": format_host_port(self.cfg.listen_host, self.cfg.listen_port),
                 "vipa_pool": str(self.cfg.vipa_pool), "associations": assocs, "flows": flows,
                 "drops": dict(self.fwd.drops), "paths": dict(self.fwd.events),
                 "signalling": dict(self.sig.stats),

@@ -235,6 +235,12 @@ def _links(addrs: list[Json]) -> dict[str, list[str]]:
                                    if i.get("family") == "inet"] for a in addrs}
 
 
+def _global6(addrs: list[Json], name: str) -> bool:
+    """Whether ``name`` has a global IPv6 address (an IPv6-only access network)."""
+    return any(i.get("family") == "inet6" and i.get("scope") == "global"
+               for a in addrs if a.get("ifname") == name for i in a.get("addr_info", []))
+
+
 def check_agent(cfg: AgentConfig) -> Findings:
     f = Findings([], [])
     addrs = _ip_json("addr")
@@ -243,8 +249,8 @@ def check_agent(cfg: AgentConfig) -> Findings:
     for name in names:
         if name not in links:
             f.warnings.append(f"interface {name} does not exist (yet)")
-        elif not links[name]:
-            f.warnings.append(f"interface {name} has no IPv4 address (yet)")
+        elif not links[name] and not _global6(addrs, name):
+            f.warnings.append(f"interface {name} has no IPv4 or global IPv6 address (yet)")
     if not names:
         names = [str(r["dev"]) for r in _ip_json("route", "show", "default") if "dev" in r]
         if not names:
@@ -252,7 +258,7 @@ def check_agent(cfg: AgentConfig) -> Findings:
                               "([[interface]])")
     for a in cfg.anchors:
         try:
-            socket.getaddrinfo(a.host, a.port, socket.AF_INET, socket.SOCK_DGRAM)
+            socket.getaddrinfo(a.host, a.port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except (socket.gaierror, UnicodeError) as e:
             f.warnings.append(f"anchor {a.name}: {a.host} does not resolve (yet): "
                               f"{getattr(e, 'strerror', None) or e}")

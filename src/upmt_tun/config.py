@@ -25,7 +25,9 @@ __all__ = [
     "InterfaceConfig",
     "Rule",
     "load_agent_config",
+    "format_host_port",
     "load_anchor_config",
+    "split_host_port",
 ]
 
 DEFAULT_AGENT_CONFIG = "/etc/upmt/agent.toml"
@@ -229,19 +231,57 @@ def _ipv4(r: _Reader, k: str, v: str) -> str:
         raise r.err(k, f"not an IPv4 address: {v!r}") from None
 
 
-def _host_port(r: _Reader, k: str, v: str) -> tuple[str, int]:
-    host, sep, port_s = v.rpartition(":")
-    if not sep:
-        host, port_s = v, str(DEFAULT_PORT)
-    if not host:
-        raise r.err(k, f"expected host:port, got {v!r}")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def split_host_port(v: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``host`` or ``[v6]`` -> (host, port), the host an
+    address in its canonical text form (``2001:db8::1``) or a name; ValueError with the
+    reason otherwise. A bare IPv6 address is refused: ``2001:db8::1:5060`` could mean
+    either, so IPv6 takes brackets (as in URLs)."""
+    if v.startswith("["):
+        inner, sep, rest = v[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [IPv6]:port, got {v!r}")
+        try:
+            host = str(ipaddress.IPv6Address(inner))
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {v!r}") from None
+        port_s = rest[1:] if rest else str(default_port)
+    else:
+        if v.count(":") > 1:
+            raise ValueError(f"an IPv6 address takes brackets, e.g. \"[2001:db8::1]:5060\", "
+                             f"got {v!r}")
+        host, sep, port_s = v.rpartition(":")
+        if not sep:
+            host, port_s = v, str(default_port)
+        if not host:
+            raise ValueError(f"expected host:port, got {v!r}")
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            if not _HOSTNAME.match(host) or host.replace(".", "").isdigit():
+                raise ValueError(f"not an IPv4 address or host name: {host!r}") from None
     try:
         port = int(port_s)
     except ValueError:
-        raise r.err(k, f"bad port in {v!r}") from None
+        raise ValueError(f"bad port in {v!r}") from None
     if not 1 <= port <= 65535:
-        raise r.err(k, f"port out of range in {v!r}")
+        raise ValueError(f"port out of range in {v!r}")
     return host, port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of :func:`split_host_port`: brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_port(r: _Reader, k: str, v: str) -> tuple[str, int]:
+    try:
+        return split_host_port(v)
+    except ValueError as e:
+        raise r.err(k, str(e)) from None
 
 
 def _metrics(r: _Reader) -> tuple[str, int] | None:
@@ -514,7 +554,11 @@ def load_anchor_config(path: str) -> AnchorConfig:
     if "listen" not in r.data:
         raise r.err("listen", "missing (host:port to listen on, e.g. \"0.0.0.0:5060\")")
     host, port = _host_port(r, "listen", r.get("listen", str))
-    host = _ipv4(r, "listen", host)
+    try:                      # "[::]:5060": both families on one socket (IPV6_V6ONLY=0)
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise r.err("listen", f"not an IP address: {host!r} (\"0.0.0.0:5060\", "
+                    "\"[::]:5060\" for both families, or one address)") from None
     pool_s = r.get("vipa_pool", str, "100.100.0.0/16")
     try:
         pool = ipaddress.IPv4Network(pool_s)

@@ -60,10 +60,13 @@ class Lab:
     def __init__(self, topo: Topology, workdir: str | Path, *, rules: str = DEFAULT_RULES,
                  anchor_roles: tuple[str, ...] = ("anchor",), agent_extra: str = "",
                  anchor_extra: str = "", peer_extra: dict[str, str] | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, listen: str | None = None,
+                 anchor_address: str | None = None) -> None:
         """With ``topo.second_mh`` a second agent, "phone", runs in ``mh2`` (its one
         interface wan1, no rules); ``peer_extra`` adds lines to an anchor [[peer]]
-        (by agent name, e.g. ``{"phone": "mesh = false"}``)."""
+        (by agent name, e.g. ``{"phone": "mesh = false"}``). ``listen`` (the first
+        anchor's, e.g. ``"[::]:5060"``) and ``anchor_address`` (the agent's address of
+        the first anchor, e.g. a name) replace the defaults (its IPv4 address)."""
         self.topo = topo
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,7 @@ class Lab:
         self.peer_extra = peer_extra or {}
         self.anchor_keys = [keys.keypair() for _ in anchor_roles]
         self.anchor_extra = anchor_extra
+        self.listen, self.anchor_address = listen, anchor_address
 
     # -- configs -------------------------------------------------------------------------
     def anchor_role_name(self, i: int) -> str:
@@ -111,7 +115,8 @@ class Lab:
             peers = [("laptop", self.mh_key[1])]
             if self.topo.second_mh:
                 peers.append(("phone", self.phone_key[1]))
-            p.write_text(f'role = "{role}"\nlisten = "{addr}:5060"\nvipa_pool = "100.100.0.0/16"\n'
+            listen = self.listen if i == 0 and self.listen else f"{addr}:5060"
+            p.write_text(f'role = "{role}"\nlisten = "{listen}"\nvipa_pool = "100.100.0.0/16"\n'
                          f'{nat}control = "{self.anchor_control(i)}"\n'
                          f'private_key = "{self.anchor_keys[i][0]}"\n{self.anchor_extra}\n'
                          + "".join(f'[[peer]]\nname = "{n}"\npublic_key = "{k}"\n'
@@ -123,7 +128,8 @@ class Lab:
                 '[[interface]]\nname = "wan1"\n\n[[interface]]\nname = "wan2"\n\n')
         for i, _ in enumerate(self.anchor_roles):
             addr = self.topo.addresses[self.anchor_role_name(i)]
-            text += (f'[[anchor]]\nname = "an{i + 1}"\naddress = "{addr}:5060"\n'
+            address = self.anchor_address if i == 0 and self.anchor_address else f"{addr}:5060"
+            text += (f'[[anchor]]\nname = "an{i + 1}"\naddress = "{address}"\n'
                      f'public_key = "{self.anchor_keys[i][1]}"\n\n')
         agent.write_text(text + self.rules)
         if self.topo.second_mh:

@@ -314,6 +314,9 @@ class Link:
     env: Env
     stats: dict[str, int]
     role: Role = Role.INITIATOR
+    # the peer's address this link uses: a dual-stack anchor has one per family and the
+    # interface picks the one it can reach (None: the peer's only one, ``peer.addr``)
+    addr: tuple[str, int] | None = None
     state: LinkState = field(default=LinkState.IDLE, init=False)
     usable: bool = field(default=True, init=False)      # the interface (carrier, address)
     tried: bool = field(default=False, init=False)      # first attempt over (ready)
@@ -340,6 +343,11 @@ class Link:
     _challenge_at: float = field(default=_INF, init=False)
     _validate_until: float = field(default=_INF, init=False)
     _responder: Responder | None = field(default=None, init=False)
+
+    @property
+    def remote(self) -> tuple[str, int]:
+        """Where this link's handshakes and signalling go."""
+        return self.addr or self.peer.addr
 
     def __post_init__(self) -> None:
         if self.role is Role.RESPONDER:
@@ -502,7 +510,7 @@ class Link:
             self._on_initiation(data, src, now, out)
             return out
         hs = self._hs
-        if hs is None or hs.init is None or src != self.peer.addr:
+        if hs is None or hs.init is None or src != self.remote:
             out.append(Drop("stray_handshake"))
             return out
         init = hs.init
@@ -553,7 +561,7 @@ class Link:
             try:
                 body = upmt.decode(resp.body)
             except ValueError as e:
-                err = (f"unusable answer from {self.peer.addr[0]}:{self.peer.addr[1]}: {e}")
+                err = (f"unusable answer from {self.remote[0]}:{self.remote[1]}: {e}")
         self._answered(t, None if err else (resp.status_code, resp.reason_phrase, body), err,
                        rtt, now, out)
         return out
@@ -825,7 +833,8 @@ class Link:
         role = resp.get("role", "anchor")
         serves: frozenset[bytes] = frozenset()
         if role == "fixed-host":
-            serves = frozenset({ipaddress.IPv4Address(self.peer.addr[0]).packed})
+            ip = ipaddress.ip_address(self.remote[0])
+            serves = frozenset({ip.packed}) if ip.version == 4 else frozenset()
         rec = self.peer.record
         if (rec.vipa, rec.role) != (vipa, role) or self.peer.state is not AssocState.ASSOCIATED:
             log.info("anchor %s (%s): VIpA %s", name, role, vipa)   # once, not per interface
@@ -863,7 +872,7 @@ class Link:
             t.rtt_ms = rtt * 1000.0
             seen = self._seen_as
             log.info("tunnel %d up: %s -> %s (%s:%d), seen as %s:%s", t.tid, self.iface,
-                     self.peer.name, *self.peer.addr, seen[0], seen[1])
+                     self.peer.name, *self.remote, seen[0], seen[1])
         else:
             log.info("tunnel %d up: %s -> %s (%s:%d)", t.tid, self.iface, self.peer.name,
                      *t.remote)
@@ -985,7 +994,7 @@ class Link:
         hs.sent_at, hs.paced = now, False
         hs.wait = min(hs.delay, self._hs_budget(hs) - hs.waited)     # never past the budget
         hs.deadline = now + hs.wait
-        out.append(Send(self.iface, hs.init.packet, self.peer.addr))
+        out.append(Send(self.iface, hs.init.packet, self.remote))
 
     def _hs_timer(self, hs: _Handshake, now: float, out: list[Action]) -> None:
         budget = self._hs_budget(hs)
@@ -1048,7 +1057,7 @@ class Link:
                   ) -> None:
         self._set(LinkState.VALIDATING, "session, address not yet proven")
         self._token = self.env.random_bytes(16)
-        self._token_addr = addr or self.peer.addr
+        self._token_addr = addr or self.remote
         self._validate_until = now + SETUP_TIMEOUT
         self._challenge_at = now
         self._challenge_timer(now, out)
@@ -1111,7 +1120,7 @@ class Link:
         """Start one sealed SIP MESSAGE transaction with the server through this interface."""
         self._cseq += 1
         branch = sip.BRANCH_MAGIC + self.env.token()
-        data = sip.build_request(target=self.peer.addr, from_user=self.cfg.me,
+        data = sip.build_request(target=self.remote, from_user=self.cfg.me,
                                  via=self.tunnel.local, call_id=self.env.token(), cseq=self._cseq,
                                  branch=branch, body=upmt.encode(signals))
         delays = list(sip.retransmit_schedule(timeout))
@@ -1124,7 +1133,7 @@ class Link:
     def _send_sip(self, t: _Txn, out: list[Action]) -> None:
         s = self.session
         if s is not None:            # no session: nothing leaves, the transaction times out
-            out.append(Send(self.iface, s.seal(TYPE_CONTROL, t.data), self.peer.addr))
+            out.append(Send(self.iface, s.seal(TYPE_CONTROL, t.data), self.remote))
 
     def _txn_timer(self, t: _Txn, now: float, out: list[Action]) -> None:
         t.step += 1
@@ -1136,7 +1145,7 @@ class Link:
             return
         del self._txns[t.branch]
         self.stats["timeouts"] += 1
-        err = f"no answer from {self.peer.addr[0]}:{self.peer.addr[1]} within {t.timeout:g} s"
+        err = f"no answer from {self.remote[0]}:{self.remote[1]} within {t.timeout:g} s"
         self._answered(t, None, err, 0.0, now, out)
 
     def _open(self, data: bytes) -> bytes | None:

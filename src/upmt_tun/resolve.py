@@ -11,6 +11,11 @@ interface came up or changed, since that is when a failed look-up may start work
 
 :class:`ResolveSchedule` is pure (``now`` passed in); :class:`AnchorResolver` drives
 it on the event loop and runs the blocking ``getaddrinfo`` in a worker thread.
+
+An anchor has one address per family at most (:data:`Addrs`, IPv4 first): a name with A
+and AAAA records gives both, and each of the agent's interfaces uses the family it has
+(``Agent``: an IPv6-only cellular interface reaches the anchor over IPv6 while the
+Wi-Fi, IPv4-only, uses IPv4). A literal is one address of its family.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["FIRST_WAIT", "AnchorResolver", "Offload", "Resolve", "ResolveSchedule",
-           "first_lookups", "getaddrinfo_v4", "is_literal"]
+__all__ = ["FIRST_WAIT", "Addrs", "AnchorResolver", "Endpoint", "Offload", "Resolve",
+           "ResolveSchedule", "as_addrs", "first_lookups", "getaddrinfo_both", "is_literal",
+           "normalise"]
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +43,61 @@ REFRESH = 300.0
 KICK_MIN = 1.0
 FIRST_WAIT = 3.0       # the look-ups before start wait this long at most (ready: ~10 s)
 
-Resolve = Callable[[str, int], tuple[str, int]]
-Offload = Callable[[Resolve, str, int], Awaitable[tuple[str, int]]]
+Endpoint = tuple[str, int]
+Addrs = tuple[Endpoint, ...]       # one (ip, port) per family at most, IPv4 first
+Resolve = Callable[[str, int], Addrs]
+Offload = Callable[[Resolve, str, int], Awaitable[Addrs]]
 
 
 def is_literal(host: str) -> bool:
-    """An IPv4 address needs no look-up (and is never re-resolved)."""
+    """An IPv4 or IPv6 address needs no look-up (and is never re-resolved)."""
     try:
-        ipaddress.IPv4Address(host)
+        ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
 
 
-def getaddrinfo_v4(host: str, port: int) -> tuple[str, int]:
-    """The first IPv4 address of ``host`` (blocking); OSError (gaierror) when none."""
-    infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
-    return str(infos[0][4][0]), port
+def normalise(addr: tuple[Any, ...]) -> Endpoint:
+    """An endpoint as every comparison and message wants it: (host, port), an IPv4
+    peer seen on a dual-stack socket (``::ffff:192.0.2.1``, and the 4-tuple of
+    ``recvfrom`` on AF_INET6) as plain IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:], addr[1]
+    return host, addr[1]
+
+
+def as_addrs(addr: Endpoint | Addrs) -> Addrs:
+    """One endpoint or one per family -> :data:`Addrs` (IPv4 first)."""
+    one = addr and isinstance(addr[0], str)
+    addrs: Addrs = (addr,) if one else addr  # type: ignore[assignment]
+    return tuple(sorted(addrs, key=lambda a: ":" in a[0]))
+
+
+def getaddrinfo_both(host: str, port: int) -> Addrs:
+    """The first IPv4 and the first IPv6 address of ``host`` (blocking); OSError
+    (gaierror) when it has neither. Link-local IPv6 answers are skipped (they need a
+    scope, and an anchor is not on the link)."""
+    if is_literal(host):
+        return as_addrs((host, port))
+    infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
+    found: dict[int, Endpoint] = {}
+    for family, _t, _p, _c, sa in infos:
+        ip = str(sa[0])
+        if family == socket.AF_INET6 and ipaddress.IPv6Address(ip.split("%")[0]).is_link_local:
+            continue
+        found.setdefault(int(family), normalise((ip, port)))
+    if not found:
+        raise socket.gaierror(socket.EAI_NONAME, "no usable address")
+    return as_addrs(tuple(found.values()))
 
 
 @dataclass
 class _Entry:
     host: str
     port: int
-    addr: tuple[str, int] | None = None
+    addr: Addrs | None = None
     due: float = 0.0
     failures: int = 0
     last_try: float = -math.inf
@@ -75,7 +113,7 @@ class ResolveSchedule:
         for anchor, (host, port) in names.items():
             e = _Entry(host, port, due=now)
             if is_literal(host):
-                e.addr, e.due = (host, port), math.inf
+                e.addr, e.due = ((host, port),), math.inf
             self.entries[anchor] = e
 
     def due(self, now: float) -> list[str]:
@@ -84,8 +122,10 @@ class ResolveSchedule:
     def next_deadline(self) -> float:
         return min((e.due for e in self.entries.values()), default=math.inf)
 
-    def resolved(self, anchor: str, addr: tuple[str, int], now: float) -> bool:
-        """A look-up answered; True when the address is new (first one, or moved)."""
+    def resolved(self, anchor: str, addr: Endpoint | Addrs, now: float) -> bool:
+        """A look-up answered (one address, or one per family); True when the addresses
+        are new (first ones, or moved)."""
+        addr = as_addrs(addr)
         e = self.entries[anchor]
         new = addr != e.addr
         e.addr, e.failures, e.error, e.last_try = addr, 0, "", now
@@ -113,7 +153,7 @@ class ResolveSchedule:
         return any_due
 
 
-def first_lookups(schedule: ResolveSchedule, now: float, *, resolve: Resolve = getaddrinfo_v4,
+def first_lookups(schedule: ResolveSchedule, now: float, *, resolve: Resolve = getaddrinfo_both,
                   wait: float = FIRST_WAIT) -> list[tuple[str, str]]:
     """Look every name up once before the agent starts, all at once, each in a daemon
     thread, waiting at most ``wait`` seconds in all: a resolver that does not answer
@@ -121,12 +161,12 @@ def first_lookups(schedule: ResolveSchedule, now: float, *, resolve: Resolve = g
     ``ready`` back. A name not answered in time counts as failed; its thread is left to
     end by itself. Returns (anchor, why) for each failure."""
     todo = {a: (e.host, e.port) for a, e in schedule.entries.items() if e.addr is None}
-    results: dict[str, tuple[str, int] | str] = {}
+    results: dict[str, Addrs | str] = {}
     lock = threading.Lock()
 
     def one(anchor: str, host: str, port: int) -> None:
         try:
-            got: tuple[str, int] | str = resolve(host, port)
+            got: Addrs | str = resolve(host, port)
         except (OSError, UnicodeError) as exc:
             got = getattr(exc, "strerror", None) or str(exc)
         with lock:
@@ -153,11 +193,11 @@ def first_lookups(schedule: ResolveSchedule, now: float, *, resolve: Resolve = g
 
 class AnchorResolver:
     """The driver: a task that resolves due names in a worker thread and reports each
-    new address with ``on_address(anchor, (ip, port))``."""
+    new address with ``on_address(anchor, ((ip, port), ...))`` (one per family)."""
 
     def __init__(self, schedule: ResolveSchedule,
-                 on_address: Callable[[str, tuple[str, int]], None], *,
-                 resolve: Resolve = getaddrinfo_v4,
+                 on_address: Callable[[str, Addrs], None], *,
+                 resolve: Resolve = getaddrinfo_both,
                  offload: Offload = asyncio.to_thread,
                  clock: Callable[[], float] | None = None) -> None:
         """``offload(resolve, host, port)`` runs the blocking look-up off the loop (a
@@ -206,8 +246,9 @@ class AnchorResolver:
                 log.warning("anchor %s: cannot resolve %r (%s): retrying, next in %.0f s",
                             anchor, e.host, why, delay)
             return
+        addr = as_addrs(addr)
         if self.schedule.resolved(anchor, addr, self._now()):
-            log.info("anchor %s: %s is %s", anchor, e.host, addr[0])
+            log.info("anchor %s: %s is %s", anchor, e.host, " and ".join(a[0] for a in addr))
             self.on_address(anchor, addr)
 
     async def close(self) -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
-from .config import AgentConfig, AnchorConfig
+from .config import AgentConfig, AnchorConfig, format_host_port
 from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
-from .dataplane.packet import OVERHEAD
+from .dataplane.packet import OVERHEAD, OVERHEAD6
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
@@ -284,9 +284,9 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     keep_heap()
     ifaces = _interfaces(cfg)
     # no address or no carrier yet (booting before the network): down until it comes up
-    waiting = {i.name for i, _ in ifaces if i.address is None or not i.carrier}
+    waiting = {i.name for i, _ in ifaces if not i.families or not i.carrier}
     for name in sorted(waiting):
-        log.info("interface %s has no IPv4 address or carrier yet: its tunnels wait", name)
+        log.info("interface %s has no address or carrier yet: its tunnels wait", name)
     names = {i.name for i, _ in ifaces}
     for r in cfg.rules:
         for v in r.via:
@@ -294,7 +294,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
     schedule = _first_resolution(cfg, time.monotonic())
     anchors = {name: e.addr for name, e in schedule.entries.items()}
-    mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
+    # the worst interface sets it: an IPv6 one carries 20 bytes more of outer header
+    mtu = cfg.mtu or min(i.mtu - (OVERHEAD6 if i.address6 else OVERHEAD) for i, _ in ifaces)
     if signals.signum is not None:
         return                       # stopped before anything was changed
     loop = new_loop()
@@ -304,13 +305,18 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     try:
         seams = []
         for idx, (info, _gw) in enumerate(ifaces):
-            sock = open_udp("0.0.0.0", 0, device=info.name, mark=cfg.fwmark + 1 + idx)
-            path = PathSocket(sock, loop, (info.address or "0.0.0.0", sock.getsockname()[1]),
+            # an interface with a global IPv6 address gets a dual-stack socket (IPv4
+            # peers through it as ::ffff:a.b.c.d, routed by the IPv4 rule and table)
+            any_ip = "::" if info.address6 else "0.0.0.0"
+            sock = open_udp(any_ip, 0, device=info.name, mark=cfg.fwmark + 1 + idx)
+            local = info.address or info.address6 or "0.0.0.0"
+            path = PathSocket(sock, loop, (local, sock.getsockname()[1]),
                               offload=_offload('udp'))
             opened.append(path)
-            seams.append(IfaceSeam(info.name, idx, path))
+            seams.append(IfaceSeam(info.name, idx, path, info.families or frozenset({4})))
         plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1],
-                           waiting=info.name in waiting)
+                           waiting=info.name in waiting, v6=info.address6 is not None,
+                           gateway6=info.gateway6)
                  for idx, (info, gw) in enumerate(ifaces)]
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
@@ -376,21 +382,24 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         configured = {ic.name: ic.gateway for ic in cfg.interfaces}
 
         def read_iface(name: str) -> tuple[str | None, str | None]:
-            info = netlink.interface_info(name)
-            return info.address, info.gateway
+            info = netlink.interface_info(name)     # IPv6-only: usable with its IPv6 one
+            return info.address or info.address6, info.gateway
 
         async def set_route(name: str, gateway: str | None) -> None:
             assert host is not None
             await asyncio.to_thread(host.restore_iface_route, name, gateway)
 
         async def adopt(address: str) -> None:
-            await asyncio.to_thread(netlink.add_address, tun.name, address, 32)
+            if ":" not in address:   # steered flows are IPv4: an IPv6 one has none to keep
+                await asyncio.to_thread(netlink.add_address, tun.name, address, 32)
 
         async def release(address: str) -> None:
-            await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
+            if ":" not in address:
+                await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
 
         state = InterfaceState({info.index: info.name for info, _ in ifaces},
-                               {info.name: info.address for info, _ in ifaces},
+                               {info.name: info.address or info.address6
+                                for info, _ in ifaces},
                                {p.name: p.gateway for p in plans}, configured,
                                read=read_iface, set_route=set_route, on_usable=on_usable,
                                on_changed=on_changed, adopt=adopt, release=release,
@@ -440,7 +449,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
         try:
             sock = open_udp(cfg.listen_host, cfg.listen_port)
         except OSError as e:
-            raise StartupError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
+            raise StartupError(f"cannot listen on "
+                               f"{format_host_port(cfg.listen_host, cfg.listen_port)}: "
                                f"{e.strerror}") from None
         path = PathSocket(sock, loop, (cfg.listen_host, cfg.listen_port),
                           offload=_offload('udp'))
@@ -465,8 +475,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
 
         async def on_ready() -> None:
             _ready_line()
-            log.info("%s listening on %s:%d, VIpA pool %s", cfg.role, cfg.listen_host,
-                     cfg.listen_port, cfg.vipa_pool)
+            log.info("%s listening on %s, VIpA pool %s", cfg.role,
+                     format_host_port(cfg.listen_host, cfg.listen_port), cfg.vipa_pool)
 
         if signals.signum is None:
             loop.run_until_complete(_serve(anchor, control_path, on_ready, signals,

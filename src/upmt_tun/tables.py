@@ -66,6 +66,10 @@ def flow_json(fid: int, key: FlowKey, tunnel: int, tx_packets: int, rx_packets: 
     }
 
 
+def _hostport(host: str, port: int) -> str:
+    """``ip:port``, an IPv6 address in brackets (an outer IPv6 tunnel's ends)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 @dataclass(slots=True, eq=False)
 class Tunnel:
     """One row of the Tunnel Table."""
@@ -101,8 +105,8 @@ class Tunnel:
     def json(self) -> dict[str, Any]:
         return {
             "id": self.tid, "interface": self.interface, "anchor": self.peer,
-            "local": f"{self.local[0]}:{self.local[1]}",
-            "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "local": _hostport(*self.local),
+            "remote": _hostport(*self.remote),
             "vipa": self.vipa or None, "un_tid": self.un_tid, "state": self.state,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,

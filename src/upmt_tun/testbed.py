@@ -22,6 +22,16 @@ own and on the *same* private subnet as the first one's wan1::
              |
    ns "nat3" 10.1.0.1, inet side 203.0.113.21 (masquerade), a port of br0 like the others
 
+Optional IPv6 access (``v6_access=True``, outer IPv6 tests): wan2's network is IPv6 only,
+routed (no NAT) by nat2 behind a firewall that lets only outgoing connections and their
+replies through (``ip6 testbed_fw``), and the anchor is dual-stack::
+
+   ns "mh" wan2 2001:db8:2::2/64, default via fe80::1 (nat2's lan, as from an RA); no IPv4
+   ns "nat2" lan fe80::1, 2001:db8:2::1/64; eth0 2001:db8:ff::12/64 (and its IPv4 one)
+   ns "an" eth0 2001:db8:ff::1/64 besides 203.0.113.1 (route to 2001:db8:2::/64 via nat2)
+
+IPv6 is on only in those three namespaces (DAD and router advertisements off).
+
 Interface names: the MH has ``wan1``/``wan2``; each NAT has ``lan`` (towards the MH) and
 ``eth0`` (its inet side); an, an2, ch and atk have ``eth0``; the ports of ``br0`` in ``inet``
 are named after their role. Veth pairs are created directly inside their namespaces, so names
@@ -52,6 +62,9 @@ HOST_IF = "eth0"
 BRIDGE = "br0"
 KILL_GRACE = 3.0
 
+V6_SEGMENT = {"an": "2001:db8:ff::1", "nat2": "2001:db8:ff::12"}
+V6_ACCESS = ("2001:db8:2::2", "fe80::1")     # wan2's address and gateway with v6_access
+V6_ACCESS_NET = "2001:db8:2::/64"
 _SEGMENT = {
     "an": "203.0.113.1",
     "an2": "203.0.113.2",
@@ -86,6 +99,7 @@ class Topology:
         anchors: int = 1,
         attacker: bool = False,
         second_mh: bool = False,
+        v6_access: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError("anchors must be 1 or 2")
@@ -96,6 +110,9 @@ class Topology:
         hosts = ["an"] + (["an2"] if anchors == 2 else []) + ["ch"] + (["atk"] if attacker else [])
         self.hosts: list[str] = hosts
         self.second_mh = second_mh
+        self.v6_access = v6_access
+        if v6_access and same_subnet:
+            raise ValueError("v6_access and same_subnet do not go together")
         self.nats = ["nat1", "nat2"] + (["nat3"] if second_mh else [])
         self.roles: list[str] = ["mh", *(["mh2"] if second_mh else []), *self.nats, "inet",
                                  *hosts]
@@ -108,6 +125,9 @@ class Topology:
             }
         else:
             self.access = {"wan1": ("10.1.0.2", "10.1.0.1"), "wan2": ("10.2.0.2", "10.2.0.1")}
+        if v6_access:
+            self.access["wan2"] = V6_ACCESS
+        self.addresses6: dict[str, str] = dict(V6_SEGMENT) if v6_access else {}
         self._procs: list[subprocess.Popen[Any]] = []
 
     def ns(self, role: str) -> str:
@@ -132,14 +152,21 @@ class Topology:
         self.run(role, "sysctl", "-q", "-w", *settings)
 
     def _build(self) -> None:
+        v6_roles = ("mh", "nat2", "an") if self.v6_access else ()
         for role in self.roles:
             _ip(f"netns add {self.ns(role)}")
-            # Before any interface exists, so new interfaces inherit: no IPv6 (no DAD delays).
-            self._sysctl(
-                role,
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            )
+            # Before any interface exists, so new interfaces inherit: no IPv6 (no DAD
+            # delays); with v6_access, IPv6 without DAD or router advertisements.
+            if role in v6_roles:
+                self._sysctl(role, "net.ipv6.conf.all.accept_dad=0",
+                             "net.ipv6.conf.default.accept_dad=0",
+                             "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0")
+            else:
+                self._sysctl(
+                    role,
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                )
             _ip(f"-n {self.ns(role)} link set lo up")
         for mh in ("mh", "mh2") if self.second_mh else ("mh",):
             self._sysctl(mh, "net.ipv4.conf.all.rp_filter=1",
@@ -157,6 +184,9 @@ class Topology:
         for i, wan in enumerate(MH_IFACES, start=1):
             nat = f"nat{i}"
             mh_addr, gw = self.access[wan]
+            if ":" in mh_addr:
+                self._v6_access(wan, nat)
+                continue
             self._veth("mh", wan, nat, NAT_LAN_IF)
             self._addr("mh", wan, mh_addr)
             self._addr(nat, NAT_LAN_IF, gw)
@@ -173,6 +203,31 @@ class Topology:
             _ip(f"-n {self.ns('mh2')} route add default via {gw} dev wan1 metric 100")
             self._sysctl("nat3", "net.ipv4.ip_forward=1")
             self.run("nat3", "nft", "-f", "-", input=self._nat_ruleset().encode())
+
+    def _v6_access(self, wan: str, router: str) -> None:
+        """The IPv6-only access network of ``wan`` behind ``router`` (see module doc)."""
+        mh_addr, gw = self.access[wan]
+        self._veth("mh", wan, router, NAT_LAN_IF)
+        for role, ifname, addr in (("mh", wan, f"{mh_addr}/64"),
+                                   (router, NAT_LAN_IF, f"{gw}/64"),
+                                   (router, NAT_LAN_IF, "2001:db8:2::1/64"),
+                                   (router, HOST_IF, f"{V6_SEGMENT[router]}/64"),
+                                   ("an", HOST_IF, f"{V6_SEGMENT['an']}/64")):
+            _ip(f"-n {self.ns(role)} addr add {addr} dev {ifname} nodad")
+        _ip(f"-n {self.ns('mh')} -6 route add default via {gw} dev {wan} metric 200")
+        _ip(f"-n {self.ns('an')} -6 route add {V6_ACCESS_NET} via {V6_SEGMENT[router]} "
+            f"dev {HOST_IF}")
+        self._sysctl(router, "net.ipv6.conf.all.forwarding=1")
+        self.run(router, "nft", "-f", "-", input=(
+            "table ip6 testbed_fw {\n"
+            "  counter refused {\n  }\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority filter; policy drop;\n"
+            "    ct state established,related accept\n"
+            f'    iifname "{NAT_LAN_IF}" accept\n'
+            '    counter name "refused"\n'
+            "  }\n"
+            "}\n").encode())
 
     def _veth(self, role_a: str, if_a: str, role_b: str, if_b: str) -> None:
         """Create a veth pair with one end in each namespace, both up."""

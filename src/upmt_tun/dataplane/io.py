@@ -30,6 +30,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..resolve import normalise
 from . import offload
 from .packet import TYPE_DATA, datagrams
 
@@ -50,6 +51,8 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 IP_MTU_DISCOVER = 10      # not named by Python's socket module
 IP_PMTUDISC_DONT = 0
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_DONT = 0
 SOL_UDP = 17
 UDP_SEGMENT = 103         # UDP GSO (Linux 4.18), not named by Python 3.11
 UDP_GRO = 104             # UDP GRO (Linux 5.0)
@@ -254,16 +257,24 @@ class TunDevice:
 
 def open_udp(host: str, port: int, *, device: str | None = None, mark: int | None = None,
              bufsize: int = 4 << 20) -> socket.socket:
-    """A non-blocking UDP socket, optionally bound to ``device`` and carrying SO_MARK ``mark``."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    """A non-blocking UDP socket, optionally bound to ``device`` and carrying SO_MARK ``mark``.
+
+    An IPv6 ``host`` (``"::"``) makes an AF_INET6 socket with IPV6_V6ONLY off: it carries
+    both families (IPv4 peers as ``::ffff:a.b.c.d``, which :class:`PathSocket` hides)."""
+    v6 = ":" in host
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
         if mark is not None:
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if device is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        # Let oversized tunnel packets fragment rather than vanish (PMTUD fails silently).
+        # Let oversized tunnel packets fragment rather than vanish (PMTUD fails silently);
+        # over IPv6 only the sender fragments, which this lets it do.
         s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        if v6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
         for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
                            (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
             try:    # beyond net.core.[rw]mem_max when root (bursts of 64 KB reads)
@@ -278,6 +289,11 @@ def open_udp(host: str, port: int, *, device: str | None = None, mark: int | Non
     return s
 
 
+def mapped(addr: tuple[str, int]) -> tuple[str, int]:
+    """Where an AF_INET6 socket sends to reach ``addr``: an IPv4 peer as ``::ffff:a.b.c.d``."""
+    return ("::ffff:" + addr[0], addr[1]) if "." in addr[0] else addr
+
+
 class PathSocket:
     """A real UDP socket used as a tunnel end (and for SIP on the same port)."""
 
@@ -286,6 +302,9 @@ class PathSocket:
         self.sock = sock
         self.loop = loop
         self.local = local
+        # endpoints are (host, port) everywhere above this class: an AF_INET6 socket's
+        # 4-tuples and ``::ffff:`` IPv4 peers are normalised here, once, in and out
+        self.v6 = getattr(sock, "family", socket.AF_INET) == socket.AF_INET6
         self.send_errors = 0
         self.gso = offload
         self.gro = False
@@ -306,7 +325,7 @@ class PathSocket:
         datagrams of ``size`` bytes back to back; without it they come one by one."""
         sock = self.sock
         recvfrom, recvmsg = sock.recvfrom, sock.recvmsg
-        gro = self.gro
+        gro, v6 = self.gro, self.v6
         cmsg_space = socket.CMSG_SPACE(_GRO_SIZE.size)
 
         def readable() -> None:
@@ -329,6 +348,8 @@ class PathSocket:
                     if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         log.debug("recvfrom: %s", e)
                     continue
+                if v6:
+                    addr = normalise(addr)
                 if gro and anc:
                     level, kind, value = anc[0]
                     if level == SOL_UDP and kind == UDP_GRO and len(value) >= _GRO_SIZE.size:
@@ -346,7 +367,7 @@ class PathSocket:
 
     def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            self.sock.sendto(data, addr)
+            self.sock.sendto(data, mapped(addr) if self.v6 else addr)
         except OSError:
             self.send_errors += 1   # full buffer, no route, interface gone: counted drop
 
@@ -399,7 +420,7 @@ class PathSocket:
 
     def _send(self, data: bytes | memoryview, addr: tuple[str, int]) -> None:
         try:
-            self.sock.sendto(data, addr)
+            self.sock.sendto(data, mapped(addr) if self.v6 else addr)
         except OSError:
             self.send_errors += 1
 
@@ -412,14 +433,15 @@ class PathSocket:
             return
         step = size * max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
         view = memoryview(data)
+        dst = mapped(addr) if self.v6 else addr
         cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
         for k in range(0, n, step):
             chunk = view[k:k + step]
             try:
                 if len(chunk) <= size:
-                    self.sock.sendto(chunk, addr)
+                    self.sock.sendto(chunk, dst)
                 else:
-                    self.sock.sendmsg((chunk,), cmsg, 0, addr)
+                    self.sock.sendmsg((chunk,), cmsg, 0, dst)
             except OSError as e:
                 if e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                     log.info("UDP GSO refused (%s): one datagram per send from now on",

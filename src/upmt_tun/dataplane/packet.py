@@ -38,6 +38,7 @@ __all__ = [
     "KIND_SIP",
     "KIND_STUN",
     "OVERHEAD",
+    "OVERHEAD6",
     "TYPE_DATA",
     "PATH_MAX",
     "PROBE",
@@ -74,6 +75,7 @@ PATH_MAX = 0xFFFFFF
 TAG_LEN = 16
 IPV4_UDP = 28
 OVERHEAD = IPV4_UDP + HEADER_LEN + TAG_LEN  # 60: keep encryption from changing the MTU
+OVERHEAD6 = OVERHEAD + 20                   # 80: over IPv6 (40-byte header, not 20)
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 
 KIND_TUNNEL = 1          # one of our types 0x80..0x88: look at data[0]

@@ -41,16 +41,21 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
+def _hostport(host: str, port: int) -> str:
+    """RFC 3261 hostport: an IPv6 reference in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def build_request(*, target: tuple[str, int], from_user: str, via: tuple[str, int], call_id: str,
                   cseq: int, branch: str, body: bytes, subject: str = "UPMT") -> bytes:
     """A MESSAGE request to ``target`` whose Via names ``via`` (host, port)."""
-    host, port = target
-    req = SipRequest(method="MESSAGE", uri=f"sip:upmt@{host}:{port}")
+    dest = _hostport(*target)
+    req = SipRequest(method="MESSAGE", uri=f"sip:upmt@{dest}")
     h = req.headers
-    h.set_single("Via", f"SIP/2.0/UDP {via[0]}:{via[1]};branch={branch};rport")
+    h.set_single("Via", f"SIP/2.0/UDP {_hostport(*via)};branch={branch};rport")
     h.set_single("Max-Forwards", "70")
     h.set_single("From", f"<sip:{from_user}@upmt.invalid>;tag={call_id[:8]}")
-    h.set_single("To", f"<sip:upmt@{host}:{port}>")
+    h.set_single("To", f"<sip:upmt@{dest}>")
     h.set_single("Call-ID", call_id)
     h.set_single("CSeq", f"{cseq} MESSAGE")
     h.set_single("Subject", subject)

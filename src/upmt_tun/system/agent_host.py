@@ -13,6 +13,10 @@ See DESIGN.md "Marks, tables, priorities". With fwmark F and table T:
   sends mark F to table T (``default dev tun`` and a last-resort blackhole).
 - Incoming tunnel packets get mark F+1+k and replies out of the TUN get their ct
   mark back, so strict rp_filter (with ``src_valid_mark=1``) accepts both.
+- An interface whose tunnel socket speaks IPv6 (it has a global IPv6 address: the
+  socket is dual-stack) gets the same over IPv6: ``ip -6 rule`` prio P sends mark F+1+k
+  to table T+1+k, which holds ``default via <its IPv6 gateway> dev iface`` too (the
+  IPv6 gateway is usually link-local, from router advertisements).
 - Packets into the TUN are SNATed to ``vipa_fix`` and their TCP MSS is clamped.
 - Packets out of the TUN that conntrack does not tie to a connection this host
   opened (not established or related: new, invalid, untracked) are dropped and
@@ -27,6 +31,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from socket import AF_INET6
 
 from upmt_tun.system import netlink, nft
 from upmt_tun.system.errors import SystemSetupError
@@ -71,6 +76,8 @@ class IfacePlan:
     gateway: str | None  # None: on-link default route (dev iface, no gateway)
     socket_port: int  # local UDP port of this interface's tunnel socket
     waiting: bool = False  # no address or carrier at start: route made when it comes up
+    v6: bool = False  # its socket speaks IPv6 too: an IPv6 default route and ip -6 rule
+    gateway6: str | None = None  # None: on-link IPv6 default route
 
 
 def rule_ct_mark(rule_index: int, fwmark: int) -> int:
@@ -258,6 +265,8 @@ class AgentHost:
             for i in self.ifaces
         ]
         rules.append(Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask))
+        rules += [Rule(self.prio_sockets, self.table + 1 + i.index, self.fwmark + 1 + i.index,
+                       self.mark_mask, family=AF_INET6) for i in self.ifaces if i.v6]
         return rules
 
     def _is_ours(self, rule: Rule) -> bool:
@@ -321,6 +330,9 @@ class AgentHost:
             try:
                 netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway,
                                         dev=i.name))
+                if i.v6:
+                    netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway6,
+                                            dev=i.name, family=AF_INET6))
             except SystemSetupError as e:
                 if not i.waiting:
                     raise
@@ -348,7 +360,11 @@ class AgentHost:
             return
         table = self.table + 1 + plan.index
         netlink.flush_table(table)
-        netlink.add_route(Route(table, oif=netlink.link_index(name), gateway=gateway, dev=name))
+        index = netlink.link_index(name)
+        netlink.add_route(Route(table, oif=index, gateway=gateway, dev=name))
+        if plan.v6:     # its IPv6 gateway as the main table has it now (RA), else as at start
+            gw6 = netlink.interface_info(name).gateway6 or plan.gateway6
+            netlink.add_route(Route(table, oif=index, gateway=gw6, dev=name, family=AF_INET6))
 
     def add_mesh_pool(self, pool: str, mtu: int) -> None:
         """An anchor made this host a mesh host: route its pool into the TUN (main table,

@@ -199,7 +199,8 @@ class AnchorHost:
             f"address {self.tun_address} of {self.tun}",
             lambda: netlink.remove_address(self.tun, self.tun_address, self.pool_prefixlen),
         )
-        if self.role == "fixed-host" and self.listen_address not in (None, "0.0.0.0"):
+        if (self.role == "fixed-host" and self.listen_address not in (None, "0.0.0.0")
+                and ":" not in self.listen_address):     # an IPv6 one is no IPv4 source
             # a fixed host's services answer mobile hosts from the address they were asked
             # at (its listen address), not from the TUN's: UDP servers bound to 0.0.0.0
             # would otherwise reply from an address the mobile host never contacted

@@ -37,6 +37,9 @@ RTM_DELROUTE = 25
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 AF_INET = 2
+AF_INET6 = 10
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
 RT_TABLE_MAIN = 254
 RTA_OIF = 4
 RTA_TABLE = 15
@@ -50,7 +53,7 @@ Event = tuple[str, int, bool]
 
 def _route(body: bytes) -> Iterator[Event]:
     family, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(body)
-    if family != AF_INET or dst_len != 0:
+    if family not in (AF_INET, AF_INET6) or dst_len != 0:
         return
     oif = 0
     off = _RTMSG.size
@@ -76,7 +79,7 @@ def parse(data: bytes) -> Iterator[Event]:
             yield "link", index, bool(usable)
         elif mtype in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= _IFADDR.size:
             family, _, _, _, index = _IFADDR.unpack_from(body)
-            if family == AF_INET:
+            if family in (AF_INET, AF_INET6):
                 yield "addr", index, False
         elif mtype in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= _RTMSG.size:
             yield from _route(body)
@@ -87,7 +90,8 @@ class LinkWatch:
                  on_event: Callable[[str, int, bool], None]) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self.sock.setblocking(False)
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                        | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
         self.on_event = on_event
         self.loop = loop
         loop.add_reader(self.sock.fileno(), self.readable)

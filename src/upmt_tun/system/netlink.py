@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from socket import AF_INET
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -24,6 +24,11 @@ MAIN_TABLE = 254
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 4
 IFA_F_SECONDARY = 0x01
+IFA_F_TEMPORARY = 0x01          # IPv6: the same bit means a privacy address
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+RT_SCOPE_UNIVERSE = 0
+DEFAULT_DST: dict[int, str] = {AF_INET: "0.0.0.0/0", AF_INET6: "::/0"}
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,20 @@ class IfaceInfo:
     mtu: int
     gateway: str | None  # from this interface's default route in the main table
     carrier: bool = True  # administratively up and with carrier (IFF_UP, IFF_LOWER_UP)
+    address6: str | None = None  # a global IPv6 address (no link-local, no deprecated)
+    gateway6: str | None = None  # from its IPv6 default route in the main table (often fe80::)
+
+    @property
+    def families(self) -> frozenset[int]:
+        """4 and/or 6: the families it has an address of (an IPv6-only cellular link: {6})."""
+        return frozenset(f for f, a in ((4, self.address), (6, self.address6)) if a)
 
 
 @dataclass(frozen=True)
 class Route:
-    """An IPv4 route we install (and later delete with the same fields): a default route
-    unless ``dst`` says otherwise (a mesh pool, with its own ``mtu``)."""
+    """A route we install (and later delete with the same fields): a default route
+    unless ``dst`` says otherwise (a mesh pool, with its own ``mtu``); IPv4 unless
+    ``family`` is AF_INET6 (an access interface's IPv6 default route)."""
 
     table: int
     oif: int | None = None
@@ -53,10 +66,12 @@ class Route:
     dev: str | None = field(default=None, compare=False)  # name of oif, for messages
     dst: str = "0.0.0.0/0"
     mtu: int | None = None
+    family: int = AF_INET
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip route``'s."""
         what = "default" if self.dst == "0.0.0.0/0" else self.dst
+        what = f"-6 {what}" if self.family == AF_INET6 else what
         what = f"blackhole {what}" if self.blackhole else what
         if self.gateway:
             what += f" via {self.gateway}"
@@ -72,7 +87,8 @@ class Route:
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``IPRoute.route``."""
-        args: dict[str, Any] = {"dst": self.dst, "family": AF_INET, "table": self.table}
+        dst = DEFAULT_DST[self.family] if self.dst == "0.0.0.0/0" else self.dst
+        args: dict[str, Any] = {"dst": dst, "family": self.family, "table": self.table}
         if self.mtu is not None:
             args["metrics"] = {"mtu": self.mtu}
         if self.blackhole:
@@ -81,7 +97,7 @@ class Route:
             args["oif"] = self.oif
         if self.gateway is not None:
             args["gateway"] = self.gateway
-        elif self.oif is not None:
+        elif self.oif is not None and self.family == AF_INET:
             args["scope"] = "link"
         if self.metric is not None:
             args["priority"] = self.metric
@@ -92,21 +108,25 @@ class Route:
 
 @dataclass(frozen=True)
 class Rule:
-    """An IPv4 fwmark policy-routing rule: ``priority: fwmark M/mask lookup T``."""
+    """A fwmark policy-routing rule: ``priority: fwmark M/mask lookup T`` (IPv4 unless
+    ``family`` is AF_INET6: ``ip -6 rule``)."""
 
     priority: int
     table: int
     fwmark: int | None = None
     fwmask: int | None = None
+    family: int = AF_INET
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip rule``'s."""
         mark = f" fwmark {self.fwmark:#x}/{self.fwmask or 0xFFFFFFFF:#x}" if self.fwmark else ""
-        return f"rule {self.priority}:{mark} lookup {self.table}"
+        six = "-6 " if self.family == AF_INET6 else ""
+        return f"{six}rule {self.priority}:{mark} lookup {self.table}"
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``IPRoute.rule``."""
-        args: dict[str, Any] = {"family": AF_INET, "priority": self.priority, "table": self.table}
+        args: dict[str, Any] = {"family": self.family, "priority": self.priority,
+                                "table": self.table}
         if self.fwmark is not None:
             args["fwmark"] = self.fwmark
             args["fwmask"] = 0xFFFFFFFF if self.fwmask is None else self.fwmask
@@ -137,6 +157,17 @@ def _netlink_code(exc: BaseException) -> int | None:
     return exc.code if isinstance(exc, NetlinkError) else None
 
 
+def _dump(get: Any, family: int, **kw: Any) -> list[Any]:
+    """A netlink dump of one family; nothing for IPv6 on a kernel without it
+    (``ipv6.disable=1``: the host is IPv4-only, as before IPv6 support)."""
+    try:
+        return list(get(family=family, **kw))
+    except NetlinkError as exc:
+        if family == AF_INET6 and exc.code in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+            return []
+        raise
+
+
 def _lookup(ipr: IPRoute, name: str) -> int:
     found = ipr.link_lookup(ifname=name)
     if not found:
@@ -150,10 +181,10 @@ def link_index(name: str) -> int:
         return _lookup(ipr, name)
 
 
-def _default_routes(ipr: IPRoute) -> list[tuple[int, int, str | None]]:
-    """(metric, oif, gateway) of every IPv4 unicast default route of the main table."""
+def _default_routes(ipr: IPRoute, family: int = AF_INET) -> list[tuple[int, int, str | None]]:
+    """(metric, oif, gateway) of every unicast default route of the main table."""
     found: list[tuple[int, int, str | None]] = []
-    for route in ipr.get_routes(family=AF_INET, table=MAIN_TABLE, dst_len=0):
+    for route in _dump(ipr.get_routes, family, table=MAIN_TABLE, dst_len=0):
         if route.get("type") != RTN_UNICAST:
             continue
         metric = int(route.get("priority") or 0)
@@ -169,7 +200,21 @@ def _default_routes(ipr: IPRoute) -> list[tuple[int, int, str | None]]:
 _UP_CARRIER = 0x1 | 0x10000      # IFF_UP | IFF_LOWER_UP
 
 
-def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -> IfaceInfo:
+def _address6(ipr: IPRoute, index: int) -> str | None:
+    """The interface's first usable global IPv6 address (not link-local, deprecated,
+    failed DAD or a privacy address: the tunnel is no application to hide)."""
+    for msg in _dump(ipr.get_addr, AF_INET6, index=index):
+        flags = msg.get("IFA_FLAGS")
+        flags = msg.get("flags") if flags is None else flags
+        if msg.get("scope") != RT_SCOPE_UNIVERSE or flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED):
+            continue
+        if msg.get("address"):
+            return str(msg.get("address"))
+    return None
+
+
+def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]],
+          routes6: list[tuple[int, int, str | None]] | None = None) -> IfaceInfo:
     links = ipr.get_links(index)
     if not links:
         raise SystemSetupError(f"interface #{index} does not exist")
@@ -183,6 +228,7 @@ def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -
         address, prefixlen = msg.get("address"), int(msg.get("prefixlen"))
         break
     gateway = next((gw for _metric, oif, gw in routes if oif == index), None)
+    gateway6 = next((gw for _metric, oif, gw in routes6 or [] if oif == index), None)
     return IfaceInfo(
         name=str(link.get("ifname")),
         index=index,
@@ -191,25 +237,32 @@ def _info(ipr: IPRoute, index: int, routes: list[tuple[int, int, str | None]]) -
         mtu=int(link.get("mtu")),
         gateway=gateway,
         carrier=(int(link.get("flags") or 0) & _UP_CARRIER) == _UP_CARRIER,
+        address6=_address6(ipr, index),
+        gateway6=gateway6,
     )
 
 
 def interface_info(name: str) -> IfaceInfo:
-    """Index, primary IPv4 address, MTU and default gateway of interface ``name``."""
+    """Index, primary IPv4 address, MTU and default gateway of interface ``name`` (and
+    its global IPv6 address and IPv6 default gateway)."""
     with _iproute(f"cannot read interface {name}") as ipr:
         index = _lookup(ipr, name)
-        return _info(ipr, index, _default_routes(ipr))
+        return _info(ipr, index, _default_routes(ipr), _default_routes(ipr, AF_INET6))
 
 
 def default_route_interfaces() -> list[IfaceInfo]:
-    """Every interface with an IPv4 default route in the main table, best metric first."""
+    """Every interface with a default route in the main table, best metric first: the
+    IPv4 ones, then those with only an IPv6 default route (an IPv6-only cellular link)."""
     with _iproute("cannot read the default routes") as ipr:
-        routes = _default_routes(ipr)
+        routes, routes6 = _default_routes(ipr), _default_routes(ipr, AF_INET6)
         seen: list[int] = []
-        for _metric, oif, _gateway in routes:
+        for _metric, oif, _gateway in routes + routes6:
             if oif not in seen:
                 seen.append(oif)
-        return [_info(ipr, index, routes) for index in seen]
+        found = [_info(ipr, index, routes, routes6) for index in seen]
+        # an IPv6 default route alone, without a global address, carries nothing
+        v4 = {oif for _m, oif, _g in routes}
+        return [i for i in found if i.index in v4 or i.address6 is not None]
 
 
 def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
@@ -313,25 +366,27 @@ def delete_route(route: Route) -> bool:
 
 
 def flush_table(table: int) -> int:
-    """Delete every IPv4 route of routing table ``table``; returns how many went."""
+    """Delete every route (IPv4 and IPv6) of routing table ``table``; returns how many went."""
     with _iproute(f"cannot flush routing table {table}") as ipr:
         count = 0
-        for route in ipr.get_routes(family=AF_INET, table=table):
-            if route.get("table") != table:
-                continue
-            try:
-                ipr.route("del", family=AF_INET, table=table, **_route_key(route))
-                count += 1
-            except NetlinkError as exc:
-                if exc.code not in (errno.ESRCH, errno.ENODEV):
-                    raise
+        for family in (AF_INET, AF_INET6):
+            for route in _dump(ipr.get_routes, family, table=table):
+                if route.get("table") != table:
+                    continue
+                try:
+                    ipr.route("del", family=family, table=table, **_route_key(route, family))
+                    count += 1
+                except NetlinkError as exc:
+                    if exc.code not in (errno.ESRCH, errno.ENODEV):
+                        raise
         return count
 
 
-def _route_key(route: Any) -> dict[str, Any]:
+def _route_key(route: Any, family: int = AF_INET) -> dict[str, Any]:
     """Fields that identify a dumped route for deletion (pyroute2 defaults none of them)."""
+    any_ = "0.0.0.0" if family == AF_INET else "::"
     key: dict[str, Any] = {
-        "dst": f"{route.get('dst') or '0.0.0.0'}/{route.get('dst_len')}",
+        "dst": f"{route.get('dst') or any_}/{route.get('dst_len')}",
         "type": route.get("type"),
         "tos": route.get("tos"),
         "proto": route.get("proto"),
@@ -344,13 +399,13 @@ def _route_key(route: Any) -> dict[str, Any]:
 
 
 def add_rule(rule: Rule) -> None:
-    """Add an IPv4 policy-routing rule."""
+    """Add a policy-routing rule."""
     with _iproute(f"cannot add {rule.describe()}") as ipr:
         ipr.rule("add", **rule.kwargs())
 
 
 def delete_rule(rule: Rule) -> bool:
-    """Delete an IPv4 policy-routing rule; False if it is already gone."""
+    """Delete a policy-routing rule; False if it is already gone."""
     with _iproute(f"cannot delete {rule.describe()}") as ipr:
         try:
             ipr.rule("del", **rule.kwargs())
@@ -362,18 +417,20 @@ def delete_rule(rule: Rule) -> bool:
 
 
 def list_rules() -> list[Rule]:
-    """Every IPv4 fwmark policy-routing rule (others are not ours and are skipped)."""
+    """Every fwmark policy-routing rule, IPv4 and IPv6 (others are not ours: skipped)."""
     with _iproute("cannot list ip rules") as ipr:
         rules = []
-        for msg in ipr.get_rules(family=AF_INET):
-            if msg.get("fwmark") is None or msg.get("priority") is None:
-                continue
-            rules.append(
-                Rule(
-                    priority=int(msg.get("priority")),
-                    table=int(msg.get("table")),
-                    fwmark=int(msg.get("fwmark")),
-                    fwmask=msg.get("fwmask"),
+        for family in (AF_INET, AF_INET6):
+            for msg in _dump(ipr.get_rules, family):
+                if msg.get("fwmark") is None or msg.get("priority") is None:
+                    continue
+                rules.append(
+                    Rule(
+                        priority=int(msg.get("priority")),
+                        table=int(msg.get("table")),
+                        fwmark=int(msg.get("fwmark")),
+                        fwmask=msg.get("fwmask"),
+                        family=family,
+                    )
                 )
-            )
         return rules
