@@ -119,6 +119,12 @@ def stable(st: dict[str, Any]) -> dict[str, Any]:
                             for f in st["flows"])}
 
 
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def reload(lab: Lab, cfg: Path) -> subprocess.CompletedProcess[str]:
     return lab.agent_cli("reload", "--config", str(cfg), check=False)
 
@@ -154,19 +160,25 @@ def test_agent_reload_keeps_a_live_stream_and_a_bad_config_changes_nothing(
         flows = lab.agent_status()["flows"]
         assert {f["rule"] for f in flows} >= {"web", "new"}, flows
 
-        # bad configs: not TOML; a new rule whose cgroup does not exist (refused by the
-        # host step, after its own run cgroup was made: that goes again)
+        # bad configs: the running file is no longer TOML (the agent reads it: no
+        # --config); a new rule whose cgroup does not exist (refused by the host step,
+        # after its own run cgroup was made: that goes again)
         nft_before = topo.run("mh", "nft", "list", "table", "ip", "upmt_agent").stdout
         st_before = stable(lab.agent_status())
-        broken = lab.dir / "broken.toml"
-        broken.write_text(head + NEW + "\n[[rule]\n")
-        bad = reload(lab, broken)
+        agent_cfg.write_text(head + NEW + "\n[[rule]\n")
+        bad = lab.agent_cli("reload", check=False)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert "not valid TOML" in bad.stderr
+        agent_cfg.write_text(head + NEW)
+        broken = lab.dir / "broken.toml"
         broken.write_text(head + NEW + '\n[[rule]]\nname = "bad"\ncgroup = "no/such/group"\n')
         bad = reload(lab, broken)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert "no/such/group" in bad.stderr and "Traceback" not in bad.stderr
+        # one nft itself refuses (the config loader lets this uid through): the dry run
+        broken.write_text(head + NEW + '\n[[rule]]\nname = "big"\nuid = 1099511627776\n')
+        bad = reload(lab, broken)
+        assert bad.returncode == 2 and "nft: " in one_line(bad.stderr), bad.stderr
         cg = RuleCgroups(lab.agent_control, [])
         assert cg.root is None or not cg.path("bad").exists()
         assert topo.run("mh", "nft", "list", "table", "ip", "upmt_agent").stdout == nft_before

@@ -287,6 +287,8 @@ ANCHOR_RELOAD = (
 def _reload(prog: str, args: argparse.Namespace, kind: str) -> int:
     """``reload``: the running daemon loads its config file (or --config) again."""
     path = os.path.abspath(args.config) if args.config else None
+    if path is not None:       # a file that does not load: the same line, without asking
+        (load_agent_config if kind == "agent" else load_anchor_config)(path)
     answer = request(_control_path(args, kind), {"cmd": "reload", "config": path},
                      timeout=30.0)
     if not answer.get("ok"):
