@@ -49,8 +49,8 @@ def test_unit_promises(name: str, prog: str) -> None:
 
 @pytest.mark.parametrize("name", units.UNITS)
 def test_unit_command_lines_parse(name: str, tmp_path: Path) -> None:
-    """ExecStart, ExecStopPost and ExecReload are command lines the CLI accepts: with a missing config
-    they fail on the config (exit 2, file not found), not on the usage."""
+    """ExecStart, ExecStopPost and ExecReload are command lines the CLI accepts: with a
+    missing config they fail on the config (exit 2, file not found), not on the usage."""
     svc = _parse(units.unit_text(name, str(Path(sys.executable).parent)))["Service"]
     for key in ("ExecStart", "ExecStopPost", "ExecReload"):
         argv = shlex.split(svc[key].lstrip("-"))
