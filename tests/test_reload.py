@@ -18,10 +18,12 @@ from upmt_tun import keys
 from upmt_tun.agent import rule_classifier
 from upmt_tun.config import Peer, load_agent_config, load_anchor_config
 from upmt_tun.reload import AGENT_RESTART, ReloadRefused, plan_agent, plan_anchor, start_slots
-from upmt_tun.reload_driver import rule_matches
+from upmt_tun.reload_driver import AgentReloader, rule_matches
+from upmt_tun.resolve import AnchorResolver, ResolveSchedule
 from upmt_tun.runtime import StopSignals
-from upmt_tun.system.agent_host import AgentHost, IfacePlan, rule_ct_mark
+from upmt_tun.system.agent_host import AgentHost, IfacePlan, RuleMatch, rule_ct_mark
 from upmt_tun.system.anchor_host import AnchorHost
+from upmt_tun.system.errors import SystemSetupError
 
 from . import pktbuild as pb
 from .test_e2e_memory import CH, RULES, World
@@ -281,5 +283,63 @@ async def test_anchor_ends_a_rekeyed_peer_and_refuses_its_old_key(tmp_path: Path
             if an.status()["associations"]:
                 break
         assert [a["mh"] for a in an.status()["associations"]] == ["laptop"]
+    finally:
+        await w.stop()
+
+
+class FakeHost:
+    """AgentHost's reload seam: records the rules it was given, or refuses them."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.refuse = refuse
+        self.applied: list[list[tuple[int, str | None]]] = []
+
+    def replace_rules(self, rules: list[RuleMatch], *, dry_run: bool = False) -> None:
+        if self.refuse:
+            raise SystemSetupError(self.refuse)
+        self.applied.append([(r.index, str(r.dst_port)) for r in rules])
+
+
+@pytest.mark.virtual_time
+async def test_agent_reloader_applies_a_file_or_changes_nothing(tmp_path: Path) -> None:
+    """The driver in order: load, plan, host, daemon. A host that refuses (nft) leaves the
+    agent's rules and anchors as they were; a file that does not load too; a good file
+    changes the host once and the agent's classifier, anchors and config."""
+    w = World(tmp_path, anchors=2, rules=RULES)
+    await w.start()
+    try:
+        schedule = ResolveSchedule({a.name: (a.host, a.port) for a in w.cfg.anchors}, 0.0)
+        resolver = AnchorResolver(schedule, w.agent.set_anchor_address)
+        host = FakeHost("nft: Error: refused")
+        r = AgentReloader(w.cfg, agent=w.agent, host=host, cgroups=None,  # type: ignore[arg-type]
+                          schedule=schedule, resolver=resolver, lookup=None)
+        text = Path(w.cfg.path).read_text()
+        anchors_part = text[text.index("[[anchor]]"):text.index("[[rule]]")]
+        an2 = anchors_part[anchors_part.index('[[anchor]]\nname = "an2"'):]
+        new = text.replace(an2, "").replace('name = "video"', 'name = "stream"')
+        Path(w.cfg.path).write_text(new)
+        before = (w.agent.fwd.classify, list(w.agent.anchors), w.agent.cfg)
+        answer = await r.reload()
+        assert answer == {"ok": False, "usage": True,
+                          "error": f"{w.cfg.path}: nft: Error: refused"}
+        assert (w.agent.fwd.classify, list(w.agent.anchors), w.agent.cfg) == before
+        Path(w.cfg.path).write_text(new + "[[rule\n")
+        answer = await r.reload()
+        assert not answer["ok"] and "not valid TOML" in answer["error"]
+        assert (w.agent.fwd.classify, list(w.agent.anchors), w.agent.cfg) == before
+
+        host.refuse = ""
+        Path(w.cfg.path).write_text(new)
+        answer = await r.reload()
+        assert answer == {"ok": True, "changes": ["rule stream added", "rule video removed",
+                                                  "anchor an2 removed"], "restart": []}
+        assert host.applied == [[(0, "(80, 80)"), (2, "None")]]     # web keeps slot 0
+        assert list(w.agent.anchors) == ["an1"] and "an2" not in schedule.entries
+        assert [x.name for x in w.agent.cfg.rules] == ["web", "stream"]
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 6000, b"v"))
+        await w.settle()
+        assert [f["rule"] for f in w.agent.status()["flows"]] == ["stream"]
+        assert (await r.reload())["changes"] == []          # the same file again
+        await resolver.close()
     finally:
         await w.stop()

@@ -368,7 +368,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                            waiting=info.name in waiting)
                  for idx, (info, gw) in enumerate(ifaces)]
         cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
-        usable = cgroups.root is not None and bool(cfg.rules)
+        # made also without rules: rules a reload adds get their cgroups in it
+        usable = cgroups.root is not None
         if usable:
             try:
                 cgroups.create()
