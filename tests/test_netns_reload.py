@@ -2,7 +2,8 @@
 reload leaves alone survives a reload that adds a rule (it steers new connections at
 once), removes another (it steers no more) and edits a third, with the rules reordered
 around it; a config that does not load or that the host refuses changes nothing (nft
-table and status identical); SIGHUP without a terminal reloads. The anchor's reload
+table and status identical); SIGHUP without a terminal reloads; after a restart the
+stream's connection still belongs to its rule (the mark slots were saved). The anchor's reload
 removes one peer (its association ends) while another host's stream lives.
 
     mh (upmt-agent) wan1/wan2 -- nat1/nat2 --+
@@ -39,7 +40,7 @@ pytestmark = [pytest.mark.netns,
 
 CH = "203.0.113.100"
 ANCHOR = "203.0.113.1"
-EVERY, LINES = 0.01, 500           # the stream: 100-byte lines every 10 ms, 5 s
+EVERY, LINES = 0.01, 900           # the stream: 100-byte lines every 10 ms, 9 s
 
 
 def rules(*blocks: tuple[str, int, str]) -> str:
@@ -190,6 +191,16 @@ def test_agent_reload_keeps_a_live_stream_and_a_bad_config_changes_nothing(
                  and "no change" in lab.log_tail("agent", 5), 5, "the SIGHUP reload")
         assert lab.procs["agent"].poll() is None
 
+        # a restart after the reload: the stream's ct mark still names web (the slots
+        # were saved), though web's position now belongs to alt
+        agent = lab.procs["agent"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config",  # noqa: SLF001
+                                   str(agent_cfg)])
+        relearnt = wait_for(lambda: [f for f in lab.agent_status()["flows"]
+                                     if f["dport"] == 8080], 10, "the stream learnt again")
+
         stdout, stderr = client.communicate(timeout=30)
         assert client.returncode == 0, stderr[-300:]
         got = json.loads(stdout)
@@ -202,6 +213,7 @@ def test_agent_reload_keeps_a_live_stream_and_a_bad_config_changes_nothing(
             p.kill()
             p.wait(5)
     assert got["bytes"] == LINES * 100, (got, log)
+    assert [f["rule"] for f in relearnt] == ["web"], relearnt
     print(f"\n[agent reload] stream intact, largest gap {got['gap']:.3f} s")
 
 

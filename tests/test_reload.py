@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import signal
 import textwrap
 from dataclasses import replace
@@ -17,8 +18,15 @@ import pytest
 from upmt_tun import keys
 from upmt_tun.agent import rule_classifier
 from upmt_tun.config import Peer, load_agent_config, load_anchor_config
-from upmt_tun.reload import AGENT_RESTART, ReloadRefused, plan_agent, plan_anchor, start_slots
-from upmt_tun.reload_driver import AgentReloader, rule_matches
+from upmt_tun.reload import (
+    AGENT_RESTART,
+    ReloadRefused,
+    parse_slots,
+    plan_agent,
+    plan_anchor,
+    start_slots,
+)
+from upmt_tun.reload_driver import AgentReloader, SlotFile, rule_matches
 from upmt_tun.resolve import AnchorResolver, ResolveSchedule
 from upmt_tun.runtime import StopSignals
 from upmt_tun.system.agent_host import AgentHost, IfacePlan, RuleMatch, rule_ct_mark
@@ -60,8 +68,8 @@ def test_rules_are_known_by_name_and_keep_their_mark_slot(tmp_path: Path) -> Non
     run (not the removed rule's, which established connections may still carry)."""
     old = agent_cfg(tmp_path, rule("web", 80) + rule("gone", 81) + rule("ssh", 22), name="o")
     new = agent_cfg(tmp_path, rule("new", 443) + rule("ssh", 2222) + rule("web", 80), name="n")
-    slots = start_slots(old.rules)
-    assert slots == {"web": 0, "gone": 1, "ssh": 2}
+    slots, first_free = start_slots(old.rules)
+    assert slots == {"web": 0, "gone": 1, "ssh": 2} and first_free == 3
     plan = plan_agent(old, new, slots, 3, IFACES)
     assert (plan.added, plan.removed, plan.edited) == (("new",), ("gone",), ("ssh",))
     assert plan.reordered and plan.rules_changed
@@ -75,12 +83,45 @@ def test_rules_are_known_by_name_and_keep_their_mark_slot(tmp_path: Path) -> Non
     assert again.removed == ("new",)
 
 
+def test_saved_slots_survive_a_restart(tmp_path: Path) -> None:
+    """After a reload moved rules, the next start (same boot: conntrack entries of the
+    earlier run still carry the slots) takes the saved slots by name; a rule new since
+    gets a fresh one; a removed rule's slot stays retired."""
+    cfg = agent_cfg(tmp_path, rule("new", 443) + rule("web", 80) + rule("later", 8))
+    assert start_slots(cfg.rules, {"web": 0, "new": 3, "gone": 1}, 4) == (
+        {"new": 3, "web": 0, "later": 4}, 5)
+    assert parse_slots({"slots": {"web": 0, "new": 3}, "next": 4}) == ({"web": 0, "new": 3}, 4)
+    for bad in ([], {"slots": {}}, {"slots": {"a": 4}, "next": 4},
+                {"slots": {"a": 1, "b": 1}, "next": 4}, {"slots": {"a": True}, "next": 4},
+                {"slots": {"a": 0}, "next": 1 << 20}, {"slots": {}, "next": 1, "x": 0}):
+        with pytest.raises(ValueError):
+            parse_slots(bad)
+
+
+def test_slot_file_is_read_only_when_it_is_our_own(tmp_path: Path) -> None:
+    f = SlotFile(str(tmp_path / "agent.sock"))
+    assert f.load() is None
+    f.save({"web": 0, "new": 3}, 4)
+    assert f.load() == ({"web": 0, "new": 3}, 4)
+    assert (os.stat(f.path).st_mode & 0o777) == 0o600
+    os.chmod(f.path, 0o666)                          # others could have written it
+    assert f.load() is None
+    os.unlink(f.path)
+    (tmp_path / "elsewhere").write_text('{"slots": {}, "next": 0}')
+    os.symlink(tmp_path / "elsewhere", f.path)       # a link planted in its place
+    assert f.load() is None
+    os.unlink(f.path)
+    Path(f.path).write_text("{not json")
+    os.chmod(f.path, 0o600)
+    assert f.load() is None
+
+
 def test_same_config_is_no_change_and_reorder_alone_is_one(tmp_path: Path) -> None:
     a = agent_cfg(tmp_path, rule("web", 80) + rule("ssh", 22), name="a")
     b = agent_cfg(tmp_path, rule("ssh", 22) + rule("web", 80), name="b")
-    same = plan_agent(a, a, start_slots(a.rules), 2, IFACES)
+    same = plan_agent(a, a, start_slots(a.rules)[0], 2, IFACES)
     assert same.changes() == [] and not same.rules_changed
-    moved = plan_agent(a, b, start_slots(a.rules), 2, IFACES)
+    moved = plan_agent(a, b, start_slots(a.rules)[0], 2, IFACES)
     assert moved.changes() == ["rules reordered"] and moved.slots == {"web": 0, "ssh": 1}
 
 
@@ -88,7 +129,7 @@ def test_restart_keys_keep_their_running_value(tmp_path: Path) -> None:
     old = agent_cfg(tmp_path, rule("web", 80), name="o")
     new = agent_cfg(tmp_path, rule("web", 80), 'mtu = 1300\nfwmark = 0x6000\nreturn_after = 9\n',
                     name="n")
-    plan = plan_agent(old, new, start_slots(old.rules), 1, IFACES)
+    plan = plan_agent(old, new, start_slots(old.rules)[0], 1, IFACES)
     assert plan.restart == ("mtu", "fwmark")
     assert plan.cfg.mtu == old.mtu and plan.cfg.fwmark == old.fwmark
     assert plan.cfg.return_after_s == 9.0 and plan.changes() == ["return_after 9 s"]
@@ -100,7 +141,7 @@ def test_a_rule_via_an_interface_not_in_use_is_refused(tmp_path: Path) -> None:
     old = agent_cfg(tmp_path, rule("web", 80), name="o")
     new = agent_cfg(tmp_path, rule("web", 80, '["wan2"]'), name="n")
     with pytest.raises(ReloadRefused, match="via interface 'wan2' is not in use"):
-        plan_agent(old, new, start_slots(old.rules), 1, {"wan1"})
+        plan_agent(old, new, start_slots(old.rules)[0], 1, {"wan1"})
 
 
 def test_no_slot_left_is_refused(tmp_path: Path) -> None:

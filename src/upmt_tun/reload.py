@@ -9,7 +9,9 @@ Agent:
 
 * A rule's identity is its ``name``. Each rule owns a *mark slot*: the number in
   bits 16-31 of the ct mark of the connections it steers (``((slot + 1) << 16) | F``).
-  At start a rule's slot is its position; a reload keeps the slot of every rule that
+  At start a rule's slot is its position, unless an earlier run of this boot saved the
+  slots after a reload (``<control>.slots``, in /run: it lives as long as the conntrack
+  entries): then each rule takes its saved slot by name. A reload keeps the slot of every rule that
   keeps its name (moved, edited or untouched), gives new rules slots never used before
   in this run, and retires the slots of removed rules for good (never handed to another
   rule while connections may still carry them: a conntrack entry outlives any table).
@@ -48,7 +50,7 @@ from dataclasses import dataclass, fields, replace
 from .config import AgentConfig, AnchorConfig, AnchorRef, Rule
 
 __all__ = ["AGENT_RESTART", "ANCHOR_RESTART", "AgentPlan", "AnchorPlan", "ReloadRefused",
-           "plan_agent", "plan_anchor", "start_slots"]
+           "parse_slots", "plan_agent", "plan_anchor", "start_slots"]
 
 MAX_SLOT = 0xFFFE            # (slot + 1) must fit the 16 high bits of the ct mark
 
@@ -82,9 +84,40 @@ def _restart(old: object, new: object, keys: Mapping[str, str]) -> tuple[str, ..
     return tuple(out)
 
 
-def start_slots(rules: tuple[Rule, ...]) -> dict[str, int]:
-    """The mark slots at start: each rule's position (as before reload existed)."""
-    return {r.name: r.index for r in rules}
+def start_slots(rules: tuple[Rule, ...], saved: Mapping[str, int] | None = None,
+                saved_next: int = 0) -> tuple[dict[str, int], int]:
+    """The mark slots at start, and the first slot not given. Without ``saved``: each
+    rule's position. With the slots an earlier run of this boot saved (``saved``, its
+    first free ``saved_next``): a rule keeps its saved slot by name (connections of that
+    run still carry it: the conntrack entries outlived the agent), others get new ones."""
+    if not saved:
+        return {r.name: r.index for r in rules}, len(rules)
+    slots: dict[str, int] = {}
+    nxt = max(saved_next, max(saved.values(), default=-1) + 1)
+    for r in rules:
+        if r.name in saved:
+            slots[r.name] = saved[r.name]
+        else:
+            slots[r.name], nxt = nxt, nxt + 1
+    return slots, nxt
+
+
+def parse_slots(data: object) -> tuple[dict[str, int], int]:
+    """The saved slots (JSON ``{"slots": {name: slot}, "next": n}``); ValueError when it
+    is not exactly that (a file that is not ours is ignored, never trusted in part)."""
+    if not isinstance(data, dict) or set(data) != {"slots", "next"}:
+        raise ValueError("not a slots file")
+    slots, nxt = data["slots"], data["next"]
+    if not isinstance(slots, dict) or type(nxt) is not int or not 0 <= nxt <= MAX_SLOT + 1:
+        raise ValueError("bad slots or next")
+    out: dict[str, int] = {}
+    for name, slot in slots.items():
+        if type(slot) is not int or not 0 <= slot < nxt or len(name) > 64:
+            raise ValueError(f"bad slot for {name[:64]!r}")
+        out[name] = slot
+    if len(set(out.values())) != len(out):
+        raise ValueError("two rules share a slot")
+    return out, nxt
 
 
 def _same_rule(a: Rule, b: Rule) -> bool:

@@ -12,7 +12,11 @@ SIGHUP may race). Every outcome is one log line and the reply:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,7 +31,14 @@ from .config import (
     load_agent_config,
     load_anchor_config,
 )
-from .reload import AgentPlan, ReloadRefused, plan_agent, plan_anchor, start_slots
+from .reload import (
+    AgentPlan,
+    ReloadRefused,
+    parse_slots,
+    plan_agent,
+    plan_anchor,
+    start_slots,
+)
 from .resolve import AnchorResolver, ResolveSchedule
 from .system.agent_host import AgentHost, RuleMatch
 from .system.anchor_host import AnchorHost
@@ -35,7 +46,7 @@ from .system.cgroups import RuleCgroups
 from .system.errors import SystemSetupError
 from .tables import FlowKey
 
-__all__ = ["AgentReloader", "AnchorReloader", "rule_matches"]
+__all__ = ["AgentReloader", "AnchorReloader", "SlotFile", "rule_matches"]
 
 log = logging.getLogger(__name__)
 Lookup = Callable[[FlowKey], "tuple[int, str] | None"]
@@ -53,6 +64,52 @@ def rule_matches(rules: tuple[Rule, ...], slots: Mapping[str, int],
                for r in rules]
     return out + [RuleMatch(slots[r.name], r.protocol, str(r.dst) if r.dst else None,
                             r.dst_port, r.src_port, r.uid, r.cgroup) for r in rules]
+
+
+class SlotFile:
+    """The rules' mark slots, saved next to the control socket after a reload changed
+    them, read at the next start (reload.start_slots). Only our own file is read: a
+    regular file (no symlink) owned by this user, writable by nobody else, in the exact
+    format; anything else is ignored with one line (the slots are then positions)."""
+
+    def __init__(self, control_path: str) -> None:
+        self.path = control_path + ".slots"
+
+    def load(self) -> tuple[dict[str, int], int] | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("%s: ignored (%s)", self.path, e.strerror or e)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                    or st.st_mode & 0o022:
+                raise ValueError("not this user's own file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return parse_slots(json.loads(f.read(1 << 20)))
+        except (OSError, ValueError) as e:
+            log.warning("%s: ignored (%s)", self.path, e)
+            return None
+        finally:
+            os.close(fd)
+
+    def save(self, slots: Mapping[str, int], next_slot: int) -> None:
+        """Written whole (a temporary file renamed over it); a failure is one line (the
+        next start falls back to positions)."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"slots": dict(slots), "next": next_slot}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("cannot save the rules' mark slots to %s: %s", self.path,
+                        e.strerror or e)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _summary(changes: list[str], restart: tuple[str, ...]) -> str:
@@ -73,11 +130,15 @@ class AgentReloader:
     def __init__(self, cfg: AgentConfig, *, agent: Agent, host: AgentHost,
                  cgroups: RuleCgroups | None, schedule: ResolveSchedule,
                  resolver: AnchorResolver, lookup: Lookup | None,
+                 slots: tuple[dict[str, int], int] | None = None,
+                 slot_file: SlotFile | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """``cgroups``: the per-rule cgroups when ``upmt-agent run`` is available."""
+        """``cgroups``: the per-rule cgroups when ``upmt-agent run`` is available;
+        ``slots``: the rules' mark slots and the first free one (default: positions);
+        ``slot_file``: where a reload saves them for the next start."""
         self.cfg = cfg
-        self.slots = start_slots(cfg.rules)
-        self.next_slot = len(cfg.rules)
+        self.slots, self.next_slot = slots or start_slots(cfg.rules)
+        self.slot_file = slot_file
         self.agent, self.host, self.cgroups = agent, host, cgroups
         self.schedule, self.resolver, self.lookup = schedule, resolver, lookup
         self.clock = clock
@@ -144,6 +205,9 @@ class AgentReloader:
                 agent.set_anchor_address(ref.name, addr)
         if plan.anchors_added or plan.anchors_moved:
             self.resolver.wake()
+        if self.slot_file is not None and (plan.slots, plan.next_slot) != (
+                self.slots, self.next_slot):
+            self.slot_file.save(plan.slots, plan.next_slot)
         self.cfg, self.slots, self.next_slot = cfg, plan.slots, plan.next_slot
 
 

@@ -28,7 +28,7 @@ from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
 from .reload import start_slots
-from .reload_driver import AgentReloader, AnchorReloader, rule_matches
+from .reload_driver import AgentReloader, AnchorReloader, SlotFile, rule_matches
 from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
@@ -382,8 +382,12 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             log.info("no cgroup v2: `upmt-agent run` will not be available")
         # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
         # whatever its ports; checked before the header matches.
-        rules = rule_matches(cfg.rules, start_slots(cfg.rules),
-                             cgroups.relative if usable else None)
+        slot_file = SlotFile(control_path)
+        saved = slot_file.load()
+        slots = start_slots(cfg.rules, *saved) if saved else start_slots(cfg.rules)
+        if saved and slots != saved:       # rules new since: their slots too, for later
+            slot_file.save(*slots)
+        rules = rule_matches(cfg.rules, slots[0], cgroups.relative if usable else None)
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
                          mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
@@ -410,7 +414,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             loop.create_task(add())
 
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
-                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
+                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark,
+                                                    slots[0]),
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
@@ -419,7 +424,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
         reloader = AgentReloader(cfg, agent=agent, host=host,
                                  cgroups=cgroups if usable else None, schedule=schedule,
-                                 resolver=resolver, lookup=lookup)
+                                 resolver=resolver, lookup=lookup, slots=slots,
+                                 slot_file=slot_file)
 
         def on_usable(name: str, usable: bool, why: str) -> None:
             agent.on_link(name, usable, why)
