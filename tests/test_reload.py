@@ -272,7 +272,9 @@ async def test_agent_removes_and_adds_an_anchor_at_run_time(tmp_path: Path) -> N
         await w.settle()
         before = {f["rule"]: f for f in w.agent.status()["flows"]}
         assert before["web"]["anchor"] == "an1" and before["video"]["anchor"] == "an2"
+        w.agent.move(via="wan2", rule="web", anchor="an2")   # new web flows: wan2, an2
         w.agent.remove_anchor("an2")
+        assert w.agent.fwd.prefer["web"] == ("wan2", None)     # not the anchor that went
         st = w.agent.status()
         assert [a["name"] for a in st["anchors"]] == ["an1"]
         assert {t["anchor"] for t in st["tunnels"]} == {"an1"}

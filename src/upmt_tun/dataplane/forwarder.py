@@ -333,8 +333,12 @@ class AgentForwarder:
         return link
 
     def remove_anchor(self, name: str) -> None:
-        """Forget anchor ``name``: its tunnels, sessions and flows."""
+        """Forget anchor ``name``: its tunnels, sessions and flows (and it as the anchor
+        a ``move --rule --anchor`` preferred: the rule's own choice again)."""
         self.remove_peer(name)
+        for rule, (iface, anchor) in list(self.prefer.items()):
+            if anchor == name:
+                self.prefer[rule] = (iface, None)
         for order in (self.anchor_order, self.home.order):
             if name in order:
                 order.remove(name)
