@@ -127,8 +127,8 @@ class StopSignals:
     """SIGHUP, SIGTERM and SIGINT all mean "stop cleanly", whenever they arrive; except
     SIGHUP when :attr:`hup_reloads` (the daemon has no controlling terminal, so no
     terminal can have closed): then it means ``reload`` (:attr:`on_hup`, set while the
-    daemon serves; one that arrives before is held until then, one during the teardown
-    is ignored).
+    daemon serves; one that arrives before is held until then, one once stopping is
+    ignored).
 
     A closed terminal sends SIGHUP, systemd SIGTERM, Ctrl-C SIGINT; each one's default
     action would kill the daemon with its host changes (rules, tables, nft) in place.
@@ -151,9 +151,11 @@ class StopSignals:
 
     def note(self, signum: int, _frame: object = None) -> None:
         if signum == signal.SIGHUP and self.hup_reloads:
+            if self.signum is not None:
+                return                   # stopping: nothing left to reload
             if self.on_hup is not None:
                 self.on_hup()
-            elif self.signum is None:
+            else:
                 self.hup_pending = True
             return
         if self.signum is None:
@@ -276,6 +278,7 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
                     task.cancel()
                 await asyncio.gather(ready, stopped, return_exceptions=True)
         finally:
+            signals.on_hup = None        # no reload may start while the daemon stops
             notify("STOPPING=1")
             if metrics is not None:
                 await metrics.close()
