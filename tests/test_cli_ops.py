@@ -15,9 +15,9 @@ from upmt_tun.cli import agent_main, anchor_main
 
 from .test_cli import AGENT_PY, ANCHOR_PY, KEYLESS_AGENT, KEYLESS_ANCHOR, one_line, run
 
-AGENT_COMMANDS = ("up", "down", "status", "move", "run", "cleanup", "check", "genkey",
-                  "pubkey")
-ANCHOR_COMMANDS = ("status", "cleanup", "check", "genkey", "pubkey")
+AGENT_COMMANDS = ("up", "down", "status", "reload", "move", "run", "cleanup", "check",
+                  "genkey", "pubkey")
+ANCHOR_COMMANDS = ("status", "reload", "cleanup", "check", "genkey", "pubkey")
 
 
 @pytest.mark.parametrize("code,prog", [(AGENT_PY, "upmt-agent"), (ANCHOR_PY, "upmt-anchor")])
@@ -53,6 +53,20 @@ def test_anchor_help_lists_its_commands_and_each_has_its_own() -> None:
         assert text.startswith(f"usage: upmt-anchor {cmd}"), text
         assert len(text.split("\n\n")) >= 3, text
     assert "--config" in top and "--version" in top
+
+
+@pytest.mark.parametrize("code", [AGENT_PY, ANCHOR_PY])
+def test_reload_help_says_what_is_applied_and_what_needs_a_restart(code: str) -> None:
+    text = " ".join(run(code, "reload", "--help").stdout.decode().split())
+    assert "Restart needed:" in text and "restart needed for" in text
+    assert "SIGHUP" in text and "changes nothing" in text and "(exit 2)" in text
+
+
+@pytest.mark.parametrize("code", [AGENT_PY, ANCHOR_PY])
+def test_reload_with_nothing_running_is_one_line(tmp_path: Path, code: str) -> None:
+    r = run(code, "reload", "--control", str(tmp_path / "none.sock"))
+    assert r.returncode == 1
+    assert "nothing is running on control socket" in one_line(r.stderr.decode())
 
 
 @pytest.mark.parametrize("code", [AGENT_PY, ANCHOR_PY])

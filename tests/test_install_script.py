@@ -73,7 +73,7 @@ def test_test_mode_runs_pytest_from_the_checkout_with_the_venv(tmp_path: Path, r
     assert len(pytest_call) == 1
     cwd, path, argv = pytest_call[0].split("|")
     assert cwd == str(ROOT)
-    assert argv == "-m pytest -q -ra -k x"
+    assert argv == "-m pytest -q -ra --durations=25 -k x"
     assert path.split(":")[0] == str(venv / "bin")          # the venv's commands first
     assert any(c.endswith("-m pip install -q .[test]") for c in calls)
     assert (venv / "pyvenv.cfg").exists()

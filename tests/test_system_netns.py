@@ -536,3 +536,47 @@ def test_conntrack_lookup_reply(netns: str) -> None:
     assert got["icmp"] == (0x30100, "127.0.0.1")
     assert got["udp_miss"] is None and got["icmp_miss"] is None and got["tcp_miss"] is None
     assert got["took"] < 0.05
+
+
+def _reload_chains() -> dict[str, Any]:
+    """reload's nft side against the kernel: the agent's output chain and the anchor's
+    egress chains replaced in one transaction each; one nft refuses changes nothing."""
+    from upmt_tun.system import SystemSetupError, nft
+    from upmt_tun.system.agent_host import AgentHost, IfacePlan, RuleMatch, agent_ruleset
+    from upmt_tun.system.anchor_host import AnchorHost, anchor_ruleset
+
+    ifaces = [IfacePlan(0, "ua0", None, 4000)]
+    web = RuleMatch(0, "tcp", None, (80, 80), None, None, None)
+    nft.apply(agent_ruleset(tun="ub0", vipa_fix=VIPA, fwmark=F, ifaces=ifaces, rules=[web]))
+    nft.apply(anchor_ruleset(tun="ub0", pool="100.100.0.0/16", mtu=1400,
+                             nat_interface="ua0", deny_egress=("10.0.0.0/8",)))
+    agent = AgentHost(tun="ub0", vipa_fix=VIPA, fwmark=F, table=T, ifaces=ifaces, rules=[web])
+    anchor = AnchorHost(tun="ub0", tun_address="100.100.0.1", pool_prefixlen=16,
+                        pool="100.100.0.0/16", mtu=1400, role="anchor", nat_interface="ua0",
+                        deny_egress=("10.0.0.0/8",))
+    out: dict[str, Any] = {}
+    agent.replace_rules([RuleMatch(3, "udp", "192.0.2.0/24", (53, 53), None, None, None),
+                         web])
+    anchor.replace_egress(("10.1.0.0/16",), ("10.0.0.0/8", "192.168.0.0/16"), 100)
+    out["agent"] = sh("nft", "list", "chain", "ip", "upmt_agent", "output")
+    out["anchor"] = sh("nft", "list", "table", "ip", "upmt_anchor")
+    try:
+        agent.replace_rules([RuleMatch(4, "any", None, None, None, 1 << 40, None)])
+    except SystemSetupError as e:
+        out["refused"] = str(e)
+    out["agent_after"] = sh("nft", "list", "chain", "ip", "upmt_agent", "output")
+    return out
+
+
+def test_reload_replaces_chains_in_one_transaction(netns: str) -> None:
+    got = in_netns(netns, _reload_chains)
+    lines = [line.strip() for line in got["agent"].splitlines()]
+    rules = [line for line in lines if "ct mark set" in line]
+    assert len(rules) == 2                                   # the new first-match order
+    assert "udp dport 53" in rules[0] and rules[0].endswith(f"ct mark set {(4 << 16) | F:#010x}")
+    assert "tcp dport 80" in rules[1] and rules[1].endswith(f"ct mark set {(1 << 16) | F:#010x}")
+    assert 'ip daddr 10.1.0.0/16 accept' in got["anchor"]
+    assert "ip daddr { 10.0.0.0/8, 192.168.0.0/16 } drop" in got["anchor"]
+    assert "ct count over 100" in got["anchor"]
+    assert got["anchor"].count('counter name "invalid_from_hosts"') == 1   # counters kept
+    assert got["refused"].startswith("nft: ") and got["agent_after"] == got["agent"]

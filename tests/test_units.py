@@ -41,15 +41,18 @@ def test_unit_promises(name: str, prog: str) -> None:
     assert start[0] == post[0] == f"/opt/upmt/bin/{prog}"
     assert "cleanup" in post
     assert start[start.index("--config") + 1] == post[post.index("--config") + 1]
+    reload = shlex.split(svc["ExecReload"])            # `systemctl reload`: synchronous,
+    assert reload[:2] == [f"/opt/upmt/bin/{prog}", "reload"]   # fails when refused
+    assert reload[reload.index("--config") + 1] == start[start.index("--config") + 1]
     assert u["Install"]["WantedBy"] == "multi-user.target"
 
 
 @pytest.mark.parametrize("name", units.UNITS)
 def test_unit_command_lines_parse(name: str, tmp_path: Path) -> None:
-    """ExecStart and ExecStopPost are command lines the CLI accepts: with a missing config
-    they fail on the config (exit 2, file not found), not on the usage."""
+    """ExecStart, ExecStopPost and ExecReload are command lines the CLI accepts: with a
+    missing config they fail on the config (exit 2, file not found), not on the usage."""
     svc = _parse(units.unit_text(name, str(Path(sys.executable).parent)))["Service"]
-    for key in ("ExecStart", "ExecStopPost"):
+    for key in ("ExecStart", "ExecStopPost", "ExecReload"):
         argv = shlex.split(svc[key].lstrip("-"))
         argv[argv.index("--config") + 1] = str(tmp_path / "absent.toml")
         fn = "agent_main" if "agent" in name else "anchor_main"

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .config import AgentConfig, Rule, format_host_port
+from .config import AgentConfig, AnchorRef, Rule, format_host_port
 from .dataplane.forwarder import AgentForwarder, FlowClass
 from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
@@ -100,10 +100,12 @@ class IfaceSeam:
 
 def rule_classifier(rules: tuple[Rule, ...],
                     lookup_mark: Callable[[FlowKey], tuple[int, str] | None] | None,
-                    fwmark: int) -> Callable[[FlowKey], FlowClass]:
+                    fwmark: int, slots: Mapping[str, int] | None = None
+                    ) -> Callable[[FlowKey], FlowClass]:
     """Classify a new flow: the conntrack mark if available (it covers uid/cgroup
-    rules), else the first rule whose header fields match."""
-    by_index = {r.index: r for r in rules}
+    rules), else the first rule whose header fields match. ``slots``: rule name -> the
+    number its ct marks carry (reload.py; default: the rule's position)."""
+    by_index = {(slots or {}).get(r.name, r.index): r for r in rules}
 
     def classify_flow(key: FlowKey) -> FlowClass:
         app_src = ""
@@ -841,6 +843,45 @@ class Agent:
         for i in self.ifaces:       # a family the anchor did not have before
             if (i.name, name) not in self.links and self.addr_for(i.name, name) is not None:
                 self.add_link(i.name, name)
+
+    def set_rules(self, cfg: AgentConfig, classify: Callable[[FlowKey], FlowClass]) -> None:
+        """``reload``: new flows are classified by ``classify`` (``cfg``'s rules) from now
+        on. Existing flows keep what they were given (rule name, interface preference,
+        anchor) until they end; a ``move --rule`` preference of a removed rule is
+        forgotten."""
+        self.cfg = cfg
+        self.fwd.classify = classify
+        names = {r.name for r in cfg.rules}
+        for rule in [r for r in self.fwd.prefer if r not in names]:
+            del self.fwd.prefer[rule]
+
+    def add_anchor(self, ref: AnchorRef, addr: Endpoint | Addrs | None) -> None:
+        """``reload``: a new anchor; its links start now (or when its name resolves:
+        :meth:`set_anchor_address`)."""
+        if ref.name in self.anchors:
+            raise UsageError(f"anchor {ref.name!r} exists")
+        self.anchors[ref.name] = None
+        rec = self.fwd.add_anchor(ref.name)
+        self.peers[ref.name] = Peer(ref.name, UNRESOLVED, ref.public_key, rec)
+        if addr is not None:
+            self.set_anchor_address(ref.name, addr)
+
+    def remove_anchor(self, name: str) -> None:
+        """``reload``: anchor ``name`` is no longer used: its links stop (closing its
+        tunnels), its flows end (their public address was that anchor's), and so does
+        the mesh through it."""
+        if name not in self.anchors:
+            return
+        for p in self.mesh.drop_anchor(name):
+            self._remove_peer(p, "its anchor was removed")
+        for iface, peer in list(self.links):
+            if peer == name:
+                self.remove_link(iface, peer)
+        self.fwd.remove_anchor(name)
+        del self.anchors[name], self.peers[name]
+        if not self._ready.is_set() and all(x.tried for x in self.links.values()):
+            self._ready.set()
+        log.info("anchor %s removed", name)
 
     def remove_link(self, iface: str, peer: str) -> None:
         """Stop keeping that tunnel: it goes down now (its flows move) and is forgotten."""

@@ -215,6 +215,32 @@ class Anchor:
             self.fwd.sessions.pop(live.popleft().local_index, None)
         self.path.sendto(acc.response, src)
 
+    def reconfigure(self, cfg: AnchorConfig, ended: tuple[str, ...]) -> None:
+        """``reload``: peers, mesh and limits of ``cfg`` from now on; the peers in
+        ``ended`` (removed or re-keyed) lose their association now. Other associations
+        are not touched."""
+        self.cfg = cfg
+        # the responder reads this map for every initiation: replaced, not mutated
+        self.responder.peers = {p.public_key: p.name for p in cfg.peers}
+        self.sig.set_peers(cfg.peers, mesh=cfg.mesh, max_associations=cfg.max_associations,
+                           lease_life=cfg.lease_days * 86400.0)
+        self.fwd.paft.per_source_cap = cfg.max_flows_per_host
+        for name in ended:
+            self.end_peer(name)
+
+    def end_peer(self, name: str) -> None:
+        """Host ``name`` is no longer authorized (or must authenticate again): its
+        sessions, association, tunnels and flows go now. Its lease stays until the next
+        compaction (a re-keyed host gets its VIpA back)."""
+        for idx, s in list(self.fwd.sessions.items()):
+            if s.peer == name:
+                del self.fwd.sessions[idx]
+        self._peer_sessions.pop(name, None)
+        a = self.fwd.by_mh.get(name)
+        if a is not None:
+            self.fwd.remove_association(a)
+            log.info("association of %s (VIpA %s) ended by reload", name, a.vipa)
+
     def _new_index(self) -> int:
         while True:
             idx = secrets.randbits(32)

@@ -261,6 +261,47 @@ def _run_program(prog: str, args: argparse.Namespace) -> int:
         return _fail(prog, f"cannot run {argv[0]}: {e.strerror}", 127)
 
 
+RELOAD_HELP = (
+    "Make the running {daemon} apply its config file again (the one it was started with, "
+    "or --config FILE: that one from then on), without a restart. {what} A config that "
+    "does not load, does not fit the running {daemon}, or whose nftables change nft "
+    "refuses changes nothing: one line says why (exit 2). Other keys keep their running "
+    "value until a restart; the reply names them (\"restart needed for ...\"). SIGHUP "
+    "does the same when the {daemon} has no controlling terminal (systemd: `systemctl "
+    "reload`); in a terminal SIGHUP stops it (the terminal closed).")
+AGENT_RELOAD = (
+    "Applied: [[rule]]s added, removed, edited or reordered (one nftables transaction; "
+    "a rule is known by its name: its connections keep their marks, and existing flows "
+    "keep going as they were, an edit applies to new connections), [[anchor]]s added, "
+    "removed or moved (a removed anchor's flows end), return_after. Restart needed: "
+    "interfaces, vipa_fix, mtu, fwmark, table, mark_mask, rule_priority, tun, keys, "
+    "metrics, group, keepalive, direct.")
+ANCHOR_RELOAD = (
+    "Applied: [[peer]]s added, removed (its association ends now) or re-keyed (it must "
+    "authenticate again), mesh, allow_egress, deny_egress, max_flows_per_host (nftables, "
+    "one transaction; per-host counts start over), max_associations, lease_days; other "
+    "associations are not touched. Restart needed: role, listen, vipa_pool, "
+    "nat_interface, mtu, tun, private key, metrics, group, state_dir.")
+
+
+def _reload(prog: str, args: argparse.Namespace, kind: str) -> int:
+    """``reload``: the running daemon loads its config file (or --config) again."""
+    path = os.path.abspath(args.config) if args.config else None
+    if path is not None:       # a file that does not load: the same line, without asking
+        (load_agent_config if kind == "agent" else load_anchor_config)(path)
+    answer = request(_control_path(args, kind), {"cmd": "reload", "config": path},
+                     timeout=30.0)
+    if not answer.get("ok"):
+        return _fail(prog, str(answer.get("error", "reload failed")),
+                     2 if answer.get("usage") else 1)
+    changes = answer.get("changes") or []
+    print("reloaded: " + (", ".join(map(str, changes)) or "no change"))
+    restart = answer.get("restart") or []
+    if restart:
+        print(f"restart needed for {', '.join(map(str, restart))}")
+    return 0
+
+
 def _check(prog: str, kind: str, path: str) -> int:
     """``check``: the config loads (else exit 2 from the loader), then one line per finding
     on stderr; exit 2 if the daemon would refuse to start (a ruleset nft refuses, the
@@ -339,7 +380,8 @@ def agent_main(argv: list[str] | None = None) -> int:
     up = _sub(sub, "up", "run the agent in the foreground",
               "Set the host up (TUN, nftables, routing rules), associate with every anchor "
               "over every interface, print `ready`, and run until `down`, SIGTERM, SIGINT or "
-              "SIGHUP; then restore the host exactly.")
+              "SIGHUP in a terminal; then restore the host exactly. Without a controlling "
+              "terminal (systemd, setsid) SIGHUP means `reload`.")
     _common(up, DEFAULT_AGENT_CONFIG)
     down = _sub(sub, "down", "stop a running agent",
                 "Ask the running agent to stop; it restores the host before it exits.")
@@ -364,6 +406,9 @@ def agent_main(argv: list[str] | None = None) -> int:
               "not exist or have no IPv4 address, anchor names that do not resolve, a "
               "private key file others can read.")
     _common(ck, DEFAULT_AGENT_CONFIG)
+    rl = _sub(sub, "reload", "apply a changed config to the running agent",
+              RELOAD_HELP.format(daemon="agent", what=AGENT_RELOAD))
+    _common(rl, DEFAULT_AGENT_CONFIG)
     mv = _sub(sub, "move", "move a rule's or a flow's traffic to an interface",
               "Move every flow of a rule (and its new ones) or one flow to another access "
               "interface; the anchor follows by itself.")
@@ -418,6 +463,8 @@ def agent_main(argv: list[str] | None = None) -> int:
             return 0 if answer.get("ok") else _fail(prog, str(answer.get("error")))
         if args.cmd == "status":
             return _status(prog, args, "agent", _print_agent_status)
+        if args.cmd == "reload":
+            return _reload(prog, args, "agent")
         if args.cmd == "move":
             answer = request(_control_path(args, "agent"),
                              {"cmd": "move", "rule": args.rule, "flow": args.flow,
@@ -435,19 +482,22 @@ def agent_main(argv: list[str] | None = None) -> int:
 ANCHOR_COMMANDS = """\
 commands (without one, the anchor runs in the foreground):
   status    show associations, tunnels and flows (--json for all of it)
+  reload    apply a changed config (peers, mesh, egress lists, limits)
   cleanup   remove what a killed anchor left
   check     check the config and the host before starting
   genkey    print a new private key
   pubkey    read a private key on stdin, print its public key
 
 `upmt-anchor COMMAND --help` describes each. The anchor prints `ready` once it listens
-and runs until SIGTERM, SIGINT or SIGHUP, then restores the host. Exit 0 on success, 2 for
+and runs until SIGTERM, SIGINT or (in a terminal) SIGHUP, then restores the host;
+without a controlling terminal (systemd, setsid) SIGHUP means `reload`. Exit 0 on success, 2 for
 bad usage or a bad config (one line), 1 for anything else (one line).
 """
 
 ANCHOR_SUBCOMMANDS = {
     "status": "Show the running anchor's associations, tunnels and flows; --watch "
               "refreshes it with rates per tunnel and per flow.",
+    "reload": RELOAD_HELP.format(daemon="anchor", what=ANCHOR_RELOAD),
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
                "the sysctls it changed, a TUN device and the stale control socket. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
@@ -469,7 +519,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ANCHOR_SUBCOMMANDS:
         cmd = argv[0]
         sp = _Parser(prog=f"{prog} {cmd}", description=ANCHOR_SUBCOMMANDS[cmd])
-        if cmd in ("status", "cleanup", "check"):
+        if cmd in ("status", "cleanup", "check", "reload"):
             _common(sp, DEFAULT_ANCHOR_CONFIG)
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
@@ -482,6 +532,8 @@ def anchor_main(argv: list[str] | None = None) -> int:
         _logging(args.verbose, prog)
         if cmd == "status":
             return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
+        if cmd == "reload":
+            return _run(prog, lambda: _reload(prog, args, "anchor"))
         if cmd == "check":
             return _run(prog, lambda: _check(prog, "anchor",
                                              args.config or DEFAULT_ANCHOR_CONFIG))

@@ -116,6 +116,17 @@ class ResolveSchedule:
                 e.addr, e.due = ((host, port),), math.inf
             self.entries[anchor] = e
 
+    def add(self, anchor: str, host: str, port: int, now: float) -> None:
+        """``reload``: a new anchor (or a new host:port for one): looked up now."""
+        e = _Entry(host, port, due=now)
+        if is_literal(host):
+            e.addr, e.due = ((host, port),), math.inf
+        self.entries[anchor] = e
+
+    def remove(self, anchor: str) -> None:
+        """``reload``: an anchor no longer used."""
+        self.entries.pop(anchor, None)
+
     def due(self, now: float) -> list[str]:
         return [a for a, e in self.entries.items() if e.due <= now]
 
@@ -234,17 +245,25 @@ class AnchorResolver:
                 except TimeoutError:
                     pass
 
+    def wake(self) -> None:
+        """The schedule changed (``reload``): look at it again now."""
+        self._wake.set()
+
     async def _one(self, anchor: str) -> None:
         e = self.schedule.entries[anchor]
         try:
             addr = await self.offload(self.resolve, e.host, e.port)
         except (OSError, UnicodeError) as exc:
+            if self.schedule.entries.get(anchor) is not e:
+                return                    # removed or replaced by a reload meanwhile
             first = e.failures == 0
             why = getattr(exc, "strerror", None) or str(exc)
             delay = self.schedule.failed(anchor, why, self._now())
             if first:
                 log.warning("anchor %s: cannot resolve %r (%s): retrying, next in %.0f s",
                             anchor, e.host, why, delay)
+            return
+        if self.schedule.entries.get(anchor) is not e:
             return
         addr = as_addrs(addr)
         if self.schedule.resolved(anchor, addr, self._now()):

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
@@ -27,10 +27,12 @@ from .dataplane.packet import OVERHEAD, OVERHEAD6
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
+from .reload import start_slots
+from .reload_driver import AgentReloader, AnchorReloader, SlotFile, rule_matches
 from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
-from .system.agent_host import AgentHost, IfacePlan, RuleMatch
+from .system.agent_host import AgentHost, IfacePlan
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
 from .system.errors import StartupError, SystemSetupError
@@ -109,8 +111,24 @@ def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
+def controlling_terminal() -> bool:
+    """Whether this process has a controlling terminal (``/dev/tty`` opens). Without one
+    (systemd, ``setsid``, a session of its own) SIGHUP means reload; with one it means
+    the terminal closed, so stop."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 class StopSignals:
-    """SIGHUP, SIGTERM and SIGINT all mean "stop cleanly", whenever they arrive.
+    """SIGHUP, SIGTERM and SIGINT all mean "stop cleanly", whenever they arrive; except
+    SIGHUP when :attr:`hup_reloads` (the daemon has no controlling terminal, so no
+    terminal can have closed): then it means ``reload`` (:attr:`on_hup`, set while the
+    daemon serves; one that arrives before is held until then, one once stopping is
+    ignored).
 
     A closed terminal sends SIGHUP, systemd SIGTERM, Ctrl-C SIGINT; each one's default
     action would kill the daemon with its host changes (rules, tables, nft) in place.
@@ -118,17 +136,28 @@ class StopSignals:
     :attr:`signum` between its steps (it never stops half-way through a host change, which
     an exception raised from a handler could), the event loop sets its stop event (the
     loop's own handlers, :meth:`attach`), and during the teardown a signal changes
-    nothing. SIGHUP does not reload (yet): it stops like the others.
+    nothing.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.hup_reloads = False
+        self.on_hup: Callable[[], None] | None = None
+        self.hup_pending = False
         self._event: asyncio.Event | None = None
         self._old: dict[int, Any] = {}
         # signal handlers belong to the main thread (a daemon runs there; a test may not)
         self.active = threading.current_thread() is threading.main_thread()
 
     def note(self, signum: int, _frame: object = None) -> None:
+        if signum == signal.SIGHUP and self.hup_reloads:
+            if self.signum is not None:
+                return                   # stopping: nothing left to reload
+            if self.on_hup is not None:
+                self.on_hup()
+            else:
+                self.hup_pending = True
+            return
         if self.signum is None:
             self.signum = signum
             log.info("%s: stopping", signal.Signals(signum).name)
@@ -155,6 +184,8 @@ class StopSignals:
     def detach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Back to noting only (removing a loop handler resets the signal to its default)."""
         self._event = None
+        self.on_hup = None
+        self.hup_pending = False
         if not self.active:
             return
         for sig in STOP_SIGNALS:
@@ -177,10 +208,28 @@ def _metrics_server(addr: tuple[str, int] | None, runner: Any,
     return MetricsServer(addr[0], addr[1], lambda: render(runner.status()))
 
 
+Reload = Callable[[str | None], Coroutine[Any, Any, dict[str, Any]]]
+
+
+def _on_hup(loop: asyncio.AbstractEventLoop, reload: Reload) -> Callable[[], None]:
+    """SIGHUP as reload of the running config file (the outcome is logged)."""
+    running: set[asyncio.Task[dict[str, Any]]] = set()
+
+    def hup() -> None:
+        log.info("SIGHUP: reloading the config")
+        task = loop.create_task(reload(None))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    return hup
+
+
 async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals,
-                 metrics: MetricsServer | None = None, group: int | None = None) -> None:
+                 metrics: MetricsServer | None = None, group: int | None = None,
+                 reload: Reload | None = None) -> None:
     """Start ``runner``, its control socket (and metrics endpoint), print ready, run until
-    a signal or ``down``."""
+    a signal or ``down``. ``reload(path)`` serves ``reload`` (and SIGHUP, see
+    :class:`StopSignals`)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals.attach(loop, stop)
@@ -193,6 +242,9 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
         if cmd == "down":
             loop.call_soon(stop.set)
             return {"ok": True}
+        if cmd == "reload" and reload is not None:
+            path = req.get("config")
+            return await reload(path if isinstance(path, str) and path else None)
         extra = getattr(runner, "control", None)
         answer = await extra(req) if extra is not None else None
         if answer is not None:
@@ -210,6 +262,10 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
                 except OSError as e:
                     raise StartupError(f"metrics: cannot listen on {metrics.host}:"
                                        f"{metrics.port}: {e.strerror or e}") from None
+            if reload is not None:
+                signals.on_hup = _on_hup(loop, reload)
+                if signals.hup_pending:
+                    signals.on_hup()
             ready = asyncio.ensure_future(on_ready())
             stopped = asyncio.ensure_future(stop.wait())
             try:              # a stop while waiting for the tunnels is not held up by it
@@ -222,6 +278,7 @@ async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSig
                     task.cancel()
                 await asyncio.gather(ready, stopped, return_exceptions=True)
         finally:
+            signals.on_hup = None        # no reload may start while the daemon stops
             notify("STOPPING=1")
             if metrics is not None:
                 await metrics.close()
@@ -272,6 +329,7 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
     """``upmt-agent up``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
     restored); raises StartupError/SystemSetupError."""
     signals = StopSignals()
+    signals.hup_reloads = not controlling_terminal()
     signals.install()
     try:
         _run_agent(cfg, control_path, signals)
@@ -318,10 +376,9 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                            waiting=info.name in waiting, v6=info.address6 is not None,
                            gateway6=info.gateway6)
                  for idx, (info, gw) in enumerate(ifaces)]
-        rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
-                           r.src_port, r.uid, r.cgroup) for r in cfg.rules]
         cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
-        usable = cgroups.root is not None and bool(cfg.rules)
+        # made also without rules: rules a reload adds get their cgroups in it
+        usable = cgroups.root is not None
         if usable:
             try:
                 cgroups.create()
@@ -332,11 +389,14 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                 usable = False
         elif cgroups.root is None:
             log.info("no cgroup v2: `upmt-agent run` will not be available")
-        if usable:
-            # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
-            # whatever its ports; checked before the header matches.
-            rules = [RuleMatch(r.index, "any", None, None, None, None,
-                               cgroups.relative(r.name)) for r in cfg.rules] + rules
+        # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
+        # whatever its ports; checked before the header matches.
+        slot_file = SlotFile(control_path)
+        saved = slot_file.load()
+        slots = start_slots(cfg.rules, *saved) if saved else start_slots(cfg.rules)
+        if saved and slots != saved:       # rules new since: their slots too, for later
+            slot_file.save(*slots)
+        rules = rule_matches(cfg.rules, slots[0], cgroups.relative if usable else None)
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
                          mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
@@ -363,13 +423,18 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             loop.create_task(add())
 
         agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
-                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
+                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark,
+                                                    slots[0]),
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             agent.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
+        reloader = AgentReloader(cfg, agent=agent, host=host,
+                                 cgroups=cgroups if usable else None, schedule=schedule,
+                                 resolver=resolver, lookup=lookup, slots=slots,
+                                 slot_file=slot_file)
 
         def on_usable(name: str, usable: bool, why: str) -> None:
             agent.on_link(name, usable, why)
@@ -420,7 +485,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         if signals.signum is None:       # not stopped while setting the host up
             loop.run_until_complete(_serve(agent, control_path, on_ready, signals,
                                            _metrics_server(cfg.metrics, agent, render_agent),
-                                           cfg.group))
+                                           cfg.group, reloader.reload))
             loop.run_until_complete(resolver.close())
         ct.close()
     finally:
@@ -431,6 +496,7 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
     """``upmt-anchor``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
     restored)."""
     signals = StopSignals()
+    signals.hup_reloads = not controlling_terminal()
     signals.install()
     try:
         _run_anchor(cfg, control_path, signals)
@@ -479,9 +545,10 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                      format_host_port(cfg.listen_host, cfg.listen_port), cfg.vipa_pool)
 
         if signals.signum is None:
+            reloader = AnchorReloader(cfg, anchor=anchor, host=host)
             loop.run_until_complete(_serve(anchor, control_path, on_ready, signals,
                                            _metrics_server(cfg.metrics, anchor, render_anchor),
-                                           cfg.group))
+                                           cfg.group, reloader.reload))
     finally:
         _close(opened, host, loop)
 

@@ -320,6 +320,31 @@ class AgentForwarder:
         t.tx_bytes += len(pkt)
         return t.iface_index, t.remote, s.seal(TYPE_DATA, buf, t.un_tid)
 
+    # -- anchors added and removed at run time (``reload``) -----------------------------
+    def add_anchor(self, name: str) -> AnchorLink:
+        """A new anchor: new flows of rules without ``anchor`` may go there (last, until
+        its RTT ranks it)."""
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = AnchorLink(name)
+        for order in (self.anchor_order, self.home.order):
+            if name not in order:
+                order.append(name)
+        return link
+
+    def remove_anchor(self, name: str) -> None:
+        """Forget anchor ``name``: its tunnels, sessions and flows (and it as the anchor
+        a ``move --rule --anchor`` preferred: the rule's own choice again)."""
+        self.remove_peer(name)
+        for rule, (iface, anchor) in list(self.prefer.items()):
+            if anchor == name:
+                self.prefer[rule] = (iface, None)
+        for order in (self.anchor_order, self.home.order):
+            if name in order:
+                order.remove(name)
+        if self.home.home == name:
+            self.home.home = None
+
     # -- mesh relay: a peer's datagrams wrapped in RELAY datagrams to its anchor ----------
     def add_peer(self, key: str, anchor: str) -> AnchorLink:
         """A mesh peer of ``anchor``: its record (the end-to-end session; our VIpA at that

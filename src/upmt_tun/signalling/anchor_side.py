@@ -103,6 +103,22 @@ class AnchorSignalling:
         self._lease_life = max_age
         return self._compact_leases()
 
+    def set_peers(self, peers: tuple[Peer, ...], *, mesh: bool, max_associations: int,
+                  lease_life: float) -> None:
+        """``reload``: who may associate from now on, and the limits. Associations of
+        peers still listed take their new ``mesh`` flag (relaying follows at once);
+        ending those of peers removed is the driver's (:meth:`Anchor.end_peer`)."""
+        self.peers = {p.name: p for p in peers}
+        self.mesh = mesh
+        self.max_associations = max_associations
+        self._lease_life = lease_life
+        if self._lease_peers is not None:
+            self._lease_peers = frozenset(self.peers)
+        for a in self.fwd.by_mh.values():
+            p = self.peers.get(a.mh)
+            if p is not None:
+                a.mesh = p.mesh
+
     def _compact_leases(self) -> list[str]:
         if self._lease_peers is None:
             return []

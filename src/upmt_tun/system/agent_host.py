@@ -149,6 +149,24 @@ def rule_match(rule: RuleMatch) -> str:
     return " ".join(parts)
 
 
+def output_rules(*, fwmark: int, ifaces: list[IfacePlan], rules: list[RuleMatch],
+                 mark_mask: int = MARK_MASK) -> list[str]:
+    """The rules of chain ``output``: the only chain that depends on the config's rules
+    (``reload`` replaces just this chain). In list order, first match wins; a rule's
+    ct mark holds its ``index`` (its mark slot, reload.py)."""
+    mask = f"{MARK_MASK:#x}"
+    output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
+    for rule in rules:
+        match = rule_match(rule)
+        output.append(
+            f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
+            f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
+        )
+    output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set ct mark and "
+                  f"{mark_mask:#x}")
+    return output
+
+
 def agent_ruleset(
     *,
     tun: str,
@@ -163,14 +181,7 @@ def agent_ruleset(
     q_tun = nft.quote(tun)
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
-    output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
-    for rule in rules:
-        match = rule_match(rule)
-        output.append(
-            f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
-            f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
-        )
-    output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set {packet_mark}")
+    output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask)
     prerouting = [
         f"iifname {nft.quote(i.name)} udp dport {i.socket_port} "
         f"meta mark set {fwmark + 1 + i.index:#x}"
@@ -351,6 +362,28 @@ class AgentHost:
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
         log.info("agent host set up: %d rule(s), %d interface(s)", len(self.rules), len(indexes))
+
+    def rules_script(self, rules: list[RuleMatch]) -> str:
+        """The nft script that replaces the rules of chain ``output`` by ``rules``: one
+        transaction (flush and add). Connections keep their ct marks (conntrack's, not
+        the table's), so established ones stay steered whatever changed here."""
+        if any(r.index < 0 or r.index + 1 > MARK_MASK for r in rules):
+            raise SystemSetupError("rule index out of range for the ct mark")
+        head = f"{NFT_FAMILY} {NFT_TABLE} output"
+        lines = [f"flush chain {head}"]
+        lines += [f"add rule {head} {r}" for r in output_rules(
+            fwmark=self.fwmark, ifaces=self.ifaces, rules=rules, mark_mask=self.mark_mask)]
+        return "\n".join(lines) + "\n"
+
+    def replace_rules(self, rules: list[RuleMatch], *, dry_run: bool = False) -> None:
+        """``reload``: steer new connections by ``rules`` from now on (dry-run first: a
+        script nft refuses raises SystemSetupError and changes nothing)."""
+        script = self.rules_script(rules)
+        nft.check(script)
+        if not dry_run:
+            nft.apply(script)
+            self.rules = list(rules)
+            log.info("nft rules replaced: %d rule(s)", len(rules))
 
     def restore_iface_route(self, name: str, gateway: str | None) -> None:
         """After an access interface came back (the kernel removed its routes when it went

@@ -76,16 +76,11 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
                 f"\t\tiifname {q_tun} drop\n{inbound}\t}}\n}}\n")
     out = f"oifname {nft.quote(nat_interface)}" if nat_interface else f"oifname != {q_tun}"
     mss = mtu - 40
-    allow = f"\t\tiifname {q_tun} ip daddr {_nets(allow_egress)} accept\n" if allow_egress else ""
-    deny = f"\t\tiifname {q_tun} ip daddr {_nets(deny_egress)} drop\n" if deny_egress else ""
-    # MESH HOOK (the future ``mesh = true``; not implemented): authorized peers of this
-    # anchor reaching each other TUN -> TUN is this one rule, placed where ``mesh`` is
-    # below: after the invalid drop, before the inbound drop (which refuses their new
-    # connections otherwise) and before the egress deny list (the default one holds
-    # 100.64/10, the usual pools):
-    #     mesh = f"\t\tiifname {q_tun} oifname {q_tun} accept\n"
-    # (a packet from the TUN already has its host's VIpA as source: the anchor checks it)
-    mesh = ""
+    egress = "".join(f"\t\t{line}\n" for line in egress_rules(
+        tun=tun, allow_egress=allow_egress, deny_egress=deny_egress,
+        max_flows_per_host=max_flows_per_host))
+    to_anchor = "".join(f"\t\t{line}\n" for line in to_anchor_rules(
+        tun=tun, allow_egress=allow_egress))
     return (
         head +
         f"\tcounter {COUNTER_INVALID} {{\n\t}}\n"
@@ -102,22 +97,50 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
         "\t}\n"
         "\tchain egress {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
-        # no connection, no masquerade: it would leave with the host's VIpA as source
-        # (ICMP errors quoting no connection, TCP with SYN|FIN, SYN|RST, no flags, ...)
-        f"\t\tiifname {q_tun} ct state {{ invalid, untracked }} "
-        f'counter name "{COUNTER_INVALID}" drop\n'
-        f"{mesh}{inbound}{allow}{deny}"
-        # connections (so masquerade ports) per host: one host cannot exhaust them
-        f"\t\tiifname {q_tun} ct state new add @hosts {{ ip saddr ct count over "
-        f"{int(max_flows_per_host)} }} drop\n"
+        f"{egress}"
         "\t}\n"
         "\tchain to_anchor {\n"
         "\t\ttype filter hook input priority filter; policy accept;\n"
-        f"{allow}"
-        f"\t\tiifname {q_tun} drop\n"
+        f"{to_anchor}"
         "\t}\n"
         "}\n"
     )
+
+
+def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
+                 max_flows_per_host: int) -> list[str]:
+    """Chain ``egress`` of role ``anchor`` (forwarded packets): what ``reload`` replaces
+    when the egress lists or the per-host limit change."""
+    q_tun = nft.quote(tun)
+    # Into the tunnels: only what conntrack ties to a connection a host opened (its
+    # replies, and ICMP errors about it). A new connection towards the pool, from the
+    # anchor's LAN, its upstream or another host of this anchor, is dropped.
+    rules = [
+        # no connection, no masquerade: it would leave with the host's VIpA as source
+        # (ICMP errors quoting no connection, TCP with SYN|FIN, SYN|RST, no flags, ...)
+        f"iifname {q_tun} ct state {{ invalid, untracked }} "
+        f'counter name "{COUNTER_INVALID}" drop',
+        # MESH HOOK (not used: the mesh is relayed by the anchor process, sealed end to
+        # end, never TUN -> TUN): it would go here, after the invalid drop and before the
+        # inbound drop and the egress deny list
+        f"oifname {q_tun} ct state != {{ established, related }} "
+        f'counter name "{COUNTER_INBOUND}" drop',
+    ]
+    if allow_egress:
+        rules.append(f"iifname {q_tun} ip daddr {_nets(allow_egress)} accept")
+    if deny_egress:
+        rules.append(f"iifname {q_tun} ip daddr {_nets(deny_egress)} drop")
+    # connections (so masquerade ports) per host: one host cannot exhaust them
+    rules.append(f"iifname {q_tun} ct state new add @hosts {{ ip saddr ct count over "
+                 f"{int(max_flows_per_host)} }} drop")
+    return rules
+
+
+def to_anchor_rules(*, tun: str, allow_egress: tuple[str, ...]) -> list[str]:
+    """Chain ``to_anchor``: the hosts reach the anchor itself only in ``allow_egress``."""
+    q_tun = nft.quote(tun)
+    rules = [f"iifname {q_tun} ip daddr {_nets(allow_egress)} accept"] if allow_egress else []
+    return [*rules, f"iifname {q_tun} drop"]
 
 
 class AnchorHost:
@@ -213,6 +236,38 @@ class AnchorHost:
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
         log.info("anchor host set up (pool %s, masquerade via %s)", self.pool, self.nat_interface)
+
+    def egress_script(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
+                      max_flows_per_host: int) -> str:
+        """``reload``: the nft script replacing chains ``egress`` and ``to_anchor`` (one
+        transaction; the named counters stay). A new per-host limit also empties set
+        ``hosts``: its elements hold the old limit, so the counts start over."""
+        if self.role != "anchor":
+            return ""
+        head = f"{NFT_FAMILY} {NFT_TABLE}"
+        lines = [f"flush chain {head} egress"]
+        lines += [f"add rule {head} egress {r}" for r in egress_rules(
+            tun=self.tun, allow_egress=allow_egress, deny_egress=deny_egress,
+            max_flows_per_host=max_flows_per_host)]
+        lines.append(f"flush chain {head} to_anchor")
+        lines += [f"add rule {head} to_anchor {r}"
+                  for r in to_anchor_rules(tun=self.tun, allow_egress=allow_egress)]
+        if max_flows_per_host != self.max_flows_per_host:
+            lines.append(f"flush set {head} hosts")
+        return "\n".join(lines) + "\n"
+
+    def replace_egress(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
+                       max_flows_per_host: int, *, dry_run: bool = False) -> None:
+        """Apply :meth:`egress_script` (dry-run first: nothing changes when nft refuses)."""
+        script = self.egress_script(allow_egress, deny_egress, max_flows_per_host)
+        if not script:
+            return
+        nft.check(script)
+        if not dry_run:
+            nft.apply(script)
+            self.allow_egress, self.deny_egress = allow_egress, deny_egress
+            self.max_flows_per_host = max_flows_per_host
+            log.info("nft egress rules replaced")
 
     def teardown(self) -> None:
         """Undo everything ``setup`` did (newest first). Idempotent; never raises."""

@@ -64,6 +64,28 @@ class RuleCgroups:
             raise SystemSetupError(f"cannot create cgroups under {self.root}: {e.strerror}") \
                 from None
 
+    def add(self, rule: str) -> None:
+        """``reload``: the cgroup of a new rule (:meth:`create` made the others)."""
+        d = self.path(rule)
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as e:
+            raise SystemSetupError(f"cannot create cgroup {d}: {e.strerror}") from None
+        if d not in self.made:
+            self.made.append(d)
+        self.rules = [*self.rules, rule]
+
+    def discard(self, rule: str) -> None:
+        """``reload``: a removed rule's cgroup goes (its processes move to the root
+        cgroup: their connections keep their marks, new ones are not steered)."""
+        d = self.path(rule)
+        if d in self.made:
+            self.made.remove(d)
+            keep, self.made = self.made, [d]
+            self.remove()
+            self.made = keep
+        self.rules = [r for r in self.rules if r != rule]
+
     def remove_leftovers(self) -> int:
         """Remove the cgroups a killed run left (every rule's, whatever the config says
         now); the number removed."""

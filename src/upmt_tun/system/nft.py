@@ -53,6 +53,14 @@ def apply(script: str) -> None:
         raise SystemSetupError(f"nft: {_first_error(proc.stderr)}")
 
 
+def check(script: str) -> None:
+    """Dry-run an nft script (``nft -c -f -``: parsed and checked by the kernel, nothing
+    committed); raise on the first error."""
+    proc = _run(["-c", "-f", "-"], script)
+    if proc.returncode != 0:
+        raise SystemSetupError(f"nft: {_first_error(proc.stderr)}")
+
+
 def table_exists(family: str, name: str) -> bool:
     """True if nft table ``family name`` exists."""
     return _run(["list", "table", family, name]).returncode == 0
