@@ -323,6 +323,8 @@ class Agent:
                             "other direct paths remain" if left else "back to the relay")
                 if not left and ice is not None:
                     ice.lost(now)
+                for d in self._paths_of(key):   # the same cause may have cut them too:
+                    d.peer.suspect_at = now     # they probe at once, as if busy
                 self._direct_dead.append(a.tunnel.peer)
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
