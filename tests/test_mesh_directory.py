@@ -31,6 +31,24 @@ def test_pools_must_not_overlap_and_name_the_anchor() -> None:
     assert d.anchor_of(ip("198.51.100.7")) is None
 
 
+def test_overlapping_pools_the_anchor_listed_first_wins_whoever_comes_first() -> None:
+    d = MeshDirectory(order=["an1", "an2"])
+    assert d.set_pool("an2", "100.100.0.0/16") and d.displaced == []
+    assert d.found("an2", "100.100.0.3", "tv", KEY_A, 0.0) is not None
+    assert d.set_pool("an1", "100.100.5.0/24")              # listed first: takes over
+    assert d.displaced == ["an2"] and "an2" not in d.pools
+    assert d.mesh_state("an2") == "refused: 100.100.0.0/16 overlaps anchor an1's " \
+        "100.100.5.0/24"
+    assert d.mesh_state("an1") == "100.100.5.0/24" and d.mesh_state("an3") is None
+    assert d.anchor_of(ip("100.100.0.3")) is None            # an2's hosts: not the mesh
+    assert not d.set_pool("an2", "100.100.0.0/16")          # listed after: refused
+    assert [p.name for p in d.drop_anchor("an2", left=False)] == ["tv"]
+    assert d.mesh_state("an2").startswith("refused")
+    d.drop_anchor("an1")
+    assert d.mesh_state("an1") is None and d.set_pool("an2", str(d.offered["an2"]))
+    assert d.mesh_state("an2") == "100.100.0.0/16"
+
+
 def test_lookups_one_at_a_time_negative_cache_and_caps() -> None:
     d = MeshDirectory(max_peers=2, max_pending=2)
     d.set_pool("an1", "100.100.0.0/16")

@@ -167,10 +167,11 @@ class Agent:
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
         # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
-        self.mesh = MeshDirectory()
+        self.mesh = MeshDirectory(order=list(anchors))
         self.mesh_links: dict[str, Link] = {}             # peer key -> its link
         self.mesh_cfg = replace(self.link_cfg, plaintext_data=False)   # never readable
         self.mesh_route = mesh_route      # routes a mesh pool into the TUN (host set-up)
+        self._routed: set[str] = set()
         try:                              # glare between two initiators: the lower key wins
             self.public_key = base64.b64decode(public_of(base64.b64encode(cfg.private_key)))
         except ValueError:
@@ -417,16 +418,25 @@ class Agent:
     def _mesh_pool(self, anchor: str, pool: str | None) -> None:
         """An association said whether ``anchor`` makes us a mesh host (and its pool)."""
         if pool is None:
+            had = anchor in self.mesh.pools
             for p in self.mesh.drop_anchor(anchor):
                 self._remove_peer(p, "anchor left the mesh")
+            if had:      # a pool it displaced may be used now (config order first)
+                for other in [a for a in self.mesh.order if a in self.mesh.refused]:
+                    self._mesh_pool(other, str(self.mesh.offered[other]))
             return
         known = anchor in self.mesh.pools
-        if not self.mesh.set_pool(anchor, pool) or known:
+        ok = self.mesh.set_pool(anchor, pool)
+        while self.mesh.displaced:
+            for p in self.mesh.drop_anchor(self.mesh.displaced.pop(), left=False):
+                self._remove_peer(p, "its anchor's mesh pool overlaps another's")
+        if not ok or known:
             return
         self.fwd.mesh_anchor_of = self.mesh.anchor_of
         log.info("anchor %s: mesh pool %s (its other hosts are reachable at their VIpAs)",
                  anchor, pool)
-        if self.mesh_route is not None:
+        if self.mesh_route is not None and pool not in self._routed:
+            self._routed.add(pool)       # (routes stay until the stop; one per pool)
             self.mesh_route(pool)
 
     def _mesh_miss(self, vipa_b: bytes) -> None:
@@ -1067,7 +1077,8 @@ class Agent:
             "anchors": [{"name": a, "address": None if addr is None else f"{addr[0]}:{addr[1]}",
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
-                         "role": self.fwd.links[a].role}
+                         "role": self.fwd.links[a].role,
+                         "mesh": self.mesh.mesh_state(a)}
                         for a, addr in self.anchors.items()],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
