@@ -568,3 +568,40 @@ async def test_a_rules_via_means_that_interface_direct_or_relayed(tmp: Path) -> 
         assert tcpf["interface"] == "wan1" and "~" in t["anchor"]
     finally:
         await w.stop()
+
+
+async def test_a_silent_death_sends_flows_to_the_relay_then_to_a_direct_path_that_answers(
+        tmp: Path) -> None:
+    """wan1's direct path dies silently (its NAT drops everything but the anchor's): the
+    flow does not go to wan2's direct path blindly (the same cause could have cut it: it
+    has not been heard from lately) but to the relay, and once wan2's direct path
+    answers its probe the flow moves there."""
+    w = MeshWorld(tmp, direct=True)
+    send = w.net._send
+    cut = {"on": False}
+
+    def drop_wan1_direct(src: FakeSocket, data: bytes, dst: tuple[str, int],
+                         size: int = 0) -> None:
+        if cut["on"] and "203.0.113.1" not in (dst[0], src.local[0]) and (
+                src.local[0] == "10.1.0.2" or dst[0] == "203.0.113.11"):
+            return
+        send(src, data, dst, size)
+
+    w.net._send = drop_wan1_direct     # type: ignore[method-assign]
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _directs(laptop) == {"wan1", "wan2"}, 3)
+        cut["on"] = True
+        for _ in range(60):
+            laptop.tun.inject(pb.udp(FIX, phone.vipa, 5000, 7000, b"u" * 200))
+            await asyncio.sleep(0.05)
+        f = _flow(laptop, 7000)
+        reasons = [h["reason"] for h in f["history"]]
+        assert reasons[-2:] == ["direct path lost", "direct path"], reasons
+        assert f["interface"] == "wan2" and _peer(laptop)["path"] == "direct"
+        tunnels = {t["id"]: t for t in laptop.a.status()["tunnels"]}
+        assert tunnels[f["history"][-2]["to"]]["remote"].startswith("relay")
+    finally:
+        await w.stop()

@@ -226,6 +226,8 @@ class Agent:
                 link = self._by_tid.get(pong[0].tid) if pong is not None else None
                 if link is not None and pong is not None:
                     link.on_pong(pong[1], clock())
+                    if pong[0].tid in fwd.suspect:
+                        self._direct_alive(pong[0])
             elif b0 == TYPE_RELAY:
                 self._on_relay(index, data, src)
             elif b0 == TYPE_HS_INIT:
@@ -313,6 +315,10 @@ class Agent:
             elif isinstance(a, TunnelDown) and a.tunnel.peer in self._direct_key:
                 fwd.tunnel_down(a.tunnel)
                 key = self._direct_key[a.tunnel.peer]
+                for d in self._paths_of(key):   # a silent death: its cause (the peer's NAT,
+                    if d.tunnel is not a.tunnel and a.reason == "probe loss":   # the peer)
+                        d.peer.suspect_at = now     # may have cut them too: they probe at
+                        fwd.suspect.add(d.tunnel.tid)   # once, carry flows once they answer
                 fwd.fail_over(a.tunnel, now, "direct path lost")
                 ice = self.ice.get(key)
                 if ice is not None and ice.checklist is not None:
@@ -324,8 +330,6 @@ class Agent:
                             "other direct paths remain" if left else "back to the relay")
                 if not left and ice is not None:
                     ice.lost(now)
-                for d in self._paths_of(key):   # the same cause may have cut them too:
-                    d.peer.suspect_at = now     # they probe at once, as if busy
                 self._direct_dead.append(a.tunnel.peer)
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
@@ -774,6 +778,17 @@ class Agent:
         self._do(link.start(now, self.link_up[seam.name]))
         return link
 
+    def _direct_alive(self, t: Tunnel) -> None:
+        """A suspect direct path (another to its peer died) answered a probe: it carries
+        flows again, and the peer's flows that went to the relay meanwhile come back."""
+        self.fwd.suspect.discard(t.tid)
+        key = self._direct_key.get(t.peer)
+        if key is not None and t.state == "up":
+            moved = self.fwd.to_direct(key, self.clock())
+            if moved:
+                log.info("mesh peer %s: direct path via %s still answers: %d flow(s) back",
+                         key, t.interface, len(moved))
+
     def _drop_direct(self, key: str) -> None:
         """Forget every direct path to ``key`` (on purpose: their flows go to the relay
         as from any removed link, and ICE is not told they were lost)."""
@@ -791,6 +806,7 @@ class Agent:
             paths.remove(dkey)
         link = self._path_link.pop(dkey, None)
         if link is not None:
+            self.fwd.suspect.discard(link.tunnel.tid)
             del self.links[(link.iface, dkey)]
             self._by_tid.pop(link.tunnel.tid, None)
             self._do(link.stop(self.clock()))

@@ -155,6 +155,9 @@ class AgentForwarder:
         # socket, the peer's address), and back
         self.direct_of: dict[str, list[str]] = {}
         self.direct_peer: dict[str, str] = {}
+        # direct paths not chosen for flows until they answer a probe: another direct
+        # path to the same peer just died, maybe of the same cause (its NAT, its host)
+        self.suspect: set[int] = set()
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -300,7 +303,7 @@ class AgentForwarder:
         there if one is up, else its relay path there."""
         for d in self.direct_of.get(anchor, ()):
             t = self.usable(interface, d)
-            if t is not None:
+            if t is not None and t.tid not in self.suspect:
                 return t
         return self.usable(interface, anchor)
 
@@ -518,7 +521,7 @@ class AgentForwarder:
         for iface in self.interfaces:
             for d in directs:
                 t = self.usable(iface, d)
-                if t is not None:
+                if t is not None and t.tid not in self.suspect:
                     return t
         for iface in self.interfaces:
             t = self.usable(iface, peer)
