@@ -725,7 +725,7 @@ async def test_two_mesh_anchors_with_overlapping_pools_the_first_listed_wins(
     await w.start()
     try:
         def mesh() -> dict[str, Any]:
-            return {a["name"]: a["mesh"] for a in w.agent.status()["anchors"]}
+            return {a["name"]: a.get("mesh") for a in w.agent.status()["anchors"]}
 
         for _ in range(40):
             if mesh()["an2"] is not None:

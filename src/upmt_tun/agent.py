@@ -1094,7 +1094,7 @@ class Agent:
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
                          "role": self.fwd.links[a].role,
-                         "mesh": self.mesh.mesh_state(a)}
+                         **({"mesh": m} if (m := self.mesh.mesh_state(a)) else {})}
                         for a, addr in self.anchors.items()],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
