@@ -533,22 +533,20 @@ async def test_a_rules_via_means_that_interface_direct_or_relayed(tmp: Path) -> 
         via = ["wan2", "wan1"]
         """
     w = MeshWorld(tmp, laptop_rules=rules, direct=True)
-    blocked = _block_direct(w)
+    send = w.net._send
+
+    def no_wan2_direct(src: FakeSocket, data: bytes, dst: tuple[str, int],
+                       size: int = 0) -> None:
+        """wan2 reaches phone only through the anchor (its NAT lets nothing else by)."""
+        if src.local[0] == "10.2.0.2" and dst[0] != "203.0.113.1" \
+                or dst[0] == "203.0.113.12" and src.local[0] != "203.0.113.1":
+            return
+        send(src, data, dst, size)
+
+    w.net._send = no_wan2_direct     # type: ignore[method-assign]
     await w.start()
     try:
         laptop, phone = w.laptop, w.phone
-        # wan2 reaches phone only through the anchor (its NAT lets nothing else through)
-        send = w.net._send
-
-        def no_wan2_direct(src: FakeSocket, data: bytes, dst: tuple[str, int],
-                           size: int = 0) -> None:
-            if src.local[0] == "10.2.0.2" and dst[0] != "203.0.113.1" \
-                    or dst[0] == "203.0.113.12" and src.local[0] != "203.0.113.1":
-                return
-            send(src, data, dst, size)
-
-        w.net._send = no_wan2_direct     # type: ignore[method-assign]
-        del blocked
         await _connect(w, laptop, phone)
         await w.until(lambda: _peer(laptop)["path"] == "direct", 3)
         await asyncio.sleep(1.0)
