@@ -603,3 +603,26 @@ async def test_a_silent_death_sends_flows_to_the_relay_then_to_a_direct_path_tha
         assert tunnels[f["history"][-2]["to"]]["remote"].startswith("relay")
     finally:
         await w.stop()
+
+
+async def test_the_answering_end_offers_too_when_its_interface_changes(tmp: Path) -> None:
+    """phone (the ICE controlled end: laptop opened the relay session) sees its address
+    change: it makes the new offer itself; the hosts select again, the roles stay."""
+    w = MeshWorld(tmp, direct=True)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _peer(laptop)["path"] == "direct")
+        ice = phone.a.ice["laptop@an1"]
+        assert ice.role.value == "controlled"
+        old = ice.checklist
+        phone.a.path_changed("wan1")
+        assert ice.phase.value == "offering" and ice.checklist is not old
+        await w.until(lambda: ice.phase.value == "selected"
+                      and laptop.a.ice["phone@an1"].phase.value == "selected")
+        assert laptop.a.ice["phone@an1"].role.value == "controlling"
+        assert _peer(laptop)["path"] == "direct" and _peer(phone)["path"] == "direct"
+        assert await _stream(laptop, phone, 5, 0.02, port=5000) == 5
+    finally:
+        await w.stop()
