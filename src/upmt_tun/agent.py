@@ -50,7 +50,7 @@ from .ice.candidates import IceCandidate, TunnelSocket, gather
 from .ice.checklist import Role as IceRole
 from .ice.checklist import SendStun
 from .ice.demux import is_stun
-from .ice.driver import DirectPath, IcePeer, IcePhase, NoDirect, SendSip
+from .ice.driver import DirectPath, IcePeer, IcePhase, NoDirect, PairUp, SendSip
 from .keys import public_of
 from .link import (
     SIP_STATS,
@@ -699,7 +699,8 @@ class Agent:
                 ice = self.ice.get(key)
                 if ice is None or ice.phase is not IcePhase.FAILED:
                     self._drop_direct(key)     # BYE, declined: not a failed retry
-        self._fill_direct(p, self.clock())       # a check may have succeeded on a new socket
+            elif isinstance(a, PairUp):
+                self._fill_direct(p, self.clock())   # maybe a socket without a direct path
 
     def _mesh_sip(self, p: MeshPeer, inner: bytes, now: float) -> None:
         """A SIP message the peer sealed end to end (the rendezvous): to its ICE."""

@@ -40,10 +40,19 @@ from enum import Enum
 
 from ..signalling import sip
 from .candidates import IceCandidate
-from .checklist import Checklist, Failed, IceState, Role, Selected, SendStun, Timing
+from .checklist import (
+    Checklist,
+    Failed,
+    IceState,
+    PairSucceeded,
+    Role,
+    Selected,
+    SendStun,
+    Timing,
+)
 from .sdp import IceDescription, build, new_credentials, parse
 
-__all__ = ["DirectPath", "IcePeer", "IcePhase", "NoDirect", "SendSip"]
+__all__ = ["DirectPath", "IcePeer", "IcePhase", "NoDirect", "PairUp", "SendSip"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +93,15 @@ class NoDirect:
     reason: str
 
 
-Action = SendSip | SendStun | DirectPath | NoDirect
+@dataclass(frozen=True)
+class PairUp:
+    """A check succeeded on a socket (maybe one without a direct path yet)."""
+
+    socket_id: int
+    remote: tuple[str, int]
+
+
+Action = SendSip | SendStun | DirectPath | NoDirect | PairUp
 
 
 class IcePeer:
@@ -278,6 +295,8 @@ class IcePeer:
         for a in acts:
             if isinstance(a, SendStun):
                 out.append(a)
+            elif isinstance(a, PairSucceeded):
+                out.append(PairUp(a.socket_id, a.remote))
             elif isinstance(a, Selected) and self.phase is not IcePhase.SELECTED:
                 self.phase, self.reason = IcePhase.SELECTED, ""
                 self._give_up_at = _INF
