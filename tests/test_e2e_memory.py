@@ -47,7 +47,8 @@ def _write(tmp: Path, name: str, text: str) -> str:
 class World:
     """Two-interface MH behind two NATs, one or two anchors, all in memory."""
 
-    def __init__(self, tmp: Path, anchors: int = 1, rules: str = "") -> None:
+    def __init__(self, tmp: Path, anchors: int = 1, rules: str = "", anchor_extra: str = ""
+                 ) -> None:
         loop = asyncio.get_running_loop()
         self.offset = 0.0     # tests move time forward (rekeying) by raising this
 
@@ -82,6 +83,7 @@ class World:
                 vipa_pool = "100.100.0.0/16"
                 nat_interface = "eth0"
                 private_key = "{self.an_keys[i][0]}"
+                {anchor_extra}
                 [[peer]]
                 name = "laptop"
                 public_key = "{self.mh_key[1]}"
@@ -698,5 +700,54 @@ async def test_new_flows_go_to_the_faster_anchor_existing_flows_stay(tmp_path: P
         flows = {f["sport"]: f["anchor"] for f in w.agent.status()["flows"]}
         assert flows == {40000: "an1", 40001: "an2"}
         assert len(w.an_tuns[0].written) == 2 and len(w.an_tuns[1].written) == 1
+    finally:
+        await w.stop()
+
+
+async def test_two_mesh_anchors_with_overlapping_pools_the_first_listed_wins(
+        tmp_path: Path) -> None:
+    """Both anchors are meshes with the same pool: one VIpA would name two hosts. The
+    anchor listed first keeps its mesh even when the other associates first (that one's
+    is then dropped), the other is refused with one line, status says so, and the pool
+    is routed once."""
+    w = World(tmp_path, anchors=2, anchor_extra="mesh = true")
+    routed: list[str] = []
+    w.agent.mesh_route = routed.append
+    send = w.net._send
+    hold = {"an1": True}
+
+    def late_an1(src: Any, data: bytes, dst: tuple[str, int], size: int = 0) -> None:
+        if hold["an1"] and "203.0.113.1" in (dst[0], src.local[0]):
+            return                       # an1 answers nothing yet: an2 associates first
+        send(src, data, dst, size)
+
+    w.net._send = late_an1               # type: ignore[method-assign]
+    await w.start()
+    try:
+        def mesh() -> dict[str, Any]:
+            return {a["name"]: a.get("mesh") for a in w.agent.status()["anchors"]}
+
+        for _ in range(40):
+            if mesh()["an2"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert mesh() == {"an1": None, "an2": "100.100.0.0/16"}
+        assert routed == ["100.100.0.0/16"]
+        hold["an1"] = False              # an1 comes: listed first, it takes the pool
+        for _ in range(100):
+            if mesh()["an1"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        m = mesh()
+        assert m["an1"] == "100.100.0.0/16", m
+        assert m["an2"] == "refused: 100.100.0.0/16 overlaps anchor an1's 100.100.0.0/16"
+        assert w.agent.mesh.anchor_of(pb.ip("100.100.0.9")) == "an1"
+        assert routed == ["100.100.0.0/16"]          # the same pool: one route
+        # an2 associating again (a restart of it) stays refused
+        w.agent._mesh_pool("an2", "100.100.0.0/16")
+        assert mesh()["an2"].startswith("refused") and mesh()["an1"] == "100.100.0.0/16"
+        # an1 leaves the mesh: an2's pool is used again
+        w.agent._mesh_pool("an1", None)
+        assert mesh() == {"an1": None, "an2": "100.100.0.0/16"}
     finally:
         await w.stop()

@@ -438,3 +438,191 @@ async def test_reinvite_on_a_path_change_and_bye_on_stop(tmp: Path) -> None:
         for h in (phone, w.tv):
             await h.a.stop()
         await w.anchor.stop()
+
+
+# -- a direct path per interface ------------------------------------------------------------
+def _flow(h: Host, dport: int) -> dict[str, Any]:
+    (f,) = [f for f in h.a.status()["flows"] if f.get("peer") and f["dport"] == dport]
+    assert isinstance(f, dict)
+    return f
+
+
+def _directs(h: Host) -> set[str]:
+    """The interfaces with a direct path up to the (one) peer."""
+    return {p["interface"] for p in _peer(h)["paths"]
+            if p["path"] == "direct" and p["state"] == "up"}
+
+
+def _direct_rx(h: Host, iface: str) -> int:
+    """Bytes received on the direct paths of ``iface``."""
+    return sum(t["rx_bytes"] for t in h.a.status()["tunnels"]
+               if t["interface"] == iface and "~" in t["anchor"])
+
+
+async def test_each_interface_gets_a_direct_path_and_a_moved_flow_stays_direct(tmp: Path
+                                                                               ) -> None:
+    """laptop has two access networks: once ICE selected a pair, each gets a direct path of
+    its own (laptop opens the one of wan2, phone answers it: ICE saw laptop's checks from
+    there). Moving laptop's flow to wan2 keeps it direct, phone's replies follow it to
+    laptop's wan2, the anchor relays none of it; and back to wan1."""
+    w = MeshWorld(tmp, direct=True)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _directs(laptop) == {"wan1", "wan2"}, 3)
+        # phone: two direct paths on its one interface, to laptop's two NATs
+        remotes = {p["remote"].split(":")[0] for p in _peer(phone)["paths"]
+                   if p["path"] == "direct" and p["state"] == "up"}
+        assert remotes == {"203.0.113.11", "203.0.113.12"}, _peer(phone)
+        p = _peer(laptop)
+        assert (p["path"], p["interface"]) == ("direct", "wan1")     # config order first
+        assert len(laptop.a.fwd.direct_of["phone@an1"]) == 2
+
+        def relayed() -> int:
+            return sum(a["relay_rx_bytes"] for a in w.anchor.status()["associations"])
+
+        async def both_ways(n: int) -> None:
+            for _ in range(n):
+                laptop.tun.inject(pb.udp(FIX, phone.vipa, 5000, 7000, b"u" * 500))
+                phone.tun.inject(pb.udp(FIX, laptop.vipa, 7000, 5000, b"d" * 500))
+                await asyncio.sleep(0.02)
+
+        await both_ways(5)
+        f = _flow(laptop, 7000)
+        assert f["interface"] == "wan1" and f["history"][-1]["reason"] == "direct path"
+        # laptop moves the flow to wan2: it stays direct, phone's answers follow
+        r0, rx2 = relayed(), _direct_rx(laptop, "wan2")
+        assert laptop.a.move(via="wan2", flow=f["id"]) == 1
+        await both_ways(10)
+        f = _flow(laptop, 7000)
+        assert f["interface"] == "wan2" and f["history"][-1]["reason"] == "operator"
+        assert _direct_rx(laptop, "wan2") - rx2 >= 9 * 528     # phone's packets came there
+        assert _flow(phone, 5000)["history"][-1]["reason"] == "peer moved"
+        assert relayed() - r0 < 500                            # relay-link probes only
+        # and back
+        rx1 = _direct_rx(laptop, "wan1")
+        laptop.a.move(via="wan1", flow=f["id"])
+        await both_ways(10)
+        assert _flow(laptop, 7000)["interface"] == "wan1"
+        assert _direct_rx(laptop, "wan1") - rx1 >= 9 * 528
+        assert relayed() - r0 < 1000
+        # wan2's direct path dies with its interface: a flow there goes to wan1's direct
+        # path, not to the relay
+        laptop.a.move(via="wan2", flow=f["id"])
+        laptop.a.on_link("wan2", False)
+        await both_ways(3)
+        f = _flow(laptop, 7000)
+        assert f["interface"] == "wan1" and _peer(laptop)["path"] == "direct"
+        assert f["history"][-1]["reason"] in ("direct path lost", "link down"), f["history"]
+        # wan2 back: an ICE restart gives it a direct path again
+        laptop.a.on_link("wan2", True)
+        await w.until(lambda: _directs(laptop) == {"wan1", "wan2"}, 5)
+    finally:
+        await w.stop()
+
+
+async def test_a_rules_via_means_that_interface_direct_or_relayed(tmp: Path) -> None:
+    """A rule's ``via`` names the interface: the direct path there if it has one, else the
+    relay path there (not a direct path on another interface); without ``via`` the first
+    direct path."""
+    rules = """
+        [[rule]]
+        name = "udp"
+        protocol = "udp"
+        via = ["wan2", "wan1"]
+        """
+    w = MeshWorld(tmp, laptop_rules=rules, direct=True)
+    send = w.net._send
+
+    def no_wan2_direct(src: FakeSocket, data: bytes, dst: tuple[str, int],
+                       size: int = 0) -> None:
+        """wan2 reaches phone only through the anchor (its NAT lets nothing else by)."""
+        if src.local[0] == "10.2.0.2" and dst[0] != "203.0.113.1" \
+                or dst[0] == "203.0.113.12" and src.local[0] != "203.0.113.1":
+            return
+        send(src, data, dst, size)
+
+    w.net._send = no_wan2_direct     # type: ignore[method-assign]
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _peer(laptop)["path"] == "direct", 3)
+        await asyncio.sleep(1.0)
+        directs = {p["interface"] for p in _peer(laptop)["paths"]
+                   if p["path"] == "direct" and p["state"] == "up"}
+        assert directs == {"wan1"}
+        laptop.tun.inject(pb.udp(FIX, phone.vipa, 5001, 7001, b"x"))
+        tcp = pb.tcp(FIX, phone.vipa, 40000, 22, b"", flags=0x02)
+        laptop.tun.inject(tcp)
+        await asyncio.sleep(0.1)
+        udp = _flow(laptop, 7001)
+        assert udp["interface"] == "wan2"
+        t = next(t for t in laptop.a.status()["tunnels"] if t["id"] == udp["tunnel"])
+        assert t["remote"].startswith("relay")                  # wan2's relay path
+        tcpf = _flow(laptop, 22)                                # no via: direct, wan1
+        t = next(t for t in laptop.a.status()["tunnels"] if t["id"] == tcpf["tunnel"])
+        assert tcpf["interface"] == "wan1" and "~" in t["anchor"]
+    finally:
+        await w.stop()
+
+
+async def test_a_silent_death_sends_flows_to_the_relay_then_to_a_direct_path_that_answers(
+        tmp: Path) -> None:
+    """wan1's direct path dies silently (its NAT drops everything but the anchor's): the
+    flow does not go to wan2's direct path blindly (the same cause could have cut it: it
+    has not been heard from lately) but to the relay, and once wan2's direct path
+    answers its probe the flow moves there."""
+    w = MeshWorld(tmp, direct=True)
+    send = w.net._send
+    cut = {"on": False}
+
+    def drop_wan1_direct(src: FakeSocket, data: bytes, dst: tuple[str, int],
+                         size: int = 0) -> None:
+        if cut["on"] and "203.0.113.1" not in (dst[0], src.local[0]) and (
+                src.local[0] == "10.1.0.2" or dst[0] == "203.0.113.11"):
+            return
+        send(src, data, dst, size)
+
+    w.net._send = drop_wan1_direct     # type: ignore[method-assign]
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _directs(laptop) == {"wan1", "wan2"}, 3)
+        cut["on"] = True
+        for _ in range(60):
+            laptop.tun.inject(pb.udp(FIX, phone.vipa, 5000, 7000, b"u" * 200))
+            await asyncio.sleep(0.05)
+        f = _flow(laptop, 7000)
+        reasons = [h["reason"] for h in f["history"]]
+        assert reasons[-2:] == ["direct path lost", "direct path"], reasons
+        assert f["interface"] == "wan2" and _peer(laptop)["path"] == "direct"
+        tunnels = {t["id"]: t for t in laptop.a.status()["tunnels"]}
+        assert tunnels[f["history"][-2]["to"]]["remote"].startswith("relay")
+    finally:
+        await w.stop()
+
+
+async def test_the_answering_end_offers_too_when_its_interface_changes(tmp: Path) -> None:
+    """phone (the ICE controlled end: laptop opened the relay session) sees its address
+    change: it makes the new offer itself; the hosts select again, the roles stay."""
+    w = MeshWorld(tmp, direct=True)
+    await w.start()
+    try:
+        laptop, phone = w.laptop, w.phone
+        await _connect(w, laptop, phone)
+        await w.until(lambda: _peer(laptop)["path"] == "direct")
+        ice = phone.a.ice["laptop@an1"]
+        assert ice.role.value == "controlled"
+        old = ice.checklist
+        phone.a.path_changed("wan1")
+        assert ice.phase.value == "offering" and ice.checklist is not old
+        await w.until(lambda: ice.phase.value == "selected"
+                      and laptop.a.ice["phone@an1"].phase.value == "selected")
+        assert laptop.a.ice["phone@an1"].role.value == "controlling"
+        assert _peer(laptop)["path"] == "direct" and _peer(phone)["path"] == "direct"
+        assert await _stream(laptop, phone, 5, 0.02, port=5000) == 5
+    finally:
+        await w.stop()

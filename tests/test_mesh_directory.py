@@ -31,6 +31,24 @@ def test_pools_must_not_overlap_and_name_the_anchor() -> None:
     assert d.anchor_of(ip("198.51.100.7")) is None
 
 
+def test_overlapping_pools_the_anchor_listed_first_wins_whoever_comes_first() -> None:
+    d = MeshDirectory(order=["an1", "an2"])
+    assert d.set_pool("an2", "100.100.0.0/16") and d.displaced == []
+    assert d.found("an2", "100.100.0.3", "tv", KEY_A, 0.0) is not None
+    assert d.set_pool("an1", "100.100.5.0/24")              # listed first: takes over
+    assert d.displaced == ["an2"] and "an2" not in d.pools
+    assert d.mesh_state("an2") == "refused: 100.100.0.0/16 overlaps anchor an1's " \
+        "100.100.5.0/24"
+    assert d.mesh_state("an1") == "100.100.5.0/24" and d.mesh_state("an3") is None
+    assert d.anchor_of(ip("100.100.0.3")) is None            # an2's hosts: not the mesh
+    assert not d.set_pool("an2", "100.100.0.0/16")          # listed after: refused
+    assert [p.name for p in d.drop_anchor("an2", left=False)] == ["tv"]
+    assert d.mesh_state("an2").startswith("refused")
+    d.drop_anchor("an1")
+    assert d.mesh_state("an1") is None and d.set_pool("an2", str(d.offered["an2"]))
+    assert d.mesh_state("an2") == "100.100.0.0/16"
+
+
 def test_lookups_one_at_a_time_negative_cache_and_caps() -> None:
     d = MeshDirectory(max_peers=2, max_pending=2)
     d.set_pool("an1", "100.100.0.0/16")
@@ -136,3 +154,62 @@ def test_bye_ends_checking() -> None:
     acts = b.on_sip(a.bye(), 0.3)
     assert b.checklist is None and b.reason == "peer said BYE"
     assert any(isinstance(x, NoDirect) for x in acts)
+
+
+def test_both_ends_retry_the_controlled_one_later() -> None:
+    """A lost direct path: both ends schedule a new offer, the controlled end half a
+    backoff later, so the controlling end's offer normally comes first and cancels it."""
+    a, b = _peer(True), _peer(False, seed=2, peer_key=KEY_A)
+    a.lost(10.0)
+    b.lost(10.0)
+    assert a.next_deadline() == pytest.approx(15.0)
+    assert b.next_deadline() == pytest.approx(17.5)
+    (invite,) = _sips(list(a.on_timer(15.0)))
+    (ok,) = _sips(list(b.on_sip(invite, 15.1)))
+    assert b.phase is IcePhase.CHECKING
+    assert b.next_deadline() < 17.5 and not _sips(list(b.on_timer(17.5)))   # cancelled
+    # the controlled end offers by itself when the other does not (its interface came
+    # back, say): the roles stay those of the relay link
+    c = _peer(False, seed=3, peer_key=KEY_A)
+    c.lost(0.0)
+    (invite,) = _sips(list(c.on_timer(7.5)))
+    a2 = _peer(True, seed=4)
+    (ok,) = _sips(list(a2.on_sip(invite, 7.6)))
+    r = sip.parse(ok)
+    assert isinstance(r, sip.SipResponse) and r.status_code == 200
+    c.on_sip(ok, 7.7)
+    assert c.phase is IcePhase.CHECKING and a2.phase is IcePhase.CHECKING
+    assert c.checklist is not None and c.checklist.role.value == "controlled"
+    assert a2.checklist is not None and a2.checklist.role.value == "controlling"
+
+
+def test_crossing_offers_the_controlling_ends_wins() -> None:
+    """Both ends offer at once (glare): the controlling end answers 491 and keeps its
+    offer; the controlled end drops its own and answers; one checklist pair results."""
+    a, b = _peer(True), _peer(False, seed=2, peer_key=KEY_A)
+    (inv_a,) = _sips(list(a.start(0.0)))
+    out: list[object] = []
+    b.restart(0.0, out)                                  # b offers too (ICE restart)
+    (inv_b,) = _sips(out)
+    (pending,) = _sips(list(a.on_sip(inv_b, 0.05)))     # crossing: a refuses b's
+    r = sip.parse(pending)
+    assert isinstance(r, sip.SipResponse) and r.status_code == 491
+    assert a.phase is IcePhase.OFFERING
+    (ok,) = _sips(list(b.on_sip(inv_a, 0.05)))           # b yields and answers a's
+    assert b.phase is IcePhase.CHECKING
+    assert b.on_sip(pending, 0.06) == [] and b.phase is IcePhase.CHECKING   # too late
+    a.on_sip(ok, 0.1)
+    assert a.phase is IcePhase.CHECKING
+    assert a.checklist is not None and b.checklist is not None
+    assert a.checklist.remote_ufrag == b.checklist.local_ufrag
+    assert b.checklist.remote_ufrag == a.checklist.local_ufrag
+    # the 491 first, then a's offer: b waits for it instead of giving up
+    a, b = _peer(True, seed=5), _peer(False, seed=6, peer_key=KEY_A)
+    (inv_a,) = _sips(list(a.start(0.0)))
+    out = []
+    b.restart(0.0, out)
+    (pending,) = _sips(list(a.on_sip(_sips(out)[0], 0.05)))
+    assert b.on_sip(pending, 0.06) == [] and b.phase is IcePhase.IDLE
+    assert b.reason == "offers crossed" and b.next_deadline() < float("inf")
+    b.on_sip(inv_a, 0.07)
+    assert b.phase is IcePhase.CHECKING and b.next_deadline() < 1.0

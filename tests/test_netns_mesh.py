@@ -15,8 +15,10 @@ A legacy ``curl`` on laptop downloads from a ``python -m http.server`` on phone 
 phone's VIpA: the anchor only re-seals RELAY datagrams (its relay byte counters grow, its
 TUN sees nothing), and a host outside the mesh reaches nobody. With ``direct`` (the
 default) the agents find a direct path through their NATs (ICE on the tunnel sockets) and
-the flow moves to it without the TCP connection noticing, and back to the relay when the
-direct path is cut; behind a symmetric NAT (``masquerade random``) the relay stays.
+the flow moves to it without the TCP connection noticing; laptop's two access networks
+each get a direct path, so moving the flow to wan2 and back keeps it direct (phone's data
+follows it); it goes back to the relay when the direct paths are cut; behind a symmetric
+NAT (``masquerade random``) the relay stays.
 """
 
 from __future__ import annotations
@@ -163,6 +165,17 @@ def _relayed(lab: Lab) -> int:
     return sum(int(a["relay_rx_bytes"]) for a in lab.anchor_status()["associations"])
 
 
+def _direct_ifaces(lab: Lab) -> set[str]:
+    return {p["interface"] for p in _peer(lab).get("paths", ())
+            if p["path"] == "direct" and p["state"] == "up"}
+
+
+def _direct_rx(lab: Lab, iface: str) -> int:
+    """Bytes laptop received on its direct paths of ``iface``."""
+    return sum(int(t["rx_bytes"]) for t in lab.agent_status()["tunnels"]
+               if t["interface"] == iface and "~" in t["anchor"])
+
+
 CUT_DIRECT = """table ip cut_direct {
   chain forward {
     type filter hook forward priority 0; policy accept;
@@ -182,8 +195,9 @@ def test_direct_path_takes_over_and_a_cut_falls_back_tcp_survives(
     try:
         phone_vipa = vipa(lab, "agent2")
         got = tmp_path / "got.bin"
-        dl = topo.popen("mh", "curl", "-sS", "-m", "60", "--limit-rate", "400K", "-o",
-                        str(got), "-w", "%{http_code}", f"http://{phone_vipa}:8000/file.bin",
+        (www / "big.bin").write_bytes(os.urandom(6 << 20))     # ~24 s at 250 kB/s
+        dl = topo.popen("mh", "curl", "-sS", "-m", "60", "--limit-rate", "250K", "-o",
+                        str(got), "-w", "%{http_code}", f"http://{phone_vipa}:8000/big.bin",
                         stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 15
         while _peer(lab).get("path") != "direct" and time.monotonic() < deadline:
@@ -197,6 +211,23 @@ def test_direct_path_takes_over_and_a_cut_falls_back_tcp_survives(
         r0 = _relayed(lab)
         time.sleep(2)
         assert _relayed(lab) - r0 < 2000         # probes of the relay link only, no data
+        # laptop has two access networks, each with a direct path of its own: the flow
+        # moved to wan2 stays direct (phone's data follows it there), and back to wan1
+        deadline = time.monotonic() + 5
+        while _direct_ifaces(lab) != {"wan1", "wan2"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _direct_ifaces(lab) == {"wan1", "wan2"}, _peer(lab)
+        (flow,) = [f for f in lab.agent_status()["flows"] if f.get("peer") == "phone"]
+        for via in ("wan2", "wan1"):
+            assert dl.poll() is None                       # the download still runs
+            rx, r0 = _direct_rx(lab, via), _relayed(lab)
+            lab.agent_cli("move", "--flow", str(flow["id"]), "--via", via)
+            time.sleep(1.5)
+            (f,) = [f for f in lab.agent_status()["flows"] if f.get("peer") == "phone"]
+            assert f["interface"] == via, f
+            assert _direct_rx(lab, via) - rx > 200_000, (  # the download came there
+                f, lab.log_tail("agent", 25), lab.log_tail("agent2", 25))
+            assert _relayed(lab) - r0 < 2000               # and not through the anchor
         # cut the direct path at phone's NAT: the flow falls back to the relay at once
         topo.run("nat3", "nft", "-f", "-", input=CUT_DIRECT.encode())
         deadline = time.monotonic() + 5
@@ -211,12 +242,16 @@ def test_direct_path_takes_over_and_a_cut_falls_back_tcp_survives(
         assert _peer(lab, "agent2")["path"] == "relay"
         out, _ = dl.communicate(timeout=70)
         assert out == "200"
-        assert sha(got) == sha(www / "file.bin")  # one TCP connection, intact, both moves
+        assert sha(got) == sha(www / "big.bin")   # one TCP connection, intact, every move
         (flow,) = [f for f in lab.agent_status()["flows"] if f.get("peer") == "phone"]
         reasons = [h["reason"] for h in flow["history"]]
         # the connection opened through the relay (its SYN waited for the relay, not for
-        # a retransmission), moved to the direct path, and back on the cut
-        assert reasons == ["new flow", "direct path", "direct path lost"], reasons
+        # a retransmission), moved to the direct path (again if wan2's came up first: then
+        # to wan1's, first in interface order), to wan2's and back, and to the relay on
+        # the cut
+        i = reasons.index("operator")
+        assert reasons[0] == "new flow" and set(reasons[1:i]) == {"direct path"}, reasons
+        assert reasons[i:] == ["operator", "operator", "direct path lost"], reasons
     finally:
         lab.stop()
 

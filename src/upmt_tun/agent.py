@@ -50,7 +50,7 @@ from .ice.candidates import IceCandidate, TunnelSocket, gather
 from .ice.checklist import Role as IceRole
 from .ice.checklist import SendStun
 from .ice.demux import is_stun
-from .ice.driver import DirectPath, IcePeer, NoDirect, SendSip
+from .ice.driver import DirectPath, IcePeer, IcePhase, NoDirect, PairUp, SendSip
 from .keys import public_of
 from .link import (
     SIP_STATS,
@@ -83,6 +83,7 @@ __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 log = logging.getLogger(__name__)
 HELD_PACKETS = 8       # first packets kept per mesh peer while its relay comes up
 HELD_PEERS = 32
+MAX_DIRECT = 8         # direct paths per mesh peer (ours per interface, and the peer's)
 UNRESOLVED = ("0.0.0.0", 0)   # the address of an anchor whose name does not resolve yet
 
 @dataclass
@@ -174,10 +175,11 @@ class Agent:
         self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run = [i.path.queue_run for i in self.ifaces]
         # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
-        self.mesh = MeshDirectory()
+        self.mesh = MeshDirectory(order=list(anchors))
         self.mesh_links: dict[str, Link] = {}             # peer key -> its link
         self.mesh_cfg = replace(self.link_cfg, plaintext_data=False)   # never readable
         self.mesh_route = mesh_route      # routes a mesh pool into the TUN (host set-up)
+        self._routed: set[str] = set()
         try:                              # glare between two initiators: the lower key wins
             self.public_key = base64.b64decode(public_of(base64.b64encode(cfg.private_key)))
         except ValueError:
@@ -186,8 +188,9 @@ class Agent:
         self.fwd.mesh_hold = self._mesh_hold
         self._held: dict[bytes, list[bytes]] = {}          # peer VIpA -> first packets
         self.ice: dict[str, IcePeer] = {}                  # peer key -> ICE with it
-        self._direct_dead: list[str] = []                  # direct links to forget
-        self._direct_key: dict[str, str] = {}              # direct record -> peer key
+        self._direct_dead: list[str] = []                  # direct paths to forget
+        self._direct_key = self.fwd.direct_peer            # direct record -> peer key
+        self._path_link: dict[str, Link] = {}              # direct record -> its link
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -231,6 +234,8 @@ class Agent:
                 link = self._by_tid.get(pong[0].tid) if pong is not None else None
                 if link is not None and pong is not None:
                     link.on_pong(pong[1], clock())
+                    if pong[0].tid in fwd.suspect:
+                        self._direct_alive(pong[0])
             elif b0 == TYPE_RELAY:
                 self._on_relay(index, data, src)
             elif b0 == TYPE_HS_INIT:
@@ -318,12 +323,22 @@ class Agent:
             elif isinstance(a, TunnelDown) and a.tunnel.peer in self._direct_key:
                 fwd.tunnel_down(a.tunnel)
                 key = self._direct_key[a.tunnel.peer]
+                for d in self._paths_of(key):   # a silent death: its cause (the peer's NAT,
+                    if d.tunnel is not a.tunnel and a.reason == "probe loss":   # the peer)
+                        d.peer.suspect_at = now     # may have cut them too: they probe at
+                        fwd.suspect.add(d.tunnel.tid)   # once, carry flows once they answer
                 fwd.fail_over(a.tunnel, now, "direct path lost")
-                log.warning("mesh peer %s: direct path lost (%s): back to the relay", key,
-                            a.reason)
-                if key in self.ice:
-                    self.ice[key].lost(now)
-                self._direct_dead.append(key)
+                ice = self.ice.get(key)
+                if ice is not None and ice.checklist is not None:
+                    ice.dead.add((a.tunnel.iface_index, a.tunnel.remote))
+                left = [d for d in fwd.direct_of.get(key, ())
+                        if d != a.tunnel.peer and d not in self._direct_dead]
+                log.warning("mesh peer %s: direct path via %s lost (%s): %s", key,
+                            a.tunnel.interface, a.reason,
+                            "other direct paths remain" if left else "back to the relay")
+                if not left and ice is not None:
+                    ice.lost(now)
+                self._direct_dead.append(a.tunnel.peer)
             elif isinstance(a, TunnelUp):
                 fwd.tunnel_up(a.tunnel, a.un_tid, now)
                 # flows without a working tunnel come at once; the others after return_after
@@ -342,7 +357,7 @@ class Agent:
                 self.announce(fwd.restore_preferences(now, up_for,
                                                       self.cfg.return_after_s))
         while self._direct_dead:
-            self._drop_direct(self._direct_dead.pop())
+            self._drop_path(self._direct_dead.pop())
         if not self._ready.is_set() and all(x.tried for x in self.links.values()):
             self._ready.set()
         self._kick.set()
@@ -415,16 +430,25 @@ class Agent:
     def _mesh_pool(self, anchor: str, pool: str | None) -> None:
         """An association said whether ``anchor`` makes us a mesh host (and its pool)."""
         if pool is None:
+            had = anchor in self.mesh.pools
             for p in self.mesh.drop_anchor(anchor):
                 self._remove_peer(p, "anchor left the mesh")
+            if had:      # a pool it displaced may be used now (config order first)
+                for other in [a for a in self.mesh.order if a in self.mesh.refused]:
+                    self._mesh_pool(other, str(self.mesh.offered[other]))
             return
         known = anchor in self.mesh.pools
-        if not self.mesh.set_pool(anchor, pool) or known:
+        ok = self.mesh.set_pool(anchor, pool)
+        while self.mesh.displaced:
+            for p in self.mesh.drop_anchor(self.mesh.displaced.pop(), left=False):
+                self._remove_peer(p, "its anchor's mesh pool overlaps another's")
+        if not ok or known:
             return
         self.fwd.mesh_anchor_of = self.mesh.anchor_of
         log.info("anchor %s: mesh pool %s (its other hosts are reachable at their VIpAs)",
                  anchor, pool)
-        if self.mesh_route is not None:
+        if self.mesh_route is not None and pool not in self._routed:
+            self._routed.add(pool)       # (routes stay until the stop; one per pool)
             self.mesh_route(pool)
 
     def _mesh_miss(self, vipa_b: bytes) -> None:
@@ -684,7 +708,11 @@ class Agent:
             elif isinstance(a, DirectPath):
                 self._direct(p, a, self.clock())
             elif isinstance(a, NoDirect):
-                self._drop_direct(key)
+                ice = self.ice.get(key)
+                if ice is None or ice.phase is not IcePhase.FAILED:
+                    self._drop_direct(key)     # BYE, declined: not a failed retry
+            elif isinstance(a, PairUp):
+                self._fill_direct(p, self.clock())   # maybe a socket without a direct path
 
     def _mesh_sip(self, p: MeshPeer, inner: bytes, now: float) -> None:
         """A SIP message the peer sealed end to end (the rendezvous): to its ICE."""
@@ -704,50 +732,132 @@ class Agent:
             self._ice_do(key, ice.on_stun(data, index, src, now))
 
     def _direct(self, p: MeshPeer, a: DirectPath, now: float) -> None:
-        """Both ends selected a pair: a link on that socket to that address, validated
-        (PATH_CHALLENGE) before it carries anything; the ICE controlling end initiates."""
-        if not 0 <= a.socket_id < len(self.ifaces) or p.key not in self.ice:
+        """Both ends selected a pair: a direct path there (the ICE controlling end
+        initiates, the other answers), then one on each other interface that reaches the
+        peer (:meth:`_fill_direct`)."""
+        ice = self.ice.get(p.key)
+        if not 0 <= a.socket_id < len(self.ifaces) or ice is None:
             return
-        self._drop_direct(p.key)
-        seam = self.ifaces[a.socket_id]
-        dkey = p.key + "~direct"
+        role = Role.INITIATOR if ice.role is IceRole.CONTROLLING else Role.RESPONDER
+        self._add_direct(p, a.socket_id, a.remote, role, now)
+        self._fill_direct(p, now)
+
+    def _paths_of(self, key: str) -> list[Link]:
+        """The direct paths' links of mesh peer ``key``."""
+        return [self._path_link[d] for d in self.fwd.direct_of.get(key, ())
+                if d in self._path_link]
+
+    def _fill_direct(self, p: MeshPeer, now: float) -> None:
+        """Once ICE selected, each interface of ours without a direct path to ``p`` gets
+        one where a check succeeded (its best pair): we open it, the peer answers it
+        (ICE saw our checks from there). So a flow moved to another interface (a rule's
+        ``via``, ``move``, a handover) stays direct. At most one per interface of ours
+        that we open; the peer's own interfaces are its to fill."""
+        ice = self.ice.get(p.key)
+        cl = ice.checklist if ice is not None else None
+        if ice is None or cl is None or ice.phase is not IcePhase.SELECTED:
+            return
+        have = {link.iface for link in self._paths_of(p.key)}
+        for sid, remote in cl.valid().items():
+            if 0 <= sid < len(self.ifaces) and self.ifaces[sid].name not in have \
+                    and (sid, remote) not in ice.dead:
+                self._add_direct(p, sid, remote, Role.INITIATOR, now)
+
+    def _add_direct(self, p: MeshPeer, sid: int, remote: tuple[str, int], role: Role,
+                    now: float) -> Link | None:
+        """A direct path to ``p`` from socket ``sid`` to ``remote``: its own record,
+        Noise session and tunnel, validated (PATH_CHALLENGE) before it carries data."""
+        seam = self.ifaces[sid]
+        dkey = f"{p.key}~{seam.name}~{remote[0]}:{remote[1]}"
+        old = self.links.get((seam.name, dkey))
+        if old is not None:
+            return old
+        paths = self.fwd.direct_of.setdefault(p.key, [])
+        if len(paths) >= MAX_DIRECT:
+            self.drops["direct_path_cap"] += 1
+            return None
         rec = self.fwd.add_peer(dkey, p.anchor)
-        peer = Peer(dkey, a.remote, p.public_key, rec, kind=PeerKind.AGENT)
-        role = Role.INITIATOR if self.ice[p.key].role is IceRole.CONTROLLING \
-            else Role.RESPONDER
-        t = self.fwd.add_tunnel(seam.name, seam.index, dkey, seam.path.local, a.remote, now)
+        peer = Peer(dkey, remote, p.public_key, rec, kind=PeerKind.AGENT)
+        t = self.fwd.add_tunnel(seam.name, seam.index, dkey, seam.path.local, remote, now)
         link = Link(seam.name, peer, t, self.mesh_cfg, self.env, self.sip_stats, role)
         self.peers[dkey] = peer
         self.links[(seam.name, dkey)] = link
         self._by_tid[t.tid] = link
         self._direct_key[dkey] = p.key
-        self.fwd.direct_of[p.key] = dkey
-        log.info("mesh peer %s: ICE selected %s -> %s:%d, validating", p.key, seam.name,
-                 *a.remote)
+        self._path_link[dkey] = link
+        paths.append(dkey)
+        log.info("mesh peer %s: direct path %s -> %s:%d (%s), validating", p.key,
+                 seam.name, *remote, role.value)
         self._do(link.start(now, self.link_up[seam.name]))
+        return link
+
+    def _direct_alive(self, t: Tunnel) -> None:
+        """A suspect direct path (another to its peer died) answered a probe: it carries
+        flows again, and the peer's flows that went to the relay meanwhile come back."""
+        self.fwd.suspect.discard(t.tid)
+        key = self._direct_key.get(t.peer)
+        if key is not None and t.state == "up":
+            moved = self.fwd.to_direct(key, self.clock())
+            if moved:
+                log.info("mesh peer %s: direct path via %s still answers: %d flow(s) back",
+                         key, t.interface, len(moved))
 
     def _drop_direct(self, key: str) -> None:
-        """Forget the direct path to ``key`` (on purpose: its flows go to the relay as
-        from any removed link, and ICE is not told it was lost)."""
-        dkey = self.fwd.direct_of.pop(key, None)
-        if dkey is None:
+        """Forget every direct path to ``key`` (on purpose: their flows go to the relay
+        as from any removed link, and ICE is not told they were lost)."""
+        for dkey in list(self.fwd.direct_of.get(key, ())):
+            self._drop_path(dkey)
+        self.fwd.direct_of.pop(key, None)
+
+    def _drop_path(self, dkey: str) -> None:
+        """Forget one direct path (its flows move to the next path of their peer)."""
+        key = self._direct_key.pop(dkey, None)
+        if key is None:
             return
-        self._direct_key.pop(dkey, None)
-        for (iface, k), link in list(self.links.items()):
-            if k == dkey:
-                del self.links[(iface, k)]
-                self._by_tid.pop(link.tunnel.tid, None)
-                self._do(link.stop(self.clock()))
+        paths = self.fwd.direct_of.get(key, [])
+        if dkey in paths:
+            paths.remove(dkey)
+        link = self._path_link.pop(dkey, None)
+        if link is not None:
+            self.fwd.suspect.discard(link.tunnel.tid)
+            del self.links[(link.iface, dkey)]
+            self._by_tid.pop(link.tunnel.tid, None)
+            self._do(link.stop(self.clock()))
         self.fwd.remove_peer(dkey)
         self.peers.pop(dkey, None)
 
     def _direct_init(self, index: int, data: bytes, src: tuple[str, int]) -> None:
-        """An HS_INIT on a tunnel socket: only a direct path's responder link takes one."""
+        """An HS_INIT on a tunnel socket: a direct path's answering end takes it, the
+        one of that address, else a new one if a mesh peer's ICE proved that address on
+        this socket (the peer opens a direct path from another interface of its own);
+        an initiation that crosses one of ours to the same address: the lower public
+        key stays the initiator (as on the relay)."""
         iface = self.ifaces[index].name if index < len(self.ifaces) else ""
-        cands = [x for (i, k), x in self.links.items()
-                 if i == iface and k in self._direct_key and x.role is Role.RESPONDER]
-        cands.sort(key=lambda x: x.tunnel.remote != src)
         now = self.clock()
+        mine = [x for (i, k), x in self.links.items()
+                if i == iface and k in self._direct_key and x.tunnel.remote == src]
+        for link in mine:
+            if link.role is Role.INITIATOR and link.state is not LinkState.UP:
+                p = self.mesh.by_key.get(self._direct_key[link.peer.name])
+                if p is None or self.public_key < p.public_key:
+                    self.drops["handshake_glare"] += 1
+                    return
+                self._drop_path(link.peer.name)        # the peer's initiation wins
+                mine = []
+                break
+        cands = [x for x in mine if x.role is Role.RESPONDER]
+        if not cands:
+            for key, ice in self.ice.items():
+                p = self.mesh.by_key.get(key)
+                if p is not None and ice.checklist is not None \
+                        and ice.checklist.reaches(index, src):
+                    new = self._add_direct(p, index, src, Role.RESPONDER, now)
+                    if new is not None:
+                        cands.append(new)
+        if not cands:        # the selected pair's answering end, the peer's address changed
+            cands = [x for (i, k), x in self.links.items()
+                     if i == iface and k in self._direct_key and x.role is Role.RESPONDER
+                     and x.state is not LinkState.UP]
         for link in cands:
             acts = link.on_handshake(data, src, now)
             if not any(isinstance(x, Drop) for x in acts):
@@ -943,14 +1053,11 @@ class Agent:
 
     def _ice_restart(self, name: str, now: float) -> None:
         """Interface ``name`` came back or its NAT mapping may have changed: new
-        candidates, so a re-INVITE (ICE restart) to each peer whose direct path is not
-        up on another interface (the offering end does it)."""
+        candidates, so a re-INVITE (ICE restart) to each peer, from either end (crossing
+        offers: ice/driver.py). Direct paths that work stay up meanwhile; the restart's
+        checks give ``name`` its own again."""
         for key, ice in list(self.ice.items()):
-            if ice.role is not IceRole.CONTROLLING or not ice.enabled:
-                continue
-            dkey = self.fwd.direct_of.get(key)
-            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
-            if direct is not None and direct.state is LinkState.UP and direct.iface != name:
+            if not ice.enabled or ice.phase is IcePhase.DECLINED:
                 continue
             out: list[Any] = []
             ice.restart(now, out)
@@ -1065,7 +1172,8 @@ class Agent:
                          else " ".join(format_host_port(*x) for x in addr),
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
-                         "role": self.fwd.links[a].role}
+                         "role": self.fwd.links[a].role,
+                         **({"mesh": m} if (m := self.mesh.mesh_state(a)) else {})}
                         for a, addr in self.anchors.items()],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
@@ -1078,7 +1186,8 @@ class Agent:
 
 
     def peers_json(self) -> list[dict[str, Any]]:
-        """The mesh peers: how each is reached now (SPEC "Added": ``peers``)."""
+        """The mesh peers: how each is reached now (SPEC "Added": ``peers``), and
+        ``paths``: every path to it (the relay per interface, each direct path)."""
         out = []
         for key, link in self.mesh_links.items():
             p = self.mesh.by_key.get(key)
@@ -1088,21 +1197,36 @@ class Agent:
                   if (t := self.fwd.by_path.get((i.name, key))) is not None and t.state == "up"]
             m = link.monitor
             addrs = self.anchors.get(p.anchor)
-            remote = format_host_port(*addrs[0]) if addrs else None
+            relay_remote = format_host_port(*addrs[0]) if addrs else None
+            remote = relay_remote
+            rtt = m.srtt if m is not None else None
+            paths: list[dict[str, Any]] = []
+            for i in self.ifaces:
+                t = self.fwd.by_path.get((i.name, key))
+                if t is not None:
+                    paths.append({"path": "relay", "interface": i.name, "remote": relay_remote,
+                                  "state": t.state,
+                                  "rtt_ms": None if rtt is None else round(rtt * 1000.0, 3)})
             path = "relay"
-            dkey = self.fwd.direct_of.get(key)
-            direct = next((x for (_i, k), x in self.links.items() if k == dkey), None)
-            if direct is not None and direct.state is LinkState.UP:
-                path, m, up = "direct", direct.monitor, [direct.tunnel]
-                remote = format_host_port(*direct.tunnel.remote)
+            best = self.fwd.peer_path((), key) if key in self.fwd.direct_of else None
+            for d in self._paths_of(key):
+                dm = d.monitor
+                r = d.tunnel.remote
+                paths.append({"path": "direct", "interface": d.iface,
+                              "remote": format_host_port(*r), "state": d.tunnel.state,
+                              "rtt_ms": round(dm.srtt * 1000.0, 3)
+                              if dm is not None and dm.srtt is not None else None})
+                if best is not None and d.tunnel is best:
+                    path, rtt, up = "direct", dm.srtt if dm is not None else None, [best]
+                    remote = format_host_port(*r)
             ice = self.ice.get(key)
             out.append({"name": p.name, "anchor": p.anchor, "vipa": p.vipa, "path": path,
                         "state": link.state.value,
                         "interface": up[0].interface if up else None,
                         "remote": remote,
-                        "rtt_ms": round(m.srtt * 1000.0, 3) if m and m.srtt is not None
-                        else None,
+                        "rtt_ms": round(rtt * 1000.0, 3) if rtt is not None else None,
                         "ice": None if ice is None else ice.phase.value,
                         "why_relay": None if path == "direct" or ice is None
-                        else ice.reason or None})
+                        else ice.reason or None,
+                        "paths": paths})
         return out

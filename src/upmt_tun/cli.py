@@ -122,11 +122,16 @@ def _print_agent_status(st: dict[str, Any]) -> None:
             rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}"
             print(f"{p['name']:12} {p['anchor']:8} {p['vipa']:15} {p['path']:6} "
                   f"{p['interface'] or '-':8} {p['remote'] or '-':21} {rtt:>7}")
+            for q in p.get("paths", ()):        # every path to it, the one above included
+                rtt = "-" if q["rtt_ms"] is None else f"{q['rtt_ms']:.1f}"
+                print(f"{'':12} {'':8} {'  ' + q['state']:15} {q['path']:6} "
+                      f"{q['interface']:8} {q['remote'] or '-':21} {rtt:>7}")
     print(f"\n{'TUNNEL':>6} {'IFACE':8} {'ANCHOR':8} {'STATE':5} {'LOCAL':21} {'REMOTE':21} "
           f"{'VIPA':15} {'RTT ms':>7} {'TX':>9} {'RX':>9}")
     for t in st["tunnels"]:
         rtt = "-" if t["rtt_ms"] is None else f"{t['rtt_ms']:.1f}"
-        print(f"{t['id']:>6} {t['interface']:8} {t['anchor']:8} {t['state']:5} {t['local']:21} "
+        print(f"{t['id']:>6} {t['interface']:8} {t['anchor'].split('~')[0]:8} {t['state']:5} "
+              f"{t['local']:21} "
               f"{t['remote']:21} {t['vipa'] or '-':15} {rtt:>7} {t['tx_packets']:>9} "
               f"{t['rx_packets']:>9}")
     print(f"\n{'FLOW':>6} {'PROTO':5} {'SOURCE':21} {'DESTINATION':21} {'RULE':10} "

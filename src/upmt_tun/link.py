@@ -1100,8 +1100,8 @@ class Link:
                 # made a new one): our tunnel went with it, set it up again now
                 self._tunnel_lost(now, "association lost", out, fresh=False)
                 return
-            if m.last_rx < self.peer.suspect_at:
-                m.last_data = now            # another tunnel to it died silent: probe as busy
+        if m.last_rx < self.peer.suspect_at:
+            m.last_data = now                # another tunnel to it died silent: probe as busy
         probe, dead = m.tick(now, t.tx_packets, t.rx_packets)
         if dead:
             log.warning("tunnel %d (%s -> %s): no answer for %.2f s, down", t.tid,

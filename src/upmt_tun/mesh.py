@@ -12,6 +12,13 @@ negative cache, all bounded, with ``now`` passed in. The driver (``agent.py``) s
 PeerReqs it asks for and keeps one :class:`link.Link` (``PeerKind.AGENT``) per peer whose
 sends it wraps in RELAY datagrams.
 
+Two mesh anchors whose pools overlap (both the default ``100.100.0.0/16``) would make one
+VIpA name two hosts, and an address alone cannot say which anchor's host a legacy program
+means. So the anchor listed first in the agent's config keeps its mesh, whichever
+associates first: the other's is refused with one error line (and its peers forgotten if
+it came first), its hosts are not reachable through the mesh, and ``status`` says so
+(``mesh``: ``"refused: ..."``). It comes back if the first one leaves the mesh.
+
 A relay path has no UDP address of its own: its "address" is ``(peer key, 0)``
 (:func:`relay_addr`); port 0 is never a UDP peer's, so the driver knows a link's send is
 for the relay from the address alone.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["MAX_PEERS", "MeshDirectory", "MeshPeer", "RELAY_OVERHEAD", "is_relay_addr",
@@ -72,29 +80,56 @@ class MeshPeer:
 class MeshDirectory:
     """Mesh pools per anchor, the peers found in them and the lookups under way."""
 
-    def __init__(self, max_peers: int = MAX_PEERS, max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, max_peers: int = MAX_PEERS, max_pending: int = MAX_PENDING,
+                 order: Sequence[str] = ()) -> None:
         self.max_peers = max_peers
         self.max_pending = max_pending
+        self.order = list(order)                   # the agent's config order of anchors
         self.pools: dict[str, ipaddress.IPv4Network] = {}
+        self.offered: dict[str, ipaddress.IPv4Network] = {}   # every pool an anchor gave
+        self.refused: dict[str, str] = {}          # anchor -> why its mesh is not used
+        self.displaced: list[str] = []             # anchors set_pool just took it from
         self.by_vipa: dict[bytes, MeshPeer] = {}
         self.by_key: dict[str, MeshPeer] = {}
         self.pending: dict[bytes, float] = {}      # VIpA -> when its lookup may be retried
         self.unknown: dict[bytes, float] = {}      # VIpA -> until when "nobody" holds
         self.stash: dict[bytes, bytes] = {}        # VIpA -> an initiation awaiting its lookup
 
+    def _rank(self, anchor: str) -> int:
+        return self.order.index(anchor) if anchor in self.order else len(self.order)
+
     def set_pool(self, anchor: str, pool: str) -> bool:
         """``anchor`` says its mesh pool is ``pool``; False (and nothing changes) if it
-        overlaps another anchor's pool (a VIpA must name one host)."""
+        overlaps the pool of an anchor listed before it (a VIpA must name one host). An
+        overlapping pool of an anchor listed after it is dropped: those anchors are in
+        :attr:`displaced` (the driver forgets their peers, :meth:`drop_anchor`)."""
         net = ipaddress.IPv4Network(pool)
+        self.offered[anchor] = net
         if self.pools.get(anchor) == net:
             return True
-        for other, onet in self.pools.items():
-            if other != anchor and onet.overlaps(net):
-                log.error("anchor %s: mesh pool %s overlaps anchor %s's %s: its mesh is not "
-                          "used", anchor, net, other, onet)
+        clash = [(o, n) for o, n in self.pools.items() if o != anchor and n.overlaps(net)]
+        for other, onet in clash:
+            if self._rank(other) <= self._rank(anchor):
+                self.refused[anchor] = f"refused: {net} overlaps anchor {other}'s {onet}"
+                log.error("anchor %s: mesh pool %s overlaps anchor %s's %s, listed before "
+                          "it: %s's mesh hosts are not reachable (give mesh anchors "
+                          "distinct vipa_pool)", anchor, net, other, onet, anchor)
                 return False
+        for other, onet in clash:
+            del self.pools[other]
+            self.refused[other] = f"refused: {onet} overlaps anchor {anchor}'s {net}"
+            self.displaced.append(other)
+            log.error("anchor %s: mesh pool %s overlaps anchor %s's %s, listed before it: "
+                      "%s's mesh hosts are no longer reachable (give mesh anchors distinct "
+                      "vipa_pool)", other, onet, anchor, net, other)
+        self.refused.pop(anchor, None)
         self.pools[anchor] = net
         return True
+
+    def mesh_state(self, anchor: str) -> str | None:
+        """For status: the pool in use, why it is refused, or None (no mesh)."""
+        net = self.pools.get(anchor)
+        return str(net) if net is not None else self.refused.get(anchor)
 
     def anchor_of(self, vipa_b: bytes) -> str | None:
         """The mesh anchor whose pool holds ``vipa_b`` (None: not a mesh address)."""
@@ -153,9 +188,13 @@ class MeshDirectory:
         if self.by_vipa.get(p.vipa_b) is p:
             del self.by_vipa[p.vipa_b]
 
-    def drop_anchor(self, anchor: str) -> list[MeshPeer]:
-        """``anchor`` is no mesh any more: its pool and peers go; returns the peers."""
+    def drop_anchor(self, anchor: str, left: bool = True) -> list[MeshPeer]:
+        """``anchor`` is no mesh any more (``left``; else only displaced): its pool and
+        peers go; returns the peers."""
         self.pools.pop(anchor, None)
+        if left:
+            self.offered.pop(anchor, None)
+            self.refused.pop(anchor, None)
         gone = [p for p in self.by_key.values() if p.anchor == anchor]
         for p in gone:
             self.forget(p)

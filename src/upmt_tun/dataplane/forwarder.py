@@ -151,7 +151,13 @@ class AgentForwarder:
         self.mesh_hold: Callable[[bytes, bytes], None] = \
             lambda dst, pkt: self.drops.update(("mesh_peer_pending",))
         self.mesh_mtu = 0                      # >0: relayed packets longer are dropped
-        self.direct_of: dict[str, str] = {}    # mesh peer -> its direct path's record
+        # mesh peer -> the records of its direct paths (one per validated pair: our
+        # socket, the peer's address), and back
+        self.direct_of: dict[str, list[str]] = {}
+        self.direct_peer: dict[str, str] = {}
+        # direct paths not chosen for flows until they answer a probe: another direct
+        # path to the same peer just died, maybe of the same cause (its NAT, its host)
+        self.suspect: set[int] = set()
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -188,7 +194,7 @@ class AgentForwarder:
             if f.rule != rule or not isinstance(f.policy, FlowClass):
                 continue
             f.policy = self._preferred(f.policy, iface, None)
-            t = self.usable(iface, f.anchor)
+            t = self.usable_for(iface, f.anchor)
             if t is not None and t.tid != f.tunnel:
                 f.move(now, t.tid, "operator")
                 moved.append(f)
@@ -198,7 +204,7 @@ class AgentForwarder:
         """Move one flow to ``iface`` (same anchor: its public address stays)."""
         fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
         f.policy = self._preferred(fc, iface, None)
-        t = self.usable(iface, f.anchor)
+        t = self.usable_for(iface, f.anchor)
         if t is None:
             return False
         if t.tid != f.tunnel:
@@ -291,6 +297,15 @@ class AgentForwarder:
     def usable(self, interface: str, anchor: str) -> Tunnel | None:
         t = self.by_path.get((interface, anchor))
         return t if t is not None and t.state == "up" else None
+
+    def usable_for(self, interface: str, anchor: str) -> Tunnel | None:
+        """The tunnel to ``anchor`` on ``interface``; for a mesh peer a direct path
+        there if one is up, else its relay path there."""
+        for d in self.direct_of.get(anchor, ()):
+            t = self.usable(interface, d)
+            if t is not None and t.tid not in self.suspect:
+                return t
+        return self.usable(interface, anchor)
 
     # -- uplink -------------------------------------------------------------------------
     def from_tun(self, pkt: bytes, now: float) -> tuple[int, tuple[str, int], bytes] | None:
@@ -507,14 +522,37 @@ class AgentForwarder:
         return flow, t, s
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
-        if anchor in self.direct_of:           # a mesh peer: direct first, then the relay
-            anchors: tuple[str, ...] = (self.direct_of[anchor], anchor)
-        elif anchor:
-            anchors = (anchor,)
+        if anchor in self.direct_of:
+            return self.peer_path(fc.via, anchor)
+        if anchor:
+            anchors: tuple[str, ...] = (anchor,)
         else:
             anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
         return choose_tunnel(via=fc.via or tuple(self.interfaces), anchors=anchors, dst=dst,
                              links=self.links, usable=self.usable)
+
+    def peer_path(self, via: tuple[str, ...], peer: str) -> Tunnel | None:
+        """The path for a flow to mesh peer ``peer``. A rule's ``via`` (or a move) names
+        interfaces: that interface first, direct there if a direct path is up, else its
+        relay path, then the next interface. Without ``via``: a direct path on any
+        interface (config order) before any relay path. The relay is the fallback."""
+        directs = self.direct_of.get(peer, ())
+        if via:
+            for iface in via:
+                t = self.usable_for(iface, peer)
+                if t is not None:
+                    return t
+            return None
+        for iface in self.interfaces:
+            for d in directs:
+                t = self.usable(iface, d)
+                if t is not None and t.tid not in self.suspect:
+                    return t
+        for iface in self.interfaces:
+            t = self.usable(iface, peer)
+            if t is not None:
+                return t
+        return None
 
     def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
         fc = self.classify(key)
@@ -621,7 +659,7 @@ class AgentForwarder:
             self.drops["bad_inner"] += 1
             return None
         nat.rewrite_dst(buf, self.vipa_fix_b)
-        self._account_rx(key, now, 1)
+        self._account_rx(t, key, now, 1)
         return bytes(buf)
 
     def _downlink_run(self, t: Tunnel, pts: list[bytes], i: int, j: int, now: float
@@ -631,14 +669,27 @@ class AgentForwarder:
         if key is None or pts[i][16:20] != t.vipa_b:
             self.drops["bad_inner"] += j - i
             return []
-        self._account_rx(key, now, j - i)
+        self._account_rx(t, key, now, j - i)
         return offload.rewrite_run(pts, i, j, self.vipa_fix_b, False)
 
-    def _account_rx(self, key: FlowKey, now: float, n: int) -> None:
+    def _account_rx(self, t: Tunnel, key: FlowKey, now: float, n: int) -> None:
         flow = self.paft.get((key[0], self.vipa_fix_b, key[1], key[4], key[3]))
         if flow is not None:
             flow.rx_packets += n
             flow.last_seen = now
+            if flow.tunnel != t.tid and t.peer in self.direct_peer:
+                self._follow(flow, t, now)
+
+    def _follow(self, flow: Flow, t: Tunnel, now: float) -> None:
+        """A flow's packet came from its mesh peer on direct path ``t``, not on the path
+        the flow uses: the peer moved it (to another of its interfaces). Follow it when
+        ``t`` is on the same interface of ours as the flow's path (our own ``via`` stays
+        ours), as the anchor follows a host's flow (implicit handover)."""
+        cur = self.tunnels.by_tid.get(flow.tunnel)
+        if (cur is not None and cur.state == "up" and t.state == "up"
+                and cur.interface == t.interface
+                and self.direct_peer.get(cur.peer, cur.peer) == self.direct_peer[t.peer]):
+            flow.move(now, t.tid, "peer moved")
 
     def pong(self, index: int, data: bytes, src: tuple[str, int]) -> tuple[Tunnel, float] | None:
         """A PONG received on socket ``index``: (its tunnel, the probe's send time)."""

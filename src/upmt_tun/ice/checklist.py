@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 CHECK_BUDGET = 128      # bytes one of our checks takes (they are ~100): what pacing reserves
+MAX_VERIFIED = 32       # sources of the peer's authenticated checks remembered
 
 
 class Role(enum.Enum):
@@ -267,6 +268,9 @@ class Checklist:
         self._nominating: Pair | None = None
         self._selected: Pair | None = None
         self._early = []
+        # (socket, source) of authenticated checks the peer sent us: a direct path the
+        # peer opens from there may be answered (oldest forgotten past MAX_VERIFIED)
+        self._verified: dict[tuple[int, Addr], None] = {}
 
     def restart(self, local_ufrag: str, local_pwd: str) -> None:
         """ICE restart (RFC 8445 section 9): new local credentials, everything else forgotten.
@@ -321,6 +325,22 @@ class Checklist:
     @property
     def pairs(self) -> tuple[Pair, ...]:
         return tuple(self._pairs)
+
+    def valid(self) -> dict[int, Addr]:
+        """Per socket, the peer's address on its best succeeded pair (each access network
+        that reaches the peer directly, for a direct path per interface)."""
+        out: dict[int, Addr] = {}
+        for p in self._pairs:                 # best first
+            if p.state is PairState.SUCCEEDED and p.socket_id not in out:
+                out[p.socket_id] = p.remote.addr
+        return out
+
+    def reaches(self, socket_id: int, addr: Addr) -> bool:
+        """Whether ``addr`` proved on ``socket_id`` that it is the peer: a check of ours
+        succeeded there, or an authenticated check of the peer's came from there."""
+        pair = self._by_key.get((socket_id, addr))
+        return (pair is not None and pair.state is PairState.SUCCEEDED) or \
+            (socket_id, addr) in self._verified
 
     # ------------------------------------------------------------------- pairs
 
@@ -676,6 +696,10 @@ class Checklist:
                 return
         if not self._send_answer(sid, self._answer(msg, src), src, out):
             return
+        self._verified.pop((sid, src), None)
+        self._verified[(sid, src)] = None
+        if len(self._verified) > MAX_VERIFIED:
+            del self._verified[next(iter(self._verified))]
         use_candidate = "USE-CANDIDATE" in msg.attributes
         if self.remote_ufrag is None:
             if len(self._early) < self.timing.max_early:

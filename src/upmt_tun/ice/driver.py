@@ -21,6 +21,13 @@ A re-INVITE with new credentials is an ICE restart (:meth:`IcePeer.restart`: int
 or NAT mappings changed, or the direct path died); ``BYE`` ends it. The SDP's VIpA and key
 must be the ones the anchor vouched for. Failures retry with backoff (5 s doubling to 120
 s); ``direct = false`` answers INVITEs with 603 Decline.
+
+Either end may offer again (a restart after its interface changed, a retry after a
+failure); the ICE roles stay those of the relay link. The controlled end retries half a
+backoff later than the controlling one, so it rarely needs to, and when both offers
+cross (glare) the controlling end's wins: it answers the other's INVITE with 491 Request
+Pending, and the controlled end drops its own offer and answers (RFC 3261 section 14.1
+lets the 491 side retry later; here the crossing offer already did the work).
 """
 
 from __future__ import annotations
@@ -33,10 +40,19 @@ from enum import Enum
 
 from ..signalling import sip
 from .candidates import IceCandidate
-from .checklist import Checklist, Failed, IceState, Role, Selected, SendStun, Timing
+from .checklist import (
+    Checklist,
+    Failed,
+    IceState,
+    PairSucceeded,
+    Role,
+    Selected,
+    SendStun,
+    Timing,
+)
 from .sdp import IceDescription, build, new_credentials, parse
 
-__all__ = ["DirectPath", "IcePeer", "IcePhase", "NoDirect", "SendSip"]
+__all__ = ["DirectPath", "IcePeer", "IcePhase", "NoDirect", "PairUp", "SendSip"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +93,15 @@ class NoDirect:
     reason: str
 
 
-Action = SendSip | SendStun | DirectPath | NoDirect
+@dataclass(frozen=True)
+class PairUp:
+    """A check succeeded on a socket (maybe one without a direct path yet)."""
+
+    socket_id: int
+    remote: tuple[str, int]
+
+
+Action = SendSip | SendStun | DirectPath | NoDirect | PairUp
 
 
 class IcePeer:
@@ -105,6 +129,9 @@ class IcePeer:
         self._backoff = RETRY_FIRST
         self._answers: dict[tuple[str, str], bytes] = {}   # (Call-ID, CSeq) -> our 200
         self.tie_breaker = int.from_bytes(rng(8), "big")
+        # (socket, peer address) of direct paths that died since this checklist began:
+        # not tried again until the next restart
+        self.dead: set[tuple[int, tuple[str, int]]] = set()
 
     # -- timers ------------------------------------------------------------------------
     def next_deadline(self) -> float:
@@ -147,6 +174,8 @@ class IcePeer:
         ufrag, pwd = new_credentials(self.rng)
         self.checklist = Checklist(self.role, ufrag, pwd, self.tie_breaker, self.rng,
                                    self.local(), TIMING)
+        self.dead.clear()
+        self._retry_at = _INF
         self._cseq += 1
         self._call = secrets.token_hex(8)
         self._invite = self._request("INVITE", self._sdp().encode())
@@ -157,14 +186,18 @@ class IcePeer:
         out.append(SendSip(self._invite))
 
     def lost(self, now: float) -> None:
-        """The direct path died: the flows are back on the relay; try again later."""
+        """The last direct path died: the flows are back on the relay; try again later."""
         self.phase = IcePhase.FAILED
         self.reason = "direct path lost"
         self.checklist = None
         self._resend_at = self._give_up_at = _INF
-        if self.role is Role.CONTROLLING:      # the offering end retries (no crossed offers)
-            self._retry_at = now + self._backoff
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+        self._schedule_retry(now)
+
+    def _schedule_retry(self, now: float) -> None:
+        """Both ends retry; the controlled one half a backoff later (see the docstring)."""
+        later = 1.0 if self.role is Role.CONTROLLING else 1.5
+        self._retry_at = now + self._backoff * later
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
 
     def bye(self) -> bytes:
         """The BYE to send when this peer is forgotten."""
@@ -191,6 +224,12 @@ class IcePeer:
                     or self.phase is not IcePhase.OFFERING):
                 return out
             self._resend_at = _INF
+            if msg.status_code == 491:          # glare: the other end's offer goes on
+                self.phase, self.reason = IcePhase.IDLE, "offers crossed"
+                self._give_up_at = _INF
+                if self._retry_at == _INF:      # unless it never comes
+                    self._schedule_retry(now)
+                return out
             if msg.status_code != 200:
                 self.phase, self.reason = IcePhase.DECLINED, f"peer: {msg.status_code} " \
                     f"{msg.reason_phrase}"
@@ -226,6 +265,10 @@ class IcePeer:
         if not self.enabled:
             self._answer(key, sip.build_response(req, 603, "Decline"), out)
             return
+        if self.phase is IcePhase.OFFERING and self.role is Role.CONTROLLING:
+            # both offered at once: ours wins; the other end answers ours
+            out.append(SendSip(sip.build_response(req, 491, "Request Pending")))
+            return
         desc = self._remote(req.body)
         if desc is None:
             self._answer(key, sip.build_response(req, 488, "Not Acceptable Here"), out)
@@ -233,6 +276,7 @@ class IcePeer:
         ufrag, pwd = new_credentials(self.rng)          # a new offer: a new session
         self.checklist = Checklist(self.role, ufrag, pwd, self.tie_breaker, self.rng,
                                    self.local(), TIMING)
+        self.dead.clear()
         self._answer(key, sip.build_response(req, 200, "OK", self._sdp().encode()), out)
         self.phase = IcePhase.CHECKING
         self._resend_at, self._retry_at = _INF, _INF
@@ -251,6 +295,8 @@ class IcePeer:
         for a in acts:
             if isinstance(a, SendStun):
                 out.append(a)
+            elif isinstance(a, PairSucceeded):
+                out.append(PairUp(a.socket_id, a.remote))
             elif isinstance(a, Selected) and self.phase is not IcePhase.SELECTED:
                 self.phase, self.reason = IcePhase.SELECTED, ""
                 self._give_up_at = _INF
@@ -266,9 +312,7 @@ class IcePeer:
         self._resend_at = self._give_up_at = _INF
         if self.checklist is not None and self.checklist.state is not IceState.COMPLETED:
             self.checklist = None
-        if self.role is Role.CONTROLLING:
-            self._retry_at = now + self._backoff
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+        self._schedule_retry(now)
         out.append(NoDirect(reason))
 
     def _sdp(self) -> str:
