@@ -115,6 +115,10 @@ def _print_agent_status(st: dict[str, Any]) -> None:
     for a in st.get("anchors", []):
         print(f"anchor {a['name']} {a['address'] or '-'}  {a['state']}  vipa {a['vipa'] or '-'}"
               f"  ({a['role']})")
+    for i in st.get("interfaces", []):
+        if i["device"] != i["name"] or not i["up"]:     # a pattern, or not there (yet)
+            print(f"interface {i['name']} {i['device'] or '(no device)'}  "
+                  f"{'up' if i['up'] else 'down'}")
     if st.get("peers"):
         print(f"\n{'PEER':12} {'ANCHOR':8} {'VIPA':15} {'PATH':6} {'IFACE':8} {'REMOTE':21} "
               f"{'RTT ms':>7}")

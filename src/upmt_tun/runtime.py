@@ -24,6 +24,7 @@ from .config import AgentConfig, AnchorConfig
 from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
+from .hotplug_driver import Hotplug, entries
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
@@ -282,11 +283,16 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
 def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
-    ifaces = _interfaces(cfg)
-    # no address or no carrier yet (booting before the network): down until it comes up
+    ifaces, slots = entries(cfg, _interfaces)
+    # no device, no address or no carrier yet (booting before the network, a tether not
+    # plugged in): down until it comes up
     waiting = {i.name for i, _ in ifaces if i.address is None or not i.carrier}
-    for name in sorted(waiting):
-        log.info("interface %s has no IPv4 address or carrier yet: its tunnels wait", name)
+    for info, _gw in sorted(ifaces, key=lambda x: x[0].name):
+        if info.index == 0:
+            log.info("interface %s: no such device yet: its tunnels wait", info.name)
+        elif info.name in waiting:
+            log.info("interface %s has no IPv4 address or carrier yet: its tunnels wait",
+                     info.name)
     names = {i.name for i, _ in ifaces}
     for r in cfg.rules:
         for v in r.via:
@@ -294,7 +300,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
     schedule = _first_resolution(cfg, time.monotonic())
     anchors = {name: e.addr for name, e in schedule.entries.items()}
-    mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
+    # devices that come later do not change it (set `mtu` if theirs may be smaller)
+    mtu = cfg.mtu or min((i.mtu for i, _ in ifaces if i.mtu), default=1500) - OVERHEAD
     if signals.signum is not None:
         return                       # stopped before anything was changed
     loop = new_loop()
@@ -303,14 +310,20 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     host: AgentHost | None = None
     try:
         seams = []
+        devices = {i.name: (slots.device(i.name) if slots else i.name) for i, _ in ifaces}
+        paths: dict[str, PathSocket] = {}
         for idx, (info, _gw) in enumerate(ifaces):
-            sock = open_udp("0.0.0.0", 0, device=info.name, mark=cfg.fwmark + 1 + idx)
+            # an entry without a device yet: unbound until one comes (Hotplug); its link
+            # is down and sends nothing, and its table has no route
+            sock = open_udp("0.0.0.0", 0, device=devices[info.name],
+                            mark=cfg.fwmark + 1 + idx)
             path = PathSocket(sock, loop, (info.address or "0.0.0.0", sock.getsockname()[1]),
                               offload=_offload('udp'))
             opened.append(path)
+            paths[info.name] = path
             seams.append(IfaceSeam(info.name, idx, path))
         plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1],
-                           waiting=info.name in waiting)
+                           waiting=info.name in waiting, absent=info.index == 0)
                  for idx, (info, gw) in enumerate(ifaces)]
         rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
                            r.src_port, r.uid, r.cgroup) for r in cfg.rules]
@@ -333,7 +346,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
-                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
+                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority,
+                         devices={k: v for k, v in devices.items() if v is not None})
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
@@ -361,6 +375,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
+        agent.devices.update(devices)
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             agent.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
@@ -376,7 +391,10 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         configured = {ic.name: ic.gateway for ic in cfg.interfaces}
 
         def read_iface(name: str) -> tuple[str | None, str | None]:
-            info = netlink.interface_info(name)
+            device = slots.device(name) if slots is not None else name
+            if device is None:
+                raise SystemSetupError("no such device")
+            info = netlink.interface_info(device)
             return info.address, info.gateway
 
         async def set_route(name: str, gateway: str | None) -> None:
@@ -389,14 +407,19 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         async def release(address: str) -> None:
             await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
 
-        state = InterfaceState({info.index: info.name for info, _ in ifaces},
+        state = InterfaceState({info.index: info.name for info, _ in ifaces if info.index},
                                {info.name: info.address for info, _ in ifaces},
                                {p.name: p.gateway for p in plans}, configured,
                                read=read_iface, set_route=set_route, on_usable=on_usable,
                                on_changed=on_changed, adopt=adopt, release=release,
                                carrier={info.name: info.carrier for info, _ in ifaces})
         opened.append(state)
-        opened.append(LinkWatch(loop, state.on_event))
+        hot = None
+        if slots is not None:
+            hot = Hotplug(slots, paths,
+                          {p.name: cfg.fwmark + 1 + p.index for p in plans}, host, state, agent)
+            opened.append(hot)
+        opened.append(LinkWatch(loop, state.on_event, hot.on_name if hot else None))
 
         async def on_ready() -> None:
             resolver.start()

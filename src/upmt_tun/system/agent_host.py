@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from upmt_tun.hotplug import is_pattern
 from upmt_tun.system import netlink, nft
 from upmt_tun.system.errors import SystemSetupError
 from upmt_tun.system.netlink import Route, Rule
@@ -71,6 +72,7 @@ class IfacePlan:
     gateway: str | None  # None: on-link default route (dev iface, no gateway)
     socket_port: int  # local UDP port of this interface's tunnel socket
     waiting: bool = False  # no address or carrier at start: route made when it comes up
+    absent: bool = False   # no device behind the entry at start (hotplug: made when one comes)
 
 
 def rule_ct_mark(rule_index: int, fwmark: int) -> int:
@@ -164,9 +166,11 @@ def agent_ruleset(
             f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
         )
     output.append(f"ct mark and {mask} == {fwmark:#x} meta mark set {packet_mark}")
+    # a pattern entry (usb*) has no one name for iifname: its port is its own, and its
+    # socket, bound to the device behind the entry, takes only what arrives there
     prerouting = [
-        f"iifname {nft.quote(i.name)} udp dport {i.socket_port} "
-        f"meta mark set {fwmark + 1 + i.index:#x}"
+        ("" if is_pattern(i.name) else f"iifname {nft.quote(i.name)} ")
+        + f"udp dport {i.socket_port} meta mark set {fwmark + 1 + i.index:#x}"
         for i in ifaces
     ]
     # out of the TUN: only replies to connections opened here, and ICMP errors about
@@ -227,7 +231,10 @@ class AgentHost:
         state_file: str | None = None,
         mark_mask: int = MARK_MASK,
         priority: int = PRIO_SOCKETS,
+        devices: dict[str, str] | None = None,
     ) -> None:
+        """``devices``: entry -> the device behind it now, where that is not the entry's
+        own name (a pattern's match); :meth:`bind_device` changes it at run time."""
         top = fwmark + 1 + max((i.index for i in ifaces), default=0)
         if not 0 < fwmark or top > MARK_MASK:
             raise SystemSetupError(f"fwmark {fwmark:#x}: F .. F+1+n must fit in 16 bits")
@@ -247,6 +254,8 @@ class AgentHost:
         self.ifaces = list(ifaces)
         self.rules = list(rules)
         self.mark_mask = mark_mask
+        self.devices = {i.name: i.name for i in self.ifaces if not is_pattern(i.name)}
+        self.devices.update(devices or {})
         self.prio_sockets, self.prio_steered = priority, priority + 1
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
@@ -300,7 +309,8 @@ class AgentHost:
                 " cleanup_leftovers removes it)"
             )
         tun = netlink.interface_info(self.tun)
-        indexes = {i.name: netlink.link_index(i.name) for i in self.ifaces}
+        present = [i for i in self.ifaces if not i.absent]
+        indexes = {i.name: netlink.link_index(self.devices[i.name]) for i in present}
         script = agent_ruleset(
             tun=self.tun,
             vipa_fix=self.vipa_fix,
@@ -312,15 +322,17 @@ class AgentHost:
         )
 
         self._undo.push("sysctls", self._sysctl.restore)
-        for name in [self.tun, *indexes]:
+        for name in [self.tun, *(self.devices[i.name] for i in present)]:
             self._sysctl.set(iface_key("net.ipv4.conf", name, "src_valid_mark"), "1")
 
         for i in self.ifaces:      # undo = flush: the route may be re-made on link changes
             table = self.table + 1 + i.index
             self._undo.push(f"routes of table {table}", partial(netlink.flush_table, table))
+            if i.absent:           # made when a device comes (bind_device, restore_iface_route)
+                continue
             try:
                 netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway,
-                                        dev=i.name))
+                                        dev=self.devices[i.name]))
             except SystemSetupError as e:
                 if not i.waiting:
                     raise
@@ -344,11 +356,25 @@ class AgentHost:
         """After an access interface came back (the kernel removed its routes when it went
         down): re-make the default route of its table, through ``gateway`` (None: on-link)."""
         plan = next((i for i in self.ifaces if i.name == name), None)
-        if plan is None:
+        device = self.devices.get(name)
+        if plan is None or device is None:
             return
         table = self.table + 1 + plan.index
         netlink.flush_table(table)
-        netlink.add_route(Route(table, oif=netlink.link_index(name), gateway=gateway, dev=name))
+        netlink.add_route(Route(table, oif=netlink.link_index(device), gateway=gateway,
+                                dev=device))
+
+    def bind_device(self, name: str, device: str | None) -> None:
+        """Entry ``name`` is device ``device`` from now on (hotplug: created after the
+        start, or deleted and created again), None: no device. A new device gets
+        ``src_valid_mark`` (put back at teardown, if it still exists then); its table's
+        route is made by :meth:`restore_iface_route` once it has an address, and the
+        kernel removed the old one with the old device."""
+        if device is None:
+            self.devices.pop(name, None)
+            return
+        self.devices[name] = device
+        self._sysctl.set(iface_key("net.ipv4.conf", device, "src_valid_mark"), "1")
 
     def add_mesh_pool(self, pool: str, mtu: int) -> None:
         """An anchor made this host a mesh host: route its pool into the TUN (main table,
