@@ -445,7 +445,9 @@ commands (without one, the anchor runs in the foreground):
   pubkey    read a private key on stdin, print its public key
 
 `upmt-anchor COMMAND --help` describes each. The anchor prints `ready` once it listens
-and runs until SIGTERM, SIGINT or SIGHUP, then restores the host. Exit 0 on success, 2 for
+and runs until SIGTERM, SIGINT or SIGHUP, then restores the host; SIGUSR2 (what
+`systemctl restart` sends) stops it for a restart: its NAT stays until the next start,
+so the connections it masquerades survive. Exit 0 on success, 2 for
 bad usage or a bad config (one line), 1 for anything else (one line).
 """
 
@@ -453,7 +455,8 @@ ANCHOR_SUBCOMMANDS = {
     "status": "Show the running anchor's associations, tunnels and flows; --watch "
               "refreshes it with rates per tunnel and per flow.",
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
-               "the sysctls it changed, a TUN device and the stale control socket. Refuses "
+               "the sysctls it changed, a TUN device and the stale control socket, and the "
+               "NAT an anchor stopped for a restart (SIGUSR2) keeps. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
     "check": CHECK_HELP.format(daemon="anchor") + " Anchor: a firewall whose forward "
              "policy is drop (Docker, ufw), vipa_pool overlapping an address or route of "
@@ -478,6 +481,10 @@ def anchor_main(argv: list[str] | None = None) -> int:
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
             _watch_args(sp)
+        if cmd == "cleanup":
+            sp.add_argument("--keep-paused", action="store_true",
+                            help="leave the NAT an anchor stopped for a restart (SIGUSR2) "
+                                 "keeps, for the next start (the unit's ExecStopPost)")
         args = sp.parse_args(argv[1:])
         if cmd == "genkey":
             return genkey(prog)
@@ -494,7 +501,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
             from .runtime import cleanup_anchor
 
             cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
-            cleanup_anchor(cfg, args.control or cfg.control)
+            cleanup_anchor(cfg, args.control or cfg.control, args.keep_paused)
             return 0
 
         return _run(prog, clean)

@@ -32,7 +32,7 @@ from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
-from .system.anchor_host import AnchorHost
+from .system.anchor_host import AnchorHost, is_paused
 from .system.cgroups import RuleCgroups
 from .system.errors import StartupError, SystemSetupError
 from .system.ifstate import InterfaceState
@@ -107,7 +107,10 @@ def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
     return out
 
 
-STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# SIGUSR2 stops too, *for a restart*: systemd sends it on `systemctl restart`
+# (RestartKillSignal= in the units); the anchor then keeps its NAT (AnchorHost.pause_on_teardown)
+RESTART_SIGNAL = signal.SIGUSR2
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RESTART_SIGNAL)
 
 
 class StopSignals:
@@ -132,7 +135,8 @@ class StopSignals:
     def note(self, signum: int, _frame: object = None) -> None:
         if self.signum is None:
             self.signum = signum
-            log.info("%s: stopping", signal.Signals(signum).name)
+            log.info("%s: stopping%s", signal.Signals(signum).name,
+                     " for a restart" if signum == RESTART_SIGNAL else "")
         if self._event is not None:
             self._event.set()
 
@@ -496,6 +500,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                                            _metrics_server(cfg.metrics, anchor, render_anchor),
                                            cfg.group))
     finally:
+        if host is not None and signals.signum == RESTART_SIGNAL:
+            host.pause_on_teardown = True
         _close(opened, host, loop)
 
 
@@ -521,14 +527,21 @@ def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
         log.info("removed %d leftover cgroup(s)", removed)
 
 
-def cleanup_anchor(cfg: AnchorConfig, control_path: str) -> None:
+def cleanup_anchor(cfg: AnchorConfig, control_path: str, keep_paused: bool = False) -> None:
     """``upmt-anchor cleanup``: the same for a killed anchor (nft table, sysctls, TUN,
-    control socket)."""
+    control socket), and the NAT stub an anchor stopped for a restart left, unless
+    ``keep_paused`` (``--keep-paused``: ExecStopPost, which runs on a restart too: the
+    stub is there only after a stop for a restart, and the next start replaces it)."""
     if remove_stale(control_path, "anchor"):
         log.info("removed stale control socket %s", control_path)
+    paused = is_paused()
+    if paused:
+        log.info("%s the NAT kept by an anchor stopped for a restart",
+                 "leaving" if keep_paused else "removing")
     AnchorHost(tun=cfg.tun, tun_address=str(next(cfg.vipa_pool.hosts())),
                pool_prefixlen=cfg.vipa_pool.prefixlen, pool=str(cfg.vipa_pool), mtu=cfg.mtu,
                role=cfg.role, nat_interface=cfg.nat_interface,
-               state_file=control_path + ".state").cleanup_leftovers()
+               state_file=control_path + ".state").cleanup_leftovers(
+        keep_table=keep_paused and paused)
     if netlink.delete_tun(cfg.tun):
         log.info("removed leftover TUN device %s", cfg.tun)
