@@ -103,3 +103,11 @@ def test_paused_ruleset_keeps_nat_and_conntrack_and_drops_the_pool() -> None:
     # a rule using conntrack (else the kernel stops looking packets up: no de-NAT)
     assert "ip daddr 100.100.0.0/16 ct state established,related counter drop" in script
     assert "masquerade" not in script                           # no new connection NATed
+
+
+def test_agent_unit_delegates_its_cgroup_for_the_rule_cgroups() -> None:
+    """`run`'s per-rule cgroups go into the agent unit's own subtree (system/cgroups.py
+    rule_base): systemd must hand it over (Delegate) and let the agent move the programs
+    out before anything else is killed (KillMode=mixed)."""
+    agent = _parse(units.unit_text("upmt-agent.service", "/opt/upmt/bin"))["Service"]
+    assert agent["Delegate"] == "yes" and agent["KillMode"] == "mixed"
