@@ -12,6 +12,7 @@ the stop the host is as before.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from upmt_tun.testbed import Topology, host_state
 
 from .conftest import netns_missing
 from .test_netns_e2e import CH, HttpServer, curl
+from .test_netns_ops import UNIT_CAPS
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
@@ -72,8 +74,13 @@ def _plug(topo: Topology) -> None:
              "metric", "300")
 
 
+@pytest.mark.parametrize("caps", [[], UNIT_CAPS], ids=["root", "unit-caps"])
 def test_a_pattern_interface_plugged_in_after_start_and_plugged_back(
-        topo: Topology, tmp_path: Path) -> None:
+        topo: Topology, tmp_path: Path, caps: list[str]) -> None:
+    """As root, and with the unit's capability set (CAP_NET_ADMIN only: moving the bound
+    socket to the new device is refused, a new socket takes its port)."""
+    if caps and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
     www = tmp_path / "www"
     www.mkdir()
     (www / "file.bin").write_bytes(os.urandom(64 << 10))
@@ -106,7 +113,7 @@ def test_a_pattern_interface_plugged_in_after_start_and_plugged_back(
     try:
         lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config", str(anchors[0])])
         t0 = time.monotonic()
-        lab._start("agent", "mh", [*exe("upmt-agent"), "up", "-v", "--config",
+        lab._start("agent", "mh", [*caps, *exe("upmt-agent"), "up", "-v", "--config",
                                    str(agent_cfg)])
         assert time.monotonic() - t0 < 10.0          # ready does not wait for usb*
         assert _until(lambda: tunnels().get("wan1") == "up", 10), lab.log_tail("agent")
@@ -133,7 +140,9 @@ def test_a_pattern_interface_plugged_in_after_start_and_plugged_back(
         assert _until(lambda: tunnels().get("usb*") == "up", 20), lab.log_tail("agent", 40)
         assert usb() == {"name": "usb*", "device": "usb0", "up": True}
         download("again")
-        assert "device usb0 is gone" in lab.log_tail("agent", 200)
+        log = lab.log_tail("agent", 200)
+        assert "device usb0 is gone" in log
+        assert ("a new socket on port" in log) == bool(caps), log
     finally:
         codes = lab.stop()
     assert codes["agent"] == 0, lab.log_tail("agent")

@@ -108,6 +108,8 @@ class Hotplug:
                 log.error("interface %s: cannot bind port %d to %s: %s", c.slot, port,
                           c.device, e.strerror or e)
                 return
+            log.info("interface %s: a new socket on port %d for %s (moving the bound one "
+                     "needs CAP_NET_RAW)", c.slot, port, c.device)
         except OSError as e:
             log.error("interface %s: cannot bind its socket to %s: %s", c.slot, c.device,
                       e.strerror or e)
