@@ -132,6 +132,7 @@ async def test_an_entry_whose_device_goes_and_a_new_one_comes() -> None:
     await asyncio.sleep(0)
     assert k.on_tun == {"10.2.0.2"}                  # kept for the connections using it
     s.on_event("link", 4, True)                      # the old index: no longer ours
+    s.on_event("route", 0, False)                    # "every interface": not one gone
     await asyncio.sleep(DEBOUNCE * 3)
     assert k.usable == [("wan2", False)] and k.routes == []
     s.bind("wan2", 12)                               # created again, new index, down

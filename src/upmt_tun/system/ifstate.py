@@ -63,8 +63,8 @@ class InterfaceState:
 
     def on_event(self, kind: str, index: int, up: bool) -> None:
         """A :mod:`linkwatch` event."""
-        if kind == "route" and index == 0:
-            names = list(self.gateway)
+        if kind == "route" and index == 0:       # every entry that has a device now
+            names = [n for n in self.gateway if n in self.names.values()]
         elif index in self.names:
             names = [self.names[index]]
         else:
