@@ -84,3 +84,33 @@ def test_units_verify(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     bad = [line for line in r.stderr.splitlines() if "upmt-" in line]
     assert bad == [], bad
+
+
+def test_anchor_unit_restarts_keeping_its_nat() -> None:
+    """`systemctl restart` sends SIGUSR2 (a stop for a restart: the anchor keeps its NAT)
+    and ExecStopPost leaves that paused NAT for the new start; `systemctl stop` sends
+    SIGTERM (restore exactly). The agent has no such thing."""
+    anchor = _parse(units.unit_text("upmt-anchor.service", "/opt/upmt/bin"))["Service"]
+    assert anchor["RestartKillSignal"] == "SIGUSR2" and "KillSignal" not in anchor
+    assert "--keep-paused" in shlex.split(anchor["ExecStopPost"].lstrip("-"))
+    agent = _parse(units.unit_text("upmt-agent.service", "/opt/upmt/bin"))["Service"]
+    assert "RestartKillSignal" not in agent and "--keep-paused" not in agent["ExecStopPost"]
+
+
+def test_paused_ruleset_keeps_nat_and_conntrack_and_drops_the_pool() -> None:
+    from upmt_tun.system.anchor_host import PAUSED_CHAIN, paused_ruleset
+
+    script = paused_ruleset("100.100.0.0/16")
+    assert "type nat hook postrouting" in script               # NAT hooks stay registered
+    assert f"chain {PAUSED_CHAIN}" in script
+    # a rule using conntrack (else the kernel stops looking packets up: no de-NAT)
+    assert "ip daddr 100.100.0.0/16 ct state established,related counter drop" in script
+    assert "masquerade" not in script                           # no new connection NATed
+
+
+def test_agent_unit_delegates_its_cgroup_for_the_rule_cgroups() -> None:
+    """`run`'s per-rule cgroups go into the agent unit's own subtree (system/cgroups.py
+    rule_base): systemd must hand it over (Delegate) and let the agent move the programs
+    out before anything else is killed (KillMode=mixed)."""
+    agent = _parse(units.unit_text("upmt-agent.service", "/opt/upmt/bin"))["Service"]
+    assert agent["Delegate"] == "yes" and agent["KillMode"] == "mixed"

@@ -144,6 +144,9 @@ class Agent:
         self.cfg = cfg
         self.cgroup_of = cgroup_of
         self.link_up: dict[str, bool] = {i.name: True for i in ifaces}
+        # interface entry -> the device behind it now (a pattern's match; None: none yet),
+        # kept by the runtime's hotplug driver; shown by status
+        self.devices: dict[str, str | None] = {i.name: i.name for i in ifaces}
         self.tun = tun
         self.ifaces = sorted(ifaces, key=lambda x: x.index)
         self._seam = {i.name: i for i in self.ifaces}
@@ -1175,6 +1178,8 @@ class Agent:
                          "role": self.fwd.links[a].role,
                          **({"mesh": m} if (m := self.mesh.mesh_state(a)) else {})}
                         for a, addr in self.anchors.items()],
+            "interfaces": [{"name": i.name, "device": self.devices.get(i.name),
+                            "up": self.link_up[i.name]} for i in self.ifaces],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "peers": self.peers_json(),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import AgentConfig, AnchorConfig
+from .hotplug import is_pattern, matches
 from .system import nft
 from .system.agent_host import IfacePlan, RuleMatch, agent_ruleset
 from .system.anchor_host import anchor_ruleset
@@ -247,7 +248,10 @@ def check_agent(cfg: AgentConfig) -> Findings:
     links = _links(addrs)
     names = [i.name for i in cfg.interfaces]
     for name in names:
-        if name not in links:
+        if is_pattern(name):
+            if not any(matches(name, dev) for dev in links):
+                f.warnings.append(f"no interface matches {name} (yet)")
+        elif name not in links:
             f.warnings.append(f"interface {name} does not exist (yet)")
         elif not links[name] and not _global6(addrs, name):
             f.warnings.append(f"interface {name} has no IPv4 or global IPv6 address (yet)")

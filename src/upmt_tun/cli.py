@@ -115,6 +115,10 @@ def _print_agent_status(st: dict[str, Any]) -> None:
     for a in st.get("anchors", []):
         print(f"anchor {a['name']} {a['address'] or '-'}  {a['state']}  vipa {a['vipa'] or '-'}"
               f"  ({a['role']})")
+    for i in st.get("interfaces", []):
+        if i["device"] != i["name"] or not i["up"]:     # a pattern, or not there (yet)
+            print(f"interface {i['name']} {i['device'] or '(no device)'}  "
+                  f"{'up' if i['up'] else 'down'}")
     if st.get("peers"):
         print(f"\n{'PEER':12} {'ANCHOR':8} {'VIPA':15} {'PATH':6} {'IFACE':8} {'REMOTE':21} "
               f"{'RTT ms':>7}")
@@ -495,7 +499,9 @@ commands (without one, the anchor runs in the foreground):
 
 `upmt-anchor COMMAND --help` describes each. The anchor prints `ready` once it listens
 and runs until SIGTERM, SIGINT or (in a terminal) SIGHUP, then restores the host;
-without a controlling terminal (systemd, setsid) SIGHUP means `reload`. Exit 0 on success, 2 for
+without a controlling terminal (systemd, setsid) SIGHUP means `reload`. SIGUSR2 (what
+`systemctl restart` sends) stops it for a restart: its NAT stays until the next start,
+so the connections it masquerades survive. Exit 0 on success, 2 for
 bad usage or a bad config (one line), 1 for anything else (one line).
 """
 
@@ -504,7 +510,8 @@ ANCHOR_SUBCOMMANDS = {
               "refreshes it with rates per tunnel and per flow.",
     "reload": RELOAD_HELP.format(daemon="anchor", what=ANCHOR_RELOAD),
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
-               "the sysctls it changed, a TUN device and the stale control socket. Refuses "
+               "the sysctls it changed, a TUN device and the stale control socket, and the "
+               "NAT an anchor stopped for a restart (SIGUSR2) keeps. Refuses "
                "(exit 1) while an anchor answers on the control socket.",
     "check": CHECK_HELP.format(daemon="anchor") + " Anchor: a firewall whose forward "
              "policy is drop (Docker, ufw), vipa_pool overlapping an address or route of "
@@ -529,6 +536,10 @@ def anchor_main(argv: list[str] | None = None) -> int:
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
             _watch_args(sp)
+        if cmd == "cleanup":
+            sp.add_argument("--keep-paused", action="store_true",
+                            help="leave the NAT an anchor stopped for a restart (SIGUSR2) "
+                                 "keeps, for the next start (the unit's ExecStopPost)")
         args = sp.parse_args(argv[1:])
         if cmd == "genkey":
             return genkey(prog)
@@ -547,7 +558,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
             from .runtime import cleanup_anchor
 
             cfg = load_anchor_config(args.config or DEFAULT_ANCHOR_CONFIG)
-            cleanup_anchor(cfg, args.control or cfg.control)
+            cleanup_anchor(cfg, args.control or cfg.control, args.keep_paused)
             return 0
 
         return _run(prog, clean)

@@ -41,6 +41,8 @@ DEFAULT_DENY_EGRESS = tuple(ipaddress.IPv4Network(n) for n in (
     "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+# an [[interface]] name may be a pattern (fnmatch: *, ?, [...]; hotplug.py)
+_IFPATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]{1,15}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
@@ -441,7 +443,9 @@ def load_agent_config(path: str) -> AgentConfig:
         ir = _Reader(path, _table(r, "interface", i, t), f"interface[{i}].")
         if "name" not in t:
             raise ir.err("name", "missing")
-        iname = _ifname(ir, "name", ir.get("name", str))
+        iname = ir.get("name", str)
+        if not _IFPATTERN.match(iname):
+            raise ir.err("name", f"not a valid interface name or pattern: {iname!r}")
         gw = ir.get("gateway", str, None)
         ifaces.append(InterfaceConfig(iname, _ipv4(ir, "gateway", gw) if gw else None))
         ir.finish()

@@ -24,6 +24,7 @@ from .config import AgentConfig, AnchorConfig, format_host_port
 from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD, OVERHEAD6
+from .hotplug_driver import Hotplug, entries
 from .leases import Leases, lease_file
 from .mesh import RELAY_OVERHEAD
 from .metrics import MetricsServer, render_agent, render_anchor
@@ -33,7 +34,7 @@ from .resolve import AnchorResolver, ResolveSchedule, first_lookups
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan
-from .system.anchor_host import AnchorHost
+from .system.anchor_host import AnchorHost, is_paused
 from .system.cgroups import RuleCgroups
 from .system.errors import StartupError, SystemSetupError
 from .system.ifstate import InterfaceState
@@ -108,7 +109,10 @@ def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
     return out
 
 
-STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# SIGUSR2 stops too, *for a restart*: systemd sends it on `systemctl restart`
+# (RestartKillSignal= in the units); the anchor then keeps its NAT (AnchorHost.pause_on_teardown)
+RESTART_SIGNAL = signal.SIGUSR2
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RESTART_SIGNAL)
 
 
 def controlling_terminal() -> bool:
@@ -160,7 +164,8 @@ class StopSignals:
             return
         if self.signum is None:
             self.signum = signum
-            log.info("%s: stopping", signal.Signals(signum).name)
+            log.info("%s: stopping%s", signal.Signals(signum).name,
+                     " for a restart" if signum == RESTART_SIGNAL else "")
         if self._event is not None:
             self._event.set()
 
@@ -340,11 +345,16 @@ def run_agent(cfg: AgentConfig, control_path: str) -> None:
 def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> None:
     ensure_free(control_path)
     keep_heap()
-    ifaces = _interfaces(cfg)
-    # no address or no carrier yet (booting before the network): down until it comes up
+    ifaces, dev_slots = entries(cfg, _interfaces)
+    # no device, no address or no carrier yet (booting before the network, a tether not
+    # plugged in): down until it comes up
     waiting = {i.name for i, _ in ifaces if not i.families or not i.carrier}
-    for name in sorted(waiting):
-        log.info("interface %s has no address or carrier yet: its tunnels wait", name)
+    for info, _gw in sorted(ifaces, key=lambda x: x[0].name):
+        if info.index == 0:
+            log.info("interface %s: no such device yet: its tunnels wait", info.name)
+        elif info.name in waiting:
+            log.info("interface %s has no address or carrier yet: its tunnels wait",
+                     info.name)
     names = {i.name for i, _ in ifaces}
     for r in cfg.rules:
         for v in r.via:
@@ -352,8 +362,10 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                 raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
     schedule = _first_resolution(cfg, time.monotonic())
     anchors = {name: e.addr for name, e in schedule.entries.items()}
-    # the worst interface sets it: an IPv6 one carries 20 bytes more of outer header
-    mtu = cfg.mtu or min(i.mtu - (OVERHEAD6 if i.address6 else OVERHEAD) for i, _ in ifaces)
+    # the worst interface sets it: an IPv6 one carries 20 bytes more of outer header;
+    # devices that come later do not change it (set `mtu` if theirs may be smaller)
+    mtu = cfg.mtu or min((i.mtu - (OVERHEAD6 if i.address6 else OVERHEAD)
+                          for i, _ in ifaces if i.mtu), default=1500 - OVERHEAD)
     if signals.signum is not None:
         return                       # stopped before anything was changed
     loop = new_loop()
@@ -362,19 +374,24 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     host: AgentHost | None = None
     try:
         seams = []
+        devices = {i.name: (dev_slots.device(i.name) if dev_slots else i.name) for i, _ in ifaces}
+        paths: dict[str, PathSocket] = {}
         for idx, (info, _gw) in enumerate(ifaces):
-            # an interface with a global IPv6 address gets a dual-stack socket (IPv4
-            # peers through it as ::ffff:a.b.c.d, routed by the IPv4 rule and table)
+            # an entry without a device yet: unbound until one comes (Hotplug); its link
+            # is down and sends nothing, and its table has no route. An interface with a
+            # global IPv6 address gets a dual-stack socket (IPv4 peers through it as
+            # ::ffff:a.b.c.d, routed by the IPv4 rule and table)
             any_ip = "::" if info.address6 else "0.0.0.0"
-            sock = open_udp(any_ip, 0, device=info.name, mark=cfg.fwmark + 1 + idx)
+            sock = open_udp(any_ip, 0, device=devices[info.name], mark=cfg.fwmark + 1 + idx)
             local = info.address or info.address6 or "0.0.0.0"
             path = PathSocket(sock, loop, (local, sock.getsockname()[1]),
                               offload=_offload('udp'))
             opened.append(path)
+            paths[info.name] = path
             seams.append(IfaceSeam(info.name, idx, path, info.families or frozenset({4})))
         plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1],
-                           waiting=info.name in waiting, v6=info.address6 is not None,
-                           gateway6=info.gateway6)
+                           waiting=info.name in waiting, absent=info.index == 0,
+                           v6=info.address6 is not None, gateway6=info.gateway6)
                  for idx, (info, gw) in enumerate(ifaces)]
         cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
         # made also without rules: rules a reload adds get their cgroups in it
@@ -399,7 +416,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         rules = rule_matches(cfg.rules, slots[0], cgroups.relative if usable else None)
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
-                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
+                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority,
+                         devices={k: v for k, v in devices.items() if v is not None})
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
@@ -428,6 +446,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
+        agent.devices.update(devices)
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             agent.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
@@ -447,7 +466,10 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         configured = {ic.name: ic.gateway for ic in cfg.interfaces}
 
         def read_iface(name: str) -> tuple[str | None, str | None]:
-            info = netlink.interface_info(name)     # IPv6-only: usable with its IPv6 one
+            device = dev_slots.device(name) if dev_slots is not None else name
+            if device is None:
+                raise SystemSetupError("no such device")
+            info = netlink.interface_info(device)   # IPv6-only: usable with its IPv6 one
             return info.address or info.address6, info.gateway
 
         async def set_route(name: str, gateway: str | None) -> None:
@@ -462,7 +484,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
             if ":" not in address:
                 await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
 
-        state = InterfaceState({info.index: info.name for info, _ in ifaces},
+        state = InterfaceState({info.index: info.name for info, _ in ifaces if info.index},
                                {info.name: info.address or info.address6
                                 for info, _ in ifaces},
                                {p.name: p.gateway for p in plans}, configured,
@@ -470,7 +492,12 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                                on_changed=on_changed, adopt=adopt, release=release,
                                carrier={info.name: info.carrier for info, _ in ifaces})
         opened.append(state)
-        opened.append(LinkWatch(loop, state.on_event))
+        hot = None
+        if dev_slots is not None:
+            hot = Hotplug(dev_slots, paths,
+                          {p.name: cfg.fwmark + 1 + p.index for p in plans}, host, state, agent)
+            opened.append(hot)
+        opened.append(LinkWatch(loop, state.on_event, hot.on_name if hot else None))
 
         async def on_ready() -> None:
             resolver.start()
@@ -550,6 +577,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                                            _metrics_server(cfg.metrics, anchor, render_anchor),
                                            cfg.group, reloader.reload))
     finally:
+        if host is not None and signals.signum == RESTART_SIGNAL:
+            host.pause_on_teardown = True
         _close(opened, host, loop)
 
 
@@ -575,14 +604,21 @@ def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
         log.info("removed %d leftover cgroup(s)", removed)
 
 
-def cleanup_anchor(cfg: AnchorConfig, control_path: str) -> None:
+def cleanup_anchor(cfg: AnchorConfig, control_path: str, keep_paused: bool = False) -> None:
     """``upmt-anchor cleanup``: the same for a killed anchor (nft table, sysctls, TUN,
-    control socket)."""
+    control socket), and the NAT stub an anchor stopped for a restart left, unless
+    ``keep_paused`` (``--keep-paused``: ExecStopPost, which runs on a restart too: the
+    stub is there only after a stop for a restart, and the next start replaces it)."""
     if remove_stale(control_path, "anchor"):
         log.info("removed stale control socket %s", control_path)
+    paused = is_paused()
+    if paused:
+        log.info("%s the NAT kept by an anchor stopped for a restart",
+                 "leaving" if keep_paused else "removing")
     AnchorHost(tun=cfg.tun, tun_address=str(next(cfg.vipa_pool.hosts())),
                pool_prefixlen=cfg.vipa_pool.prefixlen, pool=str(cfg.vipa_pool), mtu=cfg.mtu,
                role=cfg.role, nat_interface=cfg.nat_interface,
-               state_file=control_path + ".state").cleanup_leftovers()
+               state_file=control_path + ".state").cleanup_leftovers(
+        keep_table=keep_paused and paused)
     if netlink.delete_tun(cfg.tun):
         log.info("removed leftover TUN device %s", cfg.tun)

@@ -317,12 +317,14 @@ class PathSocket:
         # the queue, in order: (addr, [datagram, ...], 0) for queue()'s consecutive
         # datagrams to one address, (addr, data, size) for a queue_run
         self._runs: list[tuple[tuple[str, int], list[bytes] | bytes, int]] = []
+        self._started: tuple[OnDatagram, Callable[[], None] | None, OnBatch | None] | None = None
 
     def start(self, on_datagram: OnDatagram, on_flush: Callable[[], None] | None = None,
               on_batch: OnBatch | None = None) -> None:
         """``on_flush`` runs after each burst of reads (the TUN's writes go out merged).
         ``on_batch`` (optional) takes what UDP GRO coalesced whole: (data, size, sender),
         datagrams of ``size`` bytes back to back; without it they come one by one."""
+        self._started = (on_datagram, on_flush, on_batch)
         sock = self.sock
         recvfrom, recvmsg = sock.recvfrom, sock.recvmsg
         gro, v6 = self.gro, self.v6
@@ -455,6 +457,20 @@ class PathSocket:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+
+    def reopen(self, new: Callable[[], socket.socket]) -> None:
+        """Close the socket and carry on with ``new()``, which must bind the same port
+        (the peers, NAT mappings and nft rules know it), with the same callbacks. For an
+        access interface created again (hotplug) where moving the bound socket to the new
+        device is refused: that needs CAP_NET_RAW, which the systemd unit does not give.
+        OSError from ``new()`` leaves the path closed (its sends are counted errors)."""
+        self.close()
+        self.sock = new()
+        if self.gro:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        if self._started is not None:
+            self.start(*self._started)
 
 
 # -- fakes ---------------------------------------------------------------------------------

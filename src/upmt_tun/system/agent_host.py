@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from socket import AF_INET6
 
+from upmt_tun.hotplug import is_pattern
 from upmt_tun.system import netlink, nft
 from upmt_tun.system.errors import SystemSetupError
 from upmt_tun.system.netlink import Route, Rule
@@ -78,6 +79,7 @@ class IfacePlan:
     waiting: bool = False  # no address or carrier at start: route made when it comes up
     v6: bool = False  # its socket speaks IPv6 too: an IPv6 default route and ip -6 rule
     gateway6: str | None = None  # None: on-link IPv6 default route
+    absent: bool = False   # no device behind the entry at start (hotplug: made when one comes)
 
 
 def rule_ct_mark(rule_index: int, fwmark: int) -> int:
@@ -182,9 +184,11 @@ def agent_ruleset(
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
     output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask)
+    # a pattern entry (usb*) has no one name for iifname: its port is its own, and its
+    # socket, bound to the device behind the entry, takes only what arrives there
     prerouting = [
-        f"iifname {nft.quote(i.name)} udp dport {i.socket_port} "
-        f"meta mark set {fwmark + 1 + i.index:#x}"
+        ("" if is_pattern(i.name) else f"iifname {nft.quote(i.name)} ")
+        + f"udp dport {i.socket_port} meta mark set {fwmark + 1 + i.index:#x}"
         for i in ifaces
     ]
     # out of the TUN: only replies to connections opened here, and ICMP errors about
@@ -245,7 +249,10 @@ class AgentHost:
         state_file: str | None = None,
         mark_mask: int = MARK_MASK,
         priority: int = PRIO_SOCKETS,
+        devices: dict[str, str] | None = None,
     ) -> None:
+        """``devices``: entry -> the device behind it now, where that is not the entry's
+        own name (a pattern's match); :meth:`bind_device` changes it at run time."""
         top = fwmark + 1 + max((i.index for i in ifaces), default=0)
         if not 0 < fwmark or top > MARK_MASK:
             raise SystemSetupError(f"fwmark {fwmark:#x}: F .. F+1+n must fit in 16 bits")
@@ -265,6 +272,8 @@ class AgentHost:
         self.ifaces = list(ifaces)
         self.rules = list(rules)
         self.mark_mask = mark_mask
+        self.devices = {i.name: i.name for i in self.ifaces if not is_pattern(i.name)}
+        self.devices.update(devices or {})
         self.prio_sockets, self.prio_steered = priority, priority + 1
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
@@ -320,7 +329,8 @@ class AgentHost:
                 " cleanup_leftovers removes it)"
             )
         tun = netlink.interface_info(self.tun)
-        indexes = {i.name: netlink.link_index(i.name) for i in self.ifaces}
+        present = [i for i in self.ifaces if not i.absent]
+        indexes = {i.name: netlink.link_index(self.devices[i.name]) for i in present}
         script = agent_ruleset(
             tun=self.tun,
             vipa_fix=self.vipa_fix,
@@ -332,18 +342,20 @@ class AgentHost:
         )
 
         self._undo.push("sysctls", self._sysctl.restore)
-        for name in [self.tun, *indexes]:
+        for name in [self.tun, *(self.devices[i.name] for i in present)]:
             self._sysctl.set(iface_key("net.ipv4.conf", name, "src_valid_mark"), "1")
 
         for i in self.ifaces:      # undo = flush: the route may be re-made on link changes
             table = self.table + 1 + i.index
             self._undo.push(f"routes of table {table}", partial(netlink.flush_table, table))
+            if i.absent:           # made when a device comes (bind_device, restore_iface_route)
+                continue
             try:
                 netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway,
-                                        dev=i.name))
+                                        dev=self.devices[i.name]))
                 if i.v6:
                     netlink.add_route(Route(table, oif=indexes[i.name], gateway=i.gateway6,
-                                            dev=i.name, family=AF_INET6))
+                                            dev=self.devices[i.name], family=AF_INET6))
             except SystemSetupError as e:
                 if not i.waiting:
                     raise
@@ -389,15 +401,28 @@ class AgentHost:
         """After an access interface came back (the kernel removed its routes when it went
         down): re-make the default route of its table, through ``gateway`` (None: on-link)."""
         plan = next((i for i in self.ifaces if i.name == name), None)
-        if plan is None:
+        device = self.devices.get(name)
+        if plan is None or device is None:
             return
         table = self.table + 1 + plan.index
         netlink.flush_table(table)
-        index = netlink.link_index(name)
-        netlink.add_route(Route(table, oif=index, gateway=gateway, dev=name))
+        index = netlink.link_index(device)
+        netlink.add_route(Route(table, oif=index, gateway=gateway, dev=device))
         if plan.v6:     # its IPv6 gateway as the main table has it now (RA), else as at start
-            gw6 = netlink.interface_info(name).gateway6 or plan.gateway6
-            netlink.add_route(Route(table, oif=index, gateway=gw6, dev=name, family=AF_INET6))
+            gw6 = netlink.interface_info(device).gateway6 or plan.gateway6
+            netlink.add_route(Route(table, oif=index, gateway=gw6, dev=device, family=AF_INET6))
+
+    def bind_device(self, name: str, device: str | None) -> None:
+        """Entry ``name`` is device ``device`` from now on (hotplug: created after the
+        start, or deleted and created again), None: no device. A new device gets
+        ``src_valid_mark`` (put back at teardown, if it still exists then); its table's
+        route is made by :meth:`restore_iface_route` once it has an address, and the
+        kernel removed the old one with the old device."""
+        if device is None:
+            self.devices.pop(name, None)
+            return
+        self.devices[name] = device
+        self._sysctl.set(iface_key("net.ipv4.conf", device, "src_valid_mark"), "1")
 
     def add_mesh_pool(self, pool: str, mtu: int) -> None:
         """An anchor made this host a mesh host: route its pool into the TUN (main table,

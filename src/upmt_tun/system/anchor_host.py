@@ -141,6 +141,40 @@ def to_anchor_rules(*, tun: str, allow_egress: tuple[str, ...]) -> list[str]:
     q_tun = nft.quote(tun)
     rules = [f"iifname {q_tun} ip daddr {_nets(allow_egress)} accept"] if allow_egress else []
     return [*rules, f"iifname {q_tun} drop"]
+PAUSED_CHAIN = "paused"   # the chain that names a table as the stub a restart leaves
+
+
+def paused_ruleset(pool: str) -> str:
+    """What an anchor stopping *for a restart* leaves in place of its table, until the
+    next start replaces it (in one transaction) or ``cleanup`` removes it.
+
+    Without a NAT chain in the namespace the kernel stops translating the replies of
+    the masqueraded connections (their conntrack entries stay, but NAT runs only while
+    some NAT chain is registered), and without a rule that uses conntrack (``ct``) it
+    stops looking packets up in conntrack at all: either way a reply then reaches the
+    anchor's own stack, which answers it with a TCP reset, and the connection dies. An
+    empty NAT chain and a ``ct`` rule keep both running, so a reply is turned back into
+    a packet to its host's VIpA, which the ``ct`` rule drops (the TUN is gone):
+    silently, so the server retransmits until the restarted anchor carries it again."""
+    try:
+        net = ipaddress.IPv4Network(pool, strict=False)
+    except ValueError:
+        raise SystemSetupError(f"bad vipa pool {pool!r}") from None
+    return (f"table {NFT_FAMILY} {NFT_TABLE} {{\n"
+            "\tchain postrouting {\n"
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+            "\t}\n"
+            f"\tchain {PAUSED_CHAIN} {{\n"
+            "\t\ttype filter hook prerouting priority filter; policy accept;\n"
+            f"\t\tip daddr {net} ct state established,related counter drop\n"
+            f"\t\tip daddr {net} drop\n"
+            "\t}\n"
+            "}\n")
+
+
+def is_paused() -> bool:
+    """True when our nft table is the stub :func:`paused_ruleset` makes."""
+    return nft.chain_exists(NFT_FAMILY, NFT_TABLE, PAUSED_CHAIN)
 
 
 class AnchorHost:
@@ -180,6 +214,8 @@ class AnchorHost:
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
         self._replace_table = False
+        # set before teardown: a stop for a restart leaves paused_ruleset's stub
+        self.pause_on_teardown = False
 
     def cleanup_leftovers(self, *, keep_table: bool = False) -> None:
         """Remove the nft table a killed earlier run left behind and restore its sysctls.
@@ -234,7 +270,7 @@ class AnchorHost:
             self._undo.push("sysctls", self._sysctl.restore)
             self._sysctl.set("net.ipv4.ip_forward", "1")
         nft.apply(script)
-        self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
+        self._undo.push(f"nft table {NFT_TABLE}", self._remove_table)
         log.info("anchor host set up (pool %s, masquerade via %s)", self.pool, self.nat_interface)
 
     def egress_script(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
@@ -268,6 +304,19 @@ class AnchorHost:
             self.allow_egress, self.deny_egress = allow_egress, deny_egress
             self.max_flows_per_host = max_flows_per_host
             log.info("nft egress rules replaced")
+    def _remove_table(self) -> None:
+        """Teardown of the table: deleted, or (a stop for a restart) replaced by the paused
+        stub in one transaction, so there is no moment without a NAT chain."""
+        if self.pause_on_teardown and self.role == "anchor":
+            try:
+                nft.apply(f"add table {NFT_FAMILY} {NFT_TABLE}\n"
+                          f"delete table {NFT_FAMILY} {NFT_TABLE}\n{paused_ruleset(self.pool)}")
+                log.info("stopping for a restart: NAT kept, replies to %s dropped until the"
+                         " next start (`upmt-anchor cleanup` removes it)", self.pool)
+                return
+            except SystemSetupError as e:
+                log.warning("cannot keep NAT for the restart: %s", e)
+        nft.delete_table(NFT_FAMILY, NFT_TABLE)
 
     def teardown(self) -> None:
         """Undo everything ``setup`` did (newest first). Idempotent; never raises."""

@@ -1,10 +1,15 @@
 """Per-rule cgroups (v2) for per-program steering: ``upmt-agent run --rule NAME -- PROG``.
 
-The agent creates ``<cgroup2 root>/upmt-<tag>/<rule>`` for each rule (tag: a hash of
-its control socket path, so agents in several network namespaces of one machine do
-not collide: cgroups are machine-wide) and steers every socket of a process in it
-with nft ``socket cgroupv2``; ``run`` writes its own pid into ``cgroup.procs`` and
-execs the program. No kernel patch (the original UPMT needed one).
+The agent creates ``<base>/upmt-<tag>/<rule>`` for each rule (tag: a hash of its
+control socket path, so agents in several network namespaces of one machine do not
+collide: cgroups are machine-wide) and steers every socket of a process in it with nft
+``socket cgroupv2``; ``run`` has the agent move it there and execs the program. No
+kernel patch (the original UPMT needed one).
+
+``<base>`` is the cgroup v2 root, except under systemd: there the cgroups belong to
+the unit's own subtree, which ``Delegate=yes`` (the shipped unit) hands to the agent,
+rather than beside systemd's slices at the root, where systemd does not expect
+anybody else's cgroups (:func:`rule_base`).
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 from upmt_tun.system.errors import SystemSetupError
 
-__all__ = ["RuleCgroups", "cgroup2_root"]
+__all__ = ["RuleCgroups", "cgroup2_root", "own_cgroup", "rule_base"]
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +38,64 @@ def cgroup2_root(mounts: str = "/proc/self/mounts") -> Path | None:
     return min(found, key=lambda p: len(p.parts), default=None)
 
 
+def own_cgroup(text: str) -> str | None:
+    """This process's cgroup v2 path from ``/proc/self/cgroup`` (its ``0::/path`` line)."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or None
+    return None
+
+
+def rule_base(own: str | None, under_systemd: bool) -> str:
+    """Where the rule cgroups go, relative to the cgroup v2 root: the unit's own cgroup
+    when the agent runs as a systemd service (``INVOCATION_ID`` set; the unit delegates
+    its subtree, ``Delegate=yes``), else the root (``""``). systemd runs a delegated
+    unit's ExecStopPost (``cleanup``) in the unit's ``.control`` subgroup: that is the
+    same unit. A service cgroup is never the root itself; an unknown or odd path falls
+    back to the root."""
+    if not under_systemd or own is None:
+        return ""
+    parts = [p for p in own.strip("/").split("/") if p]
+    if parts and parts[-1] == ".control":
+        parts.pop()
+    if not parts or any(p in (".", "..") for p in parts):
+        return ""
+    return "/".join(parts)
+
+
 class RuleCgroups:
-    def __init__(self, control_path: str, rules: list[str]) -> None:
+    def __init__(self, control_path: str, rules: list[str], *,
+                 proc_cgroup: str = "/proc/self/cgroup",
+                 under_systemd: bool | None = None) -> None:
         self.root = cgroup2_root()
         self.tag = "upmt-" + hashlib.blake2s(control_path.encode(), digest_size=4).hexdigest()
         self.rules = rules
         self.made: list[Path] = []
+        if under_systemd is None:
+            under_systemd = bool(os.environ.get("INVOCATION_ID"))
+        try:
+            own = own_cgroup(Path(proc_cgroup).read_text())
+        except OSError:
+            own = None
+        self.base = rule_base(own, under_systemd)
+        if self.base and self.root is not None and not (self.root / self.base).is_dir():
+            self.base = ""      # not this cgroup v2 mount's (a namespace's own /sys)
 
     def relative(self, rule: str) -> str:
         """The rule's cgroup, relative to the cgroup v2 root (as config ``cgroup`` keys)."""
-        return f"{self.tag}/{rule}"
+        return "/".join(p for p in (self.base, self.tag, rule) if p)
 
     def path(self, rule: str) -> Path:
         if self.root is None:
             raise SystemSetupError("per-program steering needs cgroup v2")
-        return self.root / self.tag / rule
+        return self.root / self.relative(rule)
 
     def create(self) -> None:
         """Make the cgroups (reusing those a killed run left)."""
         if self.root is None:
             raise SystemSetupError("no cgroup v2 hierarchy mounted")
         try:
-            top = self.root / self.tag
+            top = self.root / self.base / self.tag
             top.mkdir(exist_ok=True)
             self.made.append(top)
             for r in self.rules:
@@ -61,8 +103,9 @@ class RuleCgroups:
                 d.mkdir(exist_ok=True)
                 self.made.append(d)
         except OSError as e:
-            raise SystemSetupError(f"cannot create cgroups under {self.root}: {e.strerror}") \
+            raise SystemSetupError(f"cannot create cgroups under {top.parent}: {e.strerror}") \
                 from None
+        log.info("rule cgroups under %s", top)
 
     def add(self, rule: str) -> None:
         """``reload``: the cgroup of a new rule (:meth:`create` made the others)."""
@@ -91,7 +134,7 @@ class RuleCgroups:
         now); the number removed."""
         if self.root is None:
             return 0
-        top = self.root / self.tag
+        top = self.root / self.base / self.tag
         if not top.is_dir():
             return 0
         self.made = [top, *sorted(d for d in top.iterdir() if d.is_dir())]
@@ -100,7 +143,9 @@ class RuleCgroups:
         return count
 
     def remove(self) -> None:
-        """Move any process still in them to the root cgroup, then remove them (never raises)."""
+        """Move any process still in them to the root cgroup, then remove them (never raises).
+        Out of the unit's subtree too: a program started with ``run`` outlives the agent
+        (the unit's ``KillMode=mixed`` gives the agent the time to move it out)."""
         assert self.root is not None or not self.made
         for d in reversed(self.made):
             with contextlib.suppress(OSError):

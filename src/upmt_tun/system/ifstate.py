@@ -63,8 +63,8 @@ class InterfaceState:
 
     def on_event(self, kind: str, index: int, up: bool) -> None:
         """A :mod:`linkwatch` event."""
-        if kind == "route" and index == 0:
-            names = list(self.gateway)
+        if kind == "route" and index == 0:       # every entry that has a device now
+            names = [n for n in self.gateway if n in self.names.values()]
         elif index in self.names:
             names = [self.names[index]]
         else:
@@ -132,6 +132,38 @@ class InterfaceState:
                            "link up" if self.usable(name) else "address lost")
         elif changed and self.usable(name):
             self.on_changed(name)
+
+    def bind(self, name: str, index: int) -> None:
+        """Entry ``name`` is device #``index`` from now on (hotplug: a device created
+        after the start, or deleted and created again). It starts as a new device: no
+        carrier, no address; the link event that follows (or :meth:`on_event`) brings it
+        up as any interface that comes back: route re-made, then usable."""
+        self._forget_index(name)
+        self.names[index] = name
+        self.carrier[name] = False
+        self.gateway[name] = self.configured.get(name)
+
+    def unbind(self, name: str) -> None:
+        """Entry ``name`` lost its device (deleted, renamed away): unusable at once (its
+        flows move now), and its address is kept on the TUN for the connections that use
+        it, as when an interface loses its address."""
+        self._forget_index(name)
+        if (h := self._timers.pop(name, None)) is not None:
+            h.cancel()
+        self._dirty.discard(name)
+        was_usable, old = self.usable(name), self.address[name]
+        self.carrier[name], self.address[name] = False, None
+        if was_usable:
+            self.on_usable(name, False, "interface gone")
+        if old and self.adopt is not None:
+            self.adopted.add(old)
+            task = asyncio.get_running_loop().create_task(self._call(self.adopt, old, "keep"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _forget_index(self, name: str) -> None:
+        for index in [i for i, n in self.names.items() if n == name]:
+            del self.names[index]
 
     @staticmethod
     async def _call(fn: Callable[[str], Awaitable[None]], address: str, what: str) -> None:

@@ -10,8 +10,11 @@ route groups and reports :data:`Event` tuples ``(kind, ifindex, usable)``:
   interface i was added or removed (i = 0: a default route without an output
   interface, e.g. multipath: concerns every interface).
 
-The caller re-reads the interface (address, gateway) on addr/route events.
-:func:`parse` is pure (tested on bytes).
+The caller re-reads the interface (address, gateway) on addr/route events. With
+``on_name``, every RTM_NEWLINK/RTM_DELLINK is also reported as ``(ifindex, name,
+exists)`` *before* its event (:func:`link_names`): devices created after the start, or
+deleted and created again with a new index, are followed (:mod:`upmt_tun.hotplug`).
+:func:`parse` and :func:`link_names` are pure (tested on bytes).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 from .nlmsg import messages
 
-__all__ = ["Event", "LinkWatch", "parse"]
+__all__ = ["Event", "LinkName", "LinkWatch", "link_names", "parse"]
 
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
@@ -42,6 +45,7 @@ RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
 RT_TABLE_MAIN = 254
 RTA_OIF = 4
+IFLA_IFNAME = 3
 RTA_TABLE = 15
 _IFINFO = struct.Struct("=BxHiII")        # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")         # family, prefixlen, flags, scope, index
@@ -49,6 +53,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")      # family, dst_len, src_len, tos, table
 _RTA = struct.Struct("=HH")               # attribute length, type
 
 Event = tuple[str, int, bool]
+LinkName = tuple[int, str | None, bool]     # ifindex, name (None: not given), exists
 
 
 def _route(body: bytes) -> Iterator[Event]:
@@ -85,14 +90,37 @@ def parse(data: bytes) -> Iterator[Event]:
             yield from _route(body)
 
 
+def _ifname(body: bytes) -> str | None:
+    off = _IFINFO.size
+    while off + _RTA.size <= len(body):
+        alen, atype = _RTA.unpack_from(body, off)
+        if alen < _RTA.size or off + alen > len(body):
+            return None
+        if atype == IFLA_IFNAME and alen > _RTA.size:
+            raw = body[off + _RTA.size:off + alen].split(b"\0", 1)[0]
+            return raw.decode("utf-8", "replace") or None
+        off += (alen + 3) & ~3
+    return None
+
+
+def link_names(data: bytes) -> Iterator[LinkName]:
+    """(index, name, exists) of every RTM_NEWLINK (exists) / RTM_DELLINK in a datagram."""
+    for mtype, _seq, body in messages(data):
+        if mtype in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= _IFINFO.size:
+            index = _IFINFO.unpack_from(body)[2]
+            yield index, _ifname(body), mtype == RTM_NEWLINK
+
+
 class LinkWatch:
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_event: Callable[[str, int, bool], None]) -> None:
+                 on_event: Callable[[str, int, bool], None],
+                 on_name: Callable[[int, str | None, bool], None] | None = None) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self.sock.setblocking(False)
         self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
                         | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
         self.on_event = on_event
+        self.on_name = on_name
         self.loop = loop
         loop.add_reader(self.sock.fileno(), self.readable)
 
@@ -103,8 +131,13 @@ class LinkWatch:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:       # ENOBUFS: events lost; re-check every interface
+                if self.on_name is not None:
+                    self.on_name(0, None, False)      # 0: re-read every device
                 self.on_event("route", 0, False)
                 return
+            if self.on_name is not None:
+                for index, name, exists in link_names(data):
+                    self.on_name(index, name, exists)
             for kind, index, usable in parse(data):
                 self.on_event(kind, index, usable)
 

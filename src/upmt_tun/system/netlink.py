@@ -265,6 +265,12 @@ def default_route_interfaces() -> list[IfaceInfo]:
         return [i for i in found if i.index in v4 or i.address6 is not None]
 
 
+def list_links() -> dict[int, str]:
+    """Index -> name of every network device (``[[interface]]`` patterns match these)."""
+    with _iproute("cannot list the network devices") as ipr:
+        return {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
+
+
 def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
     """Give the (already open) TUN device ``name`` its MTU and address, and bring it up."""
     with _iproute(f"cannot configure {name} ({address}/{prefixlen}, mtu {mtu})") as ipr:

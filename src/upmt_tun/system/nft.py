@@ -66,6 +66,11 @@ def table_exists(family: str, name: str) -> bool:
     return _run(["list", "table", family, name]).returncode == 0
 
 
+def chain_exists(family: str, table: str, chain: str) -> bool:
+    """True if chain ``chain`` of nft table ``family table`` exists."""
+    return _run(["list", "chain", family, table, chain]).returncode == 0
+
+
 def delete_table(family: str, name: str) -> None:
     """Delete nft table ``family name``; a missing table is not an error."""
     proc = _run(["delete", "table", family, name])
