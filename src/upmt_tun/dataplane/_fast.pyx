@@ -60,7 +60,7 @@ def finish_csum(bytearray pkt, Py_ssize_t csum_start, Py_ssize_t csum_offset):
         return False
     cdef uint8_t* p = <uint8_t*><char*>pkt
     cdef uint32_t c = _fold(_sum(p + csum_start, n - csum_start)) ^ 0xFFFF
-    if c == 0 and p[9] == 17:
+    if c == 0 and (p[9] == 17 if p[0] >> 4 != 6 else csum_offset == 6):
         c = 0xFFFF
     _put16(p + at, c)
     return True
@@ -705,10 +705,48 @@ cdef inline uint32_t _adj(uint32_t ck, uint32_t d) noexcept nogil:
 def rewrite_addr(bytearray pkt, const uint8_t[:] new, bint is_src):
     """Rewrite IP.src (``is_src``) or IP.dst of an unfragmented-or-first-fragment IPv4
     TCP/UDP packet (or any non-first fragment) in place: 1 done, 0 malformed (untouched),
-    -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code)."""
+    -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code).
+    A 16-byte ``new``: the same for an IPv6 TCP/UDP packet without extension headers
+    (-1 for any other IPv6 packet: nat.py walks extension headers and ICMPv6)."""
+    if new.shape[0] == 16:
+        return _rewrite6(<uint8_t*><char*>pkt, len(pkt), &new[0], is_src)
     if new.shape[0] != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {new.shape[0]}")
+        raise ValueError(f"an address is 4 or 16 bytes, got {new.shape[0]}")
     return _rewrite(<uint8_t*><char*>pkt, len(pkt), &new[0], is_src)
+
+
+cdef int _rewrite6(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
+    """nat.py_rewrite6 for the common case (see rewrite_addr)."""
+    if size < 40 or p[0] >> 4 != 6:
+        return 0
+    cdef Py_ssize_t end = 40 + _rd16(p + 4)
+    if end > size:
+        return 0
+    cdef uint8_t proto = p[6]
+    cdef Py_ssize_t at
+    if proto == 6:
+        at = 56
+    elif proto == 17:
+        at = 46
+        if at + 2 <= end and p[at] == 0 and p[at + 1] == 0:
+            return 0                     # UDP checksum 0: illegal in IPv6, refused
+    else:
+        return -1
+    cdef uint8_t* a = p + (8 if is_src else 24)
+    if memcmp(a, new, 16) == 0:
+        return 1
+    cdef uint64_t so = 0, sn = 0
+    cdef int i
+    for i in range(0, 16, 2):
+        so += _rd16(a + i)
+        sn += _rd16(new + i)
+    cdef uint32_t d = <uint32_t>((sn + 8 * 0xFFFF - so) % 0xFFFF)
+    memcpy(a, new, 16)
+    cdef uint32_t c
+    if at + 2 <= end:
+        c = _adj(_rd16(p + at), d)
+        _put16(p + at, c if (c or proto != 17) else 0xFFFF)
+    return 1
 
 
 cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
@@ -798,13 +836,28 @@ def rewrite_run(list pkts, Py_ssize_t start, Py_ssize_t end, bytes new, bint is_
     return out
 
 
+cdef inline bint _tcpudp6(const uint8_t* p, Py_ssize_t size) noexcept:
+    """A well-formed IPv6 TCP/UDP packet without extension headers, its ports inside, and
+    for UDP a checksum that is not 0 (or not inside): what nat.py_five_tuple6 gives ports
+    for without walking anything (size >= 44)."""
+    cdef Py_ssize_t end = 40 + _rd16(p + 4)
+    return (p[0] >> 4 == 6 and end <= size and end >= 44 and (p[6] == 6 or p[6] == 17)
+            and not (p[6] == 17 and end >= 48 and p[46] == 0 and p[47] == 0))
+
+
 def five_tuple_tcpudp(const uint8_t[:] pkt):
     """(proto, src, dst, sport, dport) of a well-formed unfragmented IPv4 TCP/UDP packet
-    with its ports inside; None for anything else (the caller runs nat.py's code)."""
+    with its ports inside, or of an IPv6 one (``_tcpudp6``); None for anything else (the
+    caller runs nat.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
     if size < 24:
         return None
     cdef const uint8_t* p = &pkt[0]
+    if p[0] >> 4 == 6:
+        if size < 44 or not _tcpudp6(p, size):
+            return None
+        return (p[6], PyBytes_FromStringAndSize(<const char*>p + 8, 16),
+                PyBytes_FromStringAndSize(<const char*>p + 24, 16), _rd16(p + 40), _rd16(p + 42))
     cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
     cdef Py_ssize_t total = _rd16(p + 2)
     cdef uint8_t proto = p[9]
@@ -948,11 +1001,32 @@ cdef inline bint _tcpudp(const uint8_t* p, Py_ssize_t size) noexcept:
                 or (p[9] != 6 and p[9] != 17) or (_rd16(p + 6) & 0x1FFF) or hlen + 4 > total)
 
 
+cdef inline object _packed_key6(const uint8_t* p, bint reverse):
+    """flowtable.pack_key of the IPv6 TCP/UDP packet at ``p`` (``_tcpudp6``): the family
+    byte 1, then src|proto|dst|sport|dport."""
+    cdef uint8_t k[38]
+    k[0] = 1
+    if reverse:
+        memcpy(k + 1, p + 24, 16)
+        memcpy(k + 18, p + 8, 16)
+        memcpy(k + 34, p + 42, 2)
+        memcpy(k + 36, p + 40, 2)
+    else:
+        memcpy(k + 1, p + 8, 16)
+        memcpy(k + 18, p + 24, 16)
+        memcpy(k + 34, p + 40, 4)
+    k[17] = p[6]
+    return upmt_key_from_be(k, 38)
+
+
 def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
     """flowtable.pack_key of the 5-tuple of a well-formed unfragmented IPv4 TCP/UDP packet
-    with its ports inside (``reverse``: of the reversed 5-tuple, a downlink packet's
-    uplink key); None for anything else (the caller runs flowtable.py's code)."""
+    with its ports inside, or of an IPv6 one (``_tcpudp6``) (``reverse``: of the reversed
+    5-tuple, a downlink packet's uplink key); None for anything else (the caller runs
+    flowtable.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
+    if size >= 44 and pkt[0] >> 4 == 6:
+        return _packed_key6(&pkt[0], reverse) if _tcpudp6(&pkt[0], size) else None
     if size < 24 or not _tcpudp(&pkt[0], size):
         return None
     return _packed_key(&pkt[0], (pkt[0] & 0x0F) << 2, reverse)
@@ -960,11 +1034,18 @@ def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
 
 def uplink_key_tcpudp(const uint8_t[:] pkt, bytes src):
     """flowtable.py_uplink_key for a well-formed unfragmented IPv4 TCP/UDP packet with its
-    ports inside: its packed key if it comes from ``src`` (4 bytes), 0 if it does not;
-    None for anything else (the caller runs flowtable.py's code)."""
-    if len(src) != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {len(src)}")
+    ports inside (``src`` 4 bytes), or an IPv6 one (``_tcpudp6``, ``src`` 16 bytes): its
+    packed key if it comes from ``src``, 0 if it does not; None for anything else (the
+    caller runs flowtable.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
+    if len(src) == 16:
+        if size < 44 or pkt[0] >> 4 != 6 or not _tcpudp6(&pkt[0], size):
+            return None
+        if memcmp(&pkt[8], PyBytes_AS_STRING(src), 16) != 0:
+            return 0
+        return _packed_key6(&pkt[0], False)
+    if len(src) != 4:
+        raise ValueError(f"an address is 4 or 16 bytes, got {len(src)}")
     if size < 24 or not _tcpudp(&pkt[0], size):
         return None
     if memcmp(&pkt[12], PyBytes_AS_STRING(src), 4) != 0:

@@ -68,8 +68,10 @@ def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
     if csum_start < 20 or at + 2 > len(pkt):
         return False
     c = ipv4_checksum(memoryview(pkt)[csum_start:])
-    if c == 0 and pkt[9] == 17:
-        c = 0xFFFF                    # UDP: a computed 0 is sent as 0xFFFF
+    # UDP: a computed 0 is sent as 0xFFFF (IPv6 has no protocol byte at 9: UDP is the
+    # one whose checksum sits 6 bytes into its header)
+    if c == 0 and (pkt[9] == 17 if pkt[0] >> 4 != 6 else csum_offset == 6):
+        c = 0xFFFF
     _U16.pack_into(pkt, at, c)
     return True
 
