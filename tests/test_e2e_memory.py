@@ -47,7 +47,8 @@ def _write(tmp: Path, name: str, text: str) -> str:
 class World:
     """Two-interface MH behind two NATs, one or two anchors, all in memory."""
 
-    def __init__(self, tmp: Path, anchors: int = 1, rules: str = "") -> None:
+    def __init__(self, tmp: Path, anchors: int = 1, rules: str = "",
+                 anchor_extra: str = "") -> None:
         loop = asyncio.get_running_loop()
         self.offset = 0.0     # tests move time forward (rekeying) by raising this
 
@@ -82,6 +83,7 @@ class World:
                 vipa_pool = "100.100.0.0/16"
                 nat_interface = "eth0"
                 private_key = "{self.an_keys[i][0]}"
+                {anchor_extra}
                 [[peer]]
                 name = "laptop"
                 public_key = "{self.mh_key[1]}"
@@ -295,7 +297,9 @@ async def test_garbage_is_counted_never_raises(tmp_path: Path) -> None:
         st = w.anchors[0].status()
         assert sum(st["drops"].values()) + sum(st["signalling"].values()) > 0
         # and the MH side survives junk from its anchor's address too
-        w.mh_tun.inject(b"\x60" + bytes(39))   # IPv6 on the TUN: not ours, dropped
+        w.mh_tun.inject(b"\x60" + bytes(39))   # a broken IPv6 header (hop-by-hop cut off)
+        assert w.agent.fwd.drops["bad_ipv6"] == 1
+        w.mh_tun.inject(b"\x50" + bytes(39))   # neither IPv4 nor IPv6
         assert w.agent.fwd.drops["not_ipv4"] == 1
         assert HEADER_LEN == 16
     finally:

@@ -144,7 +144,8 @@ class Agent:
         self.anchors: dict[str, tuple[str, int] | None] = dict(anchors)
         self.clock = clock
         self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
-                                  classify_flow)
+                                  classify_flow, cfg.vipa6_fix, cfg.mtu or 0)
+        self.fwd.to_tun = tun.write         # ICMPv6 Packet Too Big back to the sender
         self.drops = self.fwd.drops
         self.sip_stats: dict[str, int] = dict.fromkeys(SIP_STATS, 0)
         keys = {a.name: a.public_key for a in cfg.anchors}
@@ -295,7 +296,7 @@ class Agent:
             elif isinstance(a, DropSession):
                 fwd.drop_session(a.index)
             elif isinstance(a, Associated):
-                fwd.set_association(a.peer, a.vipa, a.role, a.serves)
+                fwd.set_association(a.peer, a.vipa, a.role, a.serves, a.vipa6)
                 self._mesh_pool(a.peer, a.mesh_pool)
             elif isinstance(a, PeerFound):
                 self._peer_found(a, now)
@@ -983,10 +984,12 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "vipa_fix": self.cfg.vipa_fix,
+            "vipa6_fix": self.fwd.vipa6_fix or None,
             "name": self.cfg.name,
             "anchors": [{"name": a, "address": None if addr is None else f"{addr[0]}:{addr[1]}",
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
+                         "vipa6": self.fwd.links[a].vipa6 or None,
                          "role": self.fwd.links[a].role}
                         for a, addr in self.anchors.items()],
             "tunnels": [self.tunnel_json(t, self.clock()) for t in self.fwd.tunnels.tunnels()],

@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
-from .config import AgentConfig, AnchorConfig
+from .config import MIN_IPV6_MTU, AgentConfig, AnchorConfig
 from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD
@@ -295,6 +296,10 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     schedule = _first_resolution(cfg, time.monotonic())
     anchors = {name: e.addr for name, e in schedule.entries.items()}
     mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
+    if cfg.vipa6_fix and mtu < MIN_IPV6_MTU:
+        log.warning("IPv6 inside the tunnels off: the TUN's MTU %d is below IPv6's minimum "
+                    "%d (raise mtu or the access interfaces' MTU)", mtu, MIN_IPV6_MTU)
+        cfg = replace(cfg, vipa6_fix="")
     if signals.signum is not None:
         return                       # stopped before anything was changed
     loop = new_loop()
@@ -333,10 +338,11 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                                cgroups.relative(r.name)) for r in cfg.rules] + rules
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
-                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
+                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority,
+                         vipa6_fix=cfg.vipa6_fix)
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
-        netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
+        netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu, cfg.vipa6_fix)
         host.setup()
         from .system.conntrack import Conntrack
 
@@ -361,6 +367,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                       cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
+        agent.fwd.mtu = mtu                # IPv6 longer than this: Packet Too Big
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             agent.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
@@ -452,7 +459,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                           listen_address=cfg.listen_host,
                           allow_egress=tuple(map(str, cfg.allow_egress)),
                           deny_egress=tuple(map(str, cfg.deny_egress)),
-                          max_flows_per_host=cfg.max_flows_per_host)
+                          max_flows_per_host=cfg.max_flows_per_host,
+                          pool6=str(cfg.vipa6_pool) if cfg.vipa6_pool else "")
         host.cleanup_leftovers(keep_table=True)   # setup replaces it in one transaction
         tun = _open_tun(cfg.tun, loop, opened)
         host.setup()

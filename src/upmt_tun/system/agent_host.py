@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from socket import AF_INET6
 
 from upmt_tun.system import netlink, nft
 from upmt_tun.system.errors import SystemSetupError
@@ -38,9 +39,14 @@ log = logging.getLogger(__name__)
 
 NFT_FAMILY = "ip"
 NFT_TABLE = "upmt_agent"
+NFT_TABLE6 = "upmt_agent6"   # family ip6: the same steering for IPv6 (vipa6_fix)
 PRIO_SOCKETS = 5200          # default; steered traffic at PRIO_SOCKETS + 1
 PRIO_STEERED = PRIO_SOCKETS + 1
 BLACKHOLE_METRIC = 0xFFFFFFFF
+# IPv6 inside the tunnels: a default route into the TUN in the main table, after any the
+# host has (RA gives 1024): an application on an IPv4-only access network can open an
+# IPv6 socket at all (the output hook marks and reroutes only what routing allowed)
+FALLBACK6_METRIC = 0x7FFFFFFF
 MARK_MASK = 0xFFFF           # bits of the ct mark holding F (the rule index is above them)
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
@@ -112,19 +118,32 @@ def _ports(keyword: str, ports: tuple[int, int]) -> str:
     return f"th {keyword} {low}" if low == high else f"th {keyword} {low}-{high}"
 
 
-def rule_match(rule: RuleMatch) -> str:
-    """The nft match expression of one config rule (may be empty: match everything)."""
+def rule_family(rule: RuleMatch) -> int | None:
+    """The IP version a rule's ``dst`` limits it to (None: no dst, both)."""
+    if rule.dst is None:
+        return None
+    try:
+        return ipaddress.ip_network(rule.dst, strict=False).version
+    except ValueError:
+        raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
+
+
+def rule_match(rule: RuleMatch, family: str = NFT_FAMILY) -> str:
+    """The nft match expression of one config rule (may be empty: match everything), for
+    the ``ip`` or the ``ip6`` table (where "icmp" is ICMPv6)."""
     if rule.protocol not in PROTOCOLS:
         raise SystemSetupError(f"rule {rule.index}: unknown protocol {rule.protocol!r}")
     parts: list[str] = []
     if rule.dst is not None:
         try:
-            net = ipaddress.IPv4Network(rule.dst, strict=False)
+            net = ipaddress.ip_network(rule.dst, strict=False)
         except ValueError:
             raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
-        parts.append(f"ip daddr {net}")
+        parts.append(f"{'ip6' if net.version == 6 else 'ip'} daddr {net}")
     has_ports = rule.dst_port is not None or rule.src_port is not None
-    if rule.protocol != "any":
+    if rule.protocol == "icmp" and family == "ip6":
+        parts.append("meta l4proto ipv6-icmp")
+    elif rule.protocol != "any":
         parts.append(f"meta l4proto {rule.protocol}")
     elif has_ports:
         parts.append("meta l4proto { tcp, udp }")   # ports: TCP and UDP only
@@ -151,14 +170,21 @@ def agent_ruleset(
     rules: list[RuleMatch],
     tun_mtu: int | None = None,
     mark_mask: int = MARK_MASK,
+    family: str = NFT_FAMILY,
 ) -> str:
-    """The nft script creating table ``ip upmt_agent`` (fails if it already exists)."""
+    """The nft script creating table ``ip upmt_agent`` (fails if it already exists), or
+    with ``family`` "ip6" table ``ip6 upmt_agent6``: the same for IPv6 (``vipa_fix`` then
+    being vipa6_fix; rules whose dst is of the other family left out; no mesh pools)."""
+    six = family == "ip6"
+    version = 6 if six else 4
     q_tun = nft.quote(tun)
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
     output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
     for rule in rules:
-        match = rule_match(rule)
+        if rule_family(rule) not in (None, version):
+            continue
+        match = rule_match(rule, family)
         output.append(
             f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
             f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
@@ -173,21 +199,22 @@ def agent_ruleset(
     # them (related: PMTU); no connection into the host through its anchor. Mesh peers'
     # new connections are the exception: they come from their VIpAs in a mesh anchor's
     # pool (set MESH_POOLS, filled when an anchor says mesh), authenticated end to end.
-    prerouting.append(f"iifname {q_tun} ip saddr != @{MESH_POOLS} "
+    mesh_ok = "" if six else f"ip saddr != @{MESH_POOLS} "
+    prerouting.append(f"iifname {q_tun} {mesh_ok}"
                       f"ct state != {{ established, related }} "
                       f'counter name "{COUNTER_UNSOLICITED}" drop')
     prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} "
                       f"meta mark set {packet_mark}")
-    if tun_mtu is not None and tun_mtu > 40:
-        mss = tun_mtu - 40
+    if tun_mtu is not None and tun_mtu > 60:
+        mss = tun_mtu - (60 if six else 40)      # IPv6 header 40, TCP 20
         prerouting.append(
             f"iifname {q_tun} tcp flags syn tcp option maxseg size > {mss} "
             f"tcp option maxseg size set {mss}"
         )
     try:
-        snat = str(ipaddress.IPv4Address(vipa_fix))
+        snat = str(ipaddress.IPv6Address(vipa_fix) if six else ipaddress.IPv4Address(vipa_fix))
     except ValueError:
-        raise SystemSetupError(f"bad vipa_fix {vipa_fix!r}") from None
+        raise SystemSetupError(f"bad vipa{'6' if six else ''}_fix {vipa_fix!r}") from None
     chains = {
         "output": ("type route hook output priority mangle", output),
         "prerouting": ("type filter hook prerouting priority mangle", prerouting),
@@ -200,9 +227,11 @@ def agent_ruleset(
             [f"oifname {q_tun} snat to {snat}"],
         ),
     }
-    lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{",
-             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}",
-             f"\tset {MESH_POOLS} {{", "\t\ttype ipv4_addr; flags interval;", "\t}"]
+    table = NFT_TABLE6 if six else NFT_TABLE
+    lines = [f"create table {family} {table}", f"table {family} {table} {{",
+             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}"]
+    if not six:
+        lines += [f"\tset {MESH_POOLS} {{", "\t\ttype ipv4_addr; flags interval;", "\t}"]
     for name, (hook, body) in chains.items():
         lines.append(f"\tchain {name} {{")
         lines.append(f"\t\t{hook}; policy accept;")
@@ -227,6 +256,7 @@ class AgentHost:
         state_file: str | None = None,
         mark_mask: int = MARK_MASK,
         priority: int = PRIO_SOCKETS,
+        vipa6_fix: str = "",
     ) -> None:
         top = fwmark + 1 + max((i.index for i in ifaces), default=0)
         if not 0 < fwmark or top > MARK_MASK:
@@ -242,6 +272,7 @@ class AgentHost:
             raise SystemSetupError(f"routing table {table} is not usable")
         self.tun = tun
         self.vipa_fix = vipa_fix
+        self.vipa6_fix = vipa6_fix            # "": no IPv6 steering
         self.fwmark = fwmark
         self.table = table
         self.ifaces = list(ifaces)
@@ -275,6 +306,14 @@ class AgentHost:
         and put back the sysctls it had changed (from the state file, if one is used)."""
         self._sysctl.restore_leftovers()
         nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        nft.delete_table("ip6", NFT_TABLE6)
+        for rule in netlink.list_rules(AF_INET6):
+            if rule.priority == self.prio_steered and rule.table == self.table \
+                    and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask:
+                netlink.delete_rule(rule)
+                log.info("removed leftover %s", rule.describe())
+        if count := netlink.flush_table(self.table, AF_INET6):
+            log.info("removed %d leftover IPv6 route(s) of table %d", count, self.table)
         tables = {self.table, *(self.table + 1 + i.index for i in self.ifaces)}
         for rule in netlink.list_rules():
             if self._is_ours(rule):
@@ -338,7 +377,32 @@ class AgentHost:
 
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
-        log.info("agent host set up: %d rule(s), %d interface(s)", len(self.rules), len(indexes))
+        if self.vipa6_fix:
+            self._setup6(tun)
+        log.info("agent host set up: %d rule(s), %d interface(s)%s", len(self.rules),
+                 len(indexes), ", IPv6 inside" if self.vipa6_fix else "")
+
+    def _setup6(self, tun: netlink.IfaceInfo) -> None:
+        """IPv6 inside the tunnels: table T's IPv6 default into the TUN (and blackhole),
+        the main table's fallback default (``FALLBACK6_METRIC``), ``ip -6 rule`` for the
+        steered mark, and nft table ``ip6 upmt_agent6``."""
+        routes = [Route(self.table, oif=tun.index, dev=self.tun, dst="::/0", family=AF_INET6),
+                  Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC, dst="::/0",
+                        family=AF_INET6),
+                  Route(MAIN_TABLE, oif=tun.index, dev=self.tun, dst="::/0",
+                        metric=FALLBACK6_METRIC, family=AF_INET6)]
+        for route in routes:
+            added = netlink.add_route(route)
+            self._undo.push(added.describe(), partial(netlink.delete_route, added))
+        rule = Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask, AF_INET6)
+        netlink.add_rule(rule)
+        self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+        script = agent_ruleset(tun=self.tun, vipa_fix=self.vipa6_fix, fwmark=self.fwmark,
+                               ifaces=self.ifaces, rules=self.rules, tun_mtu=tun.mtu,
+                               mark_mask=self.mark_mask, family="ip6")
+        nft.apply(script)
+        self._undo.push(f"nft table ip6 {NFT_TABLE6}",
+                        lambda: nft.delete_table("ip6", NFT_TABLE6))
 
     def restore_iface_route(self, name: str, gateway: str | None) -> None:
         """After an access interface came back (the kernel removed its routes when it went

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from socket import AF_INET
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
@@ -53,10 +53,12 @@ class Route:
     dev: str | None = field(default=None, compare=False)  # name of oif, for messages
     dst: str = "0.0.0.0/0"
     mtu: int | None = None
+    family: int = AF_INET          # AF_INET6: an IPv6 route (``dst`` "::/0" for a default)
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip route``'s."""
-        what = "default" if self.dst == "0.0.0.0/0" else self.dst
+        what = "default" if self.dst in ("0.0.0.0/0", "::/0") else self.dst
+        what = f"-6 {what}" if self.family == AF_INET6 else what
         what = f"blackhole {what}" if self.blackhole else what
         if self.gateway:
             what += f" via {self.gateway}"
@@ -72,7 +74,7 @@ class Route:
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``IPRoute.route``."""
-        args: dict[str, Any] = {"dst": self.dst, "family": AF_INET, "table": self.table}
+        args: dict[str, Any] = {"dst": self.dst, "family": self.family, "table": self.table}
         if self.mtu is not None:
             args["metrics"] = {"mtu": self.mtu}
         if self.blackhole:
@@ -98,15 +100,18 @@ class Rule:
     table: int
     fwmark: int | None = None
     fwmask: int | None = None
+    family: int = AF_INET          # AF_INET6: an IPv6 rule
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip rule``'s."""
         mark = f" fwmark {self.fwmark:#x}/{self.fwmask or 0xFFFFFFFF:#x}" if self.fwmark else ""
-        return f"rule {self.priority}:{mark} lookup {self.table}"
+        six = "-6 " if self.family == AF_INET6 else ""
+        return f"{six}rule {self.priority}:{mark} lookup {self.table}"
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``IPRoute.rule``."""
-        args: dict[str, Any] = {"family": AF_INET, "priority": self.priority, "table": self.table}
+        args: dict[str, Any] = {"family": self.family, "priority": self.priority,
+                                "table": self.table}
         if self.fwmark is not None:
             args["fwmark"] = self.fwmark
             args["fwmask"] = 0xFFFFFFFF if self.fwmask is None else self.fwmask
@@ -212,16 +217,22 @@ def default_route_interfaces() -> list[IfaceInfo]:
         return [_info(ipr, index, routes) for index in seen]
 
 
-def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
-    """Give the (already open) TUN device ``name`` its MTU and address, and bring it up."""
+def configure_tun(name: str, address: str, prefixlen: int, mtu: int,
+                  address6: str = "", prefixlen6: int = 128) -> None:
+    """Give the (already open) TUN device ``name`` its MTU and address (and IPv6 address
+    ``address6``, if any), and bring it up."""
     with _iproute(f"cannot configure {name} ({address}/{prefixlen}, mtu {mtu})") as ipr:
         index = _lookup(ipr, name)
         ipr.link("set", index=index, mtu=mtu)
-        try:
-            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
+        addrs = [(address, prefixlen, AF_INET)]
+        if address6:
+            addrs.append((address6, prefixlen6, AF_INET6))
+        for addr, plen, fam in addrs:
+            try:
+                ipr.addr("add", index=index, address=addr, prefixlen=plen, family=fam)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
         ipr.link("set", index=index, state="up")
 
 
@@ -312,15 +323,19 @@ def delete_route(route: Route) -> bool:
         return True
 
 
-def flush_table(table: int) -> int:
-    """Delete every IPv4 route of routing table ``table``; returns how many went."""
+def flush_table(table: int, family: int = AF_INET) -> int:
+    """Delete every route of ``family`` (IPv4 by default) of routing table ``table``;
+    returns how many went."""
     with _iproute(f"cannot flush routing table {table}") as ipr:
         count = 0
-        for route in ipr.get_routes(family=AF_INET, table=table):
+        for route in ipr.get_routes(family=family, table=table):
             if route.get("table") != table:
                 continue
+            if family == AF_INET6 and route.get("type") not in (1, 6):
+                continue           # unicast and blackhole only: not the kernel's others
             try:
-                ipr.route("del", family=AF_INET, table=table, **_route_key(route))
+                ipr.route("del", family=family, table=table,
+                          **_route_key(route, "::" if family == AF_INET6 else "0.0.0.0"))
                 count += 1
             except NetlinkError as exc:
                 if exc.code not in (errno.ESRCH, errno.ENODEV):
@@ -328,10 +343,10 @@ def flush_table(table: int) -> int:
         return count
 
 
-def _route_key(route: Any) -> dict[str, Any]:
+def _route_key(route: Any, any_addr: str = "0.0.0.0") -> dict[str, Any]:
     """Fields that identify a dumped route for deletion (pyroute2 defaults none of them)."""
     key: dict[str, Any] = {
-        "dst": f"{route.get('dst') or '0.0.0.0'}/{route.get('dst_len')}",
+        "dst": f"{route.get('dst') or any_addr}/{route.get('dst_len')}",
         "type": route.get("type"),
         "tos": route.get("tos"),
         "proto": route.get("proto"),
@@ -361,11 +376,12 @@ def delete_rule(rule: Rule) -> bool:
         return True
 
 
-def list_rules() -> list[Rule]:
-    """Every IPv4 fwmark policy-routing rule (others are not ours and are skipped)."""
+def list_rules(family: int = AF_INET) -> list[Rule]:
+    """Every fwmark policy-routing rule of ``family`` (IPv4 by default; others are not
+    ours and are skipped)."""
     with _iproute("cannot list ip rules") as ipr:
         rules = []
-        for msg in ipr.get_rules(family=AF_INET):
+        for msg in ipr.get_rules(family=family):
             if msg.get("fwmark") is None or msg.get("priority") is None:
                 continue
             rules.append(
@@ -374,6 +390,7 @@ def list_rules() -> list[Rule]:
                     table=int(msg.get("table")),
                     fwmark=int(msg.get("fwmark")),
                     fwmask=msg.get("fwmask"),
+                    family=family,
                 )
             )
         return rules
