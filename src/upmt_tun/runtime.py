@@ -254,6 +254,16 @@ class _CgroupsCloser:
         self.cg.remove()
 
 
+def _ipv6_enabled(ifname: str) -> bool:
+    """Whether interface ``ifname`` can hold IPv6 addresses (the kernel has IPv6 and
+    ``disable_ipv6`` is off for it)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
 def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
     try:
         tun = TunDevice(name, loop, offload=_offload('tun'))
@@ -342,6 +352,11 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                          vipa6_fix=cfg.vipa6_fix)
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
+        if cfg.vipa6_fix and not _ipv6_enabled(tun.name):
+            log.info("IPv6 inside the tunnels off: IPv6 is disabled on %s "
+                     "(net.ipv6.conf.*.disable_ipv6)", tun.name)
+            cfg = replace(cfg, vipa6_fix="")
+            host.vipa6_fix = ""
         netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu, cfg.vipa6_fix)
         host.setup()
         from .system.conntrack import Conntrack
