@@ -422,3 +422,124 @@ def test_finish_csum_v6_udp_computed_zero_is_ffff() -> None:
     for finish in impls:
         b = bytearray(part)
         assert finish(b, 40, 16) and b == tcp
+
+
+# ------------------------------------------------------------- TCP segmentation (TSO6)
+
+
+@given(st.binary(min_size=1, max_size=5000), st.integers(1, 1500), st.booleans(),
+       st.sampled_from([0x18, 0x19, 0x98, 0x10]))
+@settings(max_examples=150)
+def test_tso_split6_segments_are_valid_and_compiled_agrees(payload: bytes, gso: int,
+                                                           nat_it: bool, flags: int) -> None:
+    """An IPv6/TCP super-packet cut into segments: each a valid packet (payload length,
+    sequence number, TCP checksum over the pseudo-header of the NATed source), FIN/PSH
+    only on the last, CWR only on the first; payload intact; both implementations."""
+    from upmt_tun.dataplane import offload
+    hdr = bytearray(tcp6(VIPA6_FIX, SERVER6, 40000, 443, b""))
+    hdr[4:8] = (1000).to_bytes(4, "big")
+    hdr[13] = flags
+    sup = bytes(ip6(VIPA6_FIX, SERVER6, TCP, bytes(hdr) + payload))
+    new = VIPA6_A if nat_it else None
+    segs = offload.py_tso_split(sup, gso, new)
+    assert b"".join(s[60:] for s in segs) == payload
+    assert len(segs) == -(-len(payload) // gso)
+    for i, s in enumerate(segs):
+        assert s[8:24] == (VIPA6_A if nat_it else VIPA6_FIX) and l4_ok6(s)
+        assert int.from_bytes(s[44:48], "big") == 1000 + i * gso
+        last = i == len(segs) - 1
+        assert s[53] == flags & ~(0 if last else 0x09) & ~(0x80 if i else 0)
+    try:
+        from upmt_tun.dataplane import _fast
+    except ImportError:
+        return
+    assert _fast.tso_split(sup, gso, new) == segs
+    assert _fast.tso_split(memoryview(sup), gso, new) == segs
+    with pytest.raises(ValueError):
+        _fast.tso_split(sup, gso, bytes(4))
+    with pytest.raises(ValueError):
+        offload.py_tso_split(sup, gso, bytes(4))
+    ext = bytes(ip6(VIPA6_FIX, SERVER6, 0, bytes([TCP, 0]) + bytes(6) + bytes(hdr) + payload))
+    assert offload.py_tso_split(ext, gso) == _fast.tso_split(ext, gso) == []
+
+
+def test_packets_and_tso_of_take_tcpv6_super_packets() -> None:
+    from upmt_tun.dataplane import offload
+    hdr = tcp6(VIPA6_FIX, SERVER6, 1, 2, b"")
+    sup = bytes(ip6(VIPA6_FIX, SERVER6, TCP, hdr + b"a" * 3000))
+    read = offload.VNET_HDR.pack(offload.NEEDS_CSUM, offload.GSO_TCPV6, 60, 1000, 40, 16) + sup
+    got = offload.packets(read)
+    assert len(got) == 3 and all(l4_ok6(p) for p in got)
+    view = offload.tso_of(read)
+    assert view is not None and view[1] == 1000 and bytes(view[0]) == sup
+
+
+# ------------------------------------------------- GRO towards the TUN, runs, batched NAT
+
+
+def segments6(payload: bytes, gso: int = 1428, sport: int = 40000, seq: int = 5000
+              ) -> list[bytes]:
+    """What TSO makes of one IPv6/TCP write (ACK, PSH on the last)."""
+    from upmt_tun.dataplane import offload
+    hdr = bytearray(tcp6(SERVER6, VIPA6_A, sport, 443, b""))
+    hdr[4:8] = seq.to_bytes(4, "big")
+    return offload.py_tso_split(bytes(ip6(SERVER6, VIPA6_A, TCP, bytes(hdr) + payload)), gso)
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6000), min_size=1, max_size=5),
+       gso=st.integers(500, 1428), swap=st.integers(0, 50))
+def test_coalesce6_implementations_agree_and_lose_nothing(sizes: list[int], gso: int,
+                                                          swap: int) -> None:
+    """IPv6/TCP segments of one flow become one GSO_TCPV6 super-packet (the kernel
+    finishes the checksum); cut again they are the same segments; both implementations
+    give the same bytes, and IPv4 beside them is untouched."""
+    from upmt_tun.dataplane import offload as O
+    from upmt_tun.dataplane.offload import VNET_HDR, VNET_HDR_LEN
+    flows = [segments6(bytes([i]) * s, gso=gso, sport=i + 1) for i, s in enumerate(sizes)]
+    stream = [s for f in flows for s in f]
+    if len(stream) > 3:
+        k = swap % (len(stream) - 1)
+        stream[k], stream[k + 1] = stream[k + 1], stream[k]
+    ref = O.py_coalesce(stream)
+    try:
+        from upmt_tun.dataplane import _fast
+        assert _fast.coalesce(stream) == ref
+    except ImportError:
+        pass
+    back = []
+    for w in ref:
+        hdr = VNET_HDR.unpack_from(w)
+        pkt = w[VNET_HDR_LEN:]
+        if hdr[1] == O.GSO_TCPV6:
+            assert (hdr[2], hdr[4], hdr[5]) == (60, 40, 16)
+            done = bytearray(pkt)
+            assert O.py_finish_csum(done, 40, 16) and l4_ok6(bytes(done))
+            back += O.py_tso_split(pkt, hdr[3])
+        else:
+            assert hdr == (0, 0, 0, 0, 0, 0)
+            back.append(pkt)
+    assert back == stream
+    if len(sizes) == 1 and 1 < len(stream) <= 3:
+        assert len(ref) == 1                 # one flow in order (not swapped): one write
+
+
+def test_flow_runs_and_rewrite_run_take_ipv6() -> None:
+    from upmt_tun.dataplane import offload as O
+    a = [bytes(packet6("udp", SERVER6, VIPA6_A, 53, 1000 + (i > 2), b"x")) for i in range(5)]
+    ext = bytes(packet6("udp", SERVER6, VIPA6_A, 53, 1000, b"", bytes([UDP, 0]) + bytes(6), 0))
+    impls = [(O.py_flow_runs, O.py_rewrite_run)]
+    try:
+        from upmt_tun.dataplane import _fast
+        impls.append((_fast.flow_runs, _fast.rewrite_run))
+    except ImportError:
+        pass
+    for runs, rewrite in impls:
+        assert runs(a + [ext, ext]) == [3, 2, 1, 1]
+        got = rewrite(a + [ext], 0, 6, VIPA6_FIX, False)
+        assert got[:5] == [bytes(packet6("udp", SERVER6, VIPA6_FIX, 53, 1000 + (i > 2), b"x"))
+                           for i in range(5)]
+        assert got[5] == bytes(packet6("udp", SERVER6, VIPA6_FIX, 53, 1000, b"",
+                                       bytes([UDP, 0]) + bytes(6), 0))
+        with pytest.raises(ValueError):
+            rewrite(a, 0, 1, bytes(5), False)

@@ -458,7 +458,9 @@ class AgentForwarder:
                 self.held = b""
             return None
         flow, t, s = route
-        segs = offload.tso_split(pkt, gso_size, t.vipa_b)      # NAT included
+        six = pkt[0] >> 4 == 6
+        segs = offload.tso_split(pkt, gso_size,                 # NAT included
+                                 self.links[t.peer].vipa6_b if six else t.vipa_b)
         if not segs:
             self.drops["bad_offload"] += 1
             return None
@@ -659,6 +661,13 @@ class AgentForwarder:
                       ) -> list[bytes]:
         """:meth:`_downlink` of ``pts[i:j]``, packets of one flow (``offload.flow_runs``)."""
         key = nat.five_tuple(pts[i])
+        if key is not None and len(key[1]) == 16:
+            vipa6 = self.links[t.peer].vipa6_b
+            if not vipa6 or key[2] != vipa6 or t.remote[1] == 0:
+                self.drops["bad_inner"] += j - i
+                return []
+            self._account_rx(key, now, j - i)
+            return offload.rewrite_run(pts, i, j, self.vipa6_fix_b, False)
         if key is None or pts[i][16:20] != t.vipa_b:
             self.drops["bad_inner"] += j - i
             return []
