@@ -249,3 +249,38 @@ def test_builders_agree_with_nat6() -> None:
     """The test_nat6 builders used above give valid checksums (so the oracle is sound)."""
     for seg, proto in ((tcp6(FIX6, CH6, 1, 2, b"a"), TCP), (udp6(FIX6, CH6, 1, 2, b"a"), UDP)):
         assert l4_ok6(bytes(ip6(FIX6, CH6, proto, seg)))
+
+
+async def test_ipv6_and_ipv4_downlink_only_flows_follow_a_signalled_handover(
+        tmp_path: Path) -> None:
+    """wan1 goes down: the agent announces both flows (HandoverReq), each under the VIpA
+    of its family, and the anchor moves both downlinks to wan2 without an uplink packet."""
+    import asyncio
+
+    from .test_e2e_memory import RULES
+    w = World(tmp_path, rules=RULES + RULES6.replace('["wan2", "wan1"]', '["wan1", "wan2"]'),
+              anchor_extra=POOL6)
+    await w.start()
+    try:
+        st = w.agent.status()
+        vipa, vipa6 = st["anchors"][0]["vipa"], ipaddress.IPv6Address(
+            st["anchors"][0]["vipa6"]).packed
+        w.mh_tun.inject(bytes(packet6("tcp", FIX6, CH6, 40000, 443, b"GET")))
+        w.mh_tun.inject(pb.tcp("100.64.0.1", "198.51.100.7", 40001, 80, b"GET"))
+        await w.settle()
+        assert {f["interface"] for f in w.anchors[0].status()["flows"]} == {"wan1"}
+        w.agent.on_link("wan1", False)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            an_flows = w.anchors[0].status()["flows"]
+            if {f["interface"] for f in an_flows} == {"wan2"}:
+                break
+        assert [f["interface"] for f in an_flows] == ["wan2", "wan2"]
+        assert w.anchors[0].sig.stats["refused"] == 0
+        w.net.down.add("10.1.0.2")
+        w.an_tuns[0].inject(bytes(packet6("tcp", CH6, vipa6, 443, 40000, b"data")))
+        w.an_tuns[0].inject(pb.tcp("198.51.100.7", vipa, 80, 40001, b"data"))
+        await w.settle()
+        assert len(w.mh_tun.written) == 2
+    finally:
+        await w.stop()

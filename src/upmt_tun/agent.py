@@ -921,10 +921,13 @@ class Agent:
             link = self._by_tid.get(tid)
             if link is None:
                 continue
-            vipa = self.fwd.links[t.peer].vipa
-            for n in range(0, len(group), 64):
+            peer = self.fwd.links[t.peer]
+            # each flow under the VIpA of its family (an IPv6 flow under the IPv6 one)
+            keyed = [(peer.vipa6 if len(f.key[2]) == 16 else peer.vipa, f) for f in group]
+            keyed = [(v, f) for v, f in keyed if v]
+            for n in range(0, len(keyed), 64):
                 items = [[f.key[0], vipa, ip_str(f.key[2]), f.key[3], f.key[4]]
-                         for f in group[n:n + 64]]
+                         for vipa, f in keyed[n:n + 64]]
                 self._do(link.handover(items, self.clock()))
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
