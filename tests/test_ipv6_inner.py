@@ -284,3 +284,21 @@ async def test_ipv6_and_ipv4_downlink_only_flows_follow_a_signalled_handover(
         assert len(w.mh_tun.written) == 2
     finally:
         await w.stop()
+
+
+def test_conntrack_tuples_for_ipv6() -> None:
+    """The agent reads an IPv6 flow's rule (ct mark) back as for IPv4: an IPv6 reply
+    tuple (CTA_IP_V6_*, ICMPv6 echo reply for ICMPv6), and an IPv6 entry's source."""
+    import socket
+
+    from upmt_tun.system.conntrack import _attr, _attrs, parse_entry, reply_tuple
+    t = _attrs(_attrs(reply_tuple(6, "2001:db8::7", "fd55:504d:5400::1", 443, 40000))[2])
+    ips = _attrs(t[1])
+    assert ips == {3: socket.inet_pton(socket.AF_INET6, "2001:db8::7"),
+                   4: socket.inet_pton(socket.AF_INET6, "fd55:504d:5400::1")}
+    icmp = _attrs(_attrs(_attrs(reply_tuple(58, "2001:db8::7", "fd55::1", 9, 0))[2])[2])
+    assert icmp[7] == b"\x00\x09" and icmp[8] == b"\x81" and icmp[1] == b"\x3a"
+    src = _attr(3, socket.inet_pton(socket.AF_INET6, "fd55:504d:5400::1"))
+    entry = _attr(1, _attr(1, src, nested=True), nested=True)
+    assert parse_entry(entry + _attr(8, (0x10100).to_bytes(4, "big"))) == (
+        0x10100, "fd55:504d:5400::1")
