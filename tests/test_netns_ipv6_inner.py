@@ -25,12 +25,19 @@ from .conftest import netns_missing
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing())),
-    pytest.mark.skipif(bool(tool_missing("curl", "ping")), reason="needs curl and ping"),
+    pytest.mark.skipif(bool(tool_missing("curl", "ping", "setpriv")),
+                       reason="needs curl, ping and setpriv"),
 ]
 
 CH4 = "203.0.113.100"
 CH6 = "2001:db8:113::100"
-RULES6 = DEFAULT_RULES + f"""
+RULES6 = f"""
+[[rule]]
+name = "nobody6"
+uid = 65534
+dst = "{CH6}/128"
+via = ["wan2"]
+""" + DEFAULT_RULES + f"""
 [[rule]]
 name = "web6"
 protocol = "tcp"
@@ -75,10 +82,16 @@ def test_curl6_and_curl4_through_the_tunnel_ptb_host_restored(topo: Topology,
         while log.read_text().count('"GET ') < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         clients = [ln.split(" ")[0] for ln in log.read_text().splitlines() if '"GET ' in ln]
-        assert clients == ["2001:db8:113::1", "::ffff:203.0.113.1"]    # the anchor, both
+        assert clients[:2] == ["2001:db8:113::1", "::ffff:203.0.113.1"]  # the anchor, both
+        # a uid rule: the IPv6 flow's rule is read back from conntrack (its ct mark)
+        r = topo.run("mh", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     "curl", "-6", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                     f"http://[{CH6}]:8080/f", check=False, timeout=15)
+        assert r.stdout == "200", r.stderr
         flows = {f["rule"]: f for f in lab.agent_status()["flows"]}
-        assert {"web", "web6"} <= set(flows)
+        assert {"web", "web6", "nobody6"} <= set(flows)
         assert flows["web6"]["dst"] == CH6 and flows["web6"]["rx_packets"] > 10
+        assert flows["nobody6"]["interface"] == "wan2" and flows["web6"]["interface"] == "wan1"
         # ICMPv6 echo through the tunnel (no rule: the TUN's fallback route), then one
         # over the TUN's MTU: IPv6 never fragments on the way, the sender learns the MTU
         ok = topo.run("mh", "ping", "-6", "-c", "1", "-W", "3", "-s", "1200", "-M", "do", CH6,
