@@ -306,8 +306,13 @@ class AgentHost:
         and put back the sysctls it had changed (from the state file, if one is used)."""
         self._sysctl.restore_leftovers()
         nft.delete_table(NFT_FAMILY, NFT_TABLE)
-        nft.delete_table("ip6", NFT_TABLE6)
-        for rule in netlink.list_rules(AF_INET6):
+        try:
+            nft.delete_table("ip6", NFT_TABLE6)
+            rules6 = netlink.list_rules(AF_INET6)
+        except SystemSetupError as e:       # a kernel without IPv6: nothing can be left
+            log.debug("no IPv6 rules to clean up: %s", e)
+            return
+        for rule in rules6:
             if rule.priority == self.prio_steered and rule.table == self.table \
                     and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask:
                 netlink.delete_rule(rule)

@@ -215,7 +215,10 @@ class AnchorHost:
         self._replace_table = keep_table
         if not keep_table:
             nft.delete_table(NFT_FAMILY, NFT_TABLE)
-            nft.delete_table("ip6", NFT_TABLE6)
+            try:
+                nft.delete_table("ip6", NFT_TABLE6)
+            except SystemSetupError as e:   # a kernel without IPv6: nothing can be left
+                log.debug("no ip6 table to clean up: %s", e)
 
     def setup(self) -> None:
         """Install everything; on failure undo what was done and raise SystemSetupError."""
@@ -237,10 +240,16 @@ class AnchorHost:
         if self._replace_table:
             # a killed run's tables (if any) go in the same transaction: "add table" makes
             # the delete valid when there is none; no moment without a NAT chain
+            six = (f"add table ip6 {NFT_TABLE6}\ndelete table ip6 {NFT_TABLE6}\n"
+                   if self.pool6 is not None else "")
             script = (f"add table {NFT_FAMILY} {NFT_TABLE}\n"
-                      f"delete table {NFT_FAMILY} {NFT_TABLE}\n"
-                      f"add table ip6 {NFT_TABLE6}\ndelete table ip6 {NFT_TABLE6}\n"
-                      f"{script}")
+                      f"delete table {NFT_FAMILY} {NFT_TABLE}\n{six}{script}")
+            if self.pool6 is None:        # a killed run's IPv6 table, if it had a pool
+                try:
+                    if nft.table_exists("ip6", NFT_TABLE6):
+                        nft.delete_table("ip6", NFT_TABLE6)
+                except SystemSetupError as e:
+                    log.debug("no ip6 table to clean up: %s", e)
         elif nft.table_exists(NFT_FAMILY, NFT_TABLE):
             raise SystemSetupError(
                 f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
