@@ -3,13 +3,15 @@
 The access networks are IPv4 only (behind their NATs); the anchor and the correspondent
 are dual stack (``Topology(inner_v6=True)``); the anchor hands out IPv6 VIpAs from
 ``vipa6_pool``. A legacy ``curl -6`` and ``curl -4`` from the mobile host both go through
-the tunnel and the correspondent sees the anchor's address of the right family; an IPv6
-packet over the TUN's MTU gets no further than the host (Packet Too Big, path MTU); the
-host is as before once the daemons stop.
+the tunnel and the correspondent sees the anchor's address of the right family; a uid
+rule selects an IPv6 flow; an IPv6 packet over the TUN's MTU gets no further than the host
+(Packet Too Big, path MTU); a killed agent's IPv6 steering is removed by the next start;
+the host is as before once the daemons stop.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -102,6 +104,14 @@ def test_curl6_and_curl4_through_the_tunnel_ptb_host_restored(topo: Topology,
         assert big.returncode != 0 and "too long" in (big.stdout + big.stderr).lower() \
             and "1440" in big.stdout + big.stderr, big.stdout + big.stderr
         assert lab.anchor_status()["associations"][0]["vipa6"] == "fd64:6464::2"
+        # a killed agent leaves its IPv6 steering behind; the next start removes it
+        lab.procs["agent"].send_signal(signal.SIGKILL)
+        lab.procs["agent"].wait(5)
+        assert "upmt_agent6" in topo.run("mh", "nft", "list", "tables").stdout
+        lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(lab.dir / "agent.toml")])
+        r = topo.run("mh", "curl", "-6", "-sS", "-m", "10", "-o", "/dev/null", "-w",
+                     "%{http_code}", f"http://[{CH6}]:8080/f", check=False, timeout=15)
+        assert r.stdout == "200", r.stderr
     finally:
         codes = lab.stop()
     assert codes == {"anchor0": 0, "agent": 0}
