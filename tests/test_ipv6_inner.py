@@ -96,6 +96,10 @@ def test_agent_ruleset6() -> None:
     assert "snat to fd55:504d:5400::1" in v6
     assert "ip6 daddr 2001:db8::/32" in v6 and "198.51.100" not in v6   # v4 rule left out
     assert "meta l4proto ipv6-icmp" in v6
+    lines = v6.splitlines()        # link-local and multicast return before any rule
+    first_rule = next(i for i, ln in enumerate(lines) if "ct mark set" in ln)
+    assert any("ip6 daddr { fe80::/10, ff00::/8 } return" in ln for ln in lines[:first_rule])
+    assert any("ip6 saddr fe80::/10 return" in ln for ln in lines[:first_rule])
     assert "maxseg size > 1360 tcp option maxseg size set 1360" in v6  # 1420 - 40 - 20
     assert 'ct state != { established, related } counter name "unsolicited_from_tun" drop' \
         in v6 and "mesh_pools" not in v6

@@ -53,6 +53,7 @@ PROTOCOLS = ("tcp", "udp", "icmp", "any")
 COUNTER_UNSOLICITED = "unsolicited_from_tun"   # nft counter of the drop above
 MESH_POOLS = "mesh_pools"    # nft set: sources allowed to open connections from the TUN
 MAIN_TABLE = 254
+LINK_ONLY6 = "fe80::/10, ff00::/8"   # IPv6 destinations never steered
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,9 @@ def agent_ruleset(
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
     output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
+    if six:     # link-local and multicast (ND, MLD, mDNS, ...) belong to their link
+        output.append(f"ip6 daddr {{ {LINK_ONLY6} }} return")
+        output.append("ip6 saddr fe80::/10 return")
     for rule in rules:
         if rule_family(rule) not in (None, version):
             continue
