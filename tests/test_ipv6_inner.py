@@ -306,3 +306,13 @@ def test_conntrack_tuples_for_ipv6() -> None:
     entry = _attr(1, _attr(1, src, nested=True), nested=True)
     assert parse_entry(entry + _attr(8, (0x10100).to_bytes(4, "big"))) == (
         0x10100, "fd55:504d:5400::1")
+
+
+def test_ipv6_is_never_a_mesh_address() -> None:
+    """With a mesh anchor's pool known, an IPv6 destination is no mesh peer (the mesh
+    carries IPv4): no lookup, no exception on the data path."""
+    from upmt_tun.mesh import MeshDirectory
+    m = MeshDirectory()
+    m.pools["an1"] = ipaddress.IPv4Network("100.100.0.0/16")
+    assert m.anchor_of(bytes([100, 100, 0, 9])) == "an1"
+    assert m.anchor_of(CH6) is None and m.want(CH6, 0.0) is None

@@ -545,7 +545,7 @@ class AgentForwarder:
         if pref is not None:
             fc = self._preferred(fc, *pref)
         peer = self.mesh_dst.get(key[2])
-        if peer is None and self.mesh_anchor_of(key[2]) is not None:
+        if peer is None and len(key[2]) == 4 and self.mesh_anchor_of(key[2]) is not None:
             self.mesh_miss(key[2])             # another host of a mesh: look it up
             self.held = key[2]
             return None
