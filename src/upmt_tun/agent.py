@@ -194,9 +194,11 @@ class Agent:
             self._queues_run[out[0]](out[2], out[3], out[1])
 
     def _flush(self) -> None:
-        """After each TUN read: what it became leaves together (one UDP GSO send)."""
+        """After each TUN read: what it became leaves together (one UDP GSO send), and
+        what it wrote back to the TUN (an ICMPv6 Packet Too Big) goes now."""
         for i in self.ifaces:
             i.path.flush()
+        self.tun.flush()
 
     def _on_datagram_for(self, index: int) -> Callable[[bytes, tuple[str, int]], None]:
         fwd, tun, clock = self.fwd, self.tun, self.clock
