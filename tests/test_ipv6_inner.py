@@ -316,3 +316,22 @@ def test_ipv6_is_never_a_mesh_address() -> None:
     m.pools["an1"] = ipaddress.IPv4Network("100.100.0.0/16")
     assert m.anchor_of(bytes([100, 100, 0, 9])) == "an1"
     assert m.anchor_of(CH6) is None and m.want(CH6, 0.0) is None
+
+
+async def test_an_icmpv6_error_from_the_host_goes_out_natted(tmp_path: Path) -> None:
+    """The host answers a datagram with Destination Unreachable (port): the error leaves
+    from the IPv6 VIpA, its quote's destination NATed too, and the anchor accepts it
+    (the quote names this host's VIpA: no spoofing)."""
+    w = World(tmp_path, anchor_extra=POOL6)
+    await w.start()
+    try:
+        vipa6 = w.agent.fwd.links["an1"].vipa6_b
+        came = bytes(packet6("udp", CH6, FIX6, 53, 9999, b"hi"))
+        w.mh_tun.inject(nat.icmp6_error(came, 1, 4, 0, FIX6))
+        await w.settle()
+        (got,) = w.an_tuns[0].written
+        assert got == nat.icmp6_error(bytes(packet6("udp", CH6, vipa6, 53, 9999, b"hi")),
+                                      1, 4, 0, vipa6)
+        assert l4_ok6(got) and not w.anchors[0].fwd.drops
+    finally:
+        await w.stop()

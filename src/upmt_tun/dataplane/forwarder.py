@@ -491,11 +491,12 @@ class AgentForwarder:
         if key is None:
             self.drops["bad_ipv6" if pkt and pkt[0] >> 4 == 6 else "not_ipv4"] += 1
             return None
-        if len(key[1]) == 16:
-            if not _steerable6(key[1], key[2]):
+        if len(key[1]) == 16:                 # the outer header's addresses, as for IPv4
+            src6 = bytes(pkt[8:24])
+            if not _steerable6(src6, bytes(pkt[24:40])):
                 self.drops["ipv6_local"] += 1  # ND, RA, MLD, link-local: never steered
                 return None
-            if key[1] != self.vipa6_fix_b or not self.vipa6_fix_b:
+            if src6 != self.vipa6_fix_b or not self.vipa6_fix_b:
                 self.drops["bad_source"] += 1
                 return None
         elif pkt[12:16] != self.vipa_fix_b:
@@ -645,7 +646,7 @@ class AgentForwarder:
             return None
         if len(key[1]) == 16:
             vipa6 = self.links[t.peer].vipa6_b
-            if not vipa6 or key[2] != vipa6 or t.remote[1] == 0:
+            if not vipa6 or buf[24:40] != vipa6 or t.remote[1] == 0:
                 self.drops["bad_inner"] += 1
                 return None
             nat.rewrite_dst(buf, self.vipa6_fix_b)
@@ -663,7 +664,7 @@ class AgentForwarder:
         key = nat.five_tuple(pts[i])
         if key is not None and len(key[1]) == 16:
             vipa6 = self.links[t.peer].vipa6_b
-            if not vipa6 or key[2] != vipa6 or t.remote[1] == 0:
+            if not vipa6 or pts[i][24:40] != vipa6 or t.remote[1] == 0:
                 self.drops["bad_inner"] += j - i
                 return []
             self._account_rx(key, now, j - i)
