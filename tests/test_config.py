@@ -334,7 +334,7 @@ def test_anchor_entry_not_a_table(tmp_path: Path) -> None:
     ('protocol = 6\n', "rule[0].protocol", ()),
     ('dst = "198.51.100.0/33"\n', "rule[0].dst", ()),
     ('dst = "not-a-net"\n', "rule[0].dst", ("not-a-net",)),
-    ('dst = "2001:db8::/32"\n', "rule[0].dst", ()),
+    ('dst = "2001:db8::/129"\n', "rule[0].dst", ()),
     ('dst = 10\n', "rule[0].dst", ()),
     ('protocol = "tcp"\ndst_port = "9-3"\n', "rule[0].dst_port", ("9-3",)),
     ('protocol = "tcp"\ndst_port = 0\n', "rule[0].dst_port", ()),
@@ -699,7 +699,7 @@ def test_empty_deny_egress_replaces_the_default(tmp_path: Path) -> None:
     ("[10]", ()),
     ('["10.0.0.0/33"]', ("10.0.0.0/33",)),
     ('["banana"]', ("banana",)),
-    ('["2001:db8::/32"]', ()),
+    ('["2001:db8::/129"]', ()),
     ('["10.0.0.0/8", true]', ()),
     ("true", ("boolean",)),
 ])

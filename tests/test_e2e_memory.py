@@ -297,7 +297,9 @@ async def test_garbage_is_counted_never_raises(tmp_path: Path) -> None:
         st = w.anchors[0].status()
         assert sum(st["drops"].values()) + sum(st["signalling"].values()) > 0
         # and the MH side survives junk from its anchor's address too
-        w.mh_tun.inject(b"\x60" + bytes(39))   # IPv6 on the TUN: not ours, dropped
+        w.mh_tun.inject(b"\x60" + bytes(39))   # a broken IPv6 header (hop-by-hop cut off)
+        assert w.agent.fwd.drops["bad_ipv6"] == 1
+        w.mh_tun.inject(b"\x50" + bytes(39))   # neither IPv4 nor IPv6
         assert w.agent.fwd.drops["not_ipv4"] == 1
         assert HEADER_LEN == 16
     finally:

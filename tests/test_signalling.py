@@ -29,7 +29,7 @@ FULL: dict[str, dict[str, Any]] = {
                        "dataPlaintext": False},
     "AssociationResp": {"associationSuccess": True, "vipa": "100.100.0.2", "reason": "",
                         "role": "anchor", "addressesInUse": [], "dataPlaintext": False,
-                        "mesh": True, "meshPool": "100.100.0.0/16"},
+                        "mesh": True, "meshPool": "100.100.0.0/16", "vipa6": "fd64::2"},
     "TunnelSetupReq": {"sipId": "laptop", "vipa": "100.100.0.2", "tunnelId": 7,
                        "interface": "wan1"},
     "TunnelSetupResp": {"serverTunnelID": 3, "yourAddress": "203.0.113.11", "yourPort": 40001,

@@ -151,7 +151,7 @@ async def test_an_unresolved_anchor_has_no_tunnels_until_it_resolves(tmp_path: P
         await asyncio.wait_for(w.agent.wait_ready(), 0.1)
         st = w.agent.status()
         assert st["anchors"] == [{"name": "an1", "address": None, "state": "unresolved",
-                                  "vipa": None, "role": "anchor"}]
+                                  "vipa": None, "vipa6": None, "role": "anchor"}]
         assert st["tunnels"] == []
         w.agent.set_anchor_address("an1", ("203.0.113.1", 5060))
         for _ in range(50):

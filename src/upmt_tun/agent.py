@@ -156,7 +156,8 @@ class Agent:
             a: None if addr is None else as_addrs(addr) for a, addr in anchors.items()}
         self.clock = clock
         self.fwd = AgentForwarder(cfg.vipa_fix, [i.name for i in self.ifaces], list(anchors),
-                                  classify_flow)
+                                  classify_flow, cfg.vipa6_fix, cfg.mtu or 0)
+        self.fwd.to_tun = tun.write         # ICMPv6 Packet Too Big back to the sender
         self.drops = self.fwd.drops
         self.sip_stats: dict[str, int] = dict.fromkeys(SIP_STATS, 0)
         keys = {a.name: a.public_key for a in cfg.anchors}
@@ -207,9 +208,11 @@ class Agent:
             self._queues_run[out[0]](out[2], out[3], out[1])
 
     def _flush(self) -> None:
-        """After each TUN read: what it became leaves together (one UDP GSO send)."""
+        """After each TUN read: what it became leaves together (one UDP GSO send), and
+        what it wrote back to the TUN (an ICMPv6 Packet Too Big) goes now."""
         for i in self.ifaces:
             i.path.flush()
+        self.tun.flush()
 
     def _on_datagram_for(self, index: int) -> Callable[[bytes, tuple[str, int]], None]:
         fwd, tun, clock = self.fwd, self.tun, self.clock
@@ -311,7 +314,7 @@ class Agent:
             elif isinstance(a, DropSession):
                 fwd.drop_session(a.index)
             elif isinstance(a, Associated):
-                fwd.set_association(a.peer, a.vipa, a.role, a.serves)
+                fwd.set_association(a.peer, a.vipa, a.role, a.serves, a.vipa6)
                 self._mesh_pool(a.peer, a.mesh_pool)
             elif isinstance(a, PeerFound):
                 self._peer_found(a, now)
@@ -1107,10 +1110,13 @@ class Agent:
             link = self._by_tid.get(tid)
             if link is None:
                 continue
-            vipa = self.fwd.links[t.peer].vipa
-            for n in range(0, len(group), 64):
+            peer = self.fwd.links[t.peer]
+            # each flow under the VIpA of its family (an IPv6 flow under the IPv6 one)
+            keyed = [(peer.vipa6 if len(f.key[2]) == 16 else peer.vipa, f) for f in group]
+            keyed = [(v, f) for v, f in keyed if v]
+            for n in range(0, len(keyed), 64):
                 items = [[f.key[0], vipa, ip_str(f.key[2]), f.key[3], f.key[4]]
-                         for f in group[n:n + 64]]
+                         for vipa, f in keyed[n:n + 64]]
                 self._do(link.handover(items, self.clock()))
 
     async def control(self, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -1170,11 +1176,13 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "vipa_fix": self.cfg.vipa_fix,
+            "vipa6_fix": self.fwd.vipa6_fix or None,
             "name": self.cfg.name,
             "anchors": [{"name": a, "address": None if addr is None
                          else " ".join(format_host_port(*x) for x in addr),
                          "state": "unresolved" if addr is None else self.peers[a].state.value,
                          "vipa": self.fwd.links[a].vipa or None,
+                         "vipa6": self.fwd.links[a].vipa6 or None,
                          "role": self.fwd.links[a].role,
                          **({"mesh": m} if (m := self.mesh.mesh_state(a)) else {})}
                         for a, addr in self.anchors.items()],

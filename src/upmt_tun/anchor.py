@@ -69,7 +69,7 @@ class Anchor:
                                     listen=(cfg.listen_host, cfg.listen_port),
                                     max_associations=cfg.max_associations,
                                     plain_data=cfg.plaintext_data, peers=cfg.peers,
-                                    mesh=cfg.mesh)
+                                    mesh=cfg.mesh, pool6=cfg.vipa6_pool)
         self.responder = Responder(cfg.private_key, {p.public_key: p.name for p in cfg.peers})
         self.gate = HandshakeGate()
         self.signal_limiter = RateLimiter(SIGNAL_RATE, SIGNAL_BURST,
@@ -300,7 +300,8 @@ class Anchor:
                 j["mh"] = a.mh
                 j["idle_s"] = round(now - t.last_rx, 3)
                 tunnels.append(j)
-            assocs.append({"mh": a.mh, "vipa": a.vipa, "tunnels": tunnels, "mesh": a.mesh,
+            assocs.append({"mh": a.mh, "vipa": a.vipa, "vipa6": a.vipa6 or None,
+                           "tunnels": tunnels, "mesh": a.mesh,
                            "relay_rx_bytes": a.relay_rx_bytes,
                            "relay_tx_bytes": a.relay_tx_bytes,
                            "session_age_s": None if a.session is None

@@ -286,6 +286,11 @@ def check_agent(cfg: AgentConfig) -> Findings:
                                ifaces=plans, rules=rules, tun_mtu=cfg.mtu or 1440,
                                mark_mask=cfg.mark_mask)
         err = dry_run(script, "ip", "upmt_agent")
+        if err is None and cfg.vipa6_fix:        # IPv6 inside the tunnels: its own table
+            script = agent_ruleset(tun=cfg.tun, vipa_fix=cfg.vipa6_fix, fwmark=cfg.fwmark,
+                                   ifaces=plans, rules=rules, tun_mtu=cfg.mtu or 1440,
+                                   mark_mask=cfg.mark_mask, family="ip6")
+            err = dry_run(script, "ip6", "upmt_agent6")
     except SystemSetupError as e:
         err = str(e)
     if err is not None:
@@ -316,6 +321,13 @@ def check_anchor(cfg: AnchorConfig) -> Findings:
                                 deny_egress=tuple(map(str, cfg.deny_egress)),
                                 max_flows_per_host=cfg.max_flows_per_host)
         err = dry_run(script, "ip", "upmt_anchor")
+        if err is None and cfg.vipa6_pool is not None:
+            script = anchor_ruleset(tun=cfg.tun, pool=str(cfg.vipa6_pool), mtu=cfg.mtu,
+                                    nat_interface=cfg.nat_interface, role=cfg.role,
+                                    allow_egress=tuple(map(str, cfg.allow_egress)),
+                                    deny_egress=tuple(map(str, cfg.deny_egress)),
+                                    max_flows_per_host=cfg.max_flows_per_host, family="ip6")
+            err = dry_run(script, "ip6", "upmt_anchor6")
     except SystemSetupError as e:
         err = str(e)
     if err is not None:

@@ -36,9 +36,14 @@ DEFAULT_AGENT_CONTROL = "/run/upmt/agent.sock"
 DEFAULT_ANCHOR_CONTROL = "/run/upmt/anchor.sock"
 DEFAULT_PORT = 5060
 
-DEFAULT_DENY_EGRESS = tuple(ipaddress.IPv4Network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+DEFAULT_DENY_EGRESS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(n) for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+        # IPv6: unspecified and loopback, IPv4-mapped (::ffff:127.0.0.1 is 127.0.0.1),
+        # discard-only, ULA, link-local, site-local (deprecated), multicast
+        "::/128", "::1/128", "::ffff:0:0/96", "100::/64", "fc00::/7", "fe80::/10",
+        "fec0::/10", "ff00::/8"))
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 # an [[interface]] name may be a pattern (fnmatch: *, ?, [...]; hotplug.py)
@@ -46,6 +51,12 @@ _IFPATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]{1,15}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17}
+PROTO_ICMPV6 = 58                 # matched by protocol = "icmp" too
+# The agent's default fixed IPv6 address: in the ULA prefix fd55:504d:5400::/48 (RFC 4193;
+# its global ID 55:504d:54 spells "UPMT"), never routed on the Internet, NATed to the
+# anchors' IPv6 VIpAs as vipa_fix is to their IPv4 ones.
+DEFAULT_VIPA6_FIX = "fd55:504d:5400::1"
+MIN_IPV6_MTU = 1280
 
 
 def _one_line(text: str) -> str:
@@ -93,7 +104,7 @@ class Rule:
     index: int
     name: str
     protocol: str = "any"
-    dst: ipaddress.IPv4Network | None = None
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     dst_port: tuple[int, int] | None = None
     src_port: tuple[int, int] | None = None
     uid: int | None = None
@@ -108,12 +119,13 @@ class Rule:
     def matches(self, proto: int, dst: bytes, sport: int, dport: int) -> bool:
         """Whether a packet's header fields satisfy this rule (uid/cgroup not checkable here)."""
         pn = self.proto_number
-        if pn is not None and pn != proto:
-            return False
+        if pn is not None and pn != proto and not (pn == 1 and proto == PROTO_ICMPV6):
+            return False          # "icmp" is ICMP and ICMPv6
         if (self.dst_port or self.src_port) and proto not in (6, 17):
             return False          # port matches select TCP and UDP only (also with "any")
-        if self.dst is not None and ipaddress.IPv4Address(dst) not in self.dst:
-            return False
+        if self.dst is not None and (len(dst) != self.dst.max_prefixlen // 8
+                                     or ipaddress.ip_address(dst) not in self.dst):
+            return False          # an IPv4 dst never matches IPv6 flows, nor the reverse
         if self.dst_port is not None and not self.dst_port[0] <= dport <= self.dst_port[1]:
             return False
         return self.src_port is None or self.src_port[0] <= sport <= self.src_port[1]
@@ -141,6 +153,7 @@ class AgentConfig:
     mark_mask: int = 0xFFFF             # packet-mark bits of F..F+1+n (ip rule fwmark X/mask)
     rule_priority: int = 5200           # ip rule priorities P (tunnel sockets) and P+1 (steered)
     direct: bool = True                 # mesh peers: try direct paths (false: relay only)
+    vipa6_fix: str = DEFAULT_VIPA6_FIX  # "": no IPv6 inside the tunnels
 
 
 @dataclass(frozen=True)
@@ -159,13 +172,14 @@ class AnchorConfig:
     private_key: bytes = b""
     peers: tuple[Peer, ...] = ()
     plaintext_data: bool = False        # insecure_plaintext_for_benchmarks
-    allow_egress: tuple[ipaddress.IPv4Network, ...] = ()
-    deny_egress: tuple[ipaddress.IPv4Network, ...] = DEFAULT_DENY_EGRESS
+    allow_egress: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny_egress: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_DENY_EGRESS
     mesh: bool = False                  # its [[peer]]s may reach one another (UPMT-DAM)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint, off by default
     group: int | None = None            # gid whose members may use status (control.py)
     state_dir: str = "/var/lib/upmt"    # VIpA leases; "" keeps them in memory only
     lease_days: float = 30.0            # a lease of a host not seen for this long is dropped
+    vipa6_pool: ipaddress.IPv6Network | None = None   # IPv6 VIpAs; None: IPv4 only
 
 
 class _Reader:
@@ -388,19 +402,23 @@ def _private_key(r: _Reader) -> bytes:
     return _key_text(r, "private_key", text)
 
 
-def _networks(r: _Reader, k: str, default: tuple[ipaddress.IPv4Network, ...]
-              ) -> tuple[ipaddress.IPv4Network, ...]:
+_Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(r: _Reader, k: str, default: tuple[_Net, ...]) -> tuple[_Net, ...]:
+    """IPv4 and IPv6 CIDRs (an IPv4-mapped IPv6 one such as ::ffff:127.0.0.1 is applied
+    as the IPv4 network it names too: system/anchor_host.egress_nets)."""
     items = r.get(k, list, None)
     if items is None:
         return default
-    out = []
+    out: list[_Net] = []
     for v in items:
         if not isinstance(v, str):
             raise r.err(k, f"expected CIDR strings, got {v!r}")
         try:
-            out.append(ipaddress.IPv4Network(v.strip(), strict=False))   # normalised form
+            out.append(ipaddress.ip_network(v.strip(), strict=False))   # normalised form
         except ValueError:
-            raise r.err(k, f"not an IPv4 address or CIDR: {v!r}") from None
+            raise r.err(k, f"not an IPv4 or IPv6 address or CIDR: {v!r}") from None
     return tuple(out)
 
 
@@ -411,6 +429,18 @@ def load_agent_config(path: str) -> AgentConfig:
     if not _NAME.match(name):
         raise r.err("name", f"use letters, digits, '.', '_' or '-' (got {name!r})")
     vipa_fix = _ipv4(r, "vipa_fix", r.get("vipa_fix", str, "100.64.0.1"))
+    vipa6_fix = r.get("vipa6_fix", str, DEFAULT_VIPA6_FIX)
+    if vipa6_fix:
+        try:
+            a6 = ipaddress.IPv6Address(vipa6_fix)
+        except ValueError:
+            raise r.err("vipa6_fix", f"not an IPv6 address (\"\" turns IPv6 off): "
+                        f"{vipa6_fix!r}") from None
+        if (a6.is_link_local or a6.is_multicast or a6.is_unspecified or a6.is_loopback
+                or a6.ipv4_mapped is not None):
+            raise r.err("vipa6_fix", f"{a6}: must be a unicast global or ULA address "
+                        "(not link-local, multicast, loopback, :: or IPv4-mapped)")
+        vipa6_fix = str(a6)
     control = r.get("control", str, DEFAULT_AGENT_CONTROL)
     mtu = r.get("mtu", int, None)
     if mtu is not None and not 576 <= mtu <= 65535:
@@ -492,7 +522,7 @@ def load_agent_config(path: str) -> AgentConfig:
     return AgentConfig(path, name, vipa_fix, control, mtu, fwmark, table, tuple(ifaces),
                        tuple(anchors), tuple(rules), float(keepalive), tun, key, plaintext,
                        float(return_after), metrics=metrics, group=group, mark_mask=mark_mask,
-                       rule_priority=rule_priority, direct=direct)
+                       rule_priority=rule_priority, direct=direct, vipa6_fix=vipa6_fix)
 
 
 def _table(r: _Reader, k: str, i: int, t: Any) -> dict[str, Any]:
@@ -515,9 +545,9 @@ def _rule(path: str, r: _Reader, i: int, t: Any, ifaces: set[str], anchors: set[
     if "dst" in t:
         d = rr.get("dst", str)
         try:
-            dst = ipaddress.IPv4Network(d, strict=False)
+            dst = ipaddress.ip_network(d.strip(), strict=False)
         except ValueError:
-            raise rr.err("dst", f"not an IPv4 address or CIDR: {d!r}") from None
+            raise rr.err("dst", f"not an IPv4 or IPv6 address or CIDR: {d!r}") from None
     ports: dict[str, tuple[int, int] | None] = {}
     for k in ("dst_port", "src_port"):
         ports[k] = None
@@ -570,6 +600,18 @@ def load_anchor_config(path: str) -> AnchorConfig:
         raise r.err("vipa_pool", f"not an IPv4 network: {pool_s!r} ({e})") from None
     if pool.num_addresses < 4:
         raise r.err("vipa_pool", "too small (need at least a /30)")
+    pool6 = None
+    pool6_s = r.get("vipa6_pool", str, "")
+    if pool6_s:
+        try:
+            pool6 = ipaddress.IPv6Network(pool6_s)
+        except ValueError as e:
+            raise r.err("vipa6_pool", f"not an IPv6 network: {pool6_s!r} ({e})") from None
+        if pool6.prefixlen > 126:
+            raise r.err("vipa6_pool", "too small (need at least a /126)")
+        if pool6.is_link_local or pool6.is_multicast or pool6.is_loopback \
+                or pool6.network_address.ipv4_mapped is not None:
+            raise r.err("vipa6_pool", f"{pool6}: must be global or ULA unicast")
     nat_if = r.get("nat_interface", str, None)
     if nat_if is not None:
         nat_if = _ifname(r, "nat_interface", nat_if)
@@ -626,5 +668,5 @@ def load_anchor_config(path: str) -> AnchorConfig:
     return AnchorConfig(path, role, host, port, pool, nat_if, control, mtu, tun, max_assoc,
                         per_host, key, tuple(peers), plaintext, allow, deny, mesh=mesh,
                         metrics=metrics, group=group, state_dir=state_dir,
-                        lease_days=float(lease_days))
+                        lease_days=float(lease_days), vipa6_pool=pool6)
 

@@ -42,54 +42,88 @@ from typing import Any
 from . import nat
 from .tables import HISTORY_LEN, FlowKey, History, flow_json
 
-__all__ = ["KEY_SRC_SHIFT", "AnchorFlow", "AnchorPaft", "flow_key", "pack_key", "py_flow_key",
+__all__ = ["KEY6", "KEY6_SRC_SHIFT", "KEY_SRC_SHIFT", "AnchorFlow", "AnchorPaft", "flow_key",
+           "key_source", "pack_key", "py_flow_key", "source_bytes", "source_of",
            "py_uplink_key", "unpack_key", "uplink_key"]
 
 KEY_SRC_SHIFT = 72
+KEY6_SRC_SHIFT = 168
+KEY6 = 1 << 296            # the family bit of an IPv6 key
 _M16 = 0xFFFF
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
+_M128 = (1 << 128) - 1
 
 
 def pack_key(k: FlowKey) -> int:
-    """The packed form of the 5-tuple ``k`` (layout in the module docstring). ValueError
-    when a field does not fit its bits (it would spill into a neighbour: a protocol of
-    256 + 17 would name another source address)."""
+    """The packed form of the 5-tuple ``k`` (layout in the module docstring; an IPv6 key,
+    16-byte addresses, is ``KEY6 | src << 168 | proto << 160 | dst << 32 | sport << 16 |
+    dport``). ValueError when a field does not fit its bits (it would spill into a
+    neighbour: a protocol of 256 + 17 would name another source address)."""
     proto, src, dst, sport, dport = k
-    if (len(src) != 4 or len(dst) != 4 or not 0 <= proto <= 0xFF or not 0 <= sport <= _M16
-            or not 0 <= dport <= _M16):
+    if (len(src) != len(dst) or len(src) not in (4, 16) or not 0 <= proto <= 0xFF
+            or not 0 <= sport <= _M16 or not 0 <= dport <= _M16):
         raise ValueError(f"not a flow key: {k!r}")
+    if len(src) == 16:
+        return (KEY6 | int.from_bytes(src, "big") << KEY6_SRC_SHIFT | proto << 160
+                | int.from_bytes(dst, "big") << 32 | sport << 16 | dport)
     return (int.from_bytes(src, "big") << KEY_SRC_SHIFT | proto << 64
             | int.from_bytes(dst, "big") << 32 | sport << 16 | dport)
 
 
 def unpack_key(key: int) -> FlowKey:
     """The 5-tuple ``(proto, src, dst, sport, dport)`` of a packed key."""
+    if key >= KEY6:
+        return ((key >> 160) & 0xFF, ((key >> KEY6_SRC_SHIFT) & _M128).to_bytes(16, "big"),
+                ((key >> 32) & _M128).to_bytes(16, "big"), (key >> 16) & _M16, key & _M16)
     return ((key >> 64) & 0xFF, (key >> KEY_SRC_SHIFT).to_bytes(4, "big"),
             ((key >> 32) & _M32).to_bytes(4, "big"), (key >> 16) & _M16, key & _M16)
 
 
+def key_source(key: int) -> int:
+    """The source part of a packed key, what caps and hosts are keyed by: the IPv4
+    address, or for IPv6 the address with the family bit above it (one host's IPv4 and
+    IPv6 VIpAs are two sources: the caps apply per family)."""
+    return key >> (KEY6_SRC_SHIFT if key >= KEY6 else KEY_SRC_SHIFT)
+
+
+def source_of(src: bytes) -> int:
+    """:func:`key_source` of the keys whose source address is ``src`` (4 or 16 bytes)."""
+    return int.from_bytes(src, "big") | (1 << 128 if len(src) == 16 else 0)
+
+
+def source_bytes(source: int) -> bytes:
+    """The address of a :func:`key_source` value."""
+    return (source & _M128).to_bytes(16, "big") if source >> 128 else source.to_bytes(4, "big")
+
+
 def py_flow_key(pkt: bytes | bytearray | memoryview, reverse: bool = False) -> int | None:
-    """The packed flow key of an IPv4 packet (``nat.py_five_tuple``, so ICMP and ICMP
-    errors get theirs), or None when it is no well-formed IPv4 packet. ``reverse``: the key
-    of the other direction (a downlink packet's uplink key)."""
+    """The packed flow key of an IPv4 or IPv6 packet (``nat.py_five_tuple``, so ICMP and
+    ICMP errors get theirs), or None when it is no well-formed IP packet. ``reverse``: the
+    key of the other direction (a downlink packet's uplink key)."""
     k = nat.py_five_tuple(pkt)
     if k is None:
         return None
     proto, src, dst, sport, dport = k
     if reverse:
         src, dst, sport, dport = dst, src, dport, sport
+    if len(src) == 16:
+        return (KEY6 | int.from_bytes(src, "big") << KEY6_SRC_SHIFT | proto << 160
+                | int.from_bytes(dst, "big") << 32 | sport << 16 | dport)
     return (int.from_bytes(src, "big") << KEY_SRC_SHIFT | proto << 64
             | int.from_bytes(dst, "big") << 32 | sport << 16 | dport)
 
 
 def py_uplink_key(pkt: bytes | bytearray | memoryview, src: bytes) -> int | None:
-    """The packed flow key of an uplink packet from a host whose VIpA is ``src``, or None
-    when the packet is no well-formed IPv4 packet, or its source, or its flow key's source
-    (for an ICMP error: the quoted packet's destination) is not ``src``: a host must not
-    plant another host's flow key."""
+    """The packed flow key of an uplink packet from a host whose VIpA is ``src`` (4 or 16
+    bytes), or None when the packet is no well-formed IP packet of that family, or its
+    source, or its flow key's source (for an ICMP error: the quoted packet's destination)
+    is not ``src``: a host must not plant another host's flow key."""
     k = py_flow_key(pkt)
-    if k is None or pkt[12:16] != src or (k >> KEY_SRC_SHIFT).to_bytes(4, "big") != src:
+    if k is None:
+        return None
+    at = 8 if len(src) == 16 else 12
+    if pkt[at:at + len(src)] != src or key_source(k) != source_of(src):
         return None
     return k
 
@@ -193,7 +227,7 @@ class AnchorPaft:
 
     # -- insert / remove ------------------------------------------------------------------
     def _add(self, key: int, tid: int, seq: int, now: float, n: int) -> int:
-        src = key >> KEY_SRC_SHIFT
+        src = key_source(key)
         count = self.per_source.get(src, 0)
         if len(self.rows) >= self.cap or count >= self.per_source_cap:
             return -1
@@ -228,7 +262,7 @@ class AnchorPaft:
         r = self.rows.pop(key, None)
         if r is None:
             return False
-        src = key >> KEY_SRC_SHIFT
+        src = key_source(key)
         count = self.per_source.get(src, 1) - 1
         if count:
             self.per_source[src] = count
@@ -241,10 +275,10 @@ class AnchorPaft:
 
     def remove_source(self, src: bytes) -> int:
         """Forget every flow from source address ``src`` (a host's VIpA); return how many."""
-        s = int.from_bytes(src, "big")
+        s = source_of(src)
         if s not in self.per_source:
             return 0
-        gone = [k for k in self.rows if k >> KEY_SRC_SHIFT == s]
+        gone = [k for k in self.rows if key_source(k) == s]
         for k in gone:
             self.remove(k)
         return len(gone)
@@ -387,7 +421,7 @@ class AnchorFlow:
     @property
     def anchor(self) -> str:
         """The mobile host the flow belongs to (``tables.Flow.anchor`` at the anchor)."""
-        return self._paft.owner((self._key >> KEY_SRC_SHIFT).to_bytes(4, "big"))
+        return self._paft.owner(source_bytes(key_source(self._key)))
 
     @property
     def history(self) -> History:

@@ -170,6 +170,7 @@ class Associated:
     role: str
     serves: frozenset[bytes]
     mesh_pool: str | None = None   # the anchor's mesh pool, if this host is in its mesh
+    vipa6: str = ""                # the IPv6 VIpA ("": the server carries IPv4 only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -844,7 +845,13 @@ class Link:
                 pool = str(ipaddress.IPv4Network(resp["meshPool"]))
             except ValueError:
                 log.error("anchor %s sent an unusable mesh pool %r", name, resp["meshPool"])
-        out.append(Associated(name, vipa, role, serves, pool))
+        vipa6 = ""
+        if resp.get("vipa6"):
+            try:
+                vipa6 = str(ipaddress.IPv6Address(resp["vipa6"]))
+            except ValueError:     # IPv4 still works: go on without IPv6
+                log.error("anchor %s sent an unusable IPv6 VIpA %r", name, resp["vipa6"])
+        out.append(Associated(name, vipa, role, serves, pool, vipa6))
         rec.vipa = vipa     # the driver's forwarder sets the rest; the setup needs it now
         if self.peer.lost:  # tunnels set up under the lost association are set up again
             self.peer.epoch += 1

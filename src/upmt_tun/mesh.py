@@ -132,7 +132,10 @@ class MeshDirectory:
         return str(net) if net is not None else self.refused.get(anchor)
 
     def anchor_of(self, vipa_b: bytes) -> str | None:
-        """The mesh anchor whose pool holds ``vipa_b`` (None: not a mesh address)."""
+        """The mesh anchor whose pool holds ``vipa_b`` (None: not a mesh address; an IPv6
+        address never is: the mesh carries IPv4)."""
+        if len(vipa_b) != 4:
+            return None
         addr = ipaddress.IPv4Address(vipa_b)
         return next((a for a, net in self.pools.items() if addr in net), None)
 

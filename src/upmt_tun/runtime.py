@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
-from .config import AgentConfig, AnchorConfig, format_host_port
+from .config import MIN_IPV6_MTU, AgentConfig, AnchorConfig, format_host_port
 from .control import ControlServer, ensure_free, remove_stale
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD, OVERHEAD6
@@ -315,6 +316,16 @@ class _CgroupsCloser:
         self.cg.remove()
 
 
+def _ipv6_enabled(ifname: str) -> bool:
+    """Whether interface ``ifname`` can hold IPv6 addresses (the kernel has IPv6 and
+    ``disable_ipv6`` is off for it)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
 def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
     try:
         tun = TunDevice(name, loop, offload=_offload('tun'))
@@ -366,6 +377,10 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     # devices that come later do not change it (set `mtu` if theirs may be smaller)
     mtu = cfg.mtu or min((i.mtu - (OVERHEAD6 if i.address6 else OVERHEAD)
                           for i, _ in ifaces if i.mtu), default=1500 - OVERHEAD)
+    if cfg.vipa6_fix and mtu < MIN_IPV6_MTU:
+        log.warning("IPv6 inside the tunnels off: the TUN's MTU %d is below IPv6's minimum "
+                    "%d (raise mtu or the access interfaces' MTU)", mtu, MIN_IPV6_MTU)
+        cfg = replace(cfg, vipa6_fix="")
     if signals.signum is not None:
         return                       # stopped before anything was changed
     loop = new_loop()
@@ -417,10 +432,16 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
                          ifaces=plans, rules=rules, state_file=control_path + ".state",
                          mark_mask=cfg.mark_mask, priority=cfg.rule_priority,
-                         devices={k: v for k, v in devices.items() if v is not None})
+                         devices={k: v for k, v in devices.items() if v is not None},
+                         vipa6_fix=cfg.vipa6_fix)
         host.cleanup_leftovers()
         tun = _open_tun(cfg.tun, loop, opened)
-        netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
+        if cfg.vipa6_fix and not _ipv6_enabled(tun.name):
+            log.info("IPv6 inside the tunnels off: IPv6 is disabled on %s "
+                     "(net.ipv6.conf.*.disable_ipv6)", tun.name)
+            cfg = replace(cfg, vipa6_fix="")
+            host.vipa6_fix = ""
+        netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu, cfg.vipa6_fix)
         host.setup()
         from .system.conntrack import Conntrack
 
@@ -447,6 +468,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
                       mesh_route=mesh_route)
         agent.fwd.mesh_mtu = mesh_mtu
         agent.devices.update(devices)
+        agent.fwd.mtu = mtu                # IPv6 longer than this: Packet Too Big
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             agent.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
@@ -555,7 +577,8 @@ def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> N
                           listen_address=cfg.listen_host,
                           allow_egress=tuple(map(str, cfg.allow_egress)),
                           deny_egress=tuple(map(str, cfg.deny_egress)),
-                          max_flows_per_host=cfg.max_flows_per_host)
+                          max_flows_per_host=cfg.max_flows_per_host,
+                          pool6=str(cfg.vipa6_pool) if cfg.vipa6_pool else "")
         host.cleanup_leftovers(keep_table=True)   # setup replaces it in one transaction
         tun = _open_tun(cfg.tun, loop, opened)
         host.setup()

@@ -43,7 +43,8 @@ def reverse_key(k: FlowKey) -> FlowKey:
 
 
 def ip_str(b: bytes) -> str:
-    return str(ipaddress.IPv4Address(b))
+    """The text form of a 4- or 16-byte address."""
+    return str(ipaddress.ip_address(b))
 
 
 History = tuple[tuple[float, int | None, int, str], ...]

@@ -15,6 +15,11 @@ r"""Network-namespace topologies for the demo, the netns tests and the benchmark
 
 Optional second anchor ``an2`` 203.0.113.2 (``anchors=2``).
 
+Optional IPv6 inside the tunnels (``inner_v6=True``): the access networks stay IPv4 only,
+but ``mh`` has IPv6 enabled (for its TUN) and the anchors and the correspondent are dual
+stack on the segment: ``an`` 2001:db8:113::1/64, ``an2`` 2001:db8:113::2/64, ``ch``
+2001:db8:113::100/64 (no DAD).
+
 Optional second mobile host (``second_mh=True``, UPMT-DAM mesh tests), behind a NAT of its
 own and on the *same* private subnet as the first one's wan1::
 
@@ -65,6 +70,7 @@ KILL_GRACE = 3.0
 V6_SEGMENT = {"an": "2001:db8:ff::1", "nat2": "2001:db8:ff::12"}
 V6_ACCESS = ("2001:db8:2::2", "fe80::1")     # wan2's address and gateway with v6_access
 V6_ACCESS_NET = "2001:db8:2::/64"
+_SEGMENT6 = {"an": "2001:db8:113::1", "an2": "2001:db8:113::2", "ch": "2001:db8:113::100"}
 _SEGMENT = {
     "an": "203.0.113.1",
     "an2": "203.0.113.2",
@@ -100,6 +106,7 @@ class Topology:
         attacker: bool = False,
         second_mh: bool = False,
         v6_access: bool = False,
+        inner_v6: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError("anchors must be 1 or 2")
@@ -113,6 +120,11 @@ class Topology:
         self.v6_access = v6_access
         if v6_access and same_subnet:
             raise ValueError("v6_access and same_subnet do not go together")
+        self.inner_v6 = inner_v6
+        if v6_access and inner_v6:      # two IPv6 plans for the segment: one at a time
+            raise ValueError("v6_access and inner_v6 do not go together")
+        self.addresses6: dict[str, str] = {r: a for r, a in _SEGMENT6.items() if r in hosts} \
+            if inner_v6 else {}
         self.nats = ["nat1", "nat2"] + (["nat3"] if second_mh else [])
         self.roles: list[str] = ["mh", *(["mh2"] if second_mh else []), *self.nats, "inet",
                                  *hosts]
@@ -127,7 +139,6 @@ class Topology:
             self.access = {"wan1": ("10.1.0.2", "10.1.0.1"), "wan2": ("10.2.0.2", "10.2.0.1")}
         if v6_access:
             self.access["wan2"] = V6_ACCESS
-        self.addresses6: dict[str, str] = dict(V6_SEGMENT) if v6_access else {}
         self._procs: list[subprocess.Popen[Any]] = []
 
     def ns(self, role: str) -> str:
@@ -203,6 +214,18 @@ class Topology:
             _ip(f"-n {self.ns('mh2')} route add default via {gw} dev wan1 metric 100")
             self._sysctl("nat3", "net.ipv4.ip_forward=1")
             self.run("nat3", "nft", "-f", "-", input=self._nat_ruleset().encode())
+        if self.inner_v6:
+            for role in ("mh", *self.addresses6):
+                ifaces = MH_IFACES if role == "mh" else (HOST_IF,)
+                # no DAD (no "tentative" addresses that change under a before/after
+                # comparison), set before IPv6 comes up on the interfaces
+                self._sysctl(role, "net.ipv6.conf.all.accept_dad=0",
+                             "net.ipv6.conf.default.accept_dad=0",
+                             *(f"net.ipv6.conf.{i}.accept_dad=0" for i in ifaces))
+                self._sysctl(role, "net.ipv6.conf.all.disable_ipv6=0",
+                             "net.ipv6.conf.default.disable_ipv6=0")
+            for role, addr in self.addresses6.items():
+                _ip(f"-n {self.ns(role)} -6 addr add {addr}/64 dev {HOST_IF} nodad")
 
     def _v6_access(self, wan: str, router: str) -> None:
         """The IPv6-only access network of ``wan`` behind ``router`` (see module doc)."""
@@ -351,8 +374,12 @@ def host_state(topo: Topology, role: str) -> dict[str, str]:
         "links": ("ip", "-o", "link"),
         "addrs": ("ip", "-4", "-o", "addr"),
         "nft": ("nft", "list", "ruleset"),
+        "rules6": ("ip", "-6", "rule"),
+        "routes6": ("ip", "-6", "route", "show", "table", "all"),
+        "addrs6": ("ip", "-6", "-o", "addr"),
         "sysctl": ("sh", "-c", "grep -H . /proc/sys/net/ipv4/ip_forward "
-                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter"),
+                   "/proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv4/conf/*/rp_filter "
+                   "/proc/sys/net/ipv6/conf/all/forwarding"),
     }.items():
         text = topo.run(role, *argv).stdout
         if name == "links":   # counters and state flags are not ours to compare

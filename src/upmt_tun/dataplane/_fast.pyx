@@ -60,7 +60,7 @@ def finish_csum(bytearray pkt, Py_ssize_t csum_start, Py_ssize_t csum_offset):
         return False
     cdef uint8_t* p = <uint8_t*><char*>pkt
     cdef uint32_t c = _fold(_sum(p + csum_start, n - csum_start)) ^ 0xFFFF
-    if c == 0 and p[9] == 17:
+    if c == 0 and (p[9] == 17 if p[0] >> 4 != 6 else csum_offset == 6):
         c = 0xFFFF
     _put16(p + at, c)
     return True
@@ -68,6 +68,8 @@ def finish_csum(bytearray pkt, Py_ssize_t csum_start, Py_ssize_t csum_offset):
 
 def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_src=None):
     """See offload.py_tso_split."""
+    if pkt.shape[0] and pkt[0] >> 4 == 6:
+        return _tso_split6(pkt, gso_size, new_src)
     if new_src is not None and new_src.shape[0] != 4:
         raise ValueError(f"an IPv4 address is 4 bytes, got {new_src.shape[0]}")
     cdef Py_ssize_t n = pkt.shape[0]
@@ -126,6 +128,63 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_sr
         d[ihl + 17] = 0
         _put16(d + ihl + 16,
                _fold(pseudo_base + <uint64_t>(total - ihl) + _sum(d + ihl, total - ihl)) ^ 0xFFFF)
+        out.append(seg)
+        offset += size
+        i += 1
+        if last:
+            return out
+
+
+cdef list _tso_split6(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_src):
+    """See offload._tso_split6."""
+    if new_src is not None and new_src.shape[0] != 16:
+        raise ValueError(f"an IPv6 address is 16 bytes, got {new_src.shape[0]}")
+    cdef Py_ssize_t n = pkt.shape[0]
+    if n < 60 or gso_size <= 0 or pkt[6] != 6:
+        return []
+    cdef const uint8_t* src = &pkt[0]
+    cdef uint8_t addrs[32]
+    memcpy(addrs, src + 8, 32)
+    if new_src is not None:
+        memcpy(addrs, &new_src[0], 16)
+    cdef Py_ssize_t thl = (src[52] >> 4) * 4
+    cdef Py_ssize_t hlen = 40 + thl
+    if thl < 20 or hlen > n:
+        return []
+    cdef uint32_t seq = ((<uint32_t>src[44] << 24) | (<uint32_t>src[45] << 16)
+                         | (<uint32_t>src[46] << 8) | src[47])
+    cdef uint8_t flags = src[53]
+    cdef uint64_t pseudo_base = _sum(addrs, 32) + 6
+    cdef Py_ssize_t payload_len = n - hlen
+    cdef Py_ssize_t offset = 0, size, total
+    cdef uint32_t i = 0
+    cdef bint last
+    cdef uint8_t f
+    cdef bytes seg
+    cdef uint8_t* d
+    out = []
+    while True:
+        size = gso_size if gso_size < payload_len - offset else payload_len - offset
+        last = offset + size >= payload_len
+        total = hlen + size
+        seg = PyBytes_FromStringAndSize(NULL, total)
+        d = <uint8_t*>PyBytes_AS_STRING(seg)
+        memcpy(d, src, hlen)
+        memcpy(d + 8, addrs, 32)
+        memcpy(d + hlen, src + hlen + offset, size)
+        _put16(d + 4, <uint32_t>(total - 40))
+        _put16(d + 44, ((seq + <uint32_t>offset) >> 16) & 0xFFFF)
+        _put16(d + 46, (seq + <uint32_t>offset) & 0xFFFF)
+        f = flags
+        if not last:
+            f &= ~(0x01 | 0x08)
+        if i:
+            f &= ~0x80
+        d[53] = f
+        d[56] = 0
+        d[57] = 0
+        _put16(d + 56, _fold(pseudo_base + <uint64_t>(total - 40) + _sum(d + 40, total - 40))
+               ^ 0xFFFF)
         out.append(seg)
         offset += size
         i += 1
@@ -705,10 +764,48 @@ cdef inline uint32_t _adj(uint32_t ck, uint32_t d) noexcept nogil:
 def rewrite_addr(bytearray pkt, const uint8_t[:] new, bint is_src):
     """Rewrite IP.src (``is_src``) or IP.dst of an unfragmented-or-first-fragment IPv4
     TCP/UDP packet (or any non-first fragment) in place: 1 done, 0 malformed (untouched),
-    -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code)."""
+    -1 ICMP or other protocol with an L4 header to fix (the caller runs nat.py's code).
+    A 16-byte ``new``: the same for an IPv6 TCP/UDP packet without extension headers
+    (-1 for any other IPv6 packet: nat.py walks extension headers and ICMPv6)."""
+    if new.shape[0] == 16:
+        return _rewrite6(<uint8_t*><char*>pkt, len(pkt), &new[0], is_src)
     if new.shape[0] != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {new.shape[0]}")
+        raise ValueError(f"an address is 4 or 16 bytes, got {new.shape[0]}")
     return _rewrite(<uint8_t*><char*>pkt, len(pkt), &new[0], is_src)
+
+
+cdef int _rewrite6(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
+    """nat.py_rewrite6 for the common case (see rewrite_addr)."""
+    if size < 40 or p[0] >> 4 != 6:
+        return 0
+    cdef Py_ssize_t end = 40 + _rd16(p + 4)
+    if end > size:
+        return 0
+    cdef uint8_t proto = p[6]
+    cdef Py_ssize_t at
+    if proto == 6:
+        at = 56
+    elif proto == 17:
+        at = 46
+        if at + 2 <= end and p[at] == 0 and p[at + 1] == 0:
+            return 0                     # UDP checksum 0: illegal in IPv6, refused
+    else:
+        return -1
+    cdef uint8_t* a = p + (8 if is_src else 24)
+    if memcmp(a, new, 16) == 0:
+        return 1
+    cdef uint64_t so = 0, sn = 0
+    cdef int i
+    for i in range(0, 16, 2):
+        so += _rd16(a + i)
+        sn += _rd16(new + i)
+    cdef uint32_t d = <uint32_t>((sn + 8 * 0xFFFF - so) % 0xFFFF)
+    memcpy(a, new, 16)
+    cdef uint32_t c
+    if at + 2 <= end:
+        c = _adj(_rd16(p + at), d)
+        _put16(p + at, c if (c or proto != 17) else 0xFFFF)
+    return 1
 
 
 cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
@@ -752,12 +849,18 @@ cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) 
     return 1
 
 
-cdef inline bint _runnable(bytes pb) noexcept:
-    """An IPv4 TCP/UDP packet, no IP options, not a fragment: its 5-tuple is bytes 9 and
-    12-23 (see offload.py_flow_runs)."""
+cdef inline int _runnable(bytes pb) noexcept:
+    """4: an IPv4 TCP/UDP packet, no IP options, not a fragment: its 5-tuple is bytes 9
+    and 12-23; 6: an IPv6 TCP/UDP packet without extension headers: bytes 6 and 8-43
+    (see offload.py_flow_runs); 0: neither."""
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
-    return (len(pb) >= 24 and p[0] == 0x45 and (p[9] == 6 or p[9] == 17)
-            and not (p[6] & 0x3F) and not p[7])
+    cdef Py_ssize_t n = len(pb)
+    if (n >= 24 and p[0] == 0x45 and (p[9] == 6 or p[9] == 17)
+            and not (p[6] & 0x3F) and not p[7]):
+        return 4
+    if n >= 44 and p[0] >> 4 == 6 and (p[6] == 6 or p[6] == 17):
+        return 6
+    return 0
 
 
 def flow_runs(list pkts):
@@ -765,12 +868,17 @@ def flow_runs(list pkts):
     cdef list runs = []
     cdef Py_ssize_t i, n = len(pkts), run = 0
     cdef bytes p, prev = None
-    cdef bint ok, prev_ok = False
+    cdef int ok, prev_ok = 0
+    cdef const char* a
+    cdef const char* b
     for i in range(n):
         p = pkts[i]
         ok = _runnable(p)
-        if (ok and prev_ok and PyBytes_AS_STRING(p)[9] == PyBytes_AS_STRING(prev)[9]
-                and memcmp(PyBytes_AS_STRING(p) + 12, PyBytes_AS_STRING(prev) + 12, 12) == 0):
+        a = PyBytes_AS_STRING(p)
+        b = PyBytes_AS_STRING(prev) if prev is not None else NULL
+        if ok and ok == prev_ok and (
+                (ok == 4 and a[9] == b[9] and memcmp(a + 12, b + 12, 12) == 0)
+                or (ok == 6 and a[6] == b[6] and memcmp(a + 8, b + 8, 36) == 0)):
             run += 1
         else:
             if run:
@@ -784,27 +892,50 @@ def flow_runs(list pkts):
 
 def rewrite_run(list pkts, Py_ssize_t start, Py_ssize_t end, bytes new, bint is_src):
     """See offload.py_rewrite_run."""
-    if len(new) != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new)}")
+    if len(new) != 4 and len(new) != 16:
+        raise ValueError(f"an address is 4 or 16 bytes, got {len(new)}")
     cdef list out = []
     cdef bytes p, q
     cdef Py_ssize_t i
+    cdef bytearray b
     for i in range(start, end):
         p = pkts[i]
         q = PyBytes_FromStringAndSize(PyBytes_AS_STRING(p), len(p))
-        _rewrite(<uint8_t*>PyBytes_AS_STRING(q), len(q),
-                 <const uint8_t*>PyBytes_AS_STRING(new), is_src)
+        if len(new) == 4:
+            _rewrite(<uint8_t*>PyBytes_AS_STRING(q), len(q),
+                     <const uint8_t*>PyBytes_AS_STRING(new), is_src)
+        elif _rewrite6(<uint8_t*>PyBytes_AS_STRING(q), len(q),
+                       <const uint8_t*>PyBytes_AS_STRING(new), is_src) < 0:
+            b = bytearray(p)          # extension headers, ICMPv6: nat.py's code
+            from upmt_tun.nat import py_rewrite6
+            py_rewrite6(b, new, is_src)
+            q = bytes(b)
         out.append(q)
     return out
 
 
+cdef inline bint _tcpudp6(const uint8_t* p, Py_ssize_t size) noexcept:
+    """A well-formed IPv6 TCP/UDP packet without extension headers, its ports inside, and
+    for UDP a checksum that is not 0 (or not inside): what nat.py_five_tuple6 gives ports
+    for without walking anything (size >= 44)."""
+    cdef Py_ssize_t end = 40 + _rd16(p + 4)
+    return (p[0] >> 4 == 6 and end <= size and end >= 44 and (p[6] == 6 or p[6] == 17)
+            and not (p[6] == 17 and end >= 48 and p[46] == 0 and p[47] == 0))
+
+
 def five_tuple_tcpudp(const uint8_t[:] pkt):
     """(proto, src, dst, sport, dport) of a well-formed unfragmented IPv4 TCP/UDP packet
-    with its ports inside; None for anything else (the caller runs nat.py's code)."""
+    with its ports inside, or of an IPv6 one (``_tcpudp6``); None for anything else (the
+    caller runs nat.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
     if size < 24:
         return None
     cdef const uint8_t* p = &pkt[0]
+    if p[0] >> 4 == 6:
+        if size < 44 or not _tcpudp6(p, size):
+            return None
+        return (p[6], PyBytes_FromStringAndSize(<const char*>p + 8, 16),
+                PyBytes_FromStringAndSize(<const char*>p + 24, 16), _rd16(p + 40), _rd16(p + 42))
     cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
     cdef Py_ssize_t total = _rd16(p + 2)
     cdef uint8_t proto = p[9]
@@ -836,6 +967,73 @@ cdef inline uint32_t _rd32(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
 
+cdef inline Py_ssize_t _mergeable6(bytes pb) noexcept:
+    """See offload._mergeable6."""
+    cdef Py_ssize_t n = len(pb)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
+    if n < 61 or p[0] >> 4 != 6 or p[6] != 6 or 40 + _rd16(p + 4) != n:
+        return 0
+    cdef Py_ssize_t hl = 40 + (p[52] >> 4) * 4
+    cdef uint8_t flags = p[53]
+    if hl < 60 or hl >= n or not (flags & 0x10) or (flags & 0xE7):
+        return 0
+    return hl
+
+
+cdef Py_ssize_t _coalesce6(list pkts, Py_ssize_t i, Py_ssize_t hl, list out):
+    """See offload._coalesce6 (same bytes out)."""
+    cdef Py_ssize_t n = len(pkts), j = i + 1, k, qs, off
+    cdef bytes p = pkts[i], q, res
+    cdef const uint8_t* pp = <const uint8_t*>PyBytes_AS_STRING(p)
+    cdef const uint8_t* qp
+    cdef uint8_t* d
+    cdef Py_ssize_t size = len(p) - hl, total = len(p)
+    cdef uint32_t nxt = _rd32(pp + 44) + <uint32_t>size
+    cdef uint8_t lastflags = pp[53]
+    while j < n and not (lastflags & 0x08):
+        q = pkts[j]
+        qs = len(q) - hl
+        if _mergeable6(q) != hl or qs > size or total + qs > 65535:
+            break
+        qp = <const uint8_t*>PyBytes_AS_STRING(q)
+        if (memcmp(qp, pp, 4) != 0 or qp[7] != pp[7] or memcmp(qp + 8, pp + 8, 36) != 0
+                or memcmp(qp + 48, pp + 48, 4) != 0 or memcmp(qp + 54, pp + 54, 2) != 0
+                or memcmp(qp + 60, pp + 60, hl - 60) != 0 or _rd32(qp + 44) != nxt):
+            break
+        total += qs
+        nxt += <uint32_t>qs
+        lastflags = qp[53]
+        j += 1
+        if qs < size:
+            break
+    if j - i == 1:
+        res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
+        d = <uint8_t*>PyBytes_AS_STRING(res)
+        memset(d, 0, 10)
+        memcpy(d + 10, pp, len(p))
+        out.append(res)
+        return j
+    res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    d = <uint8_t*>PyBytes_AS_STRING(res)
+    d[0] = 1
+    d[1] = 4                      # VIRTIO_NET_HDR_GSO_TCPV6
+    (<unsigned short*>(d + 2))[0] = <unsigned short>hl
+    (<unsigned short*>(d + 4))[0] = <unsigned short>size
+    (<unsigned short*>(d + 6))[0] = 40
+    (<unsigned short*>(d + 8))[0] = 16
+    memcpy(d + 10, pp, hl)
+    off = 10 + hl
+    for k in range(i, j):
+        q = pkts[k]
+        memcpy(d + off, PyBytes_AS_STRING(q) + hl, len(q) - hl)
+        off += len(q) - hl
+    _put16(d + 14, <uint32_t>(total - 40))
+    d[63] |= lastflags & 0x08
+    _put16(d + 66, _fold(_sum(d + 18, 32) + 6 + <uint64_t>(total - 40)))
+    out.append(res)
+    return j
+
+
 def coalesce(list pkts):
     """See offload.py_coalesce (same bytes out)."""
     cdef list out = []
@@ -849,6 +1047,11 @@ def coalesce(list pkts):
     while i < n:
         p = pkts[i]
         hl = _mergeable(p)
+        if not hl:
+            hl = _mergeable6(p)
+            if hl:
+                i = _coalesce6(pkts, i, hl, out)
+                continue
         j = i + 1
         total = len(p)
         size = 0
@@ -948,11 +1151,32 @@ cdef inline bint _tcpudp(const uint8_t* p, Py_ssize_t size) noexcept:
                 or (p[9] != 6 and p[9] != 17) or (_rd16(p + 6) & 0x1FFF) or hlen + 4 > total)
 
 
+cdef inline object _packed_key6(const uint8_t* p, bint reverse):
+    """flowtable.pack_key of the IPv6 TCP/UDP packet at ``p`` (``_tcpudp6``): the family
+    byte 1, then src|proto|dst|sport|dport."""
+    cdef uint8_t k[38]
+    k[0] = 1
+    if reverse:
+        memcpy(k + 1, p + 24, 16)
+        memcpy(k + 18, p + 8, 16)
+        memcpy(k + 34, p + 42, 2)
+        memcpy(k + 36, p + 40, 2)
+    else:
+        memcpy(k + 1, p + 8, 16)
+        memcpy(k + 18, p + 24, 16)
+        memcpy(k + 34, p + 40, 4)
+    k[17] = p[6]
+    return upmt_key_from_be(k, 38)
+
+
 def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
     """flowtable.pack_key of the 5-tuple of a well-formed unfragmented IPv4 TCP/UDP packet
-    with its ports inside (``reverse``: of the reversed 5-tuple, a downlink packet's
-    uplink key); None for anything else (the caller runs flowtable.py's code)."""
+    with its ports inside, or of an IPv6 one (``_tcpudp6``) (``reverse``: of the reversed
+    5-tuple, a downlink packet's uplink key); None for anything else (the caller runs
+    flowtable.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
+    if size >= 44 and pkt[0] >> 4 == 6:
+        return _packed_key6(&pkt[0], reverse) if _tcpudp6(&pkt[0], size) else None
     if size < 24 or not _tcpudp(&pkt[0], size):
         return None
     return _packed_key(&pkt[0], (pkt[0] & 0x0F) << 2, reverse)
@@ -960,11 +1184,18 @@ def flow_key_tcpudp(const uint8_t[:] pkt, bint reverse):
 
 def uplink_key_tcpudp(const uint8_t[:] pkt, bytes src):
     """flowtable.py_uplink_key for a well-formed unfragmented IPv4 TCP/UDP packet with its
-    ports inside: its packed key if it comes from ``src`` (4 bytes), 0 if it does not;
-    None for anything else (the caller runs flowtable.py's code)."""
-    if len(src) != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {len(src)}")
+    ports inside (``src`` 4 bytes), or an IPv6 one (``_tcpudp6``, ``src`` 16 bytes): its
+    packed key if it comes from ``src``, 0 if it does not; None for anything else (the
+    caller runs flowtable.py's code)."""
     cdef Py_ssize_t size = pkt.shape[0]
+    if len(src) == 16:
+        if size < 44 or pkt[0] >> 4 != 6 or not _tcpudp6(&pkt[0], size):
+            return None
+        if memcmp(&pkt[8], PyBytes_AS_STRING(src), 16) != 0:
+            return 0
+        return _packed_key6(&pkt[0], False)
+    if len(src) != 4:
+        raise ValueError(f"an address is 4 or 16 bytes, got {len(src)}")
     if size < 24 or not _tcpudp(&pkt[0], size):
         return None
     if memcmp(&pkt[12], PyBytes_AS_STRING(src), 4) != 0:

@@ -65,7 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import nat
-from ..flowtable import AnchorPaft, flow_key, uplink_key
+from ..flowtable import KEY6, AnchorPaft, flow_key, uplink_key
 from ..paths import should_return
 from ..policy import HomeAnchor, choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
@@ -119,15 +119,33 @@ class AnchorLink:
     vipa_b: bytes = b""
     serves: frozenset[bytes] = frozenset()   # fixed host: the only destinations it carries
     session: Session | None = None           # current: seals everything we send
+    vipa6: str = ""                          # its IPv6 VIpA ("": it carries no IPv6)
+    vipa6_b: bytes = b""
+
+
+def _steerable6(src: bytes, dst: bytes) -> bool:
+    """Whether an IPv6 packet from the TUN may go into a tunnel: not multicast (ND, MLD,
+    RS), not to or from a link-local or unspecified address (ND/RA and link-local
+    traffic belong to the link, which the TUN is not)."""
+    return (dst[0] != 0xFF and not (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80)
+            and not (src[0] == 0xFE and src[1] & 0xC0 == 0x80) and any(src))
 
 
 class AgentForwarder:
     """Mobile-host data path: TUN <-> tunnels, per-flow, with internal NAT."""
 
     def __init__(self, vipa_fix: str, interfaces: list[str], anchors: list[str],
-                 classify: Classifier) -> None:
+                 classify: Classifier, vipa6_fix: str = "", mtu: int = 0) -> None:
         self.vipa_fix = vipa_fix
         self.vipa_fix_b = ipaddress.IPv4Address(vipa_fix).packed
+        # IPv6 inside the tunnels ("": off): the TUN's fixed IPv6 address, NATed to each
+        # anchor's IPv6 VIpA as vipa_fix is to its IPv4 one
+        self.vipa6_fix = vipa6_fix
+        self.vipa6_fix_b = ipaddress.IPv6Address(vipa6_fix).packed if vipa6_fix else b""
+        # >0: an IPv6 packet longer than this gets an ICMPv6 Packet Too Big back into the
+        # TUN (``to_tun``) instead of being sent: IPv6 routers never fragment
+        self.mtu = mtu
+        self.to_tun: Callable[[bytes], None] = lambda pkt: None
         self.interfaces = list(interfaces)
         self.anchor_order = list(anchors)      # new flows of rules without anchor try these
         self.home = HomeAnchor(anchors)         # ... in this order: best RTT first
@@ -268,10 +286,14 @@ class AgentForwarder:
     def drop_session(self, index: int) -> None:
         self.sessions.pop(index, None)
 
-    def set_association(self, anchor: str, vipa: str, role: str, serves: frozenset[bytes]) -> None:
+    def set_association(self, anchor: str, vipa: str, role: str, serves: frozenset[bytes],
+                        vipa6: str = "") -> None:
+        """``vipa6``: the IPv6 VIpA the anchor gave ("": none, it carries IPv4 only)."""
         link = self.links[anchor]
         link.vipa, link.vipa_b = vipa, ipaddress.IPv4Address(vipa).packed
         link.role, link.serves = role, serves
+        link.vipa6 = vipa6 if self.vipa6_fix else ""
+        link.vipa6_b = ipaddress.IPv6Address(link.vipa6).packed if link.vipa6 else b""
         for t in self.tunnels.tunnels():
             if t.peer == anchor:
                 t.vipa, t.vipa_b = link.vipa, link.vipa_b
@@ -318,7 +340,14 @@ class AgentForwarder:
             return None
         flow, t, s = route
         buf = bytearray(pkt)
-        nat.rewrite_src(buf, t.vipa_b)
+        if pkt[0] >> 4 == 6:
+            if 0 < self.mtu < len(pkt):       # IPv6: no fragmentation on the way
+                self.drops["too_big"] += 1
+                self.to_tun(nat.icmp6_error(pkt, 2, 0, self.mtu, self.vipa6_fix_b))
+                return None
+            nat.rewrite_src(buf, self.links[t.peer].vipa6_b)
+        else:
+            nat.rewrite_src(buf, t.vipa_b)
         if t.remote[1] == 0:                  # a relay path (mesh.relay_addr)
             if 0 < self.mesh_mtu < len(pkt):
                 self.drops["mesh_too_big"] += 1
@@ -469,7 +498,9 @@ class AgentForwarder:
                 self.held = b""
             return None
         flow, t, s = route
-        segs = offload.tso_split(pkt, gso_size, t.vipa_b)      # NAT included
+        six = pkt[0] >> 4 == 6
+        segs = offload.tso_split(pkt, gso_size,                 # NAT included
+                                 self.links[t.peer].vipa6_b if six else t.vipa_b)
         if not segs:
             self.drops["bad_offload"] += 1
             return None
@@ -498,9 +529,17 @@ class AgentForwarder:
         """The flow of ``pkt`` and the tunnel and session that carry it (steps 1-4)."""
         key = nat.five_tuple(pkt)
         if key is None:
-            self.drops["not_ipv4"] += 1
+            self.drops["bad_ipv6" if pkt and pkt[0] >> 4 == 6 else "not_ipv4"] += 1
             return None
-        if pkt[12:16] != self.vipa_fix_b:
+        if len(key[1]) == 16:                 # the outer header's addresses, as for IPv4
+            src6 = bytes(pkt[8:24])
+            if not _steerable6(src6, bytes(pkt[24:40])):
+                self.drops["ipv6_local"] += 1  # ND, RA, MLD, link-local: never steered
+                return None
+            if src6 != self.vipa6_fix_b or not self.vipa6_fix_b:
+                self.drops["bad_source"] += 1
+                return None
+        elif pkt[12:16] != self.vipa_fix_b:
             self.drops["bad_source"] += 1
             return None
         flow = self.paft.get(key)
@@ -529,7 +568,17 @@ class AgentForwarder:
         else:
             anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
         return choose_tunnel(via=fc.via or tuple(self.interfaces), anchors=anchors, dst=dst,
-                             links=self.links, usable=self.usable)
+                             links=self.links,
+                             usable=self.usable if len(dst) == 4 else self._usable6)
+
+    def _usable6(self, interface: str, anchor: str) -> Tunnel | None:
+        """:meth:`usable` for an IPv6 flow: only anchors that gave an IPv6 VIpA (no mesh
+        relay or direct path: those carry IPv4 only)."""
+        link = self.links.get(anchor)
+        if link is None or not link.vipa6_b or link.role == MESH_PEER:
+            return None
+        t = self.usable(interface, anchor)
+        return t if t is not None and t.vipa_peer == b"" and t.remote[1] != 0 else None
 
     def peer_path(self, via: tuple[str, ...], peer: str) -> Tunnel | None:
         """The path for a flow to mesh peer ``peer``. A rule's ``via`` (or a move) names
@@ -560,7 +609,7 @@ class AgentForwarder:
         if pref is not None:
             fc = self._preferred(fc, *pref)
         peer = self.mesh_dst.get(key[2])
-        if peer is None and self.mesh_anchor_of(key[2]) is not None:
+        if peer is None and len(key[2]) == 4 and self.mesh_anchor_of(key[2]) is not None:
             self.mesh_miss(key[2])             # another host of a mesh: look it up
             self.held = key[2]
             return None
@@ -655,10 +704,21 @@ class AgentForwarder:
         """Steps 3-4 of the downlink for a packet that came on tunnel ``t``."""
         buf = bytearray(inner)
         key = nat.five_tuple(buf)
-        if key is None or buf[16:20] != t.vipa_b:
+        if key is None:
             self.drops["bad_inner"] += 1
             return None
-        nat.rewrite_dst(buf, self.vipa_fix_b)
+        if len(key[1]) == 16:
+            link = self.links.get(t.peer)     # none for a mesh peer's path: no IPv6 there
+            vipa6 = link.vipa6_b if link is not None else b""
+            if not vipa6 or buf[24:40] != vipa6 or t.remote[1] == 0:
+                self.drops["bad_inner"] += 1
+                return None
+            nat.rewrite_dst(buf, self.vipa6_fix_b)
+        elif buf[16:20] != t.vipa_b:
+            self.drops["bad_inner"] += 1
+            return None
+        else:
+            nat.rewrite_dst(buf, self.vipa_fix_b)
         self._account_rx(t, key, now, 1)
         return bytes(buf)
 
@@ -666,6 +726,14 @@ class AgentForwarder:
                       ) -> list[bytes]:
         """:meth:`_downlink` of ``pts[i:j]``, packets of one flow (``offload.flow_runs``)."""
         key = nat.five_tuple(pts[i])
+        if key is not None and len(key[1]) == 16:
+            link = self.links.get(t.peer)     # none for a mesh peer's path: no IPv6 there
+            vipa6 = link.vipa6_b if link is not None else b""
+            if not vipa6 or pts[i][24:40] != vipa6 or t.remote[1] == 0:
+                self.drops["bad_inner"] += j - i
+                return []
+            self._account_rx(t, key, now, j - i)
+            return offload.rewrite_run(pts, i, j, self.vipa6_fix_b, False)
         if key is None or pts[i][16:20] != t.vipa_b:
             self.drops["bad_inner"] += j - i
             return []
@@ -673,7 +741,8 @@ class AgentForwarder:
         return offload.rewrite_run(pts, i, j, self.vipa_fix_b, False)
 
     def _account_rx(self, t: Tunnel, key: FlowKey, now: float, n: int) -> None:
-        flow = self.paft.get((key[0], self.vipa_fix_b, key[1], key[4], key[3]))
+        fix = self.vipa_fix_b if len(key[1]) == 4 else self.vipa6_fix_b
+        flow = self.paft.get((key[0], fix, key[1], key[4], key[3]))
         if flow is not None:
             flow.rx_packets += n
             flow.last_seen = now
@@ -719,6 +788,8 @@ class Association:
     mesh: bool = False                   # may reach the anchor's other mesh hosts (relay)
     relay_rx_bytes: int = 0              # mesh datagrams this host sent through the anchor
     relay_tx_bytes: int = 0              # ... and received through it
+    vipa6: str = ""                      # its IPv6 VIpA ("": IPv4 only)
+    vipa6_b: bytes = b""
 
 
 class AnchorForwarder:
@@ -740,6 +811,8 @@ class AnchorForwarder:
 
     def add_association(self, a: Association) -> None:
         self.by_vipa[a.vipa_b] = a
+        if a.vipa6_b:
+            self.by_vipa[a.vipa6_b] = a
         self.by_mh[a.mh] = a
 
     def remove_association(self, a: Association) -> None:
@@ -749,6 +822,10 @@ class AnchorForwarder:
         a.by_addr.clear()
         self.paft.remove_source(a.vipa_b)
         self.by_vipa.pop(a.vipa_b, None)
+        if a.vipa6_b:
+            self.paft.remove_source(a.vipa6_b)
+            if self.by_vipa.get(a.vipa6_b) is a:
+                del self.by_vipa[a.vipa6_b]
         self.by_mh.pop(a.mh, None)
 
     def open(self, data: bytes) -> tuple[Session, Association | None, int, bytes] | None:
@@ -825,7 +902,8 @@ class AnchorForwarder:
         tunnel ``t`` (``inner`` the first, ``seq`` the newest): may they go to the TUN?"""
         # Both the outer source and the flow key's source (for an ICMP error: the quoted
         # packet's) must be this host's VIpA, or a host could plant another host's flow key.
-        key = uplink_key(inner, a.vipa_b)
+        src = a.vipa6_b if inner and inner[0] >> 4 == 6 else a.vipa_b
+        key = uplink_key(inner, src) if src else None
         if key is None:
             self.drops["spoofed_inner"] += n
             return False
@@ -1035,7 +1113,7 @@ class AnchorForwarder:
         if key is None:
             self.drops["not_ipv4"] += n
             return None
-        a = self.by_vipa.get(bytes(pkt[16:20]))
+        a = self.by_vipa.get(bytes(pkt[24:40] if key >= KEY6 else pkt[16:20]))
         if a is None:
             self.drops["no_association"] += n
             return None

@@ -46,6 +46,7 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04            # IPv6 TCP super-packets (IPv6 inside the tunnels)
 SO_MARK = 36
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -182,8 +183,8 @@ class TunDevice:
         self.offloads = 0
         if offload:
             try:    # TCP super-packets and partial checksums; without them: 1 packet/read
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
-                self.offloads = TUN_F_CSUM | TUN_F_TSO4
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
             except OSError as e:
                 log.info("TUN offloads not available (%s): one packet per read", e.strerror)
         self.dropped = 0             # reads that made no packet (unknown offload type)

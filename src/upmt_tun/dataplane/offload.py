@@ -30,6 +30,7 @@ from ..nat import ipv4_checksum, ones_sum, py_rewrite_dst, py_rewrite_src
 __all__ = [
     "GSO_NONE",
     "GSO_TCPV4",
+    "GSO_TCPV6",
     "NEEDS_CSUM",
     "VNET_HDR",
     "VNET_HDR_LEN",
@@ -48,6 +49,7 @@ VNET_HDR_LEN = VNET_HDR.size          # 10
 NEEDS_CSUM = 1                        # VIRTIO_NET_HDR_F_NEEDS_CSUM
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_TCPV6 = 4                         # offered with TUN_F_TSO6: IPv6 inside the tunnels
 GSO_ECN = 0x80
 NO_VNET_HDR = bytes(VNET_HDR_LEN)     # prefix of a write: a complete, ordinary packet
 
@@ -68,8 +70,10 @@ def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
     if csum_start < 20 or at + 2 > len(pkt):
         return False
     c = ipv4_checksum(memoryview(pkt)[csum_start:])
-    if c == 0 and pkt[9] == 17:
-        c = 0xFFFF                    # UDP: a computed 0 is sent as 0xFFFF
+    # UDP: a computed 0 is sent as 0xFFFF (IPv6 has no protocol byte at 9: UDP is the
+    # one whose checksum sits 6 bytes into its header)
+    if c == 0 and (pkt[9] == 17 if pkt[0] >> 4 != 6 else csum_offset == 6):
+        c = 0xFFFF
     _U16.pack_into(pkt, at, c)
     return True
 
@@ -80,6 +84,8 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
     complete packet with correct headers and checksums. [] when it is not IPv4/TCP or
     its headers do not fit. ``new_src`` (4 bytes), if given, replaces the source address
     of every segment (the internal NAT, free here: the checksums are computed anyway)."""
+    if len(pkt) and pkt[0] >> 4 == 6:
+        return _tso_split6(pkt, gso_size, new_src)
     if new_src is not None and len(new_src) != 4:
         raise ValueError(f"an IPv4 address is 4 bytes, got {len(new_src)}")
     n = len(pkt)
@@ -129,6 +135,53 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
             return out
 
 
+def _tso_split6(pkt: bytes | bytearray | memoryview, gso_size: int,
+                new_src: bytes | None) -> list[bytes]:
+    """:func:`py_tso_split` of an IPv6/TCP super-packet without extension headers (none
+    other is cut: []): no IP id or header checksum; the payload length and the TCP
+    checksum over the IPv6 pseudo-header per segment. ``new_src``: 16 bytes."""
+    if new_src is not None and len(new_src) != 16:
+        raise ValueError(f"an IPv6 address is 16 bytes, got {len(new_src)}")
+    n = len(pkt)
+    if n < 60 or pkt[6] != 6 or gso_size <= 0:
+        return []
+    thl = (pkt[52] >> 4) * 4
+    hlen = 40 + thl
+    if thl < 20 or hlen > n:
+        return []
+    seq = int.from_bytes(pkt[44:48], "big")
+    flags = pkt[53]
+    src_dst = bytes(pkt[8:40]) if new_src is None else bytes(new_src) + bytes(pkt[24:40])
+    pseudo_base = ones_sum(src_dst) + 6
+    out = []
+    payload_len = n - hlen
+    offset = 0
+    i = 0
+    while True:
+        size = min(gso_size, payload_len - offset)
+        last = offset + size >= payload_len
+        seg = bytearray(pkt[:hlen])
+        seg[8:40] = src_dst
+        seg += pkt[hlen + offset:hlen + offset + size]
+        total = hlen + size
+        _U16.pack_into(seg, 4, total - 40)
+        seg[44:48] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags
+        if not last:
+            f &= ~(_TCP_FIN | _TCP_PSH)
+        if i:
+            f &= ~_TCP_CWR
+        seg[53] = f
+        seg[56:58] = b"\0\0"
+        s = pseudo_base + (total - 40) + ones_sum(memoryview(seg)[40:])
+        _U16.pack_into(seg, 56, _fold(s) ^ 0xFFFF)
+        out.append(bytes(seg))
+        offset += size
+        i += 1
+        if last:
+            return out
+
+
 _TCP_SYN, _TCP_RST, _TCP_ACK, _TCP_URG, _TCP_ECE = 0x02, 0x04, 0x10, 0x20, 0x40
 _NO_MERGE = _TCP_FIN | _TCP_SYN | _TCP_RST | _TCP_URG | _TCP_ECE | _TCP_CWR
 _MAX_SUPER = 65535
@@ -149,17 +202,72 @@ def _mergeable(p: bytes) -> int:
     return hl
 
 
+def _mergeable6(p: bytes) -> int:
+    """:func:`_mergeable` for IPv6/TCP without extension headers (whole packet, payload,
+    plain ACK or ACK|PSH): its header length, else 0."""
+    n = len(p)
+    if n < 61 or p[0] >> 4 != 6 or p[6] != 6 or 40 + (p[4] << 8 | p[5]) != n:
+        return 0
+    hl = 40 + (p[52] >> 4) * 4
+    flags = p[53]
+    if hl < 60 or hl >= n or not flags & _TCP_ACK or flags & _NO_MERGE:
+        return 0
+    return hl
+
+
+def _coalesce6(pkts: list[bytes], i: int, hl: int, out: list[bytes]) -> int:
+    """:func:`py_coalesce` of the IPv6 run starting at ``pkts[i]`` (``hl``: its header
+    length): appends one packet to ``out``, returns the index after the run. Merged: the
+    same version/class/flow label, hop limit, addresses and ports, ACK, window and options,
+    contiguous sequence numbers (GSO_TCPV6, csum_start 40)."""
+    p = pkts[i]
+    n = len(pkts)
+    j = i + 1
+    size = len(p) - hl
+    total = len(p)
+    nxt = (int.from_bytes(p[44:48], "big") + size) & 0xFFFFFFFF
+    last = p
+    while j < n and not last[53] & _TCP_PSH:
+        q = pkts[j]
+        qs = len(q) - hl
+        if (_mergeable6(q) != hl or qs > size or total + qs > _MAX_SUPER
+                or q[0:4] != p[0:4] or q[7] != p[7] or q[8:44] != p[8:44]
+                or q[48:52] != p[48:52] or q[54:56] != p[54:56] or q[60:hl] != p[60:hl]
+                or int.from_bytes(q[44:48], "big") != nxt):
+            break
+        total += qs
+        nxt = (nxt + qs) & 0xFFFFFFFF
+        last = q
+        j += 1
+        if qs < size:
+            break
+    if j - i == 1:
+        out.append(NO_VNET_HDR + p)
+        return j
+    head = bytearray(p[:hl])
+    _U16.pack_into(head, 4, total - 40)
+    head[53] |= last[53] & _TCP_PSH
+    _U16.pack_into(head, 56, _fold(ones_sum(head[8:40]) + 6 + total - 40))
+    vnet = VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV6, hl, size, 40, 16)
+    out.append(vnet + bytes(head) + b"".join(q[hl:] for q in pkts[i:j]))
+    return j
+
+
 def py_coalesce(pkts: list[bytes]) -> list[bytes]:
     """GRO towards the TUN: consecutive segments of one TCP flow (contiguous sequence
     numbers, same ACK, window and options, equal sizes but a shorter last, no PSH before
-    the last) become one super-packet with a virtio-net header (GSO_TCPV4, checksum
-    partial: the kernel finishes it, or cuts it up again if it forwards). Everything
-    else is passed as is, behind an empty header. Order is kept."""
-    out = []
+    the last) become one super-packet with a virtio-net header (GSO_TCPV4, or GSO_TCPV6
+    for IPv6 without extension headers; checksum partial: the kernel finishes it, or
+    cuts it up again if it forwards). Everything else is passed as is, behind an empty
+    header. Order is kept."""
+    out: list[bytes] = []
     i, n = 0, len(pkts)
     while i < n:
         p = pkts[i]
         hl = _mergeable(p)
+        if not hl and (hl6 := _mergeable6(p)):
+            i = _coalesce6(pkts, i, hl6, out)
+            continue
         j = i + 1
         if hl:
             size = len(p) - hl
@@ -199,13 +307,16 @@ def py_coalesce(pkts: list[bytes]) -> list[bytes]:
 def _run_key(p: bytes) -> bytes | None:
     if len(p) >= 24 and p[0] == 0x45 and p[9] in (6, 17) and not (p[6] & 0x3F or p[7]):
         return p[9:10] + p[12:24]
+    if len(p) >= 44 and p[0] >> 4 == 6 and p[6] in (6, 17):
+        return p[6:7] + p[8:44]           # IPv6 without extension headers
     return None
 
 
 def py_flow_runs(pkts: list[bytes]) -> list[int]:
     """Lengths of the runs of consecutive packets of one flow: IPv4 TCP or UDP without IP
-    options or fragmentation, same protocol, addresses and ports (bytes 9 and 12-23).
-    Anything else is a run of its own. The batch paths decide once per run."""
+    options or fragmentation, same protocol, addresses and ports (bytes 9 and 12-23), or
+    IPv6 TCP or UDP without extension headers (bytes 6 and 8-43). Anything else is a run
+    of its own. The batch paths decide once per run."""
     runs: list[int] = []
     prev = None
     for p in pkts:
@@ -221,9 +332,9 @@ def py_flow_runs(pkts: list[bytes]) -> list[int]:
 def py_rewrite_run(pkts: list[bytes], start: int, end: int, new: bytes, is_src: bool
                    ) -> list[bytes]:
     """Copies of ``pkts[start:end]`` (one flow's run) with IP.src (``is_src``) or IP.dst
-    rewritten to ``new`` (nat.py's incremental checksum update)."""
-    if len(new) != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new)}")
+    rewritten to ``new`` (nat.py's incremental checksum update; 16 bytes: IPv6)."""
+    if len(new) not in (4, 16):
+        raise ValueError(f"an address is 4 or 16 bytes, got {len(new)}")
     rewrite = py_rewrite_src if is_src else py_rewrite_dst
     out = []
     for p in pkts[start:end]:
@@ -264,7 +375,7 @@ else:
 def tso_of(data: bytes) -> tuple[memoryview, int] | None:
     """(the super-packet, its gso_size) when a TUN read is a TCP/IPv4 super-packet (the
     caller cuts it with :func:`tso_split`, deciding once for all its segments)."""
-    if len(data) <= VNET_HDR_LEN or data[1] & ~GSO_ECN != GSO_TCPV4:
+    if len(data) <= VNET_HDR_LEN or data[1] & ~GSO_ECN not in (GSO_TCPV4, GSO_TCPV6):
         return None
     return memoryview(data)[VNET_HDR_LEN:], VNET_HDR.unpack_from(data)[3]
 
@@ -276,7 +387,7 @@ def packets(data: bytes, split: Splitter | None = None,
         return []
     flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(data)
     gso_type &= ~GSO_ECN
-    if gso_type == GSO_TCPV4:
+    if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
         return (split or tso_split)(memoryview(data)[VNET_HDR_LEN:], gso_size)
     if gso_type != GSO_NONE:
         return []                     # not offered (no USO/UFO/IPv6 TSO): never sent to us

@@ -62,18 +62,24 @@ def _flow_key(item: object) -> tuple[int, bytes, bytes, int, int] | None:
     if not isinstance(fsrc, str) or not isinstance(dst, str):
         return None
     try:
-        return (proto, ipaddress.IPv4Address(fsrc).packed, ipaddress.IPv4Address(dst).packed,
-                sport, dport)
+        a, b = ipaddress.ip_address(fsrc), ipaddress.ip_address(dst)
     except ValueError:
         return None
+    return (proto, a.packed, b.packed, sport, dport) if a.version == b.version else None
 
 
 class AnchorSignalling:
     def __init__(self, fwd: AnchorForwarder, pool: ipaddress.IPv4Network, *, role: str,
                  listen: tuple[str, int], max_associations: int = 1024,
                  plain_data: bool = False, leases: Leases | None = None,
-                 peers: tuple[Peer, ...] = (), mesh: bool = False) -> None:
+                 peers: tuple[Peer, ...] = (), mesh: bool = False,
+                 pool6: ipaddress.IPv6Network | None = None) -> None:
         self.fwd = fwd
+        # IPv6 VIpAs (None: IPv4 only): the host at offset i of ``pool`` gets offset i of
+        # ``pool6``, so its IPv4 lease keeps its IPv6 VIpA across restarts too
+        if pool6 is not None and pool6.num_addresses < pool.num_addresses:
+            raise ValueError(f"vipa6_pool {pool6} is smaller than vipa_pool {pool}")
+        self.pool6 = pool6
         self.peers = {p.name: p for p in peers}
         self.mesh = mesh
         self.pool = pool
@@ -213,6 +219,9 @@ class AnchorSignalling:
             peer = self.peers.get(session.peer)
             a = Association(session.peer, str(vipa), vipa.packed, created=now, last_rx=now,
                             plain_data=self.plain_data, mesh=peer is not None and peer.mesh)
+            vipa6 = self.vipa6_of(vipa)
+            if vipa6 is not None:
+                a.vipa6, a.vipa6_b = str(vipa6), vipa6.packed
             self.fwd.add_association(a)
             self._log.log(logging.INFO, now, "associated %s from %s:%d: VIpA %s", a.mh, *src,
                           a.vipa)
@@ -224,7 +233,15 @@ class AnchorSignalling:
                 "addressesInUse": [], "dataPlaintext": self.plain_data, "mesh": a.mesh}
         if a.mesh:
             resp["meshPool"] = str(self.pool)
+        if a.vipa6:
+            resp["vipa6"] = a.vipa6
         return "AssociationResp", resp
+
+    def vipa6_of(self, vipa: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:
+        """The IPv6 VIpA that goes with IPv4 VIpA ``vipa`` (same offset in the pools)."""
+        if self.pool6 is None:
+            return None
+        return self.pool6.network_address + (int(vipa) - int(self.pool.network_address))
 
     def _allocate(self, name: str) -> ipaddress.IPv4Address | None:
         """The VIpA of host ``name``'s lease when it has a usable one (whatever order hosts
@@ -365,7 +382,7 @@ class AnchorSignalling:
             if key is None:
                 raise Refused(501, "bad UPMT signal: flows are [proto, src, dst, sport, dport]")
             packed = pack_key(key)
-            if key[1] != a.vipa_b:
+            if key[1] != a.vipa_b and (not a.vipa6_b or key[1] != a.vipa6_b):
                 raise Refused(403, "Forbidden: not this host's flow")
             got = self.fwd.paft.handover(packed, t.tid, self._seq, now)
             if got < 0 and self.fwd.paft.get(packed) is None:

@@ -44,15 +44,21 @@ log = logging.getLogger(__name__)
 
 NFT_FAMILY = "ip"
 NFT_TABLE = "upmt_agent"
+NFT_TABLE6 = "upmt_agent6"   # family ip6: the same steering for IPv6 (vipa6_fix)
 PRIO_SOCKETS = 5200          # default; steered traffic at PRIO_SOCKETS + 1
 PRIO_STEERED = PRIO_SOCKETS + 1
 BLACKHOLE_METRIC = 0xFFFFFFFF
+# IPv6 inside the tunnels: a default route into the TUN in the main table, after any the
+# host has (RA gives 1024): an application on an IPv4-only access network can open an
+# IPv6 socket at all (the output hook marks and reroutes only what routing allowed)
+FALLBACK6_METRIC = 0x7FFFFFFF
 MARK_MASK = 0xFFFF           # bits of the ct mark holding F (the rule index is above them)
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # where nft resolves "socket cgroupv2" paths
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 COUNTER_UNSOLICITED = "unsolicited_from_tun"   # nft counter of the drop above
 MESH_POOLS = "mesh_pools"    # nft set: sources allowed to open connections from the TUN
 MAIN_TABLE = 254
+LINK_ONLY6 = "fe80::/10, ff00::/8"   # IPv6 destinations never steered
 
 
 @dataclass(frozen=True)
@@ -121,19 +127,32 @@ def _ports(keyword: str, ports: tuple[int, int]) -> str:
     return f"th {keyword} {low}" if low == high else f"th {keyword} {low}-{high}"
 
 
-def rule_match(rule: RuleMatch) -> str:
-    """The nft match expression of one config rule (may be empty: match everything)."""
+def rule_family(rule: RuleMatch) -> int | None:
+    """The IP version a rule's ``dst`` limits it to (None: no dst, both)."""
+    if rule.dst is None:
+        return None
+    try:
+        return ipaddress.ip_network(rule.dst, strict=False).version
+    except ValueError:
+        raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
+
+
+def rule_match(rule: RuleMatch, family: str = NFT_FAMILY) -> str:
+    """The nft match expression of one config rule (may be empty: match everything), for
+    the ``ip`` or the ``ip6`` table (where "icmp" is ICMPv6)."""
     if rule.protocol not in PROTOCOLS:
         raise SystemSetupError(f"rule {rule.index}: unknown protocol {rule.protocol!r}")
     parts: list[str] = []
     if rule.dst is not None:
         try:
-            net = ipaddress.IPv4Network(rule.dst, strict=False)
+            net = ipaddress.ip_network(rule.dst, strict=False)
         except ValueError:
             raise SystemSetupError(f"rule {rule.index}: bad dst {rule.dst!r}") from None
-        parts.append(f"ip daddr {net}")
+        parts.append(f"{'ip6' if net.version == 6 else 'ip'} daddr {net}")
     has_ports = rule.dst_port is not None or rule.src_port is not None
-    if rule.protocol != "any":
+    if rule.protocol == "icmp" and family == "ip6":
+        parts.append("meta l4proto ipv6-icmp")
+    elif rule.protocol != "any":
         parts.append(f"meta l4proto {rule.protocol}")
     elif has_ports:
         parts.append("meta l4proto { tcp, udp }")   # ports: TCP and UDP only
@@ -152,14 +171,22 @@ def rule_match(rule: RuleMatch) -> str:
 
 
 def output_rules(*, fwmark: int, ifaces: list[IfacePlan], rules: list[RuleMatch],
-                 mark_mask: int = MARK_MASK) -> list[str]:
+                 mark_mask: int = MARK_MASK, family: str = NFT_FAMILY) -> list[str]:
     """The rules of chain ``output``: the only chain that depends on the config's rules
     (``reload`` replaces just this chain). In list order, first match wins; a rule's
-    ct mark holds its ``index`` (its mark slot, reload.py)."""
+    ct mark holds its ``index`` (its mark slot, reload.py). ``family`` "ip6": the chain
+    of table ``ip6 upmt_agent6`` (rules whose dst is IPv4 left out)."""
+    six = family == "ip6"
+    version = 6 if six else 4
     mask = f"{MARK_MASK:#x}"
     output = [f"meta mark and {mask} == {fwmark + 1 + i.index:#x} return" for i in ifaces]
+    if six:     # link-local and multicast (ND, MLD, mDNS, ...) belong to their link
+        output.append(f"ip6 daddr {{ {LINK_ONLY6} }} return")
+        output.append("ip6 saddr fe80::/10 return")
     for rule in rules:
-        match = rule_match(rule)
+        if rule_family(rule) not in (None, version):
+            continue
+        match = rule_match(rule, family)
         output.append(
             f"ct state new ct mark and {mask} != {fwmark:#x} {match} "
             f"ct mark set {rule_ct_mark(rule.index, fwmark):#x}".replace("  ", " ")
@@ -178,12 +205,17 @@ def agent_ruleset(
     rules: list[RuleMatch],
     tun_mtu: int | None = None,
     mark_mask: int = MARK_MASK,
+    family: str = NFT_FAMILY,
 ) -> str:
-    """The nft script creating table ``ip upmt_agent`` (fails if it already exists)."""
+    """The nft script creating table ``ip upmt_agent`` (fails if it already exists), or
+    with ``family`` "ip6" table ``ip6 upmt_agent6``: the same for IPv6 (``vipa_fix`` then
+    being vipa6_fix; rules whose dst is of the other family left out; no mesh pools)."""
+    six = family == "ip6"
     q_tun = nft.quote(tun)
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
-    output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask)
+    output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask,
+                          family=family)
     # a pattern entry (usb*) has no one name for iifname: its port is its own, and its
     # socket, bound to the device behind the entry, takes only what arrives there
     prerouting = [
@@ -195,21 +227,22 @@ def agent_ruleset(
     # them (related: PMTU); no connection into the host through its anchor. Mesh peers'
     # new connections are the exception: they come from their VIpAs in a mesh anchor's
     # pool (set MESH_POOLS, filled when an anchor says mesh), authenticated end to end.
-    prerouting.append(f"iifname {q_tun} ip saddr != @{MESH_POOLS} "
+    mesh_ok = "" if six else f"ip saddr != @{MESH_POOLS} "
+    prerouting.append(f"iifname {q_tun} {mesh_ok}"
                       f"ct state != {{ established, related }} "
                       f'counter name "{COUNTER_UNSOLICITED}" drop')
     prerouting.append(f"iifname {q_tun} ct mark and {mask} == {fwmark:#x} "
                       f"meta mark set {packet_mark}")
-    if tun_mtu is not None and tun_mtu > 40:
-        mss = tun_mtu - 40
+    if tun_mtu is not None and tun_mtu > 60:
+        mss = tun_mtu - (60 if six else 40)      # IPv6 header 40, TCP 20
         prerouting.append(
             f"iifname {q_tun} tcp flags syn tcp option maxseg size > {mss} "
             f"tcp option maxseg size set {mss}"
         )
     try:
-        snat = str(ipaddress.IPv4Address(vipa_fix))
+        snat = str(ipaddress.IPv6Address(vipa_fix) if six else ipaddress.IPv4Address(vipa_fix))
     except ValueError:
-        raise SystemSetupError(f"bad vipa_fix {vipa_fix!r}") from None
+        raise SystemSetupError(f"bad vipa{'6' if six else ''}_fix {vipa_fix!r}") from None
     chains = {
         "output": ("type route hook output priority mangle", output),
         "prerouting": ("type filter hook prerouting priority mangle", prerouting),
@@ -222,9 +255,11 @@ def agent_ruleset(
             [f"oifname {q_tun} snat to {snat}"],
         ),
     }
-    lines = [f"create table {NFT_FAMILY} {NFT_TABLE}", f"table {NFT_FAMILY} {NFT_TABLE} {{",
-             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}",
-             f"\tset {MESH_POOLS} {{", "\t\ttype ipv4_addr; flags interval;", "\t}"]
+    table = NFT_TABLE6 if six else NFT_TABLE
+    lines = [f"create table {family} {table}", f"table {family} {table} {{",
+             f"\tcounter {COUNTER_UNSOLICITED} {{", "\t}"]
+    if not six:
+        lines += [f"\tset {MESH_POOLS} {{", "\t\ttype ipv4_addr; flags interval;", "\t}"]
     for name, (hook, body) in chains.items():
         lines.append(f"\tchain {name} {{")
         lines.append(f"\t\t{hook}; policy accept;")
@@ -250,6 +285,7 @@ class AgentHost:
         mark_mask: int = MARK_MASK,
         priority: int = PRIO_SOCKETS,
         devices: dict[str, str] | None = None,
+        vipa6_fix: str = "",
     ) -> None:
         """``devices``: entry -> the device behind it now, where that is not the entry's
         own name (a pattern's match); :meth:`bind_device` changes it at run time."""
@@ -267,6 +303,7 @@ class AgentHost:
             raise SystemSetupError(f"routing table {table} is not usable")
         self.tun = tun
         self.vipa_fix = vipa_fix
+        self.vipa6_fix = vipa6_fix            # "": no IPv6 steering
         self.fwmark = fwmark
         self.table = table
         self.ifaces = list(ifaces)
@@ -304,6 +341,19 @@ class AgentHost:
         and put back the sysctls it had changed (from the state file, if one is used)."""
         self._sysctl.restore_leftovers()
         nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        try:
+            nft.delete_table("ip6", NFT_TABLE6)
+            rules6 = netlink.list_rules(AF_INET6)
+        except SystemSetupError as e:       # a kernel without IPv6: nothing can be left
+            log.debug("no IPv6 rules to clean up: %s", e)
+            return
+        for rule in rules6:
+            if rule.priority == self.prio_steered and rule.table == self.table \
+                    and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask:
+                netlink.delete_rule(rule)
+                log.info("removed leftover %s", rule.describe())
+        if count := netlink.flush_table(self.table, AF_INET6):
+            log.info("removed %d leftover IPv6 route(s) of table %d", count, self.table)
         tables = {self.table, *(self.table + 1 + i.index for i in self.ifaces)}
         for rule in netlink.list_rules():
             if self._is_ours(rule):
@@ -373,7 +423,32 @@ class AgentHost:
 
         nft.apply(script)
         self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
-        log.info("agent host set up: %d rule(s), %d interface(s)", len(self.rules), len(indexes))
+        if self.vipa6_fix:
+            self._setup6(tun)
+        log.info("agent host set up: %d rule(s), %d interface(s)%s", len(self.rules),
+                 len(indexes), ", IPv6 inside" if self.vipa6_fix else "")
+
+    def _setup6(self, tun: netlink.IfaceInfo) -> None:
+        """IPv6 inside the tunnels: table T's IPv6 default into the TUN (and blackhole),
+        the main table's fallback default (``FALLBACK6_METRIC``), ``ip -6 rule`` for the
+        steered mark, and nft table ``ip6 upmt_agent6``."""
+        routes = [Route(self.table, oif=tun.index, dev=self.tun, dst="::/0", family=AF_INET6),
+                  Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC, dst="::/0",
+                        family=AF_INET6),
+                  Route(MAIN_TABLE, oif=tun.index, dev=self.tun, dst="::/0",
+                        metric=FALLBACK6_METRIC, family=AF_INET6)]
+        for route in routes:
+            added = netlink.add_route(route)
+            self._undo.push(added.describe(), partial(netlink.delete_route, added))
+        rule = Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask, AF_INET6)
+        netlink.add_rule(rule)
+        self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+        script = agent_ruleset(tun=self.tun, vipa_fix=self.vipa6_fix, fwmark=self.fwmark,
+                               ifaces=self.ifaces, rules=self.rules, tun_mtu=tun.mtu,
+                               mark_mask=self.mark_mask, family="ip6")
+        nft.apply(script)
+        self._undo.push(f"nft table ip6 {NFT_TABLE6}",
+                        lambda: nft.delete_table("ip6", NFT_TABLE6))
 
     def rules_script(self, rules: list[RuleMatch]) -> str:
         """The nft script that replaces the rules of chain ``output`` by ``rules``: one
@@ -381,10 +456,14 @@ class AgentHost:
         the table's), so established ones stay steered whatever changed here."""
         if any(r.index < 0 or r.index + 1 > MARK_MASK for r in rules):
             raise SystemSetupError("rule index out of range for the ct mark")
-        head = f"{NFT_FAMILY} {NFT_TABLE} output"
-        lines = [f"flush chain {head}"]
-        lines += [f"add rule {head} {r}" for r in output_rules(
-            fwmark=self.fwmark, ifaces=self.ifaces, rules=rules, mark_mask=self.mark_mask)]
+        lines = []
+        tables = [(NFT_FAMILY, NFT_TABLE)] + ([("ip6", NFT_TABLE6)] if self.vipa6_fix else [])
+        for family, table in tables:        # IPv4's and IPv6's in the same transaction
+            head = f"{family} {table} output"
+            lines.append(f"flush chain {head}")
+            lines += [f"add rule {head} {r}" for r in output_rules(
+                fwmark=self.fwmark, ifaces=self.ifaces, rules=rules,
+                mark_mask=self.mark_mask, family=family)]
         return "\n".join(lines) + "\n"
 
     def replace_rules(self, rules: list[RuleMatch], *, dry_run: bool = False) -> None:

@@ -28,16 +28,49 @@ log = logging.getLogger(__name__)
 
 NFT_FAMILY = "ip"
 NFT_TABLE = "upmt_anchor"
+NFT_TABLE6 = "upmt_anchor6"   # family ip6: the same for the IPv6 pool (vipa6_pool)
 ROLES = ("anchor", "fixed-host")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _nets(cidrs: list[str] | tuple[str, ...]) -> str:
-    """An nft anonymous set of the networks, collapsed (nft refuses overlapping intervals)."""
-    try:
-        nets = [ipaddress.IPv4Network(c, strict=False) for c in cidrs]
-    except ValueError as e:
-        raise SystemSetupError(f"bad egress network: {e}") from None
-    return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(nets)) + " }"
+def egress_nets(cidrs: list[str] | tuple[str, ...], version: int
+                ) -> list[ipaddress.IPv4Network] | list[ipaddress.IPv6Network]:
+    """The egress networks of one IP version, normalised: an IPv4-mapped IPv6 network
+    (``::ffff:127.0.0.1``) counts as the IPv4 network it names, and every IPv4 network
+    also stands for its mapped IPv6 form (a host must not reach 127.0.0.1 by writing it
+    as ::ffff:127.0.0.1)."""
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for c in cidrs:
+        try:
+            n = ipaddress.ip_network(c, strict=False)
+        except ValueError as e:
+            raise SystemSetupError(f"bad egress network: {e}") from None
+        if isinstance(n, ipaddress.IPv6Network) and n.prefixlen > 96 and n.subnet_of(_MAPPED):
+            # (the whole ::ffff:0:0/96 stays IPv6 only: it denies the mapped forms, not IPv4)
+            n = ipaddress.IPv4Network((int(n.network_address) & 0xFFFFFFFF, n.prefixlen - 96))
+        if isinstance(n, ipaddress.IPv4Network):
+            v4.append(n)
+            v6.append(ipaddress.IPv6Network((int(_MAPPED.network_address)
+                                             | int(n.network_address), n.prefixlen + 96)))
+        else:
+            v6.append(n)
+    return v4 if version == 4 else v6
+
+
+def _nets(cidrs: list[str] | tuple[str, ...], version: int = 4) -> str:
+    """An nft anonymous set of the networks of one IP version (:func:`egress_nets`),
+    collapsed (nft refuses overlapping intervals); "" when there are none."""
+    nets = egress_nets(cidrs, version)
+    if not nets:
+        return ""
+    if version == 4:
+        out = [str(n) for n in ipaddress.collapse_addresses(
+            [n for n in nets if isinstance(n, ipaddress.IPv4Network)])]
+    else:
+        out = [str(n) for n in ipaddress.collapse_addresses(
+            [n for n in nets if isinstance(n, ipaddress.IPv6Network)])]
+    return "{ " + ", ".join(out) + " }"
 
 
 # named counters of the table (``nft list counters table ip upmt_anchor``)
@@ -47,8 +80,11 @@ COUNTER_INVALID = "invalid_from_hosts"    # invalid/untracked from the TUN, drop
 
 def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
                    role: str = "anchor", allow_egress: tuple[str, ...] = (),
-                   deny_egress: tuple[str, ...] = (), max_flows_per_host: int = 4096) -> str:
-    """The nft script creating table ``ip upmt_anchor`` (fails if it already exists).
+                   deny_egress: tuple[str, ...] = (), max_flows_per_host: int = 4096,
+                   family: str = NFT_FAMILY) -> str:
+    """The nft script creating table ``ip upmt_anchor`` (fails if it already exists), or
+    with ``family`` "ip6" and an IPv6 ``pool`` table ``ip6 upmt_anchor6``: the same rules
+    for IPv6 (the egress lists' IPv6 networks, :func:`egress_nets`).
 
     Role ``anchor``: masquerade the pool (out of ``nat_interface``, else out of every
     interface but the TUN), clamp MSS, drop what the hosts send that conntrack cannot
@@ -58,12 +94,15 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
     Both roles: forward into the TUN only replies to connections the hosts opened
     (before ``allow_egress``, which cannot open the hosts to each other).
     """
+    six = family == "ip6"
     try:
-        net = ipaddress.IPv4Network(pool, strict=False)
+        net = ipaddress.IPv6Network(pool, strict=False) if six else \
+            ipaddress.IPv4Network(pool, strict=False)
     except ValueError:
         raise SystemSetupError(f"bad vipa pool {pool!r}") from None
     q_tun = nft.quote(tun)
-    head = (f"create table {NFT_FAMILY} {NFT_TABLE}\ntable {NFT_FAMILY} {NFT_TABLE} {{\n"
+    ip, table, version = ("ip6", NFT_TABLE6, 6) if six else ("ip", NFT_TABLE, 4)
+    head = (f"create table {family} {table}\ntable {family} {table} {{\n"
             f"\tcounter {COUNTER_INBOUND} {{\n\t}}\n")
     # Into the tunnels: only what conntrack ties to a connection a host opened (its
     # replies, and ICMP errors about it). A new connection towards the pool, from the
@@ -75,19 +114,20 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
                 "\t\ttype filter hook forward priority filter; policy accept;\n"
                 f"\t\tiifname {q_tun} drop\n{inbound}\t}}\n}}\n")
     out = f"oifname {nft.quote(nat_interface)}" if nat_interface else f"oifname != {q_tun}"
-    mss = mtu - 40
+    mss = mtu - (60 if six else 40)
     egress = "".join(f"\t\t{line}\n" for line in egress_rules(
         tun=tun, allow_egress=allow_egress, deny_egress=deny_egress,
-        max_flows_per_host=max_flows_per_host))
+        max_flows_per_host=max_flows_per_host, version=version))
     to_anchor = "".join(f"\t\t{line}\n" for line in to_anchor_rules(
-        tun=tun, allow_egress=allow_egress))
+        tun=tun, allow_egress=allow_egress, version=version))
     return (
         head +
         f"\tcounter {COUNTER_INVALID} {{\n\t}}\n"
-        "\tset hosts {\n\t\ttype ipv4_addr; size 65535; flags dynamic;\n\t}\n"
+        f"\tset hosts {{\n\t\ttype {'ipv6_addr' if six else 'ipv4_addr'}; size 65535; "
+        "flags dynamic;\n\t}\n"
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-        f"\t\tip saddr {net} {out} masquerade\n"
+        f"\t\t{ip} saddr {net} {out} masquerade\n"
         "\t}\n"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority mangle; policy accept;\n"
@@ -108,10 +148,12 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
 
 
 def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
-                 max_flows_per_host: int) -> list[str]:
+                 max_flows_per_host: int, version: int = 4) -> list[str]:
     """Chain ``egress`` of role ``anchor`` (forwarded packets): what ``reload`` replaces
-    when the egress lists or the per-host limit change."""
+    when the egress lists or the per-host limit change. ``version`` 6: table ``ip6
+    upmt_anchor6``'s (the lists' IPv6 networks, :func:`egress_nets`)."""
     q_tun = nft.quote(tun)
+    ip = "ip6" if version == 6 else "ip"
     # Into the tunnels: only what conntrack ties to a connection a host opened (its
     # replies, and ICMP errors about it). A new connection towards the pool, from the
     # anchor's LAN, its upstream or another host of this anchor, is dropped.
@@ -126,21 +168,26 @@ def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[
         f"oifname {q_tun} ct state != {{ established, related }} "
         f'counter name "{COUNTER_INBOUND}" drop',
     ]
-    if allow_egress:
-        rules.append(f"iifname {q_tun} ip daddr {_nets(allow_egress)} accept")
-    if deny_egress:
-        rules.append(f"iifname {q_tun} ip daddr {_nets(deny_egress)} drop")
+    if allow_set := _nets(allow_egress, version):
+        rules.append(f"iifname {q_tun} {ip} daddr {allow_set} accept")
+    if deny_set := _nets(deny_egress, version):
+        rules.append(f"iifname {q_tun} {ip} daddr {deny_set} drop")
     # connections (so masquerade ports) per host: one host cannot exhaust them
-    rules.append(f"iifname {q_tun} ct state new add @hosts {{ ip saddr ct count over "
+    rules.append(f"iifname {q_tun} ct state new add @hosts {{ {ip} saddr ct count over "
                  f"{int(max_flows_per_host)} }} drop")
     return rules
 
 
-def to_anchor_rules(*, tun: str, allow_egress: tuple[str, ...]) -> list[str]:
+def to_anchor_rules(*, tun: str, allow_egress: tuple[str, ...], version: int = 4
+                    ) -> list[str]:
     """Chain ``to_anchor``: the hosts reach the anchor itself only in ``allow_egress``."""
     q_tun = nft.quote(tun)
-    rules = [f"iifname {q_tun} ip daddr {_nets(allow_egress)} accept"] if allow_egress else []
+    ip = "ip6" if version == 6 else "ip"
+    allow_set = _nets(allow_egress, version)
+    rules = [f"iifname {q_tun} {ip} daddr {allow_set} accept"] if allow_set else []
     return [*rules, f"iifname {q_tun} drop"]
+
+
 PAUSED_CHAIN = "paused"   # the chain that names a table as the stub a restart leaves
 
 
@@ -195,6 +242,7 @@ class AnchorHost:
         allow_egress: tuple[str, ...] = (),
         deny_egress: tuple[str, ...] = (),
         max_flows_per_host: int = 4096,
+        pool6: str = "",
     ) -> None:
         if role not in ROLES:
             raise SystemSetupError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -211,6 +259,8 @@ class AnchorHost:
         self.allow_egress = allow_egress
         self.deny_egress = deny_egress
         self.max_flows_per_host = max_flows_per_host
+        # IPv6 VIpAs ("": none): the TUN holds the pool's first address, as for IPv4
+        self.pool6 = ipaddress.IPv6Network(pool6) if pool6 else None
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
         self._replace_table = False
@@ -230,6 +280,10 @@ class AnchorHost:
         self._replace_table = keep_table
         if not keep_table:
             nft.delete_table(NFT_FAMILY, NFT_TABLE)
+            try:
+                nft.delete_table("ip6", NFT_TABLE6)
+            except SystemSetupError as e:   # a kernel without IPv6: nothing can be left
+                log.debug("no ip6 table to clean up: %s", e)
 
     def setup(self) -> None:
         """Install everything; on failure undo what was done and raise SystemSetupError."""
@@ -242,22 +296,42 @@ class AnchorHost:
             tun=self.tun, pool=self.pool, mtu=self.mtu, nat_interface=self.nat_interface,
             role=self.role, allow_egress=self.allow_egress, deny_egress=self.deny_egress,
             max_flows_per_host=self.max_flows_per_host)
+        if self.pool6 is not None:
+            script += anchor_ruleset(
+                tun=self.tun, pool=str(self.pool6), mtu=self.mtu,
+                nat_interface=self.nat_interface, role=self.role,
+                allow_egress=self.allow_egress, deny_egress=self.deny_egress,
+                max_flows_per_host=self.max_flows_per_host, family="ip6")
         if self._replace_table:
-            # a killed run's table (if any) goes in the same transaction: "add table" makes
+            # a killed run's tables (if any) go in the same transaction: "add table" makes
             # the delete valid when there is none; no moment without a NAT chain
+            six = (f"add table ip6 {NFT_TABLE6}\ndelete table ip6 {NFT_TABLE6}\n"
+                   if self.pool6 is not None else "")
             script = (f"add table {NFT_FAMILY} {NFT_TABLE}\n"
-                      f"delete table {NFT_FAMILY} {NFT_TABLE}\n{script}")
+                      f"delete table {NFT_FAMILY} {NFT_TABLE}\n{six}{script}")
+            if self.pool6 is None:        # a killed run's IPv6 table, if it had a pool
+                try:
+                    if nft.table_exists("ip6", NFT_TABLE6):
+                        nft.delete_table("ip6", NFT_TABLE6)
+                except SystemSetupError as e:
+                    log.debug("no ip6 table to clean up: %s", e)
         elif nft.table_exists(NFT_FAMILY, NFT_TABLE):
             raise SystemSetupError(
                 f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another anchor, or a killed"
                 " one: cleanup_leftovers removes it)"
             )
 
-        netlink.configure_tun(self.tun, self.tun_address, self.pool_prefixlen, self.mtu)
+        addr6 = str(self.pool6.network_address + 1) if self.pool6 is not None else ""
+        plen6 = self.pool6.prefixlen if self.pool6 is not None else 128
+        netlink.configure_tun(self.tun, self.tun_address, self.pool_prefixlen, self.mtu,
+                              addr6, plen6)
         self._undo.push(
             f"address {self.tun_address} of {self.tun}",
             lambda: netlink.remove_address(self.tun, self.tun_address, self.pool_prefixlen),
         )
+        if addr6:
+            self._undo.push(f"address {addr6} of {self.tun}",
+                            lambda: netlink.remove_address(self.tun, addr6, plen6))
         if (self.role == "fixed-host" and self.listen_address not in (None, "0.0.0.0")
                 and ":" not in self.listen_address):     # an IPv6 one is no IPv4 source
             # a fixed host's services answer mobile hosts from the address they were asked
@@ -269,8 +343,17 @@ class AnchorHost:
         if self.role == "anchor":
             self._undo.push("sysctls", self._sysctl.restore)
             self._sysctl.set("net.ipv4.ip_forward", "1")
+            if self.pool6 is not None:
+                # (a forwarding host ignores router advertisements unless accept_ra=2:
+                # an anchor's uplink with IPv6 is configured statically or with accept_ra=2)
+                self._sysctl.set("net.ipv6.conf.all.forwarding", "1")
         nft.apply(script)
+        # (a stop for a restart keeps the IPv4 table's NAT, paused: _remove_table; the
+        # IPv6 table goes, so IPv6 connections do not outlive a restart)
         self._undo.push(f"nft table {NFT_TABLE}", self._remove_table)
+        if self.pool6 is not None:
+            self._undo.push(f"nft table ip6 {NFT_TABLE6}",
+                            lambda: nft.delete_table("ip6", NFT_TABLE6))
         log.info("anchor host set up (pool %s, masquerade via %s)", self.pool, self.nat_interface)
 
     def egress_script(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
@@ -280,16 +363,20 @@ class AnchorHost:
         ``hosts``: its elements hold the old limit, so the counts start over."""
         if self.role != "anchor":
             return ""
-        head = f"{NFT_FAMILY} {NFT_TABLE}"
-        lines = [f"flush chain {head} egress"]
-        lines += [f"add rule {head} egress {r}" for r in egress_rules(
-            tun=self.tun, allow_egress=allow_egress, deny_egress=deny_egress,
-            max_flows_per_host=max_flows_per_host)]
-        lines.append(f"flush chain {head} to_anchor")
-        lines += [f"add rule {head} to_anchor {r}"
-                  for r in to_anchor_rules(tun=self.tun, allow_egress=allow_egress)]
-        if max_flows_per_host != self.max_flows_per_host:
-            lines.append(f"flush set {head} hosts")
+        lines = []
+        tables = [(f"{NFT_FAMILY} {NFT_TABLE}", 4)]
+        if self.pool6 is not None:         # IPv6's in the same transaction
+            tables.append((f"ip6 {NFT_TABLE6}", 6))
+        for head, version in tables:
+            lines.append(f"flush chain {head} egress")
+            lines += [f"add rule {head} egress {r}" for r in egress_rules(
+                tun=self.tun, allow_egress=allow_egress, deny_egress=deny_egress,
+                max_flows_per_host=max_flows_per_host, version=version)]
+            lines.append(f"flush chain {head} to_anchor")
+            lines += [f"add rule {head} to_anchor {r}" for r in to_anchor_rules(
+                tun=self.tun, allow_egress=allow_egress, version=version)]
+            if max_flows_per_host != self.max_flows_per_host:
+                lines.append(f"flush set {head} hosts")
         return "\n".join(lines) + "\n"
 
     def replace_egress(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],

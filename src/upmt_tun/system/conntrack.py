@@ -36,15 +36,22 @@ CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
 CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
 CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 CTA_PROTO_ICMP_ID = 4
 CTA_PROTO_ICMP_TYPE = 5
 CTA_PROTO_ICMP_CODE = 6
+CTA_PROTO_ICMPV6_ID = 7
+CTA_PROTO_ICMPV6_TYPE = 8
+CTA_PROTO_ICMPV6_CODE = 9
 
 IPPROTO_ICMP = 1
 ICMP_ECHOREPLY = 0
+IPPROTO_ICMPV6 = 58
+ICMPV6_ECHOREPLY = 129
 
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
@@ -73,14 +80,24 @@ def _attrs(data: bytes) -> dict[int, bytes]:
 def reply_tuple(proto: int, src: str, dst: str, sport: int, dport: int) -> bytes:
     """CTA_TUPLE_REPLY attribute for (proto, src, dst, sport, dport).
 
-    For ICMP, ``sport`` is the echo id and the tuple is that of an echo reply.
+    For ICMP (ICMPv6), ``sport`` is the echo id and the tuple is that of an echo reply.
+    IPv6 addresses (a ``:`` in ``src``) make an IPv6 tuple.
     """
-    ip = _attr(CTA_IP_V4_SRC, socket.inet_aton(src)) + _attr(CTA_IP_V4_DST, socket.inet_aton(dst))
+    if ":" in src:
+        ip = (_attr(CTA_IP_V6_SRC, socket.inet_pton(socket.AF_INET6, src))
+              + _attr(CTA_IP_V6_DST, socket.inet_pton(socket.AF_INET6, dst)))
+    else:
+        ip = (_attr(CTA_IP_V4_SRC, socket.inet_aton(src))
+              + _attr(CTA_IP_V4_DST, socket.inet_aton(dst)))
     l4 = _attr(CTA_PROTO_NUM, struct.pack("B", proto))
     if proto == IPPROTO_ICMP:
         l4 += _attr(CTA_PROTO_ICMP_ID, struct.pack("!H", sport))
         l4 += _attr(CTA_PROTO_ICMP_TYPE, struct.pack("B", ICMP_ECHOREPLY))
         l4 += _attr(CTA_PROTO_ICMP_CODE, struct.pack("B", 0))
+    elif proto == IPPROTO_ICMPV6:
+        l4 += _attr(CTA_PROTO_ICMPV6_ID, struct.pack("!H", sport))
+        l4 += _attr(CTA_PROTO_ICMPV6_TYPE, struct.pack("B", ICMPV6_ECHOREPLY))
+        l4 += _attr(CTA_PROTO_ICMPV6_CODE, struct.pack("B", 0))
     else:
         l4 += _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", sport))
         l4 += _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dport))
@@ -92,12 +109,18 @@ def parse_entry(payload: bytes) -> tuple[int, str] | None:
     """(ct mark, original source) from a CT_NEW message body (after nfgenmsg)."""
     top = _attrs(payload)
     orig = _attrs(top.get(CTA_TUPLE_ORIG, b""))
-    src = _attrs(orig.get(CTA_TUPLE_IP, b"")).get(CTA_IP_V4_SRC)
-    if src is None or len(src) != 4:
+    ips = _attrs(orig.get(CTA_TUPLE_IP, b""))
+    src = ips.get(CTA_IP_V4_SRC)
+    src6 = ips.get(CTA_IP_V6_SRC)
+    if src is not None and len(src) == 4:
+        text = socket.inet_ntoa(src)
+    elif src6 is not None and len(src6) == 16:
+        text = socket.inet_ntop(socket.AF_INET6, src6)
+    else:
         return None
     mark_raw = top.get(CTA_MARK)
     mark = struct.unpack("!I", mark_raw)[0] if mark_raw and len(mark_raw) == 4 else 0
-    return mark, socket.inet_ntoa(src)
+    return mark, text
 
 
 class Conntrack:
@@ -119,7 +142,8 @@ class Conntrack:
     def lookup_reply(
         self, proto: int, src: str, dst: str, sport: int, dport: int
     ) -> tuple[int, str] | None:
-        """(ct mark, original-direction IPv4 source) of the entry with this reply tuple.
+        """(ct mark, original-direction source) of the entry with this reply tuple (IPv4,
+        or IPv6 when the addresses are).
 
         None if there is no such entry or anything fails. For ICMP pass the echo id
         as ``sport`` (``dport`` is ignored).
@@ -130,7 +154,8 @@ class Conntrack:
             log.debug("conntrack lookup: bad tuple: %s", exc)
             return None
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        body = _NFGENMSG.pack(socket.AF_INET, NFNETLINK_V0, 0) + request
+        family = socket.AF_INET6 if ":" in src else socket.AF_INET
+        body = _NFGENMSG.pack(family, NFNETLINK_V0, 0) + request
         kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
         header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST, self._seq, 0)
         try:

@@ -66,11 +66,11 @@ class Route:
     dev: str | None = field(default=None, compare=False)  # name of oif, for messages
     dst: str = "0.0.0.0/0"
     mtu: int | None = None
-    family: int = AF_INET
+    family: int = AF_INET          # AF_INET6: an IPv6 route (``dst`` "::/0" for a default)
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip route``'s."""
-        what = "default" if self.dst == "0.0.0.0/0" else self.dst
+        what = "default" if self.dst in ("0.0.0.0/0", "::/0") else self.dst
         what = f"-6 {what}" if self.family == AF_INET6 else what
         what = f"blackhole {what}" if self.blackhole else what
         if self.gateway:
@@ -115,7 +115,7 @@ class Rule:
     table: int
     fwmark: int | None = None
     fwmask: int | None = None
-    family: int = AF_INET
+    family: int = AF_INET          # AF_INET6: an IPv6 rule
 
     def describe(self) -> str:
         """Human-readable form for messages, like ``ip rule``'s."""
@@ -271,16 +271,22 @@ def list_links() -> dict[int, str]:
         return {int(link["index"]): str(link.get("ifname")) for link in ipr.get_links()}
 
 
-def configure_tun(name: str, address: str, prefixlen: int, mtu: int) -> None:
-    """Give the (already open) TUN device ``name`` its MTU and address, and bring it up."""
+def configure_tun(name: str, address: str, prefixlen: int, mtu: int,
+                  address6: str = "", prefixlen6: int = 128) -> None:
+    """Give the (already open) TUN device ``name`` its MTU and address (and IPv6 address
+    ``address6``, if any), and bring it up."""
     with _iproute(f"cannot configure {name} ({address}/{prefixlen}, mtu {mtu})") as ipr:
         index = _lookup(ipr, name)
         ipr.link("set", index=index, mtu=mtu)
-        try:
-            ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
+        addrs = [(address, prefixlen, AF_INET)]
+        if address6:
+            addrs.append((address6, prefixlen6, AF_INET6))
+        for addr, plen, fam in addrs:
+            try:
+                ipr.addr("add", index=index, address=addr, prefixlen=plen, family=fam)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
         ipr.link("set", index=index, state="up")
 
 
@@ -371,16 +377,20 @@ def delete_route(route: Route) -> bool:
         return True
 
 
-def flush_table(table: int) -> int:
-    """Delete every route (IPv4 and IPv6) of routing table ``table``; returns how many went."""
+def flush_table(table: int, family: int | None = None) -> int:
+    """Delete every route of ``family`` (None: IPv4 and IPv6) of routing table ``table``;
+    returns how many went. IPv6: unicast and blackhole routes only (not the kernel's
+    others)."""
     with _iproute(f"cannot flush routing table {table}") as ipr:
         count = 0
-        for family in (AF_INET, AF_INET6):
-            for route in _dump(ipr.get_routes, family, table=table):
+        for fam in (AF_INET, AF_INET6) if family is None else (family,):
+            for route in _dump(ipr.get_routes, fam, table=table):
                 if route.get("table") != table:
                     continue
+                if fam == AF_INET6 and route.get("type") not in (1, 6):
+                    continue
                 try:
-                    ipr.route("del", family=family, table=table, **_route_key(route, family))
+                    ipr.route("del", family=fam, table=table, **_route_key(route, fam))
                     count += 1
                 except NetlinkError as exc:
                     if exc.code not in (errno.ESRCH, errno.ENODEV):
@@ -422,12 +432,13 @@ def delete_rule(rule: Rule) -> bool:
         return True
 
 
-def list_rules() -> list[Rule]:
-    """Every fwmark policy-routing rule, IPv4 and IPv6 (others are not ours: skipped)."""
+def list_rules(family: int | None = None) -> list[Rule]:
+    """Every fwmark policy-routing rule of ``family`` (None: IPv4 and IPv6; rules without
+    a fwmark are not ours: skipped)."""
     with _iproute("cannot list ip rules") as ipr:
         rules = []
-        for family in (AF_INET, AF_INET6):
-            for msg in _dump(ipr.get_rules, family):
+        for fam in (AF_INET, AF_INET6) if family is None else (family,):
+            for msg in _dump(ipr.get_rules, fam):
                 if msg.get("fwmark") is None or msg.get("priority") is None:
                     continue
                 rules.append(
@@ -436,7 +447,7 @@ def list_rules() -> list[Rule]:
                         table=int(msg.get("table")),
                         fwmark=int(msg.get("fwmark")),
                         fwmask=msg.get("fwmask"),
-                        family=family,
+                        family=fam,
                     )
                 )
         return rules
