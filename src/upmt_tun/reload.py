@@ -61,14 +61,14 @@ AGENT_RESTART = {
     "keepalive_s": "keepalive", "tun": "tun", "private_key": "private_key",
     "plaintext_data": "insecure_plaintext_for_benchmarks", "metrics": "metrics",
     "group": "group", "mark_mask": "mark_mask", "rule_priority": "rule_priority",
-    "direct": "direct",
+    "direct": "direct", "vipa6_fix": "vipa6_fix",
 }
 ANCHOR_RESTART = {
     "role": "role", "listen_host": "listen", "listen_port": "listen",
     "vipa_pool": "vipa_pool", "nat_interface": "nat_interface", "control": "control",
     "mtu": "mtu", "tun": "tun", "private_key": "private_key",
     "plaintext_data": "insecure_plaintext_for_benchmarks", "metrics": "metrics",
-    "group": "group", "state_dir": "state_dir",
+    "group": "group", "state_dir": "state_dir", "vipa6_pool": "vipa6_pool",
 }
 
 
