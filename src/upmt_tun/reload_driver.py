@@ -19,6 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .agent import Agent, rule_classifier
@@ -131,12 +132,15 @@ class AgentReloader:
                  cgroups: RuleCgroups | None, schedule: ResolveSchedule,
                  resolver: AnchorResolver, lookup: Lookup | None,
                  slots: tuple[dict[str, int], int] | None = None,
-                 slot_file: SlotFile | None = None,
+                 slot_file: SlotFile | None = None, v6_off: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``cgroups``: the per-rule cgroups when ``upmt-agent run`` is available;
         ``slots``: the rules' mark slots and the first free one (default: positions);
-        ``slot_file``: where a reload saves them for the next start."""
+        ``slot_file``: where a reload saves them for the next start; ``v6_off``: the
+        start turned IPv6 inside off (MTU, disabled IPv6), whatever the file says, so a
+        file's ``vipa6_fix`` is not a change that needs a restart."""
         self.cfg = cfg
+        self.v6_off = v6_off
         self.slots, self.next_slot = slots or start_slots(cfg.rules)
         self.slot_file = slot_file
         self.agent, self.host, self.cgroups = agent, host, cgroups
@@ -151,6 +155,8 @@ class AgentReloader:
             path = path or self.cfg.path
             try:
                 new = load_agent_config(path)
+                if self.v6_off:
+                    new = replace(new, vipa6_fix="")
                 plan = plan_agent(self.cfg, new, self.slots, self.next_slot, self.interfaces)
             except ConfigError as e:
                 return _refused(str(e))

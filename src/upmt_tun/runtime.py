@@ -377,6 +377,7 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
     # devices that come later do not change it (set `mtu` if theirs may be smaller)
     mtu = cfg.mtu or min((i.mtu - (OVERHEAD6 if i.address6 else OVERHEAD)
                           for i, _ in ifaces if i.mtu), default=1500 - OVERHEAD)
+    file_vipa6 = cfg.vipa6_fix          # (a reload compares files: see AgentReloader)
     if cfg.vipa6_fix and mtu < MIN_IPV6_MTU:
         log.warning("IPv6 inside the tunnels off: the TUN's MTU %d is below IPv6's minimum "
                     "%d (raise mtu or the access interfaces' MTU)", mtu, MIN_IPV6_MTU)
@@ -475,7 +476,8 @@ def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> Non
         reloader = AgentReloader(cfg, agent=agent, host=host,
                                  cgroups=cgroups if usable else None, schedule=schedule,
                                  resolver=resolver, lookup=lookup, slots=slots,
-                                 slot_file=slot_file)
+                                 slot_file=slot_file,
+                                 v6_off=cfg.vipa6_fix != file_vipa6)
 
         def on_usable(name: str, usable: bool, why: str) -> None:
             agent.on_link(name, usable, why)
