@@ -180,6 +180,8 @@ class Agent:
         self.ice: dict[str, IcePeer] = {}                  # peer key -> ICE with it
         self._direct_dead: list[str] = []                  # direct links to forget
         self._direct_key: dict[str, str] = {}              # direct record -> peer key
+        # called with every action but sends, before it is carried out (api.py: events)
+        self.observe: Callable[[Action, float], None] | None = None
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -282,7 +284,10 @@ class Agent:
         def up_for(t: Tunnel) -> float:
             return self._up_for(t, now)
 
+        observe = self.observe
         for a in actions:
+            if observe is not None and not isinstance(a, Send):
+                observe(a, now)              # the embedding API's events (api.py)
             if isinstance(a, Send):
                 if is_relay_addr(a.addr):
                     self._relay_send(a)

@@ -1,8 +1,8 @@
-"""Composition of the real thing: host setup, real TUN and sockets, event loop, teardown.
+"""The daemons: an event loop around the embeddable API, signals, ``ready``, sd_notify.
 
-``run_agent``/``run_anchor`` set the host up *before* the event loop runs and
-tear it down *after* it stopped (pyroute2's synchronous API refuses a running
-loop, TRAPS.md), so whatever happens in between, the host is restored.
+``run_agent``/``run_anchor`` run ``api.Agent.open``/``api.Anchor.open`` (which set the
+host up, in a worker thread for pyroute2's synchronous calls, and restore it whatever
+happens) until a stop signal or ``down``; ``cleanup_*`` remove what a killed one left.
 """
 
 from __future__ import annotations
@@ -11,44 +11,26 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
 import signal
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from .agent import Agent, IfaceSeam, rule_classifier
-from .anchor import Anchor
+from . import api
 from .config import AgentConfig, AnchorConfig
-from .control import ControlServer, ensure_free, remove_stale
-from .dataplane.io import PathSocket, TunDevice, open_udp
-from .dataplane.packet import OVERHEAD
-from .leases import Leases, lease_file
-from .mesh import RELAY_OVERHEAD
-from .metrics import MetricsServer, render_agent, render_anchor
-from .resolve import AnchorResolver, ResolveSchedule, first_lookups
+from .control import ensure_free, remove_stale
 from .service import notify, say
 from .system import netlink
-from .system.agent_host import AgentHost, IfacePlan, RuleMatch
+from .system.agent_host import AgentHost, IfacePlan
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
-from .system.errors import StartupError, SystemSetupError
-from .system.ifstate import InterfaceState
-from .system.linkwatch import LinkWatch
-from .tables import FlowKey, ip_str
+from .system.errors import StartupError
 
 __all__ = ["cleanup_agent", "cleanup_anchor", "new_loop", "run_agent", "run_anchor",
            "StartupError"]
 
 log = logging.getLogger(__name__)
-READY_TIMEOUT = 10.0
-
-
-def _offload(kind: str) -> bool:
-    """UPMT_NO_OFFLOAD=tun,udp (or =1 for both) turns kernel offloads off, to compare."""
-    off = os.environ.get("UPMT_NO_OFFLOAD", "")
-    return not (off == "1" or kind in off.split(","))
+READY_TIMEOUT = api.READY_TIMEOUT
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -78,32 +60,6 @@ def keep_heap() -> bool:
         return bool(libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP))
     except (OSError, AttributeError):
         return False
-
-
-def _first_resolution(cfg: AgentConfig, now: float) -> ResolveSchedule:
-    """Each anchor's name looked up once before start (at most FIRST_WAIT s: ``ready``
-    counts an anchor that does not resolve as a failed first attempt); the ones that
-    fail stay unresolved and :class:`AnchorResolver` keeps trying."""
-    schedule = ResolveSchedule({a.name: (a.host, a.port) for a in cfg.anchors}, now)
-    for name, why in first_lookups(schedule, now):
-        e = schedule.entries[name]
-        log.warning("anchor %s: cannot resolve %r (%s): its tunnels wait, retrying in"
-                    " %.0f s", name, e.host, why, e.due - now)
-    return schedule
-
-
-def _interfaces(cfg: AgentConfig) -> list[tuple[netlink.IfaceInfo, str | None]]:
-    """(interface info, gateway) for the configured or discovered interfaces."""
-    if not cfg.interfaces:
-        found = netlink.default_route_interfaces()
-        if not found:
-            raise StartupError("no interface has a default route; list [[interface]] in the config")
-        return [(i, i.gateway) for i in found]
-    out = []
-    for ic in cfg.interfaces:
-        info = netlink.interface_info(ic.name)
-        out.append((info, ic.gateway or info.gateway))
-    return out
 
 
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
@@ -168,98 +124,37 @@ class StopSignals:
         self._old.clear()
 
 
-def _metrics_server(addr: tuple[str, int] | None, runner: Any,
-                    render: Callable[[Mapping[str, Any]], str]) -> MetricsServer | None:
-    """The Prometheus endpoint of ``metrics = "ADDR:PORT"`` (None when not configured):
-    every scrape renders the runner's ``status()`` at that moment."""
-    if addr is None:
-        return None
-    return MetricsServer(addr[0], addr[1], lambda: render(runner.status()))
-
-
-async def _serve(runner: Any, control_path: str, on_ready: Any, signals: StopSignals,
-                 metrics: MetricsServer | None = None, group: int | None = None) -> None:
-    """Start ``runner``, its control socket (and metrics endpoint), print ready, run until
-    a signal or ``down``."""
+async def _serve(opening: contextlib.AbstractAsyncContextManager[Any], signals: StopSignals,
+                 what: str) -> None:
+    """Run an embedded agent or anchor (``api.py``) as a daemon: ``ready`` once it is, then
+    until a signal or ``down``. A stop signal cancels it wherever it is (the API finishes
+    the host change under way, then undoes everything); a stop while waiting for the
+    tunnels is not held up by them."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals.attach(loop, stop)
 
-    async def handle(req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            # the task count lets a soak (benchmarks/chaos.py) see tasks that pile up
-            return {"ok": True, "status": {**runner.status(), "tasks": len(asyncio.all_tasks())}}
-        if cmd == "down":
-            loop.call_soon(stop.set)
-            return {"ok": True}
-        extra = getattr(runner, "control", None)
-        answer = await extra(req) if extra is not None else None
-        if answer is not None:
-            return dict(answer)
-        return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
-
-    try:
-        control = ControlServer(control_path, handle, group)
-        await control.start()
-        try:
-            await runner.start()
-            if metrics is not None:
-                try:
-                    await metrics.start()
-                except OSError as e:
-                    raise StartupError(f"metrics: cannot listen on {metrics.host}:"
-                                       f"{metrics.port}: {e.strerror or e}") from None
-            ready = asyncio.ensure_future(on_ready())
-            stopped = asyncio.ensure_future(stop.wait())
-            try:              # a stop while waiting for the tunnels is not held up by it
-                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if ready.done():
-                    ready.result()
-                    await stopped
-            finally:
-                for task in (ready, stopped):
-                    task.cancel()
-                await asyncio.gather(ready, stopped, return_exceptions=True)
-        finally:
+    async def body() -> None:
+        async with opening as daemon:
+            if not await daemon.ready(READY_TIMEOUT):
+                log.warning("not every tunnel answered within %.0f s; going on", READY_TIMEOUT)
+            _ready_line()
+            await daemon.stop_requested()
             notify("STOPPING=1")
-            if metrics is not None:
-                await metrics.close()
-            await control.close()
-            await runner.stop()
-    finally:
-        signals.detach(loop)
 
-
-def _close(opened: list[Any], host: AgentHost | AnchorHost | None,
-           loop: asyncio.AbstractEventLoop) -> None:
-    """Close sockets and TUN, undo the host changes, close the loop: whatever happened.
-    (Stop signals are only noted meanwhile: see :class:`StopSignals`.)"""
-    for o in opened:
-        with contextlib.suppress(Exception):
-            o.close()
-    if host is not None:
-        host.teardown()
-    loop.close()
-
-
-class _CgroupsCloser:
-    """close() removes the cgroups (so they go with the other opened things)."""
-
-    def __init__(self, cg: RuleCgroups) -> None:
-        self.cg = cg
-
-    def close(self) -> None:
-        self.cg.remove()
-
-
-def _open_tun(name: str, loop: asyncio.AbstractEventLoop, opened: list[Any]) -> TunDevice:
+    task = asyncio.ensure_future(body())
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        tun = TunDevice(name, loop, offload=_offload('tun'))
-    except OSError as e:
-        raise StartupError(str(e.strerror or e)) from None
-    opened.append(tun)
-    return tun
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            notify("STOPPING=1")
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        stopped.cancel()
+        signals.detach(loop)
+        log.debug("%s stopped", what)
 
 
 def _ready_line() -> None:
@@ -268,212 +163,36 @@ def _ready_line() -> None:
     notify("READY=1")
 
 
-def run_agent(cfg: AgentConfig, control_path: str) -> None:
-    """``upmt-agent up``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
-    restored); raises StartupError/SystemSetupError."""
+def _daemon(opening: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+            control_path: str, what: str) -> None:
     signals = StopSignals()
     signals.install()
     try:
-        _run_agent(cfg, control_path, signals)
+        ensure_free(control_path)
+        keep_heap()
+        if signals.signum is not None:
+            return                       # stopped before anything was changed
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(_serve(opening(), signals, what))
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
     finally:
         signals.restore()
 
 
-def _run_agent(cfg: AgentConfig, control_path: str, signals: StopSignals) -> None:
-    ensure_free(control_path)
-    keep_heap()
-    ifaces = _interfaces(cfg)
-    # no address or no carrier yet (booting before the network): down until it comes up
-    waiting = {i.name for i, _ in ifaces if i.address is None or not i.carrier}
-    for name in sorted(waiting):
-        log.info("interface %s has no IPv4 address or carrier yet: its tunnels wait", name)
-    names = {i.name for i, _ in ifaces}
-    for r in cfg.rules:
-        for v in r.via:
-            if v not in names:
-                raise StartupError(f"rule {r.name!r}: via interface {v!r} is not in use")
-    schedule = _first_resolution(cfg, time.monotonic())
-    anchors = {name: e.addr for name, e in schedule.entries.items()}
-    mtu = cfg.mtu or min(i.mtu for i, _ in ifaces) - OVERHEAD
-    if signals.signum is not None:
-        return                       # stopped before anything was changed
-    loop = new_loop()
-    asyncio.set_event_loop(loop)
-    opened: list[Any] = []
-    host: AgentHost | None = None
-    try:
-        seams = []
-        for idx, (info, _gw) in enumerate(ifaces):
-            sock = open_udp("0.0.0.0", 0, device=info.name, mark=cfg.fwmark + 1 + idx)
-            path = PathSocket(sock, loop, (info.address or "0.0.0.0", sock.getsockname()[1]),
-                              offload=_offload('udp'))
-            opened.append(path)
-            seams.append(IfaceSeam(info.name, idx, path))
-        plans = [IfacePlan(idx, info.name, gw, seams[idx].path.local[1],
-                           waiting=info.name in waiting)
-                 for idx, (info, gw) in enumerate(ifaces)]
-        rules = [RuleMatch(r.index, r.protocol, str(r.dst) if r.dst else None, r.dst_port,
-                           r.src_port, r.uid, r.cgroup) for r in cfg.rules]
-        cgroups = RuleCgroups(control_path, [r.name for r in cfg.rules])
-        usable = cgroups.root is not None and bool(cfg.rules)
-        if usable:
-            try:
-                cgroups.create()
-                opened.append(_CgroupsCloser(cgroups))
-            except SystemSetupError as e:   # `run` is optional: steering works without it
-                log.warning("%s: `upmt-agent run` will not be available", e)
-                cgroups.remove()
-                usable = False
-        elif cgroups.root is None:
-            log.info("no cgroup v2: `upmt-agent run` will not be available")
-        if usable:
-            # `upmt-agent run --rule R`: every socket of a process in R's cgroup belongs to R,
-            # whatever its ports; checked before the header matches.
-            rules = [RuleMatch(r.index, "any", None, None, None, None,
-                               cgroups.relative(r.name)) for r in cfg.rules] + rules
-        host = AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
-                         ifaces=plans, rules=rules, state_file=control_path + ".state",
-                         mark_mask=cfg.mark_mask, priority=cfg.rule_priority)
-        host.cleanup_leftovers()
-        tun = _open_tun(cfg.tun, loop, opened)
-        netlink.configure_tun(tun.name, cfg.vipa_fix, 32, mtu)
-        host.setup()
-        from .system.conntrack import Conntrack
-
-        ct = Conntrack()
-
-        def lookup(key: FlowKey) -> tuple[int, str] | None:
-            return ct.lookup_reply(key[0], ip_str(key[2]), ip_str(key[1]), key[4], key[3])
-
-        mesh_mtu = mtu - RELAY_OVERHEAD
-
-        def mesh_route(pool: str) -> None:
-            async def add() -> None:
-                assert host is not None
-                try:
-                    await asyncio.to_thread(host.add_mesh_pool, pool, mesh_mtu)
-                except SystemSetupError as e:
-                    log.error("mesh pool %s: %s", pool, e)
-            loop.create_task(add())
-
-        agent = Agent(cfg, tun=tun, ifaces=seams, anchors=anchors,
-                      classify_flow=rule_classifier(cfg.rules, lookup, cfg.fwmark),
-                      cgroup_of=lambda rule: str(cgroups.path(rule)) if cgroups.made else None,
-                      mesh_route=mesh_route)
-        agent.fwd.mesh_mtu = mesh_mtu
-        for name in waiting:            # before start: its links start LINK_DOWN (tried)
-            agent.on_link(name, False, "no address yet")
-        resolver = AnchorResolver(schedule, agent.set_anchor_address, clock=time.monotonic)
-
-        def on_usable(name: str, usable: bool, why: str) -> None:
-            agent.on_link(name, usable, why)
-            if usable:
-                resolver.kick()        # a name that failed may resolve now
-
-        def on_changed(name: str) -> None:
-            agent.path_changed(name)
-            resolver.kick()
-        configured = {ic.name: ic.gateway for ic in cfg.interfaces}
-
-        def read_iface(name: str) -> tuple[str | None, str | None]:
-            info = netlink.interface_info(name)
-            return info.address, info.gateway
-
-        async def set_route(name: str, gateway: str | None) -> None:
-            assert host is not None
-            await asyncio.to_thread(host.restore_iface_route, name, gateway)
-
-        async def adopt(address: str) -> None:
-            await asyncio.to_thread(netlink.add_address, tun.name, address, 32)
-
-        async def release(address: str) -> None:
-            await asyncio.to_thread(netlink.remove_address, tun.name, address, 32)
-
-        state = InterfaceState({info.index: info.name for info, _ in ifaces},
-                               {info.name: info.address for info, _ in ifaces},
-                               {p.name: p.gateway for p in plans}, configured,
-                               read=read_iface, set_route=set_route, on_usable=on_usable,
-                               on_changed=on_changed, adopt=adopt, release=release,
-                               carrier={info.name: info.carrier for info, _ in ifaces})
-        opened.append(state)
-        opened.append(LinkWatch(loop, state.on_event))
-
-        async def on_ready() -> None:
-            resolver.start()
-            try:
-                await asyncio.wait_for(agent.wait_ready(), READY_TIMEOUT)
-            except TimeoutError:
-                log.warning("not every tunnel answered within %.0f s; going on", READY_TIMEOUT)
-            _ready_line()
-            log.info("vipa_fix %s on %s (mtu %d), %d interface(s), %d anchor(s)",
-                     cfg.vipa_fix, tun.name, mtu, len(seams), len(anchors))
-
-        if signals.signum is None:       # not stopped while setting the host up
-            loop.run_until_complete(_serve(agent, control_path, on_ready, signals,
-                                           _metrics_server(cfg.metrics, agent, render_agent),
-                                           cfg.group))
-            loop.run_until_complete(resolver.close())
-        ct.close()
-    finally:
-        _close(opened, host, loop)
+def run_agent(cfg: AgentConfig, control_path: str) -> None:
+    """``upmt-agent up``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
+    restored); raises StartupError/SystemSetupError. The agent itself is ``api.Agent``."""
+    _daemon(lambda: api.Agent.open(cfg, control=control_path), control_path, "agent")
 
 
 def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
     """``upmt-anchor``: returns when stopped (also by SIGHUP/SIGTERM/SIGINT, with the host
-    restored)."""
-    signals = StopSignals()
-    signals.install()
-    try:
-        _run_anchor(cfg, control_path, signals)
-    finally:
-        signals.restore()
-
-
-def _run_anchor(cfg: AnchorConfig, control_path: str, signals: StopSignals) -> None:
-    ensure_free(control_path)
-    keep_heap()
-    loop = new_loop()
-    asyncio.set_event_loop(loop)
-    opened: list[Any] = []
-    host: AnchorHost | None = None
-    try:
-        try:
-            sock = open_udp(cfg.listen_host, cfg.listen_port)
-        except OSError as e:
-            raise StartupError(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: "
-                               f"{e.strerror}") from None
-        path = PathSocket(sock, loop, (cfg.listen_host, cfg.listen_port),
-                          offload=_offload('udp'))
-        opened.append(path)
-        tun_addr = str(next(cfg.vipa_pool.hosts()))
-        host = AnchorHost(tun=cfg.tun, tun_address=tun_addr, pool_prefixlen=cfg.vipa_pool.prefixlen,
-                          pool=str(cfg.vipa_pool), mtu=cfg.mtu, role=cfg.role,
-                          nat_interface=cfg.nat_interface, state_file=control_path + ".state",
-                          listen_address=cfg.listen_host,
-                          allow_egress=tuple(map(str, cfg.allow_egress)),
-                          deny_egress=tuple(map(str, cfg.deny_egress)),
-                          max_flows_per_host=cfg.max_flows_per_host)
-        host.cleanup_leftovers(keep_table=True)   # setup replaces it in one transaction
-        tun = _open_tun(cfg.tun, loop, opened)
-        host.setup()
-        anchor = Anchor(cfg, tun=tun, path=path)
-        leases = (Leases.open(lease_file(cfg.state_dir, control_path)) if cfg.state_dir
-                  else Leases.memory())
-        opened.append(leases)
-        anchor.sig.use_leases(leases, peers=[p.name for p in cfg.peers],
-                              max_age=cfg.lease_days * 86400.0)
-
-        async def on_ready() -> None:
-            _ready_line()
-            log.info("%s listening on %s:%d, VIpA pool %s", cfg.role, cfg.listen_host,
-                     cfg.listen_port, cfg.vipa_pool)
-
-        if signals.signum is None:
-            loop.run_until_complete(_serve(anchor, control_path, on_ready, signals,
-                                           _metrics_server(cfg.metrics, anchor, render_anchor),
-                                           cfg.group))
-    finally:
-        _close(opened, host, loop)
+    restored). The anchor itself is ``api.Anchor``."""
+    _daemon(lambda: api.Anchor.open(cfg, control=control_path), control_path, "anchor")
 
 
 def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
