@@ -405,6 +405,7 @@ class Agent(_Daemon):
             core.fwd.choice_hook = self._hooks.choose
             core.fwd.return_hook = self._hooks.should_return
         self._lost: set[str] = set()              # anchors reported lost, not yet back
+        self._assoc: dict[str, str] = {}          # anchor -> VIpA reported
         self._quality: dict[int, tuple[float, float | None, float | None]] = {}
         self._peer_paths: dict[str, tuple[str, str | None]] = {}
         core.observe = self._on_action
@@ -491,9 +492,12 @@ class Agent(_Daemon):
     def _on_action(self, a: Action, now: float) -> None:
         bus = self._bus
         if isinstance(a, Associated):
-            self._lost.discard(a.peer)
-            if bus.active:
-                bus.publish(AnchorAssociated(_wall(), a.peer, a.vipa))
+            # every link of the anchor reports the association it shares: tell it once
+            if a.peer in self._lost or self._assoc.get(a.peer) != a.vipa:
+                self._lost.discard(a.peer)
+                self._assoc[a.peer] = a.vipa
+                if bus.active:
+                    bus.publish(AnchorAssociated(_wall(), a.peer, a.vipa))
         elif isinstance(a, LinkTunnelUp):
             t = a.tunnel
             if t.tid and bus.active:
