@@ -30,7 +30,7 @@ from types import ModuleType
 import pytest
 
 import upmt_tun
-from upmt_tun.lab import Lab
+from upmt_tun.lab import Lab, exe
 from upmt_tun.testbed import Topology, host_state
 
 from .conftest import netns_missing
@@ -66,6 +66,30 @@ while time.monotonic() < end:
     for _ in range(7):
         s.sendto(b"x" * 1000, ("{CH}", 9999))
     time.sleep(0.01)
+"""
+
+
+# an application whose code raises inside the block, and one cancelled at various points
+# of the set-up and after it: the host is restored every time
+RAISE_AND_CANCEL = """
+import asyncio, sys, upmt_tun
+cfg = sys.argv[1]
+async def boom():
+    async with upmt_tun.Agent.open(cfg) as agent:
+        await agent.ready()
+        raise RuntimeError("application bug")
+async def forever():
+    async with upmt_tun.Agent.open(cfg):
+        await asyncio.sleep(3600)
+try:
+    asyncio.run(boom())
+except RuntimeError as e:
+    print("raised:", e)
+for delay in (0.02, 0.15, 0.4, 2.0):
+    try:
+        asyncio.run(asyncio.wait_for(forever(), delay))
+    except TimeoutError:
+        print("cancelled after", delay)
 """
 
 
@@ -150,6 +174,10 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
                         stderr=subprocess.STDOUT, text=True)
     try:
         _line(anchor, "ready", 20)
+        # the embedded anchor's control socket streams its events to the CLI
+        an_events = topo.popen("an", *exe("upmt-anchor"), "events", "--control",
+                               lab.anchor_control(0), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
 
         # (d) the launcher: curl's traffic belongs to rule prog (udp 9 would never match
         # it), so it leaves through the tunnel on wan2 and the anchor
@@ -164,14 +192,26 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
         table = topo.popen("mh", PY, str(EXAMPLES / "event_table.py"), "--config", agent_toml,
                            "--duration", "6", stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-        hosts: dict[str, str] = {}
-        deadline = time.monotonic() + 15
-        while "laptop" not in hosts and time.monotonic() < deadline:
-            time.sleep(0.3)
-            got = topo.run("an", "curl", "-sS", "-m", "2", "http://127.0.0.1:8081/hosts",
-                           check=False)
-            hosts = json.loads(got.stdout) if got.returncode == 0 else {}
+        deadline = time.monotonic() + 20
+        st: dict[str, object] = {}
+        while time.monotonic() < deadline:     # the table's agent is up: tunnels up
+            got = topo.run("mh", *exe("upmt-agent"), "status", "--json", "--control",
+                           lab.agent_control, check=False)
+            st = json.loads(got.stdout) if got.returncode == 0 else {}
+            tunnels = st.get("tunnels") or []
+            assert isinstance(tunnels, list)
+            if len(tunnels) == 2 and all(t["state"] == "up" for t in tunnels):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the event table's agent did not come up: {st}")
+        hosts = json.loads(topo.run("an", "curl", "-sS", "-m", "2",
+                                    "http://127.0.0.1:8081/hosts").stdout)
         assert "laptop" in hosts, "the service never heard of the host (events)"
+        ag_events = topo.popen("mh", *exe("upmt-agent"), "events", "--control",
+                               lab.agent_control, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
         assert topo.run("mh", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w",
                         "%{http_code}", f"http://{CH}:8080/file.bin").stdout == "200"
         status = json.loads(topo.run("an", "curl", "-sS", "-m", "2",
@@ -181,6 +221,13 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
         assert table.returncode == 0, out
         kinds = {line.split()[1] for line in out.splitlines() if len(line.split()) > 1}
         assert {"anchor_associated", "tunnel_up", "flow_new", "path_quality"} <= kinds, out
+        # `upmt-agent events` saw the download's flow, one JSON object per line, and
+        # ended by itself (exit 0) when the agent stopped
+        out, _ = ag_events.communicate(timeout=20)
+        assert ag_events.returncode == 0, out
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert all({"event", "time"} <= set(j) for j in lines), out
+        assert any(j["event"] == "flow_new" and j["dport"] == 8080 for j in lines), out
         assert host_state(topo, "mh") == mh_before
 
         # (a) the RTT mover: wan1 gets a 4 Mbit/s bucket and a 5.6 Mbit/s flood beside the
@@ -200,6 +247,12 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
             flood.kill()
             topo.run("mh", "tc", "qdisc", "del", "dev", "wan1", "root", check=False)
         assert host_state(topo, "mh") == mh_before
+
+        r = topo.run("mh", PY, "-c", RAISE_AND_CANCEL, agent_toml, timeout=60)
+        assert r.stdout.split("\n")[:5] == [
+            "raised: application bug", "cancelled after 0.02", "cancelled after 0.15",
+            "cancelled after 0.4", "cancelled after 2.0"], r.stdout + r.stderr
+        assert host_state(topo, "mh") == mh_before
     finally:
         anchor.send_signal(signal.SIGTERM)
         try:
@@ -209,3 +262,7 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
             raise
     assert anchor.returncode == 0
     assert host_state(topo, "an") == an_before
+    out, _ = an_events.communicate(timeout=20)
+    kinds = [json.loads(line)["event"] for line in out.splitlines()]
+    assert "host_associated" in kinds, out
+    assert "tunnel_up" in kinds and "tunnel_down" in kinds, out
