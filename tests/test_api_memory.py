@@ -276,3 +276,11 @@ async def test_anchor_forgets_the_host_both_ends_tell(tmp_path: Path) -> None:
         await agent._stop_tasks()
         await anchor._stop_tasks()
         await w.stop()
+
+
+def test_every_exported_name_resolves_and_the_package_is_typed() -> None:
+    for name in upmt_tun.__all__:
+        assert getattr(upmt_tun, name) is not None, name
+    assert (Path(upmt_tun.__file__).parent / "py.typed").exists()
+    with pytest.raises(AttributeError):
+        upmt_tun.nope  # type: ignore[attr-defined]  # noqa: B018

@@ -40,11 +40,13 @@ from .events import (
 if TYPE_CHECKING:   # imported on first use: the CLI's status/move need none of it
     from .agent import MoveError, UsageError
     from .api import Agent, Anchor, FlowChoice, PathOption, Policy, ReturnChoice
+    from .control import ControlError
     from .system.errors import StartupError, SystemSetupError
 
 __all__ = [
     "Agent", "AgentConfig", "Anchor", "AnchorAssociated", "AnchorConfig", "AnchorLost",
-    "ConfigError", "Dropped", "Event", "FlowChoice", "FlowClosed", "FlowMoved", "FlowNew",
+    "ConfigError", "ControlError", "Dropped", "Event", "FlowChoice", "FlowClosed",
+    "FlowMoved", "FlowNew",
     "HostAssociated", "HostLost", "MoveError", "PathOption", "PathQuality", "PeerPath",
     "Policy", "ReturnChoice", "StartupError", "Subscription", "SystemSetupError",
     "TunnelDown", "TunnelUp", "UsageError", "__version__", "load_agent_config",
@@ -55,7 +57,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Agent": "api", "Anchor": "api", "FlowChoice": "api", "PathOption": "api",
     "Policy": "api", "ReturnChoice": "api", "MoveError": "agent", "UsageError": "agent",
-    "StartupError": "system.errors", "SystemSetupError": "system.errors",
+    "ControlError": "control", "StartupError": "system.errors", "SystemSetupError": "system.errors",
 }
 
 
