@@ -176,7 +176,6 @@ def _daemon(opening: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(_serve(opening(), signals, what))
-            loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
     finally:
