@@ -757,7 +757,8 @@ class Anchor(_Daemon):
         self._core = core
         self.config = cfg
         self._hosts: dict[str, str] = {}                     # host -> VIpA
-        self._tunnels: dict[int, tuple[str, str | None]] = {}  # up tunnel id -> host, iface
+        # up tunnel id -> host, interface, address
+        self._tunnels: dict[int, tuple[str, str | None, str]] = {}
 
     @classmethod
     def open(cls, config: ConfigArg, *, control: str | None = None
@@ -783,31 +784,33 @@ class Anchor(_Daemon):
     def _look(self) -> None:
         """Associations and validated tunnels now against the last look: events for the
         differences (also kept while nobody listens, so a new subscriber is not told
-        about hosts that were there before it)."""
+        about hosts that were there before it). A tunnel whose address changed (a NAT
+        rebinding, or the host restarted and set it up again) is told as down and up."""
         bus = self._bus
         hosts: dict[str, str] = {}
-        tunnels: dict[int, tuple[str, str | None]] = {}
-        remote: dict[int, str] = {}
+        tunnels: dict[int, tuple[str, str | None, str]] = {}
         for a in self._core.fwd.by_mh.values():
             hosts[a.mh] = a.vipa
             for t in a.tunnels.values():
                 if t.state == "up":
-                    tunnels[t.tid] = (a.mh, t.interface or None)
-                    remote[t.tid] = f"{t.remote[0]}:{t.remote[1]}"
+                    tunnels[t.tid] = (a.mh, t.interface or None,
+                                      f"{t.remote[0]}:{t.remote[1]}")
         if bus.active:
             now = _wall()
-            for tid, (mh, iface) in self._tunnels.items():
-                if tid not in tunnels:
-                    bus.publish(TunnelDown(now, tid, iface, mh, "gone"))
+            for tid, (mh, iface, remote) in self._tunnels.items():
+                new = tunnels.get(tid)
+                if new is None or new[2] != remote:
+                    bus.publish(TunnelDown(now, tid, iface, mh, "gone" if new is None
+                                           else f"address changed to {new[2]}"))
             for mh, vipa in self._hosts.items():
                 if hosts.get(mh) != vipa:
                     bus.publish(HostLost(now, mh, vipa))
             for mh, vipa in hosts.items():
                 if self._hosts.get(mh) != vipa:
                     bus.publish(HostAssociated(now, mh, vipa))
-            for tid, (mh, iface) in tunnels.items():
-                if tid not in self._tunnels:
-                    bus.publish(TunnelUp(now, tid, iface, mh, remote[tid]))
+            for tid, (mh, iface, remote) in tunnels.items():
+                if self._tunnels.get(tid, ("", None, ""))[2] != remote:
+                    bus.publish(TunnelUp(now, tid, iface, mh, remote))
         self._hosts, self._tunnels = hosts, tunnels
 
     async def _looker(self) -> None:
