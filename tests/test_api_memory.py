@@ -284,3 +284,29 @@ def test_every_exported_name_resolves_and_the_package_is_typed() -> None:
     assert (Path(upmt_tun.__file__).parent / "py.typed").exists()
     with pytest.raises(AttributeError):
         upmt_tun.nope  # type: ignore[attr-defined]  # noqa: B018
+
+
+@pytest.mark.virtual_time
+async def test_a_mesh_peer_reached_by_relay_then_directly(tmp_path: Path) -> None:
+    """peer_path events: the relay first, then the direct path ICE found (and the flow's
+    move, reason "direct")."""
+    from .test_mesh_agents import MeshWorld, _connect
+
+    w = MeshWorld(tmp_path, direct=True)
+    agent = api.Agent(w.laptop.a, w.laptop.a.cfg, str(tmp_path / "laptop.sock"),
+                      RuleCgroups(str(tmp_path / "laptop.sock"), []), None)
+    agent._spawn(agent._looker())
+    sub = agent.events()
+    await w.start()
+    try:
+        await _connect(w, w.laptop, w.phone)
+        await asyncio.sleep(3)
+        seen = _drain(sub)
+        paths = [(e.peer, e.path) for e in seen if isinstance(e, events.PeerPath)]
+        assert paths[0] == ("phone", "relay") and paths[-1] == ("phone", "direct"), paths
+        assert all(e.interface == "wan1" for e in seen if isinstance(e, events.PeerPath))
+        moved = [e for e in seen if isinstance(e, events.FlowMoved)]
+        assert [(e.reason, e.detail) for e in moved] == [("direct", "direct path")]
+    finally:
+        await agent._stop_tasks()
+        await w.stop()

@@ -500,12 +500,16 @@ class Agent(_Daemon):
                     bus.publish(AnchorAssociated(_wall(), a.peer, a.vipa))
         elif isinstance(a, LinkTunnelUp):
             t = a.tunnel
+            if bus.active and (self._core.mesh_links or not t.tid):
+                asyncio.get_running_loop().call_soon(self._look_peers)   # once carried out
             if t.tid and bus.active:
                 bus.publish(TunnelUp(_wall(), t.tid, t.interface, t.peer,
                                      f"{t.remote[0]}:{t.remote[1]}"))
         elif isinstance(a, LinkTunnelDown):
             t = a.tunnel
             self._quality.pop(t.tid, None)
+            if bus.active and (self._core.mesh_links or not t.tid):
+                asyncio.get_running_loop().call_soon(self._look_peers)
             if t.tid and bus.active:
                 bus.publish(TunnelDown(_wall(), t.tid, t.interface, t.peer, a.reason))
             p = self._core.peers.get(t.peer)
@@ -558,6 +562,14 @@ class Agent(_Daemon):
                     continue
             self._quality[t.tid] = (now, rtt, loss)
             bus.publish(PathQuality(_wall(), t.tid, t.interface, t.peer, rtt, loss))
+        self._look_peers()
+
+    def _look_peers(self) -> None:
+        """Mesh peers' paths against the last look (also right after any tunnel went up
+        or down: a direct path can be found within a second of the relay)."""
+        bus = self._bus
+        if not bus.active:
+            return
         seen = set()
         for p in self._core.peers_json():
             key = f"{p['name']}@{p['anchor']}"
