@@ -23,7 +23,7 @@ ROOT = Peer(100, 0, 0)
 MEMBER = Peer(200, 1000, GID)                        # the group is its primary group
 SUPPLEMENTARY = Peer(201, 1001, 1001, frozenset({27, GID}))
 STRANGER = Peer(300, 1002, 1002, frozenset({27}))
-ALL = ("status", "join", "run", "move", "down", "reload", "cgroup", "nope", None)
+ALL = ("status", "join", "events", "run", "move", "down", "reload", "cgroup", "nope", None)
 
 
 def test_root_and_the_daemons_own_user_may_do_everything() -> None:
@@ -33,11 +33,13 @@ def test_root_and_the_daemons_own_user_may_do_everything() -> None:
         assert permitted(cmd, Peer(1, 999, 999), None, own_uid=999)
 
 
-def test_members_may_only_status_and_join() -> None:
-    assert GROUP_COMMANDS == {"status", "join"}
+def test_members_may_only_status_join_and_events() -> None:
+    # events: a GUI run by a member of the group watches what status shows, as it happens
+    assert GROUP_COMMANDS == {"status", "join", "events"}
     for peer in (MEMBER, SUPPLEMENTARY):
         for cmd in ALL:
-            assert permitted(cmd, peer, GID, own_uid=0) == (cmd in ("status", "join")), cmd
+            assert permitted(cmd, peer, GID, own_uid=0) == (cmd in ("status", "join",
+                                                                   "events")), cmd
 
 
 def test_others_and_unknown_peers_may_do_nothing() -> None:

@@ -195,6 +195,8 @@ class Agent:
         self._direct_dead: list[str] = []                  # direct paths to forget
         self._direct_key = self.fwd.direct_peer            # direct record -> peer key
         self._path_link: dict[str, Link] = {}              # direct record -> its link
+        # called with every action but sends, before it is carried out (api.py: events)
+        self.observe: Callable[[Action, float], None] | None = None
 
     # -- data path callbacks -----------------------------------------------------------
     def _on_tun(self, pkt: bytes) -> None:
@@ -301,7 +303,10 @@ class Agent:
         def up_for(t: Tunnel) -> float:
             return self._up_for(t, now)
 
+        observe = self.observe
         for a in actions:
+            if observe is not None and not isinstance(a, Send):
+                observe(a, now)              # the embedding API's events (api.py)
             if isinstance(a, Send):
                 if is_relay_addr(a.addr):
                     self._relay_send(a)

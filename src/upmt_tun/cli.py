@@ -26,7 +26,7 @@ from .config import (
     load_agent_config,
     load_anchor_config,
 )
-from .control import ControlError, request
+from .control import ControlError, follow, request
 from .service import ConsoleHandler, mute
 
 __all__ = ["agent_main", "anchor_main"]
@@ -196,6 +196,17 @@ def _status(prog: str, args: argparse.Namespace, kind: str,
         print(json.dumps(answer["status"], indent=2))
     else:
         show(answer["status"])
+    return 0
+
+
+def _events(prog: str, args: argparse.Namespace, kind: str) -> int:
+    """``events``: one JSON object per line for each event, until Ctrl-C (exit 0) or the
+    daemon stops (exit 0: the stream ended)."""
+    try:
+        for line in follow(_control_path(args, kind), {"cmd": "events"}):
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
@@ -402,6 +413,13 @@ def agent_main(argv: list[str] | None = None) -> int:
     _common(st, DEFAULT_AGENT_CONFIG)
     st.add_argument("--json", action="store_true", help="everything, as JSON")
     _watch_args(st)
+    ev = _sub(sub, "events", "print events as they happen, one JSON object per line",
+              "Print the running agent's events as they happen, one JSON object per line "
+              "with at least \"event\" and \"time\" (tunnel_up/down, path_quality, "
+              "flow_new/moved/closed with the move's reason, anchor_associated/lost, "
+              "peer_path; \"dropped\" when this reader fell behind), until Ctrl-C or the "
+              "agent stops. Members of the config's `group` may read them.")
+    _common(ev, DEFAULT_AGENT_CONFIG)
     cl = _sub(sub, "cleanup", "remove what a killed agent left",
               "Remove what an agent killed with SIGKILL (or crashed) left: its nft table, ip "
               "rules and routing tables, the sysctls it changed, cgroups, a TUN device and "
@@ -474,6 +492,8 @@ def agent_main(argv: list[str] | None = None) -> int:
             return _status(prog, args, "agent", _print_agent_status)
         if args.cmd == "reload":
             return _reload(prog, args, "agent")
+        if args.cmd == "events":
+            return _events(prog, args, "agent")
         if args.cmd == "move":
             answer = request(_control_path(args, "agent"),
                              {"cmd": "move", "rule": args.rule, "flow": args.flow,
@@ -492,6 +512,7 @@ ANCHOR_COMMANDS = """\
 commands (without one, the anchor runs in the foreground):
   status    show associations, tunnels and flows (--json for all of it)
   reload    apply a changed config (peers, mesh, egress lists, limits)
+  events    print events (hosts associated/lost, tunnels up/down), one JSON line each
   cleanup   remove what a killed anchor left
   check     check the config and the host before starting
   genkey    print a new private key
@@ -509,6 +530,10 @@ ANCHOR_SUBCOMMANDS = {
     "status": "Show the running anchor's associations, tunnels and flows; --watch "
               "refreshes it with rates per tunnel and per flow.",
     "reload": RELOAD_HELP.format(daemon="anchor", what=ANCHOR_RELOAD),
+    "events": "Print the running anchor's events as they happen, one JSON object per line "
+              "with at least \"event\" and \"time\" (host_associated, host_lost, "
+              "tunnel_up, tunnel_down; \"dropped\" when this reader fell behind), until "
+              "Ctrl-C or the anchor stops.",
     "cleanup": "Remove what an anchor killed with SIGKILL (or crashed) left: its nft table, "
                "the sysctls it changed, a TUN device and the stale control socket, and the "
                "NAT an anchor stopped for a restart (SIGUSR2) keeps. Refuses "
@@ -531,7 +556,7 @@ def anchor_main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ANCHOR_SUBCOMMANDS:
         cmd = argv[0]
         sp = _Parser(prog=f"{prog} {cmd}", description=ANCHOR_SUBCOMMANDS[cmd])
-        if cmd in ("status", "cleanup", "check", "reload"):
+        if cmd in ("status", "cleanup", "check", "reload", "events"):
             _common(sp, DEFAULT_ANCHOR_CONFIG)
         if cmd == "status":
             sp.add_argument("--json", action="store_true", help="everything, as JSON")
@@ -550,6 +575,8 @@ def anchor_main(argv: list[str] | None = None) -> int:
             return _run(prog, lambda: _status(prog, args, "anchor", _print_anchor_status))
         if cmd == "reload":
             return _run(prog, lambda: _reload(prog, args, "anchor"))
+        if cmd == "events":
+            return _run(prog, lambda: _events(prog, args, "anchor"))
         if cmd == "check":
             return _run(prog, lambda: _check(prog, "anchor",
                                              args.config or DEFAULT_ANCHOR_CONFIG))

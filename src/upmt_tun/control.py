@@ -24,12 +24,14 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .events import Subscription
+
 __all__ = ["ControlError", "ControlServer", "GROUP_COMMANDS", "Peer", "ensure_free",
-           "permitted", "remove_stale", "request"]
+           "follow", "permitted", "remove_stale", "request"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class ControlError(Exception):
     """One line for the user."""
 
 
-GROUP_COMMANDS = frozenset({"status", "join"})
+GROUP_COMMANDS = frozenset({"status", "join", "events"})
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,16 @@ def remove_stale(path: str, daemon: str) -> bool:
 
 
 class ControlServer:
-    def __init__(self, path: str, handler: Handler, group: int | None = None) -> None:
+    """``stream``: a new event subscription for each ``{"cmd": "events"}`` client, which
+    then gets ``{"ok": true}`` and one JSON object per event, per line, until it hangs up
+    or the daemon stops (``upmt-agent events``)."""
+
+    def __init__(self, path: str, handler: Handler, group: int | None = None,
+                 stream: Callable[[], Subscription] | None = None) -> None:
         self.path = path
         self.handler = handler
         self.group = group
+        self.stream = stream
         self.server: asyncio.AbstractServer | None = None
         self._ino: int | None = None
 
@@ -237,6 +245,10 @@ class ControlServer:
                     raise ValueError
                 sock = w.get_extra_info("socket")
                 peer = peer_of(sock) if sock is not None else None
+                if req.get("cmd") == "events" and self.stream is not None \
+                        and permitted("events", peer, self.group):
+                    await self._events(r, w)
+                    return
                 answer = await self._answer(
                     req, peer, lambda: sock is not None and _still_connected(sock.fileno(), r))
             except ValueError:
@@ -249,6 +261,29 @@ class ControlServer:
             log.exception("control request failed: %s", e)
         finally:
             w.close()
+
+    async def _events(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """Stream events to this client. A slow reader only fills its own bounded queue
+        (the daemon goes on; it gets a ``dropped`` line); anything the client sends, or
+        its hang-up, ends the stream."""
+        assert self.stream is not None
+        sub = self.stream()
+
+        async def hang_up() -> None:
+            with contextlib.suppress(Exception):
+                await r.read(1)
+            sub.close()
+
+        eof = asyncio.ensure_future(hang_up())
+        try:
+            w.write(b'{"ok": true, "events": true}\n')
+            await w.drain()
+            async for ev in sub:
+                w.write(json.dumps(ev.to_json()).encode() + b"\n")
+                await w.drain()
+        finally:
+            sub.close()
+            eof.cancel()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -291,3 +326,31 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
     if not isinstance(answer, dict):
         raise ControlError(f"garbled answer on {path}")
     return answer
+
+
+def follow(path: str, req: dict[str, Any]) -> Iterator[str]:
+    """Blocking client of a stream (``events``): the lines after the daemon's ``{"ok":
+    true}``, as they come, until the daemon stops. ControlError with one line when
+    nothing answers or the daemon refuses (its error)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"nothing is running on control socket {path}") from None
+        except OSError as e:
+            raise ControlError(f"cannot connect to {path}: {_why(e)}") from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        f = s.makefile("rb")
+        first = f.readline()
+        try:
+            answer = json.loads(first)
+        except ValueError:
+            raise ControlError(f"garbled answer on {path}") from None
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise ControlError(str(error or f"garbled answer on {path}"))
+        for line in f:
+            yield line.decode(errors="replace").rstrip("\n")
+    finally:
+        s.close()

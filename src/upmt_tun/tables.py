@@ -48,6 +48,8 @@ def ip_str(b: bytes) -> str:
 
 
 History = tuple[tuple[float, int | None, int, str], ...]
+# (what: "new" | "moved" | "closed", flow, its tunnel before, why)
+FlowWatcher = Callable[[str, "Flow", int | None, str], None]
 
 
 def flow_json(fid: int, key: FlowKey, tunnel: int, tx_packets: int, rx_packets: int,
@@ -136,6 +138,8 @@ class Flow:
     # ~760 bytes (its first block)
     moves: deque[tuple[float, int | None, int, str]] | None = None
     counted: Counter[str] | None = None   # its table's handovers by reason (metrics)
+    # its table's watchers (events.py through api.py): empty unless someone subscribed
+    watchers: list[FlowWatcher] | None = None
 
     def __post_init__(self) -> None:
         self.first_tunnel = self.tunnel
@@ -159,9 +163,12 @@ class Flow:
         if self.moves is None:
             self.moves = deque(self.history, maxlen=HISTORY_LEN)
         self.moves.append((now, self.tunnel, tid, reason))
-        self.tunnel = tid
+        before, self.tunnel = self.tunnel, tid
         if self.counted is not None:
             self.counted[reason] += 1
+        if self.watchers:
+            for w in self.watchers:
+                w("moved", self, before, reason)
 
 
 class Paft:
@@ -175,6 +182,9 @@ class Paft:
         self.per_source: dict[bytes, int] = {}   # flows per source address (per host)
         self._next = 1
         self.handovers: Counter[str] = Counter()  # every move of every flow, by reason
+        # called ("new" | "moved" | "closed", flow, previous tunnel, reason): the embedding
+        # API's events; a flow move is rare next to its packets, so a plain list is enough
+        self.watchers: list[FlowWatcher] = []
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -197,12 +207,18 @@ class Paft:
         self.per_source[key[1]] = n + 1
         f = Flow(self._next, key, tid, rule, anchor, created=now, last_seen=now)
         f.counted = self.handovers
+        f.watchers = self.watchers
         self._next += 1
         self.by_key[key] = f
         self.by_id[f.fid] = f
+        for w in self.watchers:
+            w("new", f, None, "new flow")
         return f
 
-    def remove(self, f: Flow) -> None:
+    def remove(self, f: Flow, reason: str = "expired") -> None:
+        if self.by_id.get(f.fid) is f:
+            for w in self.watchers:
+                w("closed", f, f.tunnel, reason)
         if self.by_key.pop(f.key, None) is not None:
             n = self.per_source.get(f.key[1], 1) - 1
             if n:

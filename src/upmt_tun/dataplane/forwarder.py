@@ -176,6 +176,13 @@ class AgentForwarder:
         # direct paths not chosen for flows until they answer a probe: another direct
         # path to the same peer just died, maybe of the same cause (its NAT, its host)
         self.suspect: set[int] = set()
+        # the application's own choices (api.Policy), given the built-in answer: None =
+        # the built-in ones. (rule, via, anchors, dst, built-in tunnel, now) -> tunnel
+        self.choice_hook: Callable[[str, tuple[str, ...], tuple[str, ...], bytes,
+                                    Tunnel | None, float], Tunnel | None] | None = None
+        # (rule, via, current, candidate, candidate_up_for, return_after, built-in, now)
+        self.return_hook: Callable[[str, tuple[str, ...], str | None, str, float, float,
+                                    bool, float], bool] | None = None
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -237,13 +244,17 @@ class AgentForwarder:
         moved = []
         for f in self.paft.flows():
             fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
-            best = self._candidates(fc, f.key[2], f.anchor)
+            best = self._candidates(fc, f.key[2], f.anchor, now)
             if best is None or best.tid == f.tunnel:
                 continue
             cur = self.tunnels.by_tid.get(f.tunnel)
             current = cur.interface if cur is not None and cur.state == "up" else None
-            if should_return(fc.via or tuple(self.interfaces), current, best.interface,
-                             up_for(best), return_after):
+            via = fc.via or tuple(self.interfaces)
+            back = should_return(via, current, best.interface, up_for(best), return_after)
+            if self.return_hook is not None:     # the embedding application's (api.Policy)
+                back = self.return_hook(fc.rule, via, current, best.interface, up_for(best),
+                                        return_after, back, now)
+            if back:
                 f.move(now, best.tid, "preference restored" if current else "tunnel up")
                 moved.append(f)
         return moved
@@ -256,7 +267,7 @@ class AgentForwarder:
             if f.tunnel != t.tid:
                 continue
             fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
-            to = self._candidates(fc, f.key[2], f.anchor)
+            to = self._candidates(fc, f.key[2], f.anchor, now)
             if to is not None and to.tid != f.tunnel:
                 f.move(now, to.tid, reason)
                 moved.append(f)
@@ -406,7 +417,7 @@ class AgentForwarder:
         for t in [t for t in self.tunnels.tunnels() if t.peer == key]:
             self.remove_tunnel(t)
         for f in [f for f in self.paft.flows() if f.anchor == key]:
-            self.paft.remove(f)
+            self.paft.remove(f, "mesh peer forgotten")
         for idx in [i for i, (link, _) in self.sessions.items() if link.name == key]:
             del self.sessions[idx]
         self.links.pop(key, None)
@@ -420,7 +431,7 @@ class AgentForwarder:
             if f.anchor != peer:
                 continue
             fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
-            best = self._candidates(fc, f.key[2], peer)
+            best = self._candidates(fc, f.key[2], peer, now)
             if best is not None and best.tid != f.tunnel and best.vipa_peer == b"" \
                     and best.remote[1] != 0:
                 f.move(now, best.tid, "direct path")
@@ -560,16 +571,22 @@ class AgentForwarder:
         flow.last_seen = now
         return flow, t, s
 
-    def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None) -> Tunnel | None:
-        if anchor in self.direct_of:
-            return self.peer_path(fc.via, anchor)
-        if anchor:
+    def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None, now: float
+                    ) -> Tunnel | None:
+        via = fc.via or tuple(self.interfaces)
+        if anchor in self.direct_of:       # a mesh peer: its direct paths, then the relay
             anchors: tuple[str, ...] = (anchor,)
+            t = self.peer_path(fc.via, anchor)
         else:
-            anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
-        return choose_tunnel(via=fc.via or tuple(self.interfaces), anchors=anchors, dst=dst,
-                             links=self.links,
-                             usable=self.usable if len(dst) == 4 else self._usable6)
+            if anchor:
+                anchors = (anchor,)
+            else:
+                anchors = (fc.anchor,) if fc.anchor else tuple(self.anchor_order)
+            t = choose_tunnel(via=via, anchors=anchors, dst=dst, links=self.links,
+                              usable=self.usable if len(dst) == 4 else self._usable6)
+        if self.choice_hook is not None:    # the embedding application's (api.Policy)
+            t = self.choice_hook(fc.rule, via, anchors, dst, t, now)
+        return t
 
     def _usable6(self, interface: str, anchor: str) -> Tunnel | None:
         """:meth:`usable` for an IPv6 flow: only anchors that gave an IPv6 VIpA (no mesh
@@ -613,7 +630,7 @@ class AgentForwarder:
             self.mesh_miss(key[2])             # another host of a mesh: look it up
             self.held = key[2]
             return None
-        t = self._candidates(fc, key[2], peer)
+        t = self._candidates(fc, key[2], peer, now)
         if t is None:
             if peer is not None:
                 self.held = key[2]             # its session is on the way
@@ -630,7 +647,7 @@ class AgentForwarder:
 
     def _failover(self, flow: Flow, now: float) -> Tunnel | None:
         fc = flow.policy if isinstance(flow.policy, FlowClass) else self.classify(flow.key)
-        t = self._candidates(fc, flow.key[2], flow.anchor)
+        t = self._candidates(fc, flow.key[2], flow.anchor, now)
         if t is not None:
             flow.move(now, t.tid, "tunnel down")
         return t
