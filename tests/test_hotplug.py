@@ -172,3 +172,52 @@ async def test_a_path_socket_reopened_on_its_port_keeps_receiving() -> None:
     finally:
         tx.close()
         path.close()
+
+
+def test_reload_adds_and_removes_entries() -> None:
+    """An entry added at run time takes a free matching device at once (would_bind says
+    which, before); a removed entry's device goes to a pattern entry without one."""
+    s = Slots(["wan1", "usb*"], {2: "wan1", 5: "usb0"})
+    assert s.would_bind("wlan*") is None and s.add("wlan*") == []
+    assert s.bound["wlan*"] is None
+    s.on_link(7, "wlan0", True)
+    assert s.device("wlan*") == "wlan0"
+    assert s.would_bind("usb?") is None                  # usb0 is held by usb*
+    assert s.add("wan1") == []                           # already there: nothing
+    s.on_link(6, "usb1", True)
+    assert s.would_bind("usb?") == "usb1"
+    assert s.add("usb?") == [Bind("usb?", "usb1", 6)]
+    assert s.remove("usb*") == []                        # nobody left to take usb0
+    assert s.remove("usb?") == [] and s.entries == ["wan1", "wlan*"]
+    assert s.add("usb*") == [Bind("usb*", "usb0", 5)]    # a free device: at once
+    assert s.add("eth*") == [] and s.remove("nosuch") == []
+    s2 = Slots(["usb0", "usb*"], {5: "usb0", 6: "usb1"})
+    assert s2.device("usb*") == "usb1"
+    s2.on_link(6, None, False)                           # usb1 unplugged: usb* waits
+    assert s2.remove("usb0") == [Bind("usb*", "usb0", 5)]
+
+
+async def test_reload_adds_removes_and_regateways_an_interface_state() -> None:
+    """InterfaceState: an added entry starts down without a device (bind + a link event
+    bring it up with its route); a removed one is forgotten (events and a recheck in
+    flight do nothing); a new configured gateway re-makes the route."""
+    k = Seams()
+    k.kernel["wan3"] = ("10.3.0.2", "10.3.0.1")
+    s = k.state()
+    s.add("wan3", "10.3.0.254")
+    assert not s.usable("wan3")
+    s.bind("wan3", 9)
+    s.on_event("link", 9, True)
+    await asyncio.sleep(DEBOUNCE * 3)
+    assert k.routes == [("wan3", "10.3.0.254")] and k.usable == [("wan3", True)]
+    s.set_gateway("wan3", None)                          # the main table's from now on
+    await asyncio.sleep(DEBOUNCE * 3)
+    assert k.routes[-1] == ("wan3", "10.3.0.1")
+    s.on_event("route", 9, True)
+    s.remove("wan3")                                     # the recheck scheduled: cancelled
+    s.on_event("link", 9, False)
+    await asyncio.sleep(DEBOUNCE * 3)
+    assert k.usable == [("wan3", True)] and len(k.routes) == 2
+    await s.recheck("wan3")                              # in flight when removed: nothing
+    s.set_gateway("wan3", "10.3.0.9")
+    assert "wan3" not in s.gateway and len(k.routes) == 2

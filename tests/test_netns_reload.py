@@ -29,7 +29,7 @@ import pytest
 from upmt_tun.lab import Lab, exe
 from upmt_tun.system.agent_host import rule_ct_mark
 from upmt_tun.system.cgroups import RuleCgroups
-from upmt_tun.testbed import Topology
+from upmt_tun.testbed import Topology, host_state
 
 from .conftest import netns_missing
 from .paced_server import paced_tcp_server
@@ -291,3 +291,80 @@ def test_anchor_reload_removes_one_peer_while_another_streams(topo2: Topology,
     assert assocs == ["laptop"]                 # phone's handshakes are refused now
     print(f"\n[anchor reload] stream intact, largest gap {got['gap']:.3f} s, "
           f"phone's refused handshakes {refused}")
+
+
+WEB = (f'\n[[rule]]\nname = "web"\nprotocol = "tcp"\ndst = "{CH}/32"\ndst_port = 8080\n')
+WAN2 = '[[interface]]\nname = "wan2"\n\n'
+
+
+def test_agent_reload_adds_and_removes_an_interface_under_a_live_stream(
+        topo: Topology, tmp_path: Path) -> None:
+    """Started with wan1 only: a reload adds wan2 (socket, rules, table, nft, tunnel),
+    the live stream is moved there and flows; a reload that removes wan2 moves it back
+    first, and it survives. After the stop the host is exactly as before the start."""
+    before = host_state(topo, "mh")
+    stream = _server(topo, paced_tcp_server(8080, LONG, EVERY))
+    lab = Lab(topo, tmp_path / "lab", rules=WEB)
+    anchors, agent_cfg = lab.write_configs()
+    full = agent_cfg.read_text()
+    assert WAN2 in full
+    agent_cfg.write_text(full.replace(WAN2, ""))          # wan1 only
+    client = None
+    try:
+        lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config",  # noqa: SLF001
+                                     str(anchors[0])])
+        lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config",  # noqa: SLF001
+                                   str(agent_cfg)])
+        client = topo.popen("mh", "python3", "-u", "-c", CLIENT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        (flow,) = wait_for(lambda: [f for f in lab.agent_status()["flows"]
+                                    if f["rule"] == "web"], 10, "the stream's flow")
+        assert flow["interface"] == "wan1"
+
+        agent_cfg.write_text(full)                           # + wan2
+        r = reload(lab, agent_cfg)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "reloaded: interface wan2 added"
+        wait_for(lambda: tunnels_up(lab), 10, "wan2's tunnel up")
+        nft = topo.run("mh", "nft", "list", "table", "ip", "upmt_agent").stdout
+        assert 'iifname "wan2"' in nft and "0x00005552" in nft, nft
+        assert "lookup 5552" in topo.run("mh", "ip", "rule").stdout
+        assert "default via" in topo.run("mh", "ip", "route", "show", "table", "5552").stdout
+        moved = lab.agent_cli("move", "--flow", str(flow["id"]), "--via", "wan2")
+        assert "1 flow(s) moved to wan2" in moved.stdout
+
+        def rx_on(iface: str, more_than: int) -> Any:
+            return [f for f in lab.agent_status()["flows"] if f["id"] == flow["id"]
+                    and f["interface"] == iface and f["rx_packets"] > more_than]
+
+        (on2,) = wait_for(lambda: rx_on("wan2", 0), 5, "the flow on wan2")
+        wait_for(lambda: rx_on("wan2", on2["rx_packets"] + 20), 10, "the stream via wan2")
+
+        agent_cfg.write_text(full.replace(WAN2, ""))         # - wan2
+        r = reload(lab, agent_cfg)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "reloaded: interface wan2 removed"
+        st = lab.agent_status()
+        assert [i["name"] for i in st["interfaces"]] == ["wan1"]
+        assert {t["interface"] for t in st["tunnels"]} == {"wan1"}
+        (on1,) = wait_for(lambda: rx_on("wan1", 0), 5, "the flow back on wan1")
+        wait_for(lambda: rx_on("wan1", on1["rx_packets"] + 20), 10, "the stream via wan1")
+        nft = topo.run("mh", "nft", "list", "table", "ip", "upmt_agent").stdout
+        assert "wan2" not in nft and "0x00005552" not in nft, nft
+        assert "5552" not in topo.run("mh", "ip", "rule").stdout
+        assert topo.run("mh", "ip", "route", "show", "table", "5552").stdout.strip() == ""
+        stream.kill()
+        stream.wait(5)
+        stdout, stderr = client.communicate(timeout=30)
+        assert client.returncode == 0, stderr[-300:]
+        got = json.loads(stdout)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+        lab.stop()
+        stream.kill()
+        stream.wait(5)
+    assert got["bytes"] % 100 == 0 and got["bytes"] > 100 * 100, got
+    assert host_state(topo, "mh") == before
+    print(f"\n[interface reload] stream intact ({got['bytes'] // 100} lines); largest gap "
+          f"{max((g for _e, g in got['gaps']), default=0.0):.3f} s")

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from upmt_tun import keys
-from upmt_tun.agent import rule_classifier
-from upmt_tun.config import Peer, load_agent_config, load_anchor_config
+from upmt_tun.agent import IfaceSeam, UsageError, rule_classifier
+from upmt_tun.config import ConfigError, Peer, load_agent_config, load_anchor_config
 from upmt_tun.reload import (
     AGENT_RESTART,
+    IfaceSlots,
     ReloadRefused,
     parse_slots,
     plan_agent,
@@ -133,15 +134,91 @@ def test_restart_keys_keep_their_running_value(tmp_path: Path) -> None:
     assert plan.restart == ("mtu", "fwmark")
     assert plan.cfg.mtu == old.mtu and plan.cfg.fwmark == old.fwmark
     assert plan.cfg.return_after_s == 9.0 and plan.changes() == ["return_after 9 s"]
-    assert set(AGENT_RESTART) | {"path", "rules", "anchors", "return_after_s"} == set(
+    assert set(AGENT_RESTART) | {"path", "rules", "anchors", "return_after_s",
+                                 "interfaces"} == set(
         old.__dataclass_fields__)                  # every key is applied or says restart
 
 
 def test_a_rule_via_an_interface_not_in_use_is_refused(tmp_path: Path) -> None:
     old = agent_cfg(tmp_path, rule("web", 80), name="o")
     new = agent_cfg(tmp_path, rule("web", 80, '["wan2"]'), name="n")
-    with pytest.raises(ReloadRefused, match="via interface 'wan2' is not in use"):
+    with pytest.raises(ReloadRefused, match="via interface 'wan2' is neither kept nor added"):
         plan_agent(old, new, start_slots(old.rules)[0], 1, {"wan1"})
+
+
+def ifaces_cfg(tmp: Path, ifaces: list[tuple[str, str | None]], rules: str = "",
+               name: str = "i"):
+    body = "".join(f'[[interface]]\nname = "{n}"\n' + (f'gateway = "{g}"\n' if g else "")
+                   for n, g in ifaces)
+    p = tmp / f"{name}.toml"
+    p.write_text(f'private_key = "{MH_PRIV}"\n' + body + textwrap.dedent("""
+        [[anchor]]
+        name = "an1"
+        address = "192.0.2.1:5060"
+        """) + f'public_key = "{AN_PUB}"\n' + textwrap.dedent(rules))
+    return load_agent_config(str(p))
+
+
+def test_interfaces_added_removed_and_gateway_edited(tmp_path: Path) -> None:
+    """An added entry gets the next interface slot (its mark F+1+k and table T+1+k), a
+    removed one's slot is never handed out again in this run, a kept one keeps its slot
+    and a new gateway is an edit, not a restart."""
+    old = ifaces_cfg(tmp_path, [("wan1", None), ("wan2", None)], name="o")
+    new = ifaces_cfg(tmp_path, [("wan1", "10.0.0.9"), ("usb*", None)], name="n")
+    running = IfaceSlots.start(["wan1", "wan2"])
+    plan = plan_agent(old, new, {}, 0, running)
+    assert [i.name for i in plan.ifaces_added] == ["usb*"]
+    assert plan.ifaces_removed == ("wan2",)
+    assert [(i.name, i.gateway) for i in plan.gateways] == [("wan1", "10.0.0.9")]
+    assert plan.ifaces is not None and dict(plan.ifaces.slots) == {"wan1": 0, "usb*": 2}
+    assert plan.ifaces.next == 3 and plan.ifaces_changed and plan.restart == ()
+    assert plan.cfg.interfaces == new.interfaces
+    assert plan.changes() == ["interface usb* added", "interface wan2 removed",
+                              "interface wan1 gateway 10.0.0.9"]
+    # wan2 back: a new slot, not its old one (packets marked F+2 may still be around)
+    back = ifaces_cfg(tmp_path, [("wan1", "10.0.0.9"), ("usb*", None), ("wan2", None)],
+                      name="b")
+    again = plan_agent(new, back, {}, 0, plan.ifaces)
+    assert again.ifaces is not None and again.ifaces.slots["wan2"] == 3
+    assert again.ifaces.next == 4 and again.gateways == () and again.ifaces_removed == ()
+    # nothing changed: no interface change at all
+    same = plan_agent(back, back, {}, 0, again.ifaces)
+    assert same.changes() == [] and not same.ifaces_changed and same.ifaces == again.ifaces
+
+
+def test_a_rule_via_a_removed_interface_is_refused_via_an_added_one_is_not(
+        tmp_path: Path) -> None:
+    old = ifaces_cfg(tmp_path, [("wan1", None), ("wan2", None)], rule("web", 80), name="o")
+    running = IfaceSlots.start(["wan1", "wan2"])
+    with pytest.raises(ConfigError, match="'wan2' is not a configured"):     # the file
+        ifaces_cfg(tmp_path, [("wan1", None)], rule("web", 80), name="g")
+    gone = replace(ifaces_cfg(tmp_path, [("wan1", None)], name="g"), rules=old.rules)
+    with pytest.raises(ReloadRefused, match="via interface 'wan2' is neither kept nor added"):
+        plan_agent(old, gone, start_slots(old.rules)[0], 1, running)
+    swapped = ifaces_cfg(tmp_path, [("wan1", None), ("wan3", None)],
+                         rule("web", 80, '["wan3", "wan1"]'), name="s")
+    plan = plan_agent(old, swapped, start_slots(old.rules)[0], 1, running)
+    assert plan.ifaces_removed == ("wan2",) and plan.edited == ("web",)
+
+
+def test_discovered_interfaces_change_only_at_a_restart(tmp_path: Path) -> None:
+    """Started without [[interface]] (every interface with a default route): listing
+    some needs a restart, and so does dropping the list; the running ones stay."""
+    listed = ifaces_cfg(tmp_path, [("wan1", None)], name="l")
+    found = replace(listed, interfaces=())
+    running = IfaceSlots.start(["eth0"])
+    plan = plan_agent(found, listed, {}, 0, running)
+    assert plan.restart == ("interface",) and not plan.ifaces_changed
+    assert plan.cfg.interfaces == ()
+    back = plan_agent(listed, found, {}, 0, IfaceSlots.start(["wan1"]))
+    assert back.restart == ("interface",) and back.cfg.interfaces == listed.interfaces
+
+
+def test_no_interface_slot_left_is_refused(tmp_path: Path) -> None:
+    old = ifaces_cfg(tmp_path, [("wan1", None)], name="o")
+    new = ifaces_cfg(tmp_path, [("wan1", None), ("wan2", None)], name="n")
+    with pytest.raises(ReloadRefused, match="no interface slot left"):
+        plan_agent(old, new, {}, 0, IfaceSlots({"wan1": 0}, 0x10000))
 
 
 def test_no_slot_left_is_refused(tmp_path: Path) -> None:
@@ -208,6 +285,29 @@ def test_rules_script_replaces_only_the_output_chain_with_stable_marks(tmp_path:
     both = rule_matches(cfg.rules, {"new": 5, "web": 0}, lambda r: f"upmt-x/{r}")
     assert [(m.index, m.cgroup) for m in both] == [
         (5, "upmt-x/new"), (0, "upmt-x/web"), (5, None), (0, None)]
+
+
+def test_interfaces_script_replaces_output_and_prerouting_in_one_transaction() -> None:
+    """Interfaces added or removed: chain prerouting (each socket port's mark) and the
+    output chain's per-interface returns are replaced in the same script as the rules;
+    the removed interface's mark is gone from both, the added one's is there."""
+    host = AgentHost(tun="upmt0", vipa_fix="100.64.0.1", fwmark=0x5550, table=5550,
+                     ifaces=[IfacePlan(0, "wan1", None, 4000), IfacePlan(1, "wan2", None, 4001)],
+                     rules=[])
+    host.tun_mtu = 1400
+    plans = [host.ifaces[0], IfacePlan(2, "usb*", None, 4002, absent=True)]
+    script = host.rules_script([], plans)
+    lines = script.splitlines()
+    assert lines.count("flush chain ip upmt_agent output") == 1
+    assert lines.count("flush chain ip upmt_agent prerouting") == 1
+    assert 'add rule ip upmt_agent prerouting iifname "wan1" udp dport 4000 meta mark set ' \
+        '0x5551' in lines
+    assert "add rule ip upmt_agent prerouting udp dport 4002 meta mark set 0x5553" in lines
+    assert "add rule ip upmt_agent output meta mark and 0xffff == 0x5553 return" in lines
+    assert "0x5552" not in script and "4001" not in script
+    assert any("maxseg size set 1360" in line for line in lines)    # the TUN's clamp kept
+    with pytest.raises(SystemSetupError, match="does not fit mark_mask"):
+        host._check_iface(IfacePlan(0xFFFF, "wan9", None, 4009))
 
 
 def test_egress_script_keeps_counters_and_restarts_counts_on_a_new_limit() -> None:
@@ -299,6 +399,56 @@ async def test_agent_removes_and_adds_an_anchor_at_run_time(tmp_path: Path) -> N
         await w.settle()
         assert {f["rule"]: f["anchor"] for f in w.agent.status()["flows"]} == {
             "web": "an1", "video": "an2"}
+    finally:
+        await w.stop()
+
+
+@pytest.mark.virtual_time
+async def test_agent_removes_and_adds_an_interface_at_run_time(tmp_path: Path) -> None:
+    """remove_iface: the flows on it move first (to the other interface: as on a link
+    down), then its tunnels go and a move preference for it is forgotten; add_iface: a
+    new socket index (never the removed one's), tunnels to every anchor, flows can be
+    moved there and it carries them."""
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"a"))      # web: wan1 first
+        await w.settle()
+        w.agent.move(via="wan2", rule="web")
+        (f,) = w.agent.status()["flows"]
+        assert f["interface"] == "wan2"
+        seam = w.agent.remove_iface("wan2")
+        assert seam is not None and seam.index == 1
+        st = w.agent.status()
+        assert [i["name"] for i in st["interfaces"]] == ["wan1"]
+        assert {t["interface"] for t in st["tunnels"]} == {"wan1"}
+        (f,) = st["flows"]
+        assert f["interface"] == "wan1" and "web" not in w.agent.fwd.prefer
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"b"))       # still flows
+        await w.settle()
+        assert w.agent.status()["flows"][0]["tx_packets"] == 2
+        assert w.agent.remove_iface("wan2") is None                     # once
+        with pytest.raises(UsageError):
+            w.agent.move(via="wan2", rule="web")
+
+        w.net.nat("10.3.0.2", "203.0.113.13")
+        w.agent.add_iface(IfaceSeam("wan3", 2, w.net.socket("10.3.0.2")))
+        w.agent.on_link("wan3", True, "test")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if all(t["state"] == "up" for t in w.agent.status()["tunnels"]):
+                break
+        st = w.agent.status()
+        assert sorted((t["interface"], t["state"]) for t in st["tunnels"]) == [
+            ("wan1", "up"), ("wan3", "up")]
+        assert w.agent.fwd.interfaces == ["wan1", "", "wan3"]    # index 1 stays unused
+        assert w.agent.move(via="wan3", rule="web") == 1
+        w.mh_tun.inject(pb.tcp("100.64.0.1", CH, 40000, 80, b"c"))
+        await w.settle()
+        (f,) = w.agent.status()["flows"]
+        assert f["interface"] == "wan3" and f["tx_packets"] == 3
+        with pytest.raises(UsageError, match="exists"):
+            w.agent.add_iface(IfaceSeam("wan3", 3, w.net.socket("10.3.0.2")))
     finally:
         await w.stop()
 

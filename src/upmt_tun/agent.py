@@ -125,6 +125,14 @@ def rule_classifier(rules: tuple[Rule, ...],
     return classify_flow
 
 
+def _nowhere(data: bytes, addr: tuple[str, int]) -> None:
+    """The send of a removed interface's place (nothing routes there any more)."""
+
+
+def _nowhere_run(data: bytes, size: int, addr: tuple[str, int]) -> None:
+    """As :func:`_nowhere`, for a run of datagrams."""
+
+
 class UsageError(ValueError):
     """A command named something that does not exist (exit 2)."""
 
@@ -175,9 +183,16 @@ class Agent:
         self._kick = asyncio.Event()      # deadlines changed: the timer task looks again
         self._timer: asyncio.Task[None] | None = None
         self._rank_at = -math.inf          # next anchor ranking by RTT (one per probe tick)
-        self._sends = [i.path.sendto for i in self.ifaces]
-        self._queues = [i.path.queue for i in self.ifaces]     # data: leaves at flush
-        self._queues_run = [i.path.queue_run for i in self.ifaces]
+        # by socket index (an interface's ``index``: a reload adds new ones at the end
+        # and leaves a removed one's place unused, see :meth:`add_iface`)
+        self._at: dict[int, IfaceSeam] = {i.index: i for i in self.ifaces}
+        self._sends: list[Callable[[bytes, tuple[str, int]], None]] = [
+            i.path.sendto for i in self.ifaces]
+        self._queues: list[Callable[[bytes, tuple[str, int]], None]] = [
+            i.path.queue for i in self.ifaces]     # data: leaves at flush
+        self._queues_run: list[Callable[[bytes, int, tuple[str, int]], None]] = [
+            i.path.queue_run for i in self.ifaces]
+        self._started = False
         # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
         self.mesh = MeshDirectory(order=list(anchors))
         self.mesh_links: dict[str, Link] = {}             # peer key -> its link
@@ -747,7 +762,7 @@ class Agent:
         initiates, the other answers), then one on each other interface that reaches the
         peer (:meth:`_fill_direct`)."""
         ice = self.ice.get(p.key)
-        if not 0 <= a.socket_id < len(self.ifaces) or ice is None:
+        if a.socket_id not in self._at or ice is None:
             return
         role = Role.INITIATOR if ice.role is IceRole.CONTROLLING else Role.RESPONDER
         self._add_direct(p, a.socket_id, a.remote, role, now)
@@ -770,7 +785,7 @@ class Agent:
             return
         have = {link.iface for link in self._paths_of(p.key)}
         for sid, remote in cl.valid().items():
-            if 0 <= sid < len(self.ifaces) and self.ifaces[sid].name not in have \
+            if sid in self._at and self._at[sid].name not in have \
                     and (sid, remote) not in ice.dead:
                 self._add_direct(p, sid, remote, Role.INITIATOR, now)
 
@@ -778,7 +793,9 @@ class Agent:
                     now: float) -> Link | None:
         """A direct path to ``p`` from socket ``sid`` to ``remote``: its own record,
         Noise session and tunnel, validated (PATH_CHALLENGE) before it carries data."""
-        seam = self.ifaces[sid]
+        seam = self._at.get(sid)
+        if seam is None:
+            return None
         dkey = f"{p.key}~{seam.name}~{remote[0]}:{remote[1]}"
         old = self.links.get((seam.name, dkey))
         if old is not None:
@@ -843,7 +860,8 @@ class Agent:
         this socket (the peer opens a direct path from another interface of its own);
         an initiation that crosses one of ours to the same address: the lower public
         key stays the initiator (as on the relay)."""
-        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        seam = self._at.get(index)
+        iface = seam.name if seam is not None else ""
         now = self.clock()
         mine = [x for (i, k), x in self.links.items()
                 if i == iface and k in self._direct_key and x.tunnel.remote == src]
@@ -879,7 +897,8 @@ class Agent:
     def _direct_datagram(self, index: int, data: bytes, src: tuple[str, int]) -> None:
         """PING or PATH_RESPONSE: for a direct path's link (its session says which)."""
         hit = self.fwd.sessions.get(int.from_bytes(data[4:8], "big"))
-        iface = self.ifaces[index].name if index < len(self.ifaces) else ""
+        seam = self._at.get(index)
+        iface = seam.name if seam is not None else ""
         link = self.links.get((iface, hit[0].name)) if hit is not None else None
         if link is None or link.peer.kind is not PeerKind.AGENT:
             self.drops["junk"] += 1
@@ -889,15 +908,89 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         self.tun.start(self._on_tun, self._flush, self._on_super)
+        self._started = True
         for i in self.ifaces:
-            on_datagram = self._on_datagram_for(i.index)
-            i.path.start(on_datagram, self.tun.flush, self._on_batch_for(i.index, on_datagram))
+            self._start_path(i)
         self._timer = asyncio.create_task(self._timers())
         for a, addr in self.anchors.items():
             if addr is not None:
                 self._add_links(a)
         if not self.links:
             self._ready.set()
+
+    def _start_path(self, i: IfaceSeam) -> None:
+        on_datagram = self._on_datagram_for(i.index)
+        i.path.start(on_datagram, self.tun.flush, self._on_batch_for(i.index, on_datagram))
+
+    def add_iface(self, seam: IfaceSeam, usable: bool = False) -> None:
+        """``reload``: a new access interface (its socket index never used before in
+        this run). Its socket starts reading now; its links to every anchor start (down
+        while ``usable`` is False: the driver says :meth:`on_link` once its device is up),
+        and it carries a relay path to each mesh peer."""
+        if seam.name in self._seam or seam.index in self._at:
+            raise UsageError(f"interface {seam.name!r} exists")
+        self.ifaces.append(seam)
+        self._seam[seam.name], self._at[seam.index] = seam, seam
+        self.link_up[seam.name] = usable
+        self.devices.setdefault(seam.name, None)
+        fwd = self.fwd
+        while len(fwd.interfaces) <= seam.index:     # index -> name; "" for unused places
+            fwd.interfaces.append("")
+            self._sends.append(_nowhere)
+            self._queues.append(_nowhere)
+            self._queues_run.append(_nowhere_run)
+        fwd.interfaces[seam.index] = seam.name
+        self._sends[seam.index] = seam.path.sendto
+        self._queues[seam.index] = seam.path.queue
+        self._queues_run[seam.index] = seam.path.queue_run
+        if not self._started:
+            return
+        self._start_path(seam)
+        now = self.clock()
+        for key in self.mesh_links:
+            p = self.mesh.by_key.get(key)
+            if p is not None:
+                fwd.add_tunnel(seam.name, seam.index, key, seam.path.local, p.addr, now,
+                               vipa_peer=p.vipa_b)
+        for a, addr in self.anchors.items():
+            if addr is not None and self.addr_for(seam.name, a) is not None:
+                self.add_link(seam.name, a)
+        log.info("interface %s added", seam.name)
+
+    def remove_iface(self, name: str) -> IfaceSeam | None:
+        """``reload``: interface ``name`` is no longer used. Its flows move first (as on
+        a link down: to the next interface of their rule's ``via``, else any), then its
+        links stop (closing their tunnels), its direct and relay paths go, and a
+        ``move`` preference for it is forgotten. Returns its seam (the caller closes the
+        socket), None when there was none."""
+        seam = self._seam.get(name)
+        if seam is None:
+            return None
+        self.on_link(name, False, "interface removed")
+        for (iface, peer) in [k for k in self.links if k[0] == name]:
+            if peer in self._path_link:
+                self._drop_path(peer)
+            else:
+                self.remove_link(iface, peer)
+        fwd = self.fwd
+        for key in list(self.mesh_links):
+            t = fwd.by_path.get((name, key))
+            if t is not None:
+                fwd.remove_tunnel(t)
+        for rule, (iface, _a) in list(fwd.prefer.items()):
+            if iface == name:
+                del fwd.prefer[rule]
+        self.ifaces.remove(seam)
+        del self._seam[name], self._at[seam.index], self.link_up[name]
+        self.devices.pop(name, None)
+        fwd.interfaces[seam.index] = ""
+        self._sends[seam.index] = _nowhere
+        self._queues[seam.index] = _nowhere
+        self._queues_run[seam.index] = _nowhere_run
+        if not self._ready.is_set() and all(x.tried for x in self.links.values()):
+            self._ready.set()
+        log.info("interface %s removed", name)
+        return seam
 
     def add_link(self, iface: str, peer: str, role: Role = Role.INITIATOR) -> Link:
         """Keep a tunnel through ``iface`` to ``peer`` from now on (it starts at once)."""

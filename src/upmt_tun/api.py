@@ -303,6 +303,16 @@ def _ipv6_enabled(ifname: str) -> bool:
         return False
 
 
+class _Closing:
+    """close() closes a socket a reload opened (again: closing twice is harmless)."""
+
+    def __init__(self, path: PathSocket) -> None:
+        self.path = path
+
+    def close(self) -> None:
+        self.path.close()
+
+
 class _CgroupsCloser:
     """close() removes the cgroups (so they go with the other opened things)."""
 
@@ -752,10 +762,6 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
         for name in waiting:            # before start: its links start LINK_DOWN (tried)
             core.on_link(name, False, "no address yet")
         resolver = AnchorResolver(schedule, core.set_anchor_address, clock=time.monotonic)
-        reloader = AgentReloader(cfg, agent=core, host=made,
-                                 cgroups=cgroups if usable else None, schedule=schedule,
-                                 resolver=resolver, lookup=lookup, slots=slots,
-                                 slot_file=slot_file, v6_off=cfg.vipa6_fix != file_vipa6)
 
         def on_usable(name: str, usable: bool, why: str) -> None:
             core.on_link(name, usable, why)
@@ -799,6 +805,21 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
                           {p.name: cfg.fwmark + 1 + p.index for p in plans}, made, state, core)
             opened.append(hot)
         opened.append(LinkWatch(loop, state.on_event, hot.on_name if hot else None))
+
+        def open_path(mark: int, v6: bool, local: str) -> PathSocket:
+            """A reload's new interface: its socket as at start (bound to a device by
+            Hotplug); closed with the others at the end unless the reload removes it."""
+            sock = open_udp("::" if v6 else "0.0.0.0", 0, device=None, mark=mark)
+            path = PathSocket(sock, loop, (local, sock.getsockname()[1]),
+                              offload=_offload('udp'))
+            opened.append(_Closing(path))
+            return path
+
+        reloader = AgentReloader(cfg, agent=core, host=made,
+                                 cgroups=cgroups if usable else None, schedule=schedule,
+                                 resolver=resolver, lookup=lookup, slots=slots,
+                                 slot_file=slot_file, v6_off=cfg.vipa6_fix != file_vipa6,
+                                 hotplug=hot, open_path=open_path)
         api = cls(core, cfg, control_path, cgroups, policy, reloader.reload)
         await _serve_control(api, cfg.group, cfg.metrics, render_agent, cleanup)
         await core.start()

@@ -92,6 +92,30 @@ class Slots:
                     break
         return out
 
+    def would_bind(self, entry: str) -> str | None:
+        """The device a new entry ``entry`` would get now (:meth:`add`), if any."""
+        held = {b[0] for b in self.bound.values() if b is not None}
+        return next((name for index, name in sorted(self.present.items(), key=lambda x: x[1])
+                     if index not in held and matches(entry, name)), None)
+
+    def add(self, entry: str) -> list[Change]:
+        """``reload``: a new entry (last in config order); it takes a free device now if
+        one matches (literal entries first, as at start)."""
+        if entry in self.bound:
+            return []
+        self.entries.append(entry)
+        self.bound[entry] = None
+        return self._fill()
+
+    def remove(self, entry: str) -> list[Change]:
+        """``reload``: entry ``entry`` is gone; its device (if any) is free for another
+        entry (a pattern) that has none: the :class:`Bind` returned."""
+        if entry not in self.bound:
+            return []
+        self.entries.remove(entry)
+        del self.bound[entry]
+        return self._fill()
+
     def on_link(self, index: int, name: str | None, exists: bool) -> list[Change]:
         """A link event: device ``index`` exists now under ``name`` (RTM_NEWLINK: new,
         changed or renamed), or was deleted (RTM_DELLINK). Returns what to carry out,

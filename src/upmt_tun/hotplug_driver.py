@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from .agent import Agent
 from .config import AgentConfig
@@ -58,7 +58,7 @@ class Hotplug:
     address) and the entry's links, which handshake again; a device that goes takes the
     entry down (its flows move at once)."""
 
-    def __init__(self, slots: Slots, seams: Mapping[str, PathSocket], marks: Mapping[str, int],
+    def __init__(self, slots: Slots, seams: dict[str, PathSocket], marks: dict[str, int],
                  host: AgentHost, state: InterfaceState, agent: Agent) -> None:
         self.slots, self.seams, self.marks = slots, seams, marks
         self.host, self.state, self.agent = host, state, agent
@@ -123,6 +123,35 @@ class Hotplug:
         self.state.bind(c.slot, c.index)
         self.agent.devices[c.slot] = c.device
         log.info("interface %s: device %s (#%d)", c.slot, c.device, c.index)
+
+    def add_entry(self, name: str, path: PathSocket, mark: int, gateway: str | None) -> None:
+        """``reload``: a new ``[[interface]]`` entry whose socket, ip rules and nft rule
+        exist (the reload driver made them): it takes a device now if one matches, and
+        follows them from now on as the others do."""
+        self.seams[name], self.marks[name] = path, mark
+        self.state.add(name, gateway)
+        changes = self.slots.add(name)
+        self.apply(changes)
+        self._bring_up(changes)
+
+    def remove_entry(self, name: str) -> None:
+        """``reload``: entry ``name`` is gone (its flows moved, its links stopped, the
+        driver closes its socket): forgotten here; its device may go to a pattern
+        entry without one."""
+        self.state.remove(name)
+        self.agent.devices.pop(name, None)
+        self.seams.pop(name, None)
+        self.marks.pop(name, None)
+        changes = self.slots.remove(name)
+        self.apply(changes)
+        self._bring_up(changes)
+
+    def _bring_up(self, changes: list[Change]) -> None:
+        """A device bound now (not from a link event): read it as if one came, so its
+        route is made and it turns usable when it has an address and carrier."""
+        for c in changes:
+            if isinstance(c, Bind):
+                self.state.on_event("link", c.index, True)
 
     def close(self) -> None:
         for t in self._tasks:

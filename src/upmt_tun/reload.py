@@ -26,6 +26,14 @@ Agent:
   resolves), removed (its tunnels close, its flows end), or moved (same key, new
   address: as a name that resolves elsewhere). A changed key is a new anchor: removed
   and added.
+* ``[[interface]]`` entries added (each gets the next *interface slot*: its socket mark
+  F+1+k and routing table T+1+k, never handed to another entry in this run, as a rule's
+  mark slot; its socket, ip rules, nft prerouting rule and links to every anchor; its
+  device is then followed as hotplug does), removed (its flows move first, as on a link
+  down, then its links, socket, rules, routes and nft rule go), or with a new
+  ``gateway`` (its table's route is made again). A rule whose ``via`` names an entry
+  neither kept nor added is refused. An agent started without ``[[interface]]`` (the
+  interfaces with a default route) needs a restart to list some, and the other way.
 * ``return_after`` applies at once. Every other key (see :data:`AGENT_RESTART`) keeps
   its running value and the reply says "restart needed for ...".
 
@@ -47,17 +55,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
-from .config import AgentConfig, AnchorConfig, AnchorRef, Rule
+from .config import AgentConfig, AnchorConfig, AnchorRef, InterfaceConfig, Rule
 
-__all__ = ["AGENT_RESTART", "ANCHOR_RESTART", "AgentPlan", "AnchorPlan", "ReloadRefused",
-           "parse_slots", "plan_agent", "plan_anchor", "start_slots"]
+__all__ = ["AGENT_RESTART", "ANCHOR_RESTART", "AgentPlan", "AnchorPlan", "IfaceSlots",
+           "ReloadRefused", "parse_slots", "plan_agent", "plan_anchor", "start_slots"]
 
 MAX_SLOT = 0xFFFE            # (slot + 1) must fit the 16 high bits of the ct mark
 
 # config field -> the key a user writes; these need a restart (their running value stays)
 AGENT_RESTART = {
     "name": "name", "vipa_fix": "vipa_fix", "control": "control", "mtu": "mtu",
-    "fwmark": "fwmark", "table": "table", "interfaces": "interface",
+    "fwmark": "fwmark", "table": "table",
     "keepalive_s": "keepalive", "tun": "tun", "private_key": "private_key",
     "plaintext_data": "insecure_plaintext_for_benchmarks", "metrics": "metrics",
     "group": "group", "mark_mask": "mark_mask", "rule_priority": "rule_priority",
@@ -70,6 +78,21 @@ ANCHOR_RESTART = {
     "plaintext_data": "insecure_plaintext_for_benchmarks", "metrics": "metrics",
     "group": "group", "state_dir": "state_dir", "vipa6_pool": "vipa6_pool",
 }
+
+
+@dataclass(frozen=True)
+class IfaceSlots:
+    """The interface slots of a running agent: entry name -> k (its socket mark F+1+k,
+    its routing table T+1+k), and ``next``, the first never given in this run (a removed
+    entry's numbers are never handed to another one: its ip rule and table are gone, but
+    packets and conntrack entries marked before may still be on their way)."""
+
+    slots: Mapping[str, int]
+    next: int
+
+    @classmethod
+    def start(cls, names: list[str]) -> IfaceSlots:
+        return cls({n: k for k, n in enumerate(names)}, len(names))
 
 
 class ReloadRefused(Exception):
@@ -141,10 +164,18 @@ class AgentPlan:
     anchors_moved: tuple[AnchorRef, ...] = ()
     return_after: bool = False
     restart: tuple[str, ...] = ()
+    ifaces: IfaceSlots | None = None      # after the reload (None: as before)
+    ifaces_added: tuple[InterfaceConfig, ...] = ()
+    ifaces_removed: tuple[str, ...] = ()
+    gateways: tuple[InterfaceConfig, ...] = ()     # kept entries with another gateway
 
     @property
     def rules_changed(self) -> bool:
         return bool(self.added or self.removed or self.edited or self.reordered)
+
+    @property
+    def ifaces_changed(self) -> bool:
+        return bool(self.ifaces_added or self.ifaces_removed)
 
     def changes(self) -> list[str]:
         """What changes, one short phrase each (empty: nothing)."""
@@ -156,21 +187,60 @@ class AgentPlan:
         out += [f"anchor {a.name} added" for a in self.anchors_added]
         out += [f"anchor {n} removed" for n in self.anchors_removed]
         out += [f"anchor {a.name} moved to {a.host}:{a.port}" for a in self.anchors_moved]
+        out += [f"interface {i.name} added" for i in self.ifaces_added]
+        out += [f"interface {n} removed" for n in self.ifaces_removed]
+        out += [f"interface {i.name} gateway {i.gateway or 'from the main table'}"
+                for i in self.gateways]
         if self.return_after:
             out.append(f"return_after {self.cfg.return_after_s:g} s")
         return out
 
 
+MAX_IFACE_SLOT = 0xFFFF      # F+1+k must fit the 16 bits of the packet mark (checked again
+                             # against fwmark and mark_mask by the host)
+
+
+def _plan_ifaces(old: AgentConfig, new: AgentConfig, ifaces: IfaceSlots
+                 ) -> tuple[IfaceSlots, tuple[InterfaceConfig, ...], tuple[str, ...],
+                            tuple[InterfaceConfig, ...], bool]:
+    """(slots after, added, removed, gateway edits, restart needed). Without
+    ``[[interface]]`` on either side (discovered interfaces) nothing changes here: a
+    restart is needed when the lists differ."""
+    if not old.interfaces or not new.interfaces:
+        return ifaces, (), (), (), old.interfaces != new.interfaces
+    before = {i.name: i for i in old.interfaces}
+    after = {i.name: i for i in new.interfaces}
+    added = tuple(i for n, i in after.items() if n not in before)
+    removed = tuple(n for n in before if n not in after)
+    gateways = tuple(i for n, i in after.items()
+                     if n in before and before[n].gateway != i.gateway)
+    slots = {n: k for n, k in ifaces.slots.items() if n in after}
+    nxt = ifaces.next
+    for i in added:
+        if nxt > MAX_IFACE_SLOT:
+            raise ReloadRefused("no interface slot left (every mark was used in this run): "
+                                "restart the agent")
+        slots[i.name], nxt = nxt, nxt + 1
+    return IfaceSlots(slots, nxt), added, removed, gateways, False
+
+
 def plan_agent(old: AgentConfig, new: AgentConfig, slots: Mapping[str, int], next_slot: int,
-               interfaces: set[str]) -> AgentPlan:
+               interfaces: set[str] | IfaceSlots) -> AgentPlan:
     """The plan from the running config ``old`` (with its rules' ``slots``; ``next_slot``
-    the first never given) to ``new``; ``interfaces``: those in use (they change only at
-    a restart). ReloadRefused when ``new`` cannot run here."""
+    the first never given) to ``new``; ``interfaces``: the running interface slots (a
+    set of names: those in use, which then do not change). ReloadRefused when ``new``
+    cannot run here."""
+    if isinstance(interfaces, IfaceSlots):
+        ifaces, i_added, i_removed, gateways, i_restart = _plan_ifaces(old, new, interfaces)
+        in_use = set(ifaces.slots)
+    else:
+        ifaces, i_added, i_removed, gateways = None, (), (), ()
+        i_restart, in_use = old.interfaces != new.interfaces, interfaces
     for r in new.rules:
         for v in r.via:
-            if v not in interfaces:
-                raise ReloadRefused(f"rule {r.name!r}: via interface {v!r} is not in use "
-                                    "(interfaces change only at a restart)")
+            if v not in in_use:
+                raise ReloadRefused(f"rule {r.name!r}: via interface {v!r} is neither kept "
+                                    "nor added")
     old_rules = {r.name: r for r in old.rules}
     new_rules = {r.name: r for r in new.rules}
     added = tuple(n for n in new_rules if n not in old_rules)
@@ -198,11 +268,14 @@ def plan_agent(old: AgentConfig, new: AgentConfig, slots: Mapping[str, int], nex
                     and (old_anchors[n].host, old_anchors[n].port) != (a.host, a.port))
 
     restart = _restart(old, new, AGENT_RESTART)
+    if i_restart:
+        restart += ("interface",)
     cfg = replace(old, path=new.path, rules=new.rules, anchors=new.anchors,
-                  return_after_s=new.return_after_s)
+                  return_after_s=new.return_after_s,
+                  interfaces=old.interfaces if i_restart else new.interfaces)
     return AgentPlan(cfg, new_slots, next_slot, added, removed, edited, reordered,
                      a_added, a_removed, a_moved, old.return_after_s != new.return_after_s,
-                     restart)
+                     restart, ifaces, i_added, i_removed, gateways)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .agent import Agent, rule_classifier
+from .agent import Agent, IfaceSeam, rule_classifier
 from .anchor import Anchor
 from .config import (
     AgentConfig,
@@ -32,8 +32,11 @@ from .config import (
     load_agent_config,
     load_anchor_config,
 )
+from .dataplane.io import PathSocket
+from .hotplug_driver import Hotplug
 from .reload import (
     AgentPlan,
+    IfaceSlots,
     ReloadRefused,
     parse_slots,
     plan_agent,
@@ -41,7 +44,8 @@ from .reload import (
     start_slots,
 )
 from .resolve import AnchorResolver, ResolveSchedule
-from .system.agent_host import AgentHost, RuleMatch
+from .system import netlink
+from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
 from .system.cgroups import RuleCgroups
 from .system.errors import SystemSetupError
@@ -51,6 +55,9 @@ __all__ = ["AgentReloader", "AnchorReloader", "SlotFile", "rule_matches"]
 
 log = logging.getLogger(__name__)
 Lookup = Callable[[FlowKey], "tuple[int, str] | None"]
+# (mark, IPv6: a dual-stack socket, local address) -> a new tunnel socket, not yet bound
+# to a device (Hotplug binds it)
+OpenPath = Callable[[int, bool, str], PathSocket]
 
 
 def rule_matches(rules: tuple[Rule, ...], slots: Mapping[str, int],
@@ -133,12 +140,15 @@ class AgentReloader:
                  resolver: AnchorResolver, lookup: Lookup | None,
                  slots: tuple[dict[str, int], int] | None = None,
                  slot_file: SlotFile | None = None, v6_off: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 hotplug: Hotplug | None = None, open_path: OpenPath | None = None) -> None:
         """``cgroups``: the per-rule cgroups when ``upmt-agent run`` is available;
         ``slots``: the rules' mark slots and the first free one (default: positions);
         ``slot_file``: where a reload saves them for the next start; ``v6_off``: the
         start turned IPv6 inside off (MTU, disabled IPv6), whatever the file says, so a
-        file's ``vipa6_fix`` is not a change that needs a restart."""
+        file's ``vipa6_fix`` is not a change that needs a restart. ``hotplug`` (the
+        agent was started with ``[[interface]]`` entries) and ``open_path``: interfaces
+        can be added and removed (else they need a restart)."""
         self.cfg = cfg
         self.v6_off = v6_off
         self.slots, self.next_slot = slots or start_slots(cfg.rules)
@@ -146,7 +156,9 @@ class AgentReloader:
         self.agent, self.host, self.cgroups = agent, host, cgroups
         self.schedule, self.resolver, self.lookup = schedule, resolver, lookup
         self.clock = clock
-        self.interfaces = {i.name for i in agent.ifaces}
+        self.interfaces = IfaceSlots({i.name: i.index for i in agent.ifaces},
+                                     max((i.index for i in agent.ifaces), default=-1) + 1)
+        self.hotplug, self.open_path = hotplug, open_path
         self._lock = asyncio.Lock()
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
@@ -157,24 +169,99 @@ class AgentReloader:
                 new = load_agent_config(path)
                 if self.v6_off:
                     new = replace(new, vipa6_fix="")
-                plan = plan_agent(self.cfg, new, self.slots, self.next_slot, self.interfaces)
+                live = self.hotplug is not None and self.open_path is not None
+                plan = plan_agent(self.cfg, new, self.slots, self.next_slot,
+                                  self.interfaces if live else set(self.interfaces.slots))
             except ConfigError as e:
                 return _refused(str(e))
             except ReloadRefused as e:
                 return _refused(f"{path}: {e}")
-            if plan.rules_changed:
+            added: list[tuple[IfacePlan, IfaceSeam]] = []
+            removed: list[IfaceSeam] = []
+            if plan.ifaces_changed:
+                try:     # sockets opened, the whole nft change dry-run: nothing moved yet
+                    added = await asyncio.to_thread(self._open_ifaces, plan)
+                except (SystemSetupError, OSError) as e:
+                    return _refused(f"{path}: {getattr(e, 'strerror', None) or e}")
+                removed = [s for n in plan.ifaces_removed
+                           if (s := self.agent.remove_iface(n)) is not None]
+            if plan.rules_changed or plan.ifaces_changed:
                 try:
-                    await asyncio.to_thread(self._host, plan)
+                    await asyncio.to_thread(self._host, plan, [p for p, _ in added])
                 except SystemSetupError as e:
+                    for _p, seam in added:
+                        seam.path.close()
+                    if plan.ifaces_removed:   # their flows moved already: they stay gone
+                        self._ifaces_gone(removed)
+                        log.error("reload: interfaces %s removed from the agent, but the "
+                                  "host refused the change: restart the agent (%s)",
+                                  ", ".join(plan.ifaces_removed), e)
                     return _refused(f"{path}: {e}")
+            if plan.ifaces_changed:
+                self._ifaces_gone(removed)
+                self._ifaces_new(plan, added)
+            if plan.gateways and self.hotplug is not None:
+                for ic in plan.gateways:
+                    self.hotplug.state.set_gateway(ic.name, ic.gateway)
             self._daemon(plan)
             changes = plan.changes()
             log.info("reloaded %s: %s", path, _summary(changes, plan.restart))
             return {"ok": True, "changes": changes, "restart": list(plan.restart)}
 
-    def _host(self, plan: AgentPlan) -> None:
+    def _open_ifaces(self, plan: AgentPlan) -> list[tuple[IfacePlan, IfaceSeam]]:
+        """Added interfaces: each one's socket (its mark, IPv6 when the device it will
+        get has a global IPv6 address, as at start), then the whole host change
+        dry-run. Runs in a worker thread; on failure the sockets opened are closed."""
+        assert plan.ifaces is not None and self.hotplug is not None
+        assert self.open_path is not None
+        out: list[tuple[IfacePlan, IfaceSeam]] = []
+        try:
+            for ic in plan.ifaces_added:
+                k = plan.ifaces.slots[ic.name]
+                device = self.hotplug.slots.would_bind(ic.name)
+                info = netlink.interface_info(device) if device else None
+                v6 = info is not None and info.address6 is not None
+                local = (info.address or info.address6 or "0.0.0.0") if info else "0.0.0.0"
+                path = self.open_path(self.cfg.fwmark + 1 + k, v6, local)
+                families = (info.families if info is not None else frozenset()) \
+                    or frozenset({4})
+                out.append((IfacePlan(k, ic.name, ic.gateway, path.local[1], waiting=True,
+                                      absent=True, v6=v6,
+                                      gateway6=info.gateway6 if info else None),
+                            IfaceSeam(ic.name, k, path, families)))
+            relative = self.cgroups.relative if self.cgroups is not None else None
+            # (cgroups of rules added here do not exist yet: nft would not resolve them)
+            if not (plan.added and self.cgroups is not None):
+                self.host.change(rule_matches(plan.cfg.rules, plan.slots, relative),
+                                 [p for p, _ in out], list(plan.ifaces_removed),
+                                 dry_run=True)
+        except BaseException:
+            for _p, seam in out:
+                seam.path.close()
+            raise
+        return out
+
+    def _ifaces_gone(self, seams: list[IfaceSeam]) -> None:
+        assert self.hotplug is not None
+        for seam in seams:
+            self.hotplug.remove_entry(seam.name)
+            seam.path.close()
+
+    def _ifaces_new(self, plan: AgentPlan, added: list[tuple[IfacePlan, IfaceSeam]]) -> None:
+        assert self.hotplug is not None and plan.ifaces is not None
+        gateways = {ic.name: ic.gateway for ic in plan.ifaces_added}
+        for p, seam in added:
+            assert isinstance(seam.path, PathSocket)
+            self.agent.add_iface(seam)
+            self.hotplug.add_entry(p.name, seam.path, self.cfg.fwmark + 1 + p.index,
+                                   gateways[p.name])
+        self.interfaces = plan.ifaces
+
+    def _host(self, plan: AgentPlan, added: list[IfacePlan] | None = None) -> None:
         """Cgroups of new rules (nft resolves their paths), the output chain in one
-        transaction, then the cgroups of removed rules. Runs in a worker thread."""
+        transaction (with interfaces added or removed: their ip rules, the prerouting
+        chain in the same transaction, the removed ones' routes), then the cgroups of
+        removed rules. Runs in a worker thread."""
         cg = self.cgroups
         made: list[str] = []
         try:
@@ -183,7 +270,11 @@ class AgentReloader:
                     cg.add(name)
                     made.append(name)
             relative = cg.relative if cg is not None else None
-            self.host.replace_rules(rule_matches(plan.cfg.rules, plan.slots, relative))
+            matches = rule_matches(plan.cfg.rules, plan.slots, relative)
+            if plan.ifaces_changed:
+                self.host.change(matches, added or [], list(plan.ifaces_removed))
+            else:
+                self.host.replace_rules(matches)
         except SystemSetupError:
             for name in made:
                 assert cg is not None

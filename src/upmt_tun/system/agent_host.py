@@ -196,26 +196,15 @@ def output_rules(*, fwmark: int, ifaces: list[IfacePlan], rules: list[RuleMatch]
     return output
 
 
-def agent_ruleset(
-    *,
-    tun: str,
-    vipa_fix: str,
-    fwmark: int,
-    ifaces: list[IfacePlan],
-    rules: list[RuleMatch],
-    tun_mtu: int | None = None,
-    mark_mask: int = MARK_MASK,
-    family: str = NFT_FAMILY,
-) -> str:
-    """The nft script creating table ``ip upmt_agent`` (fails if it already exists), or
-    with ``family`` "ip6" table ``ip6 upmt_agent6``: the same for IPv6 (``vipa_fix`` then
-    being vipa6_fix; rules whose dst is of the other family left out; no mesh pools)."""
+def prerouting_rules(*, tun: str, fwmark: int, ifaces: list[IfacePlan], tun_mtu: int | None,
+                     mark_mask: int = MARK_MASK, family: str = NFT_FAMILY) -> list[str]:
+    """The rules of chain ``prerouting``: one per access interface (its socket's port
+    gets its mark), then the TUN's. ``reload`` replaces this chain when interfaces are
+    added or removed (in the transaction that replaces ``output``)."""
     six = family == "ip6"
     q_tun = nft.quote(tun)
     mask = f"{MARK_MASK:#x}"
     packet_mark = f"ct mark and {mark_mask:#x}"     # F alone: no rule index in packet marks
-    output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask,
-                          family=family)
     # a pattern entry (usb*) has no one name for iifname: its port is its own, and its
     # socket, bound to the device behind the entry, takes only what arrives there
     prerouting = [
@@ -239,6 +228,29 @@ def agent_ruleset(
             f"iifname {q_tun} tcp flags syn tcp option maxseg size > {mss} "
             f"tcp option maxseg size set {mss}"
         )
+    return prerouting
+
+
+def agent_ruleset(
+    *,
+    tun: str,
+    vipa_fix: str,
+    fwmark: int,
+    ifaces: list[IfacePlan],
+    rules: list[RuleMatch],
+    tun_mtu: int | None = None,
+    mark_mask: int = MARK_MASK,
+    family: str = NFT_FAMILY,
+) -> str:
+    """The nft script creating table ``ip upmt_agent`` (fails if it already exists), or
+    with ``family`` "ip6" table ``ip6 upmt_agent6``: the same for IPv6 (``vipa_fix`` then
+    being vipa6_fix; rules whose dst is of the other family left out; no mesh pools)."""
+    six = family == "ip6"
+    q_tun = nft.quote(tun)
+    output = output_rules(fwmark=fwmark, ifaces=ifaces, rules=rules, mark_mask=mark_mask,
+                          family=family)
+    prerouting = prerouting_rules(tun=tun, fwmark=fwmark, ifaces=ifaces, tun_mtu=tun_mtu,
+                                  mark_mask=mark_mask, family=family)
     try:
         snat = str(ipaddress.IPv6Address(vipa_fix) if six else ipaddress.IPv4Address(vipa_fix))
     except ValueError:
@@ -312,6 +324,7 @@ class AgentHost:
         self.devices = {i.name: i.name for i in self.ifaces if not is_pattern(i.name)}
         self.devices.update(devices or {})
         self.prio_sockets, self.prio_steered = priority, priority + 1
+        self.tun_mtu: int | None = None       # read at setup (the MSS clamp of prerouting)
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
 
@@ -379,6 +392,7 @@ class AgentHost:
                 " cleanup_leftovers removes it)"
             )
         tun = netlink.interface_info(self.tun)
+        self.tun_mtu = tun.mtu
         present = [i for i in self.ifaces if not i.absent]
         indexes = {i.name: netlink.link_index(self.devices[i.name]) for i in present}
         script = agent_ruleset(
@@ -450,21 +464,89 @@ class AgentHost:
         self._undo.push(f"nft table ip6 {NFT_TABLE6}",
                         lambda: nft.delete_table("ip6", NFT_TABLE6))
 
-    def rules_script(self, rules: list[RuleMatch]) -> str:
+    def rules_script(self, rules: list[RuleMatch], ifaces: list[IfacePlan] | None = None
+                     ) -> str:
         """The nft script that replaces the rules of chain ``output`` by ``rules``: one
         transaction (flush and add). Connections keep their ct marks (conntrack's, not
-        the table's), so established ones stay steered whatever changed here."""
+        the table's), so established ones stay steered whatever changed here. With
+        ``ifaces`` (interfaces added or removed): chain ``prerouting`` too, and the
+        output chain's per-interface returns, in the same transaction."""
         if any(r.index < 0 or r.index + 1 > MARK_MASK for r in rules):
             raise SystemSetupError("rule index out of range for the ct mark")
         lines = []
         tables = [(NFT_FAMILY, NFT_TABLE)] + ([("ip6", NFT_TABLE6)] if self.vipa6_fix else [])
+        plans = self.ifaces if ifaces is None else ifaces
         for family, table in tables:        # IPv4's and IPv6's in the same transaction
             head = f"{family} {table} output"
             lines.append(f"flush chain {head}")
             lines += [f"add rule {head} {r}" for r in output_rules(
-                fwmark=self.fwmark, ifaces=self.ifaces, rules=rules,
+                fwmark=self.fwmark, ifaces=plans, rules=rules,
                 mark_mask=self.mark_mask, family=family)]
+            if ifaces is not None:
+                head = f"{family} {table} prerouting"
+                lines.append(f"flush chain {head}")
+                lines += [f"add rule {head} {r}" for r in prerouting_rules(
+                    tun=self.tun, fwmark=self.fwmark, ifaces=plans, tun_mtu=self.tun_mtu,
+                    mark_mask=self.mark_mask, family=family)]
         return "\n".join(lines) + "\n"
+
+    def _check_iface(self, plan: IfacePlan) -> None:
+        mark, table = self.fwmark + 1 + plan.index, self.table + 1 + plan.index
+        if mark > MARK_MASK or mark & ~self.mark_mask:
+            raise SystemSetupError(f"interface {plan.name}: its mark {mark:#x} does not fit "
+                                   f"mark_mask {self.mark_mask:#x} (restart the agent)")
+        if table >= 0xFFFFFFFF or table in (253, 254, 255):
+            raise SystemSetupError(f"interface {plan.name}: routing table {table} is not "
+                                   "usable (restart the agent)")
+
+    def _iface_rules(self, plan: IfacePlan) -> list[Rule]:
+        mark, table = self.fwmark + 1 + plan.index, self.table + 1 + plan.index
+        rules = [Rule(self.prio_sockets, table, mark, self.mark_mask)]
+        if plan.v6:
+            rules.append(Rule(self.prio_sockets, table, mark, self.mark_mask,
+                              family=AF_INET6))
+        return rules
+
+    def change(self, rules: list[RuleMatch], added: list[IfacePlan], removed: list[str],
+               *, dry_run: bool = False) -> None:
+        """``reload`` with interfaces added or removed: the added ones' ip rules (their
+        tables stay empty until a device with an address comes: :meth:`bind_device`,
+        :meth:`restore_iface_route`), then one nft transaction (dry-run first) replacing
+        chains ``output`` and ``prerouting``, then the removed ones' ip rules and routes.
+        A failure before the transaction took undoes the ip rules it added and raises
+        SystemSetupError; the host is then as before."""
+        gone = set(removed)
+        for p in added:
+            self._check_iface(p)
+        plans = [i for i in self.ifaces if i.name not in gone] + list(added)
+        script = self.rules_script(rules, plans)
+        nft.check(script)
+        if dry_run:
+            return
+        made: list[Rule] = []
+        try:
+            for p in added:
+                for rule in self._iface_rules(p):
+                    netlink.add_rule(rule)
+                    made.append(rule)
+            nft.apply(script)
+        except SystemSetupError:
+            for rule in made:
+                netlink.delete_rule(rule)
+            raise
+        for p in added:            # teardown: its rules, its table (whatever route it has)
+            table = self.table + 1 + p.index
+            self._undo.push(f"routes of table {table}", partial(netlink.flush_table, table))
+            for rule in self._iface_rules(p):
+                self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+        for p in [i for i in self.ifaces if i.name in gone]:
+            for rule in self._iface_rules(p):
+                netlink.delete_rule(rule)
+            netlink.flush_table(self.table + 1 + p.index)
+            self.devices.pop(p.name, None)
+        self.ifaces, self.rules = plans, list(rules)
+        log.info("interfaces changed: %s", ", ".join(
+            [f"{p.name} added" for p in added] + [f"{n} removed" for n in removed]))
 
     def replace_rules(self, rules: list[RuleMatch], *, dry_run: bool = False) -> None:
         """``reload``: steer new connections by ``rules`` from now on (dry-run first: a

@@ -98,11 +98,15 @@ class InterfaceState:
 
     async def recheck(self, name: str) -> None:
         """Read ``name`` again and act on what changed."""
+        if name not in self.gateway:             # removed by a reload meanwhile
+            return
         try:
             address, gateway = await asyncio.to_thread(self.read, name)
         except Exception as e:       # the interface vanished: unusable until it returns
             log.warning("interface %s: %s", name, e)
             address, gateway = None, None
+        if name not in self.gateway:
+            return
         was_usable, old_address = self.usable(name), self.address[name]
         returned = name in self._dirty
         self._dirty.discard(name)
@@ -160,6 +164,35 @@ class InterfaceState:
             task = asyncio.get_running_loop().create_task(self._call(self.adopt, old, "keep"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def add(self, name: str, gateway: str | None) -> None:
+        """``reload``: a new entry, without a device for now (:meth:`bind` gives it one;
+        ``gateway``: the configured one, None: the main table's)."""
+        self.configured[name] = gateway
+        self.gateway[name] = gateway
+        self.carrier[name], self.address[name] = False, None
+
+    def remove(self, name: str) -> None:
+        """``reload``: entry ``name`` is no longer used: forgotten (no event about it is
+        acted on from now on; the driver moved its flows)."""
+        self._forget_index(name)
+        if (h := self._timers.pop(name, None)) is not None:
+            h.cancel()
+        self._dirty.discard(name)
+        self.configured.pop(name, None)
+        self.gateway.pop(name, None)
+        self.carrier.pop(name, None)
+        self.address.pop(name, None)
+
+    def set_gateway(self, name: str, gateway: str | None) -> None:
+        """``reload``: entry ``name``'s configured ``gateway`` changed (None: the main
+        table's from now on): its table's route is made again (when it has an address)."""
+        if name not in self.gateway:
+            return
+        self.configured[name] = gateway
+        self.gateway[name] = None         # whatever it was: recheck makes the route again
+        if name in self.names.values():
+            self._schedule(name)
 
     def _forget_index(self, name: str) -> None:
         for index in [i for i, n in self.names.items() if n == name]:
