@@ -18,6 +18,9 @@ import pytest
 import upmt_tun
 from upmt_tun import api, events
 from upmt_tun.control import ControlServer
+from upmt_tun.reload_driver import AgentReloader
+from upmt_tun.resolve import AnchorResolver, ResolveSchedule
+from upmt_tun.system.agent_host import RuleMatch
 from upmt_tun.system.cgroups import RuleCgroups
 
 from . import pktbuild as pb
@@ -108,6 +111,85 @@ async def test_move_through_the_api(tmp_path: Path) -> None:
         assert agent.rules() == ["web", "video"]
     finally:
         await agent._stop_tasks()
+        await w.stop()
+
+
+class _Host:
+    """AgentHost's rule seam: records each rule set (slot, dst_port), or refuses."""
+
+    def __init__(self) -> None:
+        self.refuse = ""
+        self.applied: list[list[tuple[int, str]]] = []
+
+    def replace_rules(self, rules: list[RuleMatch], *, dry_run: bool = False) -> None:
+        if self.refuse:
+            raise upmt_tun.SystemSetupError(self.refuse)
+        self.applied.append([(r.index, str(r.dst_port)) for r in rules])
+
+
+@pytest.mark.virtual_time
+async def test_rules_added_and_removed_one_by_one(tmp_path: Path) -> None:
+    """add_rule (a Rule or keywords; last or before another), remove_rule: new flows
+    follow at once, each new rule gets a slot never used in this run; bad fields, names
+    and a refusing host change nothing; a later file reload applies the file as it is
+    (the rule added in code goes, the one removed in code comes back)."""
+    w = World(tmp_path, rules=RULES)
+    agent = _wrap(w, tmp_path)
+    schedule = ResolveSchedule({a.name: (a.host, a.port) for a in w.cfg.anchors}, 0.0)
+    host = _Host()
+    agent._reloader = AgentReloader(w.cfg, agent=w.agent, host=host,  # type: ignore[arg-type]
+                                    cgroups=None, schedule=schedule, lookup=None,
+                                    resolver=AnchorResolver(schedule,
+                                                            w.agent.set_anchor_address))
+    await w.start()
+    try:
+        assert await agent.add_rule(name="dns", protocol="udp", dst_port=53,
+                                    via=["wan1"], before="video") == ["rule dns added"]
+        assert agent.rules() == ["web", "dns", "video"]
+        assert host.applied[-1] == [(0, "(80, 80)"), (2, "(53, 53)"), (1, "None")]
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5000, 53, b"q"))
+        w.mh_tun.inject(pb.udp("100.64.0.1", CH, 5001, 6000, b"v"))
+        await w.settle()
+        flows = {f["rule"]: f["interface"] for f in agent.status()["flows"]}
+        assert flows == {"dns": "wan1", "video": "wan2"}
+
+        rule = upmt_tun.Rule(0, "ssh", "tcp", dst_port=(22, 22), via=("wan2",))
+        assert await agent.add_rule(rule) == ["rule ssh added"]
+        assert agent.rules()[-1] == "ssh" and host.applied[-1][-1] == (3, "(22, 22)")
+        assert await agent.remove_rule("dns") == ["rule dns removed"]
+        assert agent.rules() == ["web", "video", "ssh"]
+        # dns's flow keeps its tunnel until it ends; the slot 2 is never given again
+        assert await agent.add_rule(name="dns", protocol="udp", dst_port=53) == [
+            "rule dns added"]
+        assert host.applied[-1][-1] == (4, "(53, 53)")
+
+        before = (agent.rules(), len(host.applied))
+        with pytest.raises(upmt_tun.UsageError, match="exists"):
+            await agent.add_rule(name="ssh", protocol="tcp")
+        with pytest.raises(upmt_tun.UsageError, match="no rule 'nope' to add"):
+            await agent.add_rule(name="x", before="nope")
+        with pytest.raises(upmt_tun.UsageError, match="no rule 'nope'"):
+            await agent.remove_rule("nope")
+        with pytest.raises(upmt_tun.UsageError, match="not both"):
+            await agent.add_rule(rule, name="y")
+        with pytest.raises(upmt_tun.ConfigError, match="add_rule: rule.0..via: 'wan9'"):
+            await agent.add_rule(name="x", via=["wan9"])
+        with pytest.raises(upmt_tun.ConfigError, match="dst_port"):
+            await agent.add_rule(name="x", protocol="tcp", dst_port="80-70")
+        with pytest.raises(upmt_tun.ConfigError, match="protocol"):
+            await agent.add_rule(name="x", protocol="sctp")
+        host.refuse = "nft: Error: refused"
+        with pytest.raises(upmt_tun.SystemSetupError, match="add_rule x: nft: Error: refused"):
+            await agent.add_rule(name="x", protocol="tcp", dst_port=81)
+        host.refuse = ""
+        assert (agent.rules(), len(host.applied)) == before
+
+        # the file wins: its rules as written (ssh and the second dns go, video stays)
+        answer = await agent._reloader.reload(w.cfg.path)
+        assert answer["ok"] and agent.rules() == ["web", "video"]
+        assert sorted(answer["changes"]) == ["rule dns removed", "rule ssh removed"]
+        assert host.applied[-1] == [(0, "(80, 80)"), (1, "None")]
+    finally:
         await w.stop()
 
 

@@ -70,14 +70,23 @@ while time.monotonic() < end:
 """
 
 
-# an application whose code raises inside the block, and one cancelled at various points
+# an application that adds a rule before "web" for a while (its download is that rule's,
+# on wan2), then whose code raises inside the block, and one cancelled at various points
 # of the set-up and after it: the host is restored every time
 RAISE_AND_CANCEL = """
 import asyncio, sys, upmt_tun
-cfg = sys.argv[1]
+cfg, ch = sys.argv[1], sys.argv[2]
 async def boom():
     async with upmt_tun.Agent.open(cfg) as agent:
         await agent.ready()
+        print(await agent.add_rule(name="late", protocol="tcp", dst=ch + "/32",
+                                   dst_port=8080, via=["wan2"], before="web"))
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-m", "10", "-o", "/dev/null", f"http://{ch}:8080/file.bin")
+        assert await curl.wait() == 0
+        print(sorted({(f["rule"], f["interface"]) for f in agent.status()["flows"]
+                      if f["dport"] == 8080}))
+        print(await agent.remove_rule("late"), agent.rules())
         raise RuntimeError("application bug")
 async def forever():
     async with upmt_tun.Agent.open(cfg):
@@ -265,10 +274,12 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
             topo.run("mh", "tc", "qdisc", "del", "dev", "wan1", "root", check=False)
         assert host_state(topo, "mh") == mh_before
 
-        r = topo.run("mh", PY, "-c", RAISE_AND_CANCEL, agent_toml, timeout=60)
-        assert r.stdout.split("\n")[:5] == [
-            "raised: application bug", "cancelled after 0.02", "cancelled after 0.15",
-            "cancelled after 0.4", "cancelled after 2.0"], r.stdout + r.stderr
+        r = topo.run("mh", PY, "-c", RAISE_AND_CANCEL, agent_toml, CH, timeout=60)
+        assert r.stdout.split("\n")[:8] == [
+            "['rule late added']", "[('late', 'wan2')]",
+            "['rule late removed'] ['web', 'prog']", "raised: application bug",
+            "cancelled after 0.02", "cancelled after 0.15", "cancelled after 0.4",
+            "cancelled after 2.0"], r.stdout + r.stderr
         assert host_state(topo, "mh") == mh_before
     finally:
         anchor.send_signal(signal.SIGTERM)

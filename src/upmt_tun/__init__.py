@@ -19,7 +19,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .config import AgentConfig, AnchorConfig, ConfigError, load_agent_config, load_anchor_config
+from .config import (
+    AgentConfig,
+    AnchorConfig,
+    ConfigError,
+    Rule,
+    load_agent_config,
+    load_anchor_config,
+)
 from .events import (
     AnchorAssociated,
     AnchorLost,
@@ -48,7 +55,7 @@ __all__ = [
     "ConfigError", "ControlError", "Dropped", "Event", "FlowChoice", "FlowClosed",
     "FlowMoved", "FlowNew",
     "HostAssociated", "HostLost", "MoveError", "PathOption", "PathQuality", "PeerPath",
-    "Policy", "ReturnChoice", "StartupError", "Subscription", "SystemSetupError",
+    "Policy", "ReturnChoice", "Rule", "StartupError", "Subscription", "SystemSetupError",
     "TunnelDown", "TunnelUp", "UsageError", "__version__", "load_agent_config",
     "load_anchor_config",
 ]

@@ -19,8 +19,10 @@ waits for that step to end (never half a host change), then everything made so f
 undone and the cancellation goes on. The CLI (``upmt-agent up``, ``upmt-anchor``) is a
 user of this module; signals, the ``ready`` line and sd_notify stay there.
 
-Rules, anchors and peers change at run time with :meth:`Agent.reload` /
-:meth:`Anchor.reload` (a changed config file, as ``upmt-agent reload``).
+Rules, interfaces, anchors and peers change at run time with :meth:`Agent.reload` /
+:meth:`Anchor.reload` (a changed config file, as ``upmt-agent reload``); an agent's
+rules one at a time with :meth:`Agent.add_rule` / :meth:`Agent.remove_rule` (in memory:
+a later file reload applies the file as it is).
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ from .config import (
     MIN_IPV6_MTU,
     AgentConfig,
     AnchorConfig,
+    Rule,
     format_host_port,
     load_agent_config,
     load_anchor_config,
+    make_rule,
+    rule_fields,
 )
 from .control import ControlServer, ensure_free
 from .dataplane.io import PathSocket, TunDevice, open_udp
@@ -456,6 +461,7 @@ class Agent(_Daemon):
         self._assoc: dict[str, str] = {}          # anchor -> VIpA reported
         self._quality: dict[int, tuple[float, float | None, float | None]] = {}
         self._peer_paths: dict[str, tuple[str, str | None]] = {}
+        self._reloader: AgentReloader | None = None       # set by open(): rule edits
         core.observe = self._on_action
         core.fwd.paft.watchers.append(self._on_flow)
 
@@ -508,9 +514,66 @@ class Agent(_Daemon):
         return self._core.move(via=via, rule=rule, flow=flow, anchor=anchor)
 
     def rules(self) -> list[str]:
-        """The rules' names, in match order, as running now (:meth:`reload` adds,
-        removes and edits them)."""
+        """The rules' names, in match order, as running now (:meth:`reload`,
+        :meth:`add_rule` and :meth:`remove_rule` change them)."""
         return [r.name for r in self._core.cfg.rules]
+
+    async def add_rule(self, rule: Rule | None = None, *, before: str | None = None,
+                       name: str | None = None, **fields: Any) -> list[str]:
+        """Add a rule now: a :class:`~upmt_tun.Rule` (its ``index`` is ignored) or its
+        fields as keywords (``name=``, ``protocol=``, ``dst=``, ``dst_port=`` a number,
+        ``"LOW-HIGH"`` or a pair, ``src_port=``, ``uid=``, ``cgroup=``, ``via=``,
+        ``anchor=``), checked as a ``[[rule]]`` of the file is. It goes last, or right
+        before rule ``before`` (first match wins), steers new connections at once and
+        gets a mark slot never used in this run, as a rule a reload adds. Returns what
+        changed (``["rule NAME added"]``).
+
+        ``ConfigError`` for a bad field, ``UsageError`` for a name that exists or a
+        ``before`` that does not, ``SystemSetupError`` (one line) when the agent or
+        nftables refuses it; nothing changes then. The change is in memory: a later
+        :meth:`reload` (or ``upmt-agent reload``, SIGHUP) applies the file as it is,
+        which removes a rule added here unless the file has it too."""
+        if rule is not None:
+            if name is not None or fields:
+                raise _agent.UsageError("add_rule: give a Rule or its fields, not both")
+            name, fields = rule.name, rule_fields(rule)
+        if name is None:
+            raise _agent.UsageError("add_rule: a rule needs a name")
+        new = make_rule(self._core.cfg, name, source="add_rule", **fields)
+
+        def edit(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+            if any(r.name == new.name for r in rules):
+                raise _agent.UsageError(f"rule {new.name!r} exists (remove_rule it first)")
+            if before is None:
+                return (*rules, new)
+            at = next((i for i, r in enumerate(rules) if r.name == before), None)
+            if at is None:
+                raise _agent.UsageError(f"no rule {before!r} to add {new.name!r} before")
+            return (*rules[:at], new, *rules[at:])
+
+        return await self._edit_rules(edit, f"add_rule {new.name}")
+
+    async def remove_rule(self, name: str) -> list[str]:
+        """Remove rule ``name`` now: it steers no new connection; its existing flows keep
+        their tunnel and mark until they end (as with a reload), and its slot is never
+        handed to another rule in this run. Returns what changed; ``UsageError`` for an
+        unknown name. In memory, as :meth:`add_rule`: a later :meth:`reload` applies the
+        file as it is."""
+        def edit(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+            if all(r.name != name for r in rules):
+                raise _agent.UsageError(f"no rule {name!r}")
+            return tuple(r for r in rules if r.name != name)
+
+        return await self._edit_rules(edit, f"remove_rule {name}")
+
+    async def _edit_rules(self, edit: Callable[[tuple[Rule, ...]], tuple[Rule, ...]],
+                          source: str) -> list[str]:
+        if self._reloader is None:
+            raise _agent.UsageError("this agent cannot change its rules")
+        answer = await self._reloader.edit_rules(edit, source)
+        if not answer["ok"]:
+            raise SystemSetupError(str(answer["error"]))
+        return list(answer["changes"])
 
     def cgroup(self, rule: str) -> str | None:
         """The cgroup (v2) directory whose processes' traffic belongs to ``rule``, or None
@@ -821,6 +884,7 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
                                  slot_file=slot_file, v6_off=cfg.vipa6_fix != file_vipa6,
                                  hotplug=hot, open_path=open_path)
         api = cls(core, cfg, control_path, cgroups, policy, reloader.reload)
+        api._reloader = reloader
         await _serve_control(api, cfg.group, cfg.metrics, render_agent, cleanup)
         await core.start()
         cleanup.append(core.stop)

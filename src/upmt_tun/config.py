@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "InterfaceConfig",
     "Rule",
+    "make_rule",
     "load_agent_config",
     "format_host_port",
     "load_anchor_config",
@@ -577,6 +578,45 @@ def _rule(path: str, r: _Reader, i: int, t: Any, ifaces: set[str], anchors: set[
     rr.finish()
     return Rule(i, name, protocol, dst, ports["dst_port"], ports["src_port"], uid, cgroup,
                 tuple(via), anchor)
+
+
+def make_rule(cfg: AgentConfig, name: str, *, protocol: str = "any",
+              dst: str | ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+              dst_port: int | str | tuple[int, int] | None = None,
+              src_port: int | str | tuple[int, int] | None = None,
+              uid: int | str | None = None, cgroup: str | None = None,
+              via: tuple[str, ...] | list[str] = (), anchor: str | None = None,
+              source: str = "add_rule") -> Rule:
+    """A rule for ``cfg`` given in code (``Agent.add_rule``), checked exactly as a
+    ``[[rule]]`` table of its file: ConfigError (one line, ``source`` in place of the
+    file) for a bad field, a ``via`` that is not one of its ``[[interface]]`` entries or
+    an ``anchor`` that is not one of its anchors. Ports: a number, ``"LOW-HIGH"`` or a
+    ``(low, high)`` pair. Its ``index`` (position) is set where it is inserted."""
+    t: dict[str, Any] = {"name": name, "protocol": protocol}
+    if dst is not None:
+        t["dst"] = str(dst)
+    for k, v in (("dst_port", dst_port), ("src_port", src_port)):
+        if isinstance(v, tuple):
+            t[k] = f"{v[0]}-{v[1]}" if len(v) == 2 and all(
+                type(x) is int for x in v) else repr(v)
+        elif v is not None:
+            t[k] = v
+    for k, w in (("uid", uid), ("cgroup", cgroup), ("anchor", anchor)):
+        if w is not None:
+            t[k] = w
+    if via:
+        t["via"] = list(via)
+    r = _Reader(source, {"rule": [t]})
+    return _rule(source, r, 0, t, {i.name for i in cfg.interfaces},
+                 {a.name for a in cfg.anchors})
+
+
+def rule_fields(rule: Rule) -> dict[str, Any]:
+    """A rule's fields as :func:`make_rule` takes them (to check a :class:`Rule` built in
+    code the same way)."""
+    return {"protocol": rule.protocol, "dst": rule.dst, "dst_port": rule.dst_port,
+            "src_port": rule.src_port, "uid": rule.uid, "cgroup": rule.cgroup,
+            "via": rule.via, "anchor": rule.anchor}
 
 
 def load_anchor_config(path: str) -> AnchorConfig:

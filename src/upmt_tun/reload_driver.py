@@ -162,51 +162,71 @@ class AgentReloader:
         self._lock = asyncio.Lock()
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
-        """Apply config file ``path`` (default: the one running) now."""
+        """Apply config file ``path`` (default: the one running) now. The file is the
+        whole truth: rules added or removed by :meth:`edit_rules` since are replaced by
+        the file's."""
         async with self._lock:
             path = path or self.cfg.path
             try:
                 new = load_agent_config(path)
                 if self.v6_off:
                     new = replace(new, vipa6_fix="")
-                live = self.hotplug is not None and self.open_path is not None
-                plan = plan_agent(self.cfg, new, self.slots, self.next_slot,
-                                  self.interfaces if live else set(self.interfaces.slots))
             except ConfigError as e:
                 return _refused(str(e))
-            except ReloadRefused as e:
+            return await self._apply(new, path)
+
+    async def edit_rules(self, edit: Callable[[tuple[Rule, ...]], tuple[Rule, ...]],
+                         source: str) -> dict[str, Any]:
+        """The running rules changed in code (``Agent.add_rule``/``remove_rule``):
+        ``edit(rules)`` gives the new rules (called under the reload lock, so two edits
+        never lose one another; it may raise to refuse: nothing changes). Planned and
+        carried out as a reload of the running config with those rules (same mark slots,
+        same nft transaction); ``source`` names it in the log and errors."""
+        async with self._lock:
+            rules = tuple(replace(r, index=i) for i, r in enumerate(edit(self.cfg.rules)))
+            if len(rules) > 255:
+                return _refused(f"{source}: at most 255 rules")
+            return await self._apply(replace(self.cfg, rules=rules), source)
+
+    async def _apply(self, new: AgentConfig, path: str) -> dict[str, Any]:
+        """Plan from the running config to ``new`` and carry it out (under the lock)."""
+        try:
+            live = self.hotplug is not None and self.open_path is not None
+            plan = plan_agent(self.cfg, new, self.slots, self.next_slot,
+                              self.interfaces if live else set(self.interfaces.slots))
+        except ReloadRefused as e:
+            return _refused(f"{path}: {e}")
+        added: list[tuple[IfacePlan, IfaceSeam]] = []
+        removed: list[IfaceSeam] = []
+        if plan.ifaces_changed:
+            try:     # sockets opened, the whole nft change dry-run: nothing moved yet
+                added = await asyncio.to_thread(self._open_ifaces, plan)
+            except (SystemSetupError, OSError) as e:
+                return _refused(f"{path}: {getattr(e, 'strerror', None) or e}")
+            removed = [s for n in plan.ifaces_removed
+                       if (s := self.agent.remove_iface(n)) is not None]
+        if plan.rules_changed or plan.ifaces_changed:
+            try:
+                await asyncio.to_thread(self._host, plan, [p for p, _ in added])
+            except SystemSetupError as e:
+                for _p, seam in added:
+                    seam.path.close()
+                if plan.ifaces_removed:   # their flows moved already: they stay gone
+                    self._ifaces_gone(removed)
+                    log.error("reload: interfaces %s removed from the agent, but the "
+                              "host refused the change: restart the agent (%s)",
+                              ", ".join(plan.ifaces_removed), e)
                 return _refused(f"{path}: {e}")
-            added: list[tuple[IfacePlan, IfaceSeam]] = []
-            removed: list[IfaceSeam] = []
-            if plan.ifaces_changed:
-                try:     # sockets opened, the whole nft change dry-run: nothing moved yet
-                    added = await asyncio.to_thread(self._open_ifaces, plan)
-                except (SystemSetupError, OSError) as e:
-                    return _refused(f"{path}: {getattr(e, 'strerror', None) or e}")
-                removed = [s for n in plan.ifaces_removed
-                           if (s := self.agent.remove_iface(n)) is not None]
-            if plan.rules_changed or plan.ifaces_changed:
-                try:
-                    await asyncio.to_thread(self._host, plan, [p for p, _ in added])
-                except SystemSetupError as e:
-                    for _p, seam in added:
-                        seam.path.close()
-                    if plan.ifaces_removed:   # their flows moved already: they stay gone
-                        self._ifaces_gone(removed)
-                        log.error("reload: interfaces %s removed from the agent, but the "
-                                  "host refused the change: restart the agent (%s)",
-                                  ", ".join(plan.ifaces_removed), e)
-                    return _refused(f"{path}: {e}")
-            if plan.ifaces_changed:
-                self._ifaces_gone(removed)
-                self._ifaces_new(plan, added)
-            if plan.gateways and self.hotplug is not None:
-                for ic in plan.gateways:
-                    self.hotplug.state.set_gateway(ic.name, ic.gateway)
-            self._daemon(plan)
-            changes = plan.changes()
-            log.info("reloaded %s: %s", path, _summary(changes, plan.restart))
-            return {"ok": True, "changes": changes, "restart": list(plan.restart)}
+        if plan.ifaces_changed:
+            self._ifaces_gone(removed)
+            self._ifaces_new(plan, added)
+        if plan.gateways and self.hotplug is not None:
+            for ic in plan.gateways:
+                self.hotplug.state.set_gateway(ic.name, ic.gateway)
+        self._daemon(plan)
+        changes = plan.changes()
+        log.info("reloaded %s: %s", path, _summary(changes, plan.restart))
+        return {"ok": True, "changes": changes, "restart": list(plan.restart)}
 
     def _open_ifaces(self, plan: AgentPlan) -> list[tuple[IfacePlan, IfaceSeam]]:
         """Added interfaces: each one's socket (its mark, IPv6 when the device it will
