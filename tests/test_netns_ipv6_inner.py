@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from upmt_tun.lab import DEFAULT_RULES, Lab
+from upmt_tun.lab import DEFAULT_RULES, Lab, exe
 from upmt_tun.testbed import Topology, host_state, tool_missing
 
 from .conftest import netns_missing
@@ -108,7 +108,8 @@ def test_curl6_and_curl4_through_the_tunnel_ptb_host_restored(topo: Topology,
         lab.procs["agent"].send_signal(signal.SIGKILL)
         lab.procs["agent"].wait(5)
         assert "upmt_agent6" in topo.run("mh", "nft", "list", "tables").stdout
-        lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(lab.dir / "agent.toml")])
+        lab._start("agent", "mh",  # noqa: SLF001
+                   [*exe("upmt-agent"), "up", "--config", str(lab.dir / "agent.toml")])
         r = topo.run("mh", "curl", "-6", "-sS", "-m", "10", "-o", "/dev/null", "-w",
                      "%{http_code}", f"http://[{CH6}]:8080/f", check=False, timeout=15)
         assert r.stdout == "200", r.stderr

@@ -5,11 +5,11 @@ item 1 and the outer parts of items 3 and 6).
         wan1 10.1.0.2                wan2 2001:db8:2::2 (no IPv4), default via fe80::1
             |                             |
         ns nat1 (IPv4 masquerade)     ns nat2: IPv6 router, firewall: only outgoing and
-        203.0.113.11                  replies (ip6 testbed_fw), 2001:db8:ff::12
+        203.0.113.11                  replies (ip6 testbed_fw), 2001:db8:113::12
               \\                           /
                ns inet: bridge br0
               /                 \\
-   ns an 203.0.113.1 + 2001:db8:ff::1       ns ch 203.0.113.100 (IPv4 only)
+   ns an 203.0.113.1 + 2001:db8:113::1      ns ch 203.0.113.100 (IPv4 only)
    upmt-anchor, listen = "[::]:5060"
 
 A legacy curl through the IPv6-only interface (rule ``v6web`` via wan2 only) reaches the
@@ -114,10 +114,10 @@ def test_ipv6_only_access_carries_tunnels_and_flows_move_across_families(
     lab.start()
     try:
         st = lab.agent_status()
-        assert st["anchors"][0]["address"] == "203.0.113.1:5060 [2001:db8:ff::1]:5060", st
+        assert st["anchors"][0]["address"] == "203.0.113.1:5060 [2001:db8:113::1]:5060", st
         tun = {t["interface"]: t for t in st["tunnels"]}
         assert tun["wan1"]["remote"] == "203.0.113.1:5060"
-        assert tun["wan2"]["remote"] == "[2001:db8:ff::1]:5060"
+        assert tun["wan2"]["remote"] == "[2001:db8:113::1]:5060"
         assert tun["wan2"]["local"].startswith("[2001:db8:2::2]:")
         wait_for("both tunnels up",
                  lambda: all(t["state"] == "up" for t in lab.agent_status()["tunnels"]))
