@@ -8,17 +8,19 @@ from __future__ import annotations
 import textwrap
 
 
-def paced_tcp_server(port: int, lines: int, every: float) -> str:
-    """The server's source, for ``python3 -u -c``."""
+def paced_tcp_server(port: int, lines: int, every: float, host: str = "0.0.0.0") -> str:
+    """The server's source, for ``python3 -u -c``; ``host`` ``"::"`` listens on IPv6 (and
+    IPv4-mapped), the peer then printed as ``peer [IP]:PORT``."""
+    family = "AF_INET6" if ":" in host else "AF_INET"
     return textwrap.dedent(f"""
         import socket, time
-        srv = socket.socket()
+        srv = socket.socket(socket.{family})
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("0.0.0.0", {port}))
+        srv.bind(({host!r}, {port}))
         srv.listen(1)
         print("listening", flush=True)
         c, peer = srv.accept()
-        print("peer %s:%d" % peer, flush=True)
+        print(("peer [%s]:%d" if ":" in peer[0] else "peer %s:%d") % peer[:2], flush=True)
         t0 = time.monotonic()
         for i in range({lines}):
             c.sendall(b"%099d\\n" % i)

@@ -119,6 +119,25 @@ def test_second_mobile_host_behind_its_own_nat_on_the_same_subnet() -> None:
     assert _our_namespaces(t) == []
 
 
+def test_ipv6_access_and_ipv6_inside_share_one_segment_plan() -> None:
+    """Both IPv6 options at once (issue 14's item 6): the union of their segment addresses,
+    wan2 IPv6-only behind the firewall, wan1 IPv4 behind its NAT."""
+    with Topology(v6_access=True, inner_v6=True) as t:
+        assert t.addresses6 == {"an": "2001:db8:113::1", "nat2": "2001:db8:113::12",
+                                "ch": "2001:db8:113::100"}
+        assert "inet " not in t.run("mh", "ip", "-4", "-o", "addr", "show", "dev",
+                                    "wan2").stdout
+        t.run("mh", "ping", "-c1", "-W1", t.addresses["an"])                 # via nat1
+        t.run("mh", "ping", "-6", "-c1", "-W1", t.addresses6["an"])          # via wan2
+        t.run("an", "ping", "-6", "-c1", "-W1", t.addresses6["ch"])          # dual stack
+        t.run("ch", "ping", "-c1", "-W1", t.addresses["an"])
+        refused = t.run("an", "ping", "-6", "-c1", "-W1", "2001:db8:2::2", check=False)
+        assert refused.returncode != 0                       # only outgoing gets in
+        assert "disable_ipv6 = 1" in t.run("nat1", "sysctl", "net.ipv6.conf.all."
+                                           "disable_ipv6").stdout
+    assert _our_namespaces(t) == []
+
+
 def test_down_kills_everything_and_is_idempotent() -> None:
     t = Topology().up()
     tracked = t.popen("ch", "sleep", "300")

@@ -15,10 +15,11 @@ r"""Network-namespace topologies for the demo, the netns tests and the benchmark
 
 Optional second anchor ``an2`` 203.0.113.2 (``anchors=2``).
 
-Optional IPv6 inside the tunnels (``inner_v6=True``): the access networks stay IPv4 only,
-but ``mh`` has IPv6 enabled (for its TUN) and the anchors and the correspondent are dual
-stack on the segment: ``an`` 2001:db8:113::1/64, ``an2`` 2001:db8:113::2/64, ``ch``
-2001:db8:113::100/64 (no DAD).
+Optional IPv6 inside the tunnels (``inner_v6=True``): ``mh`` has IPv6 enabled (for its
+TUN) and the anchors and the correspondent are dual stack on the segment, whose IPv6 plan
+is one for every option (:data:`SEGMENT6`): ``an`` 2001:db8:113::1/64, ``an2``
+2001:db8:113::2/64, ``ch`` 2001:db8:113::100/64 (no DAD); alone, the access networks stay
+IPv4 only.
 
 Optional second mobile host (``second_mh=True``, UPMT-DAM mesh tests), behind a NAT of its
 own and on the *same* private subnet as the first one's wan1::
@@ -32,10 +33,14 @@ routed (no NAT) by nat2 behind a firewall that lets only outgoing connections an
 replies through (``ip6 testbed_fw``), and the anchor is dual-stack::
 
    ns "mh" wan2 2001:db8:2::2/64, default via fe80::1 (nat2's lan, as from an RA); no IPv4
-   ns "nat2" lan fe80::1, 2001:db8:2::1/64; eth0 2001:db8:ff::12/64 (and its IPv4 one)
-   ns "an" eth0 2001:db8:ff::1/64 besides 203.0.113.1 (route to 2001:db8:2::/64 via nat2)
+   ns "nat2" lan fe80::1, 2001:db8:2::1/64; eth0 2001:db8:113::12/64 (and its IPv4 one)
+   ns "an" eth0 2001:db8:113::1/64 besides 203.0.113.1 (route to 2001:db8:2::/64 via nat2)
 
-IPv6 is on only in those three namespaces (DAD and router advertisements off).
+Both together (``v6_access=True, inner_v6=True``: issue 14's item 6 in one topology):
+wan2 IPv6-only behind the IPv6 firewall, wan1 IPv4 behind its NAT, the anchor and the
+correspondent dual-stack, the segment's addresses as above (the union of both).
+
+IPv6 is on only in the namespaces these options name (DAD and router advertisements off).
 
 Interface names: the MH has ``wan1``/``wan2``; each NAT has ``lan`` (towards the MH) and
 ``eth0`` (its inet side); an, an2, ch and atk have ``eth0``; the ports of ``br0`` in ``inet``
@@ -67,10 +72,13 @@ HOST_IF = "eth0"
 BRIDGE = "br0"
 KILL_GRACE = 3.0
 
-V6_SEGMENT = {"an": "2001:db8:ff::1", "nat2": "2001:db8:ff::12"}
+# The segment's one IPv6 plan (a /64), whichever of v6_access and inner_v6 are on: each
+# puts its roles on it (v6_access: an, nat2; inner_v6: an, an2, ch).
+SEGMENT6 = {"an": "2001:db8:113::1", "an2": "2001:db8:113::2", "nat2": "2001:db8:113::12",
+            "ch": "2001:db8:113::100"}
+V6_SEGMENT = SEGMENT6                         # the name the outer IPv6 test imports
 V6_ACCESS = ("2001:db8:2::2", "fe80::1")     # wan2's address and gateway with v6_access
 V6_ACCESS_NET = "2001:db8:2::/64"
-_SEGMENT6 = {"an": "2001:db8:113::1", "an2": "2001:db8:113::2", "ch": "2001:db8:113::100"}
 _SEGMENT = {
     "an": "203.0.113.1",
     "an2": "203.0.113.2",
@@ -121,11 +129,11 @@ class Topology:
         if v6_access and same_subnet:
             raise ValueError("v6_access and same_subnet do not go together")
         self.inner_v6 = inner_v6
-        if v6_access and inner_v6:      # two IPv6 plans for the segment: one at a time
-            raise ValueError("v6_access and inner_v6 do not go together")
-        self.addresses6: dict[str, str] = {r: a for r, a in _SEGMENT6.items() if r in hosts} \
-            if inner_v6 else {}
         self.nats = ["nat1", "nat2"] + (["nat3"] if second_mh else [])
+        # who is on the segment's IPv6 plan (SEGMENT6), and who has IPv6 at all
+        on6 = ({"an", "nat2"} if v6_access else set()) | (set(hosts) if inner_v6 else set())
+        self.addresses6: dict[str, str] = {r: a for r, a in SEGMENT6.items() if r in on6}
+        self.v6_roles: tuple[str, ...] = (("mh",) if on6 else ()) + tuple(self.addresses6)
         self.roles: list[str] = ["mh", *(["mh2"] if second_mh else []), *self.nats, "inet",
                                  *hosts]
         self.addresses: dict[str, str] = {r: _SEGMENT[r] for r in (*self.nats, *hosts)}
@@ -163,12 +171,12 @@ class Topology:
         self.run(role, "sysctl", "-q", "-w", *settings)
 
     def _build(self) -> None:
-        v6_roles = ("mh", "nat2", "an") if self.v6_access else ()
         for role in self.roles:
             _ip(f"netns add {self.ns(role)}")
             # Before any interface exists, so new interfaces inherit: no IPv6 (no DAD
-            # delays); with v6_access, IPv6 without DAD or router advertisements.
-            if role in v6_roles:
+            # delays); in the IPv6 roles, IPv6 without DAD (no "tentative" addresses that
+            # change under a before/after comparison) or router advertisements.
+            if role in self.v6_roles:
                 self._sysctl(role, "net.ipv6.conf.all.accept_dad=0",
                              "net.ipv6.conf.default.accept_dad=0",
                              "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0")
@@ -196,7 +204,7 @@ class Topology:
             nat = f"nat{i}"
             mh_addr, gw = self.access[wan]
             if ":" in mh_addr:
-                self._v6_access(wan, nat)
+                self._v6_access(wan, nat)       # its routes once the segment has IPv6
                 continue
             self._veth("mh", wan, nat, NAT_LAN_IF)
             self._addr("mh", wan, mh_addr)
@@ -214,18 +222,10 @@ class Topology:
             _ip(f"-n {self.ns('mh2')} route add default via {gw} dev wan1 metric 100")
             self._sysctl("nat3", "net.ipv4.ip_forward=1")
             self.run("nat3", "nft", "-f", "-", input=self._nat_ruleset().encode())
-        if self.inner_v6:
-            for role in ("mh", *self.addresses6):
-                ifaces = MH_IFACES if role == "mh" else (HOST_IF,)
-                # no DAD (no "tentative" addresses that change under a before/after
-                # comparison), set before IPv6 comes up on the interfaces
-                self._sysctl(role, "net.ipv6.conf.all.accept_dad=0",
-                             "net.ipv6.conf.default.accept_dad=0",
-                             *(f"net.ipv6.conf.{i}.accept_dad=0" for i in ifaces))
-                self._sysctl(role, "net.ipv6.conf.all.disable_ipv6=0",
-                             "net.ipv6.conf.default.disable_ipv6=0")
-            for role, addr in self.addresses6.items():
-                _ip(f"-n {self.ns(role)} -6 addr add {addr}/64 dev {HOST_IF} nodad")
+        for role, addr in self.addresses6.items():
+            _ip(f"-n {self.ns(role)} -6 addr add {addr}/64 dev {HOST_IF} nodad")
+        if self.v6_access:        # after the segment's addresses: the route needs nat2's
+            self._v6_access_routes("wan2", "nat2")
 
     def _v6_access(self, wan: str, router: str) -> None:
         """The IPv6-only access network of ``wan`` behind ``router`` (see module doc)."""
@@ -233,13 +233,8 @@ class Topology:
         self._veth("mh", wan, router, NAT_LAN_IF)
         for role, ifname, addr in (("mh", wan, f"{mh_addr}/64"),
                                    (router, NAT_LAN_IF, f"{gw}/64"),
-                                   (router, NAT_LAN_IF, "2001:db8:2::1/64"),
-                                   (router, HOST_IF, f"{V6_SEGMENT[router]}/64"),
-                                   ("an", HOST_IF, f"{V6_SEGMENT['an']}/64")):
+                                   (router, NAT_LAN_IF, "2001:db8:2::1/64")):
             _ip(f"-n {self.ns(role)} addr add {addr} dev {ifname} nodad")
-        _ip(f"-n {self.ns('mh')} -6 route add default via {gw} dev {wan} metric 200")
-        _ip(f"-n {self.ns('an')} -6 route add {V6_ACCESS_NET} via {V6_SEGMENT[router]} "
-            f"dev {HOST_IF}")
         self._sysctl(router, "net.ipv6.conf.all.forwarding=1")
         self.run(router, "nft", "-f", "-", input=(
             "table ip6 testbed_fw {\n"
@@ -251,6 +246,14 @@ class Topology:
             '    counter name "refused"\n'
             "  }\n"
             "}\n").encode())
+
+    def _v6_access_routes(self, wan: str, router: str) -> None:
+        """The MH's IPv6 default route out of ``wan`` and the anchor's route back to the
+        access network, once the segment's IPv6 addresses exist."""
+        gw = self.access[wan][1]
+        _ip(f"-n {self.ns('mh')} -6 route add default via {gw} dev {wan} metric 200")
+        _ip(f"-n {self.ns('an')} -6 route add {V6_ACCESS_NET} via {SEGMENT6[router]} "
+            f"dev {HOST_IF}")
 
     def _veth(self, role_a: str, if_a: str, role_b: str, if_b: str) -> None:
         """Create a veth pair with one end in each namespace, both up."""
