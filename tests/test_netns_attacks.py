@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import pytest
 
 from upmt_tun import keys
-from upmt_tun.lab import DEFAULT_RULES, Lab
+from upmt_tun.lab import DEFAULT_RULES, Lab, exe
 from upmt_tun.testbed import Topology, tool_missing
 
 from .attack.pcap import Datagram, read_udp
@@ -770,9 +770,9 @@ def test_unknown_key_cannot_associate(topo: Topology, www: Path, tmp_path: Path)
     assert lab.mh_key[1] in anchors[0].read_text()           # the anchor knows another key
     with Counters(topo, "mh", "input", {"from_anchor": f"ip saddr {ANCHOR}"}) as cnt:
         try:
-            lab._start("anchor0", "an", ["upmt-anchor", "--config", str(anchors[0])])
+            lab._start("anchor0", "an", [*exe("upmt-anchor"), "--config", str(anchors[0])])
             t_ready = time.monotonic()
-            lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(agent_cfg)])
+            lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(agent_cfg)])
             ready_s = round(time.monotonic() - t_ready, 1)
             r = topo.run("mh", "curl", "-sS", "-m", "3", "-o", "/dev/null", "-w",
                          "%{http_code}", URL, check=False, timeout=10)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from upmt_tun.lab import Lab
+from upmt_tun.lab import Lab, exe
 from upmt_tun.testbed import Topology, host_state, tool_missing
 
 from .conftest import netns_missing
@@ -206,7 +206,7 @@ def test_no_leak_when_no_tunnel_is_usable(topo: Topology, www: Path, tmp_path: P
     lab = Lab(topo, tmp_path / "lab")
     lab.write_configs()
     t0 = time.monotonic()
-    lab._start("agent", "mh", ["upmt-agent", "up", "--config", str(lab.dir / "agent.toml")])
+    lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config", str(lab.dir / "agent.toml")])
     assert time.monotonic() - t0 < 12
     try:
         assert curl(topo, f"http://{CH}:8080/file.bin", timeout=3).stdout != "200"
