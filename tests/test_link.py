@@ -452,6 +452,7 @@ def until_all(sims: tuple[Sim, ...], t: float, busy: tuple[Sim, ...] = ()) -> No
     while True:
         for s in busy:
             s.link.tunnel.tx_packets += 1
+            s.link.wake_tick(s.now)         # as the agent does when its data path wakes
         nxt = min(sims, key=lambda s: s.link.next_deadline())
         d = nxt.link.next_deadline()
         if d > t:
