@@ -119,7 +119,9 @@ class PathMonitor:
         p = self.params
         if self.unanswered or now - self.last_data < p.idle_after:
             return now + TICK
-        return max(now + TICK, self.last_probe + self.interval - TICK / 2)
+        # a hair past tick()'s threshold (wait - TICK / 2), so float rounding cannot make
+        # the woken tick find the probe not yet due
+        return max(now + TICK, self.last_probe + self.interval - TICK / 4)
 
     def loss(self) -> float | None:
         """Share of probes never answered (None before the first)."""
