@@ -25,7 +25,10 @@ after the other on that same pair, each with its own processes, stopped before t
 
 Tests per contender: iperf3 TCP with 1 and 4 streams (``-P 4``), upload (A -> B) and
 download (``-R``), retransmits from iperf3's JSON; UDP ``-b 0`` at 64 and 1400 byte payloads
-(A -> B: packets/s received and loss); ping RTT (median and p90); CPU seconds per GB = the
+(A -> B: packets/s received and loss); ping RTT (median and p90), idle and again while one
+iperf3 TCP upload saturates the tunnel (``ping_load``: bufferbloat in the path's queues);
+after the tests, the contender's processes' idle CPU over ``--idle-seconds`` (default 60,
+the busiest process's percentage in the table); CPU seconds per GB = the
 contender's own processes' CPU time (utime + stime) over the four TCP tests / GB received
 (raw: n/a), and the whole machine's busy CPU time per GB (/proc/stat, includes iperf3 and
 the kernel) for every contender.
@@ -795,6 +798,38 @@ def ping_test(c: Contender, pair: Pair, count: int, interval: float) -> dict[str
     return out
 
 
+def ping_load_test(c: Contender, pair: Pair, count: int, interval: float) -> dict[str, Any]:
+    """Pings while one iperf3 TCP upload saturates the tunnel (started 1 s before the first
+    ping, lasting past the last): the queueing our path adds under load (bufferbloat)."""
+    seconds = count * interval + 3
+    load = pair.popen("a", "iperf3", "-c", c.target, "-p", str(PORT), "-J",
+                      "--connect-timeout", "5000", "-t", f"{seconds:g}",
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.0)
+        out = ping_test(c, pair, count, interval)
+        stdout, _ = load.communicate(timeout=seconds + 30)
+    finally:
+        if load.poll() is None:
+            stop_proc(load)
+    try:
+        res = json.loads(stdout)
+        out["load_gbit_s"] = res["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise BenchError(f"load iperf3 exit {load.returncode}: {stdout.strip()[-300:]}") from None
+    return out
+
+
+def idle_test(c: Contender, pair: Pair, seconds: float) -> dict[str, Any]:
+    """CPU of the contender's own processes over ``seconds`` with no traffic (its own
+    keepalives and timers only): a busy loop left spinning shows here."""
+    with Meter(c) as m:
+        time.sleep(seconds)
+    return {"seconds": seconds, "cpu_s": m.cpu,
+            "cpu_percent": {k: round(100.0 * v / seconds, 2) for k, v in m.cpu.items()},
+            "cpu_percent_max": round(100.0 * max(m.cpu.values(), default=0.0) / seconds, 2)}
+
+
 def run_contender(name: str, pair: Pair, args: argparse.Namespace, workdir: Path,
                   res: dict[str, Any], errors: list[str]) -> None:
     """Start ``name``'s processes, warm up, run every test, check, stop."""
@@ -847,11 +882,14 @@ def run_contender(name: str, pair: Pair, args: argparse.Namespace, workdir: Path
             except BenchError as e:
                 raise BenchError(f"warm-up iperf3 {' '.join(warm)}: {e}") from None
         attempt("ping", ping_test, args.ping_count, args.ping_interval)
+        attempt("ping_load", ping_load_test, args.ping_count * 4, args.ping_interval)
         for test in TCP_TESTS:
             streams = 4 if test.startswith("tcp4") else 1
             attempt(test, tcp_test, args.seconds, streams, test.endswith("_down"))
         for size in (64, 1400):
             attempt(f"udp{size}_up", udp_test, args.udp_seconds, size)
+        if c.own_cpu and args.idle_seconds > 0:
+            attempt("idle", idle_test, args.idle_seconds)
         check = c.final_checks(tests)
         res["checks"] = check
         for k, ok in check.items():
@@ -919,6 +957,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("UDP 1400B loss %", "udp1400_up", "lost_percent"),
     ("ping RTT median ms", "ping", "rtt_median_ms"),
     ("ping RTT p90 ms", "ping", "rtt_p90_ms"),
+    ("ping under 1-stream load median ms", "ping_load", "rtt_median_ms"),
+    ("ping under 1-stream load p90 ms", "ping_load", "rtt_p90_ms"),
+    ("idle CPU % (busiest process)", "idle", "cpu_percent_max"),
     ("CPU s/GB contender processes (TCP)", "tcp_total", "cpu_s_per_gb"),
     ("CPU s/GB whole machine (TCP)", "tcp_total", "machine_cpu_s_per_gb"),
     ("other processes' CPU s meanwhile", "", "foreign_cpu_s"),
@@ -1064,6 +1105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="results file (default benchmarks/results/suite-<timestamp>.json)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="configs and logs (default: next to the JSON, <name>-work/)")
+    p.add_argument("--idle-seconds", type=float, default=None,
+                   help="idle CPU measured over this long after the tests (default 60; "
+                        "--quick: 2; 0 skips it)")
     p.add_argument("--no-install", action="store_true",
                    help="never apt-get install; contenders missing a program are skipped")
     args = p.parse_args(argv)
@@ -1081,6 +1125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.udp_seconds = 1.0 if args.quick else min(args.seconds, 4.0)
     args.ping_count = 20 if args.quick else 50
     args.ping_interval = 0.02
+    if args.idle_seconds is None:
+        args.idle_seconds = 2.0 if args.quick else 60.0
     return args
 
 

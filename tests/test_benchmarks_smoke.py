@@ -88,11 +88,16 @@ def test_suite_quick_pair_run(tmp_path: Path) -> None:
     assert set(data["contenders"]) == set(names)
     for name, res in data["contenders"].items():
         assert res["status"] == "ran", (name, res.get("error"))
-        for test in ("tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down", "udp64_up", "ping"):
+        for test in ("tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down", "udp64_up", "ping",
+                     "ping_load"):
             t = res["tests"][test]
             assert "error" not in t, (name, test, t)
             assert t["through_contender"] is True, (name, test)   # its own counters saw it
         assert res["tests"]["tcp1_up"]["bytes"] > 0 and res["tests"]["tcp1_down"]["bytes"] > 0
+        assert res["tests"]["ping_load"]["load_gbit_s"] > 0     # the load really ran
+        if name != "raw":                 # the daemons' idle CPU, one figure per process
+            idle = res["tests"]["idle"]
+            assert "error" not in idle and set(idle["cpu_percent"]) == set(res["daemons"])
         assert res["tests"]["tcp1_up"]["contender_up_bytes"] >= res["tests"]["tcp1_up"]["bytes"]
         assert (res["tests"]["tcp1_down"]["contender_down_bytes"]
                 >= res["tests"]["tcp1_down"]["bytes"])

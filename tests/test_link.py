@@ -452,6 +452,7 @@ def until_all(sims: tuple[Sim, ...], t: float, busy: tuple[Sim, ...] = ()) -> No
     while True:
         for s in busy:
             s.link.tunnel.tx_packets += 1
+            s.link.wake_tick(s.now)         # as the agent does when its data path wakes
         nxt = min(sims, key=lambda s: s.link.next_deadline())
         d = nxt.link.next_deadline()
         if d > t:
@@ -699,3 +700,28 @@ def test_agent_rekey_keeps_both_ends_up() -> None:
     assert a.session is not old and b.session is not None
     assert b.session.remote_index == a.session.local_index
     assert a.state is LinkState.UP and b.state is LinkState.UP
+
+
+def test_an_idle_link_sleeps_between_keepalives_and_traffic_wakes_it() -> None:
+    """Idle, the probe tick runs about once per keepalive probe, not every TICK (an idle
+    agent must cost ~0 % CPU); packets moving (the driver's wake_tick) bring it back to
+    the next tick and to the active probe pace."""
+    a = up(keepalive=10.0)
+    until_all((a,), 30.0)                                # settled and backed off
+    ticks = 0
+    orig = a.link._probe_tick                            # noqa: SLF001
+
+    def counted(now: float, out: list[Action]) -> None:
+        nonlocal ticks
+        ticks += 1
+        orig(now, out)
+
+    a.link._probe_tick = counted                         # type: ignore[method-assign]
+    until_all((a,), 90.0)
+    assert a.link.quiet and ticks <= 60 / 10 * 3          # was 60 / TICK = 1 200
+    a.link.tunnel.tx_packets += 1
+    a.link.wake_tick(a.now)
+    assert not a.link.quiet and a.link.next_deadline() <= a.now
+    until_all((a,), a.now + 1.0, busy=(a,))
+    m = a.link.monitor
+    assert m is not None and m.interval == m.params.active_interval

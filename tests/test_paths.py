@@ -131,3 +131,21 @@ def test_rtt_and_loss_estimates() -> None:
 def test_should_return(via: tuple[str, ...], current: str | None, candidate: str,
                        up_for: float, expected: bool) -> None:
     assert should_return(via, current, candidate, up_for, 5.0) is expected
+
+
+def test_quiet_until_is_the_next_tick_while_busy_or_unanswered_else_the_next_probe() -> None:
+    p = ProbeParams()
+    m = PathMonitor(p, started=0.0)
+    m.tick(0.0, 0, 0)                                    # first probe, unanswered
+    assert m.quiet_until(0.01) == pytest.approx(0.01 + TICK)
+    m.on_pong(0.02, 0.02)
+    now = 5.0                                            # idle since the start
+    probe, _ = m.tick(now, 0, 0)
+    assert probe and m.unanswered == 1
+    m.on_pong(now + 0.01, 0.01)
+    due = m.quiet_until(now + 0.02)
+    assert due == pytest.approx(now + m.interval - TICK / 4) and due > now + 1.0
+    assert not m.tick(due - TICK / 2, 0, 0)[0] and m.tick(due, 0, 0)[0]   # due: probes
+    m.on_pong(due + 0.01, 0.01)
+    m.tick(due + 0.05, 1, 0)                             # traffic: active again
+    assert m.quiet_until(due + 0.05) == pytest.approx(due + 0.05 + TICK)

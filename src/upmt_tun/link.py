@@ -325,6 +325,8 @@ class Link:
     backoff: float = field(default=1.0, init=False)
     _wake_at: float = field(default=_INF, init=False)   # BACKOFF ends / next keepalive
     _next_tick: float = field(default=_INF, init=False)
+    quiet: bool = field(default=False, init=False)      # probe tick asleep till a probe is due
+    _ticked_at: float = field(default=-_INF, init=False)
     _settled: bool = field(default=False, init=False)
     _hs: _Handshake | None = field(default=None, init=False)
     _txns: dict[str, _Txn] = field(default_factory=dict, init=False)
@@ -385,13 +387,26 @@ class Link:
 
     def next_deadline(self) -> float:
         """When :meth:`on_timer` must be called next (inf: only on an event)."""
-        d = min(self._wake_at, self._next_tick, self._challenge_at)
+        d = min(self._wake_at, self._tick_due(), self._challenge_at)
         if self._hs is not None:
             d = min(d, self._hs.deadline)
         for t in self._txns.values():
             d = min(d, t.deadline)
         if self._retiring:
             d = min(d, self._retiring[0][0])
+        return d
+
+    def _tick_due(self) -> float:
+        """The probe tick's deadline: while it sleeps (:attr:`quiet`), what another link
+        learnt about the peer (a tunnel died silent: probe; the association is lost: set
+        up again) brings it back to the next regular tick."""
+        d = self._next_tick
+        m, peer = self.monitor, self.peer
+        if self.quiet and m is not None:
+            if m.last_rx < peer.suspect_at:
+                d = min(d, max(peer.suspect_at, self._ticked_at + TICK))
+            elif peer.kind is PeerKind.SERVER and (peer.lost or self._epoch != peer.epoch):
+                d = min(d, self._ticked_at + TICK)     # association lost: set up again
         return d
 
     @property
@@ -441,7 +456,7 @@ class Link:
             self._hs_timer(hs, now, out)
         if self._challenge_at <= now:
             self._challenge_timer(now, out)
-        if self._next_tick <= now and self.state is LinkState.UP:
+        if self._tick_due() <= now and self.state is LinkState.UP:
             self._probe_tick(now, out)
         if self._wake_at <= now:
             self._wake_at = _INF
@@ -874,6 +889,7 @@ class Link:
         self.monitor = PathMonitor(self.cfg.probe, started=now)
         self._settled = False
         self._next_tick = now + TICK
+        self.quiet = False
         out.append(TunnelUp(t, t.un_tid))
         if self.peer.kind is PeerKind.SERVER:
             t.rtt_ms = rtt * 1000.0
@@ -892,6 +908,7 @@ class Link:
         self.monitor = None
         self._settled = False
         self._next_tick = _INF
+        self.quiet = False
 
     def _tunnel_lost(self, now: float, reason: str, out: list[Action], fresh: bool = True
                      ) -> None:
@@ -1098,6 +1115,7 @@ class Link:
         """Every TICK while UP: probe if due, notice a dead path, say when settled."""
         m, t = self.monitor, self.tunnel
         self._next_tick = now + TICK
+        self._ticked_at = now
         if m is None or t.state != "up":     # taken down behind our back (tests do)
             self.monitor, self._next_tick = None, _INF
             return
@@ -1120,6 +1138,19 @@ class Link:
         if not self._settled and now - m.started >= self.cfg.return_after_s:
             self._settled = True
             out.append(Settled(t))
+        quiet = m.quiet_until(now)
+        if not self._settled:
+            quiet = min(quiet, m.started + self.cfg.return_after_s)
+        self.quiet = quiet > now + TICK
+        if self.quiet:
+            self._next_tick = quiet
+
+    def wake_tick(self, now: float) -> None:
+        """Traffic moved while the probe tick slept (:attr:`quiet`): tick at once, so
+        the monitor sees it and probes at the active pace again."""
+        if self.quiet and self.monitor is not None:
+            self.quiet = False
+            self._next_tick = min(self._next_tick, now)
 
     # -- SIP client transactions -----------------------------------------------------------------
     def _request(self, what: str, signals: list[tuple[str, dict[str, Any]]], timeout: float,

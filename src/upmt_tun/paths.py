@@ -110,6 +110,19 @@ class PathMonitor:
         self.probes_sent += 1
         return True, False
 
+    def quiet_until(self, now: float) -> float:
+        """When the next :meth:`tick` can change anything if no packet moves meanwhile:
+        the next tick while the tunnel carries traffic or a probe is unanswered (dead-path
+        detection), else when the next idle probe is due. An idle agent then wakes once
+        per keepalive instead of every TICK; the driver ticks at once when traffic starts
+        again (the counters only move with packets, which the driver sees)."""
+        p = self.params
+        if self.unanswered or now - self.last_data < p.idle_after:
+            return now + TICK
+        # a hair past tick()'s threshold (wait - TICK / 2), so float rounding cannot make
+        # the woken tick find the probe not yet due
+        return max(now + TICK, self.last_probe + self.interval - TICK / 4)
+
     def loss(self) -> float | None:
         """Share of probes never answered (None before the first)."""
         if self.probes_sent == 0:
