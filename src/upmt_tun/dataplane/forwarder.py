@@ -721,21 +721,11 @@ class AgentForwarder:
         """Steps 3-4 of the downlink for a packet that came on tunnel ``t``."""
         buf = bytearray(inner)
         key = nat.five_tuple(buf)
-        if key is None:
+        fix = None if key is None else self._local_fix(t, buf, key)
+        if key is None or fix is None:
             self.drops["bad_inner"] += 1
             return None
-        if len(key[1]) == 16:
-            link = self.links.get(t.peer)     # none for a mesh peer's path: no IPv6 there
-            vipa6 = link.vipa6_b if link is not None else b""
-            if not vipa6 or buf[24:40] != vipa6 or t.remote[1] == 0:
-                self.drops["bad_inner"] += 1
-                return None
-            nat.rewrite_dst(buf, self.vipa6_fix_b)
-        elif buf[16:20] != t.vipa_b:
-            self.drops["bad_inner"] += 1
-            return None
-        else:
-            nat.rewrite_dst(buf, self.vipa_fix_b)
+        nat.rewrite_dst(buf, fix)
         self._account_rx(t, key, now, 1)
         return bytes(buf)
 
@@ -743,19 +733,24 @@ class AgentForwarder:
                       ) -> list[bytes]:
         """:meth:`_downlink` of ``pts[i:j]``, packets of one flow (``offload.flow_runs``)."""
         key = nat.five_tuple(pts[i])
-        if key is not None and len(key[1]) == 16:
-            link = self.links.get(t.peer)     # none for a mesh peer's path: no IPv6 there
-            vipa6 = link.vipa6_b if link is not None else b""
-            if not vipa6 or pts[i][24:40] != vipa6 or t.remote[1] == 0:
-                self.drops["bad_inner"] += j - i
-                return []
-            self._account_rx(t, key, now, j - i)
-            return offload.rewrite_run(pts, i, j, self.vipa6_fix_b, False)
-        if key is None or pts[i][16:20] != t.vipa_b:
+        fix = None if key is None else self._local_fix(t, pts[i], key)
+        if key is None or fix is None:
             self.drops["bad_inner"] += j - i
             return []
         self._account_rx(t, key, now, j - i)
-        return offload.rewrite_run(pts, i, j, self.vipa_fix_b, False)
+        return offload.rewrite_run(pts, i, j, fix, False)
+
+    def _local_fix(self, t: Tunnel, pkt: bytes | bytearray, key: FlowKey) -> bytes | None:
+        """The local address (``vipa_fix`` or ``vipa6_fix``) a packet from tunnel ``t`` is
+        rewritten to, or None when its destination is not this host's VIpA of that
+        family on ``t`` (IPv6: only from an anchor that gave one, never a mesh path)."""
+        if len(key[1]) == 16:
+            link = self.links.get(t.peer)     # none for a mesh peer's path: no IPv6 there
+            vipa6 = link.vipa6_b if link is not None else b""
+            if not vipa6 or pkt[24:40] != vipa6 or t.remote[1] == 0:
+                return None
+            return self.vipa6_fix_b
+        return self.vipa_fix_b if pkt[16:20] == t.vipa_b else None
 
     def _account_rx(self, t: Tunnel, key: FlowKey, now: float, n: int) -> None:
         fix = self.vipa_fix_b if len(key[1]) == 4 else self.vipa6_fix_b
