@@ -742,16 +742,20 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
         seams = []
         devices = {i.name: (dev_slots.device(i.name) if dev_slots else i.name) for i, _ in ifaces}
         paths: dict[str, PathSocket] = {}
+
+        def new_path(device: str | None, mark: int, v6: bool, local: str) -> PathSocket:
+            """An interface's tunnel socket: marked, bound to ``device`` (None: unbound
+            until Hotplug binds it), dual-stack when the interface has IPv6 (IPv4 peers
+            through it as ::ffff:a.b.c.d, routed by the IPv4 rule and table)."""
+            sock = open_udp("::" if v6 else "0.0.0.0", 0, device=device, mark=mark)
+            return PathSocket(sock, loop, (local, sock.getsockname()[1]),
+                              offload=_offload('udp'))
+
         for idx, (info, _gw) in enumerate(ifaces):
             # an entry without a device yet: unbound until one comes (Hotplug); its link
-            # is down and sends nothing, and its table has no route. An interface with a
-            # global IPv6 address gets a dual-stack socket (IPv4 peers through it as
-            # ::ffff:a.b.c.d, routed by the IPv4 rule and table)
-            any_ip = "::" if info.address6 else "0.0.0.0"
-            sock = open_udp(any_ip, 0, device=devices[info.name], mark=cfg.fwmark + 1 + idx)
-            local = info.address or info.address6 or "0.0.0.0"
-            path = PathSocket(sock, loop, (local, sock.getsockname()[1]),
-                              offload=_offload('udp'))
+            # is down and sends nothing, and its table has no route
+            path = new_path(devices[info.name], cfg.fwmark + 1 + idx, bool(info.address6),
+                            info.address or info.address6 or "0.0.0.0")
             opened.append(path)
             paths[info.name] = path
             seams.append(_agent.IfaceSeam(info.name, idx, path, info.families or frozenset({4})))
@@ -872,9 +876,7 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
         def open_path(mark: int, v6: bool, local: str) -> PathSocket:
             """A reload's new interface: its socket as at start (bound to a device by
             Hotplug); closed with the others at the end unless the reload removes it."""
-            sock = open_udp("::" if v6 else "0.0.0.0", 0, device=None, mark=mark)
-            path = PathSocket(sock, loop, (local, sock.getsockname()[1]),
-                              offload=_offload('udp'))
+            path = new_path(None, mark, v6, local)
             opened.append(_Closing(path))
             return path
 
