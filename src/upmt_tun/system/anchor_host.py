@@ -104,15 +104,10 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
     ip, table, version = ("ip6", NFT_TABLE6, 6) if six else ("ip", NFT_TABLE, 4)
     head = (f"create table {family} {table}\ntable {family} {table} {{\n"
             f"\tcounter {COUNTER_INBOUND} {{\n\t}}\n")
-    # Into the tunnels: only what conntrack ties to a connection a host opened (its
-    # replies, and ICMP errors about it). A new connection towards the pool, from the
-    # anchor's LAN, its upstream or another host of this anchor, is dropped.
-    inbound = (f"\t\toifname {q_tun} ct state != {{ established, related }} "
-               f'counter name "{COUNTER_INBOUND}" drop\n')
     if role == "fixed-host":
         return (head + "\tchain egress {\n"
                 "\t\ttype filter hook forward priority filter; policy accept;\n"
-                f"\t\tiifname {q_tun} drop\n{inbound}\t}}\n}}\n")
+                f"\t\tiifname {q_tun} drop\n\t\t{inbound_rule(tun)}\n\t}}\n}}\n")
     out = f"oifname {nft.quote(nat_interface)}" if nat_interface else f"oifname != {q_tun}"
     mss = mtu - (60 if six else 40)
     egress = "".join(f"\t\t{line}\n" for line in egress_rules(
@@ -147,6 +142,14 @@ def anchor_ruleset(*, tun: str, pool: str, mtu: int, nat_interface: str | None,
     )
 
 
+def inbound_rule(tun: str) -> str:
+    """Into the tunnels: only what conntrack ties to a connection a host opened (its
+    replies, and ICMP errors about it). A new connection towards the pool, from the
+    anchor's LAN, its upstream or another host of this anchor, is dropped (both roles)."""
+    return (f"oifname {nft.quote(tun)} ct state != {{ established, related }} "
+            f'counter name "{COUNTER_INBOUND}" drop')
+
+
 def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
                  max_flows_per_host: int, version: int = 4) -> list[str]:
     """Chain ``egress`` of role ``anchor`` (forwarded packets): what ``reload`` replaces
@@ -154,9 +157,6 @@ def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[
     upmt_anchor6``'s (the lists' IPv6 networks, :func:`egress_nets`)."""
     q_tun = nft.quote(tun)
     ip = "ip6" if version == 6 else "ip"
-    # Into the tunnels: only what conntrack ties to a connection a host opened (its
-    # replies, and ICMP errors about it). A new connection towards the pool, from the
-    # anchor's LAN, its upstream or another host of this anchor, is dropped.
     rules = [
         # no connection, no masquerade: it would leave with the host's VIpA as source
         # (ICMP errors quoting no connection, TCP with SYN|FIN, SYN|RST, no flags, ...)
@@ -165,8 +165,7 @@ def egress_rules(*, tun: str, allow_egress: tuple[str, ...], deny_egress: tuple[
         # MESH HOOK (not used: the mesh is relayed by the anchor process, sealed end to
         # end, never TUN -> TUN): it would go here, after the invalid drop and before the
         # inbound drop and the egress deny list
-        f"oifname {q_tun} ct state != {{ established, related }} "
-        f'counter name "{COUNTER_INBOUND}" drop',
+        inbound_rule(tun),
     ]
     if allow_set := _nets(allow_egress, version):
         rules.append(f"iifname {q_tun} {ip} daddr {allow_set} accept")
