@@ -271,4 +271,6 @@ def test_daemons_keep_freed_read_buffers_on_the_heap():
     _, default = run("default")
     assert ok == "True"
     assert default < 1 << 20          # 128 KiB, or more after mmapped blocks were freed
-    assert kept >= 3 << 20
+    # most of the 3.6 MB stays at the top of the heap (not all: other allocations of the
+    # interpreter land between the buffers, and where depends on what was imported)
+    assert kept >= 2 << 20
