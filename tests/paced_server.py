@@ -8,9 +8,11 @@ from __future__ import annotations
 import textwrap
 
 
-def paced_tcp_server(port: int, lines: int, every: float, host: str = "0.0.0.0") -> str:
+def paced_tcp_server(port: int, lines: int, every: float, host: str = "0.0.0.0",
+                     drain: bool = False) -> str:
     """The server's source, for ``python3 -u -c``; ``host`` ``"::"`` listens on IPv6 (and
-    IPv4-mapped), the peer then printed as ``peer [IP]:PORT``."""
+    IPv4-mapped), the peer then printed as ``peer [IP]:PORT``. ``drain``: read and discard
+    what the client sends (closing with unread data would send a reset, not a FIN)."""
     family = "AF_INET6" if ":" in host else "AF_INET"
     return textwrap.dedent(f"""
         import socket, time
@@ -21,6 +23,10 @@ def paced_tcp_server(port: int, lines: int, every: float, host: str = "0.0.0.0")
         print("listening", flush=True)
         c, peer = srv.accept()
         print(("peer [%s]:%d" if ":" in peer[0] else "peer %s:%d") % peer[:2], flush=True)
+        if {drain}:
+            import threading
+            threading.Thread(target=lambda: [None for _ in iter(lambda: c.recv(4096), b"")],
+                             daemon=True).start()
         t0 = time.monotonic()
         for i in range({lines}):
             c.sendall(b"%099d\\n" % i)

@@ -51,6 +51,7 @@ via = ["wan1", "wan2"]
 """
 
 TCP_SERVER = paced_tcp_server(TCP_PORT, COUNT, EVERY)
+DRAINING_TCP_SERVER = paced_tcp_server(TCP_PORT, COUNT, EVERY, drain=True)
 
 # downlink only: after the client's one datagram, the server sends and never hears again
 UDP_SERVER = textwrap.dedent(f"""
@@ -198,29 +199,54 @@ def test_anchor_sigkill_restart_tcp_and_downlink_only_udp_resume(topo: Topology,
     assert udp_resume < RESUME_BOUND and tcp_resume < RESUME_BOUND, (out, logs)
 
 
-def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: Path) -> None:
-    """The agent stops (SIGTERM: its nft table, rules and TUN go) and starts again while a
-    rule-steered TCP connection runs. The kernel keeps the connection's conntrack entry:
-    its ct mark still names the rule and its SNAT to vipa_fix stays, so once the new
-    agent's nft table is in, its packets are steered into the new TUN again; the agent
-    learns the flow on its next packet (the rule read back from the ct mark), the anchor
-    (still up) gives the same VIpA and still has the flow and its masquerade entry. The
-    anchor replaces the host's tunnels of the same interface, none waits out its idle
-    timeout."""
+# the TCP client above, also sending a byte every 20 ms for its first 10 s (the agent's
+# restart is in them): a segment of the connection is always due while the agent is away
+# (the download's ACKs alone may not be); its server reads them
+CHATTY_TCP_CLIENT = TCP_CLIENT.replace("s.settimeout(60)\n", """s.settimeout(60)
+import threading
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # each byte its own segment
+def chat():
+    try:
+        for _ in range(500):
+            s.send(b".")
+            time.sleep(0.02)
+    except OSError:
+        pass
+threading.Thread(target=chat, daemon=True).start()
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGKILL], ids=["usr2", "kill"])
+def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: Path,
+                                                      sig: signal.Signals) -> None:
+    """The agent stops for a restart (SIGUSR2, what `systemctl restart` sends) or is
+    killed, and starts again while a rule-steered TCP connection runs, the application
+    sending all along. Meanwhile the connection's segments are held (the paused nft
+    table, or the killed run's, still marks them for table T, whose blackhole drops them
+    with no TUN there) instead of leaving by normal routing, where the correspondent
+    would answer with a reset; the start takes the table over in one transaction. The
+    kernel keeps the conntrack entry: its ct mark still names the rule and its SNAT to
+    vipa_fix stays, so the new agent learns the flow on its next packet (the rule read
+    back from the ct mark), and the anchor (still up) gives the same VIpA and still has
+    the flow and its masquerade entry. The anchor replaces the host's tunnels of the
+    same interface, none waits out its idle timeout."""
     lab = Lab(topo, tmp_path / "lab", rules=RULES)
-    server = topo.popen("ch", "python3", "-u", "-c", TCP_SERVER, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True)
+    server = topo.popen("ch", "python3", "-u", "-c", DRAINING_TCP_SERVER,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "listening"
     lab.start()
     try:
         wait_for(lambda: tunnels_up(lab), 20, "both tunnels up")
-        client = topo.popen("mh", "python3", "-u", "-c", TCP_CLIENT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+        client = topo.popen("mh", "python3", "-u", "-c", CHATTY_TCP_CLIENT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(3.0)
         agent = lab.procs["agent"]
         t_stop = time.time()
-        agent.send_signal(signal.SIGTERM)
-        assert agent.wait(15) == 0
+        os.kill(agent.pid, sig)                     # ip netns exec exec'd it
+        assert agent.wait(15) == (0 if sig == signal.SIGUSR2 else -signal.SIGKILL)
+        if sig == signal.SIGUSR2:
+            assert "stopping for a restart" in lab.log_tail("agent", 20)
+        time.sleep(1.0)                             # away long enough to matter
         t_start = time.time()
         lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config",  # noqa: SLF001
                                    str(lab.dir / "agent.toml")])
@@ -243,6 +269,6 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
     # learned again from its conntrack entry (the application's own source comes from
     # there), with the rule its ct mark names
     assert flow["rule"] == "web" and flow.get("src") == "10.1.0.2", flows
-    print(f"\n[agent SIGTERM + start] stop->start {t_start - t_stop:.2f} s, "
+    print(f"\n[agent {sig.name} + start] stop->start {t_start - t_stop:.2f} s, "
           f"start->ready {t_ready - t_start:.2f} s, tcp gap {got['gap']:.2f} s, "
           f"ready->tcp resumes {got['gap_end'] - t_ready:.2f} s")

@@ -384,6 +384,74 @@ def test_agent_cleanup_leftovers_of_killed_run(netns: str) -> None:
     assert cleaned["rules"].replace(foreign, "") == before["rules"]
 
 
+def _agent_stopped_for_a_restart(vipa6: str) -> dict[str, Any]:
+    from upmt_tun.system.agent_host import is_paused
+    from upmt_tun.system.netlink import configure_tun
+
+    def start() -> tuple[int, Any]:
+        fd = open_tun("ut0")
+        configure_tun("ut0", VIPA, 32, 1400, vipa6)
+        host = agent_host(vipa6_fix=vipa6)
+        host.cleanup_leftovers(keep_steering=True)      # what a start does
+        host.setup()
+        return fd, host
+
+    def v6() -> str:        # (not table local: its link-local entries come when DAD ends)
+        routes = sh("ip", "-6", "route", "show", "table", "all").splitlines(keepends=True)
+        return sh("ip", "-6", "rule") + "".join(r for r in routes if "table local" not in r)
+
+    before, v6_before = snapshot(), v6()
+    fd, host = start()
+    running = snapshot()
+    host.pause_on_teardown = True                       # SIGUSR2
+    host.teardown()
+    os.close(fd)
+    paused, v6_paused, flag = snapshot(), v6(), is_paused()
+    agent_host().cleanup_leftovers(keep_steering=True)  # cleanup --keep-paused
+    kept = snapshot()
+    fd, again = start()                                 # takes the hold over
+    resumed = snapshot()
+    again.pause_on_teardown = True
+    again.teardown()
+    os.close(fd)
+    agent_host().cleanup_leftovers()                    # an operator's `cleanup`
+    return {"before": before, "running": running, "paused": paused, "flag": flag,
+            "kept": kept, "resumed": resumed, "after": snapshot(),
+            "v6_before": v6_before, "v6_paused": v6_paused, "v6_after": v6()}
+
+
+@pytest.mark.parametrize("vipa6", ["", "fd55:504d:5400::1"], ids=["v4", "v4+v6"])
+def test_agent_stopped_for_a_restart_holds_steered_connections(netns: str, vipa6: str
+                                                               ) -> None:
+    """A stop for a restart leaves only what holds the steered connections (their ct mark
+    -> mark F -> table T's blackhole): no new connection is steered, nothing else stays;
+    the next start takes it over (the same host state as a fresh start) and a plain
+    cleanup removes it. With IPv6 inside, the same for IPv6."""
+    got = in_netns(netns, _agent_stopped_for_a_restart, vipa6)
+    paused = got["paused"]
+    if vipa6:
+        assert "table ip6 upmt_agent6" in paused["nft"], paused["nft"]
+        assert f"fwmark {F:#x}/0xffff lookup {T}" in got["v6_paused"], got["v6_paused"]
+        assert f"blackhole default dev lo table {T}" in got["v6_paused"], got["v6_paused"]
+    assert got["v6_after"] == got["v6_before"]
+    assert got["flag"] is True
+    assert "chain paused" in paused["nft"], paused["nft"]
+    assert f"ct mark & 0x0000ffff == {F:#010x} meta mark set ct mark & 0x0000ffff" \
+        in paused["nft"], paused["nft"]
+    assert "snat" not in paused["nft"] and "ct mark set" not in paused["nft"]
+    assert f"fwmark {F:#x}/0xffff lookup {T}" in paused["rules"]
+    assert f"lookup {T + 1}" not in paused["rules"], paused["rules"]
+    assert f"blackhole default table {T}" in paused["routes"]
+    assert "ut0" not in paused["routes"] and f"table {T + 1}" not in paused["routes"]
+    before = got["before"]
+    assert {k: v for k, v in paused.items() if k.startswith("svm_")} == \
+        {k: v for k, v in before.items() if k.startswith("svm_")}
+    assert got["kept"] == paused
+    for part in ("rules", "routes", "nft"):
+        assert got["resumed"][part] == got["running"][part], part
+    assert got["after"] == before
+
+
 def _agent_failure_half_way() -> dict[str, Any]:
     from upmt_tun.system import SystemSetupError
     from upmt_tun.system import agent_host as agent_module

@@ -86,15 +86,14 @@ def test_units_verify(tmp_path: Path) -> None:
     assert bad == [], bad
 
 
-def test_anchor_unit_restarts_keeping_its_nat() -> None:
-    """`systemctl restart` sends SIGUSR2 (a stop for a restart: the anchor keeps its NAT)
-    and ExecStopPost leaves that paused NAT for the new start; `systemctl stop` sends
-    SIGTERM (restore exactly). The agent has no such thing."""
-    anchor = _parse(units.unit_text("upmt-anchor.service", "/opt/upmt/bin"))["Service"]
-    assert anchor["RestartKillSignal"] == "SIGUSR2" and "KillSignal" not in anchor
-    assert "--keep-paused" in shlex.split(anchor["ExecStopPost"].lstrip("-"))
-    agent = _parse(units.unit_text("upmt-agent.service", "/opt/upmt/bin"))["Service"]
-    assert "RestartKillSignal" not in agent and "--keep-paused" not in agent["ExecStopPost"]
+@pytest.mark.parametrize("unit", ["upmt-anchor.service", "upmt-agent.service"])
+def test_units_restart_keeping_connections(unit: str) -> None:
+    """`systemctl restart` sends SIGUSR2 (a stop for a restart: the anchor keeps its NAT,
+    the agent holds its steered connections) and ExecStopPost leaves that for the new
+    start; `systemctl stop` sends SIGTERM (restore exactly)."""
+    service = _parse(units.unit_text(unit, "/opt/upmt/bin"))["Service"]
+    assert service["RestartKillSignal"] == "SIGUSR2" and "KillSignal" not in service
+    assert "--keep-paused" in shlex.split(service["ExecStopPost"].lstrip("-"))
 
 
 def test_paused_ruleset_keeps_nat_and_conntrack_and_drops_the_pool() -> None:

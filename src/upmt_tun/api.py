@@ -462,6 +462,7 @@ class Agent(_Daemon):
         self._quality: dict[int, tuple[float, float | None, float | None]] = {}
         self._peer_paths: dict[str, tuple[str, str | None]] = {}
         self._reloader: AgentReloader | None = None       # set by open(): rule edits
+        self._host: AgentHost | None = None                # set by open()
         core.observe = self._on_action
         core.fwd.paft.watchers.append(self._on_flow)
 
@@ -493,6 +494,15 @@ class Agent(_Daemon):
         except TimeoutError:
             return False
         return True
+
+    def stop_for_restart(self) -> None:
+        """The coming stop is for a restart (an upgrade): the connections the agent steers
+        are held, their packets dropped instead of routed around the tunnels (where the
+        correspondent would answer with a reset), until the next start takes them over
+        (what SIGUSR2 does for the daemon; ``upmt-agent cleanup`` removes the hold if no
+        start comes)."""
+        if self._host is not None:
+            self._host.pause_on_teardown = True
 
     def status(self) -> dict[str, Any]:
         """The same dict as ``upmt-agent status --json`` (SPEC.md): anchors, tunnels,
@@ -790,7 +800,9 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
                          devices={k: v for k, v in devices.items() if v is not None},
                          vipa6_fix=cfg.vipa6_fix)
         made = host
-        await _step(made.cleanup_leftovers)
+        # what a killed run (or one stopped for a restart) left to steer its connections
+        # stays until setup replaces it: they never leave by normal routing meanwhile
+        await _step(lambda: made.cleanup_leftovers(keep_steering=True))
         tun = _open_tun(cfg.tun, loop, opened)
         if cfg.vipa6_fix and not _ipv6_enabled(tun.name):
             log.info("IPv6 inside the tunnels off: IPv6 is disabled on %s "
@@ -887,6 +899,7 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
                                  hotplug=hot, open_path=open_path)
         api = cls(core, cfg, control_path, cgroups, policy, reloader.reload)
         api._reloader = reloader
+        api._host = made
         await _serve_control(api, cfg.group, cfg.metrics, render_agent, cleanup)
         await core.start()
         cleanup.append(core.stop)

@@ -401,7 +401,10 @@ def agent_main(argv: list[str] | None = None) -> int:
               "Set the host up (TUN, nftables, routing rules), associate with every anchor "
               "over every interface, print `ready`, and run until `down`, SIGTERM, SIGINT or "
               "SIGHUP in a terminal; then restore the host exactly. Without a controlling "
-              "terminal (systemd, setsid) SIGHUP means `reload`.")
+              "terminal (systemd, setsid) SIGHUP means `reload`. SIGUSR2 (what `systemctl "
+              "restart` sends) stops it for a restart: the connections it steers are held "
+              "(their packets dropped, never routed around the tunnel) until the next start "
+              "takes them over, so they survive.")
     _common(up, DEFAULT_AGENT_CONFIG)
     down = _sub(sub, "down", "stop a running agent",
                 "Ask the running agent to stop; it restores the host before it exits.")
@@ -426,6 +429,10 @@ def agent_main(argv: list[str] | None = None) -> int:
               "the stale control socket. Refuses (exit 1) while an agent answers on the "
               "control socket; does nothing when nothing is left.")
     _common(cl, DEFAULT_AGENT_CONFIG)
+    cl.add_argument("--keep-paused", action="store_true",
+                    help="leave what an agent stopped for a restart (SIGUSR2) keeps to "
+                         "hold its steered connections, for the next start (the unit's "
+                         "ExecStopPost)")
     ck = _sub(sub, "check", "check the config and the host before `up`",
               CHECK_HELP.format(daemon="agent") + " Agent: routing rules of other tools "
               "(Tailscale, wg-quick) that would take the steered traffic before ours, "
@@ -481,7 +488,7 @@ def agent_main(argv: list[str] | None = None) -> int:
             from .runtime import cleanup_agent
 
             cfg = load_agent_config(args.config or DEFAULT_AGENT_CONFIG)
-            cleanup_agent(cfg, args.control or cfg.control)
+            cleanup_agent(cfg, args.control or cfg.control, args.keep_paused)
             return 0
         if args.cmd == "check":
             return _check(prog, "agent", args.config or DEFAULT_AGENT_CONFIG)

@@ -23,6 +23,7 @@ from .control import ensure_free, remove_stale
 from .service import notify, say
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan
+from .system.agent_host import is_paused as agent_paused
 from .system.anchor_host import AnchorHost, is_paused
 from .system.cgroups import RuleCgroups
 from .system.errors import StartupError
@@ -64,7 +65,8 @@ def keep_heap() -> bool:
 
 
 # SIGUSR2 stops too, *for a restart*: systemd sends it on `systemctl restart`
-# (RestartKillSignal= in the units); the anchor then keeps its NAT (AnchorHost.pause_on_teardown)
+# (RestartKillSignal= in the units); the anchor then keeps its NAT, the agent holds its
+# steered connections (pause_on_teardown of AnchorHost and AgentHost)
 RESTART_SIGNAL = signal.SIGUSR2
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, RESTART_SIGNAL)
 
@@ -180,8 +182,8 @@ async def _serve(opening: contextlib.AbstractAsyncContextManager[Any], signals: 
     until a signal or ``down``. A stop signal cancels it wherever it is (the API finishes
     the host change under way, then undoes everything); a stop while waiting for the
     tunnels is not held up by them. SIGHUP without a terminal reloads (see
-    :class:`StopSignals`); :data:`RESTART_SIGNAL` stops an anchor for a restart (its NAT
-    stays: ``api.Anchor.stop_for_restart``)."""
+    :class:`StopSignals`); :data:`RESTART_SIGNAL` stops it for a restart (an anchor's NAT
+    stays, an agent's steered connections are held: ``stop_for_restart``)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals.attach(loop, stop)
@@ -206,8 +208,7 @@ async def _serve(opening: contextlib.AbstractAsyncContextManager[Any], signals: 
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             signals.on_hup = None
-            if signals.signum == RESTART_SIGNAL and running and isinstance(
-                    running[0], api.Anchor):
+            if signals.signum == RESTART_SIGNAL and running:
                 running[0].stop_for_restart()
             notify("STOPPING=1")
             task.cancel()
@@ -257,12 +258,15 @@ def run_anchor(cfg: AnchorConfig, control_path: str) -> None:
     _daemon(lambda: api.Anchor.open(cfg, control=control_path), control_path, "anchor")
 
 
-def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
+def cleanup_agent(cfg: AgentConfig, control_path: str, keep_paused: bool = False) -> None:
     """``upmt-agent cleanup``: remove what a killed agent with this config and control
     socket left: its nft table, ip rules, routes of its tables, sysctls (from its state
     file), cgroups, TUN device and control socket. Refuses (ControlError) while an agent
     answers on the socket; does nothing, quietly, when nothing is left (ExecStopPost runs
-    it after every stop)."""
+    it after every stop). What an agent stopped for a restart left to hold its steered
+    connections (the paused table, the steered mark's ip rules, table T's blackholes)
+    goes too, unless ``keep_paused`` (``--keep-paused``: ExecStopPost, which runs on a
+    restart too; the next start takes it over)."""
     if remove_stale(control_path, "agent"):
         log.info("removed stale control socket %s", control_path)
     count = len(cfg.interfaces)
@@ -272,11 +276,19 @@ def cleanup_agent(cfg: AgentConfig, control_path: str) -> None:
     plans = [IfacePlan(i, f"iface{i}", None, 0) for i in range(count)]
     AgentHost(tun=cfg.tun, vipa_fix=cfg.vipa_fix, fwmark=cfg.fwmark, table=cfg.table,
               ifaces=plans, rules=[], state_file=control_path + ".state",
-              mark_mask=cfg.mark_mask, priority=cfg.rule_priority).cleanup_leftovers()
+              mark_mask=cfg.mark_mask, priority=cfg.rule_priority).cleanup_leftovers(
+        keep_steering=keep_paused and _agent_paused())
     if netlink.delete_tun(cfg.tun):
         log.info("removed leftover TUN device %s", cfg.tun)
     if removed := RuleCgroups(control_path, []).remove_leftovers():
         log.info("removed %d leftover cgroup(s)", removed)
+
+
+def _agent_paused() -> bool:
+    paused = agent_paused()
+    if paused:
+        log.info("leaving the hold an agent stopped for a restart left on its connections")
+    return paused
 
 
 def cleanup_anchor(cfg: AnchorConfig, control_path: str, keep_paused: bool = False) -> None:

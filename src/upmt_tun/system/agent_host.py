@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from socket import AF_INET6
+from socket import AF_INET, AF_INET6
 
 from upmt_tun.hotplug import is_pattern
 from upmt_tun.system import netlink, nft
@@ -86,6 +87,39 @@ class IfacePlan:
     v6: bool = False  # its socket speaks IPv6 too: an IPv6 default route and ip -6 rule
     gateway6: str | None = None  # None: on-link IPv6 default route
     absent: bool = False   # no device behind the entry at start (hotplug: made when one comes)
+
+
+PAUSED_CHAIN = "paused"   # the chain that names a table as the stub a restart leaves
+
+
+def paused_ruleset(*, fwmark: int, mark_mask: int = MARK_MASK, family: str = NFT_FAMILY
+                   ) -> str:
+    """What an agent stopping *for a restart* leaves in place of its table (``family``
+    "ip6": of ``ip6 upmt_agent6``) until the next start replaces it in one transaction,
+    or ``cleanup`` removes it.
+
+    The connections it steered keep their ct mark, so the stub still gives their packets
+    mark F: the ip rule (kept too) sends them to table T, where only the blackhole is
+    left with the TUN gone, and they are dropped. Without it they would leave by normal
+    routing, from the access address the application's socket was given and not
+    translated to the VIpA: the correspondent answers such a segment with a reset, which
+    the access NAT brings back to the application, and the connection dies. Dropped, they
+    are retransmitted until the restarted agent carries them again. New connections are
+    not steered by the stub: they are routed as if no agent ran."""
+    table = NFT_TABLE6 if family == "ip6" else NFT_TABLE
+    return (f"table {family} {table} {{\n"
+            f"\tchain {PAUSED_CHAIN} {{\n\t}}\n"
+            "\tchain output {\n"
+            "\t\ttype route hook output priority mangle; policy accept;\n"
+            f"\t\tct mark and {MARK_MASK:#x} == {fwmark:#x} meta mark set ct mark and "
+            f"{mark_mask:#x}\n"
+            "\t}\n"
+            "}\n")
+
+
+def is_paused() -> bool:
+    """True when our (IPv4) nft table is the stub :func:`paused_ruleset` makes."""
+    return nft.chain_exists(NFT_FAMILY, NFT_TABLE, PAUSED_CHAIN)
 
 
 def rule_ct_mark(rule_index: int, fwmark: int) -> int:
@@ -327,6 +361,10 @@ class AgentHost:
         self.tun_mtu: int | None = None       # read at setup (the MSS clamp of prerouting)
         self._undo = UndoStack()
         self._sysctl = SysctlSaver(state_file)  # survives a kill: next start restores
+        self._adopt = False                   # cleanup_leftovers(keep_steering=True) ran
+        # set before teardown: a stop for a restart leaves paused_ruleset's stub, the
+        # steered mark's ip rules and table T's blackholes
+        self.pause_on_teardown = False
 
     def _routing_rules(self) -> list[Rule]:
         rules = [
@@ -349,32 +387,58 @@ class AgentHost:
         return (rule.priority == self.prio_sockets and offset >= 1
                 and rule.fwmark == self.fwmark + offset)
 
-    def cleanup_leftovers(self) -> None:
+    def _steering(self) -> tuple[list[Rule], list[Route]]:
+        """The ip rules and routes that keep steered connections away from normal routing
+        while no TUN is there: the steered mark's rules and table T's blackholes (what a
+        stop for a restart leaves, and a start takes over)."""
+        rules = [Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask, family)
+                 for family in (AF_INET, AF_INET6)]
+        routes = [Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC),
+                  Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC, dst="::/0",
+                        family=AF_INET6)]
+        return rules, routes
+
+    def cleanup_leftovers(self, *, keep_steering: bool = False) -> None:
         """Remove what a killed earlier run left: nft table, ip rules, routes of our tables,
-        and put back the sysctls it had changed (from the state file, if one is used)."""
+        and put back the sysctls it had changed (from the state file, if one is used).
+
+        ``keep_steering`` (a start, :meth:`setup` follows; or ``cleanup --keep-paused`` of
+        what a stop for a restart left): leave the nft tables, the steered mark's ip rules
+        and table T's blackholes for ``setup`` to take over (the tables replaced in one
+        transaction). Removing them first would let the connections that outlived the
+        earlier run leave by normal routing, untranslated, for a moment: their
+        correspondents answer with resets (:func:`paused_ruleset`)."""
         self._sysctl.restore_leftovers()
-        nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        self._adopt = keep_steering
+        kept_rules = self._steering()[0] if keep_steering else []
+        if not keep_steering:
+            nft.delete_table(NFT_FAMILY, NFT_TABLE)
         try:
-            nft.delete_table("ip6", NFT_TABLE6)
+            if not keep_steering:
+                nft.delete_table("ip6", NFT_TABLE6)
             rules6 = netlink.list_rules(AF_INET6)
         except SystemSetupError as e:       # a kernel without IPv6: nothing can be left
             log.debug("no IPv6 rules to clean up: %s", e)
-            return
-        for rule in rules6:
-            if rule.priority == self.prio_steered and rule.table == self.table \
-                    and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask:
-                netlink.delete_rule(rule)
-                log.info("removed leftover %s", rule.describe())
-        if count := netlink.flush_table(self.table, AF_INET6):
-            log.info("removed %d leftover IPv6 route(s) of table %d", count, self.table)
+            rules6 = None
+        if rules6 is not None:
+            for rule in rules6:
+                if rule.priority == self.prio_steered and rule.table == self.table \
+                        and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask \
+                        and rule not in kept_rules:
+                    netlink.delete_rule(rule)
+                    log.info("removed leftover %s", rule.describe())
+            if not keep_steering and (count := netlink.flush_table(self.table, AF_INET6)):
+                log.info("removed %d leftover IPv6 route(s) of table %d", count, self.table)
         tables = {self.table, *(self.table + 1 + i.index for i in self.ifaces)}
-        for rule in netlink.list_rules():
-            if self._is_ours(rule):
+        for rule in netlink.list_rules(AF_INET):
+            if self._is_ours(rule) and rule not in kept_rules:
                 netlink.delete_rule(rule)
                 tables.add(rule.table)
                 log.info("removed leftover %s", rule.describe())
+        if keep_steering:                   # table T: its blackholes stay (the TUN's
+            tables.discard(self.table)      # route went with the killed run's TUN)
         for table in sorted(tables):
-            if count := netlink.flush_table(table):
+            if count := netlink.flush_table(table, AF_INET if rules6 is None else None):
                 log.info("removed %d leftover route(s) of table %d", count, table)
 
     def setup(self) -> None:
@@ -385,12 +449,40 @@ class AgentHost:
         """
         self._undo.run("agent host", self._setup)
 
+    def _replacing(self, family: str, table: str) -> str:
+        """The head of the nft script that makes table ``family table``: it replaces, in
+        the same transaction, one left by an earlier run that :meth:`cleanup_leftovers`
+        kept; otherwise the table must not exist."""
+        if nft.table_exists(family, table):
+            if not self._adopt:
+                raise SystemSetupError(
+                    f"nft table {family} {table} exists (another agent, or a killed one:"
+                    " cleanup_leftovers removes it)")
+            log.info("taking over nft table %s %s of the earlier run", family, table)
+            return f"add table {family} {table}\ndelete table {family} {table}\n"
+        return ""
+
+    def _keep(self, what: str, undo: Callable[[], object]) -> None:
+        """Push ``undo`` for a part of the steering a stop for a restart leaves."""
+        self._undo.push(what, lambda: None if self.pause_on_teardown else undo())
+
+    def _add_steering(self, rule: Rule, blackhole: Route) -> None:
+        """The steered mark's ip rule and table T's blackhole, or (after a kept cleanup)
+        those of the earlier run taken over: the rule is never missing for a moment (the
+        blackhole is remade: the TUN's route is in table T before it, so nothing can
+        fall through)."""
+        if self._adopt and rule in netlink.list_rules(rule.family):
+            log.info("taking over %s of the earlier run", rule.describe())
+        else:
+            netlink.add_rule(rule)
+        self._keep(rule.describe(), partial(netlink.delete_rule, rule))
+        if self._adopt:
+            netlink.delete_route(blackhole)
+        added = netlink.add_route(blackhole)
+        self._keep(added.describe(), partial(netlink.delete_route, added))
+
     def _setup(self) -> None:
-        if nft.table_exists(NFT_FAMILY, NFT_TABLE):
-            raise SystemSetupError(
-                f"nft table {NFT_FAMILY} {NFT_TABLE} exists (another agent, or a killed one:"
-                " cleanup_leftovers removes it)"
-            )
+        head = self._replacing(NFT_FAMILY, NFT_TABLE)
         tun = netlink.interface_info(self.tun)
         self.tun_mtu = tun.mtu
         present = [i for i in self.ifaces if not i.absent]
@@ -425,20 +517,21 @@ class AgentHost:
                     raise
                 # a down interface takes no route: InterfaceState makes it when it comes up
                 log.info("interface %s not up yet: its route waits (%s)", i.name, e)
-        routes = [Route(self.table, oif=tun.index, dev=self.tun)]
-        routes.append(Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC))
-        for route in routes:
-            added = netlink.add_route(route)
-            self._undo.push(added.describe(), partial(netlink.delete_route, added))
-
+        added = netlink.add_route(Route(self.table, oif=tun.index, dev=self.tun))
+        self._undo.push(added.describe(), partial(netlink.delete_route, added))
+        steered, blackholes = self._steering()
+        self._add_steering(steered[0], blackholes[0])
         for rule in self._routing_rules():
-            netlink.add_rule(rule)
-            self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+            if rule != steered[0]:
+                netlink.add_rule(rule)
+                self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
 
-        nft.apply(script)
-        self._undo.push(f"nft table {NFT_TABLE}", lambda: nft.delete_table(NFT_FAMILY, NFT_TABLE))
+        nft.apply(head + script)
+        self._undo.push(f"nft table {NFT_TABLE}", partial(self._remove_table, NFT_FAMILY))
         if self.vipa6_fix:
             self._setup6(tun)
+        elif self._adopt:       # IPv6 inside was on in the earlier run, not now
+            self._drop_steering6()
         log.info("agent host set up: %d rule(s), %d interface(s)%s", len(self.rules),
                  len(indexes), ", IPv6 inside" if self.vipa6_fix else "")
 
@@ -446,23 +539,48 @@ class AgentHost:
         """IPv6 inside the tunnels: table T's IPv6 default into the TUN (and blackhole),
         the main table's fallback default (``FALLBACK6_METRIC``), ``ip -6 rule`` for the
         steered mark, and nft table ``ip6 upmt_agent6``."""
+        head = self._replacing("ip6", NFT_TABLE6)
         routes = [Route(self.table, oif=tun.index, dev=self.tun, dst="::/0", family=AF_INET6),
-                  Route(self.table, blackhole=True, metric=BLACKHOLE_METRIC, dst="::/0",
-                        family=AF_INET6),
                   Route(MAIN_TABLE, oif=tun.index, dev=self.tun, dst="::/0",
                         metric=FALLBACK6_METRIC, family=AF_INET6)]
         for route in routes:
             added = netlink.add_route(route)
             self._undo.push(added.describe(), partial(netlink.delete_route, added))
-        rule = Rule(self.prio_steered, self.table, self.fwmark, self.mark_mask, AF_INET6)
-        netlink.add_rule(rule)
-        self._undo.push(rule.describe(), partial(netlink.delete_rule, rule))
+        steered, blackholes = self._steering()
+        self._add_steering(steered[1], blackholes[1])
         script = agent_ruleset(tun=self.tun, vipa_fix=self.vipa6_fix, fwmark=self.fwmark,
                                ifaces=self.ifaces, rules=self.rules, tun_mtu=tun.mtu,
                                mark_mask=self.mark_mask, family="ip6")
-        nft.apply(script)
-        self._undo.push(f"nft table ip6 {NFT_TABLE6}",
-                        lambda: nft.delete_table("ip6", NFT_TABLE6))
+        nft.apply(head + script)
+        self._undo.push(f"nft table ip6 {NFT_TABLE6}", partial(self._remove_table, "ip6"))
+
+    def _drop_steering6(self) -> None:
+        """What an earlier run with IPv6 inside left for IPv6 and this one does not use."""
+        try:
+            nft.delete_table("ip6", NFT_TABLE6)
+            rules, routes = self._steering()
+            netlink.delete_rule(rules[1])
+            netlink.delete_route(routes[1])
+        except SystemSetupError as e:       # a kernel without IPv6: nothing can be left
+            log.debug("no IPv6 steering to remove: %s", e)
+
+    def _remove_table(self, family: str) -> None:
+        """Teardown of an nft table: deleted, or (a stop for a restart) replaced by the
+        paused stub in one transaction, so that no steered packet leaves by normal
+        routing in between."""
+        table = NFT_TABLE6 if family == "ip6" else NFT_TABLE
+        if self.pause_on_teardown:
+            try:
+                nft.apply(f"add table {family} {table}\ndelete table {family} {table}\n"
+                          + paused_ruleset(fwmark=self.fwmark, mark_mask=self.mark_mask,
+                                           family=family))
+                log.info("stopping for a restart: connections steered by nft table %s %s "
+                         "held until the next start (`upmt-agent cleanup` removes it)",
+                         family, table)
+                return
+            except SystemSetupError as e:
+                log.warning("cannot hold steered connections for the restart: %s", e)
+        nft.delete_table(family, table)
 
     def rules_script(self, rules: list[RuleMatch], ifaces: list[IfacePlan] | None = None
                      ) -> str:
