@@ -35,8 +35,10 @@ deck, so each kind comes as often as the others and a short run still has every 
   cannot delay a packet, so there is no reordering: drop only (a userspace NFQUEUE delayer
   would be needed, and is not here);
 * ``anchor-restart``: SIGKILL the anchor, start it again with the same config 1 s later;
-* ``agent-restart``: SIGTERM or SIGKILL (chosen by the seed) the agent, start it again 1 s
-  later; after a SIGKILL the new agent removes what the old one left (its state file);
+* ``agent-restart``: SIGUSR2 (a stop for a restart: what ``systemctl restart`` sends) or
+  SIGKILL (chosen by the seed) the agent, start it again 1 s later; the new agent takes
+  over what the old one left to hold its steered connections (its nft table, the steered
+  mark's ip rule and table's blackhole) and removes the rest (its state file);
 * **rekeys**: no control command forces a rekey and agent.py is not ours to change, so the
   agent runs with its rekey interval (``upmt_tun.link.REKEY_AFTER``, 120 s) lowered to
   ``--rekey-after`` s by a launcher (``python -c``, this file's AGENT_LAUNCHER): the agent's
@@ -78,6 +80,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -193,7 +196,7 @@ def schedule(seed: int, p: Params, kinds: tuple[str, ...] = KINDS) -> list[Plann
             args = {"nat": rng.choice(("nat1", "nat2")), "pct": rng.randint(5, 30),
                     "for_s": round(rng.uniform(2, 8), 1)}
         elif kind == "agent-restart":
-            args = {"signal": rng.choice(("TERM", "KILL"))}
+            args = {"signal": rng.choice(("USR2", "KILL"))}
         out.append(Planned(round(t, 2), kind, args))
         t += rng.uniform(p.gap_min, p.gap_max)
     return out
@@ -608,7 +611,7 @@ class Chaos:
             sig = "KILL" if key == "anchor0" else a["signal"]
             self.sampler.restarting.add(key)
             try:
-                info = self.lab.restart(key, 9 if sig == "KILL" else 15)
+                info = self.lab.restart(key, signal.Signals[f"SIG{sig}"])
             finally:
                 self.sampler.restarting.discard(key)
             self.record(t, ev.kind, f"{'anchor' if key == 'anchor0' else 'agent'} "
