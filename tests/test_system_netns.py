@@ -553,6 +553,48 @@ def test_anchor_setup_teardown(netns: str) -> None:
     assert got["after"] == got["before"]
 
 
+def _anchor_stopped_for_a_restart() -> dict[str, Any]:
+    from upmt_tun.system.anchor_host import AnchorHost, is_paused
+
+    def host() -> AnchorHost:
+        made = AnchorHost(tun="ut0", tun_address="100.64.1.1", pool_prefixlen=24,
+                          pool="100.64.1.0/24", mtu=1400, role="anchor", nat_interface="ua0",
+                          pool6="fd55:1::/64")
+        made.cleanup_leftovers(keep_table=True)     # what a start does
+        return made
+
+    fd = open_tun("ut0")
+    before = snapshot()
+    first = host()
+    first.setup()
+    first.pause_on_teardown = True                  # SIGUSR2
+    first.teardown()
+    paused, flag = sh("nft", "list", "ruleset"), is_paused()
+    again = host()
+    again.setup()                                   # takes both stubs over
+    resumed = sh("nft", "list", "ruleset")
+    again.teardown()
+    after = snapshot()
+    os.close(fd)
+    return {"before": before, "paused": paused, "flag": flag, "resumed": resumed,
+            "after": after}
+
+
+def test_anchor_stopped_for_a_restart_keeps_ipv4_and_ipv6_nat(netns: str) -> None:
+    """A stop for a restart leaves both families' NAT paused (an empty NAT chain, replies
+    to the pool dropped); the next start replaces both stubs, a stop for good removes
+    everything."""
+    got = in_netns(netns, _anchor_stopped_for_a_restart)
+    paused = got["paused"]
+    assert got["flag"] is True
+    assert "table ip upmt_anchor" in paused and "table ip6 upmt_anchor6" in paused, paused
+    assert paused.count("chain paused") == 2 and "masquerade" not in paused
+    assert "ip6 daddr fd55:1::/64 ct state established,related counter" in paused
+    assert "ip daddr 100.64.1.0/24 ct state established,related counter" in paused
+    assert "chain paused" not in got["resumed"] and "masquerade" in got["resumed"]
+    assert got["after"] == got["before"]
+
+
 def test_fixed_host_configures_tun_and_relays_nothing(netns: str) -> None:
     got = in_netns(netns, _anchor_lifecycle, "fixed-host")
     during = got["during"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from functools import partial
 
 from upmt_tun.system import netlink, nft
 from upmt_tun.system.errors import SystemSetupError
@@ -190,7 +191,7 @@ def to_anchor_rules(*, tun: str, allow_egress: tuple[str, ...], version: int = 4
 PAUSED_CHAIN = "paused"   # the chain that names a table as the stub a restart leaves
 
 
-def paused_ruleset(pool: str) -> str:
+def paused_ruleset(pool: str, family: str = NFT_FAMILY) -> str:
     """What an anchor stopping *for a restart* leaves in place of its table, until the
     next start replaces it (in one transaction) or ``cleanup`` removes it.
 
@@ -201,19 +202,22 @@ def paused_ruleset(pool: str) -> str:
     anchor's own stack, which answers it with a TCP reset, and the connection dies. An
     empty NAT chain and a ``ct`` rule keep both running, so a reply is turned back into
     a packet to its host's VIpA, which the ``ct`` rule drops (the TUN is gone):
-    silently, so the server retransmits until the restarted anchor carries it again."""
+    silently, so the server retransmits until the restarted anchor carries it again.
+    ``family`` "ip6": the same for table ``ip6 upmt_anchor6`` and the IPv6 pool."""
+    six = family == "ip6"
     try:
-        net = ipaddress.IPv4Network(pool, strict=False)
+        net = (ipaddress.IPv6Network if six else ipaddress.IPv4Network)(pool, strict=False)
     except ValueError:
         raise SystemSetupError(f"bad vipa pool {pool!r}") from None
-    return (f"table {NFT_FAMILY} {NFT_TABLE} {{\n"
+    ip = "ip6" if six else "ip"
+    return (f"table {family} {NFT_TABLE6 if six else NFT_TABLE} {{\n"
             "\tchain postrouting {\n"
             "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
             "\t}\n"
             f"\tchain {PAUSED_CHAIN} {{\n"
             "\t\ttype filter hook prerouting priority filter; policy accept;\n"
-            f"\t\tip daddr {net} ct state established,related counter drop\n"
-            f"\t\tip daddr {net} drop\n"
+            f"\t\t{ip} daddr {net} ct state established,related counter drop\n"
+            f"\t\t{ip} daddr {net} drop\n"
             "\t}\n"
             "}\n")
 
@@ -347,12 +351,10 @@ class AnchorHost:
                 # an anchor's uplink with IPv6 is configured statically or with accept_ra=2)
                 self._sysctl.set("net.ipv6.conf.all.forwarding", "1")
         nft.apply(script)
-        # (a stop for a restart keeps the IPv4 table's NAT, paused: _remove_table; the
-        # IPv6 table goes, so IPv6 connections do not outlive a restart)
+        # (a stop for a restart keeps both tables' NAT, paused: _remove_table)
         self._undo.push(f"nft table {NFT_TABLE}", self._remove_table)
         if self.pool6 is not None:
-            self._undo.push(f"nft table ip6 {NFT_TABLE6}",
-                            lambda: nft.delete_table("ip6", NFT_TABLE6))
+            self._undo.push(f"nft table ip6 {NFT_TABLE6}", partial(self._remove_table, "ip6"))
         log.info("anchor host set up (pool %s, masquerade via %s)", self.pool, self.nat_interface)
 
     def egress_script(self, allow_egress: tuple[str, ...], deny_egress: tuple[str, ...],
@@ -390,19 +392,22 @@ class AnchorHost:
             self.allow_egress, self.deny_egress = allow_egress, deny_egress
             self.max_flows_per_host = max_flows_per_host
             log.info("nft egress rules replaced")
-    def _remove_table(self) -> None:
-        """Teardown of the table: deleted, or (a stop for a restart) replaced by the paused
+    def _remove_table(self, family: str = NFT_FAMILY) -> None:
+        """Teardown of a table: deleted, or (a stop for a restart) replaced by the paused
         stub in one transaction, so there is no moment without a NAT chain."""
+        six = family == "ip6"
+        table = NFT_TABLE6 if six else NFT_TABLE
+        pool = str(self.pool6) if six else self.pool
         if self.pause_on_teardown and self.role == "anchor":
             try:
-                nft.apply(f"add table {NFT_FAMILY} {NFT_TABLE}\n"
-                          f"delete table {NFT_FAMILY} {NFT_TABLE}\n{paused_ruleset(self.pool)}")
+                nft.apply(f"add table {family} {table}\ndelete table {family} {table}\n"
+                          + paused_ruleset(pool, family))
                 log.info("stopping for a restart: NAT kept, replies to %s dropped until the"
-                         " next start (`upmt-anchor cleanup` removes it)", self.pool)
+                         " next start (`upmt-anchor cleanup` removes it)", pool)
                 return
             except SystemSetupError as e:
                 log.warning("cannot keep NAT for the restart: %s", e)
-        nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        nft.delete_table(family, table)
 
     def teardown(self) -> None:
         """Undo everything ``setup`` did (newest first). Idempotent; never raises."""
