@@ -58,11 +58,7 @@ exit 0 when stopped, a stream stopped for longer than ``--max-gap`` s, or someth
 behind: the state of mh, an, nat1 and nat2 (ip rules, routes, links, addresses, nftables,
 sysctls) after the daemons stopped must equal the state before they started, no process may
 remain in those namespaces, and after the teardown no namespace of the run, no process
-naming its directories and no ``/run/upmt-<prefix>`` may remain. A failure that issue 13
-reports for today's code (a downlink-only stream that needs its application to speak again
-after an anchor restart, item 2, or after an agent restart, item 3; a TCP download that broke
-or had not come back within 30 s of a daemon restart, items 1 and 3) is marked ``known`` with
-the issue reference: still a failure, listed apart.
+naming its directories and no ``/run/upmt-<prefix>`` may remain.
 
 Results: a table on stdout, a JSON summary (default ``benchmarks/results/chaos.json``) and a
 PNG (``chaos.png`` beside it): goodput of both streams, RSS, descriptors and tasks on one
@@ -111,20 +107,6 @@ STREAMS = str(Path(__file__).resolve().with_name("streams.py"))
 PY = sys.executable
 DAEMONS = {"agent": "agent", "anchor": "anchor0"}      # name -> Lab.procs key
 STATE_ROLES = ("mh", "an", "nat1", "nat2")
-KNOWN = {   # what issue 13 reports of today's code, by the event kind that shows it
-    "anchor-restart": "issue 13 item 2: an anchor restart loses the flows; a downlink-only "
-                      "flow resumes only when the host sends",
-    "agent-restart": "issue 13 item 3: after an agent restart the flows the kernel still "
-                     "tracks are not kept; a downlink-only flow resumes only when the host "
-                     "sends",
-}
-KNOWN_TCP = {   # a TCP download that broke or stalled within RESTART_WINDOW of a restart
-    "anchor-restart": "issue 13 items 1 and 3: an anchor restart must keep live flows (and "
-                      "their conntrack entries) and traffic must be back within 1.5 s",
-    "agent-restart": "issue 13 item 3: an agent restart must keep the flows the kernel "
-                     "still tracks",
-}
-RESTART_WINDOW = 30.0
 RULES = (rule_toml("web", "tcp", dst=f"{CH}/32", dst_port=HTTP_PORT)
          + rule_toml("udp-down", "udp", dst=f"{CH}/32", dst_port=UDP_PORT))
 AGENT_LAUNCHER = (
@@ -887,8 +869,8 @@ def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
 def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any]:
     fails: list[dict[str, Any]] = []
 
-    def fail(reason: str, known: str | None = None) -> None:
-        fails.append({"reason": reason, "known": known})
+    def fail(reason: str) -> None:
+        fails.append({"reason": reason})
 
     for e in res.get("errors", []):
         fail(f"run error: {e}")
@@ -910,12 +892,6 @@ def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any
                 if i and b > fine[i - 1][1] and t - clock0 <= t_end]
         return grew[-1] if grew else t_end
 
-    def restart_before(t: float) -> str | None:
-        """The known issue behind a TCP failure at ``t``: a daemon restart shortly before."""
-        recent = [e for e in res.get("events", [])
-                  if e["kind"] in KNOWN_TCP and t - RESTART_WINDOW <= e["t"] <= t]
-        return KNOWN_TCP[recent[-1]["kind"]] if recent else None
-
     for run_ in res.get("tcp_runs", []):
         if run_["stopped_by_us"]:
             if not run_["intact"]:
@@ -925,16 +901,17 @@ def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any
             after = [e for e in res.get("events", []) if e["t"] <= run_["t_end"]]
             last = f" (last event before: {after[-1]['label']} at {after[-1]['t']:.1f} s)" \
                 if after else ""
-            # blamed on what came before the download's last byte (the stall's start)
+            # the stall's start: what came before the download's last byte caused it
             t_fail = stalled_since(run_["t_end"]) if fine else \
                 run_["t_end"] - (p.speed_time if run_["curl_exit"] == 28 else 0)
+            stalled = f" (stalled since {t_fail:.1f} s)" if t_fail < run_["t_end"] - 1 else ""
             fail(f"tcp download {run_['n']} ended with curl exit {run_['curl_exit']} at "
-                 f"{run_['t_end']:.1f} s{last}: {run_.get('curl_stderr', '')[:120]}",
-                 restart_before(t_fail))
+                 f"{run_['t_end']:.1f} s{last}{stalled}: "
+                 f"{run_.get('curl_stderr', '')[:120]}")
     tcp = an.get("tcp_mbit", [])
     tail = [v for t, v in tcp if t >= res.get("t_end", 0) - 5]
     if tcp and not any(v > 0 for v in tail):
-        fail("tcp: no byte in the last 5 s of the run", restart_before(res.get("t_end", 0)))
+        fail("tcp: no byte in the last 5 s of the run")
     if not res.get("udp_raw"):
         fail("udp: no record of the stream")
     else:
@@ -946,21 +923,17 @@ def verdict(res: dict[str, Any], an: dict[str, Any], p: Params) -> dict[str, Any
         if not arr or arr[-1] < t_stop - 5:
             fail("udp: nothing arrived in the last 5 s of the run")
     for e in an.get("per_event", []):
-        for what, gap, known in (("udp", e["udp_recovery_ms"], KNOWN.get(e["kind"])),
-                                 ("tcp", e["tcp_recovery_ms"], KNOWN_TCP.get(e["kind"]))):
+        for what, gap in (("udp", e["udp_recovery_ms"]), ("tcp", e["tcp_recovery_ms"])):
             if (gap or 0) > p.max_gap * 1000:
                 fail(f"{what} stopped for {gap / 1000:.1f} s after {e['label']} at "
-                     f"{e['t']:.1f} s", known)
+                     f"{e['t']:.1f} s")
         if e["udp_needed_rehello"]:
-            known = KNOWN.get(e["kind"])
             fail(f"udp downlink did not resume by itself after {e['label']} at {e['t']:.1f} s "
                  f"(back {e['udp_recovery_ms'] / 1000:.1f} s later, after the application "
-                 "sent again)", known)
+                 "sent again)")
     for x in res.get("leftovers", []):
         fail(f"leftover: {x}")
-    return {"ok": not fails, "failures": fails,
-            "unknown": [f["reason"] for f in fails if f["known"] is None],
-            "known": [f"{f['reason']} [{f['known']}]" for f in fails if f["known"]]}
+    return {"ok": not fails, "failures": fails}
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -1104,8 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         result["udp_sender"] = {k: v for k, v in raw[0].items()}
     v = an["verdict"]
     title = (f"upmt_tun chaos soak, {p.seconds:.0f} s, seed {args.seed}: "
-             + ("OK" if v["ok"] else f"FAILED ({len(v['failures'])} failure(s), "
-                f"{len(v['known'])} of them known: issue 13)"))
+             + ("OK" if v["ok"] else f"FAILED ({len(v['failures'])} failure(s))"))
     try:
         result["png"] = plot(res, an, args.png, title) if res.get("samples") else None
     except Exception as e:      # the numbers are saved either way
@@ -1149,7 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
         print("chaos.py: interrupted", file=sys.stderr)
         return 130
     for f in v["failures"]:
-        print(f"FAIL: {f['reason']}" + (f" [known: {f['known']}]" if f["known"] else ""))
+        print(f"FAIL: {f['reason']}")
     print("verdict: " + ("ok" if v["ok"] else "FAILED"))
     return 0 if v["ok"] else 1
 
