@@ -517,6 +517,49 @@ async def test_move_rule_and_flow_the_anchor_follows(tmp_path: Path) -> None:
         await w.stop()
 
 
+async def test_operator_moves_outlive_a_restart(tmp_path: Path) -> None:
+    """What an agent stopped for a restart saves (AgentForwarder.choices, as JSON): a
+    rule's move and a flow's own move; the next run applies them to the same flows when
+    they show up again, and to the rule's new flows. A failover is not saved."""
+    import json
+
+    from upmt_tun.dataplane.forwarder import parse_choices
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    w = World(tmp_path / "one", rules=RULES)
+    await w.start()
+    try:
+        for sport in (40000, 40001):
+            w.mh_tun.inject(pb.tcp("100.64.0.1", CH, sport, 80, b"a"))
+        await w.settle()
+        assert w.agent.move(rule="web", via="wan2") == 2
+        fid = next(f["id"] for f in w.agent.status()["flows"] if f["sport"] == 40001)
+        assert w.agent.move(flow=fid, via="wan1") == 1
+        saved = json.loads(json.dumps(w.agent.fwd.choices()))
+    finally:
+        await w.stop()
+    assert saved["rules"] == {"web": ["wan2", None]}
+    assert [row[3:] for row in saved["flows"]] == [[40001, 80, "wan1"]]
+    w = World(tmp_path / "two", rules=RULES)
+    await w.start()
+    try:
+        w.agent.fwd.resume(*parse_choices(saved), w.agent.clock())
+        for sport in (40000, 40001, 40002):
+            w.mh_tun.inject(pb.tcp("100.64.0.1", CH, sport, 80, b"b"))
+        await w.settle()
+        by_port = {f["sport"]: f["interface"] for f in w.agent.status()["flows"]}
+        assert by_port == {40000: "wan2", 40001: "wan1", 40002: "wan2"}
+        assert w.agent.fwd.choices()["flows"] == saved["flows"]     # kept by the next one
+    finally:
+        await w.stop()
+    for bad in ({}, {"rules": {}, "flows": [[6, "zz", "00", 1, 2, "wan1"]]},
+                {"rules": {"web": ["wan2"]}, "flows": []},
+                {"rules": {}, "flows": [[6, "0a000001", "0a000002", 70000, 2, "wan1"]]}):
+        with pytest.raises(ValueError):
+            parse_choices(bad)
+
+
 async def test_downlink_only_flow_follows_a_signalled_handover(tmp_path: Path) -> None:
     """A flow that sends nothing upstream after a move (a download waiting for its data)
     gives the anchor nothing to learn from: the agent's HandoverReq moves its downlink."""

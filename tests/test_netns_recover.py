@@ -229,7 +229,8 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
     vipa_fix stays, so the new agent learns the flow on its next packet (the rule read
     back from the ct mark), and the anchor (still up) gives the same VIpA and still has
     the flow and its masquerade entry. The anchor replaces the host's tunnels of the
-    same interface, none waits out its idle timeout."""
+    same interface, none waits out its idle timeout. The operator's move of the
+    connection outlives a stop for a restart (saved then), not a kill."""
     lab = Lab(topo, tmp_path / "lab", rules=RULES)
     server = topo.popen("ch", "python3", "-u", "-c", DRAINING_TCP_SERVER,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -240,6 +241,10 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
         client = topo.popen("mh", "python3", "-u", "-c", CHATTY_TCP_CLIENT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(3.0)
+        # the operator moved the connection to wan2 (its rule prefers wan1): a stop for a
+        # restart saves that move for the next run, a kill cannot
+        (moving,) = [f for f in lab.agent_status()["flows"] if f["protocol"] == "tcp"]
+        lab.agent_cli("move", "--flow", str(moving["id"]), "--via", "wan2")
         agent = lab.procs["agent"]
         t_stop = time.time()
         os.kill(agent.pid, sig)                     # ip netns exec exec'd it
@@ -269,6 +274,7 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
     # learned again from its conntrack entry (the application's own source comes from
     # there), with the rule its ct mark names
     assert flow["rule"] == "web" and flow.get("src") == "10.1.0.2", flows
+    assert flow["interface"] == ("wan2" if sig == signal.SIGUSR2 else "wan1"), flows
     print(f"\n[agent {sig.name} + start] stop->start {t_start - t_stop:.2f} s, "
           f"start->ready {t_ready - t_start:.2f} s, tcp gap {got['gap']:.2f} s, "
           f"ready->tcp resumes {got['gap_end'] - t_ready:.2f} s")

@@ -50,6 +50,7 @@ from .config import (
     rule_fields,
 )
 from .control import ControlServer, ensure_free
+from .dataplane.forwarder import parse_choices
 from .dataplane.io import PathSocket, TunDevice, open_udp
 from .dataplane.packet import OVERHEAD, OVERHEAD6
 from .events import (
@@ -78,6 +79,7 @@ from .metrics import MetricsServer, render_agent, render_anchor
 from .reload import start_slots
 from .reload_driver import AgentReloader, AnchorReloader, SlotFile, rule_matches
 from .resolve import AnchorResolver, ResolveSchedule, first_lookups
+from .statefile import StateFile
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan
 from .system.anchor_host import AnchorHost
@@ -99,6 +101,12 @@ ANCHOR_LOOK_EVERY = 0.25   # the anchor's look at its associations and tunnels (
 T = TypeVar("T")
 Reload = Callable[[str | None], Awaitable[dict[str, Any]]]
 ConfigArg = AgentConfig | AnchorConfig | str | os.PathLike[str]
+
+
+def _choices_file(control_path: str) -> StateFile:
+    """Where an agent stopped for a restart leaves the operator's moves for the next start
+    (AgentForwarder.choices)."""
+    return StateFile(control_path + ".choices", "the moved rules and flows")
 
 
 def _offload(kind: str) -> bool:
@@ -503,6 +511,7 @@ class Agent(_Daemon):
         start comes)."""
         if self._host is not None:
             self._host.pause_on_teardown = True
+        _choices_file(self.control_path).save(self._core.fwd.choices())
 
     def status(self) -> dict[str, Any]:
         """The same dict as ``upmt-agent status --json`` (SPEC.md): anchors, tunnels,
@@ -836,6 +845,12 @@ async def _open_agent(cls: type[Agent], cfg: AgentConfig, control_path: str,
                             else None,
                             mesh_route=mesh_route)
         core.fwd.mesh_mtu = mesh_mtu
+        # the operator's moves, saved by a run stopped for a restart (stop_for_restart)
+        saved_choices = _choices_file(control_path).take(parse_choices)
+        if saved_choices is not None:
+            names = {r.name for r in cfg.rules}
+            core.fwd.resume({r: c for r, c in saved_choices[0].items() if r in names},
+                            saved_choices[1], core.clock())
         core.devices.update(devices)
         core.fwd.mtu = mtu                 # IPv6 longer than this: Packet Too Big
         for name in waiting:            # before start: its links start LINK_DOWN (tried)

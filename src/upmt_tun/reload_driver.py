@@ -12,11 +12,7 @@ SIGHUP may race). Every outcome is one log line and the reply:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -44,6 +40,7 @@ from .reload import (
     start_slots,
 )
 from .resolve import AnchorResolver, ResolveSchedule
+from .statefile import StateFile
 from .system import netlink
 from .system.agent_host import AgentHost, IfacePlan, RuleMatch
 from .system.anchor_host import AnchorHost
@@ -76,48 +73,19 @@ def rule_matches(rules: tuple[Rule, ...], slots: Mapping[str, int],
 
 class SlotFile:
     """The rules' mark slots, saved next to the control socket after a reload changed
-    them, read at the next start (reload.start_slots). Only our own file is read: a
-    regular file (no symlink) owned by this user, writable by nobody else, in the exact
-    format; anything else is ignored with one line (the slots are then positions)."""
+    them, read at the next start (reload.start_slots). A file that is not ours, or not in
+    the exact format, is ignored with one line (the slots are then positions)."""
 
     def __init__(self, control_path: str) -> None:
-        self.path = control_path + ".slots"
+        self.file = StateFile(control_path + ".slots", "the rules' mark slots")
+        self.path = self.file.path
 
     def load(self) -> tuple[dict[str, int], int] | None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("%s: ignored (%s)", self.path, e.strerror or e)
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
-                    or st.st_mode & 0o022:
-                raise ValueError("not this user's own file")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return parse_slots(json.loads(f.read(1 << 20)))
-        except (OSError, ValueError) as e:
-            log.warning("%s: ignored (%s)", self.path, e)
-            return None
-        finally:
-            os.close(fd)
+        return self.file.load(parse_slots)
 
     def save(self, slots: Mapping[str, int], next_slot: int) -> None:
-        """Written whole (a temporary file renamed over it); a failure is one line (the
-        next start falls back to positions)."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"slots": dict(slots), "next": next_slot}, f)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            log.warning("cannot save the rules' mark slots to %s: %s", self.path,
-                        e.strerror or e)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        """A failure is one line (the next start falls back to positions)."""
+        self.file.save({"slots": dict(slots), "next": next_slot})
 
 
 def _summary(changes: list[str], restart: tuple[str, ...]) -> str:

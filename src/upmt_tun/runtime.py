@@ -280,6 +280,10 @@ def cleanup_agent(cfg: AgentConfig, control_path: str, keep_paused: bool = False
         keep_steering=keep_paused and _agent_paused())
     if netlink.delete_tun(cfg.tun):
         log.info("removed leftover TUN device %s", cfg.tun)
+    if not keep_paused:        # the moves a run stopped for a restart saved
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path + ".choices")
+            log.info("removed the moves saved by an agent stopped for a restart")
     if removed := RuleCgroups(control_path, []).remove_leftovers():
         log.info("removed %d leftover cgroup(s)", removed)
 

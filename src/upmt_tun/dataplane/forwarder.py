@@ -131,6 +131,40 @@ def _steerable6(src: bytes, dst: bytes) -> bool:
             and not (src[0] == 0xFE and src[1] & 0xC0 == 0x80) and any(src))
 
 
+CHOICES_KEPT_FOR = 300.0   # s a restarted agent waits for a saved flow to show up again
+
+
+def parse_choices(data: object) -> tuple[dict[str, tuple[str, str | None]],
+                                         dict[FlowKey, str]]:
+    """What :meth:`AgentForwarder.choices` saved (JSON): (rule -> (interface, anchor),
+    flow key -> interface); ValueError when it is not exactly that."""
+    if not isinstance(data, dict) or set(data) != {"rules", "flows"}:
+        raise ValueError("not a choices file")
+    rules, flows = data["rules"], data["flows"]
+    if not isinstance(rules, dict) or not isinstance(flows, list):
+        raise ValueError("bad rules or flows")
+    prefer: dict[str, tuple[str, str | None]] = {}
+    for name, choice in rules.items():
+        if not (isinstance(choice, list) and len(choice) == 2 and isinstance(choice[0], str)
+                and (choice[1] is None or isinstance(choice[1], str))):
+            raise ValueError(f"bad choice for rule {name[:64]!r}")
+        prefer[name] = (choice[0], choice[1])
+    keys: dict[FlowKey, str] = {}
+    for row in flows:
+        if not (isinstance(row, list) and len(row) == 6 and type(row[0]) is int
+                and all(isinstance(x, str) for x in (row[1], row[2], row[5]))
+                and all(type(x) is int and 0 <= x <= 0xFFFF for x in (row[3], row[4]))):
+            raise ValueError("bad flow")
+        try:
+            src, dst = bytes.fromhex(row[1]), bytes.fromhex(row[2])
+        except ValueError:
+            raise ValueError("bad flow address") from None
+        if len(src) not in (4, 16) or len(dst) != len(src):
+            raise ValueError("bad flow address")
+        keys[(row[0], src, dst, row[3], row[4])] = row[5]
+    return prefer, keys
+
+
 class AgentForwarder:
     """Mobile-host data path: TUN <-> tunnels, per-flow, with internal NAT."""
 
@@ -156,6 +190,11 @@ class AgentForwarder:
         self.by_path: dict[tuple[str, str], Tunnel] = {}   # (interface, anchor) -> tunnel
         self.sessions: dict[int, tuple[AnchorLink, Session]] = {}   # receive side
         self.prefer: dict[str, tuple[str, str | None]] = {}   # rule -> (interface, anchor)
+        # flow key -> the interface it had been moved to, saved by the run before a restart
+        # (choices/resume): applied when the flow shows up again, forgotten after a while
+        self.resumed: dict[FlowKey, str] = {}
+        self.resumed_until = 0.0
+        self.flow_moves: dict[FlowKey, str] = {}    # move_one's, for choices()
         self.drops: Counter[str] = Counter()
         # mesh (UPMT-DAM): destination VIpA -> peer name for peers with a session; a new
         # flow to another address of a mesh pool calls ``mesh_miss`` (the driver looks
@@ -218,6 +257,7 @@ class AgentForwarder:
         for f in self.paft.flows():
             if f.rule != rule or not isinstance(f.policy, FlowClass):
                 continue
+            self.flow_moves.pop(f.key, None)       # the rule's move overrides the flow's
             f.policy = self._preferred(f.policy, iface, None)
             t = self.usable_for(iface, f.anchor)
             if t is not None and t.tid != f.tunnel:
@@ -229,6 +269,10 @@ class AgentForwarder:
         """Move one flow to ``iface`` (same anchor: its public address stays)."""
         fc = f.policy if isinstance(f.policy, FlowClass) else self.classify(f.key)
         f.policy = self._preferred(fc, iface, None)
+        if len(self.flow_moves) >= len(self.paft):      # drop those of flows gone
+            self.flow_moves = {k: i for k, i in self.flow_moves.items()
+                               if self.paft.get(k) is not None}
+        self.flow_moves[f.key] = iface
         t = self.usable_for(iface, f.anchor)
         if t is None:
             return False
@@ -620,11 +664,38 @@ class AgentForwarder:
                 return t
         return None
 
-    def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
+    def _class_of(self, key: FlowKey) -> FlowClass:
+        """A new flow's class: its rule's, with the rule's preferred interface first."""
         fc = self.classify(key)
         pref = self.prefer.get(fc.rule)
-        if pref is not None:
-            fc = self._preferred(fc, *pref)
+        return fc if pref is None else self._preferred(fc, *pref)
+
+    def choices(self) -> dict[str, object]:
+        """What a restart should keep of the operator's choices (JSON): each rule's
+        preferred interface (``move --rule``) and the interface of each live flow moved
+        on its own (``move --flow``). Not a failover: that flow's preference is still its
+        rule's, and the restarted agent lets it return."""
+        flows = [[k[0], k[1].hex(), k[2].hex(), k[3], k[4], iface]
+                 for k, iface in self.flow_moves.items() if self.paft.get(k) is not None]
+        return {"rules": {r: [i, a] for r, (i, a) in self.prefer.items()}, "flows": flows}
+
+    def resume(self, rules: dict[str, tuple[str, str | None]], flows: dict[FlowKey, str],
+               now: float) -> None:
+        """Take over what :meth:`choices` saved before a restart, for the interfaces
+        that are still configured; a saved flow that has not shown up again within
+        ``CHOICES_KEPT_FOR`` s is forgotten."""
+        self.prefer.update((r, c) for r, c in rules.items() if c[0] in self.interfaces)
+        self.resumed = {k: i for k, i in flows.items() if i in self.interfaces}
+        self.resumed_until = now + CHOICES_KEPT_FOR
+
+    def _new_flow(self, key: FlowKey, now: float) -> Flow | None:
+        fc = self._class_of(key)
+        resumed = None
+        if self.resumed:
+            if now > self.resumed_until:
+                self.resumed.clear()
+            elif (resumed := self.resumed.get(key)) is not None:
+                fc = self._preferred(fc, resumed, None)
         peer = self.mesh_dst.get(key[2])
         if peer is None and len(key[2]) == 4 and self.mesh_anchor_of(key[2]) is not None:
             self.mesh_miss(key[2])             # another host of a mesh: look it up
@@ -643,6 +714,9 @@ class AgentForwarder:
             return None
         f.app_src = fc.app_src
         f.policy = fc
+        if resumed is not None:            # (not before: a flow may wait for its tunnel)
+            del self.resumed[key]
+            self.flow_moves[key] = resumed               # kept by the next restart too
         return f
 
     def _failover(self, flow: Flow, now: float) -> Tunnel | None:
