@@ -106,15 +106,11 @@ def paused_ruleset(*, fwmark: int, mark_mask: int = MARK_MASK, family: str = NFT
     the access NAT brings back to the application, and the connection dies. Dropped, they
     are retransmitted until the restarted agent carries them again. New connections are
     not steered by the stub: they are routed as if no agent ran."""
-    table = NFT_TABLE6 if family == "ip6" else NFT_TABLE
-    return (f"table {family} {table} {{\n"
-            f"\tchain {PAUSED_CHAIN} {{\n\t}}\n"
-            "\tchain output {\n"
-            "\t\ttype route hook output priority mangle; policy accept;\n"
-            f"\t\tct mark and {MARK_MASK:#x} == {fwmark:#x} meta mark set ct mark and "
-            f"{mark_mask:#x}\n"
-            "\t}\n"
-            "}\n")
+    return nft.table_script(family, NFT_TABLE6 if family == "ip6" else NFT_TABLE, [
+        (PAUSED_CHAIN, None, []),
+        ("output", "type route hook output priority mangle",
+         [f"ct mark and {MARK_MASK:#x} == {fwmark:#x} meta mark set ct mark and "
+          f"{mark_mask:#x}"])])
 
 
 def is_paused() -> bool:

@@ -210,16 +210,11 @@ def paused_ruleset(pool: str, family: str = NFT_FAMILY) -> str:
     except ValueError:
         raise SystemSetupError(f"bad vipa pool {pool!r}") from None
     ip = "ip6" if six else "ip"
-    return (f"table {family} {NFT_TABLE6 if six else NFT_TABLE} {{\n"
-            "\tchain postrouting {\n"
-            "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-            "\t}\n"
-            f"\tchain {PAUSED_CHAIN} {{\n"
-            "\t\ttype filter hook prerouting priority filter; policy accept;\n"
-            f"\t\t{ip} daddr {net} ct state established,related counter drop\n"
-            f"\t\t{ip} daddr {net} drop\n"
-            "\t}\n"
-            "}\n")
+    return nft.table_script(family, NFT_TABLE6 if six else NFT_TABLE, [
+        ("postrouting", "type nat hook postrouting priority srcnat", []),
+        (PAUSED_CHAIN, "type filter hook prerouting priority filter",
+         [f"{ip} daddr {net} ct state established,related counter drop",
+          f"{ip} daddr {net} drop"])])
 
 
 def is_paused() -> bool:

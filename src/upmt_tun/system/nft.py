@@ -78,6 +78,20 @@ def delete_table(family: str, name: str) -> None:
         raise SystemSetupError(f"nft: {_first_error(proc.stderr)}")
 
 
+def table_script(family: str, table: str,
+                 chains: list[tuple[str, str | None, list[str]]]) -> str:
+    """The nft script of table ``family table`` with ``chains``: (name, its hook line
+    without ``; policy accept;`` or None for a chain without hook, its rules)."""
+    lines = [f"table {family} {table} {{"]
+    for name, hook, rules in chains:
+        lines.append(f"\tchain {name} {{")
+        if hook is not None:
+            lines.append(f"\t\t{hook}; policy accept;")
+        lines += [f"\t\t{rule}" for rule in rules]
+        lines.append("\t}")
+    return "\n".join(lines) + "\n}\n"
+
+
 def quote(name: str) -> str:
     """Quote an interface name (or cgroup path) as an nft string literal."""
     if any(ch in name for ch in '"\\\n\r\t;') or not name.isprintable():
