@@ -251,6 +251,11 @@ def test_agent_restart_keeps_a_steered_tcp_connection(topo: Topology, tmp_path: 
         assert agent.wait(15) == (0 if sig == signal.SIGUSR2 else -signal.SIGKILL)
         if sig == signal.SIGUSR2:
             assert "stopping for a restart" in lab.log_tail("agent", 20)
+            # the unit's ExecStopPost runs between the stop and the start: it keeps the hold
+            r = topo.run("mh", *exe("upmt-agent"), "cleanup", "--keep-paused", "--config",
+                         str(lab.dir / "agent.toml"))
+            held = topo.run("mh", "nft", "list", "ruleset").stdout
+            assert "chain paused" in held, (r.stderr, held)
         time.sleep(1.0)                             # away long enough to matter
         t_start = time.time()
         lab._start("agent", "mh", [*exe("upmt-agent"), "up", "--config",  # noqa: SLF001
