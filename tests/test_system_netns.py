@@ -452,6 +452,28 @@ def test_agent_stopped_for_a_restart_holds_steered_connections(netns: str, vipa6
     assert got["after"] == before
 
 
+def _agent_start_fails_after_keeping() -> dict[str, Any]:
+    from upmt_tun.system.netlink import configure_tun
+
+    before = snapshot()
+    fd = open_tun("ut0")
+    configure_tun("ut0", VIPA, 32, 1400)
+    agent_host().setup()                     # a run killed: nothing undone
+    os.close(fd)
+    host = agent_host()
+    host.cleanup_leftovers(keep_steering=True)
+    kept = snapshot()
+    host.teardown()                          # the start failed before its setup
+    return {"before": before, "kept": kept, "after": snapshot()}
+
+
+def test_agent_start_that_fails_removes_what_it_kept(netns: str) -> None:
+    got = in_netns(netns, _agent_start_fails_after_keeping)
+    assert "table ip upmt_agent" in got["kept"]["nft"]
+    for part in ("rules", "routes", "nft"):   # (sysctls: no state file here to restore)
+        assert got["after"][part] == got["before"][part], part
+
+
 def _agent_failure_half_way() -> dict[str, Any]:
     from upmt_tun.system import SystemSetupError
     from upmt_tun.system import agent_host as agent_module

@@ -713,5 +713,14 @@ class AgentHost:
         log.info("mesh pool %s routed into %s (mtu %d)", net, self.tun, mtu)
 
     def teardown(self) -> None:
-        """Undo everything ``setup`` did (newest first). Idempotent; never raises."""
+        """Undo everything ``setup`` did (newest first). Idempotent; never raises. What
+        :meth:`cleanup_leftovers` kept of an earlier run for a setup that never completed
+        (the start failed) goes too: it would steer connections into nothing."""
+        taken_over = bool(self._undo)
         self._undo.unwind()
+        if self._adopt and not taken_over:
+            self._adopt = False
+            try:
+                self.cleanup_leftovers()
+            except SystemSetupError as e:
+                log.warning("could not remove what the earlier run left: %s", e)
