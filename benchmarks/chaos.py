@@ -771,6 +771,18 @@ def gap_from(times: list[float], t0: float, t1: float) -> tuple[float, float | N
     return best, end
 
 
+EFFECT_S = 2.0        # an outage that begins later than this after an event's own time is not its
+
+
+def effect_end(e: dict[str, Any], next_t: float) -> float:
+    """Until when an outage that begins may be blamed on event ``e`` (relative times):
+    its own time (a link down, a loss burst, a restart until the new daemon was ready)
+    plus :data:`EFFECT_S`, and not after the next event. Without this bound, a hiccup
+    of 50 ms many seconds later (a rekey) was reported as the event's recovery time."""
+    own = e.get("down_s") or e.get("for_s") or max(0.0, e.get("back_t", e["t"]) - e["t"])
+    return min(next_t, e["t"] + own + EFFECT_S)
+
+
 def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
     """Per-second goodput, per-event recovery, resources, verdict."""
     clock0 = res.get("clock0", 0.0)
@@ -817,7 +829,8 @@ def analyse(res: dict[str, Any], p: Params) -> dict[str, Any]:
     per_event = []
     for k, e in enumerate(chaos_events):
         te = e["t"] + clock0
-        tw = chaos_events[k + 1]["t"] + clock0 if k + 1 < len(chaos_events) else t_end_abs
+        tw = effect_end(e, chaos_events[k + 1]["t"] if k + 1 < len(chaos_events)
+                        else t_end_abs - clock0) + clock0
         u = udp["events"][k] if k < len(udp["events"]) else {}
         gap, end = gap_from(arr, te - GAP_SLACK, tw - GAP_SLACK)
         rec = round((end - te) * 1000) if end is not None and gap >= streams.OUTAGE_S else None

@@ -315,6 +315,14 @@ def test_chaos_gap_from_counts_only_outages_that_begin_in_the_window() -> None:
     assert chaos.gap_from(times, 9.5, 10.0) == (0.0, None)
 
 
+def test_chaos_blames_an_outage_on_an_event_only_within_its_own_time() -> None:
+    chaos = _chaos_module()
+    assert chaos.effect_end({"t": 10.0, "down_s": 2.5}, 30.0) == pytest.approx(14.5)
+    assert chaos.effect_end({"t": 10.0, "for_s": 6.0}, 15.0) == 15.0      # next event first
+    assert chaos.effect_end({"t": 10.0, "back_t": 12.2}, 30.0) == pytest.approx(14.2)
+    assert chaos.effect_end({"t": 10.0}, 30.0) == pytest.approx(12.0)      # a NAT flush
+
+
 @pytest.mark.netns
 @pytest.mark.skipif(netns_missing() is not None or bool(tool_missing("curl", "tc", "ss",
                                                                       "conntrack")),
