@@ -80,28 +80,41 @@ def py_finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> bool:
 
 def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
                  new_src: bytes | None = None) -> list[bytes]:
-    """Cut an IPv4/TCP super-packet into segments of ``gso_size`` payload bytes, each a
-    complete packet with correct headers and checksums. [] when it is not IPv4/TCP or
-    its headers do not fit. ``new_src`` (4 bytes), if given, replaces the source address
-    of every segment (the internal NAT, free here: the checksums are computed anyway)."""
-    if len(pkt) and pkt[0] >> 4 == 6:
-        return _tso_split6(pkt, gso_size, new_src)
-    if new_src is not None and len(new_src) != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {len(new_src)}")
+    """Cut an IPv4/TCP super-packet (or an IPv6/TCP one without extension headers) into
+    segments of ``gso_size`` payload bytes, each a complete packet with correct headers
+    and checksums. [] when it is not TCP of those or its headers do not fit. ``new_src``
+    (4 or 16 bytes, the packet's family), if given, replaces the source address of every
+    segment (the internal NAT, free here: the checksums are computed anyway).
+
+    IPv4 and IPv6 differ only in the IP header: its length (IHL, or 40), where the
+    addresses sit (12:20, or 8:40), the length field (total at 2, or payload at 4), and
+    IPv4's id and header checksum per segment; the TCP part and its pseudo-header sum
+    (addresses + protocol + TCP length) are the same."""
     n = len(pkt)
-    if n < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or gso_size <= 0:
-        return []
-    ihl = (pkt[0] & 15) * 4
-    if ihl < 20 or ihl + 20 > n:
-        return []
+    six = bool(n) and pkt[0] >> 4 == 6
+    if new_src is not None and len(new_src) != (16 if six else 4):
+        raise ValueError(f"an IPv{6 if six else 4} address is {16 if six else 4} bytes, "
+                         f"got {len(new_src)}")
+    if six:
+        if n < 60 or pkt[6] != 6 or gso_size <= 0:
+            return []
+        ihl, addrs = 40, slice(8, 40)
+    else:
+        if n < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6 or gso_size <= 0:
+            return []
+        ihl, addrs = (pkt[0] & 15) * 4, slice(12, 20)
+        if ihl < 20 or ihl + 20 > n:
+            return []
     thl = (pkt[ihl + 12] >> 4) * 4
     hlen = ihl + thl
     if thl < 20 or hlen > n:
         return []
-    ident = _U16.unpack_from(pkt, 4)[0]
+    ident = 0 if six else _U16.unpack_from(pkt, 4)[0]
     seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
     flags = pkt[ihl + 13]
-    src_dst = bytes(pkt[12:20]) if new_src is None else bytes(new_src) + bytes(pkt[16:20])
+    half = (addrs.stop - addrs.start) // 2       # the source, then the destination
+    src_dst = bytes(pkt[addrs]) if new_src is None \
+        else bytes(new_src) + bytes(pkt[addrs.start + half:addrs.stop])
     pseudo_base = ones_sum(src_dst) + 6
     out = []
     payload_len = n - hlen
@@ -111,13 +124,16 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
         size = min(gso_size, payload_len - offset)
         last = offset + size >= payload_len
         seg = bytearray(pkt[:hlen])
-        seg[12:20] = src_dst
+        seg[addrs] = src_dst
         seg += pkt[hlen + offset:hlen + offset + size]
         total = hlen + size
-        _U16.pack_into(seg, 2, total)
-        _U16.pack_into(seg, 4, (ident + i) & 0xFFFF)
-        seg[10:12] = b"\0\0"
-        _U16.pack_into(seg, 10, ipv4_checksum(seg[:ihl]))
+        if six:
+            _U16.pack_into(seg, 4, total - 40)
+        else:
+            _U16.pack_into(seg, 2, total)
+            _U16.pack_into(seg, 4, (ident + i) & 0xFFFF)
+            seg[10:12] = b"\0\0"
+            _U16.pack_into(seg, 10, ipv4_checksum(seg[:ihl]))
         seg[ihl + 4:ihl + 8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
         f = flags
         if not last:
@@ -128,53 +144,6 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
         seg[ihl + 16:ihl + 18] = b"\0\0"
         s = pseudo_base + (total - ihl) + ones_sum(memoryview(seg)[ihl:])
         _U16.pack_into(seg, ihl + 16, _fold(s) ^ 0xFFFF)
-        out.append(bytes(seg))
-        offset += size
-        i += 1
-        if last:
-            return out
-
-
-def _tso_split6(pkt: bytes | bytearray | memoryview, gso_size: int,
-                new_src: bytes | None) -> list[bytes]:
-    """:func:`py_tso_split` of an IPv6/TCP super-packet without extension headers (none
-    other is cut: []): no IP id or header checksum; the payload length and the TCP
-    checksum over the IPv6 pseudo-header per segment. ``new_src``: 16 bytes."""
-    if new_src is not None and len(new_src) != 16:
-        raise ValueError(f"an IPv6 address is 16 bytes, got {len(new_src)}")
-    n = len(pkt)
-    if n < 60 or pkt[6] != 6 or gso_size <= 0:
-        return []
-    thl = (pkt[52] >> 4) * 4
-    hlen = 40 + thl
-    if thl < 20 or hlen > n:
-        return []
-    seq = int.from_bytes(pkt[44:48], "big")
-    flags = pkt[53]
-    src_dst = bytes(pkt[8:40]) if new_src is None else bytes(new_src) + bytes(pkt[24:40])
-    pseudo_base = ones_sum(src_dst) + 6
-    out = []
-    payload_len = n - hlen
-    offset = 0
-    i = 0
-    while True:
-        size = min(gso_size, payload_len - offset)
-        last = offset + size >= payload_len
-        seg = bytearray(pkt[:hlen])
-        seg[8:40] = src_dst
-        seg += pkt[hlen + offset:hlen + offset + size]
-        total = hlen + size
-        _U16.pack_into(seg, 4, total - 40)
-        seg[44:48] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
-        f = flags
-        if not last:
-            f &= ~(_TCP_FIN | _TCP_PSH)
-        if i:
-            f &= ~_TCP_CWR
-        seg[53] = f
-        seg[56:58] = b"\0\0"
-        s = pseudo_base + (total - 40) + ones_sum(memoryview(seg)[40:])
-        _U16.pack_into(seg, 56, _fold(s) ^ 0xFFFF)
         out.append(bytes(seg))
         offset += size
         i += 1
