@@ -309,17 +309,26 @@ def _embedded_key(
     ihlen = (ver_ihl & 0x0F) << 2
     if ver_ihl >> 4 != 4 or ihlen < 20 or inner + ihlen > total:
         return None
-    l4 = inner + ihlen
-    if frag & _OFFSET_MASK:
-        return (proto, dst, src, 0, 0)
-    if proto == _PROTO_TCP or proto == _PROTO_UDP:
-        if l4 + 4 <= total:
-            sport, dport = _ports_unpack(pkt, l4)
-            return (proto, dst, src, dport, sport)
-    elif proto == _PROTO_ICMP and l4 + 8 <= total:
-        icmp_type, ident = _icmp_id_unpack(pkt, l4)
-        if icmp_type == 8 or icmp_type == 0:
-            return (proto, dst, src, ident, ident)
+    return _reversed_key(pkt, proto, src, dst, inner + ihlen, frag & _OFFSET_MASK, total,
+                         _PROTO_ICMP, (8, 0))
+
+
+def _reversed_key(pkt: bytes | bytearray | memoryview, proto: int, src: bytes, dst: bytes,
+                  l4: int, frag: int, end: int, icmp: int, echo: tuple[int, int]
+                  ) -> tuple[int, bytes, bytes, int, int]:
+    """The reversed 5-tuple of a packet quoted in an ICMP(v6) error, its IP header read
+    (``l4``: where its transport header starts, ``frag``: not a first fragment): ports,
+    or the echo id of an ICMP(v6) echo (``icmp`` its protocol, ``echo`` its types), or
+    0, 0."""
+    if not frag:
+        if proto == _PROTO_TCP or proto == _PROTO_UDP:
+            if l4 + 4 <= end:
+                sport, dport = _ports_unpack(pkt, l4)
+                return (proto, dst, src, dport, sport)
+        elif proto == icmp and l4 + 8 <= end:
+            icmp_type, ident = _icmp_id_unpack(pkt, l4)
+            if icmp_type in echo:
+                return (proto, dst, src, ident, ident)
     return (proto, dst, src, 0, 0)
 
 
@@ -522,17 +531,7 @@ def _embedded_key6(pkt: bytes | bytearray | memoryview, inner: int, end: int
         return None
     proto, l4, frag = walked
     src, dst = bytes(pkt[inner + 8:inner + 24]), bytes(pkt[inner + 24:inner + 40])
-    if frag:
-        return (proto, dst, src, 0, 0)
-    if proto == _PROTO_TCP or proto == _PROTO_UDP:
-        if l4 + 4 <= end:
-            sport, dport = _ports_unpack(pkt, l4)
-            return (proto, dst, src, dport, sport)
-    elif proto == _PROTO_ICMP6 and l4 + 8 <= end:
-        icmp_type, ident = _icmp_id_unpack(pkt, l4)
-        if icmp_type == 128 or icmp_type == 129:
-            return (proto, dst, src, ident, ident)
-    return (proto, dst, src, 0, 0)
+    return _reversed_key(pkt, proto, src, dst, l4, frag, end, _PROTO_ICMP6, (128, 129))
 
 
 
