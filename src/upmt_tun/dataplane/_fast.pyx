@@ -67,33 +67,40 @@ def finish_csum(bytearray pkt, Py_ssize_t csum_start, Py_ssize_t csum_offset):
 
 
 def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_src=None):
-    """See offload.py_tso_split."""
-    if pkt.shape[0] and pkt[0] >> 4 == 6:
-        return _tso_split6(pkt, gso_size, new_src)
-    if new_src is not None and new_src.shape[0] != 4:
-        raise ValueError(f"an IPv4 address is 4 bytes, got {new_src.shape[0]}")
+    """See offload.py_tso_split: one routine for both families, which differ only in the
+    IP header (its length, where the addresses and the length field sit, IPv4's id and
+    header checksum)."""
     cdef Py_ssize_t n = pkt.shape[0]
-    if n < 40 or gso_size <= 0:
-        return []
+    cdef bint six = n > 0 and pkt[0] >> 4 == 6
+    cdef Py_ssize_t alen = 16 if six else 4            # one address
+    if new_src is not None and new_src.shape[0] != alen:
+        raise ValueError(f"an IPv{6 if six else 4} address is {alen} bytes, "
+                         f"got {new_src.shape[0]}")
+    cdef Py_ssize_t ihl, at = 8 if six else 12          # where the addresses sit
+    if six:
+        if n < 60 or gso_size <= 0 or pkt[6] != 6:
+            return []
+        ihl = 40
+    else:
+        if n < 40 or gso_size <= 0 or pkt[0] >> 4 != 4 or pkt[9] != 6:
+            return []
+        ihl = (pkt[0] & 15) * 4
+        if ihl < 20 or ihl + 20 > n:
+            return []
     cdef const uint8_t* src = &pkt[0]
-    cdef uint8_t addrs[8]
-    memcpy(addrs, src + 12, 8)
+    cdef uint8_t addrs[32]
+    memcpy(addrs, src + at, 2 * alen)
     if new_src is not None:
-        memcpy(addrs, &new_src[0], 4)
-    if src[0] >> 4 != 4 or src[9] != 6:
-        return []
-    cdef Py_ssize_t ihl = (src[0] & 15) * 4
-    if ihl < 20 or ihl + 20 > n:
-        return []
+        memcpy(addrs, &new_src[0], alen)
     cdef Py_ssize_t thl = (src[ihl + 12] >> 4) * 4
     cdef Py_ssize_t hlen = ihl + thl
     if thl < 20 or hlen > n:
         return []
-    cdef uint32_t ident = (<uint32_t>src[4] << 8) | src[5]
+    cdef uint32_t ident = 0 if six else (<uint32_t>src[4] << 8) | src[5]
     cdef uint32_t seq = ((<uint32_t>src[ihl + 4] << 24) | (<uint32_t>src[ihl + 5] << 16)
                          | (<uint32_t>src[ihl + 6] << 8) | src[ihl + 7])
     cdef uint8_t flags = src[ihl + 13]
-    cdef uint64_t pseudo_base = _sum(addrs, 8) + 6
+    cdef uint64_t pseudo_base = _sum(addrs, 2 * alen) + 6
     cdef Py_ssize_t payload_len = n - hlen
     cdef Py_ssize_t offset = 0, size, total
     cdef uint32_t i = 0
@@ -109,13 +116,16 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_sr
         seg = PyBytes_FromStringAndSize(NULL, total)
         d = <uint8_t*>PyBytes_AS_STRING(seg)
         memcpy(d, src, hlen)
-        memcpy(d + 12, addrs, 8)
+        memcpy(d + at, addrs, 2 * alen)
         memcpy(d + hlen, src + hlen + offset, size)
-        _put16(d + 2, <uint32_t>total)
-        _put16(d + 4, (ident + i) & 0xFFFF)
-        d[10] = 0
-        d[11] = 0
-        _put16(d + 10, _fold(_sum(d, ihl)) ^ 0xFFFF)
+        if six:
+            _put16(d + 4, <uint32_t>(total - 40))
+        else:
+            _put16(d + 2, <uint32_t>total)
+            _put16(d + 4, (ident + i) & 0xFFFF)
+            d[10] = 0
+            d[11] = 0
+            _put16(d + 10, _fold(_sum(d, ihl)) ^ 0xFFFF)
         _put16(d + ihl + 4, ((seq + <uint32_t>offset) >> 16) & 0xFFFF)
         _put16(d + ihl + 6, (seq + <uint32_t>offset) & 0xFFFF)
         f = flags
@@ -128,63 +138,6 @@ def tso_split(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_sr
         d[ihl + 17] = 0
         _put16(d + ihl + 16,
                _fold(pseudo_base + <uint64_t>(total - ihl) + _sum(d + ihl, total - ihl)) ^ 0xFFFF)
-        out.append(seg)
-        offset += size
-        i += 1
-        if last:
-            return out
-
-
-cdef list _tso_split6(const uint8_t[:] pkt, Py_ssize_t gso_size, const uint8_t[:] new_src):
-    """See offload._tso_split6."""
-    if new_src is not None and new_src.shape[0] != 16:
-        raise ValueError(f"an IPv6 address is 16 bytes, got {new_src.shape[0]}")
-    cdef Py_ssize_t n = pkt.shape[0]
-    if n < 60 or gso_size <= 0 or pkt[6] != 6:
-        return []
-    cdef const uint8_t* src = &pkt[0]
-    cdef uint8_t addrs[32]
-    memcpy(addrs, src + 8, 32)
-    if new_src is not None:
-        memcpy(addrs, &new_src[0], 16)
-    cdef Py_ssize_t thl = (src[52] >> 4) * 4
-    cdef Py_ssize_t hlen = 40 + thl
-    if thl < 20 or hlen > n:
-        return []
-    cdef uint32_t seq = ((<uint32_t>src[44] << 24) | (<uint32_t>src[45] << 16)
-                         | (<uint32_t>src[46] << 8) | src[47])
-    cdef uint8_t flags = src[53]
-    cdef uint64_t pseudo_base = _sum(addrs, 32) + 6
-    cdef Py_ssize_t payload_len = n - hlen
-    cdef Py_ssize_t offset = 0, size, total
-    cdef uint32_t i = 0
-    cdef bint last
-    cdef uint8_t f
-    cdef bytes seg
-    cdef uint8_t* d
-    out = []
-    while True:
-        size = gso_size if gso_size < payload_len - offset else payload_len - offset
-        last = offset + size >= payload_len
-        total = hlen + size
-        seg = PyBytes_FromStringAndSize(NULL, total)
-        d = <uint8_t*>PyBytes_AS_STRING(seg)
-        memcpy(d, src, hlen)
-        memcpy(d + 8, addrs, 32)
-        memcpy(d + hlen, src + hlen + offset, size)
-        _put16(d + 4, <uint32_t>(total - 40))
-        _put16(d + 44, ((seq + <uint32_t>offset) >> 16) & 0xFFFF)
-        _put16(d + 46, (seq + <uint32_t>offset) & 0xFFFF)
-        f = flags
-        if not last:
-            f &= ~(0x01 | 0x08)
-        if i:
-            f &= ~0x80
-        d[53] = f
-        d[56] = 0
-        d[57] = 0
-        _put16(d + 56, _fold(pseudo_base + <uint64_t>(total - 40) + _sum(d + 40, total - 40))
-               ^ 0xFFFF)
         out.append(seg)
         offset += size
         i += 1
