@@ -406,35 +406,28 @@ class AgentHost:
         correspondents answer with resets (:func:`paused_ruleset`)."""
         self._sysctl.restore_leftovers()
         self._adopt = keep_steering
-        kept_rules = self._steering()[0] if keep_steering else []
+        kept = self._steering()[0] if keep_steering else []
         if not keep_steering:
             nft.delete_table(NFT_FAMILY, NFT_TABLE)
+        ipv6 = True
         try:
             if not keep_steering:
                 nft.delete_table("ip6", NFT_TABLE6)
-            rules6 = netlink.list_rules(AF_INET6)
+            rules = netlink.list_rules()    # IPv4 and IPv6
         except SystemSetupError as e:       # a kernel without IPv6: nothing can be left
-            log.debug("no IPv6 rules to clean up: %s", e)
-            rules6 = None
-        if rules6 is not None:
-            for rule in rules6:
-                if rule.priority == self.prio_steered and rule.table == self.table \
-                        and rule.fwmark == self.fwmark and rule.fwmask == self.mark_mask \
-                        and rule not in kept_rules:
-                    netlink.delete_rule(rule)
-                    log.info("removed leftover %s", rule.describe())
-            if not keep_steering and (count := netlink.flush_table(self.table, AF_INET6)):
-                log.info("removed %d leftover IPv6 route(s) of table %d", count, self.table)
+            log.debug("no IPv6 to clean up: %s", e)
+            rules, ipv6 = netlink.list_rules(AF_INET), False
         tables = {self.table, *(self.table + 1 + i.index for i in self.ifaces)}
-        for rule in netlink.list_rules(AF_INET):
-            if self._is_ours(rule) and rule not in kept_rules:
-                netlink.delete_rule(rule)
-                tables.add(rule.table)
-                log.info("removed leftover %s", rule.describe())
+        for rule in rules:
+            if not self._is_ours(rule) or rule in kept:
+                continue
+            netlink.delete_rule(rule)
+            tables.add(rule.table)
+            log.info("removed leftover %s", rule.describe())
         if keep_steering:                   # table T: its blackholes stay (the TUN's
             tables.discard(self.table)      # route went with the killed run's TUN)
         for table in sorted(tables):
-            if count := netlink.flush_table(table, AF_INET if rules6 is None else None):
+            if count := netlink.flush_table(table, None if ipv6 else AF_INET):
                 log.info("removed %d leftover route(s) of table %d", count, table)
 
     def setup(self) -> None:
