@@ -1237,8 +1237,8 @@ cdef class BurstReader:
     Python call, without ``os.read``'s allocation of ``size`` bytes per packet. With
     ``vnet`` (a TUN with IFF_VNET_HDR) a read that is one ordinary packet comes without its
     virtio-net header and with its partial checksum completed (offload.packets); any other
-    read (a super-packet, or what packets() refuses) keeps its header and is counted as
-    special. See io.PyBurstReader, the reference."""
+    read (a super-packet, or what packets() refuses) keeps its header, is counted as
+    special and ends the call. See io.PyBurstReader, the reference."""
 
     cdef int fd
     cdef bint vnet
@@ -1266,7 +1266,8 @@ cdef class BurstReader:
     def read(self, Py_ssize_t limit=0):
         """Up to ``limit`` (0: ``max_n``) reads -> (the packets, 0 when the fd is drained
         (EAGAIN), -1 when the limit or the buffer was reached first, else the errno of a
-        failed read, which ends the burst; how many reads kept their virtio-net header)."""
+        failed read, which ends the burst; 1 when the last read kept its virtio-net
+        header, else 0)."""
         cdef Py_ssize_t n = 0, off = 0, r, special = 0, hl = 10
         cdef Py_ssize_t most = self.max_n if limit <= 0 or limit > self.max_n else limit
         cdef int err = -1
@@ -1287,7 +1288,9 @@ cdef class BurstReader:
                                                     _native16(p + 8)))):
                         self.starts[n] = off + hl        # one complete packet
                     else:
-                        special += 1
+                        special = 1         # handed over now: a super-packet waits for
+                        n += 1              # nothing (its datagrams leave at once)
+                        break
                 off += r
                 n += 1
         cdef list out = []

@@ -109,7 +109,8 @@ class PyBurstReader:
     :meth:`read`, and at most about ``cap`` bytes: the reference of the compiled
     ``_fast.BurstReader`` (the same results, one ``os.read`` per packet). With ``vnet``
     (IFF_VNET_HDR) a read that :func:`offload.packets` makes one ordinary packet of comes
-    as that packet; other reads (super-packets, refused ones) keep their header."""
+    as that packet; another read (a super-packet, a refused one) keeps its header and
+    ends the call, so that it is handled before anything is read after it."""
 
     def __init__(self, fd: int, size: int, cap: int, max_n: int, vnet: bool = False) -> None:
         if size <= 0 or cap < 0 or max_n <= 0:
@@ -119,27 +120,27 @@ class PyBurstReader:
     def read(self, limit: int = 0) -> tuple[list[bytes], int, int]:
         """Up to ``limit`` (0: ``max_n``) reads -> (the packets, 0 when the fd is drained
         (EAGAIN), -1 when the limit or the byte cap was reached first, else the errno of
-        a failed read, which ends the burst; how many reads kept their virtio-net
-        header)."""
+        a failed read, which ends the burst; 1 when the last read kept its virtio-net
+        header, else 0)."""
         most = self.max_n if limit <= 0 or limit > self.max_n else limit
         out: list[bytes] = []
-        off = special = 0
+        off = 0
         while len(out) < most and off <= self.cap:
             try:
                 data = os.read(self.fd, self.size)       # retries EINTR itself (PEP 475)
             except BlockingIOError:
-                return out, 0, special
+                return out, 0, 0
             except OSError as e:
-                return out, e.errno or errno.EIO, special
+                return out, e.errno or errno.EIO, 0
             off += len(data)
             if self.vnet:
                 pkts = offload.packets(data) if len(data) > 1 and not data[1] & 0x7F else []
-                if len(pkts) == 1:
-                    out.append(pkts[0])
-                    continue
-                special += 1
+                if len(pkts) != 1:
+                    out.append(data)
+                    return out, -1, 1        # handed over now, the super-packet first
+                data = pkts[0]
             out.append(data)
-        return out, -1, special
+        return out, -1, 0
 
 
 def py_write_all(fd: int, pkts: list[bytes]) -> int:
@@ -287,44 +288,31 @@ class TunDevice:
             while left > 0:
                 reads, err, special = reader.read(left)
                 left -= len(reads)
-                if not special:          # all ordinary packets (vnet header gone)
-                    if reads:
-                        hand(reads)
-                else:
-                    sort(reads)
+                if special:       # the last read kept its virtio-net header
+                    if len(reads) > 1:
+                        hand(reads[:-1])
+                    odd(reads[-1])
+                elif reads:       # all ordinary packets, their header gone
+                    hand(reads)
                 if err >= 0:
                     if err:
                         log.warning("TUN read failed: %s", os.strerror(err))
                     return
 
-        def sort(reads: list[bytes]) -> None:
-            """A burst with super-packets (or refused reads, which keep their virtio-net
-            header: its first byte, the flags, is never an IP version's 4 or 6)."""
-            small: list[bytes] = []
-            for data in reads:
-                if data and data[0] >> 4 in (4, 6):
-                    small.append(data)
-                    continue
-                sp = tso_of(data) if on_super is not None else None
-                if sp is not None:
-                    if small:
-                        hand(small)
-                        small = []
-                    assert on_super is not None
-                    on_super(*sp)
-                    flush()      # its datagrams leave now, not after the burst
-                    continue
-                pkts = packets(data)
-                if not pkts:
-                    self.dropped += 1
-                elif data[1]:    # a super-packet cut here (no on_super)
-                    hand(small + pkts)
-                    small = []
-                    flush()
-                else:
-                    small += pkts
-            if small:
-                hand(small)
+        def odd(data: bytes) -> None:
+            """A read that is not one ordinary packet: a TCP super-packet, or a drop."""
+            sp = tso_of(data) if on_super is not None else None
+            if sp is not None:
+                assert on_super is not None
+                on_super(*sp)
+                flush()          # its datagrams leave now, not after the burst
+                return
+            pkts = packets(data)
+            if not pkts:
+                self.dropped += 1
+                return
+            hand(pkts)           # a super-packet cut here (no on_super)
+            flush()
 
         self.loop.add_reader(self.fd, readable)
 
