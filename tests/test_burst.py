@@ -181,9 +181,13 @@ def test_even_runs_cut_where_seal_run_needs() -> None:
     assert even_runs(pkts, 2, 2) == []
 
 
-def test_tun_reader_hands_a_wake_ups_packets_over_together() -> None:
+@pytest.mark.parametrize("reader", READERS)
+def test_tun_reader_hands_a_wake_ups_packets_over_together(
+        reader: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``on_packets``: the small packets of a wake-up in one list (those before a
-    super-packet before it), the super-packet whole, flushed at once."""
+    super-packet before it), the super-packet whole, flushed at once; the same with the
+    compiled reader and its pure-Python fallback."""
+    monkeypatch.setattr(dio, "BurstReader", reader)
     a, b = seqpacket()
     tun = dio.TunDevice.__new__(dio.TunDevice)
     tun.loop, tun.fd, tun.vnet_hdr, tun.dropped, tun.name = _Loop(), a.fileno(), True, 0, "t"
