@@ -1034,7 +1034,67 @@ cdef Py_ssize_t _coalesce6(list pkts, Py_ssize_t i, Py_ssize_t hl, list out):
     return j
 
 
-def coalesce(list pkts):
+cdef inline bint _mergeable_udp(bytes pb) noexcept:
+    """See offload._mergeable_udp."""
+    cdef Py_ssize_t n = len(pb)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
+    return (n > 28 and p[0] == 0x45 and p[9] == 17 and not (p[6] & 0x3F) and not p[7]
+            and _rd16(p + 2) == n and _rd16(p + 24) == n - 20)
+
+
+cdef Py_ssize_t _coalesce_udp(list pkts, Py_ssize_t i, list out):
+    """See offload._coalesce_udp (same bytes out)."""
+    cdef Py_ssize_t n = len(pkts), j = i + 1, k, qs, off
+    cdef bytes p = pkts[i], q, res
+    cdef const uint8_t* pp = <const uint8_t*>PyBytes_AS_STRING(p)
+    cdef const uint8_t* qp
+    cdef uint8_t* d
+    cdef Py_ssize_t size = len(p) - 28, total = len(p)
+    while j < n and j - i < 64:
+        q = pkts[j]
+        qs = len(q) - 28
+        if not _mergeable_udp(q) or qs > size or total + qs > 65535:
+            break
+        qp = <const uint8_t*>PyBytes_AS_STRING(q)
+        if (memcmp(qp + 12, pp + 12, 12) != 0 or qp[1] != pp[1] or qp[8] != pp[8]
+                or qp[6] != pp[6]):
+            break
+        total += qs
+        j += 1
+        if qs < size:
+            break
+    if j - i == 1:
+        res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
+        d = <uint8_t*>PyBytes_AS_STRING(res)
+        memset(d, 0, 10)
+        memcpy(d + 10, pp, len(p))
+        out.append(res)
+        return j
+    res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    d = <uint8_t*>PyBytes_AS_STRING(res)
+    d[0] = 1
+    d[1] = 5                      # VIRTIO_NET_HDR_GSO_UDP_L4
+    (<unsigned short*>(d + 2))[0] = 28
+    (<unsigned short*>(d + 4))[0] = <unsigned short>size
+    (<unsigned short*>(d + 6))[0] = 20
+    (<unsigned short*>(d + 8))[0] = 6
+    memcpy(d + 10, pp, 28)
+    off = 10 + 28
+    for k in range(i, j):
+        q = pkts[k]
+        memcpy(d + off, PyBytes_AS_STRING(q) + 28, len(q) - 28)
+        off += len(q) - 28
+    _put16(d + 12, <uint32_t>total)
+    d[20] = 0
+    d[21] = 0
+    _put16(d + 20, _fold(_sum(d + 10, 20)) ^ 0xFFFF)
+    _put16(d + 34, <uint32_t>(total - 20))
+    _put16(d + 36, _fold(_sum(d + 22, 8) + 17 + <uint64_t>(total - 20)))
+    out.append(res)
+    return j
+
+
+def coalesce(list pkts, bint uso=False):
     """See offload.py_coalesce (same bytes out)."""
     cdef list out = []
     cdef Py_ssize_t i = 0, j, k, n = len(pkts), hl, size, qs, total, off
@@ -1051,6 +1111,9 @@ def coalesce(list pkts):
             hl = _mergeable6(p)
             if hl:
                 i = _coalesce6(pkts, i, hl, out)
+                continue
+            if uso and _mergeable_udp(p):
+                i = _coalesce_udp(pkts, i, out)
                 continue
         j = i + 1
         total = len(p)

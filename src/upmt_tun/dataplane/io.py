@@ -47,6 +47,8 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04            # IPv6 TCP super-packets (IPv6 inside the tunnels)
+TUN_F_USO4 = 0x20            # UDP super-packets (GSO_UDP_L4), Linux 6.2; both or neither
+TUN_F_USO6 = 0x40
 SO_MARK = 36
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -247,11 +249,18 @@ class TunDevice:
         self.vnet_hdr = offload
         self.offloads = 0
         if offload:
-            try:    # TCP super-packets and partial checksums; without them: 1 packet/read
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-                self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-            except OSError as e:
-                log.info("TUN offloads not available (%s): one packet per read", e.strerror)
+            tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+            for flags in (tso | TUN_F_USO4 | TUN_F_USO6, tso):
+                try:    # super-packets and partial checksums; without them: 1 packet/read
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+                    self.offloads = flags
+                    break
+                except OSError as e:    # USO: EINVAL before Linux 6.2, then TCP only
+                    if flags == tso:
+                        log.info("TUN offloads not available (%s): one packet per read",
+                                 e.strerror)
+        # runs of one UDP flow written as one GSO_UDP_L4 packet (the kernel cuts them)
+        self.uso = bool(self.offloads & TUN_F_USO4)
         self.dropped = 0             # reads that made no packet (unknown offload type)
         self._pending: list[bytes] = []
 
@@ -333,7 +342,7 @@ class TunDevice:
         if not pending:
             return
         self._pending = []
-        self.write_errors += write_all(self.fd, offload.coalesce(pending))
+        self.write_errors += write_all(self.fd, offload.coalesce(pending, self.uso))
 
     def close(self) -> None:
         if self.fd >= 0:
