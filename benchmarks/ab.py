@@ -2,7 +2,7 @@
 """Interleaved A/B of upmt_tun builds or settings: single-stream TCP, pair topology.
 
     python benchmarks/ab.py [--rounds N] [--seconds S] [--quick] [--json PATH]
-                            VARIANT [VARIANT ...]
+                            [--tests tcp,udp64,ping,ping_load] VARIANT [VARIANT ...]
 
     VARIANT = NAME[:KEY=VALUE[,KEY=VALUE ...]]
 
@@ -19,9 +19,11 @@ worth, so two suite runs minutes apart do not compare. This runs the variants in
 after round, on one pair of namespaces (``suite.Pair``: agent in A, fixed-host anchor in B,
 as ``suite.py``'s ``upmt_tun``), each round starting each variant's daemons afresh and
 measuring iperf3 1 stream upload then download (``suite.tcp_test``: the bytes must pass
-the agent's own tunnel counters). Reported per variant: the median, min and max of Gbit/s
-and of the daemons' CPU seconds per GB, and the medians' ratio to the first variant. Only
-compare variants of one run. Results go to ``benchmarks/results/ab-<time>.json``. Exit 0
+the agent's own tunnel counters) and, with ``--tests``, the suite's other rows: ``udp64``
+(UDP 64 B upload, ``-b 0``: received packets/s and loss), ``ping`` (idle RTT median and
+p90) and ``ping_load`` (ping under a 1-stream upload). Reported per variant: the median,
+min and max of each figure, and the medians' ratio to the first variant. Only compare
+variants of one run. Results go to ``benchmarks/results/ab-<time>.json``. Exit 0
 when every test ran and passed its check, 1 otherwise, 2 when something is missing.
 """
 
@@ -46,8 +48,11 @@ from suite import (  # noqa: E402
     ForeignCpu,
     Pair,
     Upmt,
+    ping_load_test,
+    ping_test,
     stop_proc,
     tcp_test,
+    udp_test,
 )
 
 from upmt_tun.testbed import tool_missing
@@ -79,9 +84,21 @@ def environment(env: dict[str, str]) -> Any:
         os.environ.update(saved)
 
 
-def one_round(pair: Pair, name: str, env: dict[str, str], seconds: float, work: Path
-              ) -> dict[str, Any]:
-    """Start ``name``'s daemons, run the upload and the download, stop them."""
+TESTS = ("tcp", "udp64", "ping", "ping_load")
+# (test, key in its result, label in the summary)
+FIGURES = (
+    ("up", "gbit_s", "up Gbit/s"), ("down", "gbit_s", "down Gbit/s"),
+    ("up", "cpu_s_per_gb", "up CPU s/GB"), ("down", "cpu_s_per_gb", "down CPU s/GB"),
+    ("udp64", "received_pps", "udp64 recv pkt/s"), ("udp64", "lost_percent", "udp64 loss %"),
+    ("ping", "rtt_median_ms", "ping median ms"), ("ping", "rtt_p90_ms", "ping p90 ms"),
+    ("ping_load", "rtt_median_ms", "ping_load median ms"),
+)
+
+
+def one_round(pair: Pair, name: str, env: dict[str, str], seconds: float, work: Path,
+              tests: tuple[str, ...] = ("tcp",)) -> dict[str, Any]:
+    """Start ``name``'s daemons, run the chosen tests (TCP: the upload and the download),
+    stop them."""
     c = Upmt(pair, work, plaintext=False)
     if "bin" in env:
         c.exe = lambda name: [str(Path(env["bin"]) / name)]
@@ -93,11 +110,26 @@ def one_round(pair: Pair, name: str, env: dict[str, str], seconds: float, work: 
             server = pair.popen("b", "iperf3", "-s", "-p", str(PORT), "-B", c.target,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             pair.wait_listening("b", PORT)
-            for way, reverse in (("up", False), ("down", True)):
+            if "ping" in tests or "ping_load" in tests:    # ARP and the icmp flow first
+                pair.run("a", "ping", "-n", "-q", "-c", "2", "-i", "0.1", "-W", "2",
+                         c.target, check=False)
+            for way, reverse in (("up", False), ("down", True)) if "tcp" in tests else ():
                 t = tcp_test(c, pair, seconds, 1, reverse)
                 out[way] = {"gbit_s": t["gbit_s"], "cpu_s_per_gb": t["cpu_s_per_gb"],
                             "bytes": t["bytes"], "through_contender": t["through_contender"]}
                 time.sleep(0.3)
+            if "udp64" in tests:
+                u = udp_test(c, pair, max(1.0, seconds * 2 / 3), 64)
+                out["udp64"] = {k: u[k] for k in ("received_pps", "lost_percent", "sent_pps",
+                                                  "cpu_s", "through_contender")}
+                time.sleep(0.3)
+            if "ping" in tests:
+                pg = ping_test(c, pair, 50, 0.02)
+                out["ping"] = {k: pg[k] for k in ("rtt_median_ms", "rtt_p90_ms", "received")}
+            if "ping_load" in tests:
+                pl = ping_load_test(c, pair, 100, 0.02)
+                out["ping_load"] = {k: pl[k] for k in ("rtt_median_ms", "rtt_p90_ms",
+                                                       "received", "load_gbit_s")}
         finally:
             if server is not None:
                 stop_proc(server)
@@ -113,16 +145,14 @@ def summary(variants: list[tuple[str, dict[str, str]]], runs: dict[str, list[dic
     base: dict[str, float] = {}
     for name, _ in variants:
         row: dict[str, Any] = {"variant": name}
-        for way in ("up", "down"):
-            for key, label in (("gbit_s", "Gbit/s"), ("cpu_s_per_gb", "CPU s/GB")):
-                vals = [r[way][key] for r in runs[name] if way in r and r[way][key] is not None]
-                if not vals:
-                    continue
-                med = statistics.median(vals)
-                row[f"{way} {label}"] = {"median": med, "min": min(vals), "max": max(vals),
-                                         "n": len(vals)}
-                base.setdefault(f"{way} {label}", med)
-                row[f"{way} {label}"]["ratio"] = med / base[f"{way} {label}"]
+        for test, key, label in FIGURES:
+            vals = [r[test][key] for r in runs[name] if test in r and r[test][key] is not None]
+            if not vals:
+                continue
+            med = statistics.median(vals)
+            row[label] = {"median": med, "min": min(vals), "max": max(vals), "n": len(vals)}
+            base.setdefault(label, med)
+            row[label]["ratio"] = med / base[label] if base[label] else None
         rows.append(row)
     return rows
 
@@ -134,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="per iperf3 test (6)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 s tests (smoke)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--tests", default="tcp",
+                   help=f"comma-separated, of {','.join(TESTS)} (default tcp)")
     args = p.parse_args(argv)
+    tests = tuple(filter(None, args.tests.split(",")))
+    if not tests or any(t not in TESTS for t in tests):
+        p.error(f"--tests: choose from {','.join(TESTS)}, got {args.tests!r}")
     if args.quick:
         args.rounds, args.seconds = 1, 1.0
     names = [n for n, _ in args.variants]
@@ -157,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     result: dict[str, Any] = {
         "meta": {"argv": sys.argv[1:] if argv is None else argv, "rounds": args.rounds,
+                 "tests": list(tests),
                  "seconds": args.seconds, "source": source_version(), "loadavg_start": loadavg(),
                  "variants": {n: env for n, env in args.variants}},
         "runs": runs, "errors": errors}
@@ -167,15 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, env in args.variants:
                 try:
-                    res = one_round(pair, name, env, args.seconds, work / f"{name}-{r}")
+                    res = one_round(pair, name, env, args.seconds, work / f"{name}-{r}",
+                                    tests)
                 except BenchError as e:
                     errors.append(f"round {r} {name}: {e}")
                     print(f"round {r} {name}: FAILED {e}", file=sys.stderr)
                     continue
                 runs[name].append(res)
-                print(f"round {r} {name}: up {res['up']['gbit_s']:.2f} Gbit/s "
-                      f"{res['up']['cpu_s_per_gb']:.2f} s/GB, down {res['down']['gbit_s']:.2f}"
-                      f" Gbit/s {res['down']['cpu_s_per_gb']:.2f} s/GB", file=sys.stderr)
+                print(f"round {r} {name}: " + ", ".join(
+                    f"{label} {res[test][key]:.4g}" for test, key, label in FIGURES
+                    if test in res and res[test][key] is not None), file=sys.stderr)
     except KeyboardInterrupt:
         errors.append("interrupted")
     finally:
@@ -185,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     fm = foreign.measure()
     result["meta"]["foreign_cpu_s"], result["meta"]["foreign_top"] = fm["cpu_s"], fm["top"]
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    cols = ["up Gbit/s", "down Gbit/s", "up CPU s/GB", "down CPU s/GB"]
+    cols = [label for _, _, label in FIGURES if any(label in row for row in rows)]
     body = [[row["variant"], *(
-        f"{row[c]['median']:.2f} ({row[c]['min']:.2f}-{row[c]['max']:.2f}) x{row[c]['ratio']:.2f}"
-        if c in row else "-" for c in cols)] for row in rows]
+        f"{row[c]['median']:.3g} ({row[c]['min']:.3g}-{row[c]['max']:.3g}) "
+        f"x{row[c]['ratio'] or 0:.2f}" if c in row else "-" for c in cols)] for row in rows]
     print(f"\n{args.rounds} rounds, {args.seconds:g} s per test, variants interleaved; "
           f"median (min-max) x ratio of medians to {names[0]}; other processes' CPU "
           f"{fm['cpu_s']} s")

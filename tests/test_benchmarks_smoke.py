@@ -236,10 +236,12 @@ def test_latency_quick_run(tmp_path: Path) -> None:
 @pytest.mark.skipif(_WHY is not None or bool(tool_missing("ss")), reason=str(_WHY or "needs ss"))
 def test_ab_quick_run(tmp_path: Path) -> None:
     """benchmarks/ab.py --quick with two variants (one with a daemon setting): each ran its
-    own daemons, moved bytes both ways through the agent's tunnel, exited 0; nothing left."""
+    own daemons, moved bytes both ways through the agent's tunnel and the UDP 64 B and ping
+    tests through it, exited 0; nothing left."""
     out = tmp_path / "ab.json"
     r = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--quick", "--json", str(out),
-                        "now", "evp:UPMT_AEAD=evp"], capture_output=True, text=True, timeout=120)
+                        "--tests", "tcp,udp64,ping", "now", "evp:UPMT_AEAD=evp"],
+                       capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == []
@@ -248,6 +250,8 @@ def test_ab_quick_run(tmp_path: Path) -> None:
         (run,) = data["runs"][name]
         for way in ("up", "down"):
             assert run[way]["bytes"] > 0 and run[way]["through_contender"] is True, (name, way)
+        assert run["udp64"]["received_pps"] > 0 and run["udp64"]["through_contender"] is True
+        assert run["ping"]["received"] > 0
         assert set(run["exit_codes"].values()) == {0}
     assert [row["variant"] for row in data["summary"]] == ["now", "evp"]
     assert data["summary"][0]["up Gbit/s"]["ratio"] == 1.0
@@ -259,6 +263,13 @@ def test_ab_refuses_a_bad_variant() -> None:
     r = subprocess.run([sys.executable, str(BENCH / "ab.py"), "x:bin=/nonexistent"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no upmt-agent in /nonexistent" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ab_refuses_an_unknown_test() -> None:
+    r = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--tests", "tcp,udp99", "now"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--tests: choose from tcp,udp64,ping,ping_load" in r.stderr
     assert "Traceback" not in r.stderr
 
 

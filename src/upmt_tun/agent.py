@@ -225,6 +225,15 @@ class Agent:
         if out is not None:
             self._queues_run[out[0]](out[2], out[3], out[1])
 
+    def _on_packets(self, pkts: list[bytes]) -> None:
+        """One TUN wake-up's packets: routed once per run of one flow, each run sealed
+        for one UDP GSO send."""
+        for index, to, data, size in self.fwd.from_tun_many(pkts, self.clock()):
+            if size:
+                self._queues_run[index](data, size, to)
+            else:
+                self._queues[index](data, to)
+
     def _flush(self) -> None:
         """After each TUN read: what it became leaves together (one UDP GSO send), and
         what it wrote back to the TUN (an ICMPv6 Packet Too Big) goes now."""
@@ -927,7 +936,7 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self.tun.start(self._on_tun, self._flush, self._on_super)
+        self.tun.start(self._on_tun, self._flush, self._on_super, self._on_packets)
         self._started = True
         for i in self.ifaces:
             self._start_path(i)

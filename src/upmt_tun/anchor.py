@@ -257,8 +257,17 @@ class Anchor:
         if out is not None:
             self.path.queue_run(out[1], out[2], out[0])
 
+    def _on_packets(self, pkts: list[bytes]) -> None:
+        """One TUN wake-up's packets (ACKs, small UDP): routed once per run of one flow,
+        each run sealed for one UDP GSO send."""
+        for to, data, size in self.fwd.from_tun_many(pkts, self.clock()):
+            if size:
+                self.path.queue_run(data, size, to)
+            else:
+                self.path.queue(data, to)
+
     async def start(self) -> None:
-        self.tun.start(self._on_tun, self.path.flush, self._on_super)
+        self.tun.start(self._on_tun, self.path.flush, self._on_super, self._on_packets)
         self.path.start(self._on_datagram, self.tun.flush, gro_reader(
             lambda data, size, src: self.fwd.from_path_many(data, size, src, self.clock()),
             self.tun.write, self._on_datagram))

@@ -987,7 +987,67 @@ cdef Py_ssize_t _coalesce6(list pkts, Py_ssize_t i, Py_ssize_t hl, list out):
     return j
 
 
-def coalesce(list pkts):
+cdef inline bint _mergeable_udp(bytes pb) noexcept:
+    """See offload._mergeable_udp."""
+    cdef Py_ssize_t n = len(pb)
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(pb)
+    return (n > 28 and p[0] == 0x45 and p[9] == 17 and not (p[6] & 0x3F) and not p[7]
+            and _rd16(p + 2) == n and _rd16(p + 24) == n - 20)
+
+
+cdef Py_ssize_t _coalesce_udp(list pkts, Py_ssize_t i, list out):
+    """See offload._coalesce_udp (same bytes out)."""
+    cdef Py_ssize_t n = len(pkts), j = i + 1, k, qs, off
+    cdef bytes p = pkts[i], q, res
+    cdef const uint8_t* pp = <const uint8_t*>PyBytes_AS_STRING(p)
+    cdef const uint8_t* qp
+    cdef uint8_t* d
+    cdef Py_ssize_t size = len(p) - 28, total = len(p)
+    while j < n and j - i < 64:
+        q = pkts[j]
+        qs = len(q) - 28
+        if not _mergeable_udp(q) or qs > size or total + qs > 65535:
+            break
+        qp = <const uint8_t*>PyBytes_AS_STRING(q)
+        if (memcmp(qp + 12, pp + 12, 12) != 0 or qp[1] != pp[1] or qp[8] != pp[8]
+                or qp[6] != pp[6]):
+            break
+        total += qs
+        j += 1
+        if qs < size:
+            break
+    if j - i == 1:
+        res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
+        d = <uint8_t*>PyBytes_AS_STRING(res)
+        memset(d, 0, 10)
+        memcpy(d + 10, pp, len(p))
+        out.append(res)
+        return j
+    res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    d = <uint8_t*>PyBytes_AS_STRING(res)
+    d[0] = 1
+    d[1] = 5                      # VIRTIO_NET_HDR_GSO_UDP_L4
+    (<unsigned short*>(d + 2))[0] = 28
+    (<unsigned short*>(d + 4))[0] = <unsigned short>size
+    (<unsigned short*>(d + 6))[0] = 20
+    (<unsigned short*>(d + 8))[0] = 6
+    memcpy(d + 10, pp, 28)
+    off = 10 + 28
+    for k in range(i, j):
+        q = pkts[k]
+        memcpy(d + off, PyBytes_AS_STRING(q) + 28, len(q) - 28)
+        off += len(q) - 28
+    _put16(d + 12, <uint32_t>total)
+    d[20] = 0
+    d[21] = 0
+    _put16(d + 20, _fold(_sum(d + 10, 20)) ^ 0xFFFF)
+    _put16(d + 34, <uint32_t>(total - 20))
+    _put16(d + 36, _fold(_sum(d + 22, 8) + 17 + <uint64_t>(total - 20)))
+    out.append(res)
+    return j
+
+
+def coalesce(list pkts, bint uso=False):
     """See offload.py_coalesce (same bytes out)."""
     cdef list out = []
     cdef Py_ssize_t i = 0, j, k, n = len(pkts), hl, size, qs, total, off
@@ -1004,6 +1064,9 @@ def coalesce(list pkts):
             hl = _mergeable6(p)
             if hl:
                 i = _coalesce6(pkts, i, hl, out)
+                continue
+            if uso and _mergeable_udp(p):
+                i = _coalesce_udp(pkts, i, out)
                 continue
         j = i + 1
         total = len(p)
@@ -1154,3 +1217,132 @@ def uplink_key_tcpudp(const uint8_t[:] pkt, bytes src):
     if memcmp(&pkt[12], PyBytes_AS_STRING(src), 4) != 0:
         return 0
     return _packed_key(&pkt[0], (pkt[0] & 0x0F) << 2, False)
+
+
+# -- burst I/O on the TUN: many reads or writes per C call ---------------------------------
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.errno cimport EAGAIN, EINTR, errno
+from posix.unistd cimport read as c_read
+from posix.unistd cimport write as c_write
+
+
+cdef inline bint _finish(uint8_t* p, Py_ssize_t n, Py_ssize_t csum_start,
+                         Py_ssize_t csum_offset) noexcept nogil:
+    """finish_csum on a C buffer."""
+    cdef Py_ssize_t at = csum_start + csum_offset
+    if csum_start < 20 or at + 2 > n:
+        return False
+    cdef uint32_t c = _fold(_sum(p + csum_start, n - csum_start)) ^ 0xFFFF
+    if c == 0 and (p[9] == 17 if p[0] >> 4 != 6 else csum_offset == 6):
+        c = 0xFFFF
+    _put16(p + at, c)
+    return True
+
+
+cdef inline uint16_t _native16(const uint8_t* p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+cdef class BurstReader:
+    """Reads up to ``max_n`` packets from non-blocking ``fd`` per :meth:`read` into one
+    buffer allocated once (room for ``cap`` bytes, and one read of ``size`` more), with the
+    GIL released around the system calls: the packets of a wake-up for the cost of one
+    Python call, without ``os.read``'s allocation of ``size`` bytes per packet. With
+    ``vnet`` (a TUN with IFF_VNET_HDR) a read that is one ordinary packet comes without its
+    virtio-net header and with its partial checksum completed (offload.packets); any other
+    read (a super-packet, or what packets() refuses) keeps its header, is counted as
+    special and ends the call. See io.PyBurstReader, the reference."""
+
+    cdef int fd
+    cdef bint vnet
+    cdef Py_ssize_t size, cap, max_n
+    cdef char* buf
+    cdef Py_ssize_t* starts
+    cdef Py_ssize_t* ends
+
+    def __cinit__(self, int fd, Py_ssize_t size, Py_ssize_t cap, Py_ssize_t max_n,
+                  bint vnet=False):
+        if size <= 0 or cap < 0 or max_n <= 0:
+            raise ValueError("size and max_n must be > 0, cap >= 0")
+        self.fd, self.size, self.cap, self.max_n, self.vnet = fd, size, cap, max_n, vnet
+        self.buf = <char*>PyMem_Malloc(cap + size)
+        self.starts = <Py_ssize_t*>PyMem_Malloc(max_n * sizeof(Py_ssize_t))
+        self.ends = <Py_ssize_t*>PyMem_Malloc(max_n * sizeof(Py_ssize_t))
+        if self.buf == NULL or self.starts == NULL or self.ends == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.buf)
+        PyMem_Free(self.starts)
+        PyMem_Free(self.ends)
+
+    def read(self, Py_ssize_t limit=0):
+        """Up to ``limit`` (0: ``max_n``) reads -> (the packets, 0 when the fd is drained
+        (EAGAIN), -1 when the limit or the buffer was reached first, else the errno of a
+        failed read, which ends the burst; 1 when the last read kept its virtio-net
+        header, else 0)."""
+        cdef Py_ssize_t n = 0, off = 0, r, special = 0, hl = 10
+        cdef Py_ssize_t most = self.max_n if limit <= 0 or limit > self.max_n else limit
+        cdef int err = -1
+        cdef uint8_t* p
+        with nogil:
+            while n < most and off <= self.cap:
+                r = c_read(self.fd, self.buf + off, self.size)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    err = 0 if errno == EAGAIN else errno      # EWOULDBLOCK is EAGAIN on Linux
+                    break
+                self.starts[n], self.ends[n] = off, off + r
+                if self.vnet:
+                    p = <uint8_t*>self.buf + off
+                    if (r > hl and p[1] & 0x7F == 0 and (
+                            not p[0] & 1 or _finish(p + hl, r - hl, _native16(p + 6),
+                                                    _native16(p + 8)))):
+                        self.starts[n] = off + hl        # one complete packet
+                    else:
+                        special = 1         # handed over now: a super-packet waits for
+                        n += 1              # nothing (its datagrams leave at once)
+                        break
+                off += r
+                n += 1
+        cdef list out = []
+        cdef Py_ssize_t i
+        for i in range(n):
+            out.append(PyBytes_FromStringAndSize(self.buf + self.starts[i],
+                                                 self.ends[i] - self.starts[i]))
+        return out, err, special
+
+
+def write_all(int fd, list pkts):
+    """Write each of ``pkts`` (bytes) to ``fd``, one write(2) each, the GIL released
+    around the loop -> how many failed (EINVAL for a bad packet, EAGAIN when full: each a
+    counted drop, as io.py_write_all)."""
+    cdef Py_ssize_t n = len(pkts), i, failed = 0
+    if n == 0:
+        return 0
+    cdef const char** ptrs = <const char**>PyMem_Malloc(n * sizeof(char*))
+    cdef Py_ssize_t* lens = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
+    cdef bytes p
+    if ptrs == NULL or lens == NULL:
+        PyMem_Free(ptrs)
+        PyMem_Free(lens)
+        raise MemoryError()
+    try:
+        for i in range(n):
+            p = pkts[i]
+            ptrs[i] = PyBytes_AS_STRING(p)
+            lens[i] = len(p)
+        with nogil:      # pkts holds every packet alive meanwhile
+            for i in range(n):
+                while c_write(fd, ptrs[i], lens[i]) < 0:
+                    if errno != EINTR:
+                        failed += 1
+                        break
+    finally:
+        PyMem_Free(ptrs)
+        PyMem_Free(lens)
+    return failed

@@ -34,8 +34,8 @@ from ..resolve import normalise
 from . import offload
 from .packet import TYPE_DATA, datagrams
 
-__all__ = ["FakeNetwork", "FakeSocket", "FakeTun", "PathSocket", "TunDevice", "gro_reader",
-           "open_udp"]
+__all__ = ["FakeNetwork", "FakeSocket", "FakeTun", "PathSocket", "PyBurstReader", "TunDevice",
+           "gro_reader", "open_udp", "py_write_all"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04            # IPv6 TCP super-packets (IPv6 inside the tunnels)
+TUN_F_USO4 = 0x20            # UDP super-packets (GSO_UDP_L4), Linux 6.2; both or neither
+TUN_F_USO6 = 0x40
 SO_MARK = 36
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -61,10 +63,12 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 READ_SIZE = 65535 + offload.VNET_HDR_LEN
 MAX_BURST = 256          # datagrams per wake-up before yielding to other callbacks
+BURST_BYTES = 1 << 20    # what one compiled TUN read call gathers at most (then the next)
 _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
 
 OnPacket = Callable[[bytes], None]
+OnPackets = Callable[[list[bytes]], None]
 OnSuper = Callable[[memoryview, int], None]
 OnDatagram = Callable[[bytes, tuple[str, int]], None]
 OnBatch = Callable[[bytes, int, tuple[str, int]], None]
@@ -102,6 +106,68 @@ def deliver(data: bytes, on_packet: OnPacket, on_super: OnSuper | None) -> bool:
     return bool(pkts)
 
 
+class PyBurstReader:
+    """Reads up to ``max_n`` packets of up to ``size`` bytes from non-blocking ``fd`` per
+    :meth:`read`, and at most about ``cap`` bytes: the reference of the compiled
+    ``_fast.BurstReader`` (the same results, one ``os.read`` per packet). With ``vnet``
+    (IFF_VNET_HDR) a read that :func:`offload.packets` makes one ordinary packet of comes
+    as that packet; another read (a super-packet, a refused one) keeps its header and
+    ends the call, so that it is handled before anything is read after it."""
+
+    def __init__(self, fd: int, size: int, cap: int, max_n: int, vnet: bool = False) -> None:
+        if size <= 0 or cap < 0 or max_n <= 0:
+            raise ValueError("size and max_n must be > 0, cap >= 0")
+        self.fd, self.size, self.cap, self.max_n, self.vnet = fd, size, cap, max_n, vnet
+
+    def read(self, limit: int = 0) -> tuple[list[bytes], int, int]:
+        """Up to ``limit`` (0: ``max_n``) reads -> (the packets, 0 when the fd is drained
+        (EAGAIN), -1 when the limit or the byte cap was reached first, else the errno of
+        a failed read, which ends the burst; 1 when the last read kept its virtio-net
+        header, else 0)."""
+        most = self.max_n if limit <= 0 or limit > self.max_n else limit
+        out: list[bytes] = []
+        off = 0
+        while len(out) < most and off <= self.cap:
+            try:
+                data = os.read(self.fd, self.size)       # retries EINTR itself (PEP 475)
+            except BlockingIOError:
+                return out, 0, 0
+            except OSError as e:
+                return out, e.errno or errno.EIO, 0
+            off += len(data)
+            if self.vnet:
+                pkts = offload.packets(data) if len(data) > 1 and not data[1] & 0x7F else []
+                if len(pkts) != 1:
+                    out.append(data)
+                    return out, -1, 1        # handed over now, the super-packet first
+                data = pkts[0]
+            out.append(data)
+        return out, -1, 0
+
+
+def py_write_all(fd: int, pkts: list[bytes]) -> int:
+    """Write each packet to ``fd`` -> how many failed (counted drops): the reference of
+    the compiled ``_fast.write_all``."""
+    failed = 0
+    for data in pkts:
+        try:
+            os.write(fd, data)
+        except OSError:
+            failed += 1
+    return failed
+
+
+BurstReader: Callable[[int, int, int, int, bool], PyBurstReader]
+write_all: Callable[[int, list[bytes]], int]
+try:   # the compiled loops, when pip built them
+    from ._fast import BurstReader as _c_burst_reader
+    from ._fast import write_all as _c_write_all
+except ImportError:   # pragma: no cover - depends on the build
+    BurstReader, write_all = PyBurstReader, py_write_all
+else:
+    BurstReader, write_all = _c_burst_reader, _c_write_all   # type: ignore[assignment]
+
+
 class Loop(Protocol):
     def add_reader(self, fd: int, cb: Callable[[], None]) -> None: ...
     def remove_reader(self, fd: int) -> bool: ...
@@ -111,7 +177,8 @@ class Tun(Protocol):
     name: str
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None) -> None: ...
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None
+              ) -> None: ...
     def write(self, pkt: bytes) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -182,21 +249,42 @@ class TunDevice:
         self.vnet_hdr = offload
         self.offloads = 0
         if offload:
-            try:    # TCP super-packets and partial checksums; without them: 1 packet/read
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-                self.offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
-            except OSError as e:
-                log.info("TUN offloads not available (%s): one packet per read", e.strerror)
+            tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+            for flags in (tso | TUN_F_USO4 | TUN_F_USO6, tso):
+                try:    # super-packets and partial checksums; without them: 1 packet/read
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+                    self.offloads = flags
+                    break
+                except OSError as e:    # USO: EINVAL before Linux 6.2, then TCP only
+                    if flags == tso:
+                        log.info("TUN offloads not available (%s): one packet per read",
+                                 e.strerror)
+        # runs of one UDP flow written as one GSO_UDP_L4 packet (the kernel cuts them)
+        self.uso = bool(self.offloads & TUN_F_USO4)
         self.dropped = 0             # reads that made no packet (unknown offload type)
         self._pending: list[bytes] = []
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None) -> None:
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None) -> None:
         """``on_super`` (optional) takes TCP super-packets whole: (packet, gso_size), one
-        decision for all its segments; without it they come cut, one ``on_packet`` each."""
-        fd, read = self.fd, os.read
+        decision for all its segments; without it they come cut, one ``on_packet`` each.
+        ``on_packets`` (optional) takes the other packets of a wake-up as one list, in
+        order (those before a super-packet before it), so the forwarder decides once per
+        run of one flow; without it, one ``on_packet`` each.
+
+        The reads of a wake-up are done by :data:`BurstReader` (compiled: many reads per
+        call), up to :data:`MAX_BURST` of them."""
         vnet = self.vnet_hdr
         flush = on_flush or (lambda: None)
+        reader = BurstReader(self.fd, READ_SIZE, BURST_BYTES, MAX_BURST, vnet)
+        tso_of, packets = offload.tso_of, offload.packets
+
+        def hand(small: list[bytes]) -> None:
+            if on_packets is not None:
+                on_packets(small)
+            else:
+                for pkt in small:
+                    on_packet(pkt)
 
         def readable() -> None:
             try:
@@ -205,22 +293,37 @@ class TunDevice:
                 flush()          # small packets of the burst leave together (UDP GSO)
 
         def burst() -> None:
-            for _ in range(MAX_BURST):
-                try:
-                    data = read(fd, READ_SIZE)
-                except BlockingIOError:
+            left = MAX_BURST
+            while left > 0:
+                reads, err, special = reader.read(left)
+                left -= len(reads)
+                if special:       # the last read kept its virtio-net header
+                    if len(reads) > 1:
+                        hand(reads[:-1])
+                    odd(reads[-1])
+                elif reads:       # all ordinary packets, their header gone
+                    hand(reads)
+                if err >= 0:
+                    if err:
+                        log.warning("TUN read failed: %s", os.strerror(err))
                     return
-                except OSError as e:
-                    log.warning("TUN read failed: %s", e)
-                    return
-                if not vnet:
-                    on_packet(data)
-                elif not deliver(data, on_packet, on_super):
-                    self.dropped += 1
-                elif data[1]:
-                    flush()      # a super-packet's datagrams leave now, not after the burst
 
-        self.loop.add_reader(fd, readable)
+        def odd(data: bytes) -> None:
+            """A read that is not one ordinary packet: a TCP super-packet, or a drop."""
+            sp = tso_of(data) if on_super is not None else None
+            if sp is not None:
+                assert on_super is not None
+                on_super(*sp)
+                flush()          # its datagrams leave now, not after the burst
+                return
+            pkts = packets(data)
+            if not pkts:
+                self.dropped += 1
+                return
+            hand(pkts)           # a super-packet cut here (no on_super)
+            flush()
+
+        self.loop.add_reader(self.fd, readable)
 
     def write(self, pkt: bytes) -> None:
         """Write now (no offload) or at the next :meth:`flush` (GRO: merged)."""
@@ -239,12 +342,7 @@ class TunDevice:
         if not pending:
             return
         self._pending = []
-        fd, write = self.fd, os.write
-        for data in offload.coalesce(pending):
-            try:
-                write(fd, data)
-            except OSError:
-                self.write_errors += 1
+        self.write_errors += write_all(self.fd, offload.coalesce(pending, self.uso))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -486,14 +584,28 @@ class FakeTun:
         self.on_packet: OnPacket | None = None
         self.on_flush: Callable[[], None] | None = None
         self.on_super: OnSuper | None = None
+        self.on_packets: OnPackets | None = None
         self.written: list[bytes] = []
         self.sink: OnPacket | None = None
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None) -> None:
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None) -> None:
         self.on_packet = on_packet
         self.on_flush = on_flush
         self.on_super = on_super
+        self.on_packets = on_packets
+
+    def inject_burst(self, pkts: list[bytes]) -> None:
+        """Packets the kernel queued together: one wake-up's reads, as the real reader
+        hands them over (``on_packets`` when given, else one by one), then a flush."""
+        assert self.on_packet is not None, "TUN not started"
+        if self.on_packets is not None:
+            self.on_packets(list(pkts))
+        else:
+            for pkt in pkts:
+                self.on_packet(pkt)
+        if self.on_flush is not None:
+            self.on_flush()
 
     def inject(self, pkt: bytes) -> None:
         assert self.on_packet is not None, "TUN not started"

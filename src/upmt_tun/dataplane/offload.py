@@ -31,6 +31,7 @@ __all__ = [
     "GSO_NONE",
     "GSO_TCPV4",
     "GSO_TCPV6",
+    "GSO_UDP_L4",
     "NEEDS_CSUM",
     "VNET_HDR",
     "VNET_HDR_LEN",
@@ -42,6 +43,7 @@ __all__ = [
     "rewrite_run",
     "tso_of",
     "tso_split",
+    "uso_split",
 ]
 
 VNET_HDR = struct.Struct("=BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, off
@@ -50,6 +52,7 @@ NEEDS_CSUM = 1                        # VIRTIO_NET_HDR_F_NEEDS_CSUM
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_TCPV6 = 4                         # offered with TUN_F_TSO6: IPv6 inside the tunnels
+GSO_UDP_L4 = 5                        # offered with TUN_F_USO4|6 (Linux 6.2): UDP runs
 GSO_ECN = 0x80
 NO_VNET_HDR = bytes(VNET_HDR_LEN)     # prefix of a write: a complete, ordinary packet
 
@@ -151,6 +154,84 @@ def py_tso_split(pkt: bytes | bytearray | memoryview, gso_size: int,
             return out
 
 
+def uso_split(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[bytes]:
+    """Cut a UDP super-packet (GSO_UDP_L4: what a local application sending with
+    ``UDP_SEGMENT`` hands the TUN once USO is offered) into datagrams of ``gso_size``
+    payload bytes, each a complete packet (IPv4: total length, IP id + k, header checksum;
+    IPv6 without extension headers: payload length; UDP length and a full checksum).
+    [] when it is not one. Rare (only such applications), so pure Python."""
+    n = len(pkt)
+    six = n > 0 and pkt[0] >> 4 == 6
+    hl = 40 if six else (pkt[0] & 15) * 4 if n else 0
+    if (gso_size <= 0 or n <= hl + 8 or (six and pkt[6] != 17)
+            or (not six and (pkt[0] >> 4 != 4 or hl < 20 or pkt[9] != 17))):
+        return []
+    src_dst = bytes(pkt[8:40]) if six else bytes(pkt[12:20])
+    ident = pkt[4] << 8 | pkt[5]
+    out = []
+    for k, at in enumerate(range(hl + 8, n, gso_size)):
+        body = pkt[at:at + gso_size]
+        seg = bytearray(pkt[:hl + 8]) + body
+        ulen = 8 + len(body)
+        if six:
+            _U16.pack_into(seg, 4, ulen)
+        else:
+            _U16.pack_into(seg, 2, hl + ulen)
+            _U16.pack_into(seg, 4, (ident + k) & 0xFFFF)
+            seg[10:12] = b"\0\0"
+            _U16.pack_into(seg, 10, ipv4_checksum(seg[:hl]))
+        _U16.pack_into(seg, hl + 4, ulen)
+        seg[hl + 6:hl + 8] = b"\0\0"
+        c = _fold(ones_sum(src_dst) + 17 + ulen + ones_sum(memoryview(seg)[hl:])) ^ 0xFFFF
+        _U16.pack_into(seg, hl + 6, c or 0xFFFF)
+        out.append(bytes(seg))
+    return out
+
+
+_USO_MAX_SEGS = 64
+
+
+def _mergeable_udp(p: bytes) -> bool:
+    """An IPv4/UDP datagram a USO write may carry: no IP options, not a fragment, whole,
+    with a payload."""
+    n = len(p)
+    return (n > 28 and p[0] == 0x45 and p[9] == 17 and not (p[6] & 0x3F or p[7])
+            and (p[2] << 8 | p[3]) == n and (p[24] << 8 | p[25]) == n - 20)
+
+
+def _coalesce_udp(pkts: list[bytes], i: int, out: list[bytes]) -> int:
+    """:func:`py_coalesce` of the IPv4/UDP run starting at ``pkts[i]``: datagrams of one
+    flow (same addresses, ports, TOS, TTL and DF), of one payload size but a shorter last,
+    at most 64 and 64 KB, become one GSO_UDP_L4 write (UDP checksum partial: the
+    pseudo-header sum over the whole length; the kernel cuts it up with each datagram's
+    length and checksum). Returns the index after the run."""
+    p = pkts[i]
+    n = len(pkts)
+    j = i + 1
+    size = len(p) - 28
+    total = len(p)
+    while j < n and j - i < _USO_MAX_SEGS:
+        q = pkts[j]
+        qs = len(q) - 28
+        if (not _mergeable_udp(q) or qs > size or total + qs > _MAX_SUPER
+                or q[12:24] != p[12:24] or q[1] != p[1] or q[8] != p[8] or q[6] != p[6]):
+            break
+        total += qs
+        j += 1
+        if qs < size:
+            break
+    if j - i == 1:
+        out.append(NO_VNET_HDR + p)
+        return j
+    head = bytearray(p[:28])
+    _U16.pack_into(head, 2, total)
+    head[10:12] = b"\0\0"
+    _U16.pack_into(head, 10, ipv4_checksum(head[:20]))
+    _U16.pack_into(head, 24, total - 20)
+    _U16.pack_into(head, 26, _fold(ones_sum(head[12:20]) + 17 + total - 20))
+    vnet = VNET_HDR.pack(NEEDS_CSUM, GSO_UDP_L4, 28, size, 20, 6)
+    out.append(vnet + bytes(head) + b"".join(q[28:] for q in pkts[i:j]))
+    return j
 _TCP_SYN, _TCP_RST, _TCP_ACK, _TCP_URG, _TCP_ECE = 0x02, 0x04, 0x10, 0x20, 0x40
 _NO_MERGE = _TCP_FIN | _TCP_SYN | _TCP_RST | _TCP_URG | _TCP_ECE | _TCP_CWR
 _MAX_SUPER = 65535
@@ -222,13 +303,14 @@ def _coalesce6(pkts: list[bytes], i: int, hl: int, out: list[bytes]) -> int:
     return j
 
 
-def py_coalesce(pkts: list[bytes]) -> list[bytes]:
+def py_coalesce(pkts: list[bytes], uso: bool = False) -> list[bytes]:
     """GRO towards the TUN: consecutive segments of one TCP flow (contiguous sequence
     numbers, same ACK, window and options, equal sizes but a shorter last, no PSH before
     the last) become one super-packet with a virtio-net header (GSO_TCPV4, or GSO_TCPV6
     for IPv6 without extension headers; checksum partial: the kernel finishes it, or
-    cuts it up again if it forwards). Everything else is passed as is, behind an empty
-    header. Order is kept."""
+    cuts it up again if it forwards). With ``uso`` (the TUN took TUN_F_USO4|6), runs of
+    one IPv4/UDP flow become one GSO_UDP_L4 write (:func:`_coalesce_udp`). Everything
+    else is passed as is, behind an empty header. Order is kept."""
     out: list[bytes] = []
     i, n = 0, len(pkts)
     while i < n:
@@ -236,6 +318,9 @@ def py_coalesce(pkts: list[bytes]) -> list[bytes]:
         hl = _mergeable(p)
         if not hl and (hl6 := _mergeable6(p)):
             i = _coalesce6(pkts, i, hl6, out)
+            continue
+        if not hl and uso and _mergeable_udp(p):
+            i = _coalesce_udp(pkts, i, out)
             continue
         j = i + 1
         if hl:
@@ -327,7 +412,7 @@ try:   # the compiled hot path, when pip built it
 except ImportError:   # pragma: no cover - depends on the build
     finish_csum: Callable[[bytearray, int, int], bool] = py_finish_csum
     tso_split: Splitter = py_tso_split
-    coalesce: Callable[[list[bytes]], list[bytes]] = py_coalesce
+    coalesce: Callable[[list[bytes], bool], list[bytes]] = py_coalesce
     flow_runs: Callable[[list[bytes]], list[int]] = py_flow_runs
     rewrite_run: Callable[[list[bytes], int, int, bytes, bool], list[bytes]] = py_rewrite_run
     implementation = "python"
@@ -358,8 +443,10 @@ def packets(data: bytes, split: Splitter | None = None,
     gso_type &= ~GSO_ECN
     if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
         return (split or tso_split)(memoryview(data)[VNET_HDR_LEN:], gso_size)
+    if gso_type == GSO_UDP_L4:
+        return uso_split(memoryview(data)[VNET_HDR_LEN:], gso_size)
     if gso_type != GSO_NONE:
-        return []                     # not offered (no USO/UFO/IPv6 TSO): never sent to us
+        return []                     # not offered (UFO): never sent to us
     if not flags & NEEDS_CSUM:
         return [data[VNET_HDR_LEN:]]
     pkt = bytearray(memoryview(data)[VNET_HDR_LEN:])
