@@ -933,9 +933,43 @@ cdef inline Py_ssize_t _mergeable6(bytes pb) noexcept:
     return hl
 
 
+cdef bytes _plain(bytes p):
+    """A packet written as it is: behind an empty virtio-net header."""
+    cdef bytes res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
+    cdef uint8_t* d = <uint8_t*>PyBytes_AS_STRING(res)
+    memset(d, 0, 10)
+    memcpy(d + 10, PyBytes_AS_STRING(p), len(p))
+    return res
+
+
+cdef bytes _super(list pkts, Py_ssize_t i, Py_ssize_t j, Py_ssize_t hl, Py_ssize_t total,
+                  uint8_t gso_type, Py_ssize_t size, Py_ssize_t csum_start,
+                  Py_ssize_t csum_offset):
+    """``pkts[i:j]`` as one super-packet of ``total`` bytes: the virtio-net header
+    (checksum partial; native byte order, x86: little-endian, as struct "="), the first
+    packet's ``hl`` header bytes, then every packet's payload. The caller fixes the
+    lengths and checksums of the header (at 10 + its offset)."""
+    cdef bytes res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    cdef uint8_t* d = <uint8_t*>PyBytes_AS_STRING(res)
+    cdef Py_ssize_t k, off = 10 + hl
+    cdef bytes q
+    d[0] = 1
+    d[1] = gso_type
+    (<unsigned short*>(d + 2))[0] = <unsigned short>hl
+    (<unsigned short*>(d + 4))[0] = <unsigned short>size
+    (<unsigned short*>(d + 6))[0] = <unsigned short>csum_start
+    (<unsigned short*>(d + 8))[0] = <unsigned short>csum_offset
+    memcpy(d + 10, PyBytes_AS_STRING(pkts[i]), hl)
+    for k in range(i, j):
+        q = pkts[k]
+        memcpy(d + off, PyBytes_AS_STRING(q) + hl, len(q) - hl)
+        off += len(q) - hl
+    return res
+
+
 cdef Py_ssize_t _coalesce6(list pkts, Py_ssize_t i, Py_ssize_t hl, list out):
     """See offload._coalesce6 (same bytes out)."""
-    cdef Py_ssize_t n = len(pkts), j = i + 1, k, qs, off
+    cdef Py_ssize_t n = len(pkts), j = i + 1, qs
     cdef bytes p = pkts[i], q, res
     cdef const uint8_t* pp = <const uint8_t*>PyBytes_AS_STRING(p)
     cdef const uint8_t* qp
@@ -960,26 +994,10 @@ cdef Py_ssize_t _coalesce6(list pkts, Py_ssize_t i, Py_ssize_t hl, list out):
         if qs < size:
             break
     if j - i == 1:
-        res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
-        d = <uint8_t*>PyBytes_AS_STRING(res)
-        memset(d, 0, 10)
-        memcpy(d + 10, pp, len(p))
-        out.append(res)
+        out.append(_plain(p))
         return j
-    res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    res = _super(pkts, i, j, hl, total, 4, size, 40, 16)     # VIRTIO_NET_HDR_GSO_TCPV6
     d = <uint8_t*>PyBytes_AS_STRING(res)
-    d[0] = 1
-    d[1] = 4                      # VIRTIO_NET_HDR_GSO_TCPV6
-    (<unsigned short*>(d + 2))[0] = <unsigned short>hl
-    (<unsigned short*>(d + 4))[0] = <unsigned short>size
-    (<unsigned short*>(d + 6))[0] = 40
-    (<unsigned short*>(d + 8))[0] = 16
-    memcpy(d + 10, pp, hl)
-    off = 10 + hl
-    for k in range(i, j):
-        q = pkts[k]
-        memcpy(d + off, PyBytes_AS_STRING(q) + hl, len(q) - hl)
-        off += len(q) - hl
     _put16(d + 14, <uint32_t>(total - 40))
     d[63] |= lastflags & 0x08
     _put16(d + 66, _fold(_sum(d + 18, 32) + 6 + <uint64_t>(total - 40)))
@@ -997,7 +1015,7 @@ cdef inline bint _mergeable_udp(bytes pb) noexcept:
 
 cdef Py_ssize_t _coalesce_udp(list pkts, Py_ssize_t i, list out):
     """See offload._coalesce_udp (same bytes out)."""
-    cdef Py_ssize_t n = len(pkts), j = i + 1, k, qs, off
+    cdef Py_ssize_t n = len(pkts), j = i + 1, qs
     cdef bytes p = pkts[i], q, res
     cdef const uint8_t* pp = <const uint8_t*>PyBytes_AS_STRING(p)
     cdef const uint8_t* qp
@@ -1017,26 +1035,10 @@ cdef Py_ssize_t _coalesce_udp(list pkts, Py_ssize_t i, list out):
         if qs < size:
             break
     if j - i == 1:
-        res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
-        d = <uint8_t*>PyBytes_AS_STRING(res)
-        memset(d, 0, 10)
-        memcpy(d + 10, pp, len(p))
-        out.append(res)
+        out.append(_plain(p))
         return j
-    res = PyBytes_FromStringAndSize(NULL, 10 + total)
+    res = _super(pkts, i, j, 28, total, 5, size, 20, 6)      # VIRTIO_NET_HDR_GSO_UDP_L4
     d = <uint8_t*>PyBytes_AS_STRING(res)
-    d[0] = 1
-    d[1] = 5                      # VIRTIO_NET_HDR_GSO_UDP_L4
-    (<unsigned short*>(d + 2))[0] = 28
-    (<unsigned short*>(d + 4))[0] = <unsigned short>size
-    (<unsigned short*>(d + 6))[0] = 20
-    (<unsigned short*>(d + 8))[0] = 6
-    memcpy(d + 10, pp, 28)
-    off = 10 + 28
-    for k in range(i, j):
-        q = pkts[k]
-        memcpy(d + off, PyBytes_AS_STRING(q) + 28, len(q) - 28)
-        off += len(q) - 28
     _put16(d + 12, <uint32_t>total)
     d[20] = 0
     d[21] = 0
@@ -1050,9 +1052,9 @@ cdef Py_ssize_t _coalesce_udp(list pkts, Py_ssize_t i, list out):
 def coalesce(list pkts, bint uso=False):
     """See offload.py_coalesce (same bytes out)."""
     cdef list out = []
-    cdef Py_ssize_t i = 0, j, k, n = len(pkts), hl, size, qs, total, off
+    cdef Py_ssize_t i = 0, j, n = len(pkts), hl, size, qs, total
     cdef uint32_t nxt
-    cdef bytes p, q, last, res
+    cdef bytes p, q, res
     cdef const uint8_t* pp
     cdef const uint8_t* qp
     cdef uint8_t* d
@@ -1094,28 +1096,11 @@ def coalesce(list pkts, bint uso=False):
                 if qs < size:
                     break
         if j - i == 1:
-            res = PyBytes_FromStringAndSize(NULL, 10 + len(p))
-            d = <uint8_t*>PyBytes_AS_STRING(res)
-            memset(d, 0, 10)
-            memcpy(d + 10, PyBytes_AS_STRING(p), len(p))
-            out.append(res)
+            out.append(_plain(p))
             i = j
             continue
-        res = PyBytes_FromStringAndSize(NULL, 10 + total)
+        res = _super(pkts, i, j, hl, total, 1, size, 20, 16)  # VIRTIO_NET_HDR_GSO_TCPV4
         d = <uint8_t*>PyBytes_AS_STRING(res)
-        # virtio_net_hdr, native byte order (x86: little-endian, as struct "=")
-        d[0] = 1
-        d[1] = 1
-        (<unsigned short*>(d + 2))[0] = <unsigned short>hl
-        (<unsigned short*>(d + 4))[0] = <unsigned short>size
-        (<unsigned short*>(d + 6))[0] = 20
-        (<unsigned short*>(d + 8))[0] = 16
-        memcpy(d + 10, pp, hl)
-        off = 10 + hl
-        for k in range(i, j):
-            q = pkts[k]
-            memcpy(d + off, PyBytes_AS_STRING(q) + hl, len(q) - hl)
-            off += len(q) - hl
         _put16(d + 12, <uint32_t>total)
         d[20] = 0
         d[21] = 0
