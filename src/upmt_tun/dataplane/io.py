@@ -92,17 +92,18 @@ def gro_reader(open_run: Callable[[bytes, int, tuple[str, int]],
     return on_batch
 
 
-def deliver(data: bytes, on_packet: OnPacket, on_super: OnSuper | None) -> bool:
-    """Hand one TUN read (virtio-net header + packet) to the callbacks; False when it
-    made no packet (a drop for the caller to count)."""
+def deliver(data: bytes, hand: OnPackets, on_super: OnSuper | None) -> bool:
+    """Hand one TUN read (virtio-net header + packet) to the callbacks: a TCP
+    super-packet whole to ``on_super`` when given, else its packets as one list to
+    ``hand``; False when it made no packet (a drop for the caller to count)."""
     if on_super is not None:
         sp = offload.tso_of(data)
         if sp is not None:
             on_super(*sp)
             return True
     pkts = offload.packets(data)
-    for pkt in pkts:
-        on_packet(pkt)
+    if pkts:
+        hand(pkts)
     return bool(pkts)
 
 
@@ -166,6 +167,18 @@ except ImportError:   # pragma: no cover - depends on the build
     BurstReader, write_all = PyBurstReader, py_write_all
 else:
     BurstReader, write_all = _c_burst_reader, _c_write_all   # type: ignore[assignment]
+
+
+def _hander(on_packet: OnPacket, on_packets: OnPackets | None) -> OnPackets:
+    """How a TUN hands over a list of packets: whole to ``on_packets`` when given, else
+    one ``on_packet`` each."""
+    if on_packets is not None:
+        return on_packets
+
+    def each(pkts: list[bytes]) -> None:
+        for pkt in pkts:
+            on_packet(pkt)
+    return each
 
 
 class Loop(Protocol):
@@ -277,14 +290,7 @@ class TunDevice:
         vnet = self.vnet_hdr
         flush = on_flush or (lambda: None)
         reader = BurstReader(self.fd, READ_SIZE, BURST_BYTES, MAX_BURST, vnet)
-        tso_of, packets = offload.tso_of, offload.packets
-
-        def hand(small: list[bytes]) -> None:
-            if on_packets is not None:
-                on_packets(small)
-            else:
-                for pkt in small:
-                    on_packet(pkt)
+        hand = _hander(on_packet, on_packets)
 
         def readable() -> None:
             try:
@@ -309,19 +315,12 @@ class TunDevice:
                     return
 
         def odd(data: bytes) -> None:
-            """A read that is not one ordinary packet: a TCP super-packet, or a drop."""
-            sp = tso_of(data) if on_super is not None else None
-            if sp is not None:
-                assert on_super is not None
-                on_super(*sp)
+            """A read that is not one ordinary packet: a TCP super-packet (whole, or cut
+            here without on_super), or a drop."""
+            if deliver(data, hand, on_super):
                 flush()          # its datagrams leave now, not after the burst
-                return
-            pkts = packets(data)
-            if not pkts:
+            else:
                 self.dropped += 1
-                return
-            hand(pkts)           # a super-packet cut here (no on_super)
-            flush()
 
         self.loop.add_reader(self.fd, readable)
 
@@ -599,11 +598,7 @@ class FakeTun:
         """Packets the kernel queued together: one wake-up's reads, as the real reader
         hands them over (``on_packets`` when given, else one by one), then a flush."""
         assert self.on_packet is not None, "TUN not started"
-        if self.on_packets is not None:
-            self.on_packets(list(pkts))
-        else:
-            for pkt in pkts:
-                self.on_packet(pkt)
+        _hander(self.on_packet, self.on_packets)(list(pkts))
         if self.on_flush is not None:
             self.on_flush()
 
@@ -616,7 +611,7 @@ class FakeTun:
     def inject_read(self, data: bytes) -> bool:
         """A read with a virtio-net header, as the offloading TUN hands it over."""
         assert self.on_packet is not None, "TUN not started"
-        made = deliver(data, self.on_packet, self.on_super)
+        made = deliver(data, _hander(self.on_packet, self.on_packets), self.on_super)
         if self.on_flush is not None:
             self.on_flush()
         return made
