@@ -139,6 +139,21 @@ def even_runs(pkts: list[bytes], i: int, j: int) -> list[tuple[int, int]]:
     return out
 
 
+def sealed_runs(s: Session, pkts: list[bytes], i: int, j: int, un_tid: int
+                ) -> list[tuple[bytes, int]]:
+    """``pkts[i:j]`` sealed as DATA for UDP GSO sends, cut by :func:`even_runs`: (the
+    datagrams back to back, the size of each but the last), size 0 for a lone one."""
+    out = []
+    for a, b in even_runs(pkts, i, j):
+        if b - a == 1:
+            out.append((s.seal(TYPE_DATA, pkts[a], un_tid), 0))
+        else:
+            piece = pkts[a:b]
+            data = s.seal_run(TYPE_DATA, piece, un_tid)
+            out.append((data, len(piece[0]) + (len(data) - sum(map(len, piece))) // (b - a)))
+    return out
+
+
 def _steerable6(src: bytes, dst: bytes) -> bool:
     """Whether an IPv6 packet from the TUN may go into a tunnel: not multicast (ND, MLD,
     RS), not to or from a link-local or unspecified address (ND/RA and link-local
@@ -487,18 +502,11 @@ class AgentForwarder:
         flow.tx_packets += k
         t.tx_packets += k
         t.tx_bytes += sum(map(len, inner))
-        for a, b in even_runs(inner, 0, k):
-            piece = inner[a:b]
-            if hop is not None:         # a relay path: each sealed, then wrapped
-                e2e = s.seal_run(TYPE_DATA, piece, t.un_tid)
-                out.append(self.relay_wrap(hop, t, datagrams(
-                    e2e, len(piece[0]) + (len(e2e) - sum(map(len, piece))) // (b - a))))
-            elif b - a == 1:
-                out.append((t.iface_index, t.remote, s.seal(TYPE_DATA, piece[0], t.un_tid), 0))
+        for data, size in sealed_runs(s, inner, 0, k, t.un_tid):
+            if hop is not None:         # a relay path: sealed end to end, then wrapped
+                out.append(self.relay_wrap(hop, t, datagrams(data, size) if size else [data]))
             else:
-                data = s.seal_run(TYPE_DATA, piece, t.un_tid)
-                out.append((t.iface_index, t.remote, data,
-                            len(piece[0]) + (len(data) - sum(map(len, piece))) // (b - a)))
+                out.append((t.iface_index, t.remote, data, size))
 
     # -- anchors added and removed at run time (``reload``) -----------------------------
     def add_anchor(self, name: str) -> AnchorLink:
@@ -1281,14 +1289,8 @@ class AnchorForwarder:
                         self._spend(t, len(dg)) else t.remote
                     out.append((to, dg, 0))
                 continue
-            for c, e in even_runs(pkts, b, j):
-                if e - c == 1:
-                    out.append((t.remote, s.seal(TYPE_DATA, pkts[c], t.un_tid), 0))
-                    continue
-                piece = pkts[c:e]
-                data = s.seal_run(TYPE_DATA, piece, t.un_tid)
-                out.append((t.remote, data,
-                            len(piece[0]) + (len(data) - sum(map(len, piece))) // (e - c)))
+            out += [(t.remote, data, size)
+                    for data, size in sealed_runs(s, pkts, b, j, t.un_tid)]
         return out
 
     def from_tun_super(self, pkt: memoryview, gso_size: int, now: float
