@@ -288,6 +288,8 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
         except subprocess.TimeoutExpired:
             anchor.kill()
             raise
+        finally:
+            lab.stop()      # the run directory (the examples' control sockets, mark slots)
     assert anchor.returncode == 0
     assert host_state(topo, "an") == an_before
     out, _ = an_events.communicate(timeout=20)
