@@ -271,7 +271,12 @@ def test_every_example_runs_in_the_namespace_testbed(topo: Topology, tmp_path: P
         finally:
             flood.kill()
             slow.kill()
+            flood.wait(10)
+            slow.wait(10)
             topo.run("mh", "tc", "qdisc", "del", "dev", "wan1", "root", check=False)
+            # the killed download's connection is over: a late segment of it must not be
+            # steered by its ct mark into the next example's agent as a 'web' flow
+            topo.run("mh", "conntrack", "-D", "-p", "tcp", "--dport", "8080", check=False)
         assert host_state(topo, "mh") == mh_before
 
         r = topo.run("mh", PY, "-c", RAISE_AND_CANCEL, agent_toml, CH, timeout=60)
