@@ -36,6 +36,19 @@ def test_crypto_cost_quick_run(tmp_path: Path) -> None:
     assert all(c["best_us"] > 0 for c in data["cases"])
 
 
+def test_lane_cost_quick_run() -> None:
+    """In process, no root: both paths ran for every burst size (the lane really carried
+    its bursts: a lane that handed everything back would cost as much as the Python
+    path plus its own work, never less, and is checked in tests/test_lane.py)."""
+    pytest.importorskip("upmt_tun.dataplane._fast")
+    r = subprocess.run([sys.executable, str(BENCH / "lane_cost.py"), "--bursts", "200",
+                        "--rounds", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split("|") for line in r.stdout.splitlines()[1:]]
+    assert [int(row[0]) for row in rows] == [1, 8, 64]
+    assert all(float(row[3]) > 0 for row in rows)
+
+
 @pytest.mark.netns
 @pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 def test_throughput_quick_run(tmp_path: Path) -> None:

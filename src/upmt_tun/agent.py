@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import AgentConfig, AnchorRef, Rule, format_host_port
-from .dataplane.forwarder import AgentForwarder, FlowClass
+from .dataplane.forwarder import AgentForwarder, FlowClass, UpLane
 from .dataplane.io import Path, Tun, gro_reader
 from .dataplane.packet import (
     TYPE_CONTROL,
@@ -193,6 +193,8 @@ class Agent:
             i.path.queue for i in self.ifaces]     # data: leaves at flush
         self._queues_run: list[Callable[[bytes, int, tuple[str, int]], None]] = [
             i.path.queue_run for i in self.ifaces]
+        if UpLane is not None and not os.environ.get("UPMT_NO_LANE"):   # off: A/B, tests
+            self.fwd.lane = UpLane(self.fwd, self._queues, self._queues_run)
         self._started = False
         # mesh (UPMT-DAM): other hosts of mesh anchors, one relay link per peer
         self.mesh = MeshDirectory(order=list(anchors))
@@ -228,7 +230,12 @@ class Agent:
     def _on_packets(self, pkts: list[bytes]) -> None:
         """One TUN wake-up's packets: routed once per run of one flow, each run sealed
         for one UDP GSO send."""
-        for index, to, data, size in self.fwd.from_tun_many(pkts, self.clock()):
+        now = self.clock()
+        if self.fwd.lane is not None:       # learnt flows: compiled, the rest below
+            pkts = self.fwd.lane.run(pkts, now)
+            if not pkts:
+                return
+        for index, to, data, size in self.fwd.from_tun_many(pkts, now):
             if size:
                 self._queues_run[index](data, size, to)
             else:
@@ -1319,6 +1326,9 @@ class Agent:
             "flows": [self.flow_json(f) for f in self.fwd.paft.flows()],
             "peers": self.peers_json(),
             "drops": dict(self.drops),
+            # the compiled uplink: packets it carried, routes it holds (None: not in use)
+            "lane": None if self.fwd.lane is None else {
+                "packets": self.fwd.lane.hits, "flows": len(self.fwd.lane)},
             "signalling": dict(self.sip_stats),
             "flows_created": self.fwd.paft.flows_created,
             "handovers": dict(self.fwd.paft.handovers),

@@ -607,6 +607,11 @@ cdef class ReplayWindow:
 def seal_run(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
              list payloads, bint plain):
     """See crypto.py_seal_run (``aead``: an :class:`Aead` or cryptography's AESGCM)."""
+    return _seal_list(aead, word0, receiver, counter, payloads, plain)
+
+
+cdef bytes _seal_list(object aead, uint32_t word0, uint32_t receiver, uint64_t counter,
+                      list payloads, bint plain):
     cdef Py_ssize_t k = len(payloads), first, ln, total = 0, i
     cdef Py_ssize_t extra = 16 if plain else 32
     cdef bytes out, b
@@ -1331,3 +1336,236 @@ def write_all(int fd, list pkts):
         PyMem_Free(ptrs)
         PyMem_Free(lens)
     return failed
+
+
+# -- the agent's compiled uplink for established IPv4 flows (forwarder.AgentForwarder.lane) --
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+
+cdef str _UP = "up"
+
+
+cdef class _LaneEntry:
+    """One learnt route: the objects AgentForwarder._route found for a flow."""
+    cdef object flow, fid, tunnel, tid, link, session
+
+
+cdef inline int _lane_key(const uint8_t* p, Py_ssize_t size, const uint8_t* src,
+                          uint64_t* key) noexcept:
+    """Which table (0 TCP, 1 UDP, 2 ICMP echo) and key (dst | sport | dport) an IPv4
+    packet from ``src`` takes, as nat.five_tuple keys it; -1: not one for the lane."""
+    if size < 20 or p[0] >> 4 != 4:
+        return -1
+    cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
+    cdef Py_ssize_t total = _rd16(p + 2)
+    if hlen < 20 or hlen > size or total > size or total < hlen or (_rd16(p + 6) & 0x1FFF):
+        return -1
+    if memcmp(p + 12, src, 4) != 0:
+        return -1
+    cdef uint64_t dst = _rd32(p + 16)
+    cdef uint32_t ident
+    if p[9] == 6 or p[9] == 17:
+        if hlen + 4 > total:
+            return -1
+        key[0] = dst << 32 | _rd32(p + hlen)
+        return 0 if p[9] == 6 else 1
+    if p[9] == 1:
+        if hlen + 8 > total or (p[hlen] != 8 and p[hlen] != 0):
+            return -1
+        ident = _rd16(p + hlen + 4)
+        key[0] = dst << 32 | ident << 16 | ident
+        return 2
+    return -1
+
+
+cdef bint _rewrite_src4(uint8_t* p, Py_ssize_t size, const uint8_t* new) noexcept:
+    """nat.rewrite_src of a packet _lane_key accepted: TCP/UDP by _rewrite, an ICMP echo
+    in its IP header only (its checksum covers no address)."""
+    if p[9] != 1:
+        return _rewrite(p, size, new, True) == 1
+    cdef uint8_t* a = p + 12
+    cdef uint32_t old = _rd32(a)
+    cdef uint32_t addr = _rd32(new)
+    if old == addr:
+        return True
+    cdef uint32_t d = <uint32_t>((<uint64_t>(old ^ 0xFFFFFFFF) + addr) % 0xFFFF)
+    _put16(p + 10, _adj(_rd16(p + 10), d))
+    memcpy(a, new, 4)
+    return True
+
+
+cdef class UpLane:
+    """The agent's uplink for flows it has routed before, compiled: a TUN burst's IPv4
+    TCP, UDP and ICMP echo packets of a learnt flow are checked, NATed, sealed and queued
+    here with the datagrams, counters and session counters of ``AgentForwarder.from_tun``
+    (``tests/test_lane.py`` compares them); anything else, and a flow whose route changed
+    since (moved, tunnel down or gone, new session, flow expired), is handed back, in
+    order, to the Python path, which learns the route again (``learn``).
+
+    Each hit reads the route's objects again (flow.tunnel, the tunnel's state, address,
+    socket and remote, the link's session), so nothing needs telling when they change;
+    only what identifies the route is cached. One thread, the event loop's, as the rest
+    of the forwarder."""
+
+    cdef dict tcp, udp, icmp
+    cdef object fwd
+    cdef bytes src
+    cdef dict by_id, by_tid, links          # the forwarder's, read again at each run
+    cdef list queues, queues_run
+    cdef public long hits, learnt
+
+    def __init__(self, object fwd, list queues, list queues_run):
+        """``fwd``: the AgentForwarder (its vipa_fix_b, paft.by_id, tunnels.by_tid and
+        links are read at each run); ``queues``/``queues_run``: the agent's per-socket
+        ``PathSocket.queue``/``queue_run``."""
+        self.fwd = fwd
+        self.queues, self.queues_run = queues, queues_run
+        self.tcp, self.udp, self.icmp = {}, {}, {}
+        self.hits = self.learnt = 0
+
+    def __len__(self):
+        return len(self.tcp) + len(self.udp) + len(self.icmp)
+
+    cdef dict _table(self, int which):
+        return self.tcp if which == 0 else (self.udp if which == 1 else self.icmp)
+
+    def learn(self, tuple key, object flow, object tunnel, object link, object session):
+        """``_route`` found (flow, tunnel, session) for the 5-tuple ``key``: remember it
+        when the lane can carry that flow (IPv4 TCP/UDP/ICMP echo, not a relay path)."""
+        cdef int proto = key[0]
+        cdef int which = 0 if proto == 6 else (1 if proto == 17 else (2 if proto == 1 else -1))
+        if which < 0 or len(key[1]) != 4 or key[1] != self.fwd.vipa_fix_b \
+                or tunnel.remote[1] == 0 or not 0 <= tunnel.un_tid <= 0xFFFFFF:
+            return
+        if proto == 1 and key[3] != key[4]:
+            return
+        cdef uint64_t k = (<uint64_t>int.from_bytes(key[2], "big") << 32
+                           | <uint64_t>key[3] << 16 | <uint64_t>key[4])
+        cdef _LaneEntry e = _LaneEntry.__new__(_LaneEntry)
+        e.flow, e.fid, e.tunnel, e.tid = flow, flow.fid, tunnel, flow.tunnel
+        e.link, e.session = link, session
+        self._table(which)[k] = e
+        self.learnt += 1
+
+    def clear(self):
+        self.tcp.clear()
+        self.udp.clear()
+        self.icmp.clear()
+
+    cdef _LaneEntry _valid(self, dict table, object k):
+        """The entry at ``k`` if its route still holds (forgotten if not), else None."""
+        cdef PyObject* hit = PyDict_GetItem(table, k)
+        if hit == NULL:
+            return None
+        cdef _LaneEntry e = <_LaneEntry>hit
+        cdef object t = e.tunnel
+        cdef PyObject* cur
+        cur = PyDict_GetItem(self.by_id, e.fid)
+        if cur == NULL or <object>cur is not e.flow:
+            del table[k]
+            return None
+        cur = PyDict_GetItem(self.by_tid, e.tid)
+        if cur == NULL or <object>cur is not t or e.flow.tunnel != e.tid or t.state != _UP:
+            del table[k]
+            return None
+        cur = PyDict_GetItem(self.links, t.peer)
+        if cur == NULL or <object>cur is not e.link or e.link.session is not e.session:
+            del table[k]
+            return None
+        return e
+
+    def run(self, list pkts, double now):
+        """Carry what it can of one TUN burst (``pkts``, each one packet); the rest, in
+        order, for ``AgentForwarder.from_tun_many`` (an empty list: all carried)."""
+        cdef list rest = []
+        cdef Py_ssize_t n = len(pkts), i = 0, j
+        cdef int which
+        cdef uint64_t k
+        cdef object ko, pkt
+        cdef dict table
+        cdef _LaneEntry e
+        fwd = self.fwd
+        self.src = fwd.vipa_fix_b
+        if len(self.src) != 4:
+            return list(pkts)
+        self.by_id, self.by_tid, self.links = fwd.paft.by_id, fwd.tunnels.by_tid, fwd.links
+        while i < n:
+            pkt = pkts[i]
+            which = -1
+            if type(pkt) is bytes:
+                which = _lane_key(<const uint8_t*>PyBytes_AS_STRING(pkt), len(pkt),
+                                  <const uint8_t*>PyBytes_AS_STRING(self.src), &k)
+            if which < 0:
+                rest.append(pkt)
+                i += 1
+                continue
+            table = self._table(which)
+            ko = k
+            e = self._valid(table, ko)
+            j = i + 1
+            while j < n and type(pkts[j]) is bytes and _lane_key(
+                    <const uint8_t*>PyBytes_AS_STRING(pkts[j]), len(pkts[j]),
+                    <const uint8_t*>PyBytes_AS_STRING(self.src), &k) == which and k == ko:
+                j += 1
+            if e is None or not self._carry(e, pkts, i, j, now):
+                rest.extend(pkts[i:j])
+            i = j
+        return rest
+
+    cdef bint _carry(self, _LaneEntry e, list pkts, Py_ssize_t i, Py_ssize_t j, double now):
+        """pkts[i:j], one flow's, NATed, sealed and queued as from_tun does; False (with
+        nothing done) when the session cannot take them here."""
+        cdef object t = e.tunnel, s = e.session, flow = e.flow
+        cdef object remote = t.remote
+        cdef bytes vipa = t.vipa_b
+        if remote[1] == 0 or len(vipa) != 4:
+            return False
+        cdef uint64_t counter = s.send_counter
+        cdef Py_ssize_t count = j - i
+        if counter + <uint64_t>count > _REJECT:
+            return False
+        cdef bint plain = s.plain_data
+        cdef object aead = s._send
+        cdef object un_tid = t.un_tid
+        if not 0 <= un_tid <= 0xFFFFFF:
+            return False
+        cdef uint32_t word0 = 0x80 << 24 | <uint32_t>un_tid
+        cdef uint32_t receiver = s.remote_index
+        cdef list inner = []
+        cdef bytes out, b
+        cdef Py_ssize_t a, c, ln, total = 0
+        for a in range(i, j):
+            b = <bytes>pkts[a]
+            ln = len(b)
+            out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(b), ln)
+            if not _rewrite_src4(<uint8_t*>PyBytes_AS_STRING(out), ln,
+                                 <const uint8_t*>PyBytes_AS_STRING(vipa)):
+                return False
+            inner.append(out)
+            total += ln
+        cdef object index = t.iface_index
+        cdef object queue = self.queues[index], queue_run = self.queues_run[index]
+        cdef Py_ssize_t extra = 16 if plain else 32
+        a = 0
+        while a < count:                      # even runs, as forwarder.even_runs cuts them
+            ln = len(<bytes>inner[a])
+            c = a + 1
+            while c < count and len(<bytes>inner[c]) == ln:
+                c += 1
+            if c < count and len(<bytes>inner[c]) < ln:
+                c += 1
+            out = _seal_list(aead, word0, receiver, counter, inner[a:c], plain)
+            counter += c - a
+            if c - a == 1:
+                queue(out, remote)
+            else:
+                queue_run(out, ln + extra, remote)
+            a = c
+        s.send_counter = counter
+        flow.tx_packets += count
+        flow.last_seen = now
+        t.tx_packets += count
+        t.tx_bytes += total
+        self.hits += count
+        return True

@@ -71,6 +71,11 @@ from ..policy import HomeAnchor, choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
 from . import offload
 from .crypto import Session
+
+try:
+    from ._fast import UpLane
+except ImportError:  # pragma: no cover - depends on the build
+    UpLane = None  # type: ignore[assignment,misc]
 from .packet import (
     HEADER,
     HEADER_LEN,
@@ -85,7 +90,7 @@ from .packet import (
     path_id,
 )
 
-__all__ = ["AgentForwarder", "AnchorForwarder", "AnchorLink", "Association", "FlowClass",
+__all__ = ["AgentForwarder", "UpLane", "AnchorForwarder", "AnchorLink", "Association", "FlowClass",
            "MESH_PEER", "REBIND_CREDIT"]
 
 log = logging.getLogger(__name__)
@@ -253,6 +258,10 @@ class AgentForwarder:
         # (rule, via, current, candidate, candidate_up_for, return_after, built-in, now)
         self.return_hook: Callable[[str, tuple[str, ...], str | None, str, float, float,
                                     bool, float], bool] | None = None
+        # the compiled uplink (_fast.UpLane, set by the agent once its sockets exist):
+        # _route teaches it each route it finds, and it carries the learnt flows' next
+        # packets without coming back here (None: everything takes the Python path)
+        self.lane: UpLane | None = None
 
     # -- anchor choice (multiAN) ----------------------------------------------------------
     def rank_anchors(self, now: float, rtt_of: Callable[[Tunnel], float | None]) -> list[str]:
@@ -697,11 +706,14 @@ class AgentForwarder:
             if t is None:
                 self.drops["no_tunnel"] += 1
                 return None
-        s = self.links[t.peer].session
+        link = self.links[t.peer]
+        s = link.session
         if s is None:
             self.drops["no_session"] += 1
             return None
         flow.last_seen = now
+        if self.lane is not None:
+            self.lane.learn(key, flow, t, link, s)
         return flow, t, s
 
     def _candidates(self, fc: FlowClass, dst: bytes, anchor: str | None, now: float

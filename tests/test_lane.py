@@ -1,0 +1,168 @@
+"""The agent's compiled uplink (``_fast.UpLane``): a learnt flow's packets carried without
+the Python path, with what ``AgentForwarder.from_tun_many`` would have sent.
+
+The lane seals its hits before the Python path seals the rest of a burst, so the session
+counters are handed out in another order than packet by packet: the tests open every
+datagram with the anchor's side of the session and compare what each carries (socket,
+destination, header, plaintext), flow by flow in order, the counters used (each once),
+and the forwarder's counters."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from upmt_tun.dataplane.crypto import Session
+from upmt_tun.dataplane.forwarder import AgentForwarder
+from upmt_tun.dataplane.packet import HEADER, TYPE_DATA, datagrams
+from upmt_tun.nat import five_tuple
+
+from . import pktbuild as pb
+from .test_burst import CH, FIX, K1, K2, _agent_state, agent_fwd, mixed_burst
+from .test_e2e_memory import RULES, World
+
+_fast = pytest.importorskip("upmt_tun.dataplane._fast")
+if not hasattr(_fast, "UpLane"):   # pragma: no cover - an old build
+    pytest.skip("no compiled lane", allow_module_level=True)
+
+Out = tuple[int, tuple[str, int], bytes, int]
+
+
+class Lane:
+    """A forwarder with a lane whose queues record what it sends."""
+
+    def __init__(self, fwd: AgentForwarder) -> None:
+        self.fwd = fwd
+        self.sent: list[Out] = []
+        queues = [lambda d, to, i=i: self.sent.append((i, to, d, 0)) for i in range(2)]
+        runs = [lambda d, size, to, i=i: self.sent.append((i, to, d, size)) for i in range(2)]
+        self.lane = _fast.UpLane(fwd, queues, runs)
+        fwd.lane = self.lane
+
+    def burst(self, pkts: list[bytes], now: float) -> None:
+        rest = self.lane.run(pkts, now)
+        self.sent += self.fwd.from_tun_many(rest, now)
+
+
+def opened(outs: list[Out]) -> tuple[dict[Any, list[Any]], dict[int, list[int]]]:
+    """Each datagram opened by the anchor's side of its session: per flow (of the
+    plaintext), in order, (socket, destination, header word, plaintext); and the counters
+    used, per receiver index."""
+    rx = {2: Session(2, 1, K2, K1, 0.0), 4: Session(4, 3, K1, K2, 0.0)}
+    flows: dict[Any, list[Any]] = defaultdict(list)
+    counters: dict[int, list[int]] = defaultdict(list)
+    for i, to, data, size in outs:
+        for d in datagrams(data, size) if size else [data]:
+            word, receiver, counter = HEADER.unpack_from(d)
+            counters[receiver].append(counter)
+            if word >> 24 != TYPE_DATA:          # a relay wrapper: its type and path
+                flows["relay"].append((i, to, d[:4]))
+                continue
+            got = rx[receiver].open(d)
+            assert got is not None and got[0] == counter
+            flows[five_tuple(got[1])].append((i, to, word, got[1]))
+    return dict(flows), {r: sorted(c) for r, c in counters.items()}
+
+
+def test_lane_carries_learnt_flows_as_the_python_path_does() -> None:
+    ref, _ = agent_fwd()
+    lane = Lane(agent_fwd()[0])
+    want: list[Out] = []
+    for now in (1.0, 2.0, 3.0):          # the first burst teaches, the next ones hit
+        want += ref.from_tun_many(mixed_burst(), now)
+        lane.burst(mixed_burst(), now)
+    assert opened(lane.sent) == opened(want)
+    assert _agent_state(lane.fwd) == _agent_state(ref)
+    assert sorted((f.key, f.last_seen) for f in lane.fwd.paft.flows()) == \
+        sorted((f.key, f.last_seen) for f in ref.paft.flows())
+    # IPv4 TCP, UDP and ICMP echo runs of the last two bursts: 4+1+6+1+1+1 per burst
+    assert lane.lane.hits == 2 * 14
+    # nothing for the lane: IPv6, the spoofed source, the relayed mesh flow
+    assert len(lane.lane) == 4
+
+
+def test_lane_follows_every_change_of_a_route() -> None:
+    """A flow moved, a tunnel down (failover), a new session (rekey), a flow expired, a
+    new VIpA: each next burst goes where the Python path sends it."""
+    ref, _ = agent_fwd()
+    lane = Lane(agent_fwd()[0])
+    burst = [pb.udp(FIX, CH, 5000, 6000, bytes([i]) * 40) for i in range(3)] + \
+        [pb.tcp(FIX, CH, 40000, 80, b"t" * 100)] * 2 + [pb.icmp_echo(FIX, CH, 9, 1)]
+    changes = [
+        lambda f: None,
+        lambda f: [x.move(2.0, f.by_path[("wan2", "an1")].tid, "test")
+                   for x in f.paft.flows() if x.key[0] == 17],
+        lambda f: f.tunnel_down(f.by_path[("wan1", "an1")]),
+        lambda f: f.add_session("an1", Session(5, 6, K1, K2, 0.0, generation=1)),
+        lambda f: [f.paft.remove(x) for x in f.paft.flows() if x.key[0] == 6],
+        lambda f: f.set_association("an1", "100.100.0.9", "anchor", frozenset()),
+    ]
+    want: list[Out] = []
+    hits = []
+    for n, change in enumerate(changes):
+        change(ref)
+        change(lane.fwd)
+        want += ref.from_tun_many(burst, 10.0 + n)
+        lane.burst(burst, 10.0 + n)
+        hits.append(lane.lane.hits)
+    def by_flow(outs: list[Out]) -> dict[Any, list[Any]]:
+        rx = {2: Session(2, 1, K2, K1, 0.0), 6: Session(6, 5, K2, K1, 0.0)}
+        flows: dict[Any, list[Any]] = defaultdict(list)
+        for i, to, data, size in outs:
+            for d in datagrams(data, size) if size else [data]:
+                got = rx[HEADER.unpack_from(d)[1]].open(d)
+                assert got is not None
+                flows[five_tuple(got[1])].append((i, to, got[1]))
+        return dict(flows)
+
+    assert by_flow(lane.sent) == by_flow(want)
+    assert _agent_state(lane.fwd) == _agent_state(ref)
+    assert ref.paft.flows_created == lane.fwd.paft.flows_created == 4
+    # per burst, what hit (of UDP 3, TCP 2, ICMP 1): nothing yet; TCP+ICMP (UDP moved);
+    # UDP (the others failed over); nothing (new session); UDP+ICMP (TCP expired); all
+    # (a new VIpA is read at each hit, nothing to learn)
+    assert [b - a for a, b in zip([0, *hits[:-1]], hits, strict=True)] == [0, 3, 3, 0, 4, 6]
+    sources = {p[12:16] for _, _, p in sum(by_flow(lane.sent).values(), [])}
+    assert sources == {pb.ip("100.100.0.2"), pb.ip("100.100.0.9")}
+
+
+def test_lane_hands_back_what_it_cannot_carry_in_order() -> None:
+    lane = Lane(agent_fwd()[0])
+    frag = bytearray(pb.udp(FIX, CH, 1, 2, b"y" * 40))
+    frag[6:8] = b"\x00\x05"                     # a non-first fragment: no ports
+    odd = [b"", b"\x45" + bytes(10), pb.udp("10.9.9.9", CH, 1, 2, b"x"), bytes(frag),
+           bytearray(pb.udp(FIX, CH, 1, 2, b"z")), pb.icmp_echo(FIX, CH, 3, 1)[:24]]
+    assert lane.lane.run(odd, 1.0) == odd
+    assert lane.sent == [] and lane.lane.hits == 0
+
+
+@pytest.mark.parametrize("off", [False, True])
+async def test_the_agent_carries_bursts_through_its_lane(tmp_path: Path, off: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end in memory: a TUN burst of a flow crosses to the anchor's TUN NATed, the
+    second one through the lane (``UPMT_NO_LANE=1``: none, the same packets arrive)."""
+    if off:
+        monkeypatch.setenv("UPMT_NO_LANE", "1")
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        vipa = pb.ip(w.agent.status()["anchors"][0]["vipa"])
+        sent = []
+        for rnd in range(2):
+            burst = [pb.udp("100.64.0.1", CH, 5000, 6000, bytes([rnd, i]) * 30) for i in range(5)]
+            burst.append(pb.icmp_echo("100.64.0.1", CH, 77, rnd))
+            w.mh_tun.inject_burst(burst)
+            await w.settle()
+            sent += burst
+        got = w.an_tuns[0].written
+        assert [p[28:] for p in got] == [p[28:] for p in sent]      # payloads, in order
+        assert all(p[12:16] == vipa and pb.checksums_ok(p) for p in got)
+        assert {(f["rule"], f["tx_packets"]) for f in w.agent.status()["flows"]} == {
+            ("video", 10), ("", 2)}
+        lane = w.agent.fwd.lane
+        assert (lane is None) if off else (lane is not None and lane.hits == 6)
+    finally:
+        await w.stop()
