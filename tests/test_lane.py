@@ -166,3 +166,136 @@ async def test_the_agent_carries_bursts_through_its_lane(tmp_path: Path, off: bo
         assert (lane is None) if off else (lane is not None and lane.hits == 6)
     finally:
         await w.stop()
+
+
+class _Owner:
+    _quiet = False          # the agent's: its links sleep (then a flush is due)
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.readers: dict[int, Any] = {}
+
+    def add_reader(self, fd: int, cb: Any) -> None:
+        self.readers[fd] = cb
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+
+def test_the_compiled_tun_reader_sends_hits_itself_and_hands_back_the_rest() -> None:
+    """_fast.TunPump on a stand-in TUN (a SEQPACKET pair) and real UDP sockets on
+    loopback: the first wake-up goes through the Python path (then flush), the next
+    ones are sent by the lane itself, GSO runs included, without a Python call; a
+    datagram already waiting in the socket's queue keeps its place (the lane queues
+    behind it and asks for the flush)."""
+    import socket
+
+    from upmt_tun.dataplane import io as dio
+    from upmt_tun.dataplane.forwarder import FlowClass
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    tun_a, tun_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tun_a.setblocking(False)
+    path = dio.PathSocket(dio.open_udp("127.0.0.1", 0), _Loop(),  # type: ignore[arg-type]
+                          ("127.0.0.1", 0), offload=True)
+    fwd = AgentForwarder(FIX, ["wan1"], ["an1"], lambda key: FlowClass("r", (), None))
+    fwd.set_association("an1", "100.100.0.2", "anchor", frozenset())
+    fwd.add_session("an1", Session(1, 2, K1, K2, 0.0))
+    fwd.tunnel_up(fwd.add_tunnel("wan1", 0, "an1", path.local, rx.getsockname(), 0.0), 7, 0.0)
+    lane = _fast.UpLane(fwd, [path.queue], [path.queue_run])
+    fwd.lane = lane
+    calls: list[str] = []
+
+    def rest(pkts: list[bytes]) -> None:
+        calls.append("rest")
+        for _, to, data, size in fwd.from_tun_many(pkts, 1.0):
+            (path.queue_run(data, size, to) if size else path.queue(data, to))
+
+    def flush() -> None:
+        calls.append("flush")
+        path.flush()
+
+    pump = _fast.TunPump(_fast.BurstReader(tun_a.fileno(), 2048, 1 << 16, 64, False), lane,
+                         lambda: 1.0, rest, lambda d: calls.append("odd"), flush,
+                         lambda e: calls.append(f"failed {e}"), _Owner(), 256)
+    receiver = Session(2, 1, K2, K1, 0.0)
+
+    def received(n: int) -> list[bytes]:
+        out = []
+        while len(out) < n:
+            data, _ = rx.recvfrom(65535)
+            got = receiver.open(data)
+            assert got is not None
+            out.append(got[1])
+        return out
+
+    try:
+        run = [pb.udp(FIX, CH, 5000, 6000, bytes([i]) * 64) for i in range(5)]
+        for rnd in range(3):
+            calls.clear()
+            if rnd == 2:                     # something already queued on the socket
+                path.queue(b"\x80" + bytes(40), rx.getsockname())
+            for p in [*run, pb.icmp_echo(FIX, CH, 5, rnd)]:
+                tun_b.send(p)
+            pump()
+            if rnd == 2:
+                assert rx.recvfrom(100)[0] == b"\x80" + bytes(40)   # first, as queued
+            got = received(6)
+            assert [p[28:] for p in got] == [p[28:] for p in [*run, pb.icmp_echo(FIX, CH, 5, rnd)]]
+            assert all(p[12:16] == pb.ip("100.100.0.2") for p in got)
+            assert calls == (["rest", "flush"] if rnd == 0 else [] if rnd == 1 else ["flush"])
+        assert lane.hits == 12 and pump.wakeups == 3 and pump.python == 2
+        assert path.send_errors == 0
+    finally:
+        path.close()
+        rx.close()
+        tun_a.close()
+        tun_b.close()
+
+
+def test_the_compiled_tun_reader_hands_special_reads_as_the_python_reader() -> None:
+    """With IFF_VNET_HDR reads (test_burst.vnet_reads: ordinary packets, a super-packet,
+    refused reads): the pump hands over what the Python reader of io.TunDevice does, in
+    the same calls, in order (no lane route learnt: everything goes back)."""
+    import socket
+
+    from .test_burst import vnet_reads
+
+    got: dict[str, list[Any]] = {}
+    sent = vnet_reads() * 3
+    for kind in ("python", "pump"):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        calls: list[Any] = []
+        got[kind] = calls
+        reader = _fast.BurstReader(a.fileno(), 70000, 1 << 20, 256, True)
+        for m in sent:
+            b.send(m)
+        if kind == "pump":
+            fwd, _ = agent_fwd()
+            add = calls.append
+            pump = _fast.TunPump(reader, _fast.UpLane(fwd, [], []), lambda: 1.0,
+                                 lambda rest, add=add: add(("hand", rest)),
+                                 lambda d, add=add: add(("odd", d)),
+                                 lambda add=add: add("flush"),
+                                 lambda e, add=add: add(("failed", e)), _Owner(), 256)
+            pump()
+        else:                                # io.TunDevice.start's burst(), by hand
+            while True:
+                reads, err, special = reader.read(256)
+                if special:
+                    if len(reads) > 1:
+                        calls.append(("hand", reads[:-1]))
+                    calls.append(("odd", reads[-1]))
+                elif reads:
+                    calls.append(("hand", reads))
+                if err >= 0:
+                    break
+            calls.append("flush")
+        a.close()
+        b.close()
+    assert got["pump"] == got["python"]
+    assert sum(1 for c in got["pump"] if c[0] == "odd") == 3 * 5

@@ -33,7 +33,7 @@ from typing import Any
 
 from .config import AgentConfig, AnchorRef, Rule, format_host_port
 from .dataplane.forwarder import AgentForwarder, FlowClass, UpLane
-from .dataplane.io import Path, Tun, gro_reader
+from .dataplane.io import FastUplink, Path, Tun, gro_reader
 from .dataplane.packet import (
     TYPE_CONTROL,
     TYPE_COOKIE,
@@ -235,6 +235,13 @@ class Agent:
             pkts = self.fwd.lane.run(pkts, now)
             if not pkts:
                 return
+        self._python_packets(pkts, now)
+
+    def _rest(self, pkts: list[bytes]) -> None:
+        """What the compiled TUN reader's lane handed back: the Python path."""
+        self._python_packets(pkts, self.clock())
+
+    def _python_packets(self, pkts: list[bytes], now: float) -> None:
         for index, to, data, size in self.fwd.from_tun_many(pkts, now):
             if size:
                 self._queues_run[index](data, size, to)
@@ -943,7 +950,9 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        self.tun.start(self._on_tun, self._flush, self._on_super, self._on_packets)
+        lane = self.fwd.lane
+        self.tun.start(self._on_tun, self._flush, self._on_super, self._on_packets,
+                       None if lane is None else FastUplink(lane, self.clock, self, self._rest))
         self._started = True
         for i in self.ifaces:
             self._start_path(i)

@@ -1414,6 +1414,8 @@ cdef class UpLane:
     cdef dict by_id, by_tid, links          # the forwarder's, read again at each run
     cdef list queues, queues_run
     cdef public long hits, learnt
+    cdef public bint direct                 # send on a PathSocket's socket at once
+    cdef public bint queued                 # something went to a queue: flush it
 
     def __init__(self, object fwd, list queues, list queues_run):
         """``fwd``: the AgentForwarder (its vipa_fix_b, paft.by_id, tunnels.by_tid and
@@ -1423,6 +1425,8 @@ cdef class UpLane:
         self.queues, self.queues_run = queues, queues_run
         self.tcp, self.udp, self.icmp = {}, {}, {}
         self.hits = self.learnt = 0
+        self.direct = True
+        self.queued = False
 
     def __len__(self):
         return len(self.tcp) + len(self.udp) + len(self.icmp)
@@ -1557,10 +1561,13 @@ cdef class UpLane:
                 c += 1
             out = _seal_list(aead, word0, receiver, counter, inner[a:c], plain)
             counter += c - a
-            if c - a == 1:
-                queue(out, remote)
-            else:
-                queue_run(out, ln + extra, remote)
+            if not (self.direct and _send_now(queue, out, 0 if c - a == 1 else ln + extra,
+                                              remote)):
+                self.queued = True
+                if c - a == 1:
+                    queue(out, remote)
+                else:
+                    queue_run(out, ln + extra, remote)
             a = c
         s.send_counter = counter
         flow.tx_packets += count
@@ -1569,3 +1576,207 @@ cdef class UpLane:
         t.tx_bytes += total
         self.hits += count
         return True
+
+
+
+# -- sends of the lane, and the agent's TUN reader, without the Python path ---------------
+
+from libc.errno cimport EIO, EINVAL, EOPNOTSUPP, ENOPROTOOPT
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        void* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    int AF_INET, AF_INET6
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char* src, void* dst)
+    uint16_t htons(uint16_t)
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+cdef enum:
+    _GSO_SEGS = 64          # io.GSO_MAX_SEGMENTS
+    _GSO_BYTES = 65000      # io.GSO_MAX_BYTES
+
+
+cdef bint _sockaddr(object remote, bint v6, sockaddr_in6* sa6, sockaddr_in* sa4,
+                    socklen_t* ln):
+    """The destination ``remote`` ((host, port), as PathSocket takes it) for an AF_INET
+    (``v6`` False) or a dual-stack AF_INET6 socket (IPv4 as ::ffff:a.b.c.d)."""
+    cdef bytes host = (<str>remote[0]).encode("ascii")
+    cdef int port = remote[1]
+    cdef uint8_t a4[4]
+    memset(sa6, 0, sizeof(sockaddr_in6))
+    memset(sa4, 0, sizeof(sockaddr_in))
+    if inet_pton(AF_INET, host, a4) == 1:
+        if v6:
+            sa6.sin6_family = AF_INET6
+            sa6.sin6_port = htons(port)
+            sa6.sin6_addr.s6_addr[10] = 0xFF
+            sa6.sin6_addr.s6_addr[11] = 0xFF
+            memcpy(&sa6.sin6_addr.s6_addr[12], a4, 4)
+            ln[0] = sizeof(sockaddr_in6)
+        else:
+            sa4.sin_family = AF_INET
+            sa4.sin_port = htons(port)
+            memcpy(&sa4.sin_addr, a4, 4)
+            ln[0] = sizeof(sockaddr_in)
+        return True
+    if v6 and inet_pton(AF_INET6, host, &sa6.sin6_addr) == 1:
+        sa6.sin6_family = AF_INET6
+        sa6.sin6_port = htons(port)
+        ln[0] = sizeof(sockaddr_in6)
+        return True
+    return False
+
+
+cdef bint _send_now(object queue, bytes data, Py_ssize_t size, object remote):
+    """Send ``data`` (one datagram, or datagrams of ``size`` bytes back to back) on the
+    socket of the PathSocket whose ``queue`` this is, as its flush would: UDP GSO sends of
+    at most 64 datagrams and 65000 bytes. False (nothing sent) when it cannot be done here:
+    not a PathSocket, something already waits in its queue (order), GSO off, a closed
+    socket, an address it does not take. A failed send goes to the PathSocket's own
+    code, which counts it (and turns GSO off when the kernel refuses it)."""
+    cdef object path = getattr(queue, "__self__", None)
+    if path is None:
+        return False
+    cdef object runs = getattr(path, "_runs", None)
+    if type(runs) is not list or len(<list>runs) or (size and not path.gso):
+        return False
+    cdef object fileno = getattr(getattr(path, "sock", None), "fileno", None)
+    if fileno is None:
+        return False
+    cdef int fd = fileno()
+    if fd < 0:
+        return False
+    cdef sockaddr_in6 sa6
+    cdef sockaddr_in sa4
+    cdef socklen_t salen = 0
+    cdef bint v6 = path.v6
+    if not _sockaddr(remote, v6, &sa6, &sa4, &salen):
+        return False
+    cdef msghdr msg
+    cdef iovec iov
+    cdef char cbuf[32]          # CMSG_SPACE(2)
+    cdef cmsghdr* cm = <cmsghdr*>cbuf
+    cdef Py_ssize_t n = len(data), at = 0, step, chunk
+    cdef const char* base = PyBytes_AS_STRING(data)
+    cdef ssize_t r
+    memset(&msg, 0, sizeof(msghdr))
+    msg.msg_name = <void*>&sa6 if v6 else <void*>&sa4
+    msg.msg_namelen = salen
+    msg.msg_iov = &iov
+    msg.msg_iovlen = 1
+    step = n if size == 0 else size * max(1, min(<Py_ssize_t>_GSO_SEGS, _GSO_BYTES // size))
+    while at < n:
+        chunk = min(step, n - at)
+        iov.iov_base = <void*>(base + at)
+        iov.iov_len = chunk
+        if size and chunk > size:
+            memset(cbuf, 0, sizeof(cbuf))
+            cm.cmsg_len = sizeof(cmsghdr) + 2
+            cm.cmsg_level = 17          # SOL_UDP
+            cm.cmsg_type = 103          # UDP_SEGMENT
+            (<uint16_t*>(cbuf + sizeof(cmsghdr)))[0] = <uint16_t>size
+            msg.msg_control = cbuf
+            msg.msg_controllen = sizeof(cbuf)
+        else:
+            msg.msg_control = NULL
+            msg.msg_controllen = 0
+        with nogil:
+            r = sendmsg(fd, &msg, 0)
+        if r < 0:                        # the rest as PathSocket does it: counted drops,
+            rest = data[at:]             # or GSO turned off and sent one by one
+            if size:
+                path._send_run(rest, size, remote)
+            else:
+                path._send(rest, remote)
+            return True
+        at += chunk
+    return True
+
+
+cdef class TunPump:
+    """The agent's TUN reader callback (``loop.add_reader(fd, pump)``), compiled: each
+    wake-up's reads (``BurstReader``) go to the lane (``UpLane.run``), which sends a
+    learnt flow's datagrams at once; only what it hands back (``hand``), a special read
+    (``odd``: a super-packet) or a failed read (``failed``) call Python, and then, or
+    when the owner's links sleep (``owner._quiet``) or a datagram went to a queue, its
+    ``flush``. What io.TunDevice's Python reader does, minus the Python frames of a
+    wake-up whose packets all hit the lane."""
+
+    cdef BurstReader reader
+    cdef UpLane lane
+    cdef object clock, hand, odd, flush, failed, owner
+    cdef Py_ssize_t max_burst
+    cdef public long wakeups, python
+
+    def __init__(self, BurstReader reader, UpLane lane, object clock, object hand,
+                 object odd, object flush, object failed, object owner,
+                 Py_ssize_t max_burst):
+        self.reader, self.lane, self.clock = reader, lane, clock
+        self.hand, self.odd, self.flush, self.failed = hand, odd, flush, failed
+        self.owner, self.max_burst = owner, max_burst
+        self.wakeups = self.python = 0
+
+    def __call__(self):
+        cdef Py_ssize_t left = self.max_burst, n
+        cdef bint touched = False
+        cdef list reads, lst, rest
+        cdef long err
+        self.wakeups += 1
+        self.lane.queued = False
+        try:
+            while left > 0:
+                reads, err, special = self.reader.read(left)
+                n = len(reads)
+                left -= n
+                lst = reads[:n - 1] if special and n else reads   # (no wraparound here)
+                if lst:
+                    rest = self.lane.run(lst, self.clock())
+                    if rest:
+                        touched = True
+                        self.hand(rest)
+                if special and n:
+                    touched = True
+                    self.odd(reads[n - 1])
+                if err >= 0:
+                    if err:
+                        touched = True
+                        self.failed(err)
+                    return
+        finally:
+            if touched or self.lane.queued or self.owner._quiet:
+                self.python += 1
+                self.flush()

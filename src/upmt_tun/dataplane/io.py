@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..resolve import normalise
 from . import offload
@@ -66,6 +66,17 @@ MAX_BURST = 256          # datagrams per wake-up before yielding to other callba
 BURST_BYTES = 1 << 20    # what one compiled TUN read call gathers at most (then the next)
 _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
+
+class FastUplink(NamedTuple):
+    """What a compiled TUN reader (``_fast.TunPump``) needs from its owner: the lane that
+    carries learnt flows (``_fast.UpLane``), the owner's clock, the owner (its ``_quiet``
+    says a flush is due even when every packet hit the lane) and where the packets the
+    lane hands back go (the Python path)."""
+    lane: Any
+    clock: Callable[[], float]
+    owner: Any
+    rest: Callable[[list[bytes]], None]
+
 
 OnPacket = Callable[[bytes], None]
 OnPackets = Callable[[list[bytes]], None]
@@ -160,13 +171,17 @@ def py_write_all(fd: int, pkts: list[bytes]) -> int:
 
 BurstReader: Callable[[int, int, int, int, bool], PyBurstReader]
 write_all: Callable[[int, list[bytes]], int]
+_CBurstReader: Any = ()                  # isinstance() of nothing without the build
+TunPump: Any = None
 try:   # the compiled loops, when pip built them
     from ._fast import BurstReader as _c_burst_reader
+    from ._fast import TunPump as _c_tun_pump
     from ._fast import write_all as _c_write_all
 except ImportError:   # pragma: no cover - depends on the build
     BurstReader, write_all = PyBurstReader, py_write_all
 else:
     BurstReader, write_all = _c_burst_reader, _c_write_all   # type: ignore[assignment]
+    _CBurstReader, TunPump = _c_burst_reader, _c_tun_pump
 
 
 def _hander(on_packet: OnPacket, on_packets: OnPackets | None) -> OnPackets:
@@ -190,8 +205,8 @@ class Tun(Protocol):
     name: str
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None, on_packets: OnPackets | None = None
-              ) -> None: ...
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None,
+              fast: FastUplink | None = None) -> None: ...
     def write(self, pkt: bytes) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -274,11 +289,13 @@ class TunDevice:
                                  e.strerror)
         # runs of one UDP flow written as one GSO_UDP_L4 packet (the kernel cuts them)
         self.uso = bool(self.offloads & TUN_F_USO4)
+        self.pump: Any = None        # the compiled reader callback, when start() made one
         self.dropped = 0             # reads that made no packet (unknown offload type)
         self._pending: list[bytes] = []
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None, on_packets: OnPackets | None = None) -> None:
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None,
+              fast: FastUplink | None = None) -> None:
         """``on_super`` (optional) takes TCP super-packets whole: (packet, gso_size), one
         decision for all its segments; without it they come cut, one ``on_packet`` each.
         ``on_packets`` (optional) takes the other packets of a wake-up as one list, in
@@ -286,7 +303,9 @@ class TunDevice:
         run of one flow; without it, one ``on_packet`` each.
 
         The reads of a wake-up are done by :data:`BurstReader` (compiled: many reads per
-        call), up to :data:`MAX_BURST` of them."""
+        call), up to :data:`MAX_BURST` of them. With ``fast`` (and the compiled module)
+        the reader callback itself is compiled (``_fast.TunPump``): the packets go to
+        ``fast.lane`` first, and only what it hands back to ``fast.rest``."""
         vnet = self.vnet_hdr
         flush = on_flush or (lambda: None)
         reader = BurstReader(self.fd, READ_SIZE, BURST_BYTES, MAX_BURST, vnet)
@@ -322,6 +341,14 @@ class TunDevice:
             else:
                 self.dropped += 1
 
+        def failed(err: int) -> None:
+            log.warning("TUN read failed: %s", os.strerror(err))
+
+        if fast is not None and TunPump is not None and isinstance(reader, _CBurstReader):
+            self.pump = TunPump(reader, fast.lane, fast.clock, fast.rest, odd, flush, failed,
+                                fast.owner, MAX_BURST)
+            self.loop.add_reader(self.fd, self.pump)
+            return
         self.loop.add_reader(self.fd, readable)
 
     def write(self, pkt: bytes) -> None:
@@ -588,7 +615,10 @@ class FakeTun:
         self.sink: OnPacket | None = None
 
     def start(self, on_packet: OnPacket, on_flush: Callable[[], None] | None = None,
-              on_super: OnSuper | None = None, on_packets: OnPackets | None = None) -> None:
+              on_super: OnSuper | None = None, on_packets: OnPackets | None = None,
+              fast: FastUplink | None = None) -> None:
+        """As :meth:`TunDevice.start`; ``fast`` is not used (``on_packets`` is what the
+        owner gives both paths: the lane runs there)."""
         self.on_packet = on_packet
         self.on_flush = on_flush
         self.on_super = on_super
