@@ -1634,8 +1634,11 @@ cdef bint _sockaddr(object remote, bint v6, sockaddr_in6* sa6, sockaddr_in* sa4,
                     socklen_t* ln):
     """The destination ``remote`` ((host, port), as PathSocket takes it) for an AF_INET
     (``v6`` False) or a dual-stack AF_INET6 socket (IPv4 as ::ffff:a.b.c.d)."""
-    cdef bytes host = (<str>remote[0]).encode("ascii")
-    cdef int port = remote[1]
+    cdef object h = remote[0], p = remote[1]
+    if type(h) is not str or type(p) is not int or not 0 <= p <= 0xFFFF:
+        return False
+    cdef bytes host = (<str>h).encode("ascii", "replace")
+    cdef int port = p
     cdef uint8_t a4[4]
     memset(sa6, 0, sizeof(sockaddr_in6))
     memset(sa4, 0, sizeof(sockaddr_in))
