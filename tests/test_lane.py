@@ -21,6 +21,7 @@ from upmt_tun.dataplane.packet import HEADER, TYPE_DATA, datagrams
 from upmt_tun.nat import five_tuple
 
 from . import pktbuild as pb
+from .test_batch import _Loop
 from .test_burst import CH, FIX, K1, K2, _agent_state, agent_fwd, mixed_burst
 from .test_e2e_memory import RULES, World
 
@@ -170,17 +171,6 @@ async def test_the_agent_carries_bursts_through_its_lane(tmp_path: Path, off: bo
 
 class _Owner:
     _quiet = False          # the agent's: its links sleep (then a flush is due)
-
-
-class _Loop:
-    def __init__(self) -> None:
-        self.readers: dict[int, Any] = {}
-
-    def add_reader(self, fd: int, cb: Any) -> None:
-        self.readers[fd] = cb
-
-    def remove_reader(self, fd: int) -> bool:
-        return self.readers.pop(fd, None) is not None
 
 
 def test_the_compiled_tun_reader_sends_hits_itself_and_hands_back_the_rest() -> None:
