@@ -173,28 +173,35 @@ class _Owner:
     _quiet = False          # the agent's: its links sleep (then a flush is due)
 
 
-def test_the_compiled_tun_reader_sends_hits_itself_and_hands_back_the_rest() -> None:
+@pytest.mark.parametrize("family", ["ipv4", "dual-stack to ipv4", "ipv6"])
+def test_the_compiled_tun_reader_sends_hits_itself_and_hands_back_the_rest(family: str) -> None:
     """_fast.TunPump on a stand-in TUN (a SEQPACKET pair) and real UDP sockets on
     loopback: the first wake-up goes through the Python path (then flush), the next
     ones are sent by the lane itself, GSO runs included, without a Python call; a
     datagram already waiting in the socket's queue keeps its place (the lane queues
-    behind it and asks for the flush)."""
+    behind it and asks for the flush). On an IPv4 socket, and on a dual-stack one to an
+    IPv4 (::ffff:) and an IPv6 anchor."""
     import socket
 
     from upmt_tun.dataplane import io as dio
     from upmt_tun.dataplane.forwarder import FlowClass
 
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
+    from .test_outer_ipv6 import _has_ipv6_loopback
+    if family != "ipv4" and not _has_ipv6_loopback():
+        pytest.skip("no IPv6 on this host")
+    v6 = family == "ipv6"
+    rx = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("::1" if v6 else "127.0.0.1", 0))
     rx.settimeout(2)
+    remote = rx.getsockname()[:2]
     tun_a, tun_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tun_a.setblocking(False)
-    path = dio.PathSocket(dio.open_udp("127.0.0.1", 0), _Loop(),  # type: ignore[arg-type]
-                          ("127.0.0.1", 0), offload=True)
+    path = dio.PathSocket(dio.open_udp("127.0.0.1" if family == "ipv4" else "::", 0),
+                          _Loop(), ("127.0.0.1", 0), offload=True)  # type: ignore[arg-type]
     fwd = AgentForwarder(FIX, ["wan1"], ["an1"], lambda key: FlowClass("r", (), None))
     fwd.set_association("an1", "100.100.0.2", "anchor", frozenset())
     fwd.add_session("an1", Session(1, 2, K1, K2, 0.0))
-    fwd.tunnel_up(fwd.add_tunnel("wan1", 0, "an1", path.local, rx.getsockname(), 0.0), 7, 0.0)
+    fwd.tunnel_up(fwd.add_tunnel("wan1", 0, "an1", path.local, remote, 0.0), 7, 0.0)
     lane = _fast.UpLane(fwd, [path.queue], [path.queue_run])
     fwd.lane = lane
     calls: list[str] = []
@@ -227,7 +234,7 @@ def test_the_compiled_tun_reader_sends_hits_itself_and_hands_back_the_rest() -> 
         for rnd in range(3):
             calls.clear()
             if rnd == 2:                     # something already queued on the socket
-                path.queue(b"\x80" + bytes(40), rx.getsockname())
+                path.queue(b"\x80" + bytes(40), remote)
             for p in [*run, pb.icmp_echo(FIX, CH, 5, rnd)]:
                 tun_b.send(p)
             pump()
