@@ -163,6 +163,7 @@ def test_agent_reload_keeps_a_live_stream_and_a_bad_config_changes_nothing(
         assert seen_as(topo, 8081) != ANCHOR           # no rule yet
         client = topo.popen("mh", "python3", "-u", "-c", CLIENT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+        t_client = time.time()
         wait_for(lambda: any(f["rule"] == "web" for f in lab.agent_status()["flows"]), 10,
                  "the stream's flow")
         mark = ct_mark(topo, 8080)
@@ -225,7 +226,11 @@ def test_agent_reload_keeps_a_live_stream_and_a_bad_config_changes_nothing(
         wait_for(lambda: [f for f in lab.agent_status()["flows"]
                           if f["dport"] == 8080 and f["rx_packets"] > rx + 20], 10,
                  "the stream flowing after the restart")
-        # the server stops (its FIN: a clean end); a reset would fail the client
+        # the server stops (its FIN: a clean end); a reset would fail the client. It
+        # writes a line every 10 ms whatever the path does, so after 3.5 s the client
+        # must have every one of them (> 300 below) unless the connection lost some:
+        # the steps above can take less than that on a fast machine
+        time.sleep(max(0.0, t_client + 3.5 - time.time()))
         stream.kill()
         stream.wait(5)
         stdout, stderr = client.communicate(timeout=30)
