@@ -9,6 +9,7 @@ and the forwarder's counters."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,43 @@ def test_the_compiled_tun_reader_hands_special_reads_as_the_python_reader() -> N
         b.close()
     assert got["pump"] == got["python"]
     assert sum(1 for c in got["pump"] if c[0] == "odd") == 3 * 5
+
+
+async def test_idle_flows_are_forgotten_and_their_routes_too(tmp_path: Path) -> None:
+    """The agent's timer sweeps flows silent for FLOW_IDLE (its PAFT used to only grow,
+    and refused every new flow once full) and the lane forgets their routes; a flow that
+    comes back after that is a new flow, carried again."""
+    from upmt_tun import agent as agent_mod
+
+    w = World(tmp_path, rules=RULES)
+    await w.start()
+    try:
+        def burst(sport: int) -> list[bytes]:
+            return [pb.udp("100.64.0.1", CH, sport, 6000, bytes([i]) * 20) for i in range(3)]
+        for sport in (5000, 5001):
+            for _ in range(2):
+                w.mh_tun.inject_burst(burst(sport))
+                await w.settle()
+        fwd = w.agent.fwd
+        assert len(fwd.paft) == 2 and fwd.lane is not None and len(fwd.lane) == 2
+        w.offset += agent_mod.FLOW_IDLE / 2
+        w.mh_tun.inject_burst(burst(5001))          # 5001 stays busy, 5000 goes quiet
+        await w.settle()
+        w.offset += agent_mod.FLOW_IDLE / 2 + agent_mod.FLOW_SWEEP_EVERY
+        w.agent._kick.set()                         # noqa: SLF001 - the timer looks now
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(fwd.paft) == 1:
+                break
+        assert [f.key[3] for f in fwd.paft.flows()] == [5001]
+        assert len(fwd.lane) == 1
+        created = fwd.paft.flows_created
+        w.mh_tun.inject_burst(burst(5000))          # back: a new flow
+        await w.settle()
+        assert fwd.paft.flows_created == created + 1 and len(fwd.paft) == 2
+        hits = fwd.lane.hits
+        w.mh_tun.inject_burst(burst(5000))
+        await w.settle()
+        assert fwd.lane.hits == hits + 3
+    finally:
+        await w.stop()

@@ -81,6 +81,8 @@ from .tables import Flow, FlowKey, Tunnel, ip_str
 __all__ = ["Agent", "IfaceSeam", "MoveError", "UsageError", "rule_classifier"]
 
 log = logging.getLogger(__name__)
+FLOW_IDLE = 600.0      # a flow silent this long is forgotten, as the anchor forgets its own
+FLOW_SWEEP_EVERY = 60.0
 HELD_PACKETS = 8       # first packets kept per mesh peer while its relay comes up
 HELD_PEERS = 32
 MAX_DIRECT = 8         # direct paths per mesh peer (ours per interface, and the peer's)
@@ -184,6 +186,7 @@ class Agent:
         self._quiet = False               # some link's probe tick sleeps: wake it on traffic
         self._timer: asyncio.Task[None] | None = None
         self._rank_at = -math.inf          # next anchor ranking by RTT (one per probe tick)
+        self._sweep_at = math.inf          # next sweep of idle flows (from start())
         # by socket index (an interface's ``index``: a reload adds new ones at the end
         # and leaves a removed one's place unused, see :meth:`add_iface`)
         self._at: dict[int, IfaceSeam] = {i.index: i for i in self.ifaces}
@@ -439,7 +442,7 @@ class Agent:
             # float rounding): it fired for ``due``, so ``due`` is reached
             now = max(self.clock(), fired)
             due = min((x.next_deadline() for x in self._all_links()), default=math.inf)
-            due = min([due, *(i.next_deadline() for i in self.ice.values())])
+            due = min([due, self._sweep_at, *(i.next_deadline() for i in self.ice.values())])
             if due > now:
                 self._kick.clear()
                 try:
@@ -452,6 +455,9 @@ class Agent:
                     self._do(link.on_timer(now), now)
             if now >= self._rank_at:
                 self._rank(now)
+            if now >= self._sweep_at:
+                self._sweep_at = now + FLOW_SWEEP_EVERY
+                self.sweep(now)
             for key, ice in list(self.ice.items()):
                 if ice.next_deadline() <= now and self.ice.get(key) is ice:
                     self._ice_do(key, ice.on_timer(now))
@@ -956,12 +962,24 @@ class Agent:
         self._started = True
         for i in self.ifaces:
             self._start_path(i)
+        self._sweep_at = self.clock() + FLOW_SWEEP_EVERY
         self._timer = asyncio.create_task(self._timers())
         for a, addr in self.anchors.items():
             if addr is not None:
                 self._add_links(a)
         if not self.links:
             self._ready.set()
+
+    def sweep(self, now: float) -> int:
+        """Forget the flows silent for :data:`FLOW_IDLE` (and the lane's routes for them):
+        how many. Without it the PAFT only grew, and after 100 000 flows (a long uptime)
+        every new flow was refused (``paft_full``). A flow forgotten here and seen again
+        is a new flow: its rule places it again, and the anchor, which forgets its own
+        after as long, follows it."""
+        n = self.fwd.paft.expire(now, FLOW_IDLE)
+        if n and self.fwd.lane is not None:
+            self.fwd.lane.prune()
+        return n
 
     def _start_path(self, i: IfaceSeam) -> None:
         on_datagram = self._on_datagram_for(i.index)

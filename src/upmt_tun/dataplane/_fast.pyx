@@ -1457,6 +1457,25 @@ cdef class UpLane:
         self.udp.clear()
         self.icmp.clear()
 
+    def prune(self):
+        """Forget the routes of flows no longer in the PAFT (expired, removed): how many.
+        (A hit finds them too, but a flow that never sends again is never hit.)"""
+        cdef dict by_id = self.fwd.paft.by_id
+        cdef dict table
+        cdef _LaneEntry e
+        cdef list dead
+        cdef long n = 0
+        for table in (self.tcp, self.udp, self.icmp):
+            dead = []
+            for k, v in table.items():
+                e = <_LaneEntry>v
+                if by_id.get(e.fid) is not e.flow:
+                    dead.append(k)
+            for k in dead:
+                del table[k]
+            n += len(dead)
+        return n
+
     cdef _LaneEntry _valid(self, dict table, object k):
         """The entry at ``k`` if its route still holds (forgotten if not), else None."""
         cdef PyObject* hit = PyDict_GetItem(table, k)
