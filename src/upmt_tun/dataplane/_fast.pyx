@@ -766,6 +766,21 @@ cdef int _rewrite6(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src)
     return 1
 
 
+cdef inline bint _put_addr4(uint8_t* p, uint8_t* a, const uint8_t* new, uint32_t* d
+                            ) noexcept:
+    """Put the IPv4 address ``new`` at ``a`` (the source or destination of the header at
+    ``p``) and adjust the header checksum; ``d``: the checksum delta, for the L4 header.
+    False (nothing done) when ``a`` holds ``new`` already."""
+    cdef uint32_t old = (<uint32_t>a[0] << 24) | (<uint32_t>a[1] << 16) | (<uint32_t>a[2] << 8) | a[3]
+    cdef uint32_t addr = (<uint32_t>new[0] << 24) | (<uint32_t>new[1] << 16) | (<uint32_t>new[2] << 8) | new[3]
+    if old == addr:
+        return False
+    d[0] = <uint32_t>((<uint64_t>(old ^ 0xFFFFFFFF) + addr) % 0xFFFF)
+    _put16(p + 10, _adj(_rd16(p + 10), d[0]))
+    memcpy(a, new, 4)
+    return True
+
+
 cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) noexcept:
     if size < 20:
         return 0
@@ -777,18 +792,9 @@ cdef int _rewrite(uint8_t* p, Py_ssize_t size, const uint8_t* new, bint is_src) 
     cdef bint first = (_rd16(p + 6) & 0x1FFF) == 0
     if first and proto == 1:
         return -1
-    cdef uint8_t* a = p + (12 if is_src else 16)
-    cdef uint32_t old = (<uint32_t>a[0] << 24) | (<uint32_t>a[1] << 16) | (<uint32_t>a[2] << 8) | a[3]
-    cdef uint32_t addr = (<uint32_t>new[0] << 24) | (<uint32_t>new[1] << 16) | (<uint32_t>new[2] << 8) | new[3]
-    if old == addr:
+    cdef uint32_t d
+    if not _put_addr4(p, p + (12 if is_src else 16), new, &d):
         return 1
-    cdef uint64_t d64 = (<uint64_t>(old ^ 0xFFFFFFFF) + addr) % 0xFFFF
-    cdef uint32_t d = <uint32_t>d64
-    _put16(p + 10, _adj(_rd16(p + 10), d))
-    a[0] = new[0]
-    a[1] = new[1]
-    a[2] = new[2]
-    a[3] = new[3]
     cdef Py_ssize_t at
     cdef uint32_t c
     if not first:
@@ -1355,28 +1361,23 @@ cdef inline int _lane_key(const uint8_t* p, Py_ssize_t size, const uint8_t* src,
                           uint64_t* key) noexcept:
     """Which table (0 TCP, 1 UDP, 2 ICMP echo) and key (dst | sport | dport) an IPv4
     packet from ``src`` takes, as nat.five_tuple keys it; -1: not one for the lane."""
-    if size < 20 or p[0] >> 4 != 4:
+    if size < 24 or memcmp(p + 12, src, 4) != 0:
         return -1
     cdef Py_ssize_t hlen = (p[0] & 0x0F) << 2
-    cdef Py_ssize_t total = _rd16(p + 2)
-    if hlen < 20 or hlen > size or total > size or total < hlen or (_rd16(p + 6) & 0x1FFF):
-        return -1
-    if memcmp(p + 12, src, 4) != 0:
-        return -1
     cdef uint64_t dst = _rd32(p + 16)
     cdef uint32_t ident
     if p[9] == 6 or p[9] == 17:
-        if hlen + 4 > total:
+        if not _tcpudp(p, size):
             return -1
         key[0] = dst << 32 | _rd32(p + hlen)
         return 0 if p[9] == 6 else 1
-    if p[9] == 1:
-        if hlen + 8 > total or (p[hlen] != 8 and p[hlen] != 0):
-            return -1
-        ident = _rd16(p + hlen + 4)
-        key[0] = dst << 32 | ident << 16 | ident
-        return 2
-    return -1
+    cdef Py_ssize_t total = _rd16(p + 2)
+    if (p[9] != 1 or p[0] >> 4 != 4 or hlen < 20 or hlen + 8 > total or total > size
+            or (_rd16(p + 6) & 0x1FFF) or (p[hlen] != 8 and p[hlen] != 0)):
+        return -1
+    ident = _rd16(p + hlen + 4)
+    key[0] = dst << 32 | ident << 16 | ident
+    return 2
 
 
 cdef bint _rewrite_src4(uint8_t* p, Py_ssize_t size, const uint8_t* new) noexcept:
@@ -1384,14 +1385,8 @@ cdef bint _rewrite_src4(uint8_t* p, Py_ssize_t size, const uint8_t* new) noexcep
     in its IP header only (its checksum covers no address)."""
     if p[9] != 1:
         return _rewrite(p, size, new, True) == 1
-    cdef uint8_t* a = p + 12
-    cdef uint32_t old = _rd32(a)
-    cdef uint32_t addr = _rd32(new)
-    if old == addr:
-        return True
-    cdef uint32_t d = <uint32_t>((<uint64_t>(old ^ 0xFFFFFFFF) + addr) % 0xFFFF)
-    _put16(p + 10, _adj(_rd16(p + 10), d))
-    memcpy(a, new, 4)
+    cdef uint32_t d
+    _put_addr4(p, p + 12, new, &d)
     return True
 
 
@@ -1413,8 +1408,7 @@ cdef class UpLane:
     cdef bytes src
     cdef dict by_id, by_tid, links          # the forwarder's, read again at each run
     cdef list queues, queues_run
-    cdef public long hits, learnt
-    cdef public bint direct                 # send on a PathSocket's socket at once
+    cdef public long hits
     cdef public bint queued                 # something went to a queue: flush it
 
     def __init__(self, object fwd, list queues, list queues_run):
@@ -1424,8 +1418,7 @@ cdef class UpLane:
         self.fwd = fwd
         self.queues, self.queues_run = queues, queues_run
         self.tcp, self.udp, self.icmp = {}, {}, {}
-        self.hits = self.learnt = 0
-        self.direct = True
+        self.hits = 0
         self.queued = False
 
     def __len__(self):
@@ -1450,12 +1443,6 @@ cdef class UpLane:
         e.flow, e.fid, e.tunnel, e.tid = flow, flow.fid, tunnel, flow.tunnel
         e.link, e.session = link, session
         self._table(which)[k] = e
-        self.learnt += 1
-
-    def clear(self):
-        self.tcp.clear()
-        self.udp.clear()
-        self.icmp.clear()
 
     def prune(self):
         """Forget the routes of flows no longer in the PAFT (expired, removed): how many.
@@ -1580,8 +1567,7 @@ cdef class UpLane:
                 c += 1
             out = _seal_list(aead, word0, receiver, counter, inner[a:c], plain)
             counter += c - a
-            if not (self.direct and _send_now(queue, out, 0 if c - a == 1 else ln + extra,
-                                              remote)):
+            if not _send_now(queue, out, 0 if c - a == 1 else ln + extra, remote):
                 self.queued = True
                 if c - a == 1:
                     queue(out, remote)
@@ -1599,8 +1585,6 @@ cdef class UpLane:
 
 
 # -- sends of the lane, and the agent's TUN reader, without the Python path ---------------
-
-from libc.errno cimport EIO, EINVAL, EOPNOTSUPP, ENOPROTOOPT
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t

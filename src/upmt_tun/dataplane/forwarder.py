@@ -71,11 +71,6 @@ from ..policy import HomeAnchor, choose_tunnel
 from ..tables import Flow, FlowKey, Paft, Tunnel, TunnelTable, seq_of
 from . import offload
 from .crypto import Session
-
-try:
-    from ._fast import UpLane
-except ImportError:  # pragma: no cover - depends on the build
-    UpLane = None  # type: ignore[assignment,misc]
 from .packet import (
     HEADER,
     HEADER_LEN,
@@ -89,6 +84,11 @@ from .packet import (
     datagrams,
     path_id,
 )
+
+try:
+    from ._fast import UpLane
+except ImportError:  # pragma: no cover - depends on the build
+    UpLane = None  # type: ignore[assignment,misc]
 
 __all__ = ["AgentForwarder", "UpLane", "AnchorForwarder", "AnchorLink", "Association", "FlowClass",
            "MESH_PEER", "REBIND_CREDIT"]
